@@ -1,0 +1,23 @@
+"""pymoe: Mixture-of-Experts token routing, step by step in NumPy, with C and CUDA fast paths.
+
+Legend used everywhere (Python docstrings, C headers, CUDA kernels):
+    T tokens, D model dim, E experts, K choices per token, C expert capacity, H expert hidden dim.
+
+The routing recipe, one module per step:
+    router.py    1-2  router_logits [T, E] = x @ w_router + b_router; probs = softmax
+    topk.py      3-4  expert_index [T, K] (ties to the lower expert); gate [T, K]
+    priority.py  5-7  expert mask [T, K, E]; choice-major priority; position_in_expert [T, K]
+    capacity.py  8-9  expert_capacity C; drop pairs whose position >= C
+    dense.py     10-11 dispatch_mask / combine_weights [T, E, C] and their einsums
+    indexed.py   11   the same dispatch/combine by (expert, slot) gathers (what C/CUDA mirror)
+    experts.py   11   E two-layer FFNs on [E, C, D]
+    losses.py    12   load-balancing loss and router z-loss
+    routing.py        route(): all of the above; layer.py: MoELayer with forward/backward
+"""
+from .backends import BackendInfo, backends, get_backend
+from .layer import MoELayer
+from .routing import Routing, route, route_backward
+
+__all__ = ["MoELayer", "Routing", "route", "route_backward", "backends", "get_backend",
+           "BackendInfo"]
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""Argument checks shared by every public function.
+
+Each check raises TypeError (wrong kind of thing) or ValueError (right kind, wrong value) with a
+message that names the argument and says what was expected and what was given. Nothing invalid is
+allowed to reach the NumPy, C or CUDA code.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def _shape_str(shape: Sequence[object]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def float_array(name: str, a: object, *, ndim: int | None = None, min_ndim: int | None = None,
+                shape: Sequence[int | None] | None = None, finite: bool = True) -> np.ndarray:
+    """Return `a` as a floating ndarray after checking kind, rank, shape and finiteness.
+
+    `shape` may hold None for "any size" in that axis. Integer, bool and complex data raise
+    TypeError: silently casting them would hide a caller's bug (an index array passed as x).
+    """
+    if not isinstance(a, (np.ndarray, np.generic, list, tuple, numbers.Number)):
+        raise TypeError(f"{name}: expected a floating-point numpy array, got {type(a).__name__}")
+    arr = np.asarray(a)
+    if arr.dtype.type not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, float32 or float64, got {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        want = _shape_str(shape) if shape is not None else f"{ndim}-D"
+        raise ValueError(f"{name}: expected a {ndim}-D array {want}, got shape {arr.shape}")
+    if min_ndim is not None and arr.ndim < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimension(s), got shape {arr.shape}")
+    if shape is not None:
+        check_shape(name, arr, shape)
+    if finite and arr.size and not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entr{'y' if bad == 1 else 'ies'}")
+    return arr
+
+
+def check_shape(name: str, arr: np.ndarray, shape: Sequence[int | None]) -> None:
+    """Raise ValueError unless arr.shape matches `shape` (None matches any size)."""
+    ok = arr.ndim == len(shape) and all(s is None or s == g for s, g in zip(shape, arr.shape))
+    if not ok:
+        want = _shape_str(["*" if s is None else s for s in shape])
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
+
+
+def index_array(name: str, a: object, *, shape: Sequence[int | None], high: int,
+                low: int = 0) -> np.ndarray:
+    """Return `a` as an int64 array whose entries lie in [low, high), checking kind and shape."""
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name}: expected an integer array, got dtype {arr.dtype}")
+    check_shape(name, arr, shape)
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and (arr.min() < low or arr.max() >= high):
+        raise ValueError(f"{name}: expected entries in [{low}, {high}), got range "
+                         f"[{int(arr.min())}, {int(arr.max())}]")
+    return arr
+
+
+def integer(name: str, v: object, *, low: int | None = None, high: int | None = None) -> int:
+    """Return `v` as an int in [low, high] (inclusive); bools and floats are rejected."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if (low is not None and v < low) or (high is not None and v > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {v}")
+    return v
+
+
+def positive_finite(name: str, v: object, *, allow_none: bool = False) -> float | None:
+    """Return `v` as a float > 0 and finite (or None when allowed)."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        kind = "a positive float or None" if allow_none else "a positive float"
+        raise TypeError(f"{name}: expected {kind}, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if not math.isfinite(f) or f <= 0.0:
+        raise ValueError(f"{name}: expected a finite value > 0, got {f}")
+    return f
+
+
+def nonnegative_finite(name: str, v: object) -> float:
+    """Return `v` as a finite float >= 0 (coefficients, noise amplitudes)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a float >= 0, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if not math.isfinite(f) or f < 0.0:
+        raise ValueError(f"{name}: expected a finite value >= 0, got {f}")
+    return f
+
+
+def choice(name: str, v: object, choices: Iterable[str]) -> str:
+    """Return `v` if it is one of `choices`, else raise ValueError listing them."""
+    choices = tuple(choices)
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {v!r}")
+    return v
+
+
+def boolean(name: str, v: object) -> bool:
+    """Return `v` if it is a bool (numpy bools too); anything else raises TypeError."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
+    return bool(v)

@@ -1,0 +1,126 @@
+"""Step 11b: the experts, E independent two-layer feed-forward networks D -> H -> D.
+
+expert_out[e] = act(expert_in[e] @ w1[e] + b1[e]) @ w2[e] + b2[e], batched over experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+_GELU_C = np.sqrt(2.0 / np.pi)
+
+
+def relu(a: np.ndarray) -> np.ndarray:
+    return np.maximum(a, 0)
+
+
+def relu_grad(a: np.ndarray) -> np.ndarray:
+    """d relu / d a; at a == 0 the gradient is taken as 0."""
+    return (a > 0).astype(a.dtype)
+
+
+def gelu(a: np.ndarray) -> np.ndarray:
+    """GELU, tanh form (Hendrycks & Gimpel 2016; GPT-2, llm.c): 0.5 a (1 + tanh(c (a + 0.044715 a^3)))."""
+    return 0.5 * a * (1.0 + np.tanh(_GELU_C * (a + 0.044715 * a ** 3)))
+
+
+def gelu_grad(a: np.ndarray) -> np.ndarray:
+    """d gelu / d a of the tanh form."""
+    th = np.tanh(_GELU_C * (a + 0.044715 * a ** 3))
+    return 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * a * a)
+
+
+ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "relu": (relu, relu_grad),
+    "gelu": (gelu, gelu_grad),
+}
+
+
+@dataclass
+class ExpertsCache:
+    """What experts_backward needs from the forward pass."""
+    expert_in: np.ndarray  # [E, C, D]
+    pre: np.ndarray  # [E, C, H] pre-activation
+    hidden: np.ndarray  # [E, C, H] post-activation
+    filled: np.ndarray | None  # [E] rows used per expert, or None for all C
+    activation: str
+
+
+def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
+                    b2: np.ndarray, activation: str = "relu",
+                    filled: np.ndarray | None = None) -> tuple[np.ndarray, ExpertsCache]:
+    """Run every expert on its slots.
+
+    Args:
+        expert_in: `[E, C, D]`; w1 `[E, D, H]`, b1 `[E, H]`, w2 `[E, H, D]`, b2 `[E, D]`.
+        filled: `<int>[E]` or None. With None every slot is computed in one batched matmul (the
+            dense formulation). Given, expert e runs on its first filled[e] slots only, the ones
+            that hold tokens (slots fill from the front), and the rest of expert_out stays 0:
+            the padded capacity costs no FLOPs.
+    Returns:
+        expert_out `[E, C, D]` and the cache for experts_backward.
+    """
+    act, _ = ACTIVATIONS[activation]
+    if filled is None:
+        pre = np.matmul(expert_in, w1) + b1[:, None, :]  # [E, C, H]
+        hidden = act(pre)  # [E, C, H]
+        out = np.matmul(hidden, w2) + b2[:, None, :]  # [E, C, D]
+        return out, ExpertsCache(expert_in, pre, hidden, None, activation)
+    E, C, D = expert_in.shape
+    H = w1.shape[2]
+    dt = np.result_type(expert_in.dtype, w1.dtype)
+    pre = np.zeros((E, C, H), dtype=dt)  # [E, C, H]
+    hidden = np.zeros((E, C, H), dtype=dt)  # [E, C, H]
+    out = np.zeros((E, C, D), dtype=dt)  # [E, C, D]
+    for e in range(E):
+        n = int(filled[e])
+        if n == 0:
+            continue
+        np.matmul(expert_in[e, :n], w1[e], out=pre[e, :n])  # [n, H]
+        pre[e, :n] += b1[e]
+        hidden[e, :n] = act(pre[e, :n])  # [n, H]
+        np.matmul(hidden[e, :n], w2[e], out=out[e, :n])  # [n, D]
+        out[e, :n] += b2[e]
+    return out, ExpertsCache(expert_in, pre, hidden, filled, activation)
+
+
+def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
+                     cache: ExpertsCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backward of experts_forward.
+
+    Args:
+        d_expert_out: `[E, C, D]` (rows past filled[e] are ignored).
+    Returns:
+        d_expert_in `[E, C, D]` (0 past filled[e]) and fresh gradients {w1, b1, w2, b2} with the
+        parameters' shapes.
+    """
+    _, act_grad = ACTIVATIONS[cache.activation]
+    if cache.filled is None:
+        dw2 = np.matmul(cache.hidden.transpose(0, 2, 1), d_expert_out)  # [E, H, D]
+        db2 = d_expert_out.sum(axis=1)  # [E, D]
+        dpre = np.matmul(d_expert_out, w2.transpose(0, 2, 1)) * act_grad(cache.pre)  # [E, C, H]
+        dw1 = np.matmul(cache.expert_in.transpose(0, 2, 1), dpre)  # [E, D, H]
+        db1 = dpre.sum(axis=1)  # [E, H]
+        d_in = np.matmul(dpre, w1.transpose(0, 2, 1))  # [E, C, D]
+        return d_in, {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+    E, C, D = cache.expert_in.shape
+    H = w1.shape[2]
+    dt = d_expert_out.dtype
+    d_in = np.zeros((E, C, D), dtype=dt)
+    dw1, db1 = np.zeros((E, D, H), dtype=dt), np.zeros((E, H), dtype=dt)
+    dw2, db2 = np.zeros((E, H, D), dtype=dt), np.zeros((E, D), dtype=dt)
+    for e in range(E):
+        n = int(cache.filled[e])
+        if n == 0:
+            continue
+        dout = d_expert_out[e, :n]  # [n, D]
+        np.matmul(cache.hidden[e, :n].T, dout, out=dw2[e])  # [H, D]
+        db2[e] = dout.sum(axis=0)
+        dpre = dout @ w2[e].T  # [n, H]
+        dpre *= act_grad(cache.pre[e, :n])
+        np.matmul(cache.expert_in[e, :n].T, dpre, out=dw1[e])  # [D, H]
+        db1[e] = dpre.sum(axis=0)
+        np.matmul(dpre, w1[e].T, out=d_in[e, :n])  # [n, D]
+    return d_in, {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}

@@ -1,0 +1,197 @@
+"""MoELayer: router + routing + experts + combine, with a hand-written backward pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checks
+from .backends import Backend, get_backend
+from .dense import (combine_dense, combine_dense_backward, dispatch_dense,
+                    dispatch_dense_backward, gate_grad_from_dense)
+from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
+from .router import jitter, router_dtype, router_logits, router_logits_backward
+from .routing import (K1_NORMALIZE_WARNING, PRIORITIES, Routing, route_backward,
+                      route_unchecked)
+
+FORMULATIONS = ("indexed", "dense")
+PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")
+
+
+@dataclass
+class _ForwardCache:
+    x_shape: tuple[int, ...]
+    x_dtype: np.dtype
+    x_router: np.ndarray  # [T, D] router's (jittered) copy of x, router dtype
+    noise: np.ndarray | None  # [T, D] jitter multipliers, or None
+    routing: Routing
+    experts: ExpertsCache
+    expert_out: np.ndarray  # [E, C, D]
+
+
+class MoELayer:
+    """A mixture-of-experts feed-forward layer: y = sum_j gate_j * expert_{e_j}(x) per token.
+
+    Args:
+        d_model: D; d_hidden: H; num_experts: E; k: K choices per token.
+        capacity_factor, min_capacity, normalize, priority: as for pymoe.route.
+        activation: "relu" or "gelu" (tanh form).
+        aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in the objective
+            that backward() differentiates (both >= 0).
+        jitter_eps: multiplicative router-input noise U(1-eps, 1+eps), applied only by
+            forward(x, train=True) and drawn from a generator seeded by `seed`.
+        formulation: "indexed" (gather/scatter; expert matmuls over filled slots only) or "dense"
+            (the `[T, E, C]` einsums). Both compute the same values.
+        backend: who moves the routed data in the indexed formulation: "numpy", "c", or "auto"
+            (C when it is built, else NumPy). The dense formulation is NumPy only.
+        dtype: float16, float32 or float64 for parameters and expert math; the router always
+            computes in at least float32.
+        seed: initialises the parameters and the jitter generator.
+
+    Attributes:
+        params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, H]`, b1 `[E, H]`,
+            w2 `[E, H, D]`, b2 `[E, D]`. backward() overwrites grads (it does not accumulate).
+        routing, aux_loss, z_loss: from the last forward().
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,
+                 capacity_factor: float | None = 1.25, *, min_capacity: int = 0,
+                 normalize: bool = False, priority: str = "choice", activation: str = "relu",
+                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, jitter_eps: float = 0.0,
+                 formulation: str = "indexed", backend: str = "auto",
+                 dtype: np.dtype | type = np.float32, seed: int = 0) -> None:
+        import warnings
+
+        self.d_model = _checks.integer("d_model", d_model, low=1)
+        self.d_hidden = _checks.integer("d_hidden", d_hidden, low=1)
+        self.num_experts = _checks.integer("num_experts", num_experts, low=1)
+        self.k = _checks.integer("k", k, low=1, high=self.num_experts)
+        self.capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
+                                                       allow_none=True)
+        self.min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
+        self.normalize = _checks.boolean("normalize", normalize)
+        self.priority = _checks.choice("priority", priority, PRIORITIES)
+        self.activation = _checks.choice("activation", activation, ACTIVATIONS)
+        self.aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
+        self.z_loss_coef = _checks.nonnegative_finite("z_loss_coef", z_loss_coef)
+        self.jitter_eps = _checks.nonnegative_finite("jitter_eps", jitter_eps)
+        if self.jitter_eps >= 1.0:
+            raise ValueError(f"jitter_eps: expected a value in [0, 1), got {self.jitter_eps}")
+        self.formulation = _checks.choice("formulation", formulation, FORMULATIONS)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError as err:
+            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype!r}") from err
+        if self.dtype.type not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float16, float32 or float64, got {self.dtype}")
+        seed = _checks.integer("seed", seed, low=0)
+        if self.formulation == "dense" and backend not in ("auto", "numpy"):
+            raise ValueError(f"backend: the dense formulation runs in NumPy only, got {backend!r}; "
+                             "use formulation='indexed' for compiled backends")
+        self.backend: Backend = get_backend("numpy" if self.formulation == "dense" else backend)
+        if self.normalize and self.k == 1:
+            warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
+
+        D, H, E = self.d_model, self.d_hidden, self.num_experts
+        rng = np.random.default_rng(seed)
+        # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
+        # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
+        self.params: dict[str, np.ndarray] = {
+            "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, E)),
+            "b_router": np.zeros(E),
+            "w1": rng.normal(0.0, np.sqrt(1.0 / D), (E, D, H)),
+            "b1": np.zeros((E, H)),
+            "w2": rng.normal(0.0, np.sqrt(1.0 / H), (E, H, D)),
+            "b2": np.zeros((E, D)),
+        }
+        self.params = {n: p.astype(self.dtype) for n, p in self.params.items()}
+        self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
+        self._noise_rng = np.random.default_rng([seed, 1])
+        self._cache: _ForwardCache | None = None
+        self.routing: Routing | None = None
+        self.aux_loss = 0.0
+        self.z_loss = 0.0
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: np.ndarray, *, train: bool = False) -> np.ndarray:
+        """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
+
+        train=True applies router jitter when jitter_eps > 0. Returns y with x's shape, in the
+        layer dtype.
+        """
+        x = _checks.float_array("x", x, min_ndim=1)
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape [..., {self.d_model}] (D = d_model), "
+                             f"got {tuple(x.shape)}")
+        train = _checks.boolean("train", train)
+        p = self.params
+        x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)  # [T, D]
+        rdt = router_dtype(self.dtype)
+        x_router = x2.astype(rdt)  # [T, D] the router's own copy
+        noise = None
+        if train and self.jitter_eps > 0:
+            noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
+            x_router = x_router * noise
+        logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
+                               p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
+        assign = None if self.formulation == "dense" else self.backend.assign_slots
+        r = route_unchecked(logits, self.k, self.capacity_factor, self.min_capacity,
+                            self.normalize, self.priority, assign_slots=assign)  # steps 2-10, 12
+        if self.formulation == "dense":
+            expert_in = dispatch_dense(x2, r.dispatch_mask)  # [E, C, D]           step 11
+            out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
+                                          self.activation)  # [E, C, D]
+            y = combine_dense(out, r.combine_weights)  # [T, D]
+        else:
+            expert_in = self.backend.dispatch(x2, r.slot_owner, self.k)  # [E, C, D]
+            out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
+                                          self.activation, filled=r.expert_load_kept)
+            y = self.backend.combine(out, r.expert_index, r.position,
+                                     r.gate.astype(self.dtype))  # [T, D]
+        self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out)
+        self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
+        return y.reshape(x.shape)
+
+    __call__ = forward
+
+    def loss_terms(self) -> float:
+        """aux_loss_coef * aux_loss + z_loss_coef * z_loss of the last forward()."""
+        return self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
+
+    # --------------------------------------------------------------- backward
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Differentiate sum(y * dy) + aux_loss_coef * aux_loss + z_loss_coef * z_loss.
+
+        Args:
+            dy: gradient with respect to the last forward's y, same shape.
+        Returns:
+            dx with the shape and dtype of the last forward's x. Fills self.grads (overwriting).
+        """
+        c = self._cache
+        if c is None:
+            raise ValueError("backward: called before forward(); there is no forward pass to "
+                             "differentiate")
+        dy = _checks.float_array("dy", dy, shape=c.x_shape)
+        p, r = self.params, c.routing
+        dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)  # [T, D]
+        if self.formulation == "dense":
+            d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
+            dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
+            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+            dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
+        else:
+            gate = r.gate.astype(self.dtype)
+            d_out = self.backend.dispatch(dy2, r.slot_owner, self.k, weight=gate)  # [E, C, D]
+            dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
+            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+            dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
+        dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
+        rdt = router_dtype(self.dtype)
+        dx_router, dw_router, db_router = router_logits_backward(
+            dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
+        if c.noise is not None:
+            dx_router *= c.noise
+        dx2 = dx2 + dx_router.astype(self.dtype)
+        grads = {"w_router": dw_router, "b_router": db_router, **eg}
+        self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in PARAM_NAMES}
+        return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)

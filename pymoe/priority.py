@@ -1,0 +1,78 @@
+"""Steps 5-7 of routing: one-hot the choices, order them by priority, and count positions.
+
+This is the classic recipe (Mesh-TF, GShard, flaxformer): a token's position inside its expert is
+the number of earlier (token, choice) pairs that chose the same expert, where "earlier" means the
+priority order below. Every compiled path (C, CUDA) reproduces exactly these integers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def expert_mask(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
+    """Step 5: one-hot the chosen experts.
+
+    Args:
+        expert_index: `<int>[T, K]`.
+        num_experts: E.
+    Returns:
+        `<int64>[T, K, E]` with mask[t, j, e] = 1 iff token t's j-th choice is expert e; each
+        [t, j] row holds exactly one 1.
+    """
+    return (expert_index[..., None] == np.arange(num_experts)).astype(np.int64)  # [T, K, E]
+
+
+def priority_order(probs: np.ndarray, priority: str) -> np.ndarray:
+    """Step 6a: the order in which tokens claim expert slots.
+
+    Args:
+        probs: `[T, E]` router probabilities.
+        priority: "choice" keeps token order (0, 1, ..., T-1), as Switch/GShard do;
+            "score" is batch-prioritised routing (V-MoE, Riquelme et al. 2021, sec. 3.2): tokens
+            sorted by their top-1 probability (of the full softmax, before any renormalisation),
+            highest first, ties to the lower token index.
+    Returns:
+        token_order `<int64>[T]`, a permutation: token_order[i] is the i-th token to claim slots.
+        The same order is used at every choice level.
+    """
+    if priority == "choice":
+        return np.arange(probs.shape[0], dtype=np.int64)  # [T]
+    top1 = probs.max(axis=-1) if probs.size else np.zeros(probs.shape[0], probs.dtype)  # [T]
+    return np.argsort(-top1, kind="stable").astype(np.int64)  # [T], stable: ties keep token order
+
+
+def choice_major(mask: np.ndarray, token_order: np.ndarray) -> np.ndarray:
+    """Step 6b: permute the one-hot mask so that every first choice outranks any second choice.
+
+    Args:
+        mask: `[T, K, E]` from expert_mask.
+        token_order: `[T]` from priority_order.
+    Returns:
+        `[K*T, E]`; row j*T + i is choice j of token token_order[i]. Reading the rows top to bottom
+        is the priority order: all first choices (in token order), then all second choices, ...
+    """
+    T, K, E = mask.shape
+    return mask[token_order].transpose(1, 0, 2).reshape(K * T, E)  # [K*T, E]
+
+
+def position_in_expert(expert_index: np.ndarray, num_experts: int,
+                       token_order: np.ndarray) -> np.ndarray:
+    """Step 7: each (token, choice)'s position inside its expert, before any capacity drop.
+
+    Args:
+        expert_index: `<int>[T, K]`.
+        num_experts: E.
+        token_order: `[T]` from priority_order.
+    Returns:
+        position `<int64>[T, K]`: the number of (token, choice) pairs ahead of (t, j) in priority
+        order that chose the same expert. For each expert the positions are 0, 1, ..., load - 1.
+    """
+    T, K = expert_index.shape
+    mask = expert_mask(expert_index, num_experts)  # [T, K, E]
+    ordered = choice_major(mask, token_order)  # [K*T, E]
+    cum = np.cumsum(ordered, axis=0) - 1  # [K*T, E]; at a 1, the count of earlier 1s
+    ordered_index = expert_index[token_order].T.reshape(K * T)  # [K*T] expert of each row
+    pos = cum[np.arange(K * T), ordered_index].reshape(K, T).T  # [T, K], in priority order
+    position = np.empty_like(pos)  # [T, K]
+    position[token_order] = pos  # undo the token permutation
+    return position
