@@ -14,7 +14,7 @@ from .capacity import drop, slot_owner
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from .priority import position_in_expert
 
-BACKEND_NAMES = ("numpy",)
+BACKEND_NAMES = ("numpy", "c")
 
 
 class Backend(Protocol):
@@ -66,7 +66,10 @@ class BackendInfo:
 
 
 def _probe(name: str) -> tuple[Backend | None, BackendInfo]:
-    return NumpyBackend(), BackendInfo("numpy", True, "NumPy reference (always built)")
+    if name == "numpy":
+        return NumpyBackend(), BackendInfo("numpy", True, "NumPy reference (always built)")
+    from . import c_backend
+    return c_backend.load()
 
 
 def backends() -> dict[str, BackendInfo]:
@@ -75,13 +78,14 @@ def backends() -> dict[str, BackendInfo]:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called `name` ("numpy", "c", "cuda", or "auto": C when built, else NumPy).
+    """The backend called `name` ("numpy", "c", or "auto": C when built, else NumPy).
 
     Raises:
         RuntimeError naming the reason when the asked-for backend is not available.
     """
     if name == "auto":
-        return NumpyBackend()
+        impl, _ = _probe("c")
+        return impl if impl is not None else NumpyBackend()
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, BACKEND_NAMES))},"
                          f" got {name!r}")

@@ -12,29 +12,34 @@ import numpy as np
 _GELU_C = np.sqrt(2.0 / np.pi)
 
 
-def relu(a: np.ndarray) -> np.ndarray:
-    return np.maximum(a, 0)
+# Each activation comes as a pair: act(a, out) writes act(a) into out; act_backward(da, a) scales
+# the incoming gradient da in place by act'(a). In place, because these [rows, H] arrays are the
+# largest the layer touches outside the matmuls.
+
+def relu(a: np.ndarray, out: np.ndarray) -> None:
+    np.maximum(a, 0, out=out)
 
 
-def relu_grad(a: np.ndarray) -> np.ndarray:
-    """d relu / d a; at a == 0 the gradient is taken as 0."""
-    return (a > 0).astype(a.dtype)
+def relu_backward(grad: np.ndarray, a: np.ndarray) -> None:
+    """grad *= relu'(a); at a == 0 the derivative is taken as 0."""
+    np.multiply(grad, a > 0, out=grad)
 
 
-def gelu(a: np.ndarray) -> np.ndarray:
+def gelu(a: np.ndarray, out: np.ndarray) -> None:
     """GELU, tanh form (Hendrycks & Gimpel 2016; GPT-2, llm.c): 0.5 a (1 + tanh(c (a + 0.044715 a^3)))."""
-    return 0.5 * a * (1.0 + np.tanh(_GELU_C * (a + 0.044715 * a ** 3)))
+    out[...] = 0.5 * a * (1.0 + np.tanh(_GELU_C * (a + 0.044715 * a ** 3)))
 
 
-def gelu_grad(a: np.ndarray) -> np.ndarray:
-    """d gelu / d a of the tanh form."""
+def gelu_backward(grad: np.ndarray, a: np.ndarray) -> None:
+    """grad *= gelu'(a) of the tanh form."""
     th = np.tanh(_GELU_C * (a + 0.044715 * a ** 3))
-    return 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * a * a)
+    grad *= 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * a * a)
 
 
-ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
-    "relu": (relu, relu_grad),
-    "gelu": (gelu, gelu_grad),
+ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], None],
+                             Callable[[np.ndarray, np.ndarray], None]]] = {
+    "relu": (relu, relu_backward),
+    "gelu": (gelu, gelu_backward),
 }
 
 
@@ -65,7 +70,8 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
     act, _ = ACTIVATIONS[activation]
     if filled is None:
         pre = np.matmul(expert_in, w1) + b1[:, None, :]  # [E, C, H]
-        hidden = act(pre)  # [E, C, H]
+        hidden = np.empty_like(pre)  # [E, C, H]
+        act(pre, hidden)
         out = np.matmul(hidden, w2) + b2[:, None, :]  # [E, C, D]
         return out, ExpertsCache(expert_in, pre, hidden, None, activation)
     E, C, D = expert_in.shape
@@ -80,7 +86,7 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
             continue
         np.matmul(expert_in[e, :n], w1[e], out=pre[e, :n])  # [n, H]
         pre[e, :n] += b1[e]
-        hidden[e, :n] = act(pre[e, :n])  # [n, H]
+        act(pre[e, :n], hidden[e, :n])  # [n, H]
         np.matmul(hidden[e, :n], w2[e], out=out[e, :n])  # [n, D]
         out[e, :n] += b2[e]
     return out, ExpertsCache(expert_in, pre, hidden, filled, activation)
@@ -96,11 +102,12 @@ def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
         d_expert_in `[E, C, D]` (0 past filled[e]) and fresh gradients {w1, b1, w2, b2} with the
         parameters' shapes.
     """
-    _, act_grad = ACTIVATIONS[cache.activation]
+    _, act_backward = ACTIVATIONS[cache.activation]
     if cache.filled is None:
         dw2 = np.matmul(cache.hidden.transpose(0, 2, 1), d_expert_out)  # [E, H, D]
         db2 = d_expert_out.sum(axis=1)  # [E, D]
-        dpre = np.matmul(d_expert_out, w2.transpose(0, 2, 1)) * act_grad(cache.pre)  # [E, C, H]
+        dpre = np.matmul(d_expert_out, w2.transpose(0, 2, 1))  # [E, C, H]
+        act_backward(dpre, cache.pre)
         dw1 = np.matmul(cache.expert_in.transpose(0, 2, 1), dpre)  # [E, D, H]
         db1 = dpre.sum(axis=1)  # [E, H]
         d_in = np.matmul(dpre, w1.transpose(0, 2, 1))  # [E, C, D]
@@ -119,7 +126,7 @@ def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
         np.matmul(cache.hidden[e, :n].T, dout, out=dw2[e])  # [H, D]
         db2[e] = dout.sum(axis=0)
         dpre = dout @ w2[e].T  # [n, H]
-        dpre *= act_grad(cache.pre[e, :n])
+        act_backward(dpre, cache.pre[e, :n])
         np.matmul(cache.expert_in[e, :n].T, dpre, out=dw1[e])  # [D, H]
         db1[e] = dpre.sum(axis=0)
         np.matmul(dpre, w1[e].T, out=d_in[e, :n])  # [n, D]

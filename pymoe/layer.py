@@ -88,7 +88,11 @@ class MoELayer:
         if self.formulation == "dense" and backend not in ("auto", "numpy"):
             raise ValueError(f"backend: the dense formulation runs in NumPy only, got {backend!r}; "
                              "use formulation='indexed' for compiled backends")
-        self.backend: Backend = get_backend("numpy" if self.formulation == "dense" else backend)
+        if self.dtype == np.float16 and backend not in ("auto", "numpy"):
+            raise ValueError(f"backend: {backend!r} takes float32 or float64; use backend='numpy' "
+                             "(or 'auto') for a float16 layer")
+        numpy_only = self.formulation == "dense" or self.dtype == np.float16
+        self.backend: Backend = get_backend("numpy" if numpy_only else backend)
         if self.normalize and self.k == 1:
             warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
 

@@ -73,6 +73,6 @@ def position_in_expert(expert_index: np.ndarray, num_experts: int,
     cum = np.cumsum(ordered, axis=0) - 1  # [K*T, E]; at a 1, the count of earlier 1s
     ordered_index = expert_index[token_order].T.reshape(K * T)  # [K*T] expert of each row
     pos = cum[np.arange(K * T), ordered_index].reshape(K, T).T  # [T, K], in priority order
-    position = np.empty_like(pos)  # [T, K]
+    position = np.empty((T, K), dtype=np.int64)  # [T, K], row-major like every other array
     position[token_order] = pos  # undo the token permutation
     return position

@@ -23,3 +23,18 @@ except ImportError:  # hypothesis is in the test extra; the property tests skip 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def c_backend():
+    """The C backend; a skip (with the reason) where it is not built, a failure under
+    PYMOE_REQUIRE_C=1, which CI sets so that a broken C build cannot pass as 'skipped'."""
+    from pymoe import c_backend as cb
+
+    be, info = cb.load()
+    if be is None:
+        if os.environ.get("PYMOE_REQUIRE_C") == "1":
+            pytest.fail(f"PYMOE_REQUIRE_C=1 but the C backend is unavailable: {info.detail}")
+        pytest.skip(f"C backend unavailable: {info.detail}")
+    return be
+

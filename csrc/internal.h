@@ -1,0 +1,57 @@
+/* Shared helpers of the C core: size and index checks, run before any data moves. */
+#ifndef PYMOE_INTERNAL_H
+#define PYMOE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pymoe.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* *out = a * b for sizes a, b >= 0; returns 0 when the product would overflow int64. */
+static inline int size_mul(int64_t a, int64_t b, int64_t *out) {
+    if (a < 0 || b < 0) return 0;
+    if (a != 0 && b > INT64_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+
+/* The sizes every data-moving function shares: T*K, E*C, T*D and E*C*D must fit in int64,
+ * and a pointer may be NULL only when its array is empty. */
+typedef struct {
+    int64_t TK, EC, TD, ECD;
+} moe_sizes;
+
+static inline int check_sizes(moe_sizes *s, int64_t T, int64_t K, int64_t E, int64_t C,
+                              int64_t D) {
+    if (T < 0 || K < 0 || E < 0 || C < 0 || D < 0) return PYMOE_ERR_SIZE;
+    if (!size_mul(T, K, &s->TK) || !size_mul(E, C, &s->EC) || !size_mul(T, D, &s->TD) ||
+        !size_mul(s->EC, D, &s->ECD))
+        return PYMOE_ERR_SIZE;
+    return PYMOE_OK;
+}
+
+#define REQUIRE(ptr, n) \
+    do { if ((ptr) == NULL && (n) > 0) return PYMOE_ERR_NULL; } while (0)
+
+/* Every expert_index in [0, E) and every position in [-1, C). */
+static inline int check_pairs(const int64_t *expert_index, const int64_t *position, int64_t TK,
+                              int64_t E, int64_t C) {
+    for (int64_t i = 0; i < TK; i++) {
+        if (expert_index[i] < 0 || expert_index[i] >= E) return PYMOE_ERR_EXPERT;
+        if (position[i] < -1 || position[i] >= C) return PYMOE_ERR_POSITION;
+    }
+    return PYMOE_OK;
+}
+
+/* Every slot_owner entry in [-1, T*K). */
+static inline int check_owners(const int64_t *slot_owner, int64_t EC, int64_t TK) {
+    for (int64_t i = 0; i < EC; i++)
+        if (slot_owner[i] < -1 || slot_owner[i] >= TK) return PYMOE_ERR_OWNER;
+    return PYMOE_OK;
+}
+
+#endif /* PYMOE_INTERNAL_H */

@@ -1,0 +1,20 @@
+/* float64 instantiation of moe_ops.h. */
+#include <stdint.h>
+
+#include "internal.h"
+
+#define REAL double
+#define FN(name) name##_f64
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define VEC __m128d
+#define VLEN 2
+#define VSET1 _mm_set1_pd
+#define VZERO _mm_setzero_pd
+#define VLOADU _mm_loadu_pd
+#define VMUL _mm_mul_pd
+#define VADD _mm_add_pd
+#define VSTREAM _mm_stream_pd
+#endif
+
+#include "moe_ops.h"

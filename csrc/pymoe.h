@@ -1,0 +1,114 @@
+/* pymoe C core: the hot loops of MoE routing (slot assignment, dispatch, combine, and their
+ * backward), the C twin of pymoe/indexed.py. Every function here computes exactly what the NumPy
+ * reference defines; the tests check it, never the other way round.
+ *
+ * Legend (shared with the Python docstrings and the CUDA kernels):
+ *   T tokens, D model dim, E experts, K choices per token, C expert capacity.
+ * Arrays are dense row-major (C-contiguous). Index arrays are int64.
+ *   expert_index [T, K]  expert chosen by token t as its j-th choice, in [0, E)
+ *   position     [T, K]  slot of (t, j) inside its expert, in [0, C), or -1 when dropped
+ *   slot_owner   [E, C]  t*K + j of the pair in slot (e, c), or -1 when the slot is empty
+ *   x [T, D], expert_in / expert_out [E, C, D], y [T, D], gate [T, K]
+ *
+ * Conventions: outputs first, inputs next, sizes last (llm.c). Every function returns PYMOE_OK or
+ * a negative error code after checking its own sizes and indices, so no input, however wrong,
+ * makes it read or write out of bounds. Outputs are fully overwritten (never accumulated).
+ * Parallel loops give each output row to exactly one thread and sum in a fixed order, so results
+ * are bitwise identical for any number of OpenMP threads.
+ *
+ * Everything between the cdef markers is also read by csrc/build_cffi.py as the cffi cdef. */
+#ifndef PYMOE_H
+#define PYMOE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cdef-begin */
+#define PYMOE_OK 0
+#define PYMOE_ERR_SIZE -1      /* a size is negative, or a product of sizes overflows int64 */
+#define PYMOE_ERR_NULL -2      /* a NULL pointer for a non-empty array */
+#define PYMOE_ERR_EXPERT -3    /* an expert_index entry outside [0, E) */
+#define PYMOE_ERR_POSITION -4  /* a position entry outside [-1, C) */
+#define PYMOE_ERR_OWNER -5     /* a slot_owner entry outside [-1, T*K) */
+#define PYMOE_ERR_ORDER -6     /* token_order is not a permutation of 0..T-1 */
+#define PYMOE_ERR_NOMEM -7     /* scratch allocation failed */
+
+/* Slot assignment with choice-major priority and capacity drop (pymoe.priority + capacity).
+ * Pairs claim slots in the order: choice j = 0 of token_order[0], ..., token_order[T-1], then
+ * choice j = 1 of the same tokens, and so on; the n-th pair to claim expert e gets slot n if
+ * n < C and is dropped (position -1) otherwise. token_order may be NULL for 0, 1, ..., T-1.
+ * Out: position [T, K], slot_owner [E, C], expert_load [E] (pairs per expert before dropping).
+ * In: expert_index [T, K], token_order [T] or NULL. Serial: O(T*K + E*C). */
+int pymoe_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
+                       const int64_t *expert_index, const int64_t *token_order,
+                       int64_t T, int64_t K, int64_t E, int64_t C);
+
+/* Dispatch: expert_in[e, c, :] = w * x[t, :] for the pair (t, j) = slot_owner[e, c] / K, % K,
+ * with w = weight[t, j] (or 1 when weight is NULL); empty slots are zeroed.
+ * Backward: d_x = combine(d_expert_in, weight) and d_weight = gate_grad(d_expert_in, x).
+ * Out: expert_in [E, C, D]. In: x [T, D], weight [T, K] or NULL, slot_owner [E, C].
+ * Bytes moved: read (filled slots) * D, write E * C * D elements. One thread per slot row. */
+int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight,
+                       const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
+                       int64_t D);
+int pymoe_dispatch_f64(double *expert_in, const double *x, const double *weight,
+                       const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
+                       int64_t D);
+
+/* Combine: y[t, :] = sum over kept j, in order j = 0..K-1, of w * expert_out[e_tj, p_tj, :]
+ * with w = weight[t, j] (or 1 when weight is NULL); rows of fully dropped tokens are zero.
+ * Backward: d_expert_out = dispatch(dy, weight) and d_weight = gate_grad(dy, expert_out).
+ * Dispatch's backward is this with weight = NULL.
+ * Out: y [T, D]. In: expert_out [E, C, D], weight [T, K] or NULL, expert_index [T, K],
+ * position [T, K]. Bytes moved: read (kept pairs) * D, write T * D elements. One thread per token. */
+int pymoe_combine_f32(float *y, const float *expert_out, const float *weight,
+                      const int64_t *expert_index, const int64_t *position,
+                      int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+int pymoe_combine_f64(double *y, const double *expert_out, const double *weight,
+                      const int64_t *expert_index, const int64_t *position,
+                      int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+
+/* Gate gradient: dgate[t, j] = <dy[t, :], expert_out[e_tj, p_tj, :]> for kept pairs, 0 for
+ * dropped ones. Out: dgate [T, K]. In: dy [T, D], expert_out [E, C, D], expert_index, position.
+ * One thread per token; each dot product sums in a fixed order. */
+int pymoe_gate_grad_f32(float *dgate, const float *dy, const float *expert_out,
+                        const int64_t *expert_index, const int64_t *position,
+                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+int pymoe_gate_grad_f64(double *dgate, const double *dy, const double *expert_out,
+                        const int64_t *expert_index, const int64_t *position,
+                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+
+/* The plain loops above the tuned versions are the readable spec; they are exported so that the
+ * tests can hold the tuned code to them and the benchmark can show what tuning bought. */
+int pymoe_dispatch_naive_f32(float *expert_in, const float *x, const float *weight,
+                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+                             int64_t C, int64_t D);
+int pymoe_dispatch_naive_f64(double *expert_in, const double *x, const double *weight,
+                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+                             int64_t C, int64_t D);
+int pymoe_combine_naive_f32(float *y, const float *expert_out, const float *weight,
+                            const int64_t *expert_index, const int64_t *position,
+                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+int pymoe_combine_naive_f64(double *y, const double *expert_out, const double *weight,
+                            const int64_t *expert_index, const int64_t *position,
+                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+int pymoe_gate_grad_naive_f32(float *dgate, const float *dy, const float *expert_out,
+                              const int64_t *expert_index, const int64_t *position,
+                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+int pymoe_gate_grad_naive_f64(double *dgate, const double *dy, const double *expert_out,
+                              const int64_t *expert_index, const int64_t *position,
+                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+
+/* Threads: 1 when built without OpenMP. set_num_threads(n <= 0) restores the default. */
+int pymoe_openmp_enabled(void);
+int pymoe_get_max_threads(void);
+void pymoe_set_num_threads(int n);
+/* cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PYMOE_H */

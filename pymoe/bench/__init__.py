@@ -1,0 +1,1 @@
+"""Benchmarks (scripts, not tests): run `python -m pymoe.bench --help`."""

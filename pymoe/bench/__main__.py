@@ -1,0 +1,191 @@
+"""python -m pymoe.bench: NumPy vs C vs PyTorch for MoE dispatch/combine, and the whole layer.
+
+Every row is a median over repeats after a warm-up, on the same data, in one run, with the
+contenders interleaved; GB/s counts the bytes each operation must read plus write, and "x copy"
+divides by the bandwidth of np.copyto measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import numpy as np
+
+from ..backends import backends, get_backend
+from . import torch_peer
+from .layer import expert_flops, layer_contenders
+from .ops import OPS, c_core, make_problem, numpy_dense, numpy_indexed, op_bytes
+from .report import Row, format_table, markdown_table, plot, write_json
+from .timing import copy_bandwidth, time_round_robin
+
+TARGET = dict(T=16384, D=1024, E=64, K=2)  # the issue's target problem
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pymoe.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, help="tokens (default 16384)")
+    ap.add_argument("--D", type=int, help="model dim (default 1024)")
+    ap.add_argument("--E", type=int, nargs="+", help="experts (default 8 64)")
+    ap.add_argument("--K", type=int, nargs="+", help="choices (default 1 2)")
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls per row (default 7)")
+    ap.add_argument("--layer", type=int, nargs=5, default=[4096, 512, 2048, 8, 2],
+                    metavar=("T", "D", "H", "E", "K"), help="whole-layer problem "
+                    "(default 4096 512 2048 8 2)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense einsum rows")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+    ap.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    ap.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
+    ap.add_argument("--plot", metavar="PATH", help="draw the table (needs matplotlib)")
+    args = ap.parse_args(argv)
+    T, D, E, K = (2048, 256, [8], [2]) if args.quick else (16384, 1024, [8, 64], [1, 2])
+    args.T, args.D = args.T or T, args.D or D
+    args.E, args.K = args.E or E, args.K or K
+    if args.quick:
+        args.repeats = 3
+        args.layer = [512, 128, 256, 4, 2]
+    return args
+
+
+def meta_info(copy_gbps: float) -> dict:
+    info = backends()
+    ok, torch_info = torch_peer.available()
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                       f"{platform.python_version()}, numpy {np.__version__}",
+            "c": info["c"].detail, "torch": torch_info, "copy_gbps": copy_gbps}
+
+
+def bench_problem(args, E: int, K: int, copy_gbps: float) -> list[Row]:
+    p = make_problem(args.T, args.D, E, K, args.capacity_factor, np.dtype(args.dtype))
+    sec, nbytes, rows = p.label(), op_bytes(p), []
+    contenders: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    dense = "skipped (--no-dense)" if args.no_dense else numpy_dense(p)
+    if isinstance(dense, str):
+        skipped["numpy dense"] = dense
+    else:
+        contenders["numpy dense"] = dense
+    contenders["numpy indexed"] = numpy_indexed(p)
+    if backends()["c"].available:
+        be = get_backend("c")
+        contenders["C 1 thread"] = c_core(p, be, 1)
+        if be.max_threads > 1:
+            contenders[f"C {be.max_threads} threads"] = c_core(p, be, be.max_threads)
+    else:
+        skipped["C"] = backends()["c"].detail
+    torch_ok, torch_why = torch_peer.available()
+    variants = torch_peer.torch_op_variants(p) if torch_ok and not args.no_torch else {}
+    if not variants:
+        skipped["torch"] = "skipped (--no-torch)" if args.no_torch else torch_why
+    for op in OPS:
+        fns = {impl: ops[op] for impl, ops in contenders.items()}
+        fns.update({f"torch: {v}": fn for v, fn in variants.get(op, {}).items()})
+        times = time_round_robin(fns, args.repeats)
+        best_torch = min((n for n in times if n.startswith("torch: ")), key=lambda n: times[n][0],
+                         default=None)
+        for impl, (t, runs) in times.items():
+            if impl.startswith("torch: ") and impl != best_torch:
+                continue
+            name, note = impl, "" if runs > 1 else "one timed call (slow)"
+            if impl == best_torch:
+                name, note = "torch (best index-op form)", impl[len("torch: "):]
+            gbps = nbytes[op] / t / 1e9
+            rows.append(Row(sec, op, name, t * 1e3, gbps, gbps / copy_gbps, note=note))
+        for impl, why in skipped.items():
+            rows.append(Row(sec, op, impl, None, note=why))
+    return rows
+
+
+def bench_layer(args) -> list[Row]:
+    T, D, H, E, K = args.layer
+    fns, skipped, n_rows = layer_contenders(T, D, H, E, K, args.capacity_factor,
+                                            use_torch=not args.no_torch, dense=not args.no_dense)
+    sec = (f"layer forward+backward: T={T} D={D} H={H} E={E} K={K} capacity_factor="
+           f"{args.capacity_factor:g} float32 ({n_rows} expert rows)")
+    times = time_round_robin(fns, max(3, args.repeats // 2 + 1), slow_s=10.0)
+    rows = [Row(sec, "fwd+bwd", name, t * 1e3, gflops=expert_flops(n_rows, D, H) / t / 1e9,
+                note="" if runs > 1 else "one timed call (slow)")
+            for name, (t, runs) in times.items()]
+    rows += [Row(sec, "fwd+bwd", name, None, note=why) for name, why in skipped.items()]
+    return rows
+
+
+def target_checks(rows: list[Row]) -> list[dict]:
+    """The issue's targets, evaluated on this run's rows (reported, never asserted)."""
+    def ms(sec_prefix, op, impl_prefix):
+        return next((r.ms for r in rows if r.section.startswith(sec_prefix) and r.op == op
+                     and r.impl.startswith(impl_prefix) and r.ms is not None), None)
+
+    def xcopy(sec_prefix, op, impl_prefix):
+        return next((r.x_copy for r in rows if r.section.startswith(sec_prefix) and r.op == op
+                     and r.impl.startswith(impl_prefix) and r.x_copy is not None), None)
+
+    sec = "T={T} D={D} E={E} K={K} ".format(**TARGET)
+    c_all = next((r.impl for r in rows if r.section.startswith(sec) and r.impl.startswith("C ")
+                  and "threads" in r.impl), "C 1 thread")
+    checks = []
+
+    def add(what, value, goal, ok):
+        checks.append({"target": what, "value": value, "goal": goal,
+                       "met": None if value is None else bool(ok(value))})
+
+    add("C dispatch, x copy bandwidth", xcopy(sec, "dispatch", c_all), ">= 0.9", lambda v: v >= 0.9)
+    add("C combine, x copy bandwidth", xcopy(sec, "combine", c_all), ">= 0.9", lambda v: v >= 0.9)
+    fwd = {impl: (ms(sec, "dispatch", impl), ms(sec, "combine", impl))
+           for impl in (c_all, "numpy indexed", "torch")}
+    fwd = {k: (a + b if a is not None and b is not None else None) for k, (a, b) in fwd.items()}
+    speed = lambda other: None if fwd[c_all] is None or fwd[other] is None \
+        else fwd[other] / fwd[c_all]  # noqa: E731
+    add("C dispatch+combine speed-up over NumPy indexed", speed("numpy indexed"), ">= 3",
+        lambda v: v >= 3)
+    add("C dispatch+combine speed-up over torch's best", speed("torch"), ">= 1.5",
+        lambda v: v >= 1.5)
+    lc, lt = ms("layer", "fwd+bwd", "C"), ms("layer", "fwd+bwd", "torch")
+    add("layer fwd+bwd, C time / torch time", None if lc is None or lt is None else lc / lt,
+        "<= 1", lambda v: v <= 1)
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    copy_gbps = copy_bandwidth()
+    meta = meta_info(copy_gbps)
+    print("pymoe benchmark:", meta["machine"])
+    print("C core:", meta["c"], "| torch:", meta["torch"])
+    print(f"copy bandwidth (np.copyto, 256 MB, read + write): {copy_gbps:.2f} GB/s")
+    rows: list[Row] = []
+    for E in args.E:
+        for K in args.K:
+            new = bench_problem(args, E, K, copy_gbps)
+            print(format_table(new), flush=True)
+            rows += new
+    if not args.no_layer:
+        new = bench_layer(args)
+        print(format_table(new), flush=True)
+        rows += new
+    checks = target_checks(rows)
+    if any(c["value"] is not None for c in checks):
+        print("\nTargets (on this run):")
+        for c in checks:
+            if c["value"] is not None:
+                print(f"  {c['target']:48s} {c['value']:7.2f}  goal {c['goal']:6s} "
+                      f"{'met' if c['met'] else 'NOT met'}")
+    if args.json:
+        write_json(args.json, meta, rows, checks)
+        print(f"JSON written to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown_table(rows) + "\n")
+        print(f"Markdown written to {args.markdown}")
+    if args.plot:
+        print(plot(args.plot, rows, copy_gbps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

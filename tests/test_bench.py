@@ -1,0 +1,62 @@
+"""The benchmark script runs end to end and counts bytes right (its timings are never asserted)."""
+import json
+
+import numpy as np
+import pytest
+
+from pymoe.bench import ops
+from pymoe.bench.__main__ import main
+
+
+def test_byte_counts_by_hand():
+    p = ops.make_problem(T=8, D=4, E=2, K=1, capacity_factor=1.0, dtype=np.float32)
+    assert p.C == 4
+    kept = p.kept
+    b = ops.op_bytes(p)
+    # dispatch: read kept rows, write all E*C slot rows (float32), read E*C int64 owners
+    assert b["dispatch"] == (kept * 4 + 2 * 4 * 4) * 4 + 2 * 4 * 8
+    # combine: read kept slot rows, write T rows; read index, position (int64) and gate (float32)
+    assert b["combine"] == (kept * 4 + 8 * 4) * 4 + 8 * 1 * (8 + 8 + 4)
+    assert b["dispatch_bwd"] == b["combine"] - 8 * 1 * 4  # no gate to read
+
+
+def test_dense_rows_skip_with_a_reason_when_memory_is_short(monkeypatch):
+    p = ops.make_problem(T=64, D=8, E=4, K=2, capacity_factor=1.0, dtype=np.float32)
+    monkeypatch.setenv("PYMOE_BENCH_DENSE_MAX_GB", "1e-9")
+    why = ops.numpy_dense(p)
+    assert isinstance(why, str) and "[T, E, C] = [64, 4, 32]" in why and "GB" in why
+
+
+def test_quick_run_writes_a_complete_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    assert main(["--quick", "--json", str(out), "--markdown", str(md)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    ops_seen = {(r["op"], r["impl"]) for r in rows if r["ms"] is not None}
+    for op in ops.OPS:
+        assert (op, "numpy indexed") in ops_seen
+        assert (op, "numpy dense") in ops_seen
+    timed = [r for r in rows if r["ms"] is not None and r["gbps"] is not None]
+    assert timed and all(r["ms"] > 0 and r["gbps"] > 0 and r["x_copy"] > 0 for r in timed)
+    layer = [r for r in rows if r["op"] == "fwd+bwd" and r["ms"] is not None]
+    assert {"numpy indexed", "numpy dense"} <= {r["impl"] for r in layer}
+    assert data["meta"]["copy_gbps"] > 0
+    assert md.read_text().startswith("| problem | op | impl |")
+    printed = capsys.readouterr().out
+    assert "copy bandwidth" in printed and "dispatch" in printed
+
+
+def test_quick_run_includes_c_rows(c_backend, tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--quick", "--no-dense", "--no-torch", "--no-layer", "--json", str(out)])
+    impls = {r["impl"] for r in json.loads(out.read_text())["rows"] if r["ms"] is not None}
+    assert "C 1 thread" in impls
+
+
+def test_plot_is_drawn_when_matplotlib_is_there(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
+    png = tmp_path / "bench.png"
+    main(["--quick", "--no-dense", "--no-torch", "--plot", str(png)])
+    assert png.stat().st_size > 10_000
+
