@@ -5,7 +5,10 @@ Environment variables:
                         succeeds without it and pymoe.backends() shows the compiler's error.
     PYMOE_SANITIZE=1    build the C core with ASan + UBSan (see csrc/build_cffi.py).
     PYMOE_OPENMP=0      build the C core without OpenMP.
+    PYMOE_BUILD_CUDA=1  also build the CUDA library with nvcc (csrc/cuda/build.py) into the
+                        package; a failed CUDA build then fails the install.
 """
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -15,8 +18,23 @@ from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
 STATUS_FILE = "_c_build_status.txt"  # written next to the extension when its build fails
 
 
+def build_cuda_library(package_dir):
+    """nvcc -> package_dir/_pymoe_cuda.so (+ its header), by csrc/cuda/build.py."""
+    spec = importlib.util.spec_from_file_location("pymoe_cuda_build",
+                                                  os.path.join("csrc", "cuda", "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.build(os.path.join(package_dir, "_pymoe_cuda.so"))
+
+
 class OptionalBuildExt(build_ext):
-    """Build the C core if the machine can; otherwise record why, for pymoe.backends()."""
+    """Build the C core if the machine can; otherwise record why, for pymoe.backends().
+    With PYMOE_BUILD_CUDA=1, also build the CUDA library next to it."""
+
+    def run(self):
+        super().run()
+        if os.environ.get("PYMOE_BUILD_CUDA") == "1":
+            build_cuda_library(os.path.dirname(self.get_ext_fullpath("pymoe._pymoe_c")))
 
     def build_extension(self, ext):
         status = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), STATUS_FILE)
@@ -48,6 +66,8 @@ setup(
         "viz": ["matplotlib>=3.5"],
         # everything the example scripts can use: the digits data set and a progress bar
         "examples": ["matplotlib>=3.5", "scikit-learn>=1.0", "tqdm>=4"],
+        # device arrays for the CUDA backend (CUDA 13 wheels)
+        "cuda": ["cupy-cuda13x"],
         # the test suite, including the examples' --quick runs with their plots
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "scikit-learn>=1.0",
                  "tqdm>=4"],

@@ -14,7 +14,7 @@ from .capacity import drop, slot_owner
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from .priority import position_in_expert
 
-BACKEND_NAMES = ("numpy", "c")
+BACKEND_NAMES = ("numpy", "c", "cuda")
 
 
 class Backend(Protocol):
@@ -68,8 +68,11 @@ class BackendInfo:
 def _probe(name: str) -> tuple[Backend | None, BackendInfo]:
     if name == "numpy":
         return NumpyBackend(), BackendInfo("numpy", True, "NumPy reference (always built)")
-    from . import c_backend
-    return c_backend.load()
+    if name == "c":
+        from . import c_backend
+        return c_backend.load()
+    from . import cuda_backend
+    return cuda_backend.load()
 
 
 def backends() -> dict[str, BackendInfo]:
@@ -78,7 +81,7 @@ def backends() -> dict[str, BackendInfo]:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called `name` ("numpy", "c", or "auto": C when built, else NumPy).
+    """The backend called `name` ("numpy", "c", "cuda", or "auto": C when built, else NumPy).
 
     Raises:
         RuntimeError naming the reason when the asked-for backend is not available.

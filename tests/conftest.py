@@ -38,3 +38,86 @@ def c_backend():
         pytest.skip(f"C backend unavailable: {info.detail}")
     return be
 
+
+# ------------------------------------------------------------------------------- CUDA
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cuda_build_module():
+    """csrc/cuda/build.py, imported from the source tree (it is not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pymoe_cuda_build", os.path.join(REPO, "csrc", "cuda", "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _gpu_visible() -> tuple[bool, str]:
+    try:
+        import cupy
+    except ImportError:
+        return False, "CuPy is not installed (pip install 'pymoe[cuda]')"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as err:  # no driver, or a driver but no device
+        return False, f"no GPU: {err}"
+    return (n > 0), f"{n} GPU(s) visible" if n else "no GPU visible"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU and CuPy; deselected automatically "
+                                       "when no device is visible, selected when one is")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    visible, why = _gpu_visible()
+    config._pymoe_gpu_note = f"{len(gpu)} gpu tests {'selected' if visible else 'deselected'}: {why}"
+    if not visible:
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    note = getattr(config, "_pymoe_gpu_note", None)
+    if note:
+        terminalreporter.write_line(note)
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator_path(tmp_path_factory) -> str:
+    """The CPU emulation of the CUDA library, built from csrc/cuda by g++ for this test run."""
+    out = str(tmp_path_factory.mktemp("cuda_emu") / "pymoe_cuda_emu.so")
+    cuda_build_module().build(out, emulate=True)
+    return out
+
+
+class CudaImpl:
+    """A CUDA backend plus how to move NumPy arrays to and from its memory."""
+
+    def __init__(self, backend, to_device, to_host, label):
+        self.backend, self.to_device, self.to_host, self.label = backend, to_device, to_host, label
+
+
+@pytest.fixture(scope="session", params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
+def cuda_impl(request, tmp_path_factory) -> CudaImpl:
+    """The CUDA kernels: run by the CPU emulator, or (marked gpu) on a real device."""
+    from pymoe import cuda_backend
+
+    if request.param == "emulated":
+        be, info = cuda_backend.load(request.getfixturevalue("cuda_emulator_path"))
+        assert be is not None and be.emulated, info.detail
+        return CudaImpl(be, np.ascontiguousarray, np.asarray, "emulated")
+    import cupy
+
+    path = cuda_backend.library_path()
+    if not os.path.exists(path):
+        path = str(tmp_path_factory.mktemp("cuda") / "pymoe_cuda.so")
+        cuda_build_module().build(path)
+    be, info = cuda_backend.load(path)
+    assert be is not None and not be.emulated, info.detail
+    return CudaImpl(be, cupy.asarray, cupy.asnumpy, "gpu")

@@ -60,3 +60,20 @@ def test_plot_is_drawn_when_matplotlib_is_there(tmp_path):
     main(["--quick", "--no-dense", "--no-torch", "--plot", str(png)])
     assert png.stat().st_size > 10_000
 
+
+def test_cuda_benchmark_script_runs_on_the_emulator(cuda_emulator_path, monkeypatch, tmp_path):
+    """--backend cuda end to end on the CPU emulation (this checks the script, not GPU speed)."""
+    monkeypatch.setenv("PYMOE_CUDA_LIB", cuda_emulator_path)
+    out = tmp_path / "cuda.json"
+    assert main(["--backend", "cuda", "--quick", "--block-size", "32", "64",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"router", "slots", *ops.OPS}
+    assert {r["impl"] for r in rows} == {"CUDA (block 32)", "CUDA (block 64)"}
+    assert all(r["ms"] > 0 for r in rows)
+
+
+def test_cuda_benchmark_without_a_backend_says_why(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PYMOE_CUDA_LIB", str(tmp_path / "absent.so"))
+    assert main(["--backend", "cuda", "--quick"]) == 1
+    assert "CUDA backend unavailable" in capsys.readouterr().out

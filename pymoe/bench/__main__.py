@@ -2,7 +2,8 @@
 
 Every row is a median over repeats after a warm-up, on the same data, in one run, with the
 contenders interleaved; GB/s counts the bytes each operation must read plus write, and "x copy"
-divides by the bandwidth of np.copyto measured in the same run.
+divides by the bandwidth of np.copyto measured in the same run. `--backend cuda` benchmarks the
+CUDA kernels instead (on a machine with a GPU).
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ TARGET = dict(T=16384, D=1024, E=64, K=2)  # the issue's target problem
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pymoe.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--T", type=int, help="tokens (default 16384)")
-    ap.add_argument("--D", type=int, help="model dim (default 1024)")
-    ap.add_argument("--E", type=int, nargs="+", help="experts (default 8 64)")
-    ap.add_argument("--K", type=int, nargs="+", help="choices (default 1 2)")
+    ap.add_argument("--T", type=int, help="tokens (default 16384; cuda 65536)")
+    ap.add_argument("--D", type=int, help="model dim (default 1024; cuda 4096)")
+    ap.add_argument("--E", type=int, nargs="+", help="experts (default 8 64; cuda 64)")
+    ap.add_argument("--K", type=int, nargs="+", help="choices (default 1 2; cuda 2)")
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per row (default 7)")
@@ -42,8 +43,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     ap.add_argument("--plot", metavar="PATH", help="draw the table (needs matplotlib)")
+    ap.add_argument("--backend", choices=["cpu", "cuda"], default="cpu",
+                    help="cpu: NumPy/C/torch (default); cuda: the CUDA kernels on a GPU")
+    ap.add_argument("--block-size", type=int, nargs="+", default=[256],
+                    help="cuda: threads per block, one set of rows each (default 256)")
     args = ap.parse_args(argv)
-    T, D, E, K = (2048, 256, [8], [2]) if args.quick else (16384, 1024, [8, 64], [1, 2])
+    defaults = {  # (T, D, E, K): the issue's problems; --quick: a smoke test in seconds
+        ("cpu", False): (16384, 1024, [8, 64], [1, 2]), ("cpu", True): (2048, 256, [8], [2]),
+        ("cuda", False): (65536, 4096, [64], [2]), ("cuda", True): (256, 64, [8], [2])}
+    T, D, E, K = defaults[(args.backend, args.quick)]
     args.T, args.D = args.T or T, args.D or D
     args.E, args.K = args.E or E, args.K or K
     if args.quick:
@@ -153,6 +161,9 @@ def target_checks(rows: list[Row]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.backend == "cuda":
+        from .cuda import main as cuda_main
+        return cuda_main(args)
     copy_gbps = copy_bandwidth()
     meta = meta_info(copy_gbps)
     print("pymoe benchmark:", meta["machine"])

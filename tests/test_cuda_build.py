@@ -1,0 +1,95 @@
+"""nvcc builds the kernels; the loader fails cleanly, naming the reason, without a GPU."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO, _gpu_visible, cuda_build_module
+from pymoe import cuda_backend
+
+NVCC = os.environ.get("NVCC", "nvcc")
+needs_nvcc = pytest.mark.skipif(shutil.which(NVCC) is None, reason=f"{NVCC} not found")
+
+
+@needs_nvcc
+def test_nvcc_compiles_for_sm80_and_sm90_without_warnings(tmp_path):
+    build = cuda_build_module()
+    res = build.run(build.nvcc_command(str(tmp_path / "k.o"), compile_only=True))
+    output = res.stdout + res.stderr
+    print(output)  # shown with pytest -s / -rA: the warnings, if any
+    assert "sm_80" in " ".join(build.gencode()) and "sm_90" in " ".join(build.gencode())
+    assert "warning" not in output.lower(), output
+
+
+@pytest.fixture(scope="module")
+def real_library(tmp_path_factory):
+    if shutil.which(NVCC) is None:
+        pytest.skip(f"{NVCC} not found")
+    path = str(tmp_path_factory.mktemp("cuda_real") / "pymoe_cuda.so")
+    cuda_build_module().build(path)
+    return path
+
+
+def test_without_a_gpu_the_backend_says_why(real_library):
+    """Import works, backends() names the CUDA error, asking for it raises with that name, and
+    nothing hangs (a subprocess with a deadline)."""
+    visible, _ = _gpu_visible()
+    if visible:
+        pytest.skip("a GPU is visible here: the no-GPU path cannot be observed")
+    script = textwrap.dedent("""
+        import pymoe
+        info = pymoe.backends()["cuda"]
+        print("INFO", info.available, info.detail)
+        try:
+            pymoe.get_backend("cuda")
+        except RuntimeError as err:
+            print("RAISED", err)
+    """)
+    env = dict(os.environ, PYMOE_CUDA_LIB=real_library)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "INFO False no usable GPU: cudaGetDeviceCount failed with cudaError" in res.stdout
+    assert "RAISED backend 'cuda' is not available: no usable GPU" in res.stdout
+    name = res.stdout.split("failed with ")[1].split()[0]
+    assert name in ("cudaErrorInsufficientDriver", "cudaErrorNoDevice"), res.stdout
+
+
+def test_missing_library(tmp_path):
+    be, info = cuda_backend.load(str(tmp_path / "absent.so"))
+    assert be is None and "is not built" in info.detail and "csrc/cuda/build.py" in info.detail
+
+
+def test_fake_library(tmp_path):
+    fake = tmp_path / "fake.so"
+    fake.write_text("not a shared library")
+    shutil.copyfile(os.path.join(REPO, "csrc", "cuda", "pymoe_cuda.h"), tmp_path / "fake.h")
+    be, info = cuda_backend.load(str(fake))
+    assert be is None and info.detail.startswith(f"cannot load the CUDA library {fake}")
+
+
+def test_library_without_its_header(tmp_path, cuda_emulator_path):
+    lib = tmp_path / "lonely.so"
+    shutil.copyfile(cuda_emulator_path, lib)
+    be, info = cuda_backend.load(str(lib))
+    assert be is None and "cannot load" in info.detail and "lonely.h" in info.detail
+
+
+def test_layer_refuses_the_cuda_backend():
+    import pymoe
+
+    with pytest.raises(ValueError, match="MoELayer computes on host"):
+        pymoe.MoELayer(4, 4, 2, 1, backend="cuda")
+
+
+def test_pip_built_the_cuda_library_when_asked():
+    """CI installs with PYMOE_BUILD_CUDA=1: the library and its header are in the package."""
+    if os.environ.get("PYMOE_BUILD_CUDA") != "1":
+        pytest.skip("this install did not ask for the CUDA build (PYMOE_BUILD_CUDA=1)")
+    path = os.path.join(os.path.dirname(cuda_backend.__file__), "_pymoe_cuda.so")
+    assert os.path.exists(path) and os.path.exists(path[:-3] + ".h")
+    be, info = cuda_backend.load(path)
+    assert be is not None or "no usable GPU" in info.detail or "no CUDA device" in info.detail
