@@ -37,19 +37,28 @@ class OptionalBuildExt(build_ext):
             build_cuda_library(os.path.dirname(self.get_ext_fullpath("pymoe._pymoe_c")))
 
     def build_extension(self, ext):
-        status = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), STATUS_FILE)
+        # Where pymoe will look for the status: next to the built library (wheels) and in the
+        # source package (editable and --inplace builds, which build elsewhere and copy back).
+        package_dir = self.get_finalized_command("build_py").get_package_dir("pymoe")
+        paths = {os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), STATUS_FILE),
+                 os.path.join(package_dir, STATUS_FILE)}
+        # optional: setuptools then skips copying a missing library into the source tree
+        # instead of failing the install after all.
+        ext.optional = os.environ.get("PYMOE_REQUIRE_C") != "1"
         try:
             super().build_extension(ext)
         except (CCompilerError, CompileError, LinkError, ExecError, PlatformError, OSError) as err:
-            if os.environ.get("PYMOE_REQUIRE_C") == "1":
+            if not ext.optional:
                 raise
-            os.makedirs(os.path.dirname(status), exist_ok=True)
-            with open(status, "w", encoding="utf-8") as f:
-                f.write(f"the C extension failed to build at install time: {err}\n")
+            for path in paths:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(f"the C extension failed to build at install time: {err}\n")
             self.warn(f"building the pymoe C core failed ({err}); the NumPy backend still works")
         else:
-            if os.path.exists(status):
-                os.remove(status)
+            for path in paths:
+                if os.path.exists(path):
+                    os.remove(path)
 
 
 setup(
@@ -63,13 +72,13 @@ setup(
     install_requires=["numpy>=1.22", "cffi>=1.15"],
     extras_require={
         # pictures of routing (pymoe.viz, examples, bench --plot); text fallbacks without it
-        "viz": ["matplotlib>=3.5"],
+        "viz": ["matplotlib>=3.6"],
         # everything the example scripts can use: the digits data set and a progress bar
-        "examples": ["matplotlib>=3.5", "scikit-learn>=1.0", "tqdm>=4"],
+        "examples": ["matplotlib>=3.6", "scikit-learn>=1.0", "tqdm>=4"],
         # device arrays for the CUDA backend (CUDA 13 wheels)
         "cuda": ["cupy-cuda13x"],
         # the test suite, including the examples' --quick runs with their plots
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "scikit-learn>=1.0",
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6", "scikit-learn>=1.0",
                  "tqdm>=4"],
     },
     cffi_modules=["csrc/build_cffi.py:ffibuilder"],

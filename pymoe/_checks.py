@@ -40,7 +40,8 @@ def float_array(name: str, a: object, *, ndim: int | None = None, min_ndim: int 
         check_shape(name, arr, shape)
     if finite and arr.size and not np.isfinite(arr).all():
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entr{'y' if bad == 1 else 'ies'}")
+        entries = "entry" if bad == 1 else "entries"
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf {entries}")
     return arr
 
 

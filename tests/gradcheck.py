@@ -32,7 +32,7 @@ def rel_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
 def randomize(layer, seed: int, scale: float = 1.0) -> None:
     """Give every parameter (biases too) non-trivial random values, so no gradient is 0 by luck."""
     rng = np.random.default_rng(seed)
-    for name, p in layer.params.items():
+    for p in layer.params.values():
         p[...] = rng.normal(0.0, scale / np.sqrt(max(p.shape[-2] if p.ndim > 1 else 4, 1)), p.shape)
     layer.params["w_router"] *= 4.0  # confident routing: margins far above the FD step
 

@@ -154,7 +154,7 @@ def test_everything_dropped(cuda_impl):
 # ------------------------------------------------------------------ invalid input on the device
 
 def test_invalid_indices_are_reported_not_followed(cuda_impl):
-    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    be, dev = cuda_impl.backend, cuda_impl.to_device
     x = dev(np.ones((3, 4)))
     with pytest.raises(ValueError, match="slot_owner entry is outside"):
         be.dispatch(x, dev(np.array([[0, 6]])), 2)
