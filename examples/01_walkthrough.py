@@ -4,9 +4,10 @@ What it teaches: how a router turns scores into slots. Every array the recipe bu
 with its shape: logits, probabilities, top-K, the one-hot mask, the choice-major permutation, the
 cumulative sum, positions, capacity and drops, the dispatch and combine tensors, the experts'
 outputs and the combined output. Then the same numbers through the indexed (gather/scatter) form,
-and a short NumPy-vs-C timing of dispatch and combine.
+a short NumPy-vs-C timing of dispatch and combine, and three pictures of the same routing
+(token-by-expert heatmap with drops, the [T, E, C] combine tensor, expert loads).
 
-Run:  python examples/01_walkthrough.py [--quick]
+Run:  python examples/01_walkthrough.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import numpy as np
 
 import pymoe
+from pymoe import viz
 from pymoe.capacity import drop, expert_capacity, expert_load
 from pymoe.dense import combine_dense, dense_tensors, dispatch_dense
 from pymoe.experts import experts_forward
@@ -144,7 +146,19 @@ def walkthrough() -> tuple[np.ndarray, pymoe.Routing]:
     return x, r
 
 
-def timing(quick: bool) -> None:
+def pictures(r: pymoe.Routing, out: str) -> dict:
+    """The same routing, drawn (or printed as text when matplotlib is missing): path -> Figure."""
+    print("\nPictures of this routing" + (f" (saved under {out}/)" if viz.have_matplotlib()
+                                          else " (text; pip install 'pymoe[viz]' for PNGs):"))
+    return {
+        f"{out}/01_routing_heatmap.png": viz.routing_heatmap(r, f"{out}/01_routing_heatmap.png"),
+        f"{out}/01_dispatch_combine.png": viz.dispatch_combine_picture(
+            r, f"{out}/01_dispatch_combine.png"),
+        f"{out}/01_expert_load.png": viz.expert_load_bars(r, f"{out}/01_expert_load.png"),
+    }
+
+
+def timing(quick: bool) -> dict[str, float]:
     """A short dispatch + combine timing, NumPy indexed form against the C core when built."""
     info = pymoe.backends()
     shape = (2048, 256, 16, 2) if quick else (8192, 512, 32, 2)
@@ -170,17 +184,19 @@ def timing(quick: bool) -> None:
     if "c" in times:
         print(f"   C is {times['numpy'] / times['c']:.1f}x faster than NumPy here")
     else:
-        why = info["c"].detail if "c" in info else "not part of this build"
-        print(f"   C backend unavailable: {why}")
+        print(f"   C backend unavailable: {info['c'].detail}")
+    return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller timing section (for CI)")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="pymoe-out", help="where the pictures go (default pymoe-out)")
+    args = ap.parse_args(argv)
     np.set_printoptions(linewidth=110)
-    walkthrough()
-    timing(args.quick)
+    x, r = walkthrough()
+    times = timing(args.quick)
+    return {"routing": r, "times": times, "pictures": pictures(r, args.out)}
 
 
 if __name__ == "__main__":

@@ -54,37 +54,10 @@ def write_json(path: str, meta: dict, rows: list[Row], checks: list[dict]) -> No
 
 
 def plot(path: str, rows: list[Row], copy_gbps: float) -> str:
-    """Bar charts of GB/s per problem and of the layer times; returns a message."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """Draw the table with pymoe.viz.benchmark_bars; returns a message."""
+    from ..viz import benchmark_bars, have_matplotlib
+
+    if not have_matplotlib():
         return "--plot: matplotlib is not installed (pip install 'pymoe[viz]'); no plot drawn"
-    sections = [s for s in dict.fromkeys(r.section for r in rows) if not s.startswith("layer")]
-    layer = [r for r in rows if r.section.startswith("layer") and r.ms is not None]
-    n = len(sections) + (1 if layer else 0)
-    fig, axes = plt.subplots(n, 1, figsize=(12, 3.2 * n), squeeze=False)
-    for ax, sec in zip(axes[:, 0], sections):
-        srows = [r for r in rows if r.section == sec and r.gbps is not None]
-        ops = list(dict.fromkeys(r.op for r in srows))
-        impls = list(dict.fromkeys(r.impl for r in srows))
-        width = 0.8 / max(len(impls), 1)
-        for i, impl in enumerate(impls):
-            vals = [next((r.gbps for r in srows if r.op == op and r.impl == impl), 0) for op in ops]
-            ax.bar([o + i * width for o in range(len(ops))], vals, width, label=impl)
-        ax.axhline(copy_gbps, color="k", ls="--", lw=1, label=f"np.copyto {copy_gbps:.1f} GB/s")
-        ax.set_xticks([o + width * (len(impls) - 1) / 2 for o in range(len(ops))], ops)
-        ax.set_yscale("log")  # the dense einsums sit ~1000x below the compiled rows
-        ax.set_ylabel("effective GB/s (log)")
-        ax.set_title(sec, fontsize=9)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    if layer:
-        ax = axes[-1, 0]
-        ax.barh([r.impl for r in layer], [r.ms for r in layer], color="tab:gray")
-        ax.set_xlabel("ms (forward + backward), lower is better")
-        ax.set_title(layer[0].section, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    benchmark_bars(rows, path, reference=copy_gbps)
     return f"plot written to {path}"

@@ -1,0 +1,242 @@
+"""03: train a small MoE classifier from scratch with pymoe's forward/backward and NumPy Adam.
+
+What it teaches:
+- An MoE layer trains like any other layer: its backward gives the gradients of every parameter,
+  the router's included (they flow through the gate values and the auxiliary losses).
+- The load-balancing loss matters: with coefficient 0 the router is free to crowd tokens onto a
+  few experts. Switch Transformer's 0.01 evens the load a little here; this small model needs
+  0.1 for a clear effect (the task loss falls to ~0.01, so a 0.01 * aux term barely registers).
+- Experts specialise: the class-by-expert heatmap shows which experts each digit is sent to.
+- Accuracy against a dense model of the same *active* size (one FFN with K*H hidden units: the
+  compute each token gets in the MoE).
+
+Data: scikit-learn's digits (1797 8x8 images, shipped inside the package, no download) when
+scikit-learn is installed, else a synthetic 10-class mixture. Model: x -> relu(x W_in + b_in)
+= h -> h + MoE(h) -> logits, softmax cross-entropy. Evaluation routes dropless (capacity_factor
+None) so that test accuracy does not depend on who else is in the batch.
+
+Run:  python examples/03_train.py [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import pymoe
+from pymoe import viz
+
+
+# ------------------------------------------------------------------------------ data
+
+def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """(x_train [N, 64], y_train [N], x_test, y_test, description), features standardised."""
+    rng = np.random.default_rng(seed)
+    try:
+        from sklearn.datasets import load_digits
+        x, y = load_digits(return_X_y=True)
+        name = "scikit-learn digits (1797 8x8 images, 10 classes)"
+    except ImportError:
+        x, y = synthetic_mixture(rng)
+        name = "synthetic 10-class mixture (scikit-learn not installed)"
+    order = rng.permutation(len(x))
+    x, y = x[order].astype(np.float64), y[order].astype(np.int64)
+    n_test = len(x) // 4
+    mean, std = x[n_test:].mean(axis=0), x[n_test:].std(axis=0) + 1e-6
+    x = (x - mean) / std
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test], name
+
+
+def synthetic_mixture(rng: np.random.Generator, n: int = 2000, d: int = 64):
+    """10 classes, each a mixture of 3 Gaussian blobs in 64-D: not linearly separable."""
+    centers = rng.normal(size=(10, 3, d)) * 1.5
+    y = rng.integers(0, 10, size=n)
+    blob = rng.integers(0, 3, size=n)
+    return centers[y, blob] + rng.normal(size=(n, d)), y
+
+
+# ------------------------------------------------------------------------------ model
+
+class Classifier:
+    """x -> h = relu(x W_in + b_in) -> h + moe(h) -> h W_out + b_out, with a manual backward."""
+
+    def __init__(self, d_in: int, d_model: int, n_classes: int, moe: pymoe.MoELayer,
+                 seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.moe = moe
+        self.params = {
+            "w_in": rng.normal(0, np.sqrt(2 / d_in), (d_in, d_model)), "b_in": np.zeros(d_model),
+            "w_out": rng.normal(0, np.sqrt(1 / d_model), (d_model, n_classes)),
+            "b_out": np.zeros(n_classes),
+        }
+
+    def all_params(self) -> dict[str, np.ndarray]:
+        return {**self.params, **{f"moe.{k}": v for k, v in self.moe.params.items()}}
+
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+        p = self.params
+        self.x = x
+        self.pre = x @ p["w_in"] + p["b_in"]  # [B, D]
+        self.h = np.maximum(self.pre, 0)  # [B, D]
+        self.h1 = self.h + self.moe.forward(self.h, train=train)  # [B, D] residual around the MoE
+        return self.h1 @ p["w_out"] + p["b_out"]  # [B, classes]
+
+    def backward(self, dlogits: np.ndarray) -> dict[str, np.ndarray]:
+        p = self.params
+        g = {"w_out": self.h1.T @ dlogits, "b_out": dlogits.sum(axis=0)}
+        dh1 = dlogits @ p["w_out"].T  # [B, D]
+        dh = dh1 + self.moe.backward(dh1)  # the MoE's backward adds its aux/z-loss terms
+        dpre = dh * (self.pre > 0)
+        g["w_in"], g["b_in"] = self.x.T @ dpre, dpre.sum(axis=0)
+        return {**g, **{f"moe.{k}": v for k, v in self.moe.grads.items()}}
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy and its gradient with respect to the logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    loss = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
+    p[np.arange(len(y)), y] -= 1
+    return loss, p / len(y)
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) on a dict of arrays, updated in place."""
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float = 3e-3, betas=(0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params, self.lr, self.b1, self.b2, self.eps, self.t = params, lr, *betas, eps, 0
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, grads: dict[str, np.ndarray]) -> None:
+        self.t += 1
+        for k, g in grads.items():
+            self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
+            self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
+            m_hat = self.m[k] / (1 - self.b1 ** self.t)
+            v_hat = self.v[k] / (1 - self.b2 ** self.t)
+            self.params[k] -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+# ------------------------------------------------------------------------------ training
+
+def progress(iterable, desc: str, total: int):
+    """tqdm when installed; otherwise the plain iterable (epochs are printed by the caller)."""
+    try:
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    except ImportError:
+        return iterable
+
+
+def load_cv(load: np.ndarray) -> float:
+    """Coefficient of variation of the expert loads: 0 when perfectly even."""
+    return float(load.std() / load.mean()) if load.mean() > 0 else 0.0
+
+
+def train(name: str, model: Classifier, data, epochs: int, batch: int, seed: int) -> dict:
+    x_tr, y_tr, x_te, y_te = data
+    opt = Adam(model.all_params())
+    rng = np.random.default_rng(seed)
+    hist = {"loss": [], "test_acc": [], "load_cv": []}
+    bar = progress(range(epochs), desc=name, total=epochs)
+    for epoch in bar:
+        order, losses = rng.permutation(len(x_tr)), []
+        loads = np.zeros(model.moe.num_experts)
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            loss, dlogits = cross_entropy(model.forward(x_tr[idx], train=True), y_tr[idx])
+            opt.step(model.backward(dlogits))
+            losses.append(loss)
+            loads += model.moe.routing.expert_load
+        hist["loss"].append(float(np.mean(losses)))
+        hist["load_cv"].append(load_cv(loads))
+        hist["test_acc"].append(evaluate(model, x_te, y_te)[0])
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", acc=f"{hist['test_acc'][-1]:.3f}")
+        elif epoch % max(1, epochs // 5) == 0 or epoch == epochs - 1:
+            print(f"  {name}: epoch {epoch + 1}/{epochs} loss {hist['loss'][-1]:.3f} "
+                  f"test accuracy {hist['test_acc'][-1]:.3f}")
+    return hist
+
+
+def evaluate(model: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[float, pymoe.Routing]:
+    """Test accuracy, routing dropless (no token is dropped at evaluation)."""
+    cf = model.moe.capacity_factor
+    model.moe.capacity_factor = None
+    try:
+        acc = float((model.forward(x, train=False).argmax(axis=1) == y).mean())
+        return acc, model.moe.routing
+    finally:
+        model.moe.capacity_factor = cf
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer epochs (for CI)")
+    ap.add_argument("--out", default="pymoe-out", help="where the pictures go (default pymoe-out)")
+    ap.add_argument("--epochs", type=int, default=None, help="default 40 (quick: 12)")
+    args = ap.parse_args(argv)
+    epochs = args.epochs or (12 if args.quick else 40)
+    seed, D, H, E, K, batch = 0, 48, 32, 4, 2, 64
+    x_tr, y_tr, x_te, y_te, data_name = load_data(seed)
+    data = (x_tr, y_tr, x_te, y_te)
+    print(f"Data: {data_name}; {len(x_tr)} train / {len(x_te)} test")
+    print(f"Model: 64 -> {D} -> residual MoE (E={E} experts, K={K}, hidden {H} each, capacity "
+          f"factor 1.25 in training) -> 10 classes; Adam, batch {batch}, {epochs} epochs")
+
+    def moe_model(aux: float) -> Classifier:
+        layer = pymoe.MoELayer(D, H, E, K, 1.25, aux_loss_coef=aux, jitter_eps=0.01,
+                               dtype=np.float64, seed=seed)
+        return Classifier(64, D, 10, layer, seed)
+
+    dense_layer = pymoe.MoELayer(D, K * H, 1, 1, None, aux_loss_coef=0.0, dtype=np.float64,
+                                 seed=seed)  # E=1: the router always says 1, a plain FFN
+    models = {"MoE, aux loss 0.1": moe_model(0.1), "MoE, aux loss 0.01": moe_model(0.01),
+              "MoE, aux loss 0": moe_model(0.0),
+              f"dense FFN, hidden {K * H}": Classifier(64, D, 10, dense_layer, seed)}
+    hist, results = {}, {}
+    for name, model in models.items():
+        hist[name] = train(name, model, data, epochs, batch, seed)
+        acc, r = evaluate(model, x_te, y_te)
+        results[name] = {"test_acc": acc, "routing": r, "load_share": r.expert_load / r.expert_load.sum()}
+
+    print(f"\n{'model':28s} {'first loss':>10s} {'last loss':>10s} {'test acc':>9s} "
+          f"{'load CV':>8s}  test-set share of assignments per expert")
+    for name, h in hist.items():
+        share = results[name]["load_share"]
+        cv = f"{h['load_cv'][-1]:8.3f}" if len(share) > 1 else f"{'-':>8s}"
+        print(f"{name:28s} {h['loss'][0]:10.4f} {h['loss'][-1]:10.4f} "
+              f"{results[name]['test_acc']:9.3f} {cv}  " + " ".join(f"{s:5.1%}" for s in share))
+    aux_name, free_name = "MoE, aux loss 0.1", "MoE, aux loss 0"
+    print("\nLoad-balancing loss: expert-load CV at the end of training "
+          + ", ".join(f"{hist[k]['load_cv'][-1]:.3f} with coefficient {k.split()[-1]}"
+                      for k in ("MoE, aux loss 0", "MoE, aux loss 0.01", "MoE, aux loss 0.1"))
+          + " (0 = perfectly even).")
+
+    r = results[aux_name]["routing"]
+    counts = np.zeros((10, E))
+    np.add.at(counts, (y_te, r.expert_index[:, 0]), 1)
+
+    out = args.out
+    paths = [f"{out}/03_loss.png", f"{out}/03_balance.png", f"{out}/03_class_expert.png",
+             f"{out}/03_expert_load.png"]
+    figs = {}
+    figs[paths[0]] = viz.curves(
+        None, {k: v["loss"] for k, v in hist.items()}, paths[0], logy=True, xlabel="epoch",
+        ylabel="training cross-entropy", title=f"training loss ({data_name.split(' (')[0]})")
+    figs[paths[1]] = viz.curves(
+        None, {k: hist[k]["load_cv"] for k in hist if k.startswith("MoE")}, paths[1],
+        xlabel="epoch", ylabel="coefficient of variation", reference=(0.0, "perfectly even"),
+        title="expert load imbalance during training (std / mean of the loads)")
+    figs[paths[2]] = viz.class_expert_heatmap(
+        counts, paths[2], title=f"first-choice expert of each class\n({aux_name}, test set)")
+    figs[paths[3]] = viz.expert_load_bars(
+        {f"{k} (test set)": results[k]["routing"] for k in (aux_name, free_name)}, paths[3])
+    return {"history": hist, "results": results, "class_expert": counts, "data": data_name,
+            "pictures": figs}
+
+
+if __name__ == "__main__":
+    main()

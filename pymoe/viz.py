@@ -1,0 +1,307 @@
+"""Pictures of routing: heatmaps, slot tables, expert loads, curves (matplotlib, optional).
+
+Install the extra with `pip install 'pymoe[viz]'`. Every function saves a PNG at `path` and
+returns the matplotlib Figure; without matplotlib (or with PYMOE_VIZ_TEXT=1) it prints a readable
+text version instead and returns that text, so every example runs anywhere.
+
+Figures are built with matplotlib's object-oriented API (matplotlib.figure.Figure), which needs no
+display and leaves the user's pyplot backend alone.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .routing import Routing
+
+DPI = 110
+SHADES = " .:-=+*#%@"  # text heatmaps: light to dark
+
+
+def have_matplotlib() -> bool:
+    """True when pictures can be drawn (matplotlib importable and PYMOE_VIZ_TEXT unset)."""
+    if os.environ.get("PYMOE_VIZ_TEXT") == "1":
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(fig, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return fig
+
+
+def _emit(text: str) -> str:
+    print(text)
+    return text
+
+
+def _shade(v: float, vmax: float) -> str:
+    if vmax <= 0:
+        return SHADES[0]
+    return SHADES[min(int(v / vmax * (len(SHADES) - 1) + 0.5), len(SHADES) - 1)]
+
+
+# ------------------------------------------------------------------ routing of one batch
+
+def routing_heatmap(routing: Routing, path: str, *, title: str | None = None,
+                    max_tokens: int = 64) -> Any:
+    """Token-by-expert router probabilities, each token's chosen experts marked with the choice
+    number (1 = first choice), dropped choices crossed out in red.
+
+    Text version: one row per token, a shade per expert (darker = more probable), and the
+    choice number or 'x' (dropped) after it.
+    """
+    T, E = routing.probs.shape
+    n = min(T, max_tokens)
+    title = title or (f"routing {T} tokens to {E} experts: K={routing.k}, C={routing.capacity}\n"
+                      f"1, 2 = kept choice; x = dropped ({routing.dropped_fraction:.0%} of pairs)")
+    if not have_matplotlib():
+        lines = [title.replace("\n", ": "), "token  " + " ".join(f"e{e:<2d}" for e in range(E))]
+        vmax = float(routing.probs[:n].max(initial=0))
+        for t in range(n):
+            cells = []
+            for e in range(E):
+                mark = " "
+                for j in np.nonzero(routing.expert_index[t] == e)[0]:
+                    mark = str(j + 1) if routing.kept[t, j] else "x"
+                cells.append(_shade(routing.probs[t, e], vmax) * 2 + mark)
+            lines.append(f"t{t:<5d}" + " ".join(cells))
+        lines.append(f"shades '{SHADES}' = probability 0..{vmax:.2f}; 1, 2, ... = kept choice, "
+                     "x = dropped choice")
+        return _emit("\n".join(lines))
+    fig = _figure(max(4.2, 1.9 + 0.55 * E), 1.9 + 0.24 * n)
+    ax = fig.add_subplot()
+    im = ax.imshow(routing.probs[:n], aspect="auto", cmap="Blues", vmin=0)
+    for t in range(n):
+        for j in range(routing.k):
+            e = routing.expert_index[t, j]
+            if routing.kept[t, j]:
+                ax.text(e, t, str(j + 1), ha="center", va="center", fontsize=9,
+                        color="white" if routing.probs[t, e] > 0.5 * routing.probs[:n].max()
+                        else "black", fontweight="bold")
+            else:
+                ax.plot(e, t, marker="x", color="red", markersize=11, mew=2.5)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("token")
+    ax.set_xticks(range(E))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="router probability")
+    return _save(fig, path)
+
+
+def dispatch_combine_picture(routing: Routing, path: str, *, max_tokens: int = 32) -> Any:
+    """The [T, E, C] combine weights for a tiny case, one panel per expert (tokens down, slots
+    across); a coloured cell is a token sitting in that slot, its colour the gate. The
+    dispatch mask is the same picture in black and white.
+
+    Text version: each expert's slots with the token and gate sitting in them.
+    """
+    T, E, C = routing.num_tokens, routing.num_experts, routing.capacity
+    n = min(T, max_tokens)
+    cw = routing.combine_weights[:n]  # [n, E, C]
+    if not have_matplotlib():
+        lines = [f"dispatch / combine: {E} experts x {C} slots (token: gate, -- = empty slot)"]
+        owner = routing.slot_owner
+        for e in range(E):
+            cells = []
+            for c in range(C):
+                o = owner[e, c]
+                cells.append("--" if o < 0 else f"t{o // routing.k}: {routing.gate.flat[o]:.2f}")
+            lines.append(f"expert {e}: " + " | ".join(cells))
+        return _emit("\n".join(lines))
+    fig = _figure(1.6 + 0.45 * E * max(C, 2), 2.0 + 0.28 * n)
+    axes = fig.subplots(1, E, sharey=True, squeeze=False)[0]
+    vmax = float(cw.max(initial=0)) or 1.0
+    for e, ax in enumerate(axes):
+        im = ax.imshow(np.where(routing.dispatch_mask[:n, e, :], cw[:, e, :], np.nan),
+                       aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        for t, c in zip(*np.nonzero(routing.dispatch_mask[:n, e, :])):
+            ax.text(c, t, f"{cw[t, e, c]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if cw[t, e, c] > 0.5 * vmax else "white")
+        ax.set_title(f"expert {e}", fontsize=10)
+        ax.set_xlabel("slot")
+        ax.set_xticks(range(C))
+        ax.set_facecolor("#f0f0f0")
+        if e == 0:
+            ax.set_ylabel("token")
+    fig.suptitle(f"combine_weights [T, E, C] = [{T}, {E}, {C}]: the slot each token sits in, "
+                 "and its gate (grey: empty)", fontsize=10)
+    fig.colorbar(im, ax=list(axes), label="combine weight (gate)")
+    return _save(fig, path)
+
+
+def expert_load_bars(routings: Routing | Mapping[str, Routing], path: str) -> Any:
+    """Assignments per expert before and after dropping, with the capacity line. Several
+    routings (a dict label -> Routing) give one panel each.
+
+    Text version: one bar of '#' (kept) and 'x' (dropped) per expert.
+    """
+    items = {"": routings} if isinstance(routings, Routing) else dict(routings)
+    if not have_matplotlib():
+        lines = []
+        for label, r in items.items():
+            lines.append(f"{label + ': ' if label else ''}expert load (C = {r.capacity}; "
+                         f"# kept, x dropped)")
+            scale = max(1.0, float(r.expert_load.max(initial=0)) / 50)
+            for e in range(r.num_experts):
+                kept, load = int(r.expert_load_kept[e]), int(r.expert_load[e])
+                lines.append(f"  e{e:<3d}{'#' * round(kept / scale)}{'x' * round((load - kept) / scale)}"
+                             f" {load} ({load - kept} dropped)")
+        return _emit("\n".join(lines))
+    fig = _figure(3.2 + 3.6 * len(items), 4.0)
+    axes = fig.subplots(1, len(items), squeeze=False, sharey=True)[0]  # compare panels by eye
+    for ax, (label, r) in zip(axes, items.items()):
+        e = np.arange(r.num_experts)
+        ax.bar(e - 0.2, r.expert_load, 0.4, label="before dropping", color="tab:orange")
+        ax.bar(e + 0.2, r.expert_load_kept, 0.4, label="after dropping", color="tab:blue")
+        ax.axhline(r.capacity, color="k", ls="--", lw=1, label=f"capacity C = {r.capacity}")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("assignments (token, choice)")
+        ax.set_xticks(e)
+        ax.set_title(f"{label + chr(10) if label else ''}expert load: {r.dropped_fraction:.1%} of "
+                     "(token, choice) pairs dropped", fontsize=10)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ curves and tables
+
+def curves(x: Sequence[float] | None, series: Mapping[str, Sequence[float]], path: str, *,
+           title: str, xlabel: str, ylabel: str, logy: bool = False,
+           reference: tuple[float, str] | None = None) -> Any:
+    """Line plot of several series over x (or over their index when x is None): drop rate
+    against capacity factor, loss against epoch, ... reference=(y, label) adds a dashed line.
+
+    Text version: a table, one column per series (long series shown every few points).
+    """
+    series = {k: list(map(float, v)) for k, v in series.items()}
+    n = max(len(v) for v in series.values())
+    xs = list(x) if x is not None else list(range(1, n + 1))
+    if not have_matplotlib():
+        step = max(1, n // 15)
+        head = f"{xlabel:>10s} " + " ".join(f"{k[:14]:>14s}" for k in series)
+        rows = [f"{xs[i]:>10.3g} " + " ".join(f"{v[i]:>14.4g}" if i < len(v) else f"{'':>14s}"
+                                              for v in series.values())
+                for i in range(0, n, step)]
+        return _emit("\n".join([f"{title} ({ylabel})", head, *rows]))
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    for label, v in series.items():
+        ax.plot(xs[:len(v)], v, marker="o" if len(v) <= 30 else None, ms=4, label=label)
+    if reference is not None:
+        ax.axhline(reference[0], color="k", ls="--", lw=1, label=reference[1])
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def class_expert_heatmap(counts: np.ndarray, path: str, *,
+                         class_names: Sequence[str] | None = None, title: str | None = None) -> Any:
+    """Which experts each class is routed to: counts `[classes, E]` normalised per class (row),
+    so a row concentrated on few experts shows specialisation.
+
+    Text version: one row per class, a shade and a percentage per expert.
+    """
+    counts = np.asarray(counts, dtype=float)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n_cls, E = share.shape
+    names = list(class_names) if class_names is not None else [str(c) for c in range(n_cls)]
+    title = title or "share of each class's tokens routed to each expert (first choice)"
+    if not have_matplotlib():
+        lines = [title, "class  " + " ".join(f"  e{e:<3d}" for e in range(E))]
+        for c in range(n_cls):
+            lines.append(f"{names[c]:>5s}  " + " ".join(f"{_shade(v, 1.0)}{v:5.0%}" for v in share[c]))
+        return _emit("\n".join(lines))
+    fig = _figure(max(4.5, 1.8 + 0.75 * E), 1.4 + 0.38 * n_cls)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="magma_r", vmin=0, vmax=1, aspect="auto")
+    for c in range(n_cls):
+        for e in range(E):
+            ax.text(e, c, f"{share[c, e]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if share[c, e] > 0.55 else "black")
+    ax.set_xticks(range(E))
+    ax.set_yticks(range(n_cls), names)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("class")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="share of the class")
+    return _save(fig, path)
+
+
+def benchmark_bars(rows: Sequence[Any], path: str, *, reference: float | None = None) -> Any:
+    """The benchmark as pictures (rows: pymoe.bench.report.Row): per problem, grouped bars of
+    effective GB/s per operation and implementation on a log axis (the dense einsums sit ~1000x
+    below the compiled rows), with the same-run copy bandwidth as a dashed line; whole-layer rows
+    as horizontal bars of milliseconds.
+
+    Text version: the same numbers as tables.
+    """
+    timed = [r for r in rows if r.ms is not None]
+    sections = [s for s in dict.fromkeys(r.section for r in timed) if not s.startswith("layer")]
+    layer = [r for r in timed if r.section.startswith("layer")]
+    if not have_matplotlib():
+        lines = []
+        for sec in sections:
+            srows = [r for r in timed if r.section == sec and r.gbps is not None]
+            impls = list(dict.fromkeys(r.impl for r in srows))
+            lines += [sec, f"  {'op':14s}" + "".join(f"{i[:16]:>17s}" for i in impls)]
+            for op in dict.fromkeys(r.op for r in srows):
+                vals = [next((f"{r.gbps:.2f} GB/s" for r in srows if r.op == op and r.impl == i),
+                             "-") for i in impls]
+                lines.append(f"  {op:14s}" + "".join(f"{v:>17s}" for v in vals))
+        if reference:
+            lines.append(f"copy bandwidth (np.copyto): {reference:.2f} GB/s")
+        if layer:
+            lines.append(layer[0].section)
+            lines += [f"  {r.impl:20s} {r.ms:10.1f} ms" for r in layer]
+        return _emit("\n".join(lines))
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    n = len(sections) + (1 if layer else 0)
+    heights = [3.2] * len(sections) + ([0.6 + 0.45 * len(layer)] if layer else [])
+    fig = _figure(12, sum(heights) + 0.3)
+    axes = fig.subplots(n, 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, sec in zip(axes, sections):
+        srows = [r for r in timed if r.section == sec and r.gbps is not None]
+        ops = list(dict.fromkeys(r.op for r in srows))
+        impls = list(dict.fromkeys(r.impl for r in srows))
+        width = 0.8 / max(len(impls), 1)
+        for i, impl in enumerate(impls):
+            vals = [next((r.gbps for r in srows if r.op == op and r.impl == impl), 0) for op in ops]
+            ax.bar([o + i * width for o in range(len(ops))], vals, width, label=impl)
+        if reference:
+            ax.axhline(reference, color="k", ls="--", lw=1, label=f"np.copyto {reference:.1f} GB/s")
+        ax.set_xticks([o + width * (len(impls) - 1) / 2 for o in range(len(ops))], ops)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("effective GB/s (log)")
+        ax.set_title(sec, fontsize=9)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if layer:
+        ax = axes[-1]
+        bars = ax.barh([r.impl for r in layer], [r.ms for r in layer], color="tab:gray")
+        ax.bar_label(bars, fmt="%.0f ms", fontsize=8, padding=3)
+        ax.set_xlim(0, max(r.ms for r in layer) * 1.15)
+        ax.set_xlabel("ms (forward + backward), lower is better")
+        ax.set_title(layer[0].section, fontsize=9)
+    return _save(fig, path)

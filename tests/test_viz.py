@@ -1,0 +1,109 @@
+"""pymoe.viz: PNGs of the expected size with matplotlib, readable text without it."""
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+import pymoe
+from pymoe import viz
+from pymoe.bench.report import Row
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def assert_png_matches(path, fig) -> None:
+    """The file exists, is a real picture, and has the figure's size at viz.DPI."""
+    assert fig.dpi == viz.DPI
+    w, h = fig.canvas.get_width_height()  # pixels, as matplotlib computes them
+    assert path.stat().st_size > 5_000
+    assert png_size(path) == (w, h)
+    assert 300 <= w <= 2600 and 200 <= h <= 2600  # readable at README size, not a poster
+
+
+@pytest.fixture
+def routing():
+    logits = np.random.default_rng(0).normal(size=(12, 4)) + np.array([1.0, 0, 0, -0.5])
+    return pymoe.route(logits, 2, 0.75)
+
+
+@pytest.fixture
+def rows():
+    sec = "T=8 D=4 E=2 K=1"
+    return [Row(sec, "dispatch", "numpy indexed", 2.0, 1.5, 0.1),
+            Row(sec, "dispatch", "C 2 threads", 0.2, 15.0, 1.1),
+            Row("layer forward+backward", "fwd+bwd", "C", 40.0, gflops=100.0)]
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """Make `import matplotlib` fail, as on a machine without the viz extra."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert not viz.have_matplotlib()
+
+
+def test_pictures_are_pngs_of_the_figure_size(tmp_path, routing, rows):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the viz extra")
+    calls = {
+        "heat.png": lambda p: viz.routing_heatmap(routing, p),
+        "dc.png": lambda p: viz.dispatch_combine_picture(routing, p),
+        "load.png": lambda p: viz.expert_load_bars({"a": routing, "b": routing}, p),
+        "curve.png": lambda p: viz.curves([0.5, 1, 2], {"x": [0.5, 0.2, 0.0]}, p, title="t",
+                                          xlabel="cf", ylabel="drop", reference=(0, "zero")),
+        "class.png": lambda p: viz.class_expert_heatmap(np.arange(12).reshape(3, 4), p),
+        "bench.png": lambda p: viz.benchmark_bars(rows, p, reference=13.0),
+    }
+    for name, draw in calls.items():
+        path = tmp_path / "sub" / name
+        fig = draw(str(path))
+        assert fig.__class__.__name__ == "Figure"
+        assert_png_matches(path, fig)
+
+
+def test_heatmap_text_marks_kept_and_dropped(no_matplotlib, routing, tmp_path, capsys):
+    text = viz.routing_heatmap(routing, str(tmp_path / "h.png"))
+    assert not (tmp_path / "h.png").exists()
+    assert text in capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[1].startswith("token") and len(lines) == 2 + routing.num_tokens + 1
+    dropped = int((~routing.kept).sum())
+    assert dropped > 0 and sum(line.count("x") for line in lines[2:-1]) == dropped
+    assert sum(line.count("1") for line in lines[2:-1]) >= int(routing.kept[:, 0].sum())
+
+
+def test_load_bars_text(no_matplotlib, routing, tmp_path):
+    text = viz.expert_load_bars(routing, str(tmp_path / "l.png"))
+    for e in range(4):
+        load, kept = routing.expert_load[e], routing.expert_load_kept[e]
+        assert f"e{e:<3d}" in text and f" {load} ({load - kept} dropped)" in text
+    assert f"C = {routing.capacity}" in text
+
+
+def test_slot_table_text(no_matplotlib, routing, tmp_path):
+    text = viz.dispatch_combine_picture(routing, str(tmp_path / "d.png"))
+    assert text.count("expert ") == 4 and "--" in text  # some slot is empty
+    t, j = divmod(int(routing.slot_owner[0, 0]), routing.k)
+    assert f"t{t}: {routing.gate[t, j]:.2f}" in text
+
+
+def test_curves_class_and_bench_text(no_matplotlib, rows, tmp_path):
+    text = viz.curves([0.5, 1.0], {"skewed": [0.6, 0.3], "balanced": [0.5, 0.0]},
+                      str(tmp_path / "c.png"), title="drops", xlabel="cf", ylabel="fraction")
+    assert "skewed" in text and "0.6" in text and "0.3" in text
+    text = viz.class_expert_heatmap(np.array([[3, 1], [0, 4]]), str(tmp_path / "k.png"))
+    assert "75%" in text and "100%" in text
+    text = viz.benchmark_bars(rows, str(tmp_path / "b.png"), reference=13.0)
+    assert "15.00 GB/s" in text and "40.0 ms" in text and "13.00 GB/s" in text
+
+
+def test_env_switch_forces_text(monkeypatch):
+    monkeypatch.setenv("PYMOE_VIZ_TEXT", "1")
+    assert not viz.have_matplotlib()
