@@ -21,6 +21,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCES = ["slots.c", "threads.c", "ops_f32.c", "ops_f64.c"]
+HEADERS = ["pymoe.h", "internal.h", "moe_ops.h"]  # a change to any of these rebuilds the core
 
 
 def header_cdef() -> str:
@@ -78,6 +79,7 @@ ffibuilder.set_source(
     # Paths relative to setup.py, as setuptools wants them.
     sources=[os.path.join("csrc", s) for s in SOURCES],
     include_dirs=["csrc"],
+    depends=[os.path.join("csrc", h) for h in HEADERS],
     extra_compile_args=CFLAGS,
     extra_link_args=LFLAGS,
 )

@@ -1,4 +1,7 @@
-/* Shared helpers of the C core: size and index checks, run before any data moves. */
+/* Shared helpers of the C core: size and index checks, run before any data moves.
+ * check_sizes and REQUIRE look only at sizes and pointers; the CUDA host code uses them too. The
+ * other checks read the index arrays, so they are for host memory only (on the GPU the kernels
+ * check indices themselves). */
 #ifndef PYMOE_INTERNAL_H
 #define PYMOE_INTERNAL_H
 
@@ -34,6 +37,8 @@ static inline int check_sizes(moe_sizes *s, int64_t T, int64_t K, int64_t E, int
     return PYMOE_OK;
 }
 
+enum { OUT_TD, OUT_TK };  /* the shape of an operation's output: [T, D] or [T, K] */
+
 #define REQUIRE(ptr, n) \
     do { if ((ptr) == NULL && (n) > 0) return PYMOE_ERR_NULL; } while (0)
 
@@ -52,6 +57,29 @@ static inline int check_owners(const int64_t *slot_owner, int64_t EC, int64_t TK
     for (int64_t i = 0; i < EC; i++)
         if (slot_owner[i] < -1 || slot_owner[i] >= TK) return PYMOE_ERR_OWNER;
     return PYMOE_OK;
+}
+
+/* Everything dispatch must know before it moves a byte: sizes, its pointers, every owner. */
+static inline int check_dispatch_args(moe_sizes *s, const void *expert_in, const void *x,
+                                      const int64_t *slot_owner, int64_t T, int64_t K,
+                                      int64_t E, int64_t C, int64_t D) {
+    int err = check_sizes(s, T, K, E, C, D);
+    if (err) return err;
+    REQUIRE(expert_in, s->ECD); REQUIRE(x, s->TD); REQUIRE(slot_owner, s->EC);
+    return check_owners(slot_owner, s->EC, s->TK);
+}
+
+/* The same for the operations that read expert rows by (expert_index, position): combine (out
+ * y [T, D]) and the gate gradient (out dgate [T, K]). */
+static inline int check_pair_args(moe_sizes *s, const void *out, int which_out,
+                                  const void *expert_out, const int64_t *expert_index,
+                                  const int64_t *position, int64_t T, int64_t K, int64_t E,
+                                  int64_t C, int64_t D) {
+    int err = check_sizes(s, T, K, E, C, D);
+    if (err) return err;
+    REQUIRE(out, which_out == OUT_TD ? s->TD : s->TK);
+    REQUIRE(expert_out, s->ECD); REQUIRE(expert_index, s->TK); REQUIRE(position, s->TK);
+    return check_pairs(expert_index, position, s->TK, E, C);
 }
 
 #endif /* PYMOE_INTERNAL_H */

@@ -44,10 +44,8 @@ int FN(pymoe_dispatch_naive)(REAL *expert_in, const REAL *x, const REAL *weight,
                              const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
                              int64_t C, int64_t D) {
     moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
+    int err = check_dispatch_args(&s, expert_in, x, slot_owner, T, K, E, C, D);
     if (err) return err;
-    REQUIRE(expert_in, s.ECD); REQUIRE(x, s.TD); REQUIRE(slot_owner, s.EC);
-    if ((err = check_owners(slot_owner, s.EC, s.TK)) != PYMOE_OK) return err;
     for (int64_t r = 0; r < s.EC; r++) {           /* r = e*C + c, one expert slot */
         int64_t o = slot_owner[r];                 /* o = t*K + j, or -1: empty slot */
         for (int64_t d = 0; d < D; d++)
@@ -61,10 +59,8 @@ int FN(pymoe_dispatch)(REAL *expert_in, const REAL *x, const REAL *weight,
                        const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
                        int64_t D) {
     moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
+    int err = check_dispatch_args(&s, expert_in, x, slot_owner, T, K, E, C, D);
     if (err) return err;
-    REQUIRE(expert_in, s.ECD); REQUIRE(x, s.TD); REQUIRE(slot_owner, s.EC);
-    if ((err = check_owners(slot_owner, s.EC, s.TK)) != PYMOE_OK) return err;
     const int64_t EC = s.EC;
 #pragma omp parallel
     {
@@ -85,11 +81,8 @@ int FN(pymoe_combine_naive)(REAL *y, const REAL *expert_out, const REAL *weight,
                             const int64_t *expert_index, const int64_t *position,
                             int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
+    int err = check_pair_args(&s, y, OUT_TD, expert_out, expert_index, position, T, K, E, C, D);
     if (err) return err;
-    REQUIRE(y, s.TD); REQUIRE(expert_out, s.ECD);
-    REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
-    if ((err = check_pairs(expert_index, position, s.TK, E, C)) != PYMOE_OK) return err;
     for (int64_t i = 0; i < s.TD; i++) y[i] = 0;
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < K; j++) {
@@ -156,11 +149,8 @@ int FN(pymoe_combine)(REAL *y, const REAL *expert_out, const REAL *weight,
                       const int64_t *expert_index, const int64_t *position,
                       int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
+    int err = check_pair_args(&s, y, OUT_TD, expert_out, expert_index, position, T, K, E, C, D);
     if (err) return err;
-    REQUIRE(y, s.TD); REQUIRE(expert_out, s.ECD);
-    REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
-    if ((err = check_pairs(expert_index, position, s.TK, E, C)) != PYMOE_OK) return err;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -190,11 +180,10 @@ int FN(pymoe_gate_grad_naive)(REAL *dgate, const REAL *dy, const REAL *expert_ou
                               const int64_t *expert_index, const int64_t *position,
                               int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
+    int err = check_pair_args(&s, dgate, OUT_TK, expert_out, expert_index, position, T, K, E, C,
+                              D);
     if (err) return err;
-    REQUIRE(dgate, s.TK); REQUIRE(dy, s.TD); REQUIRE(expert_out, s.ECD);
-    REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
-    if ((err = check_pairs(expert_index, position, s.TK, E, C)) != PYMOE_OK) return err;
+    REQUIRE(dy, s.TD);
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < K; j++) {
             int64_t p = position[t * K + j];
@@ -224,11 +213,10 @@ int FN(pymoe_gate_grad)(REAL *dgate, const REAL *dy, const REAL *expert_out,
                         const int64_t *expert_index, const int64_t *position,
                         int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
+    int err = check_pair_args(&s, dgate, OUT_TK, expert_out, expert_index, position, T, K, E, C,
+                              D);
     if (err) return err;
-    REQUIRE(dgate, s.TK); REQUIRE(dy, s.TD); REQUIRE(expert_out, s.ECD);
-    REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
-    if ((err = check_pairs(expert_index, position, s.TK, E, C)) != PYMOE_OK) return err;
+    REQUIRE(dy, s.TD);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < K; j++) {

@@ -106,11 +106,18 @@ def walkthrough() -> tuple[np.ndarray, pymoe.Routing]:
           f"{np.minimum(load, capacity).tolist()}")
 
     dispatch_mask, combine_weights = dense_tensors(expert_index, position, gate_kept, E, capacity)
-    print(f"\n10. dispatch_mask <bool>[T, E, C] {dispatch_mask.shape} and combine_weights "
-          f"[T, E, C]: shown per expert, rows = tokens, columns = slots")
+    print(f"\n10. dispatch_mask <bool>[T, E, C] {dispatch_mask.shape}: 1 where a token sits in a "
+          "slot (built from the kept positions);")
+    print("    combine_weights [T, E, C]: that token's gate in the same place. Shown per expert, "
+          "rows = tokens, columns = slots:")
     for e in range(E):
-        show(f"    expert {e}: combine_weights[:, {e}, :] (nonzero = token sits in that slot)",
-             combine_weights[:, e, :], "[T, C]", tok)
+        mask_rows = [" ".join(str(int(v)) for v in dispatch_mask[t, e]) for t in range(T)]
+        cw_rows = ["  ".join(f"{v:.3f}" for v in combine_weights[t, e]) for t in range(T)]
+        print(f"    expert {e}   dispatch_mask[:, {e}, :]   combine_weights[:, {e}, :]")
+        for t in range(T):
+            print(f"      t{t}      {mask_rows[t]:<22s}{cw_rows[t]}")
+    print("    (the mask is not `combine_weights != 0`: a kept token whose gate rounds to 0 still "
+          "reaches its expert)")
 
     expert_in = dispatch_dense(x, dispatch_mask)  # [E, C, D]
     owner = [[next((f"t{t}" for t in range(T) if dispatch_mask[t, e, c]), "--")

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from . import _checks
-from .backends import BackendInfo
+from .backends import BackendInfo, _float_arg, dispatch_args, pair_args, slot_args
 
 C_DTYPES = (np.float32, np.float64)
 _ERRORS = {
@@ -76,20 +76,6 @@ class CBackend:
             raise ValueError(f"C core {func}: {_ERRORS.get(code, f'error code {code}')}")
 
     @staticmethod
-    def _float(name: str, a: np.ndarray, shape, dtype=None) -> np.ndarray:
-        a = _checks.float_array(name, a, ndim=len(shape), shape=shape, finite=False)
-        if a.dtype.type not in C_DTYPES:
-            raise TypeError(f"{name}: the C backend takes float32 or float64, got {a.dtype} "
-                            "(use backend='numpy' for float16)")
-        if dtype is not None:
-            a = a.astype(dtype, copy=False)
-        return np.ascontiguousarray(a)
-
-    @staticmethod
-    def _index(name: str, a: np.ndarray, shape, high: int, low: int = 0) -> np.ndarray:
-        return np.ascontiguousarray(_checks.index_array(name, a, shape=shape, high=high, low=low))
-
-    @staticmethod
     def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A fresh output array, or `out` after checking that C may write all of it."""
         if out is None:
@@ -107,20 +93,22 @@ class CBackend:
         return "f32" if a.dtype == np.float32 else "f64"
 
     # ------------------------------------------------------------ operations
+    # The argument checks are pymoe.backends' (the same as the NumPy backend's), restricted to
+    # float32/float64; arrays are then made C-contiguous (copied only when they are not).
+
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
                      num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (position `<int64>[T, K]`, -1 where dropped; slot_owner `<int64>[E, C]`).
 
-        Same integers as pymoe.priority.position_in_expert followed by pymoe.capacity.drop.
+        Same integers as pymoe.priority.position_in_expert followed by pymoe.capacity.drop;
+        token_order None means 0, 1, ..., T-1.
         """
-        E = _checks.integer("num_experts", num_experts, low=1)
-        C = _checks.integer("capacity", capacity, low=0)
-        expert_index = self._index("expert_index", expert_index, (None, None), high=E)
-        T, K = expert_index.shape
+        expert_index, token_order, E, C = slot_args(expert_index, token_order, num_experts,
+                                                    capacity)
+        expert_index = np.ascontiguousarray(expert_index)
         if token_order is not None:
-            token_order = self._index("token_order", token_order, (T,), high=max(T, 1))
-            if T and not np.array_equal(np.sort(token_order), np.arange(T)):
-                raise ValueError(f"token_order: expected a permutation of 0..{T - 1}")
+            token_order = np.ascontiguousarray(token_order)
+        T, K = expert_index.shape
         position = np.empty((T, K), np.int64)
         owner = np.empty((E, C), np.int64)
         load = np.empty(E, np.int64)
@@ -137,13 +125,12 @@ class CBackend:
 
         out: an optional `[E, C, D]` array to overwrite (saves the page faults of a fresh one).
         """
-        x = self._float("x", x, (None, None))
-        T, D = x.shape
-        k = _checks.integer("k", k, low=1)
-        slot_owner = self._index("slot_owner", slot_owner, (None, None), high=T * k, low=-1)
-        E, C = slot_owner.shape
+        x, slot_owner, k, weight = dispatch_args(x, slot_owner, k, weight, C_DTYPES, "C")
+        x, slot_owner = np.ascontiguousarray(x), np.ascontiguousarray(slot_owner)
         if weight is not None:
-            weight = self._float("weight", weight, (T, k), dtype=x.dtype)
+            weight = np.ascontiguousarray(weight)
+        T, D = x.shape
+        E, C = slot_owner.shape
         out = self._out(out, (E, C, D), x.dtype)
         fn = getattr(self.lib, f"pymoe_dispatch{'_naive' if naive else ''}_{self._suffix(x)}")
         self._check("dispatch", fn(self._ptr(out), self._ptr(x), self._ptr(weight),
@@ -151,11 +138,8 @@ class CBackend:
         return out
 
     def _pairs(self, expert_out, expert_index, position):
-        expert_out = self._float("expert_out", expert_out, (None, None, None))
-        E, C, D = expert_out.shape
-        expert_index = self._index("expert_index", expert_index, (None, None), high=E)
-        position = self._index("position", position, expert_index.shape, high=C, low=-1)
-        return expert_out, expert_index, position
+        return tuple(np.ascontiguousarray(a)
+                     for a in pair_args(expert_out, expert_index, position, C_DTYPES, "C"))
 
     def combine(self, expert_out: np.ndarray, expert_index: np.ndarray, position: np.ndarray,
                 weight: np.ndarray | None = None, *, naive: bool = False,
@@ -168,7 +152,8 @@ class CBackend:
         E, C, D = expert_out.shape
         T, K = expert_index.shape
         if weight is not None:
-            weight = self._float("weight", weight, (T, K), dtype=expert_out.dtype)
+            weight = np.ascontiguousarray(_float_arg("weight", weight, (T, K), C_DTYPES, "C"),
+                                          dtype=expert_out.dtype)
         y = self._out(out, (T, D), expert_out.dtype)
         fn = getattr(self.lib, f"pymoe_combine{'_naive' if naive else ''}_{self._suffix(y)}")
         self._check("combine", fn(self._ptr(y), self._ptr(expert_out), self._ptr(weight),
@@ -181,7 +166,7 @@ class CBackend:
         expert_out, expert_index, position = self._pairs(expert_out, expert_index, position)
         E, C, D = expert_out.shape
         T, K = expert_index.shape
-        dy = self._float("dy", dy, (T, D), dtype=expert_out.dtype)
+        dy = np.ascontiguousarray(_float_arg("dy", dy, (T, D), C_DTYPES, "C"), dtype=expert_out.dtype)
         dgate = np.empty((T, K), expert_out.dtype)
         fn = getattr(self.lib, f"pymoe_gate_grad{'_naive' if naive else ''}_{self._suffix(dy)}")
         self._check("gate_grad", fn(self._ptr(dgate), self._ptr(dy), self._ptr(expert_out),

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
+
+from . import _checks
 
 
 def expert_load(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
@@ -21,8 +24,10 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
                     min_capacity: int = 0, load: np.ndarray | None = None) -> int:
     """Step 8: slots per expert, C.
 
-    C = ceil(K * T * capacity_factor / E), evaluated in float64 in that order, then raised to
-    min_capacity and clipped to T. The fair share of an expert is K*T/E assignments, so
+    C = ceil(K * T * capacity_factor / E), then raised to min_capacity and clipped to T. The
+    product is taken exactly, on capacity_factor's decimal value as Python prints it: 1.1 means
+    11/10, so T=100, E=10, K=1 gives C = 11 (float arithmetic would give 110.00000000000001 / 10
+    and round up to 12). The fair share of an expert is K*T/E assignments, so
     capacity_factor = 1 leaves no slack. This is the DeepSpeed / Megatron-Core form (it includes
     K and rounds up); Mesh-TF and flaxformer leave K out and floor or round, Tutel floors
     (research/routing-conventions.md, row 19). No expert can receive more than T assignments
@@ -31,12 +36,17 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     capacity_factor=None means dropless: C = the largest expert load (`load` required), at least
     min_capacity, at most T.
     """
+    num_tokens = _checks.integer("num_tokens", num_tokens, low=0)
+    num_experts = _checks.integer("num_experts", num_experts, low=1)
+    k = _checks.integer("k", k, low=1, high=num_experts)
+    capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor, allow_none=True)
+    min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
     if capacity_factor is None:
         if load is None:
             raise ValueError("load: required when capacity_factor is None (dropless routing)")
         c = int(load.max()) if load.size else 0
     else:
-        c = math.ceil(k * num_tokens * capacity_factor / num_experts)
+        c = math.ceil(k * num_tokens * Fraction(repr(capacity_factor)) / num_experts)
     return min(max(c, min_capacity), num_tokens)
 
 

@@ -10,8 +10,11 @@ PYMOE_CUDA_LIB=PATH), device memory is host memory and arrays are NumPy arrays: 
 same wrapper, the same host launch code and the same kernel source, on the CPU.
 
 Index contents are checked on the device: the kernels treat an invalid entry as dropped/empty and
-set a status bit, which this wrapper reads back after the call (a synchronisation) and turns into
-a ValueError. Float values are not checked for NaN/inf (that would cost a pass over the data).
+set a bit in a status word owned by the library, which this wrapper reads back after the call (a
+synchronisation) and turns into a ValueError; pass check=False to skip that (benchmarks do). A
+token order is copied to the host and checked to be a permutation. This holds for CuPy arrays and
+raw pointers alike. Float values are not checked for NaN/inf (that would cost a pass over the
+data).
 """
 from __future__ import annotations
 
@@ -105,15 +108,16 @@ def load(path: str | None = None) -> tuple[CudaBackend | None, BackendInfo]:
         return None, BackendInfo("cuda", False, f"the CUDA library {path} is not built; {build_hint}")
     header = os.path.splitext(path)[0] + ".h"
     try:
-        from cffi import FFI
-
-        ffi = FFI()
-        ffi.cdef(_declarations(header))
-        lib = ffi.dlopen(path)
-    except (OSError, IndexError) as err:  # unreadable header, missing marker, not a library
-        return None, BackendInfo("cuda", False, f"cannot load the CUDA library {path}: {err}")
+        import cffi
     except ImportError as err:
         return None, BackendInfo("cuda", False, f"cffi is missing: {err}")
+    try:
+        ffi = cffi.FFI()
+        ffi.cdef(_declarations(header))
+        lib = ffi.dlopen(path)
+    except (OSError, IndexError, cffi.CDefError, cffi.FFIError) as err:
+        # an unreadable or malformed header, a missing marker, a file that is not a library
+        return None, BackendInfo("cuda", False, f"cannot load the CUDA library {path}: {err}")
     count = ffi.new("int *")
     code = lib.pymoe_cuda_device_count(count)
     if code != 0 or count[0] < 1:
@@ -156,6 +160,35 @@ class CudaBackend:
 
     def __init__(self, ffi: Any, lib: Any, memory: Any, emulated: bool) -> None:
         self.ffi, self.lib, self.memory, self.emulated = ffi, lib, memory, emulated
+        slot = ffi.new("int **")
+        code = lib.pymoe_cuda_status_new(slot)
+        if code != 0:
+            raise RuntimeError(f"cannot allocate the device status word: {self._error(code)}")
+        self._status = slot[0]  # device int the kernels OR their PYMOE_BAD_* bits into
+
+    def __del__(self) -> None:
+        status = getattr(self, "_status", None)
+        if status is not None:
+            self.lib.pymoe_cuda_status_free(status)
+
+    def _error(self, code: int) -> str:
+        return (f"{self.ffi.string(self.lib.pymoe_cuda_error_name(code)).decode()} ({code}): "
+                f"{self.ffi.string(self.lib.pymoe_cuda_error_string(code)).decode()}")
+
+    def _stream(self) -> Any:
+        return self.ffi.cast("void *", self.memory.stream() if self.memory else 0)
+
+    def _to_host(self, name: str, a: Any, ptr: int) -> np.ndarray:
+        """A small device array copied to the host (numpy), for checks made there."""
+        if not isinstance(a, DeviceArray):
+            return np.asarray(self.memory.to_host(a))
+        host = np.empty(a.shape, a.dtype)
+        code = self.lib.pymoe_cuda_copy_to_host(self.ffi.cast("void *", host.ctypes.data),
+                                                self.ffi.cast("void *", ptr), host.nbytes,
+                                                self._stream())
+        if code != 0:
+            raise RuntimeError(f"{name}: copying to the host failed: {self._error(code)}")
+        return host
 
     # ------------------------------------------------------------ plumbing
     def _arg(self, name: str, a: Any, shape: tuple, dtypes: tuple) -> tuple[Any, int]:
@@ -193,22 +226,22 @@ class CudaBackend:
             raise ValueError(f"{name}: expected a C-contiguous array to write into")
         return arr, ptr
 
-    def _call(self, func: str, *args: Any) -> None:
-        """Call lib.func with a fresh device status word; raise on any error it reports."""
-        status = None if self.memory is None else self.memory.xp.zeros(1, np.int32)
-        status_ptr = self.ffi.NULL if status is None else self.ffi.cast("int *", self.memory.ptr(status))
-        stream = self.ffi.cast("void *", self.memory.stream() if self.memory else 0)
+    def _call(self, func: str, *args: Any, check: bool = True) -> None:
+        """Call lib.func; raise on an error code, and (check=True) on any status bit it set."""
+        status = self._status if check else self.ffi.NULL
+        stream = self._stream()
         cargs = [self.ffi.cast("void *", a) if isinstance(a, _Ptr) else a for a in args]
-        code = getattr(self.lib, func)(*cargs, status_ptr, stream)
+        code = getattr(self.lib, func)(*cargs, status, stream)
         if code != 0:
-            name = self.ffi.string(self.lib.pymoe_cuda_error_name(code)).decode()
-            text = self.ffi.string(self.lib.pymoe_cuda_error_string(code)).decode()
-            kind = ValueError if code < 0 else RuntimeError
-            raise kind(f"{func}: {name} ({code}): {text}")
-        if status is not None:
-            bits = int(self.memory.to_host(status)[0])
-            if bits:
-                raise ValueError(f"{func}: " + "; ".join(m for b, m in _BAD_BITS.items() if bits & b))
+            raise (ValueError if code < 0 else RuntimeError)(f"{func}: {self._error(code)}")
+        if check:
+            bits = self.ffi.new("int *")
+            code = self.lib.pymoe_cuda_status_take(self._status, bits, stream)
+            if code != 0:
+                raise RuntimeError(f"{func}: reading the status failed: {self._error(code)}")
+            if bits[0]:
+                raise ValueError(f"{func}: " + "; ".join(m for b, m in _BAD_BITS.items()
+                                                         if bits[0] & b))
 
     @staticmethod
     def _suffix(dtype: np.dtype) -> str:
@@ -234,45 +267,50 @@ class CudaBackend:
             self.set_block_size(before)
 
     # ------------------------------------------------------------ operations
-    def router(self, router_logits: Any, k: int, normalize: bool = False) -> tuple[Any, Any, Any]:
+    def router(self, router_logits: Any, k: int, normalize: bool = False, *,
+               out: tuple | None = None, check: bool = True) -> tuple[Any, Any, Any]:
         """(probs `[T, E]`, expert_index `<int64>[T, K]`, gate `[T, K]`), as pymoe.route computes
-        them before any capacity drop (topk.top_k, topk.gates)."""
+        them before any capacity drop (topk.top_k, topk.gates). out: the three arrays to write
+        (required with raw pointers and no CuPy)."""
         logits, p_logits = self._arg("router_logits", router_logits, (None, None), FLOATS)
         T, E = logits.shape
         k = _checks.integer("k", k, low=1, high=max(E, 1))
         normalize = _checks.boolean("normalize", normalize)
         dt = np.dtype(logits.dtype)
-        probs, p_probs = self._out("probs", None, (T, E), dt)
-        index, p_index = self._out("expert_index", None, (T, k), INT64)
-        gate, p_gate = self._out("gate", None, (T, k), dt)
+        o_probs, o_index, o_gate = out if out is not None else (None, None, None)
+        probs, p_probs = self._out("probs", o_probs, (T, E), dt)
+        index, p_index = self._out("expert_index", o_index, (T, k), INT64)
+        gate, p_gate = self._out("gate", o_gate, (T, k), dt)
         self._call(f"pymoe_cuda_router_{self._suffix(dt)}", _Ptr(p_probs), _Ptr(p_index),
-                   _Ptr(p_gate), _Ptr(p_logits), T, E, k, int(normalize))
+                   _Ptr(p_gate), _Ptr(p_logits), T, E, k, int(normalize), check=check)
         return probs, index, gate
 
     def assign_slots(self, expert_index: Any, token_order: Any, num_experts: int,
-                     capacity: int) -> tuple[Any, Any, Any]:
+                     capacity: int, *, out: tuple | None = None,
+                     check: bool = True) -> tuple[Any, Any, Any]:
         """(position `<int64>[T, K]`, slot_owner `<int64>[E, C]`, expert_load `<int64>[E]`):
-        the integers of pymoe.priority.position_in_expert + capacity.drop."""
+        the integers of pymoe.priority.position_in_expert + capacity.drop. out: the three
+        arrays to write (required with raw pointers and no CuPy)."""
         E = _checks.integer("num_experts", num_experts, low=1)
         C = _checks.integer("capacity", capacity, low=0)
         index, p_index = self._arg("expert_index", expert_index, (None, None), (INT64,))
         T, K = index.shape
-        p_order = 0
+        order, p_order = None, 0
         if token_order is not None:
             order, p_order = self._arg("token_order", token_order, (T,), (INT64,))
-            if self.memory is not None and T:
-                xp = self.memory.xp
-                if not bool((xp.sort(order) == xp.arange(T)).all()):
-                    raise ValueError(f"token_order: expected a permutation of 0..{T - 1}")
-        position, p_pos = self._out("position", None, (T, K), INT64)
-        owner, p_owner = self._out("slot_owner", None, (E, C), INT64)
-        load, p_load = self._out("expert_load", None, (E,), INT64)
+            if check and T and not np.array_equal(np.sort(self._to_host("token_order", order,
+                                                                        p_order)), np.arange(T)):
+                raise ValueError(f"token_order: expected a permutation of 0..{T - 1}")
+        o_pos, o_owner, o_load = out if out is not None else (None, None, None)
+        position, p_pos = self._out("position", o_pos, (T, K), INT64)
+        owner, p_owner = self._out("slot_owner", o_owner, (E, C), INT64)
+        load, p_load = self._out("expert_load", o_load, (E,), INT64)
         self._call("pymoe_cuda_assign_slots", _Ptr(p_pos), _Ptr(p_owner), _Ptr(p_load),
-                   _Ptr(p_index), _Ptr(p_order), T, K, E, C)
+                   _Ptr(p_index), _Ptr(p_order), T, K, E, C, check=check)
         return position, owner, load
 
     def dispatch(self, x: Any, slot_owner: Any, k: int, weight: Any = None, *,
-                 out: Any = None) -> Any:
+                 out: Any = None, check: bool = True) -> Any:
         """expert_in `[E, C, D]` (pymoe.indexed.dispatch_indexed)."""
         x, p_x = self._arg("x", x, (None, None), FLOATS)
         T, D = x.shape
@@ -283,7 +321,7 @@ class CudaBackend:
         weight, p_w = self._weight(weight, (T, k), dt)
         out, p_out = self._out("out", out, (E, C, D), dt)
         self._call(f"pymoe_cuda_dispatch_{self._suffix(dt)}", _Ptr(p_out), _Ptr(p_x), _Ptr(p_w),
-                   _Ptr(p_owner), T, k, E, C, D)
+                   _Ptr(p_owner), T, k, E, C, D, check=check)
         return out
 
     def _pairs(self, expert_out: Any, expert_index: Any, position: Any) -> list:
@@ -297,7 +335,7 @@ class CudaBackend:
         return (None, 0) if weight is None else self._arg("weight", weight, shape, (dtype,))
 
     def combine(self, expert_out: Any, expert_index: Any, position: Any, weight: Any = None, *,
-                out: Any = None) -> Any:
+                out: Any = None, check: bool = True) -> Any:
         """y `[T, D]` (pymoe.indexed.combine_indexed)."""
         (eo, p_eo), (index, p_index), (pos, p_pos) = self._pairs(expert_out, expert_index,
                                                                  position)
@@ -307,11 +345,11 @@ class CudaBackend:
         weight, p_w = self._weight(weight, (T, K), dt)
         y, p_y = self._out("out", out, (T, D), dt)
         self._call(f"pymoe_cuda_combine_{self._suffix(dt)}", _Ptr(p_y), _Ptr(p_eo), _Ptr(p_w),
-                   _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D)
+                   _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D, check=check)
         return y
 
     def gate_grad(self, dy: Any, expert_out: Any, expert_index: Any, position: Any, *,
-                  out: Any = None) -> Any:
+                  out: Any = None, check: bool = True) -> Any:
         """dgate `[T, K]` (pymoe.indexed.gate_grad_indexed)."""
         (eo, p_eo), (index, p_index), (pos, p_pos) = self._pairs(expert_out, expert_index,
                                                                  position)
@@ -321,7 +359,7 @@ class CudaBackend:
         dy, p_dy = self._arg("dy", dy, (T, D), (dt,))
         g, p_g = self._out("out", out, (T, K), dt)
         self._call(f"pymoe_cuda_gate_grad_{self._suffix(dt)}", _Ptr(p_g), _Ptr(p_dy), _Ptr(p_eo),
-                   _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D)
+                   _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D, check=check)
         return g
 
     def route(self, router_logits: Any, k: int, capacity_factor: float | None = 1.25, *,

@@ -85,6 +85,8 @@ class MoELayer:
         if self.dtype.type not in _checks.FLOAT_DTYPES:
             raise TypeError(f"dtype: expected float16, float32 or float64, got {self.dtype}")
         seed = _checks.integer("seed", seed, low=0)
+        if backend not in ("auto", "numpy", "c", "cuda"):
+            raise ValueError(f"backend: expected one of 'auto', 'numpy', 'c', got {backend!r}")
         if backend == "cuda":
             raise ValueError("backend: MoELayer computes on host (NumPy) arrays; for device "
                              "arrays use the CUDA kernels directly: pymoe.get_backend('cuda')")

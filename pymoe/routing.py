@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
@@ -25,11 +25,12 @@ K1_NORMALIZE_WARNING = (
     "task loss (only from the aux/z losses). Use normalize=False for Switch-style top-1 routing.")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Routing:
     """The result of routing T tokens to E experts with K choices each and capacity C.
 
     Index form (what fast paths use) and, on demand, mask form (what the dense einsums use).
+    Treat it as read-only: the derived views are computed once, on first use.
     """
     router_logits: np.ndarray  # [T, E] in the router dtype (>= float32)
     probs: np.ndarray  # [T, E] softmax over experts
@@ -45,6 +46,7 @@ class Routing:
     priority: str
     aux_loss: float  # load-balancing loss (losses.load_balancing_loss)
     z_loss: float  # router z-loss (losses.router_z_loss)
+    _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
 
     @property
     def num_tokens(self) -> int:
@@ -75,10 +77,13 @@ class Routing:
         T = self.num_tokens
         return float(np.count_nonzero(~self.kept.any(axis=1))) / T if T else 0.0
 
-    @cached_property
+    @property
     def slot_owner(self) -> np.ndarray:
         """`<int64>[E, C]`: t*K + j of the pair in each slot, -1 when empty (capacity.slot_owner)."""
-        return slot_owner(self.expert_index, self.position, self.capacity, self.num_experts)
+        if self._slot_owner is None:
+            self._slot_owner = slot_owner(self.expert_index, self.position, self.capacity,
+                                          self.num_experts)
+        return self._slot_owner
 
     @cached_property
     def _dense(self) -> tuple[np.ndarray, np.ndarray]:
@@ -144,19 +149,17 @@ def route_unchecked(router_logits: np.ndarray, k: int, capacity_factor: float | 
     if assign_slots is None:
         position = position_in_expert(expert_index, E, token_order)  # [T, K]  steps 5-7
         position, gate_kept, kept = drop(position, gate, capacity)  # [T, K]   step 9
-    else:
-        position, owner = assign_slots(expert_index, token_order, E, capacity)
+    else:  # a backend's slot assignment; None = token order, nothing to permute or check
+        order = token_order if priority == "score" else None
+        position, owner = assign_slots(expert_index, order, E, capacity)
         kept = position >= 0  # [T, K]
         gate_kept = np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
-    routing = Routing(router_logits=logits, probs=probs, expert_index=expert_index,
+    return Routing(router_logits=logits, probs=probs, expert_index=expert_index,
                    token_order=token_order, position=position, gate_before_drop=gate,
                    gate=gate_kept, kept=kept, capacity=capacity, expert_load=load,
                    normalize=normalize, priority=priority,
                    aux_loss=load_balancing_loss(probs, expert_index),  # step 12
-                   z_loss=router_z_loss(logits))
-    if owner is not None:
-        routing.__dict__["slot_owner"] = owner  # fill the cached_property from the backend
-    return routing
+                   z_loss=router_z_loss(logits), _slot_owner=owner)
 
 
 def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0.0,
@@ -170,6 +173,9 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     Returns:
         d router_logits `[T, E]` in the router dtype (a fresh array).
     """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing: expected a pymoe.Routing from route(), got "
+                        f"{type(routing).__name__}")
     T, K = routing.expert_index.shape
     dgate = _checks.float_array("dgate", dgate, ndim=2, shape=(T, K))
     aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)

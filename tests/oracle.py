@@ -8,6 +8,7 @@ probabilities as its key: softmax rounding is compared separately, with a tolera
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def oracle_route(logits, probs, num_experts, k, capacity_factor, min_capacity, n
     if capacity_factor is None:
         cap = max(load) if T else 0
     else:
-        cap = math.ceil(k * T * capacity_factor / E)
+        cap = math.ceil(k * T * Decimal(repr(capacity_factor)) / E)  # exact decimal arithmetic
     cap = min(max(cap, min_capacity), T)
     if priority == "choice":
         order = list(range(T))

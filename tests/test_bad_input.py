@@ -193,3 +193,19 @@ def test_layer_sizes_must_be_positive_ints():
         layer(d_model=0)
     with pytest.raises(TypeError, match=r"num_experts: expected an int, got float"):
         layer(num_experts=3.0)
+
+
+def test_route_backward_needs_a_routing():
+    with pytest.raises(TypeError, match=r"routing: expected a pymoe.Routing from route\(\), got str"):
+        pymoe.route_backward("x", np.zeros((4, 2)))
+
+
+def test_expert_capacity_checks_its_arguments():
+    from pymoe.capacity import expert_capacity
+
+    with pytest.raises(ValueError, match=r"num_experts: expected an int in \[1, inf\], got 0"):
+        expert_capacity(10, 0, 1, 1.0)
+    with pytest.raises(ValueError, match=r"k: expected an int in \[1, 4\], got 5"):
+        expert_capacity(10, 4, 5, 1.0)
+    with pytest.raises(ValueError, match=r"capacity_factor: expected a finite value > 0"):
+        expert_capacity(10, 4, 1, float("inf"))

@@ -103,6 +103,23 @@ def test_edge_sizes(c_backend, T, E, K, cf):
                                   REF.combine(ein, r.expert_index, position, r.gate))
 
 
+@pytest.mark.parametrize("K,D", [(10, 1100), (16, 513), (12, 7)])
+def test_many_choices_take_the_tiled_combine_path(c_backend, K, D):
+    """More than 8 kept choices per token go through the L1-tiled combine (moe_ops.h,
+    COMBINE_DIRECT = 8); D > 512 makes it loop over several tiles. Bitwise equal to NumPy."""
+    rng = np.random.default_rng(K)
+    T, E = 40, K + 2
+    r = pymoe.route(rng.normal(size=(T, E)), K, None)  # dropless: every token keeps K > 8
+    assert r.kept.all()
+    for dt in (np.float32, np.float64):
+        out = rng.normal(size=(E, r.capacity, D)).astype(dt)
+        gate = r.gate.astype(dt)
+        for w in (gate, None):
+            for naive in (False, True):
+                got = c_backend.combine(out, r.expert_index, r.position, w, naive=naive)
+                np.testing.assert_array_equal(got, REF.combine(out, r.expert_index, r.position, w))
+
+
 def test_everything_dropped(c_backend):
     """C = 0 drops every pair: empty slot map, zero expert buffers, zero outputs."""
     idx = np.array([[0, 1], [1, 0], [0, 1]])

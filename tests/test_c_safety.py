@@ -155,3 +155,17 @@ def test_failed_build_reason_is_reported(monkeypatch, tmp_path):
     assert "command 'cc' failed" in cb._why_missing(ImportError("No module named x"))
     monkeypatch.setattr(cb, "_STATUS_FILE", str(tmp_path / "absent.txt"))
     assert "pip install -v" in cb._why_missing(ImportError("No module named x"))
+
+
+def test_numpy_backend_rejects_what_the_c_backend_rejects():
+    """The host backends share their argument checks: same inputs refused, same messages."""
+    nb = pymoe.get_backend("numpy")
+    out = np.zeros((2, 2, 4))
+    with pytest.raises(ValueError, match=r"position: expected entries in \[-1, 2\)"):
+        nb.combine(out, np.array([[0, 1]]), np.array([[0, 2]]))  # slot C: past the expert
+    with pytest.raises(ValueError, match=r"slot_owner: expected entries in \[-1, 6\)"):
+        nb.dispatch(np.zeros((3, 4)), np.array([[0, 6]]), 2)
+    with pytest.raises(ValueError, match=r"token_order: expected a permutation"):
+        nb.assign_slots(np.array([[0], [1]]), np.array([1, 1]), 2, 1)
+    with pytest.raises(ValueError, match=r"dy: expected shape \[1, 4\]"):
+        nb.gate_grad(np.zeros((1, 5)), out, np.array([[0, 1]]), np.array([[0, 0]]))

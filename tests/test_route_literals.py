@@ -46,10 +46,13 @@ def test_every_token_on_one_expert():
     assert r.aux_loss == pytest.approx(4 * p2, rel=1e-6)
 
 
+# token 0 -> [0, 1], token 1 -> [1, 0], token 2 -> [0, 2]; C = ceil(2 * 3 * 1.0 / 3) = 2.
+# Top-1 probabilities: t1 0.84 > t2 0.77 > t0 0.67 (used by the batch-prioritised case).
+K2_LOGITS = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [2.5, 0.0, 1.0]])
+
+
 def test_k2_choice_major_ordering():
-    # token 0 -> [0, 1], token 1 -> [1, 0], token 2 -> [0, 2]; C = ceil(2 * 3 * 1.0 / 3) = 2.
-    logits = np.array([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [2.0, 0.0, 1.0]])
-    r = pymoe.route(logits, k=2, capacity_factor=1.0)
+    r = pymoe.route(K2_LOGITS, k=2, capacity_factor=1.0)
     np.testing.assert_array_equal(r.expert_index, [[0, 1], [1, 0], [0, 2]])
     assert r.capacity == 2
     # First choices claim slots first: t0->e0 slot 0, t1->e1 slot 0, t2->e0 slot 1.
@@ -58,6 +61,16 @@ def test_k2_choice_major_ordering():
     # Token-major order (MegaBlocks) would have given t1's second choice slot 1 of expert 0 and
     # dropped t2's *first* choice instead; choice-major protects every first choice.
     np.testing.assert_array_equal(r.slot_owner, [[0, 4], [2, 1], [5, -1]])  # t*K + j
+
+
+def test_k2_case_under_batch_prioritized_routing():
+    # The same case, tokens served by top-1 probability: order t1, t2, t0 at every choice level.
+    # First choices: t1->e1 slot 0, t2->e0 slot 0, t0->e0 slot 1. Second choices: t1->e0 would be
+    # slot 2: dropped; t2->e2 slot 0; t0->e1 slot 1. The same pair drops, the slots move.
+    r = pymoe.route(K2_LOGITS, k=2, capacity_factor=1.0, priority="score")
+    np.testing.assert_array_equal(r.token_order, [1, 2, 0])
+    np.testing.assert_array_equal(r.position, [[1, 1], [0, -1], [0, 0]])
+    np.testing.assert_array_equal(r.slot_owner, [[4, 0], [2, 1], [5, -1]])
 
 
 def test_batch_prioritized_routing_changes_who_is_dropped():
@@ -95,6 +108,13 @@ def test_capacity_formula_rounds_up_includes_k_and_clips():
     assert pymoe.route(logits, 1, 0.01).capacity == 1  # ceil(0.025)
     assert pymoe.route(logits, 1, 0.01, min_capacity=4).capacity == 4
     assert pymoe.route(logits, 2, 100.0).capacity == 10  # never more than T
+    assert pymoe.route(logits, 2, 1e308).capacity == 10  # huge factors do not overflow
+
+
+def test_capacity_is_exact_for_decimal_factors():
+    # 100 * 1.1 = 110.00000000000001 in floats, which would round C up to 12; C is 11.
+    assert pymoe.route(np.zeros((100, 10)), 1, 1.1).capacity == 11
+    assert pymoe.route(np.zeros((30, 7)), 2, 0.7).capacity == 6  # 2*30*0.7/7 = 6 exactly
 
 
 def test_dropped_token_outputs_zero():

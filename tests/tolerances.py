@@ -9,6 +9,10 @@ every backend's tests.
   standard bound for a float dot product (Higham, Accuracy and Stability, eq. 3.5) is
   |computed - exact| <= gamma_D * sum_d |a_d * b_d| with gamma_D ~ D * eps; two such sums differ
   by at most twice that, which is the tolerance (per entry, nothing hand-tuned).
+- Router probabilities computed by a kernel (expf/exp and a sequential sum) against NumPy's
+  (its own vectorised exp and pairwise sums): each is within a few ulps of the exact value, so
+  they agree to PROB_RTOL = 8 ulps of the dtype; gates are probabilities (or a ratio of them),
+  so they get GATE_RTOL = twice that.
 - Quantities downstream of the gate gradient (router gradients of a whole layer): relative error
   (norm-wise) <= 1e-5 in float32 and <= 1e-12 in float64, a few ulps amplified by the softmax
   backward and one matmul.
@@ -18,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 DOWNSTREAM_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+PROB_RTOL = {np.dtype(d): 8 * float(np.finfo(d).eps) for d in (np.float32, np.float64)}
+GATE_RTOL = {d: 2 * v for d, v in PROB_RTOL.items()}
 
 
 def assert_dot_close(got: np.ndarray, ref: np.ndarray, abs_dot: np.ndarray, D: int) -> None:

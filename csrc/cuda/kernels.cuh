@@ -62,7 +62,7 @@ __device__ __forceinline__ double exp_real(double v) { return exp(v); }
 // Why: E is small (8..256), so one thread per token does the softmax and the K selection passes;
 // the block first stages its rows in shared memory with coalesced loads (consecutive threads read
 // consecutive logits) and writes probs back the same way, instead of each thread striding by E.
-// Bytes: read T*E, write T*E + T*K*(8 + size) elements' worth. Uses __syncthreads.
+// Bytes (s = sizeof(REAL)): read T*E*s, write T*E*s + T*K*(8 + s). Uses __syncthreads.
 template <typename REAL>
 __global__ void router_kernel(REAL *probs, int64_t *expert_index, REAL *gate, const REAL *logits,
                               int64_t T, int64_t E, int64_t K, int normalize, int64_t rows) {
@@ -118,7 +118,8 @@ __global__ void router_kernel(REAL *probs, int64_t *expert_index, REAL *gate, co
 // in SLOT_ITEMS consecutive pairs, and a block-wide scan of those counts (shared memory,
 // __syncthreads) gives every thread the number of its first match. No atomic decides an order,
 // so the positions are exactly the reference's, run after run.
-// Bytes: each block reads the K*T expert indices (E+1 passes, from L2) and writes its own pairs.
+// Bytes: each of the E+1 blocks reads the T*K int64 indices (8*T*K, from L2 after the first);
+// the pairs' positions and slot owners are written once: 8*(T*K + E*C + E).
 #define SLOT_ITEMS 8
 
 __device__ __forceinline__ int64_t pair_expert(const int64_t *expert_index,
@@ -186,7 +187,7 @@ __global__ void slots_kernel(int64_t *position, int64_t *slot_owner, int64_t *ex
 // Launch: grid = min(E*C, 65535) blocks striding over slot rows, block = B threads over D.
 // Why: one output row per block, so every row is written by one block in full: coalesced 16-byte
 // loads and stores (float4 / double2 when `vec`), no atomics, no read-modify-write.
-// Bytes: read (filled slots) * D + write E*C*D elements, plus E*C indices.
+// Bytes (s = sizeof(REAL)): read filled*D*s + write E*C*D*s, plus 8*E*C of indices.
 template <typename REAL>
 __global__ void dispatch_kernel(REAL *expert_in, const REAL *x, const REAL *weight,
                                 const int64_t *slot_owner, int64_t T, int64_t K, int64_t EC,
@@ -219,7 +220,7 @@ __global__ void dispatch_kernel(REAL *expert_in, const REAL *x, const REAL *weig
 // Launch: grid = min(T, 65535) blocks striding over tokens, block = B threads over D.
 // Why: one output row per block; each thread keeps its accumulator in registers over the K
 // choices and stores once (no atomics, so the sum order is fixed: 0 + w0*r0 + w1*r1 ...).
-// Bytes: read (kept pairs) * D + write T*D elements, plus T*K indices and gates.
+// Bytes (s = sizeof(REAL)): read kept*D*s + write T*D*s, plus T*K*(16 + s) of indices and gates.
 template <typename REAL>
 __global__ void combine_kernel(REAL *y, const REAL *expert_out, const REAL *weight,
                                const int64_t *expert_index, const int64_t *position, int64_t T,
@@ -267,7 +268,7 @@ __global__ void combine_kernel(REAL *y, const REAL *expert_out, const REAL *weig
 // Why: a block reads the token's dy row once per choice with coalesced loads; each thread sums a
 // fixed strided subset of d, then a shared-memory tree (__syncthreads between levels) adds the B
 // partial sums in a fixed order, so the result never depends on timing.
-// Bytes: read T*D + (kept pairs) * D, write T*K elements.
+// Bytes (s = sizeof(REAL)): read (T + kept)*D*s, write T*K*s, plus T*K*16 of indices.
 template <typename REAL>
 __global__ void gate_grad_kernel(REAL *dgate, const REAL *dy, const REAL *expert_out,
                                  const int64_t *expert_index, const int64_t *position, int64_t T,

@@ -137,6 +137,35 @@ int pymoe_cuda_emulated(void) {
 #endif
 }
 
+int pymoe_cuda_status_new(int **status) {
+    if (status == NULL) return PYMOE_ERR_NULL;
+    *status = NULL;
+    cudaError_t e = cudaMalloc((void **)status, sizeof(int));
+    if (e == cudaSuccess) e = cudaMemset(*status, 0, sizeof(int));
+    return (int)e;
+}
+
+int pymoe_cuda_status_take(int *status, int *host_value, void *stream) {
+    if (status == NULL || host_value == NULL) return PYMOE_ERR_NULL;
+    cudaStream_t s = (cudaStream_t)stream;
+    cudaError_t e = cudaMemcpyAsync(host_value, status, sizeof(int), cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(s);
+    if (e == cudaSuccess) e = cudaMemsetAsync(status, 0, sizeof(int), s);
+    return (int)e;
+}
+
+int pymoe_cuda_status_free(int *status) { return (int)cudaFree(status); }
+
+int pymoe_cuda_copy_to_host(void *host, const void *device, int64_t nbytes, void *stream) {
+    if (nbytes < 0) return PYMOE_ERR_SIZE;
+    if (nbytes == 0) return 0;
+    if (host == NULL || device == NULL) return PYMOE_ERR_NULL;
+    cudaStream_t s = (cudaStream_t)stream;
+    cudaError_t e = cudaMemcpyAsync(host, device, (size_t)nbytes, cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(s);
+    return (int)e;
+}
+
 int pymoe_cuda_set_block_size(int threads) {
     if (threads < 32 || threads > PYMOE_MAX_BLOCK || (threads & (threads - 1)) != 0)
         return PYMOE_ERR_SIZE;

@@ -7,8 +7,9 @@
  *     < 0        PYMOE_ERR_* from csrc/pymoe.h (bad sizes or NULL pointers; nothing launched),
  *     > 0        a cudaError_t from the launch (pymoe_cuda_error_name says which).
  * Index contents are checked on the device: an invalid entry is treated as dropped/empty and a bit
- * (PYMOE_BAD_*, kernels.cuh) is OR-ed into *status, a device int the caller zeroes before and reads
- * after (status may be NULL to skip reporting). No input makes a kernel access memory out of bounds.
+ * (PYMOE_BAD_*, kernels.cuh) is OR-ed into *status, a device int that is zero before the call and
+ * read after it (pymoe_cuda_status_new/take manage one; status may be NULL to skip reporting).
+ * No input makes a kernel access memory out of bounds.
  *
  * Build: `python csrc/cuda/build.py` (nvcc; see that file), which also copies this header next to
  * the library, where the Python loader (pymoe/cuda_backend.py) reads the declarations below. */
@@ -29,6 +30,15 @@ const char *pymoe_cuda_error_name(int code);
 const char *pymoe_cuda_error_string(int code);
 /* 1 when this library is the CPU emulation built by `build.py --emulate`. */
 int pymoe_cuda_emulated(void);
+/* A status word in device memory for callers without an allocator of their own: _new allocates
+ * and zeroes one; _take copies it to *host_value (synchronising the stream) and zeroes it again;
+ * _free releases it. Each returns a cudaError_t. */
+int pymoe_cuda_status_new(int **status);
+int pymoe_cuda_status_take(int *status, int *host_value, void *stream);
+int pymoe_cuda_status_free(int *status);
+/* Copy nbytes from device to host memory, synchronously on the stream (small index arrays that
+ * the host checks, such as a token order). Returns a cudaError_t. */
+int pymoe_cuda_copy_to_host(void *host, const void *device, int64_t nbytes, void *stream);
 /* Threads per block for every kernel: a power of two in [32, 1024] (default 256). Returns 0, or
  * PYMOE_ERR_SIZE for an invalid value. Tests validate every kernel at several block sizes. */
 int pymoe_cuda_set_block_size(int threads);

@@ -2,8 +2,13 @@
 
 Every row is a median over repeats after a warm-up, on the same data, in one run, with the
 contenders interleaved; GB/s counts the bytes each operation must read plus write, and "x copy"
-divides by the bandwidth of np.copyto measured in the same run. `--backend cuda` benchmarks the
-CUDA kernels instead (on a machine with a GPU).
+divides by the bandwidth of an np.copyto of an expert buffer, interleaved with that operation's
+contenders (so a noisy neighbour moves the baseline and the rows together).
+
+torch is imported before pymoe loads its C core: pymoe sets OMP_WAIT_POLICY=PASSIVE (when unset)
+for its own OpenMP runtime, and torch's bundled runtime would otherwise start with it too (measured
+17-22% slower for the torch layer); each runtime keeps the policy it would have on its own.
+`--backend cuda` benchmarks the CUDA kernels instead (on a machine with a GPU).
 """
 from __future__ import annotations
 
@@ -60,17 +65,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def meta_info(copy_gbps: float) -> dict:
+def meta_info(torch_info: str, wait_policy: str | None) -> dict:
     info = backends()
-    ok, torch_info = torch_peer.available()
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                        f"{platform.python_version()}, numpy {np.__version__}",
-            "c": info["c"].detail, "torch": torch_info, "copy_gbps": copy_gbps}
+            "c": info["c"].detail, "torch": torch_info,
+            "omp_wait_policy": {"torch": wait_policy or "unset (runtime default)",
+                                "C core": os.environ.get("OMP_WAIT_POLICY", "unset")}}
 
 
-def bench_problem(args, E: int, K: int, copy_gbps: float) -> list[Row]:
+COPY = "np.copyto (baseline)"
+
+
+def bench_problem(args, E: int, K: int) -> list[Row]:
     p = make_problem(args.T, args.D, E, K, args.capacity_factor, np.dtype(args.dtype))
     sec, nbytes, rows = p.label(), op_bytes(p), []
+    src, dst = np.ones_like(p.expert_out), np.empty_like(p.expert_out)  # an expert buffer's size
     contenders: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     dense = "skipped (--no-dense)" if args.no_dense else numpy_dense(p)
@@ -91,9 +101,13 @@ def bench_problem(args, E: int, K: int, copy_gbps: float) -> list[Row]:
     if not variants:
         skipped["torch"] = "skipped (--no-torch)" if args.no_torch else torch_why
     for op in OPS:
-        fns = {impl: ops[op] for impl, ops in contenders.items()}
+        fns = {COPY: lambda: np.copyto(dst, src)}
+        fns.update({impl: ops[op] for impl, ops in contenders.items()})
         fns.update({f"torch: {v}": fn for v, fn in variants.get(op, {}).items()})
         times = time_round_robin(fns, args.repeats)
+        copy_gbps = 2 * src.nbytes / times[COPY][0] / 1e9
+        rows.append(Row(sec, op, COPY, times.pop(COPY)[0] * 1e3, copy_gbps, 1.0,
+                        note=f"{2 * src.nbytes / 1e6:.0f} MB read + written"))
         best_torch = min((n for n in times if n.startswith("torch: ")), key=lambda n: times[n][0],
                          default=None)
         for impl, (t, runs) in times.items():
@@ -164,17 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "cuda":
         from .cuda import main as cuda_main
         return cuda_main(args)
-    copy_gbps = copy_bandwidth()
-    meta = meta_info(copy_gbps)
+    wait_policy = os.environ.get("OMP_WAIT_POLICY")
+    _, torch_info = torch_peer.available()  # imports torch first: see the module docstring
+    meta = meta_info(torch_info, wait_policy)
     print("pymoe benchmark:", meta["machine"])
-    print("C core:", meta["c"], "| torch:", meta["torch"])
-    print(f"copy bandwidth (np.copyto, 256 MB, read + write): {copy_gbps:.2f} GB/s")
+    print("C core:", meta["c"], "| torch:", meta["torch"], "| OMP_WAIT_POLICY:",
+          meta["omp_wait_policy"])
     rows: list[Row] = []
     for E in args.E:
         for K in args.K:
-            new = bench_problem(args, E, K, copy_gbps)
+            new = bench_problem(args, E, K)
             print(format_table(new), flush=True)
             rows += new
+    copies = [r.gbps for r in rows if r.impl == COPY]
+    meta["copy_gbps"] = float(np.median(copies)) if copies else copy_bandwidth()
+    print(f"\ncopy bandwidth (np.copyto, read + write; median of the per-operation baselines): "
+          f"{meta['copy_gbps']:.2f} GB/s")
     if not args.no_layer:
         new = bench_layer(args)
         print(format_table(new), flush=True)
@@ -194,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(markdown_table(rows) + "\n")
         print(f"Markdown written to {args.markdown}")
     if args.plot:
-        print(plot(args.plot, rows, copy_gbps))
+        print(plot(args.plot, rows, meta["copy_gbps"]))
     return 0
 
 

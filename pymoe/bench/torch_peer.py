@@ -82,35 +82,52 @@ def torch_op_variants(p: Problem) -> dict[str, dict[str, Callable[[], object]]]:
     }
 
 
-def torch_layer(params: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, k: int,
-                capacity_factor: float, aux_loss_coef: float) -> Callable[[], None]:
-    """Forward + backward of an autograd MoE layer built from index ops (topk, cumsum slots,
-    index_select, per-expert matmuls over the kept tokens only, index_add)."""
+def torch_moe(params: dict[str, np.ndarray], x: np.ndarray, k: int, capacity_factor: float | None,
+              normalize: bool = False, activation: str = "relu"):
+    """The MoE layer in torch index ops (topk, choice-major cumsum slots, per-expert matmuls over
+    the kept tokens only, index_add), with autograd. Returns (x, params, y, aux_loss, z_loss) as
+    tensors; x and params require grad. Used as the benchmark's peer and as the tests' autograd
+    oracle, so the peer is checked to compute what pymoe computes."""
     import torch
 
+    from ..capacity import expert_capacity
+
     p = {n: torch.tensor(v, requires_grad=True) for n, v in params.items()}
-    xt, dyt = torch.tensor(x, requires_grad=True), torch.tensor(dy)
+    xt = torch.tensor(x, requires_grad=True)
     T, E = x.shape[0], params["w_router"].shape[1]
-    C = min(int(np.ceil(k * T * capacity_factor / E)), T)
+    logits = xt @ p["w_router"] + p["b_router"]
+    probs = torch.softmax(logits, dim=-1)
+    gate, idx = torch.topk(probs, k, dim=-1)
+    if normalize:
+        gate = gate / gate.sum(-1, keepdim=True)
+    with torch.no_grad():
+        counts = torch.bincount(idx.reshape(-1), minlength=E)
+        C = expert_capacity(T, E, k, capacity_factor, 0, counts.numpy())
+        mask = torch.nn.functional.one_hot(idx.t().reshape(-1), E)  # [K*T, E] choice-major
+        pos = ((torch.cumsum(mask, 0) - 1) * mask).sum(-1).reshape(k, T).t()
+        kept = pos < C
+    act = torch.relu if activation == "relu" else (
+        lambda a: torch.nn.functional.gelu(a, approximate="tanh"))
+    y = torch.zeros_like(xt)
+    for e in range(E):
+        t_idx, j_idx = torch.nonzero((idx == e) & kept, as_tuple=True)
+        h = act(xt.index_select(0, t_idx) @ p["w1"][e] + p["b1"][e])
+        out = h @ p["w2"][e] + p["b2"][e]
+        y = y.index_add(0, t_idx, out * gate[t_idx, j_idx][:, None])
+    aux = E * torch.sum(counts.to(probs.dtype) / (T * k) * probs.mean(0))
+    z = torch.mean(torch.logsumexp(logits, -1) ** 2)
+    return xt, p, y, aux, z
+
+
+def torch_layer(params: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, k: int,
+                capacity_factor: float, aux_loss_coef: float) -> Callable[[], None]:
+    """Forward + backward of torch_moe (relu, raw gates), as one benchmark call."""
+    import torch
+
+    dyt = torch.tensor(dy)
 
     def step() -> None:
-        for v in (*p.values(), xt):
-            v.grad = None
-        logits = xt @ p["w_router"] + p["b_router"]
-        probs = torch.softmax(logits, dim=-1)
-        gate, idx = torch.topk(probs, k, dim=-1)
-        with torch.no_grad():
-            mask = torch.nn.functional.one_hot(idx.t().reshape(-1), E)  # [K*T, E] choice-major
-            pos = ((torch.cumsum(mask, 0) - 1) * mask).sum(-1).reshape(k, T).t()
-            kept = pos < C
-        y = torch.zeros_like(xt)
-        for e in range(E):
-            t_idx, j_idx = torch.nonzero((idx == e) & kept, as_tuple=True)
-            h = torch.relu(xt.index_select(0, t_idx) @ p["w1"][e] + p["b1"][e])
-            out = h @ p["w2"][e] + p["b2"][e]
-            y = y.index_add(0, t_idx, out * gate[t_idx, j_idx][:, None])
-        counts = torch.bincount(idx.reshape(-1), minlength=E).to(probs.dtype)
-        aux = E * torch.sum(counts / (T * k) * probs.mean(0))
+        _, _, y, aux, _ = torch_moe(params, x, k, capacity_factor)
         ((y * dyt).sum() + aux_loss_coef * aux).backward()
 
     return step

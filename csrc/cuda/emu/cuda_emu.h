@@ -56,6 +56,7 @@ typedef int cudaError_t;
 enum : int {
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
     cudaErrorLaunchFailure = 719,
 };
@@ -202,10 +203,20 @@ inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMem
     return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaMalloc(void **ptr, size_t n) {
+    *ptr = std::malloc(n ? n : 1);
+    return *ptr ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaFree(void *ptr) {
+    std::free(ptr);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void *ptr, int value, size_t n) { return cudaMemsetAsync(ptr, value, n); }
 inline const char *cudaGetErrorName(cudaError_t e) {
     switch (e) {
         case cudaSuccess: return "cudaSuccess";
         case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+        case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
         case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
         case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
         default: return "cudaErrorUnknown";
