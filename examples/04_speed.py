@@ -29,12 +29,12 @@ from pymoe.bench.timing import time_round_robin
 
 def cuda_rows(T: int, D: int, E: int, K: int, repeats: int) -> list[Row]:
     """The same operations on the GPU, when a CUDA backend with CuPy is available."""
-    from pymoe.bench.cuda import _Timer, bench_problem
+    from pymoe.bench.cuda import DeviceTimer, bench_problem
 
     be = pymoe.get_backend("cuda")
     args = argparse.Namespace(T=T, D=D, capacity_factor=1.25, dtype="float32", repeats=repeats)
     rows: list[Row] = []
-    bench_problem(be, args, E, K, _Timer(be.memory.xp), rows)
+    bench_problem(be, args, E, K, DeviceTimer(be.memory.xp), rows)
     return rows
 
 

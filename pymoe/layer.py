@@ -1,6 +1,7 @@
 """MoELayer: router + routing + experts + combine, with a hand-written backward pass."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +61,6 @@ class MoELayer:
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, jitter_eps: float = 0.0,
                  formulation: str = "indexed", backend: str = "auto",
                  dtype: np.dtype | type = np.float32, seed: int = 0) -> None:
-        import warnings
-
         self.d_model = _checks.integer("d_model", d_model, low=1)
         self.d_hidden = _checks.integer("d_hidden", d_hidden, low=1)
         self.num_experts = _checks.integer("num_experts", num_experts, low=1)

@@ -18,7 +18,7 @@ from .ops import OPS, make_problem, op_bytes
 from .report import Row, format_table, write_json
 
 
-class _Timer:
+class DeviceTimer:
     """Median seconds of fn() on the device: CUDA events with CuPy, a clock on the emulator."""
 
     def __init__(self, xp: Any) -> None:
@@ -43,7 +43,7 @@ class _Timer:
         return float(np.median(times))
 
 
-def bench_problem(be: Any, args: Any, E: int, K: int, timer: _Timer,
+def bench_problem(be: Any, args: Any, E: int, K: int, timer: DeviceTimer,
                   rows: list[Row]) -> float:
     """Rows for one problem; returns its copy bandwidth in GB/s."""
     xp = be.memory.xp
@@ -95,7 +95,7 @@ def main(args: Any) -> int:
         print("the CUDA benchmark allocates with CuPy: pip install 'pymoe[cuda]'")
         return 1
     print("pymoe CUDA benchmark:", info.detail)
-    timer, rows = _Timer(be.memory.xp), []
+    timer, rows = DeviceTimer(be.memory.xp), []
     for block in args.block_size:
         be.set_block_size(block)
         for E in args.E:

@@ -1,4 +1,4 @@
-"""Timing helpers: warm-up, repeats, median; the copy bandwidth every row is compared with."""
+"""Timing helper: warm-up, interleaved repeats, median."""
 from __future__ import annotations
 
 import time
@@ -35,12 +35,3 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int,
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: (float(np.median(t)), len(t)) for name, t in times.items()}
-
-
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 9) -> float:
-    """GB/s of np.copyto between two preallocated float32 arrays, counting read + write bytes."""
-    n = nbytes // 4
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    t, _ = time_round_robin({"copy": lambda: np.copyto(dst, src)}, repeats)["copy"]
-    return 2 * src.nbytes / t / 1e9
