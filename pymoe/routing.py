@@ -14,6 +14,7 @@ from .expert_choice import expert_choice_keep, expert_choice_pairs
 from .groups import limit_to_groups
 from .losses import (aux_loss_scores, aux_loss_scores_backward, balance_loss,
                      balance_loss_backward, router_z_loss, router_z_loss_backward)
+from .numpy_backend import NumpyBackend
 from .options import (PRIORITIES, RouteOptions, expert_bias_arg, generator_arg,
                       route_options)
 from .priority import priority_order
@@ -27,6 +28,7 @@ from .topk import (gates, gates_backward, renormalize_kept, renormalize_kept_bac
 __all__ = ["PRIORITIES", "Routing", "route", "route_backward", "route_unchecked",
            "K1_NORMALIZE_WARNING"]
 
+_NUMPY = NumpyBackend()
 K1_NORMALIZE_WARNING = (
     "normalize=True with k=1: every gate is exactly 1.0, so the router gets no gradient from the "
     "task loss (only from the aux/z losses). Use normalize=False for Switch-style top-1 routing.")
@@ -178,9 +180,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     backend: who assigns the slots (pymoe.backends, default NumPy); every backend computes the
     same integers through the one slot function, slots.assign.
     """
-    if backend is None:
-        from .backends import get_backend
-        backend = get_backend("numpy")
+    backend = _NUMPY if backend is None else backend
     logits = router_logits.astype(router_dtype(router_logits.dtype), copy=False)  # [T, E]
     T, E = logits.shape
     scores = softmax(logits) if opts.score == "softmax" else sigmoid(logits)  # [T, E]  step 2
