@@ -8,8 +8,13 @@ import numpy as np
 
 from . import _checks
 from .backends import Backend, get_backend
-from .dense import (combine_dense, combine_dense_backward, dispatch_dense,
-                    dispatch_dense_backward, gate_grad_from_dense)
+from .dense import (
+    combine_dense,
+    combine_dense_backward,
+    dispatch_dense,
+    dispatch_dense_backward,
+    gate_grad_from_dense,
+)
 from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
 from .noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .options import expert_bias_arg, route_options

@@ -1,7 +1,8 @@
 """The routing keywords of route() and MoELayer, checked once into a RouteOptions.
 
-Every keyword is a variant of one routing step (docs/routing-variants.md lists which system
-uses which); the defaults are the original pymoe routing, so leaving them out changes nothing.
+Every keyword is a variant of one routing step (the README's "Routing variants" lists which
+system uses which); the defaults are the original pymoe routing, so leaving them out changes
+nothing.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25, *
                          f"top-2 policy and needs k = 2, got k = {k}")
     if opts["selection"] != "tokens":
         sel = opts["selection"]
-        if opts["num_groups"] is not None:
+        if opts.get("num_groups") is not None:
             raise ValueError(f"num_groups: group-limited top-K needs selection='tokens', got {sel!r}")
         if opts["second_expert_policy"] != "all":
             raise ValueError(f"second_expert_policy: needs selection='tokens', got {sel!r}")

@@ -12,18 +12,30 @@ from .capacity import capacity_formula, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
 from .expert_choice import expert_choice_keep, expert_choice_pairs
 from .groups import limit_to_groups
-from .losses import (aux_loss_scores, aux_loss_scores_backward, balance_loss,
-                     balance_loss_backward, router_z_loss, router_z_loss_backward)
+from .losses import (
+    aux_loss_scores,
+    aux_loss_scores_backward,
+    balance_loss,
+    balance_loss_backward,
+    router_z_loss,
+    router_z_loss_backward,
+)
 from .numpy_backend import NumpyBackend
-from .options import (PRIORITIES, RouteOptions, expert_bias_arg, generator_arg,
-                      route_options)
+from .options import PRIORITIES, RouteOptions, expert_bias_arg, generator_arg, route_options
 from .priority import priority_order
 from .router import router_dtype, softmax, softmax_backward
 from .scores import selection_scores, sigmoid, sigmoid_backward
 from .sinkhorn import sinkhorn
 from .slots import assign
-from .topk import (gates, gates_backward, renormalize_kept, renormalize_kept_backward,
-                   scale_gates, second_expert_keep, top_k)
+from .topk import (
+    gates,
+    gates_backward,
+    renormalize_kept,
+    renormalize_kept_backward,
+    scale_gates,
+    second_expert_keep,
+    top_k,
+)
 
 __all__ = ["PRIORITIES", "Routing", "route", "route_backward", "route_unchecked",
            "K1_NORMALIZE_WARNING"]
@@ -126,7 +138,8 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
           sinkhorn_iterations: int = 20) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
-    Args (defaults reproduce the original routing; docs/routing-variants.md says who uses what):
+    Args (defaults reproduce the original routing; the README's "Routing variants" says who
+    uses what):
         router_logits: `[T, E]` float array (computed in at least float32).
         k: K choices per token, 1 <= K <= E.
         capacity_factor: > 0 and finite, or None for dropless routing (capacity.expert_capacity).
@@ -183,6 +196,9 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     backend = _NUMPY if backend is None else backend
     logits = router_logits.astype(router_dtype(router_logits.dtype), copy=False)  # [T, E]
     T, E = logits.shape
+    if opts.sequence_length is not None and T % opts.sequence_length:
+        raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
+                         f"of {opts.sequence_length}")
     scores = softmax(logits) if opts.score == "softmax" else sigmoid(logits)  # [T, E]  step 2
     expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]               step 3
     gate = gates(scores, expert_index, opts.normalize)  # [T, K]                     step 4
