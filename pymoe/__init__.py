@@ -17,7 +17,8 @@ The routing recipe, one module per step:
 from .backends import BackendInfo, backends, get_backend
 from .layer import MoELayer
 from .routing import Routing, route, route_backward
+from .scores import update_expert_bias
 
-__all__ = ["MoELayer", "Routing", "route", "route_backward", "backends", "get_backend",
-           "BackendInfo"]
+__all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
+           "get_backend", "BackendInfo"]
 __version__ = "0.1.0"

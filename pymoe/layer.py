@@ -8,15 +8,23 @@ import numpy as np
 
 from . import _checks
 from .backends import Backend, get_backend
-from .dense import (combine_dense, combine_dense_backward, dispatch_dense,
-                    dispatch_dense_backward, gate_grad_from_dense)
+from .dense import (
+    combine_dense,
+    combine_dense_backward,
+    dispatch_dense,
+    dispatch_dense_backward,
+    gate_grad_from_dense,
+)
 from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
+from .noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
+from .options import expert_bias_arg, route_options
 from .router import jitter, router_dtype, router_logits, router_logits_backward
-from .routing import (K1_NORMALIZE_WARNING, PRIORITIES, Routing, route_backward,
-                      route_unchecked)
+from .routing import K1_NORMALIZE_WARNING, Routing, route_backward, route_unchecked
+from .shared import SharedCache, shared_experts_backward, shared_experts_forward
 
 FORMULATIONS = ("indexed", "dense")
-PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")
+PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")  # always present
+ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 
 
 @dataclass
@@ -28,6 +36,9 @@ class _ForwardCache:
     routing: Routing
     experts: ExpertsCache
     expert_out: np.ndarray  # [E, C, D]
+    x2: np.ndarray  # [T, D] tokens in the layer dtype
+    noisy: tuple | None = None  # (clean [T, E], eps [T, E], z [T, E], std [T, E]) for noisy_topk
+    shared: SharedCache | None = None
 
 
 class MoELayer:
@@ -36,11 +47,23 @@ class MoELayer:
     Args:
         d_model: D; d_hidden: H; num_experts: E; k: K choices per token.
         capacity_factor, min_capacity, normalize, priority: as for pymoe.route.
+        score, expert_bias, num_groups, topk_groups, group_score_k, scaling_factor, drop_policy,
+            renormalize_after_drop, selection, capacity_rule, capacity, load_balancing,
+            sequence_length, second_expert_policy, second_expert_threshold: as for pymoe.route.
+            expert_bias `[E]` is a buffer, not a parameter: assign
+            `layer.expert_bias = pymoe.update_expert_bias(layer.expert_bias, load, rate)`.
+            Random slot rules draw from the layer's generator (seeded by `seed`).
         activation: "relu" or "gelu" (tanh form).
         aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in the objective
             that backward() differentiates (both >= 0).
-        jitter_eps: multiplicative router-input noise U(1-eps, 1+eps), applied only by
-            forward(x, train=True) and drawn from a generator seeded by `seed`.
+        router_noise: "none"; "jitter": multiplicative router-input noise U(1-eps, 1+eps) with
+            eps = jitter_eps; "noisy_topk": Shazeer's learned Gaussian logit noise (pymoe.noisy,
+            parameter w_noise `[D, E]`, needs k < E) with its load loss weighted by
+            load_loss_coef. Noise is applied only by forward(x, train=True) and drawn from a
+            generator seeded by `seed`. None (the default) means "jitter" if jitter_eps > 0,
+            else "none".
+        num_shared_experts: S always-on FFNs (hidden size H) added to the routed output
+            (pymoe.shared); shared_expert_gate: gate them by sigmoid(x . w_shared_gate `[D]`).
         formulation: "indexed" (gather/scatter; expert matmuls over filled slots only) or "dense"
             (the `[T, E, C]` einsums). Both compute the same values.
         backend: who moves the routed data in the indexed formulation: "numpy", "c", or "auto"
@@ -57,25 +80,57 @@ class MoELayer:
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,
                  capacity_factor: float | None = 1.25, *, min_capacity: int = 0,
-                 normalize: bool = False, priority: str = "choice", activation: str = "relu",
-                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, jitter_eps: float = 0.0,
+                 normalize: bool = False, priority: str = "choice", score: str = "softmax",
+                 expert_bias: np.ndarray | None = None, num_groups: int | None = None,
+                 topk_groups: int | None = None, group_score_k: int | None = None,
+                 scaling_factor: float | None = None, drop_policy: str = "position",
+                 renormalize_after_drop: bool = False, selection: str = "tokens",
+                 capacity_rule: str = "k_ceil", capacity: int | None = None,
+                 load_balancing: str = "switch", sequence_length: int | None = None,
+                 second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
+                 activation: str = "relu", aux_loss_coef: float = 0.01,
+                 z_loss_coef: float = 0.0, jitter_eps: float = 0.0,
+                 router_noise: str | None = None, load_loss_coef: float = 0.01,
+                 num_shared_experts: int = 0, shared_expert_gate: bool = False,
                  formulation: str = "indexed", backend: str = "auto",
                  dtype: np.dtype | type = np.float32, seed: int = 0) -> None:
         self.d_model = _checks.integer("d_model", d_model, low=1)
         self.d_hidden = _checks.integer("d_hidden", d_hidden, low=1)
         self.num_experts = _checks.integer("num_experts", num_experts, low=1)
-        self.k = _checks.integer("k", k, low=1, high=self.num_experts)
-        self.capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
-                                                       allow_none=True)
-        self.min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-        self.normalize = _checks.boolean("normalize", normalize)
-        self.priority = _checks.choice("priority", priority, PRIORITIES)
+        self.options = route_options(
+            self.num_experts, k, capacity_factor, min_capacity=min_capacity, normalize=normalize,
+            priority=priority, score=score, num_groups=num_groups, topk_groups=topk_groups,
+            group_score_k=group_score_k, scaling_factor=scaling_factor, drop_policy=drop_policy,
+            renormalize_after_drop=renormalize_after_drop, selection=selection,
+            capacity_rule=capacity_rule, capacity=capacity, load_balancing=load_balancing,
+            sequence_length=sequence_length, second_expert_policy=second_expert_policy,
+            second_expert_threshold=second_expert_threshold)
+        o = self.options
+        self.k, self.capacity_factor, self.min_capacity = o.k, o.capacity_factor, o.min_capacity
+        self.normalize, self.priority = o.normalize, o.priority
+        self.expert_bias = expert_bias_arg(expert_bias, self.num_experts)
         self.activation = _checks.choice("activation", activation, ACTIVATIONS)
         self.aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = _checks.nonnegative_finite("z_loss_coef", z_loss_coef)
         self.jitter_eps = _checks.nonnegative_finite("jitter_eps", jitter_eps)
         if self.jitter_eps >= 1.0:
             raise ValueError(f"jitter_eps: expected a value in [0, 1), got {self.jitter_eps}")
+        if router_noise is None:
+            router_noise = "jitter" if self.jitter_eps > 0 else "none"
+        self.router_noise = _checks.choice("router_noise", router_noise, ROUTER_NOISE)
+        if self.router_noise == "jitter" and self.jitter_eps == 0:
+            raise ValueError("jitter_eps: router_noise='jitter' needs jitter_eps > 0 (1e-2 in "
+                             "Mesh-TF and DeepSpeed)")
+        if self.router_noise == "noisy_topk" and self.k >= self.num_experts:
+            raise ValueError(f"router_noise: 'noisy_topk' needs k < E (its load estimate "
+                             f"compares with the (k+1)-th logit), got k = {self.k}, "
+                             f"E = {self.num_experts}")
+        self.load_loss_coef = _checks.nonnegative_finite("load_loss_coef", load_loss_coef)
+        self.num_shared_experts = _checks.integer("num_shared_experts", num_shared_experts,
+                                                  low=0)
+        self.shared_expert_gate = _checks.boolean("shared_expert_gate", shared_expert_gate)
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
         self.formulation = _checks.choice("formulation", formulation, FORMULATIONS)
         try:
             self.dtype = np.dtype(dtype)
@@ -97,7 +152,7 @@ class MoELayer:
                              "(or 'auto') for a float16 layer")
         numpy_only = self.formulation == "dense" or self.dtype == np.float16
         self.backend: Backend = get_backend("numpy" if numpy_only else backend)
-        if self.normalize and self.k == 1:
+        if self.normalize and self.k == 1 and o.selection != "experts":
             warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
@@ -112,6 +167,18 @@ class MoELayer:
             "w2": rng.normal(0.0, np.sqrt(1.0 / H), (E, H, D)),
             "b2": np.zeros((E, D)),
         }
+        if self.router_noise == "noisy_topk":
+            self.params["w_noise"] = rng.normal(0.0, np.sqrt(0.1 / D), (D, E))
+        S = self.num_shared_experts
+        if S:
+            self.params.update({
+                "shared_w1": rng.normal(0.0, np.sqrt(1.0 / D), (S, D, H)),
+                "shared_b1": np.zeros((S, H)),
+                "shared_w2": rng.normal(0.0, np.sqrt(1.0 / H), (S, H, D)),
+                "shared_b2": np.zeros((S, D)),
+            })
+            if self.shared_expert_gate:
+                self.params["w_shared_gate"] = rng.normal(0.0, np.sqrt(1.0 / D), D)
         self.params = {n: p.astype(self.dtype) for n, p in self.params.items()}
         self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
         self._noise_rng = np.random.default_rng([seed, 1])
@@ -119,6 +186,7 @@ class MoELayer:
         self.routing: Routing | None = None
         self.aux_loss = 0.0
         self.z_loss = 0.0
+        self.load_loss = 0.0
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, *, train: bool = False) -> np.ndarray:
@@ -137,38 +205,59 @@ class MoELayer:
         rdt = router_dtype(self.dtype)
         x_router = x2.astype(rdt)  # [T, D] the router's own copy
         noise = None
-        if train and self.jitter_eps > 0:
+        if train and self.router_noise == "jitter":
             noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
             x_router = x_router * noise
         logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
                                p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
-        assign = None if self.formulation == "dense" else self.backend.assign_slots
-        r = route_unchecked(logits, self.k, self.capacity_factor, self.min_capacity,
-                            self.normalize, self.priority, assign_slots=assign)  # steps 2-10, 12
+        noisy = None
+        if self.router_noise == "noisy_topk":
+            z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]
+            std = softplus(z)  # [T, E] learned noise scale
+            eps = (self._noise_rng.standard_normal(logits.shape).astype(rdt) if train
+                   else np.zeros_like(logits))  # [T, E]
+            noisy = (logits, eps, z, std)
+            logits = logits + eps * std  # [T, E] H: the noisy logits that are ranked
+        bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
+                                                                     self.num_experts)
+        backend = None if self.formulation == "dense" else self.backend
+        r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
+                            backend=backend)  # steps 2-10, 12
+        K = r.k  # E for expert choice
         if self.formulation == "dense":
             expert_in = dispatch_dense(x2, r.dispatch_mask)  # [E, C, D]           step 11
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
                                           self.activation)  # [E, C, D]
             y = combine_dense(out, r.combine_weights)  # [T, D]
         else:
-            expert_in = self.backend.dispatch(x2, r.slot_owner, self.k)  # [E, C, D]
+            expert_in = self.backend.dispatch(x2, r.slot_owner, K)  # [E, C, D]
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
                                           self.activation, filled=r.expert_load_kept)
             y = self.backend.combine(out, r.expert_index, r.position,
                                      r.gate.astype(self.dtype))  # [T, D]
-        self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out)
+        shared = None
+        if self.num_shared_experts:
+            y_shared, shared = shared_experts_forward(x2, p, self.activation,
+                                                      self.shared_expert_gate)  # [T, D]
+            y = y + y_shared
+        self.load_loss = 0.0 if noisy is None else noisy_load_loss(noisy[0], logits, noisy[3],
+                                                                     self.k)
+        self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
+                                    noisy, shared)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         return y.reshape(x.shape)
 
     __call__ = forward
 
     def loss_terms(self) -> float:
-        """aux_loss_coef * aux_loss + z_loss_coef * z_loss of the last forward()."""
-        return self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
+        """aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ load_loss_coef * load_loss with
+        noisy top-K) of the last forward()."""
+        return (self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
+                + self.load_loss_coef * self.load_loss)
 
     # --------------------------------------------------------------- backward
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        """Differentiate sum(y * dy) + aux_loss_coef * aux_loss + z_loss_coef * z_loss.
+        """Differentiate sum(y * dy) + loss_terms().
 
         Args:
             dy: gradient with respect to the last forward's y, same shape.
@@ -182,6 +271,7 @@ class MoELayer:
         dy = _checks.float_array("dy", dy, shape=c.x_shape)
         p, r = self.params, c.routing
         dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)  # [T, D]
+        K = r.k
         if self.formulation == "dense":
             d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
             dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
@@ -189,17 +279,33 @@ class MoELayer:
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
             gate = r.gate.astype(self.dtype)
-            d_out = self.backend.dispatch(dy2, r.slot_owner, self.k, weight=gate)  # [E, C, D]
+            d_out = self.backend.dispatch(dy2, r.slot_owner, K, weight=gate)  # [E, C, D]
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
+        grads = dict(eg)
+        if c.shared is not None:
+            dx_shared, sg = shared_experts_backward(dy2, c.x2, p, c.shared)
+            dx2 = dx2 + dx_shared
+            grads.update(sg)
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         rdt = router_dtype(self.dtype)
-        dx_router, dw_router, db_router = router_logits_backward(
+        dx_router = None
+        if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise
+            clean, eps, z, std = c.noisy
+            dclean, dnoisy, dstd = noisy_load_loss_backward(clean, r.router_logits, std, self.k,
+                                                            self.load_loss_coef)
+            dH = dlogits + dnoisy
+            dz = softplus_backward(eps * dH + dstd, z)  # [T, E]
+            grads["w_noise"] = c.x_router.T @ dz  # [D, E]
+            dx_router = dz @ p["w_noise"].astype(rdt, copy=False).T  # [T, D]
+            dlogits = dH + dclean
+        dxr, dw_router, db_router = router_logits_backward(
             dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
+        dx_router = dxr if dx_router is None else dx_router + dxr
         if c.noise is not None:
             dx_router *= c.noise
         dx2 = dx2 + dx_router.astype(self.dtype)
-        grads = {"w_router": dw_router, "b_router": db_router, **eg}
-        self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in PARAM_NAMES}
+        grads.update({"w_router": dw_router, "b_router": db_router})
+        self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in self.params}
         return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)
