@@ -16,9 +16,10 @@ The routing recipe, one module per step:
 """
 from .backends import BackendInfo, backends, get_backend
 from .layer import MoELayer
+from .presets import Preset, preset, presets
 from .routing import Routing, route, route_backward
 from .scores import update_expert_bias
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
-           "get_backend", "BackendInfo"]
+           "get_backend", "BackendInfo", "Preset", "preset", "presets"]
 __version__ = "0.1.0"

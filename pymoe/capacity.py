@@ -20,7 +20,7 @@ def expert_load(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
     return np.bincount(expert_index.reshape(-1), minlength=num_experts).astype(np.int64)  # [E]
 
 
-CAPACITY_RULES = ("k_ceil", "floor", "round", "tutel")
+CAPACITY_RULES = ("k_ceil", "floor", "round", "tutel", "k_floor")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float | None,
@@ -36,6 +36,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
             capacity_factor 1.25-2 and expect second choices to overflow.
         "round" (flaxformer): C = round(T * capacity_factor / E), halves to even (jnp.round).
         "tutel" (Tutel): C = K * floor(capacity_factor * ceil(T / E)).
+        "k_floor" (MegaBlocks): C = floor(K * T * capacity_factor / E).
     capacity: a fixed integer C (HF Switch's expert_capacity) instead of any formula; then
         capacity_factor is ignored.
     Every product is taken exactly, on capacity_factor's decimal value as Python prints it: 1.1
@@ -74,6 +75,8 @@ def capacity_formula(T: int, E: int, k: int, capacity_factor: float, rule: str) 
         return math.floor(T * cf / E)
     if rule == "round":
         return round(T * cf / E)  # Fraction rounds halves to even, like jnp.round
+    if rule == "k_floor":
+        return math.floor(k * T * cf / E)
     return k * math.floor(cf * -(-T // E))  # tutel: ceil(T / E) in integers
 
 

@@ -18,6 +18,7 @@ from .dense import (
 from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
 from .noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .options import expert_bias_arg, route_options
+from .presets import Preset, accepts_preset
 from .router import jitter, router_dtype, router_logits, router_logits_backward
 from .routing import K1_NORMALIZE_WARNING, Routing, route_backward, route_unchecked
 from .shared import SharedCache, shared_experts_backward, shared_experts_forward
@@ -71,6 +72,8 @@ class MoELayer:
         dtype: float16, float32 or float64 for parameters and expert math; the router always
             computes in at least float32.
         seed: initialises the parameters and the jitter generator.
+        preset: a system's name (pymoe.presets()) or a pymoe.Preset supplying every routing
+            keyword (and num_shared_experts, shared_expert_gate) not passed explicitly.
 
     Attributes:
         params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, H]`, b1 `[E, H]`,
@@ -78,6 +81,7 @@ class MoELayer:
         routing, aux_loss, z_loss: from the last forward().
     """
 
+    @accepts_preset(skip=("seed",))  # a preset's seed is route()'s; here seed initialises
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,
                  capacity_factor: float | None = 1.25, *, min_capacity: int = 0,
                  normalize: bool = False, priority: str = "choice", score: str = "softmax",
@@ -93,7 +97,8 @@ class MoELayer:
                  router_noise: str | None = None, load_loss_coef: float = 0.01,
                  num_shared_experts: int = 0, shared_expert_gate: bool = False,
                  formulation: str = "indexed", backend: str = "auto",
-                 dtype: np.dtype | type = np.float32, seed: int = 0) -> None:
+                 dtype: np.dtype | type = np.float32, seed: int = 0,
+                 preset: str | Preset | None = None) -> None:
         self.d_model = _checks.integer("d_model", d_model, low=1)
         self.d_hidden = _checks.integer("d_hidden", d_hidden, low=1)
         self.num_experts = _checks.integer("num_experts", num_experts, low=1)

@@ -42,7 +42,7 @@ def load_balancing_loss_backward(probs: np.ndarray, expert_index: np.ndarray,
     return np.broadcast_to((coef * E / T) * f, (T, E)).astype(probs.dtype)  # [T, E]
 
 
-LOAD_BALANCING = ("switch", "k_scaled", "sequence")
+LOAD_BALANCING = ("switch", "k_scaled", "sequence", "first_choice")
 
 
 def aux_loss_scores(scores: np.ndarray, score: str) -> np.ndarray:
@@ -75,8 +75,12 @@ def balance_loss(probs: np.ndarray, expert_index: np.ndarray, kind: str = "switc
             by K; balanced at K). "sequence": load_balancing_loss of each block of
             sequence_length consecutive tokens, averaged over the blocks (DeepSeek-V3's
             sequence-wise loss, Megatron-Core `seq_aux_loss`; T must be a multiple).
+            "first_choice": load_balancing_loss counting each token's first choice only (Mesh-TF,
+            DeepSpeed top-1/top-2, Tutel `gshard_loss`; balanced at 1).
     """
     K = expert_index.shape[1]
+    if kind == "first_choice":
+        return load_balancing_loss(probs, expert_index[:, :1])
     if kind == "k_scaled":
         return K * load_balancing_loss(probs, expert_index)
     if kind == "sequence":
@@ -92,6 +96,8 @@ def balance_loss_backward(probs: np.ndarray, expert_index: np.ndarray, coef: flo
                           kind: str = "switch", sequence_length: int | None = None) -> np.ndarray:
     """d (coef * balance_loss) / d probs `[T, E]`."""
     K = expert_index.shape[1]
+    if kind == "first_choice":
+        return load_balancing_loss_backward(probs, expert_index[:, :1], coef)
     if kind == "k_scaled":
         return load_balancing_loss_backward(probs, expert_index, coef * K)
     if kind == "sequence":

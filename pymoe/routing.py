@@ -22,6 +22,7 @@ from .losses import (
 )
 from .numpy_backend import NumpyBackend
 from .options import PRIORITIES, RouteOptions, expert_bias_arg, generator_arg, route_options
+from .presets import Preset, accepts_preset
 from .priority import priority_order
 from .router import router_dtype, softmax, softmax_backward
 from .scores import selection_scores, sigmoid, sigmoid_backward
@@ -125,6 +126,7 @@ class Routing:
         return self._dense[1]
 
 
+@accepts_preset()
 def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.25, *,
           min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
           score: str = "softmax", expert_bias: np.ndarray | None = None,
@@ -135,7 +137,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
           capacity_rule: str = "k_ceil", capacity: int | None = None,
           load_balancing: str = "switch", sequence_length: int | None = None,
           second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
-          sinkhorn_iterations: int = 20) -> Routing:
+          sinkhorn_iterations: int = 20, preset: str | Preset | None = None) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
     Args (defaults reproduce the original routing; the README's "Routing variants" says who
@@ -162,6 +164,9 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         capacity_rule, capacity: the capacity formula or a fixed C (capacity.expert_capacity).
         load_balancing, sequence_length: which load-balancing loss (losses.balance_loss).
         second_expert_policy, second_expert_threshold: GShard top-2 (topk.second_expert_keep).
+        preset: a system's name (pymoe.presets()) or a pymoe.Preset: it supplies every keyword
+            above that is not passed explicitly (docs/conventions.md); then aux_loss is that
+            system's load-balancing loss and combine_weights its [T, E, C] combine tensor.
     Returns:
         a Routing; T = 0 gives empty arrays and zero losses.
     """

@@ -96,25 +96,13 @@ def combine_from_slots(kept: np.ndarray, gate: np.ndarray, order: str, capacity:
     return out
 
 
-# What pymoe calls each system's routing (until every preset exists, the explicit keywords).
-_EXPLICIT = {
-    "switch": dict(normalize=False, priority="choice"),
-    "mixtral": dict(normalize=True), "qwen3-moe": dict(normalize=True),
-    "gpt-oss": dict(normalize=True), "qwen2-moe": dict(normalize=False),
-    "olmoe": dict(normalize=False), "deepspeed-top1": dict(normalize=False),
-    "megatron": dict(normalize=True),
-}
-_HF_AUX = ("mixtral", "qwen3-moe", "gpt-oss", "qwen2-moe", "olmoe")
-
-
 def ours(system: str, logits: np.ndarray, k: int, capacity_factor: float | None,
-         min_capacity: int = 0) -> Outcome:
-    """pymoe's routing of `logits` under `system`'s conventions, in the common form."""
-    r = pymoe.route(logits, k, capacity_factor, min_capacity=min_capacity, **_EXPLICIT[system])
-    out = outcome(r)
-    if system in _HF_AUX:  # HF counts all K choices per token without dividing by K
-        out.aux = k * r.aux_loss
-    return out
+         min_capacity: int | None = None, **overrides) -> Outcome:
+    """pymoe's routing of `logits` under `system`'s preset, in the common form (min_capacity None:
+    the preset's)."""
+    if min_capacity is not None:
+        overrides["min_capacity"] = min_capacity
+    return outcome(pymoe.route(logits, k, capacity_factor, preset=system, **overrides))
 
 
 # ------------------------------------------------------------------------------ logits cases

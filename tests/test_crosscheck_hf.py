@@ -15,8 +15,10 @@ from optional import import_optional
 
 torch = import_optional("torch", "crosscheck")
 transformers = import_optional("transformers", "crosscheck")
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek_v3  # noqa: E402
 from transformers.models.gpt_oss import modeling_gpt_oss  # noqa: E402
 from transformers.models.mixtral import modeling_mixtral  # noqa: E402
+from transformers.models.nllb_moe import modeling_nllb_moe as hf_nllb  # noqa: E402
 from transformers.models.olmoe import modeling_olmoe  # noqa: E402
 from transformers.models.qwen2_moe import modeling_qwen2_moe  # noqa: E402
 from transformers.models.qwen3_moe import modeling_qwen3_moe  # noqa: E402
@@ -122,3 +124,85 @@ def test_switch(case):
     if case != "random":
         assert not theirs.kept[theirs.chosen].all()  # the case drops something
     assert_same(mine, theirs, dtype, "switch")
+
+
+# ---------------------------------------------------------------------------- NLLB-MoE
+
+def nllb_router(E: int, expert_capacity: int | None):
+    """NllbMoeTop2Router as configured by default (second expert "all", no batch-prioritised
+    routing, gates renormalised after dropping), in training mode. expert_capacity None: fairseq's
+    2 ceil(T / E), which the router computes when its expert_capacity is None (HF 5.24's config
+    only takes an integer, default 64, so it is set on the router)."""
+    cfg = transformers.NllbMoeConfig(
+        d_model=E, num_experts=E, expert_capacity=expert_capacity or 64, router_bias=False,
+        second_expert_policy="all", normalize_router_prob_before_dropping=False,
+        batch_prioritized_routing=False)
+    router = hf_nllb.NllbMoeTop2Router(cfg).train()
+    router.expert_capacity = expert_capacity
+    _identity(router.classifier.weight)
+    return router
+
+
+def hf_nllb_route(logits: np.ndarray, router=None) -> Outcome:
+    T_, E = logits.shape
+    router = router or nllb_router(E, None)
+    x = torch.from_numpy(logits)
+    with torch.no_grad():
+        _, gates, router_logits = router(x)
+        free = nllb_router(E, T_)(x)[1]  # capacity T: nothing drops, the chosen pairs show
+        aux = hf_nllb.load_balancing_loss_func((router_logits,), E, top_k=2)
+    gate = gates.double().numpy()  # [T, E], renormalised over the kept pairs
+    return Outcome(free.numpy() > 0, gate > 0, gate, None, float(aux), router.expert_capacity)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_nllb(case):
+    logits = CASES[case](T, 8, np.float32)
+    theirs = hf_nllb_route(logits)
+    if case == "skewed":
+        assert not theirs.kept[theirs.chosen].all()
+    if case == "ties":  # the router picks with argmax (lower expert), but NLLB's
+        theirs.aux = None  # load_balancing_loss_func re-picks with torch.topk (undocumented ties)
+    assert_same(ours("nllb-moe", logits, 2, 1.0), theirs, np.float32, "nllb-moe")
+
+
+def test_nllb_capacity_is_per_call():
+    """Known bug (docs/conventions.md, section 11): HF's NllbMoeTop2Router stores the capacity of
+    its first call in self.expert_capacity and keeps it for every later batch; fairseq, and the
+    preset, compute 2 ceil(T / E) for each call. Literal case: 48 tokens, then 16, on 8 experts."""
+    router = nllb_router(8, None)
+    big, small = CASES["skewed"](48, 8, np.float32), CASES["skewed"](16, 8, np.float32)
+    assert hf_nllb_route(big, router).capacity == 12 == ours("nllb-moe", big, 2, 1.0).capacity
+    assert hf_nllb_route(small, router).capacity == 12  # still the first call's
+    assert ours("nllb-moe", small, 2, 1.0).capacity == 4  # 2 ceil(16 / 8)
+
+
+# ------------------------------------------------------------------------- DeepSeek-V3
+
+def hf_deepseek(logits: np.ndarray, k: int, bias: np.ndarray) -> Outcome:
+    """DeepseekV3TopkRouter with the published n_group 8, topk_group 4, norm_topk_prob, scaling
+    2.5 and an e_score_correction_bias; it has no load-balancing loss (training only)."""
+    T_, E = logits.shape
+    cfg = transformers.DeepseekV3Config(hidden_size=E, n_routed_experts=E, num_experts_per_tok=k,
+                                        n_group=8, topk_group=4, norm_topk_prob=True,
+                                        routed_scaling_factor=2.5)
+    router = hf_deepseek_v3.DeepseekV3TopkRouter(cfg)
+    _identity(router.weight)
+    router.e_score_correction_bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+    with torch.no_grad():
+        _, weights, index = router(torch.from_numpy(logits))
+    chosen, gate = _pairs(T_, E, index, weights)
+    return Outcome(chosen, chosen.copy(), gate)
+
+
+@pytest.mark.parametrize("case", ["random", "skewed"])
+@pytest.mark.parametrize("biased", [False, True])
+def test_deepseek_v3(case, biased):
+    """Sigmoid scores, 8 groups keep 4 (each scored by its 2 best), renormalised, x 2.5, with and
+    without a selection bias. No tie case: both the group and the expert choice use torch.topk,
+    whose order among equal values is undocumented."""
+    E, K = 32, 8
+    logits = CASES[case](T, E, np.float32)
+    bias = np.random.default_rng(5).normal(0, 0.3, E) if biased else np.zeros(E)
+    mine = ours("deepseek-v3", logits, K, None, expert_bias=bias)
+    assert_same(mine, hf_deepseek(logits, K, bias), np.float32, "deepseek-v3")

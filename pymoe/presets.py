@@ -1,0 +1,189 @@
+"""Presets: one name per system, bundling the routing conventions that system uses.
+
+`preset(name, **overrides)` returns a frozen Preset; `route(..., preset=...)` and
+`MoELayer(..., preset=...)` take a name or a Preset, and keywords passed explicitly win over the
+preset's fields. docs/conventions.md says what each system does, where in its source, and how
+each preset is checked against that system's own code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A system's routing conventions, as pymoe.route / MoELayer keywords (docs/conventions.md).
+
+    Fields (each one a convention, section numbers of docs/conventions.md in brackets):
+        name: the preset's name; source: where the system implements it (file: function).
+        score: "softmax" or "sigmoid" [1].
+        normalize: renormalise the K gates at selection; None means "when K > 1" (Tutel and
+            Megatron-Core: a renormalised single gate is the constant 1 and passes no gradient) [3].
+        renormalize_after_drop: renormalise the surviving gates after capacity drops (DeepSpeed
+            top-2/top-K, NLLB) [3].
+        num_groups, topk_groups, group_score_k: group-limited top-K (DeepSeek-V3) [4].
+        scaling_factor: multiplies the final gates (DeepSeek-V3: 2.5) [3].
+        priority: "choice", "score", "token" or "random": who claims slots first [6].
+        drop_policy: "position" or "probs" [7].
+        capacity_rule: "k_ceil", "floor", "round", "tutel" or "k_floor": the capacity formula [5].
+        capacity_factor: the system's default (None: dropless) [5]; min_capacity: its lower bound on C.
+        load_balancing: "switch", "first_choice", "k_scaled" or "sequence": which f the
+            load-balancing loss counts, and so its value [8].
+        second_expert_policy, second_expert_threshold: GShard's random second expert (used when
+            K = 2) [9].
+        seed: the seed route() uses for random rules when none is passed (None: not random) [9].
+        num_shared_experts, shared_expert_gate: always-on experts, for MoELayer (Qwen2-MoE,
+            DeepSeek-V3).
+    """
+    name: str
+    source: str
+    score: str = "softmax"
+    normalize: bool | None = False
+    renormalize_after_drop: bool = False
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    group_score_k: int | None = None
+    scaling_factor: float | None = None
+    priority: str = "choice"
+    drop_policy: str = "position"
+    capacity_rule: str = "k_ceil"
+    capacity_factor: float | None = 1.0
+    min_capacity: int = 0
+    load_balancing: str = "switch"
+    second_expert_policy: str = "all"
+    second_expert_threshold: float = 0.2
+    seed: int | None = None
+    num_shared_experts: int = 0
+    shared_expert_gate: bool = False
+
+    def __str__(self) -> str:
+        rows = [f"{f.name:24s} {getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
+        return "\n".join([f"pymoe preset {self.name!r}", *rows])
+
+    def keywords(self, k: int) -> dict[str, Any]:
+        """The route() / MoELayer keywords this preset stands for, for K choices per token."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in ("name", "source")}
+        if kw["normalize"] is None:
+            kw["normalize"] = k > 1
+        if k != 2:  # GShard's second-expert policy is a top-2 rule
+            kw["second_expert_policy"] = "all"
+        return kw
+
+
+HF = "transformers/models"
+_PRESETS = {p.name: p for p in [
+    Preset("switch", "mesh_tensorflow/transformer/moe.py: _switch_gating; "
+           f"{HF}/switch_transformers/modeling_switch_transformers.py: SwitchTransformersTop1Router",
+           capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
+           load_balancing="first_choice"),
+    Preset("gshard", "mesh_tensorflow/transformer/moe.py: _top_2_gating",
+           normalize=None, capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
+           load_balancing="first_choice", second_expert_policy="random", seed=0),
+    Preset("flaxformer", "flaxformer/architectures/moe/routing.py: TokensChooseMaskedRouter; "
+           "moe_layers.py: MoeLayer; t5x/configs/moe/models/tokens_choose_base.gin",
+           priority="score", capacity_rule="round", capacity_factor=1.25, min_capacity=4,
+           load_balancing="k_scaled"),
+    Preset("deepspeed-top1", "deepspeed/moe/sharded_moe.py: top1gating (use_rts=True)",
+           priority="random", min_capacity=4, load_balancing="first_choice", seed=0),
+    Preset("deepspeed-top2", "deepspeed/moe/sharded_moe.py: top2gating "
+           "(top2_2nd_expert_sampling=False)",
+           renormalize_after_drop=True, min_capacity=4, load_balancing="first_choice"),
+    Preset("deepspeed-topk", "deepspeed/moe/sharded_moe.py: topkgating (drop_policy='probs')",
+           renormalize_after_drop=True, priority="token", drop_policy="probs", min_capacity=4),
+    Preset("tutel", "tutel/impls/fast_dispatch.py: extract_critical; tutel/impls/losses.py: "
+           "gshard_loss", normalize=None, capacity_rule="tutel", load_balancing="first_choice"),
+    Preset("megablocks", "megablocks/layers/router.py: LearnedRouter; megablocks/layers/moe.py: "
+           "MoE.expert_capacity, indices_and_bins, load_balancing_loss",
+           priority="token", capacity_rule="k_floor"),
+    Preset("megatron", "megatron/core/transformer/moe/router.py: TopKRouter; moe_utils.py: "
+           "topk_routing_with_score_function, apply_router_token_dropping, "
+           "switch_load_balancing_loss_func", normalize=None, priority="token",
+           drop_policy="probs", capacity_factor=None),
+    Preset("mixtral", f"{HF}/mixtral/modeling_mixtral.py: MixtralTopKRouter, "
+           "load_balancing_loss_func", normalize=True, priority="token", capacity_factor=None,
+           load_balancing="k_scaled"),
+    Preset("qwen2-moe", f"{HF}/qwen2_moe/modeling_qwen2_moe.py: Qwen2MoeTopKRouter, "
+           "Qwen2MoeSparseMoeBlock", priority="token", capacity_factor=None,
+           load_balancing="k_scaled", num_shared_experts=1, shared_expert_gate=True),
+    Preset("qwen3-moe", f"{HF}/qwen3_moe/modeling_qwen3_moe.py: Qwen3MoeTopKRouter",
+           normalize=True, priority="token", capacity_factor=None, load_balancing="k_scaled"),
+    Preset("deepseek-v3", f"{HF}/deepseek_v3/modeling_deepseek_v3.py: DeepseekV3TopkRouter; "
+           "megatron/core/transformer/moe/moe_utils.py: group_limited_topk",
+           score="sigmoid", normalize=True, num_groups=8, topk_groups=4, group_score_k=2,
+           scaling_factor=2.5, priority="token", capacity_factor=None, num_shared_experts=1),
+    Preset("gpt-oss", f"{HF}/gpt_oss/modeling_gpt_oss.py: GptOssTopKRouter",
+           normalize=True, priority="token", capacity_factor=None, load_balancing="k_scaled"),
+    Preset("olmoe", f"{HF}/olmoe/modeling_olmoe.py: OlmoeTopKRouter", priority="token",
+           capacity_factor=None, load_balancing="k_scaled"),
+    Preset("nllb-moe", f"{HF}/nllb_moe/modeling_nllb_moe.py: NllbMoeTop2Router",
+           renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled"),
+]}
+
+
+def presets() -> list[str]:
+    """The preset names, in the order docs/conventions.md lists them."""
+    return list(_PRESETS)
+
+
+def preset(name: str | Preset, **overrides: Any) -> Preset:
+    """The conventions of one system, as a frozen Preset (print it to see every field).
+
+    Args:
+        name: one of presets() (switch, gshard, flaxformer, deepspeed-top1, deepspeed-top2,
+            deepspeed-topk, tutel, megablocks, megatron, mixtral, qwen2-moe, qwen3-moe,
+            deepseek-v3, gpt-oss, olmoe, nllb-moe), or a Preset to derive from.
+        overrides: fields to change, e.g. preset("flaxformer", priority="choice") for a decoder.
+    Returns:
+        a Preset; each preset's `source` names the system's file and function it follows.
+    """
+    if isinstance(name, Preset):
+        base = name
+    elif isinstance(name, str):
+        if name not in _PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}; expected one of "
+                             f"{', '.join(presets())}")
+        base = _PRESETS[name]
+    else:
+        raise TypeError(f"preset: expected a name (str) or a pymoe.Preset, got {type(name).__name__}")
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"preset: unknown field(s) {', '.join(unknown)}; a Preset has "
+                        f"{', '.join(sorted(fields))}")
+    return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def accepts_preset(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Decorator: let `func` (route, MoELayer.__init__) take preset=. The preset fills every
+    keyword of func's signature that the caller did not pass (except those in `skip`, which mean
+    something else there); keywords passed explicitly are kept as given."""
+    def decorate(func: F) -> F:
+        sig = inspect.signature(func)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            chosen = kwargs.pop("preset", None)
+            if chosen is None:
+                return func(*args, **kwargs)
+            p = preset(chosen)
+            bound = sig.bind_partial(*args, **kwargs)  # exactly what the caller passed
+            k = bound.arguments.get("k")
+            if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+                return func(*args, **kwargs)  # func names the bad (or missing) k
+            for name, value in p.keywords(int(k)).items():
+                if name in sig.parameters and name not in bound.arguments and name not in skip:
+                    bound.arguments[name] = value
+            return func(*bound.args, **bound.kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
