@@ -1,7 +1,7 @@
 """Run every example in reading order and put their pictures in one folder.
 
     python examples/run_all.py --out docs/img      # regenerates the pictures README shows
-    python examples/run_all.py --quick             # all four in CI-sized form
+    python examples/run_all.py --quick             # all of them in CI-sized form
 
 Each example is also runnable on its own (python examples/01_walkthrough.py, ...).
 """
@@ -12,7 +12,8 @@ import importlib.util
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = ["01_walkthrough.py", "02_capacity.py", "03_train.py", "04_speed.py"]
+EXAMPLES = ["01_walkthrough.py", "02_capacity.py", "03_train.py", "04_speed.py",
+            "05_conventions.py"]
 
 
 def load(name: str):

@@ -15,11 +15,12 @@ The routing recipe, one module per step:
     routing.py        route(): all of the above; layer.py: MoELayer with forward/backward
 """
 from .backends import BackendInfo, backends, get_backend
+from .compare import Comparison, compare
 from .layer import MoELayer
 from .presets import Preset, preset, presets
 from .routing import Routing, route, route_backward
 from .scores import update_expert_bias
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
-           "get_backend", "BackendInfo", "Preset", "preset", "presets"]
+           "get_backend", "BackendInfo", "Preset", "preset", "presets", "compare", "Comparison"]
 __version__ = "0.1.0"

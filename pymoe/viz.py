@@ -305,3 +305,56 @@ def benchmark_bars(rows: Sequence[Any], path: str, *, reference: float | None = 
         ax.set_xlabel("ms (forward + backward), lower is better")
         ax.set_title(layer[0].section, fontsize=9)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------ presets side by side
+
+def preset_differences(comparison: Any, path: str, *, max_tokens: int = 48) -> Any:
+    """A pymoe.compare() result: one row per preset, one column per (token, choice) pair of the
+    first max_tokens tokens, coloured by why the pair differs from the first preset (another
+    expert, dropped in one routing only, another gate); beside it each preset's drop rate and
+    aux loss.
+
+    Text version: one line per preset, a character per pair ('.' same, 'E' other expert,
+    'D' dropped in one only, 'G' other gate), then the table.
+    """
+    names = list(comparison.names)
+    r0 = comparison.routings[names[0]]
+    n, K = min(r0.num_tokens, max_tokens), r0.k
+    codes = np.stack([comparison.reason[name][:n].reshape(-1) for name in names])  # [P, n*K]
+    if not have_matplotlib():
+        marks = ".EDG"
+        lines = [f"pairs (token, choice) of the first {n} tokens vs {names[0]!r}: . same, "
+                 "E other expert, D dropped in one only, G other gate"]
+        lines += [f"{name:16s} " + "".join(marks[c] for c in row) for name, row in zip(names, codes)]
+        return _emit("\n".join(lines + ["", comparison.table()]))
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = ["#e8e8e8", "tab:red", "tab:orange", "tab:blue"]
+    fig = _figure(11.5, 1.6 + 0.34 * len(names))
+    ax, ax_drop, ax_aux = fig.subplots(1, 3, sharey=True,
+                                       gridspec_kw={"width_ratios": [5, 1.2, 1.2]})
+    ax.imshow(codes, aspect="auto", cmap=ListedColormap(colours), vmin=-0.5, vmax=3.5,
+              interpolation="nearest")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names)
+    ticks = np.arange(0, n, max(1, n // 12))
+    ax.set_xticks(ticks * K)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel(f"token (its {K} choices side by side)")
+    ax.set_title(f"(token, choice) pairs vs {names[0]!r}", fontsize=10)
+    labels = ["same", "other expert", "dropped in one only", "other gate"]
+    ax.legend(handles=[Patch(color=c, label=lab) for c, lab in zip(colours, labels)],
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, fontsize=8)
+    y = np.arange(len(names))
+    rows = {row.name: row for row in comparison.rows}
+    ax_drop.barh(y, [100 * rows[name].dropped_fraction for name in names], color="tab:orange")
+    ax_drop.set_xlabel("pairs dropped (%)")
+    ax_drop.set_title("drop rate", fontsize=10)
+    ax_aux.barh(y, [rows[name].aux_loss for name in names], color="tab:green")
+    ax_aux.set_xlabel("own aux-loss value")
+    ax_aux.set_title("load-balancing loss", fontsize=10)
+    for a in (ax_drop, ax_aux):
+        a.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

@@ -123,3 +123,27 @@ def test_04_speed_includes_the_cuda_rows_when_a_cuda_backend_exists(tmp_path, mo
     cuda = [r for r in res["rows"] if r.impl.startswith("CUDA")]
     assert {r.op for r in cuda} == {"router", "slots", "dispatch", "combine", "dispatch_bwd",
                                     "combine_bwd"}
+
+
+def test_05_conventions(tmp_path):
+    import pymoe
+
+    res = load("05_conventions.py").main(["--quick", "--out", str(tmp_path)])
+    shipped, shared = res["shipped"], res["shared"]
+    rows = {r.name: r for r in shipped.rows}
+    assert set(rows) | set(r.name for r in res["top1"].rows) == set(pymoe.presets())
+    for name in ("mixtral", "megatron", "qwen3-moe", "deepseek-v3"):  # dropless as shipped
+        assert rows[name].dropped_fraction == 0
+    assert rows["gshard"].dropped_fraction > rows["deepspeed-top2"].dropped_fraction  # K left out
+    shared_rows = {r.name: r for r in shared.rows}
+    # the same slots per expert, the same number dropped, different pairs and gates
+    assert shared_rows["megatron"].capacity == shared_rows["deepspeed-topk"].capacity
+    assert shared_rows["megatron"].dropped_fraction == shared_rows["mixtral"].dropped_fraction
+    assert shared_rows["megatron"].differs["dropped"] > 0
+    assert shared_rows["qwen2-moe"].differs["gate"] > 0 and shared_rows["gpt-oss"].differs == {
+        "expert": 0, "dropped": 0, "gate": 0}
+    assert shared_rows["mixtral"].aux_loss == pytest.approx(2 * shared_rows["megatron"].aux_loss)
+    g = res["porting"]["gates"]
+    assert g["deepspeed-top2"][0] == pytest.approx(1.0) and g["gshard"][0] < 1
+    assert g["flaxformer"][0] == pytest.approx(res["porting"]["probs"][0], abs=1e-3)
+    check_pictures(res, tmp_path, 2)

@@ -1,0 +1,74 @@
+"""python -m pymoe.compare: route the same router logits under several presets, print the table.
+
+    python -m pymoe.compare --tokens 256 --experts 16 --k 2 --capacity-factor 1.0
+    python -m pymoe.compare --logits my_logits.npy --presets mixtral,megatron,deepspeed-topk
+    python -m pymoe.compare --capacity-factor none --plot presets.png
+
+Without --logits, the logits are random normal with expert e shifted by -skew * e (a router that
+favours low experts, so capacity drops something). docs/conventions.md explains the differences.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from ..presets import presets
+from . import compare
+
+
+def _factor(text: str) -> float | None:
+    return None if text.lower() in ("none", "dropless") else float(text)
+
+
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m pymoe.compare",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--logits", help="a .npy file holding [T, E] router logits")
+    ap.add_argument("--tokens", type=int, default=128, help="T for random logits (default 128)")
+    ap.add_argument("--experts", type=int, default=16, help="E for random logits (default 16; "
+                    "deepseek-v3 needs a multiple of 8 with at least 2 experts per group)")
+    ap.add_argument("--skew", type=float, default=0.15,
+                    help="random logits: expert e shifted by -skew * e (default 0.15)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random logits")
+    ap.add_argument("--k", type=int, default=2, help="choices per token (default 2)")
+    ap.add_argument("--capacity-factor",
+                    help="shared capacity factor, or 'none' for dropless (default: each "
+                         "preset's own)")
+    ap.add_argument("--min-capacity", type=int, help="shared lower bound on C (default: each "
+                                                     "preset's own)")
+    ap.add_argument("--presets", default=",".join(presets()),
+                    help="comma-separated names, the first is the reference (default: all)")
+    ap.add_argument("--plot", help="also draw the comparison to this PNG (pymoe.viz)")
+    args = ap.parse_args(argv)
+    if args.logits:
+        logits = np.load(args.logits)
+    else:
+        rng = np.random.default_rng(args.seed)
+        logits = rng.normal(size=(args.tokens, args.experts)) - args.skew * np.arange(args.experts)
+    shared = {"k": args.k}
+    if args.capacity_factor is not None:
+        try:
+            shared["capacity_factor"] = _factor(args.capacity_factor)
+        except ValueError:
+            ap.error(f"argument --capacity-factor: expected a number or 'none', got "
+                     f"{args.capacity_factor!r}")
+    if args.min_capacity is not None:
+        shared["min_capacity"] = args.min_capacity
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    try:
+        result = compare(logits, names, **shared)
+    except (ValueError, TypeError) as err:
+        ap.error(str(err))
+    print(result.table())
+    if args.plot:
+        from .. import viz
+
+        viz.preset_differences(result, args.plot)
+        print(f"picture: {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
