@@ -26,9 +26,9 @@ run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank w
 from __future__ import annotations
 
 import hashlib
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -253,7 +253,7 @@ class ExpertParallelMoE:
         if bad:
             raise ValueError("expert parallel setup failed on rank(s) "
                              + "; ".join(f"{r}: {pr}" for r, pr in bad))
-        for r, (_, c, d) in enumerate(every):
+        for r, (_, c, _) in enumerate(every):
             diff = [n for n in cfg if c[n] != cfg[n]]
             if diff:
                 raise ValueError(f"layer: settings differ across ranks: rank {r} has "

@@ -23,13 +23,15 @@ Load statistics for the aux loss (load_stats):
               the reported aux_loss is the mean over groups.
     "global"  f_e and P_e over all T tokens (counts and probability sums added over groups, as an
               Allreduce does): aux = E sum_e f_e P_e, the aux loss of the whole batch; each group's
-              share is aux_g = E sum_e f_e P_e^g, whose mean over groups is aux.
+              share is aux_g = E sum_e f_e P_e^g, whose mean over groups is aux. With G = 1
+              both are the same and computed the "local" way.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -173,7 +175,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     states = [GroupState(*layer._route(xb, train)) for xb in x_blocks]
     G = exchange.num_groups
     f_global, aux_terms = None, []
-    if load_stats == "global":
+    if load_stats == "global" and G > 1:  # with one group, global is local (same arithmetic)
         t0 = _tick(times, "routing", t0)
         sums = exchange.sum_in_group_order([load_sums(s.routing) for s in states])  # [2E]
         t0 = _tick(times, "exchange", t0)
@@ -198,7 +200,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     outs = exchange.from_experts(out)
     t0 = _tick(times, "exchange", t0)
     ys = []
-    for xb, s, o in zip(x_blocks, states, outs):
+    for s, o in zip(states, outs):
         s.out = o
         ys.append(layer.backend.combine(o, s.routing.expert_index, s.routing.position,
                                         s.routing.gate.astype(layer.dtype)))  # [T_g, D]
@@ -221,7 +223,8 @@ def _dlogits(layer, s: GroupState, dgate: np.ndarray, f_global: np.ndarray | Non
 
 
 def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
-                    expert_params: dict[str, np.ndarray], times: dict[str, float]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+                    expert_params: dict[str, np.ndarray], times: dict[str, float]
+                    ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """Backward of forward_groups: (dx blocks `[T_g, D]`, grads of the router and the experts
     here, in the layer dtype; see the module docstring for the objective)."""
     t0 = time.perf_counter()

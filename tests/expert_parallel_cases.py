@@ -62,6 +62,8 @@ def run_rank(case: dict, comm) -> dict:
 
     c = full(case)
     P, rank = comm.Get_size(), comm.Get_rank()
+    if c.get("zero_exchange"):
+        return zero_exchange(c, comm)
     layer = build_layer(case)
     if c.get("mismatch_rank") == rank:  # a rank whose parameters differ
         layer.params["w1"] = layer.params["w1"] * 2
@@ -86,6 +88,20 @@ def run_rank(case: dict, comm) -> dict:
     return out
 
 
+def zero_exchange(c: dict, comm) -> dict:
+    """The exchange with every row dropped: zero rows per expert from every rank."""
+    from pymoe.expert_parallel import StepStats, _MPIExchange
+
+    P, E, C, D = comm.Get_size(), 8, 3, 4
+    st = StepStats(comm.Get_rank(), P, c["exchange"])
+    ex = _MPIExchange(comm, E // P, c["exchange"], st)
+    ex.set_loads([np.zeros(E, dtype=np.int64)], [C])
+    packed, filled = ex.to_experts([np.zeros((E, C, D))])
+    out = ex.from_experts(packed)[0]
+    return {"filled": filled, "out": out, "rows": sum(st.rows.values()),
+            "bytes": sum(st.bytes.values()), "padding": sum(st.padding_bytes.values())}
+
+
 def reference(case: dict, P: int) -> dict:
     """What MoELayer(token_groups=P) computes in one process for all P * T_local tokens."""
     layer = build_layer(case, token_groups=P)
@@ -93,7 +109,7 @@ def reference(case: dict, P: int) -> dict:
     y = layer.forward(x)
     dx = layer.backward(dy)
     return {"y": y, "dx": dx, "grads": layer.grads, "aux": layer.aux_loss, "z": layer.z_loss,
-            "routing": layer.routing}
+            "routing": layer.routing if P > 1 else (layer.routing,)}
 
 
 def mismatches(case: dict, ranks: list[dict]) -> list[str]:
@@ -105,7 +121,8 @@ def mismatches(case: dict, ranks: list[dict]) -> list[str]:
 
     def same(name, got, want):
         if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(got, want):
-            err = np.max(np.abs(got.astype(float) - want.astype(float))) if got.shape == want.shape else "shape"
+            err = (np.max(np.abs(got.astype(float) - want.astype(float)))
+                   if got.shape == want.shape else "shape")
             bad.append(f"{name}: differs (max abs {err})")
 
     for r, res in enumerate(ranks):
@@ -122,13 +139,14 @@ def main(argv: list[str]) -> int:
     from mpi4py import MPI
 
     out_dir, cases = argv[0], json.loads(argv[1])
+    catch = (ValueError, TypeError) if argv[2:] != ["--no-catch"] else ()
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     for i, case in enumerate(cases):
         try:
             res = run_rank(case, comm)
             np.savez(os.path.join(out_dir, f"case{i}_rank{rank}.npz"), **res)
-        except (ValueError, TypeError) as err:  # a clean, collective refusal: record it, go on
+        except catch as err:  # a clean, collective refusal: record it, go on
             with open(os.path.join(out_dir, f"case{i}_rank{rank}.err"), "w") as f:
                 f.write(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
     comm.Barrier()  # every rank reached the end: nobody was left waiting in a collective
