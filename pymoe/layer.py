@@ -240,8 +240,8 @@ class MoELayer:
             y_shared, shared = shared_experts_forward(x2, p, self.activation,
                                                       self.shared_expert_gate)  # [T, D]
             y = y + y_shared
-        self.load_loss = 0.0 if noisy is None else noisy_load_loss(noisy[0], logits, noisy[3],
-                                                                     self.k)
+        self.load_loss = (0.0 if noisy is None else
+                          noisy_load_loss(noisy[0], r.router_logits, noisy[3], self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
                                     noisy, shared)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
