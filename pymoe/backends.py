@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from . import _checks
+from . import _checks, memory
 from .capacity import drop, slot_owner
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from .priority import position_in_expert
@@ -51,6 +51,9 @@ def slot_args(expert_index: np.ndarray, token_order: np.ndarray | None, num_expe
     C = _checks.integer("capacity", capacity, low=0)
     expert_index = _checks.index_array("expert_index", expert_index, shape=(None, None), high=E)
     T = expert_index.shape[0]
+    memory.check("capacity", E * C * 8, f"slot_owner [E, C] = [{E}, {C}] (int64)",
+                 f"an expert receives at most T = {T} pairs, so slots past T never fill: "
+                 "pass capacity=min(capacity, T), as route() does")
     if token_order is not None:
         token_order = _checks.index_array("token_order", token_order, shape=(T,), high=max(T, 1))
         if T and not np.array_equal(np.sort(token_order), np.arange(T)):
