@@ -11,9 +11,8 @@ The default budget is 4 GiB per allocation step; set_memory_budget(None) removes
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
-
-from . import _checks
 
 DEFAULT_BUDGET = 4 << 30  # bytes
 _budget: int | None = DEFAULT_BUDGET
@@ -31,7 +30,13 @@ def get_memory_budget() -> int | None:
 def set_memory_budget(nbytes: int | None) -> None:
     """Set the budget in bytes (>= 0), or None for no limit. Process-wide."""
     global _budget
-    _budget = None if nbytes is None else _checks.integer("nbytes", nbytes, low=0)
+    if nbytes is not None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+            raise TypeError(f"nbytes: expected an int or None, got {type(nbytes).__name__}")
+        if nbytes < 0:
+            raise ValueError(f"nbytes: expected an int >= 0 or None, got {nbytes}")
+        nbytes = int(nbytes)
+    _budget = nbytes
 
 
 @contextlib.contextmanager

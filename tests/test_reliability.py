@@ -67,9 +67,9 @@ def test_longlong_and_big_endian_index_arrays(be, request):
         request.getfixturevalue("c_backend")
     backend = get_backend(be)
     idx = np.array([[0, 1], [1, 0], [0, 1]])
-    want_pos, want_owner = get_backend("numpy").assign_slots(idx, None, 2, 2)
+    want_pos, want_owner, _ = get_backend("numpy").assign_slots(idx, None, 2, 2)
     for kind in (np.longlong, ">i8", np.int32):
-        pos, owner = backend.assign_slots(idx.astype(kind), None, 2, 2)
+        pos, owner, _ = backend.assign_slots(idx.astype(kind), None, 2, 2)
         np.testing.assert_array_equal(pos, want_pos)
         np.testing.assert_array_equal(owner, want_owner)
         x = np.arange(6.0).reshape(3, 2)
