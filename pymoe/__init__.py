@@ -16,9 +16,11 @@ The routing recipe, one module per step:
 """
 from .backends import BackendInfo, backends, get_backend
 from .layer import MoELayer
+from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .routing import Routing, route, route_backward
 from .scores import update_expert_bias
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
-           "get_backend", "BackendInfo"]
+           "get_backend", "BackendInfo", "MemoryBudgetError", "get_memory_budget",
+           "set_memory_budget", "memory_budget"]
 __version__ = "0.1.0"
