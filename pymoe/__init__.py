@@ -17,10 +17,13 @@ The routing recipe, one module per step:
 from .backends import BackendInfo, backends, get_backend
 from .compare import Comparison, compare
 from .layer import MoELayer
+from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .presets import Preset, preset, presets
 from .routing import Routing, route, route_backward
 from .scores import update_expert_bias
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
-           "get_backend", "BackendInfo", "Preset", "preset", "presets", "compare", "Comparison"]
+           "get_backend", "BackendInfo", "MemoryBudgetError", "get_memory_budget",
+           "set_memory_budget", "memory_budget", "Preset", "preset", "presets", "compare",
+           "Comparison"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _checks
+from . import _checks, grouped
 from .backends import Backend, get_backend
 from .dense import (
     combine_dense,
@@ -37,9 +37,10 @@ class _ForwardCache:
     routing: Routing
     experts: ExpertsCache
     expert_out: np.ndarray  # [E, C, D]
-    x2: np.ndarray  # [T, D] tokens in the layer dtype
+    x2: np.ndarray | None = None  # [T, D] tokens in the layer dtype
     noisy: tuple | None = None  # (clean [T, E], eps [T, E], z [T, E], std [T, E]) for noisy_topk
     shared: SharedCache | None = None
+    groups: grouped.GroupsCache | None = None  # token_groups > 1: everything is in here
 
 
 class MoELayer:
@@ -72,13 +73,22 @@ class MoELayer:
         dtype: float16, float32 or float64 for parameters and expert math; the router always
             computes in at least float32.
         seed: initialises the parameters and the jitter generator.
+        token_groups: G >= 1. G > 1 routes each of G equal contiguous blocks of tokens on its own,
+            with its own capacity (the GShard "group"; issue 13 called it num_groups, a name
+            route() uses for group-limited expert choice). One process then computes exactly what
+            pymoe.expert_parallel computes on G ranks; gradients follow data parallelism: dx of
+            each block is that of its own objective, parameter gradients are the mean over the
+            groups (pymoe.grouped explains). Indexed formulation only.
+        load_stats: "local" (each group's own f_e, P_e in the aux loss) or "global" (over all
+            groups); only matters with token_groups > 1 (pymoe.grouped).
         preset: a system's name (pymoe.presets()) or a pymoe.Preset supplying every routing
             keyword (and num_shared_experts, shared_expert_gate) not passed explicitly.
 
     Attributes:
         params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, H]`, b1 `[E, H]`,
             w2 `[E, H, D]`, b2 `[E, D]`. backward() overwrites grads (it does not accumulate).
-        routing, aux_loss, z_loss: from the last forward().
+        routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
+            when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
     """
 
     @accepts_preset(skip=("seed",))  # a preset's seed is route()'s; here seed initialises
@@ -97,8 +107,8 @@ class MoELayer:
                  router_noise: str | None = None, load_loss_coef: float = 0.01,
                  num_shared_experts: int = 0, shared_expert_gate: bool = False,
                  formulation: str = "indexed", backend: str = "auto",
-                 dtype: np.dtype | type = np.float32, seed: int = 0,
-                 preset: str | Preset | None = None) -> None:
+                 dtype: np.dtype | type = np.float32, seed: int = 0, token_groups: int = 1,
+                 load_stats: str = "local", preset: str | Preset | None = None) -> None:
         self.d_model = _checks.integer("d_model", d_model, low=1)
         self.d_hidden = _checks.integer("d_hidden", d_hidden, low=1)
         self.num_experts = _checks.integer("num_experts", num_experts, low=1)
@@ -137,6 +147,15 @@ class MoELayer:
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
         self.formulation = _checks.choice("formulation", formulation, FORMULATIONS)
+        self.token_groups = _checks.integer("token_groups", token_groups, low=1)
+        self.load_stats = _checks.choice("load_stats", load_stats, grouped.LOAD_STATS)
+        if self.token_groups > 1 and self.formulation != "indexed":
+            raise ValueError("token_groups: groups run in the indexed formulation only, got "
+                             f"formulation={self.formulation!r}")
+        self._check_token_groups(router_noise, num_shared_experts, selection, score,
+                                 load_balancing)
+        if dtype is None:  # np.dtype(None) is float64: a silent default nobody asked for
+            raise TypeError("dtype: expected float16, float32 or float64, got None")
         try:
             self.dtype = np.dtype(dtype)
         except TypeError as err:
@@ -156,7 +175,8 @@ class MoELayer:
             raise ValueError(f"backend: {backend!r} takes float32 or float64; use backend='numpy' "
                              "(or 'auto') for a float16 layer")
         numpy_only = self.formulation == "dense" or self.dtype == np.float16
-        self.backend: Backend = get_backend("numpy" if numpy_only else backend)
+        self._backend_request = "numpy" if numpy_only else backend  # re-resolved on unpickling
+        self.backend: Backend = get_backend(self._backend_request)
         if self.normalize and self.k == 1 and o.selection != "experts":
             warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
 
@@ -193,6 +213,66 @@ class MoELayer:
         self.z_loss = 0.0
         self.load_loss = 0.0
 
+    # ---------------------------------------------------------------- pickling
+    # A backend holds a compiled library (cffi objects do not pickle): the state keeps the name
+    # it was asked for ("auto", "numpy", "c") and loading resolves it again on that machine.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["backend"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.backend = get_backend(self._backend_request)
+
+    # ---------------------------------------------------------------- checks
+    def _checked_params(self) -> dict[str, np.ndarray]:
+        """self.params after checking each entry (callers may replace them): a numpy array of
+        the layer dtype and its documented shape; returned C-contiguous so that the matmuls see
+        the same layout, and give the same bits, whatever the caller stored."""
+        out = {}
+        for name, shape in self._param_shapes().items():
+            p = self.params.get(name)
+            if not isinstance(p, np.ndarray):
+                raise TypeError(f"params['{name}']: expected a numpy array, got "
+                                f"{type(p).__name__}")
+            if p.dtype != self.dtype:
+                raise TypeError(f"params['{name}']: expected dtype {self.dtype} (the layer "
+                                f"dtype, native byte order), got {p.dtype}")
+            _checks.check_shape(f"params['{name}']", p, shape)
+            out[name] = np.ascontiguousarray(p)
+        return out
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's documented shape (the variants add w_noise and the shared experts)."""
+        D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
+        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, H), "b1": (E, H),
+                  "w2": (E, H, D), "b2": (E, D)}
+        if self.router_noise == "noisy_topk":
+            shapes["w_noise"] = (D, E)
+        if S:
+            shapes.update(shared_w1=(S, D, H), shared_b1=(S, H), shared_w2=(S, H, D),
+                          shared_b2=(S, D))
+            if self.shared_expert_gate:
+                shapes["w_shared_gate"] = (D,)
+        return shapes
+
+    def _param_names(self) -> tuple[str, ...]:
+        return tuple(self._param_shapes())
+
+    def _nonfinite(self, what: str, names: tuple[str, ...], inputs: str) -> ValueError:
+        """The error for a non-finite intermediate: the parameter that holds a NaN/inf when one
+        does, else an overflow of finite values, said in the caller's terms."""
+        for name in names:
+            p = self.params[name]
+            bad = p.size - np.count_nonzero(np.isfinite(p))
+            if bad:
+                return ValueError(f"params['{name}']: expected finite values, got {bad} NaN/inf "
+                                  f"entr{'y' if bad == 1 else 'ies'}")
+        wider = "" if self.dtype == np.float64 else " or build the layer with dtype=np.float64"
+        return ValueError(f"{inputs}: {what} overflowed to inf/NaN in {self.dtype} although "
+                          f"{inputs} and every parameter are finite; scale {inputs} down{wider}")
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, *, train: bool = False) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
@@ -205,29 +285,12 @@ class MoELayer:
             raise ValueError(f"x: expected shape [..., {self.d_model}] (D = d_model), "
                              f"got {tuple(x.shape)}")
         train = _checks.boolean("train", train)
-        p = self.params
-        x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)  # [T, D]
-        rdt = router_dtype(self.dtype)
-        x_router = x2.astype(rdt)  # [T, D] the router's own copy
-        noise = None
-        if train and self.router_noise == "jitter":
-            noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
-            x_router = x_router * noise
-        logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
-                               p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
-        noisy = None
-        if self.router_noise == "noisy_topk":
-            z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]
-            std = softplus(z)  # [T, E] learned noise scale
-            eps = (self._noise_rng.standard_normal(logits.shape).astype(rdt) if train
-                   else np.zeros_like(logits))  # [T, E]
-            noisy = (logits, eps, z, std)
-            logits = logits + eps * std  # [T, E] H: the noisy logits that are ranked
-        bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
-                                                                     self.num_experts)
-        backend = None if self.formulation == "dense" else self.backend
-        r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
-                            backend=backend)  # steps 2-10, 12
+        p = self._checked_params()
+        # C-contiguous in the layer dtype: the same values give the same bits whatever x's layout
+        x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
+        if self.token_groups > 1:
+            return self._forward_groups(x, x2, train)
+        x_router, noise, r, noisy = self._route_noisy(x2, train)
         K = r.k  # E for expert choice
         if self.formulation == "dense":
             expert_in = dispatch_dense(x2, r.dispatch_mask)  # [E, C, D]           step 11
@@ -245,14 +308,80 @@ class MoELayer:
             y_shared, shared = shared_experts_forward(x2, p, self.activation,
                                                       self.shared_expert_gate)  # [T, D]
             y = y + y_shared
-        self.load_loss = 0.0 if noisy is None else noisy_load_loss(noisy[0], logits, noisy[3],
-                                                                     self.k)
+        if not np.isfinite(y).all():  # [T, D]: one pass, versus the expert matmuls' T*K*D*H
+            raise self._nonfinite("the expert outputs", self._param_names()[2:], "x")
+        self.load_loss = (0.0 if noisy is None else
+                          noisy_load_loss(noisy[0], r.router_logits, noisy[3], self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
                                     noisy, shared)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         return y.reshape(x.shape)
 
     __call__ = forward
+
+    def _route(self, x2: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
+        """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing)."""
+        return self._route_noisy(x2, train)[:3]
+
+    def _route_noisy(self, x2: np.ndarray, train: bool):
+        """_route plus the noisy top-K state (clean logits, eps, z, std), or None without it."""
+        p = self._checked_params()
+        rdt = router_dtype(self.dtype)
+        x_router = x2.astype(rdt)  # [T, D] the router's own copy
+        noise = None
+        if train and self.router_noise == "jitter":
+            noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
+            x_router = x_router * noise
+        logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
+                               p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
+        if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
+            raise self._nonfinite("the router logits x @ w_router + b_router",
+                                  ("w_router", "b_router"), "x")
+        noisy = None
+        if self.router_noise == "noisy_topk":
+            z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]
+            std = softplus(z)  # [T, E] learned noise scale
+            eps = (self._noise_rng.standard_normal(logits.shape).astype(rdt) if train
+                   else np.zeros_like(logits))  # [T, E]
+            noisy = (logits, eps, z, std)
+            logits = logits + eps * std  # [T, E] H: the noisy logits that are ranked
+        bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
+                                                                     self.num_experts)
+        backend = None if self.formulation == "dense" else self.backend
+        r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
+                            backend=backend)  # steps 2-10, 12
+        return x_router, noise, r, noisy
+
+    def _check_token_groups(self, router_noise, num_shared_experts, selection, score,
+                            load_balancing) -> None:
+        """token_groups > 1 (pymoe.grouped) runs the router and the routed experts only."""
+        if self.token_groups == 1:
+            return
+        if router_noise == "noisy_topk" or num_shared_experts or selection == "experts":
+            raise ValueError("token_groups: groups support neither router_noise='noisy_topk', "
+                             "shared experts nor selection='experts'")
+        if self.load_stats == "global" and (score != "softmax" or load_balancing != "switch"):
+            raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
+                             f"score={score!r}, load_balancing={load_balancing!r}")
+
+    def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool) -> np.ndarray:
+        G, T = self.token_groups, x2.shape[0]
+        if T == 0 or T % G:
+            raise ValueError(f"x: token_groups={G} needs a number of tokens that is a positive "
+                             f"multiple of {G}, got T = {T}")
+        ex = grouped.LocalExchange(G)
+        ys, gc, aux, z = grouped.forward_groups(self, np.split(x2, G), self._expert_params(), ex,
+                                                self.load_stats, train, {})
+        self._cache = _ForwardCache(x.shape, x.dtype, None, None, None, None, None, groups=gc)
+        self.routing = tuple(s.routing for s in gc.groups)
+        self.aux_loss, self.z_loss = aux, z
+        y = np.concatenate(ys)  # [T, D]
+        if not np.isfinite(y).all():
+            raise self._nonfinite("the expert outputs", PARAM_NAMES[2:], "x")
+        return y.reshape(x.shape)
+
+    def _expert_params(self) -> dict[str, np.ndarray]:
+        return {n: self.params[n] for n in ("w1", "b1", "w2", "b2")}
 
     def loss_terms(self) -> float:
         """aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ load_loss_coef * load_loss with
@@ -274,8 +403,14 @@ class MoELayer:
             raise ValueError("backward: called before forward(); there is no forward pass to "
                              "differentiate")
         dy = _checks.float_array("dy", dy, shape=c.x_shape)
-        p, r = self.params, c.routing
-        dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)  # [T, D]
+        p, r = self._checked_params(), c.routing
+        dy2 = np.ascontiguousarray(dy.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
+        if c.groups is not None:
+            G = self.token_groups
+            dxs, grads = grouped.backward_groups(self, c.groups, np.split(dy2, G),
+                                                 self._expert_params(), {})
+            self.grads = {n: grads[n] for n in PARAM_NAMES}
+            return np.concatenate(dxs).reshape(c.x_shape).astype(c.x_dtype, copy=False)
         K = r.k
         if self.formulation == "dense":
             d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
@@ -293,6 +428,8 @@ class MoELayer:
             dx_shared, sg = shared_experts_backward(dy2, c.x2, p, c.shared)
             dx2 = dx2 + dx_shared
             grads.update(sg)
+        if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
+            raise self._nonfinite("the gate gradient <dy, expert output>", (), "dy")
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         rdt = router_dtype(self.dtype)
         dx_router = None
@@ -312,5 +449,10 @@ class MoELayer:
             dx_router *= c.noise
         dx2 = dx2 + dx_router.astype(self.dtype)
         grads.update({"w_router": dw_router, "b_router": db_router})
+        for name in self.params:
+            if not np.isfinite(grads[name]).all():
+                raise self._nonfinite(f"the gradient of params['{name}']", (), "dy")
+        if not np.isfinite(dx2).all():
+            raise self._nonfinite("the gradient dx", (), "dy")
         self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in self.params}
         return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)

@@ -52,7 +52,8 @@ class Routing:
     """The result of routing T tokens to E experts with K choices each and capacity C.
 
     Index form (what fast paths use) and, on demand, mask form (what the dense einsums use).
-    Treat it as read-only: the derived views are computed once, on first use. With expert-choice
+    Every array in it is read-only (writing raises ValueError): the derived views are computed
+    once, on first use, and must stay consistent with the arrays they came from. With expert-choice
     selection K = E: every token lists every expert, and position is -1 where an expert did not
     take the token.
     """
@@ -73,6 +74,11 @@ class Routing:
     options: RouteOptions = field(default=None, repr=False)  # every routing keyword
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                setattr(self, name, _read_only(value))
+
     @property
     def num_tokens(self) -> int:
         return self.probs.shape[0]
@@ -88,7 +94,7 @@ class Routing:
     @cached_property
     def expert_load_kept(self) -> np.ndarray:
         """`<int64>[E]` assignments per expert after dropping (= min(expert_load, C))."""
-        return expert_load(self.expert_index[self.kept], self.num_experts)
+        return _read_only(expert_load(self.expert_index[self.kept], self.num_experts))
 
     @property
     def dropped_fraction(self) -> float:
@@ -106,14 +112,15 @@ class Routing:
     def slot_owner(self) -> np.ndarray:
         """`<int64>[E, C]`: t*K + j of the pair in each slot, -1 when empty (capacity.slot_owner)."""
         if self._slot_owner is None:
-            self._slot_owner = slot_owner(self.expert_index, self.position, self.capacity,
-                                          self.num_experts)
+            self._slot_owner = _read_only(slot_owner(self.expert_index, self.position,
+                                                     self.capacity, self.num_experts))
         return self._slot_owner
 
     @cached_property
     def _dense(self) -> tuple[np.ndarray, np.ndarray]:
-        return dense_tensors(self.expert_index, self.position, self.gate, self.num_experts,
-                             self.capacity)
+        mask, weights = dense_tensors(self.expert_index, self.position, self.gate,
+                                      self.num_experts, self.capacity)
+        return _read_only(mask), _read_only(weights)
 
     @property
     def dispatch_mask(self) -> np.ndarray:
@@ -124,6 +131,13 @@ class Routing:
     def combine_weights(self) -> np.ndarray:
         """`[T, E, C]`, the gate of the assignment in slot (e, c), 0 elsewhere (built on first use)."""
         return self._dense[1]
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of `a` (the caller's own array, when it is one, stays writeable)."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 @accepts_preset()
@@ -199,7 +213,9 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     same integers through the one slot function, slots.assign.
     """
     backend = _NUMPY if backend is None else backend
-    logits = router_logits.astype(router_dtype(router_logits.dtype), copy=False)  # [T, E]
+    # One C-contiguous, native copy: every reduction below then sums in the same order whatever
+    # the caller's layout, so the same values always give the same bits (and the same ties).
+    logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
     T, E = logits.shape
     if opts.sequence_length is not None and T % opts.sequence_length:
         raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
@@ -270,6 +286,20 @@ def _capacity(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarray |
                            rule=opts.capacity_rule, capacity=opts.capacity)
 
 
+def _check_routing(r: Routing) -> None:
+    """The arrays route_backward reads still fit together (a Routing's arrays are read-only, but
+    its fields can be rebound): shapes, expert range and kept mask, O(T*K + T*E)."""
+    probs = _checks.float_array("routing.probs", r.probs, ndim=2, shape=(None, None))
+    T, E = probs.shape
+    expert_index = _checks.index_array("routing.expert_index", r.expert_index,
+                                       shape=(T, None), high=E)
+    _checks.float_array("routing.router_logits", r.router_logits, ndim=2, shape=(T, E))
+    kept = np.asarray(r.kept)
+    if kept.dtype != np.bool_ or kept.shape != expert_index.shape:
+        raise ValueError(f"routing.kept: expected a bool array of shape {expert_index.shape}, "
+                         f"got {kept.dtype} {kept.shape}")
+
+
 def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0.0,
                    z_loss_coef: float = 0.0) -> np.ndarray:
     """Gradient of  sum(gate * dgate) + aux_loss_coef * aux_loss + z_loss_coef * z_loss.
@@ -285,6 +315,7 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     if not isinstance(routing, Routing):
         raise TypeError(f"routing: expected a pymoe.Routing from route(), got "
                         f"{type(routing).__name__}")
+    _check_routing(routing)
     T, K = routing.expert_index.shape
     dgate = _checks.float_array("dgate", dgate, ndim=2, shape=(T, K))
     aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
