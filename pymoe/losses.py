@@ -19,7 +19,7 @@ def load_balancing_loss(probs: np.ndarray, expert_index: np.ndarray) -> float:
         through P only. This normalisation (all K choices counted, divided by T*K) is Megatron-Core's
         and MegaBlocks'; Mesh-TF, DeepSpeed top-2 and Tutel count first choices only (also balanced
         at 1), flaxformer counts "any of K" and HF Mixtral/Qwen count all K without dividing by K
-        (both balanced at K), HF also pooling every layer (research/routing-conventions.md, row 35).
+        (both balanced at K), HF also pooling every layer (docs/conventions.md, section 8).
         0.0 when T = 0.
     """
     T, E = probs.shape

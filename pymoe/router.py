@@ -12,7 +12,7 @@ def router_dtype(dtype: np.dtype | type) -> np.dtype:
     """The dtype the router computes in: the input's, promoted to at least float32.
 
     Mesh-TF, flaxformer and DeepSpeed cast the router to float32 because low-precision logits flip
-    top-k choices (research/routing-conventions.md, row 1); float64 stays float64.
+    top-k choices (docs/conventions.md, section 1); float64 stays float64.
     """
     return np.result_type(dtype, np.float32)
 

@@ -35,7 +35,7 @@ def gates(probs: np.ndarray, expert_index: np.ndarray, normalize: bool) -> np.nd
 
     Convention: renormalising happens here, at selection, and never again after a drop: a token
     whose second choice overflows keeps g1 < 1 (as Mesh-TF, Tutel and Megatron-Core do; DeepSpeed
-    renormalises the survivors instead; research/routing-conventions.md, row 4). With K = 1 the
+    renormalises the survivors instead; docs/conventions.md, section 3). With K = 1 the
     renormalised gate is always exactly 1, so the router gets no gradient from the task loss.
     """
     g = np.take_along_axis(probs, expert_index, axis=-1)  # [T, K]

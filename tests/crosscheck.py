@@ -20,7 +20,7 @@ import numpy as np
 import pymoe
 
 TOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
-MEASURED: dict[str, float] = {}  # "system/what" -> largest scaled difference seen
+MEASURED: dict[str, float] = {}  # "system/dtype/what" -> largest scaled difference seen
 
 
 @dataclass
@@ -64,10 +64,11 @@ def assert_same(ours: Outcome, theirs: Outcome, dtype, system: str, *,
     the system computes its aux loss in, where that is narrower (HF sums it in float32)."""
     tol = TOL[np.dtype(dtype)]
     sel = slice(None) if rows is None else rows
+    key = f"{system}/{np.dtype(dtype).name}"
     np.testing.assert_array_equal(ours.chosen[sel], theirs.chosen[sel], f"{system}: chosen experts")
     np.testing.assert_array_equal(ours.kept[sel], theirs.kept[sel], f"{system}: kept pairs")
     d = _scaled(ours.gate[sel], theirs.gate[sel])
-    _record(f"{system}/gate", d)
+    _record(f"{key}/gate", d)
     assert d <= tol, f"{system}: gates differ by {d:.3g} > {tol:g}"
     if theirs.capacity is not None:
         assert ours.capacity == theirs.capacity, f"{system}: capacity {ours.capacity} vs {theirs.capacity}"
@@ -75,11 +76,11 @@ def assert_same(ours: Outcome, theirs: Outcome, dtype, system: str, *,
         assert ours.combine.shape == theirs.combine.shape, (
             f"{system}: combine shape {ours.combine.shape} vs {theirs.combine.shape}")
         d = _scaled(ours.combine[sel], theirs.combine[sel])
-        _record(f"{system}/combine", d)
+        _record(f"{key}/combine", d)
         assert d <= tol, f"{system}: combine weights differ by {d:.3g} > {tol:g}"
     if theirs.aux is not None:
         d = abs(ours.aux - theirs.aux) / max(1.0, abs(theirs.aux))
-        _record(f"{system}/aux", d)
+        _record(f"{key}/aux", d)
         tol = TOL[np.dtype(aux_dtype or dtype)]
         assert d <= tol, f"{system}: aux loss {ours.aux!r} vs {theirs.aux!r} ({d:.3g} > {tol:g})"
 
@@ -160,5 +161,5 @@ if __name__ == "__main__":  # run every cross-check and print the largest differ
     rc = pytest.main(["-q", "-p", "no:cacheprovider", here, "-k", "crosscheck"])
     measured = sys.modules["crosscheck"].MEASURED  # the copy the tests imported
     for key in sorted(measured):
-        print(f"{key:40s} {measured[key]:.3g}")
+        print(f"{key:36s} {measured[key]:.3g}")
     sys.exit(rc)

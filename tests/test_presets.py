@@ -128,3 +128,18 @@ def test_layer_with_preset(name):
     x, dy = rng.normal(size=(24, 5)), rng.normal(size=(24, 5))
     errors = check_layer_gradients(layer, x, dy)
     assert max(errors.values()) < FD_RTOL, errors
+
+
+def test_readme_presets_snippet_runs(capsys):
+    import os
+    import re
+
+    from conftest import REPO
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Presets", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    env = {"pymoe": pymoe, "logits": np.random.default_rng(0).normal(size=(64, 16))}
+    exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own example
+    assert isinstance(env["r"], pymoe.Routing) and env["r"].capacity > 0
+    assert "deepseek-v3" in capsys.readouterr().out
