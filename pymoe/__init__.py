@@ -13,6 +13,15 @@ The routing recipe, one module per step:
     experts.py   11   E two-layer FFNs on [E, C, D]
     losses.py    12   load-balancing loss and router z-loss
     routing.py        route(): all of the above; layer.py: MoELayer with forward/backward
+
+The variants of the major MoE systems (route()/MoELayer keywords, checked in options.py):
+    scores.py    2-3  sigmoid scores, selection-only expert bias, update_expert_bias
+    groups.py    3    group-limited top-K
+    sinkhorn.py  3    Sinkhorn-balanced selection
+    noisy.py     1-3  noisy top-K gating and its smooth load loss
+    expert_choice.py 3-9 each expert takes its top-C tokens
+    slots.py     5-9  every slot rule (priority x drop policy) through one function
+    shared.py    11   shared (always-on) experts, optionally sigmoid-gated
 """
 from .backends import BackendInfo, backends, get_backend
 from .compare import Comparison, compare

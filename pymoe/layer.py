@@ -86,9 +86,14 @@ class MoELayer:
 
     Attributes:
         params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, H]`, b1 `[E, H]`,
-            w2 `[E, H, D]`, b2 `[E, D]`. backward() overwrites grads (it does not accumulate).
+            w2 `[E, H, D]`, b2 `[E, D]`; with noisy top-K also w_noise `[D, E]`; with S shared
+            experts shared_w1 `[S, D, H]`, shared_b1 `[S, H]`, shared_w2 `[S, H, D]`,
+            shared_b2 `[S, D]` and, gated, w_shared_gate `[D]`. backward() overwrites grads (it
+            does not accumulate).
         routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
             when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
+        load_loss: noisy top-K's CV(load)^2 of the last forward() (0 without it).
+        expert_bias: `[E]` selection bias or None (a buffer the training loop updates).
     """
 
     @accepts_preset(skip=("seed",))  # a preset's seed is route()'s; here seed initialises

@@ -72,6 +72,7 @@ class Routing:
     aux_loss: float  # load-balancing loss (losses.balance_loss)
     z_loss: float  # router z-loss (losses.router_z_loss)
     options: RouteOptions = field(default=None, repr=False)  # every routing keyword
+    expert_bias: np.ndarray | None = field(default=None, repr=False)  # [E] used for selection
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
 
     def __post_init__(self) -> None:
@@ -248,7 +249,8 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                    gate_before_drop=scale_gates(gate, opts.scaling_factor),
                    gate=scale_gates(final, opts.scaling_factor), kept=kept, capacity=capacity,
                    expert_load=load, normalize=opts.normalize, priority=opts.priority,
-                   aux_loss=aux, z_loss=router_z_loss(logits), options=opts, _slot_owner=owner)
+                   aux_loss=aux, z_loss=router_z_loss(logits), options=opts,
+                   expert_bias=expert_bias, _slot_owner=owner)
 
 
 def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,

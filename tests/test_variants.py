@@ -283,3 +283,20 @@ def test_bad_layer_variant_arguments():
         pymoe.MoELayer(4, 5, 4, 2, shared_expert_gate=True)
     with pytest.raises(ValueError, match="num_groups: must divide"):
         pymoe.MoELayer(4, 5, 4, 2, num_groups=3, topk_groups=1)
+    with pytest.raises(ValueError, match="jitter_eps: expected a finite value >= 0"):
+        pymoe.MoELayer(4, 5, 4, 2, jitter_eps=-0.1)  # a noise scale below 0
+    with pytest.raises(ValueError, match=r"expert_bias: expected shape \[4\]"):
+        pymoe.MoELayer(4, 5, 4, 2, expert_bias=np.zeros(5))
+    with pytest.raises(ValueError, match="token_groups: groups support neither"):
+        pymoe.MoELayer(4, 5, 4, 2, token_groups=2, num_shared_experts=1)
+
+
+def test_expert_bias_updates_balance_a_skewed_router():
+    """Aux-loss-free balancing: repeated update_expert_bias steps even out the load."""
+    logits = np.random.default_rng(7).normal(size=(256, 8)) + np.linspace(1.5, 0, 8)
+    bias = np.zeros(8)
+    first = pymoe.route(logits, 2, None, score="sigmoid", expert_bias=bias).expert_load
+    for _ in range(300):
+        load = pymoe.route(logits, 2, None, score="sigmoid", expert_bias=bias).expert_load
+        bias = pymoe.update_expert_bias(bias, load, 0.01)
+    assert load.max() - load.min() < (first.max() - first.min()) / 4
