@@ -12,7 +12,8 @@ import importlib.util
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = ["01_walkthrough.py", "02_capacity.py", "03_train.py", "04_speed.py"]
+EXAMPLES = ["00_why.py", "01_walkthrough.py", "01b_backward.py", "02_capacity.py", "03_train.py",
+            "04_speed.py"]
 
 
 def load(name: str):
