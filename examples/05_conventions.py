@@ -53,7 +53,15 @@ def main(argv: list[str] | None = None) -> dict:
     names = ["mixtral"] + [n for n in pymoe.presets() if n not in ("mixtral", *TOP1)]
 
     print(f"Every preset on the same router logits: T={T}, E={E}, K={K}.\n")
-    print("1. As shipped: each system's own capacity factor and minimum (dropless where it is).")
+    print("1. As shipped: each system's own capacity factor and minimum (dropless where it is):")
+    own = {}
+    for n in names:
+        p = pymoe.preset(n)
+        own.setdefault("dropless" if p.capacity_factor is None else
+                       f"factor {p.capacity_factor}, rule {p.capacity_rule}, min {p.min_capacity}",
+                       []).append(n)
+    for setting, group in own.items():
+        print(f"   {setting}: {', '.join(group)}")
     shipped = pymoe.compare(logits, names, k=K)
     print(shipped.table(), "\n")
     print("2. One shared capacity factor (1.0, no minimum): what differs is which pairs survive,")
