@@ -21,7 +21,7 @@ OUTPUTS = os.path.join(REPO, "docs", "outputs")
 PASSAGE = re.compile(r"<!-- output: ([\w]+) -->(.*?)<!-- /output -->", re.S)
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
 # Cheap and deterministic (no timings, no training): rerun them and compare with the transcript.
-RERUN = {"00_why": [], "01b_backward": [], "02_capacity": []}
+RERUN = {"00_why": [], "01b_backward": [], "02_capacity": [], "05_conventions": []}
 
 
 def transcript(name: str) -> str:
