@@ -143,7 +143,8 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
             deepseek-v3, gpt-oss, olmoe, nllb-moe), or a Preset to derive from.
         overrides: fields to change, e.g. preset("flaxformer", priority="choice") for a decoder.
     Returns:
-        a Preset; each preset's `source` names the system's file and function it follows.
+        a Preset; each preset's `source` names the system's file and function it follows (the
+        list below is built from the presets themselves).
     """
     if isinstance(name, Preset):
         base = name
@@ -160,6 +161,10 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
         raise TypeError(f"preset: unknown field(s) {', '.join(unknown)}; a Preset has "
                         f"{', '.join(sorted(fields))}")
     return dataclasses.replace(base, **overrides) if overrides else base
+
+
+preset.__doc__ = (preset.__doc__ or "") + "\n    Sources:\n" + "".join(
+    f"        {p.name}: {p.source}\n" for p in _PRESETS.values())
 
 
 def accepts_preset(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:

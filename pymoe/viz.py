@@ -421,6 +421,7 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
     ax.set_xticks(range(E))
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="router score (allowed groups)")
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------ presets side by side
