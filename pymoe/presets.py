@@ -102,7 +102,7 @@ _PRESETS = {p.name: p for p in [
     Preset("tutel", "tutel/impls/fast_dispatch.py: extract_critical; tutel/impls/losses.py: "
            "gshard_loss", normalize=None, capacity_rule="tutel", load_balancing="first_choice"),
     Preset("megablocks", "megablocks/layers/router.py: LearnedRouter; megablocks/layers/moe.py: "
-           "MoE.expert_capacity, indices_and_bins, load_balancing_loss",
+           "ParallelMLP.expert_capacity, indices_and_bins, load_balancing_loss",
            priority="token", capacity_rule="k_floor"),
     Preset("megatron", "megatron/core/transformer/moe/router.py: TopKRouter; moe_utils.py: "
            "topk_routing_with_score_function, apply_router_token_dropping, "
