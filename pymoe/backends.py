@@ -11,9 +11,11 @@ from typing import Protocol
 import numpy as np
 
 from . import _checks
-from .capacity import drop, slot_owner
+from .capacity import drop, expert_load, slot_owner
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
+from .losses import expert_prob_sum
 from .priority import position_in_expert
+from .topk import top_k
 
 BACKEND_NAMES = ("numpy", "c", "cuda")
 
@@ -23,6 +25,11 @@ class Backend(Protocol):
     the legend in router.py. (The CUDA backend works on device arrays and has its own interface,
     pymoe.cuda_backend.CudaBackend.)"""
     name: str
+
+    def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
+              probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """-> (expert_index `<int64>[T, K]` of score + bias (topk.top_k), expert_load `<int64>[E]`,
+        losses.expert_prob_sum(probs) `[E]` or None without probs)."""
 
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
                      num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +51,19 @@ class Backend(Protocol):
 
 # ------------------------------------------------------------------ argument checks
 # Shared by every host backend, so that NumPy and C reject the same inputs with the same messages.
+
+def top_k_args(score: np.ndarray, k: int, bias: np.ndarray | None, probs: np.ndarray | None,
+               dtypes: tuple = _checks.FLOAT_DTYPES, who: str = "NumPy"):
+    score = _float_arg("score", score, (None, None), dtypes, who, finite=True)
+    T, E = score.shape
+    k = _checks.integer("k", k, low=1, high=max(E, 1))
+    if bias is not None:
+        bias = _float_arg("bias", bias, (E,), dtypes, who, finite=True).astype(score.dtype,
+                                                                              copy=False)
+    if probs is not None:
+        probs = _float_arg("probs", probs, (T, E), dtypes, who).astype(score.dtype, copy=False)
+    return score, k, bias, probs
+
 
 def slot_args(expert_index: np.ndarray, token_order: np.ndarray | None, num_experts: int,
               capacity: int) -> tuple[np.ndarray, np.ndarray | None, int, int]:
@@ -80,8 +100,8 @@ def pair_args(expert_out: np.ndarray, expert_index: np.ndarray, position: np.nda
 
 
 def _float_arg(name: str, a: np.ndarray, shape: tuple, dtypes: tuple,
-               who: str = "NumPy") -> np.ndarray:
-    a = _checks.float_array(name, a, ndim=len(shape), shape=shape, finite=False)
+               who: str = "NumPy", finite: bool = False) -> np.ndarray:
+    a = _checks.float_array(name, a, ndim=len(shape), shape=shape, finite=finite)
     if a.dtype.type not in dtypes:
         names = " or ".join(np.dtype(d).name for d in dtypes)
         hint = " (use backend='numpy' for float16)" if np.float16 not in dtypes else ""
@@ -92,6 +112,13 @@ def _float_arg(name: str, a: np.ndarray, shape: tuple, dtypes: tuple,
 class NumpyBackend:
     """The reference: the cumsum slot assignment and the NumPy indexed formulation."""
     name = "numpy"
+
+    def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
+              probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        score, k, bias, probs = top_k_args(score, k, bias, probs)
+        expert_index = top_k(score if bias is None else score + bias, k)  # [T, K]
+        return (expert_index, expert_load(expert_index, score.shape[1]),
+                None if probs is None else expert_prob_sum(probs))
 
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
                      num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:

@@ -142,9 +142,8 @@ class MoELayer:
             x_router = x_router * noise
         logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
                                p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
-        assign = None if self.formulation == "dense" else self.backend.assign_slots
         r = route_unchecked(logits, self.k, self.capacity_factor, self.min_capacity,
-                            self.normalize, self.priority, assign_slots=assign)  # steps 2-10, 12
+                            self.normalize, self.priority, self.backend)  # steps 2-10, 12
         if self.formulation == "dense":
             expert_in = dispatch_dense(x2, r.dispatch_mask)  # [E, C, D]           step 11
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
