@@ -77,6 +77,10 @@ setup(
         "examples": ["matplotlib>=3.6", "scikit-learn>=1.0", "tqdm>=4"],
         # device arrays for the CUDA backend (CUDA 13 wheels)
         "cuda": ["cupy-cuda13x"],
+        # the cross-checks against other systems' own routing code (tests/test_crosscheck_*.py;
+        # install deepspeed with DS_BUILD_OPS=0 on machines without CUDA)
+        "crosscheck": ["torch>=2.4", "transformers>=5.0", "deepspeed>=0.16",
+                       "megatron-core==0.16.1"],
         # the test suite, including the examples' --quick runs with their plots
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6", "scikit-learn>=1.0",
                  "tqdm>=4"],

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _checks
+from .backends import get_backend
 from .capacity import drop, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
 from .losses import (load_balancing_loss, load_balancing_loss_backward,
@@ -18,7 +19,7 @@ from .router import router_dtype, softmax_backward, softmax_lse
 from .topk import gates, gates_backward, top_k
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from .backend_api import Backend
 
 PRIORITIES = ("choice", "score")
 ROUTE_BACKENDS = ("numpy", "c", "auto")
@@ -132,7 +133,6 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
     if normalize and k == 1:
         warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
-    from .backends import get_backend  # (backends imports the routing steps)
     return route_unchecked(logits, k, capacity_factor, min_capacity, normalize, priority,
                            get_backend(backend))
 
@@ -166,7 +166,7 @@ def route_unchecked(router_logits: np.ndarray, k: int, capacity_factor: float | 
         position, gate_kept, kept = drop(position, gate, capacity)  # [T, K]   step 9
     else:  # None = token order, nothing to permute or check
         order = token_order if priority == "score" else None
-        position, owner = backend.assign_slots(expert_index, order, E, capacity)
+        position, owner, _ = backend.assign_slots(expert_index, order, E, capacity)
         kept = position >= 0  # [T, K]
         gate_kept = np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
     return Routing(router_logits=logits, probs=probs, expert_index=expert_index,
