@@ -136,7 +136,7 @@ int FN(pymoe_top_k)(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum,
             if (bias[e] != bias[e]) return PYMOE_ERR_NAN;
     int err = PYMOE_OK, nan = 0;
     if (K > 0 && T > 0) {
-#pragma omp parallel
+#pragma omp parallel num_threads(pymoe_get_max_threads())
         {
             REAL *scratch = (REAL *)malloc(((size_t)E * 2 + 8) * (sizeof(REAL) + sizeof(int64_t)));
             if (scratch == NULL) {
@@ -163,7 +163,7 @@ int FN(pymoe_top_k)(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum,
         /* Column sums in token order, a cache line of columns per thread at a time (NumPy's probs.sum(axis=0)
          * adds rows in the same order, so the bits agree). */
         enum { B = 64 / sizeof(REAL) };           /* one cache line of columns per task */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(pymoe_get_max_threads())
         for (int64_t e0 = 0; e0 < E; e0 += B) {
             int64_t n = E - e0 < B ? E - e0 : B;
             REAL acc[B];
