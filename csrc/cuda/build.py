@@ -47,7 +47,7 @@ def emulator_command(out: str, noop_barrier: bool = False) -> list[str]:
     """g++ (C++20) with the emulation shim; -ffp-contract=off for the same rounding as NumPy."""
     cxx = os.environ.get("CXX", "g++")
     cmd = [cxx, "-std=c++20", "-O1", "-g", "-shared", "-fPIC", "-Wall", "-Wextra",
-           "-ffp-contract=off", "-DPYMOE_EMULATE", "-x", "c++", f"-I{os.path.dirname(HERE)}",
+           "-Wno-unknown-pragmas", "-ffp-contract=off", "-DPYMOE_EMULATE", "-x", "c++", f"-I{os.path.dirname(HERE)}",
            SOURCE, "-o", out]
     if noop_barrier:
         cmd.insert(1, "-DPYMOE_EMU_NOOP_BARRIER")
