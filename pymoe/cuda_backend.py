@@ -27,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
-Check = Union[bool, str]  # True, False or "defer"
+Check = bool | str  # True, False or "defer"
 _BAD_BITS = {1: "an expert_index entry is outside [0, E)",
              2: "a position entry is outside [-1, C)",
              4: "a slot_owner entry is outside [-1, T*K)",

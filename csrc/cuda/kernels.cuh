@@ -39,7 +39,7 @@
 
 #define PYMOE_MAX_BLOCK 1024        // threads per block, at most
 #define PYMOE_MAX_K 1024            // choices per token for combine / gate_grad (shared memory)
-#define PYMOE_ROUTER_MAX_E 1024     // experts per token row in the warp router (32 per lane)
+#define PYMOE_ROUTER_MAX_E 512      // experts per token row in the warp router (16 per lane)
 #define PYMOE_SLOT_ROUNDS 8         // rounds of 32 pairs per warp per slot chunk
 #define PYMOE_SLOT_SMEM (48 * 1024) // per-warp expert histograms of one slot block, at most
 #define PYMOE_UNROLL 4              // 16-byte vectors in flight per thread in the row kernels
@@ -158,11 +158,16 @@ __device__ __forceinline__ void load_row(REAL (&v)[NPL], const REAL *__restrict_
 // (pymoe.topk.gates): steps 2-4 of pymoe.route fused.
 // Out: probs [T, E], expert_index [T, K], gate [T, K]. In: router_logits [T, E].
 // Launch: grid = ceil(T / warps per block) (grid-stride beyond), block = B; one warp per token.
+// Registers: NPL values per lane; at NPL = 16 (E > 256) a 1024-thread block's 64-register cap
+// spills (ptxas), so those instantiations allow 128 registers and run at most 512 threads.
 // Bytes (s = sizeof(REAL)): read T*E*s, write T*E*s + T*K*(8 + s): at E=64, K=2, float32 the
 // 128 MB of a T=2^19 batch move in ~40 us at copy speed; the K shuffle rounds (10 shuffles each,
 // ~32 cycles) stay below that for K <= 8.
+template <int NPL>
+constexpr int router_max_block() { return NPL >= 16 ? 512 : PYMOE_MAX_BLOCK; }
+
 template <typename REAL, int NPL>
-__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+__global__ void __launch_bounds__(router_max_block<NPL>())
 softmax_top_k_kernel(REAL *__restrict__ probs, int64_t *__restrict__ expert_index,
                      REAL *__restrict__ gate, const REAL *__restrict__ router_logits, int64_t T,
                      int64_t K, int64_t E, int normalize, int *status) {
@@ -205,9 +210,9 @@ softmax_top_k_kernel(REAL *__restrict__ probs, int64_t *__restrict__ expert_inde
 // v[t, e] = score[t, e] (+ bias[e], rounded in REAL), ties to the lower expert; expert_load[e]
 // (may be NULL) counts the picks (integer atomics: any order gives the same counts). A NaN
 // sets PYMOE_BAD_NAN (the host turns it into an error, as the C core does).
-// Launch: as softmax_top_k_kernel. Bytes: read T*E*s, write T*K*8.
+// Launch: as softmax_top_k_kernel. Bytes: read T*E*s, write T*K*8 (+ E*8 of counts).
 template <typename REAL, int NPL>
-__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+__global__ void __launch_bounds__(router_max_block<NPL>())
 top_k_kernel(int64_t *__restrict__ expert_index, unsigned long long *__restrict__ expert_load,
              const REAL *__restrict__ score, const REAL *__restrict__ bias, int64_t T, int64_t K,
              int64_t E, int *status) {
@@ -685,11 +690,12 @@ combine_kernel(REAL *__restrict__ y, const REAL *__restrict__ expert_out,
 // Launch: grid = min(T, 2^31 - 1) blocks striding over tokens, block = B threads.
 // The token's pairs are loaded once (shared memory); then choices go in groups of GG = 8: one
 // pass over D loads each dy vector once and dots it with the group's GG rows (GG partial sums
-// in registers), so dy is read ceil(K / 8) times, from L1 after the first. Each partial is
+// in registers), so dy is read ceil(K / 4) times, from L1 after the first (a group of 8 spilled
+// on sm_80 under the 64-register cap of 1024-thread blocks). Each partial is
 // reduced by a warp butterfly, then the warps' sums are added in warp order by one thread per
 // choice: a fixed order, so the result never depends on timing.
 // Bytes (s = sizeof(REAL)): read (T + kept)*D*s, write T*K*s, plus T*K*16 of indices.
-#define PYMOE_GATE_GROUP 8
+#define PYMOE_GATE_GROUP 4
 template <typename REAL>
 __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
 gate_grad_kernel(REAL *__restrict__ dgate, const REAL *__restrict__ dy,
@@ -699,21 +705,27 @@ gate_grad_kernel(REAL *__restrict__ dgate, const REAL *__restrict__ dy,
     typedef Vec<REAL> V;
     typedef typename V::type VT;
     PYMOE_SHARED(int64_t, row, PYMOE_MAX_K);
-    PYMOE_SHARED(REAL, unused, PYMOE_MAX_K);
+    PYMOE_SHARED(REAL, unit_weight, PYMOE_MAX_K);  // load_pairs fills it with 1s (no weight)
     PYMOE_SHARED(REAL, part, PYMOE_GATE_GROUP * 32);
     const int64_t B = blockDim.x;
     const int lane = threadIdx.x % 32, wp = threadIdx.x / 32, W = blockDim.x / 32;
     for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-        load_pairs<REAL>(row, unused, t, expert_index, position, (const REAL *)nullptr, K, E, C,
+        load_pairs<REAL>(row, unit_weight, t, expert_index, position, (const REAL *)nullptr, K, E,
+                         C,
                          status);
         __syncthreads();
         const REAL *g = dy + t * D;
         for (int64_t j0 = 0; j0 < K; j0 += PYMOE_GATE_GROUP) {
             const int64_t nj = K - j0 < PYMOE_GATE_GROUP ? K - j0 : PYMOE_GATE_GROUP;
+            const REAL *src[PYMOE_GATE_GROUP];  // the group's rows (NULL: dropped / absent)
             int64_t head = head_of(g);
             bool vec = true;
-            for (int64_t u = 0; u < nj; u++)
-                vec = vec && (row[j0 + u] < 0 || head_of(expert_out + row[j0 + u] * D) == head);
+#pragma unroll
+            for (int u = 0; u < PYMOE_GATE_GROUP; u++) {
+                const int64_t r = u < nj ? (int64_t)row[j0 + u] : -1;
+                src[u] = r >= 0 ? expert_out + r * D : nullptr;
+                vec = vec && (!src[u] || head_of(src[u]) == head);
+            }
             if (!vec || head > D) head = D;
             const int64_t nv = (D - head) / V::n;
             REAL acc[PYMOE_GATE_GROUP];
@@ -723,24 +735,21 @@ gate_grad_kernel(REAL *__restrict__ dgate, const REAL *__restrict__ dy,
                 const REAL a = __ldg(g + d);
 #pragma unroll
                 for (int u = 0; u < PYMOE_GATE_GROUP; u++)
-                    if (u < nj && row[j0 + u] >= 0)
-                        acc[u] += a * __ldg(expert_out + row[j0 + u] * D + d);
+                    if (src[u]) acc[u] += a * __ldg(src[u] + d);
             }
             const VT *gv = reinterpret_cast<const VT *>(g + head);
             for (int64_t i = threadIdx.x; i < nv; i += B) {
                 const VT a = __ldg(gv + i);
 #pragma unroll
                 for (int u = 0; u < PYMOE_GATE_GROUP; u++)
-                    if (u < nj && row[j0 + u] >= 0)
-                        acc[u] += V::dot(a, __ldg(reinterpret_cast<const VT *>(
-                                                  expert_out + row[j0 + u] * D + head) + i));
+                    if (src[u])
+                        acc[u] += V::dot(a, __ldg(reinterpret_cast<const VT *>(src[u] + head) + i));
             }
             for (int64_t d = head + nv * V::n + threadIdx.x; d < D; d += B) {
                 const REAL a = __ldg(g + d);
 #pragma unroll
                 for (int u = 0; u < PYMOE_GATE_GROUP; u++)
-                    if (u < nj && row[j0 + u] >= 0)
-                        acc[u] += a * __ldg(expert_out + row[j0 + u] * D + d);
+                    if (src[u]) acc[u] += a * __ldg(src[u] + d);
             }
 #pragma unroll
             for (int u = 0; u < PYMOE_GATE_GROUP; u++) {

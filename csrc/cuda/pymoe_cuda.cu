@@ -44,7 +44,7 @@ const int64_t kMaxGridX = 2147483647;  // gridDim.x limit (y and z are 65535; un
 
 unsigned grid_for(int64_t n) { return (unsigned)(n < 1 ? 1 : n < kMaxGridX ? n : kMaxGridX); }
 
-// Values per lane of the warp router for E experts: 1, 2, 4, 8, 16 or 32 (E <= 1024).
+// Values per lane of the warp router for E experts: 1, 2, 4, 8 or 16 (E <= 512).
 int values_per_lane(int64_t E) {
     int npl = 1;
     while (32 * (int64_t)npl < E) npl *= 2;
@@ -63,15 +63,16 @@ int softmax_top_k(REAL *probs, int64_t *expert_index, REAL *gate, const REAL *ro
     REQUIRE(probs, TE); REQUIRE(router_logits, TE); REQUIRE(expert_index, s.TK);
     REQUIRE(gate, s.TK);
     if (T == 0) return 0;
-    const unsigned grid = grid_for((T + t_block / 32 - 1) / (t_block / 32));
     cudaStream_t st = (cudaStream_t)stream;
-#define PYMOE_ROUTER(NPL)                                                                        \
-    case NPL:                                                                                    \
-        return PYMOE_LAUNCH_SYNC((softmax_top_k_kernel<REAL, NPL>), grid, t_block, 0, st, probs, \
-                                 expert_index, gate, router_logits, T, K, E, normalize, status)
+#define PYMOE_ROUTER(NPL)                                                                         \
+    case NPL: {                                                                                   \
+        const int b = t_block < router_max_block<NPL>() ? t_block : router_max_block<NPL>();      \
+        return PYMOE_LAUNCH_SYNC((softmax_top_k_kernel<REAL, NPL>),                               \
+                                 grid_for((T + b / 32 - 1) / (b / 32)), b, 0, st, probs,          \
+                                 expert_index, gate, router_logits, T, K, E, normalize, status);  \
+    }
     switch (values_per_lane(E)) {
-        PYMOE_ROUTER(1); PYMOE_ROUTER(2); PYMOE_ROUTER(4); PYMOE_ROUTER(8); PYMOE_ROUTER(16);
-        PYMOE_ROUTER(32);
+        PYMOE_ROUTER(1) PYMOE_ROUTER(2) PYMOE_ROUTER(4) PYMOE_ROUTER(8) PYMOE_ROUTER(16)
     }
 #undef PYMOE_ROUTER
     return PYMOE_ERR_SIZE;
@@ -92,16 +93,16 @@ int top_k(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum, const REA
     if (expert_load != NULL && E > 0)
         e = cudaMemsetAsync(expert_load, 0, (size_t)E * sizeof(int64_t), st);
     if (e == cudaSuccess && T > 0 && K > 0) {
-        const unsigned grid = grid_for((T + t_block / 32 - 1) / (t_block / 32));
         unsigned long long *load = reinterpret_cast<unsigned long long *>(expert_load);
 #define PYMOE_TOPK(NPL)                                                                           \
-    case NPL:                                                                                     \
-        e = PYMOE_LAUNCH_SYNC((top_k_kernel<REAL, NPL>), grid, t_block, 0, st, expert_index, load, \
-                              score, bias, T, K, E, status);                                      \
-        break
+    case NPL: {                                                                                   \
+        const int b = t_block < router_max_block<NPL>() ? t_block : router_max_block<NPL>();      \
+        e = PYMOE_LAUNCH_SYNC((top_k_kernel<REAL, NPL>), grid_for((T + b / 32 - 1) / (b / 32)), b, \
+                              0, st, expert_index, load, score, bias, T, K, E, status);           \
+        break;                                                                                    \
+    }
         switch (values_per_lane(E)) {
-            PYMOE_TOPK(1); PYMOE_TOPK(2); PYMOE_TOPK(4); PYMOE_TOPK(8); PYMOE_TOPK(16);
-            PYMOE_TOPK(32);
+            PYMOE_TOPK(1) PYMOE_TOPK(2) PYMOE_TOPK(4) PYMOE_TOPK(8) PYMOE_TOPK(16)
         }
 #undef PYMOE_TOPK
     }

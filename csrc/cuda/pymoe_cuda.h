@@ -50,7 +50,7 @@ int pymoe_cuda_get_block_size(void);
 /* Steps 2-4 of pymoe.route fused: softmax over E (pymoe.router.softmax), the top-K by logit
  * (pymoe.topk.top_k, ties to the lower expert) and the gates, raw or renormalised
  * (pymoe.topk.gates). Out: probs [T, E], expert_index [T, K], gate [T, K]. In: router_logits
- * [T, E]. 1 <= K <= E <= 1024. A NaN logit sets PYMOE_BAD_NAN. */
+ * [T, E]. 1 <= K <= E <= 512. A NaN logit sets PYMOE_BAD_NAN. */
 int pymoe_cuda_softmax_top_k_f32(float *probs, int64_t *expert_index, float *gate,
                                  const float *router_logits, int64_t T, int64_t K, int64_t E,
                                  int normalize, int *status, void *stream);
@@ -61,7 +61,7 @@ int pymoe_cuda_softmax_top_k_f64(double *probs, int64_t *expert_index, double *g
 /* Top-K selection, the twin of C's pymoe_top_k: expert_index[t] = the K largest
  * v[t, e] = score[t, e] + bias[e] (bias NULL: v = score), ties to the lower expert;
  * expert_load[e] = picks of e (NULL: not computed); prob_sum[e] = sum over t = 0..T-1 of
- * probs[t, e] in that order (NULL: not computed). 0 <= K <= E <= 1024. NaN: PYMOE_BAD_NAN. */
+ * probs[t, e] in that order (NULL: not computed). 0 <= K <= E <= 512. NaN: PYMOE_BAD_NAN. */
 int pymoe_cuda_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
                          const float *score, const float *bias, const float *probs, int64_t T,
                          int64_t K, int64_t E, int *status, void *stream);

@@ -27,9 +27,9 @@
 // kernel runs on fails the launch (pymoe's status word is the one thing written by atomics).
 // Streams are accepted and ignored: every launch runs to completion, in call order.
 //
-// PYMOE_EMU_NOOP_BARRIER makes __syncthreads and __syncwarp no-ops, with the race check off and
-// threads in ascending order: the tests build that variant once to show that the kernels'
-// results depend on their barriers. PYMOE_EMU_SEED (environment) changes the thread order seed.
+// PYMOE_EMU_NOOP_BARRIER makes __syncthreads and __syncwarp no-ops (everything else as usual):
+// the tests build that variant once to show that the kernels' barriers are needed.
+// PYMOE_EMU_SEED (environment) changes the thread order seed.
 #pragma once
 
 #include <ucontext.h>
@@ -199,11 +199,7 @@ inline uint64_t next_random() {  // splitmix64
 }
 
 inline void shuffle(std::vector<unsigned> &v) {
-#ifndef PYMOE_EMU_NOOP_BARRIER
     for (size_t i = v.size(); i > 1; i--) std::swap(v[i - 1], v[next_random() % i]);
-#else
-    (void)v;
-#endif
 }
 
 // Record the first failure of the running launch (later ones would only be consequences).
@@ -235,11 +231,13 @@ inline int device_of(const void *p) {  // -1: not cudaMalloc'd (host memory, Num
     return (uintptr_t)p < it->first + it->second.size ? it->second.device : -1;
 }
 
-inline void check_device(const void *p, const char *what) {
+// False (and the launch fails) when p is memory of another device than the kernel's.
+inline bool check_device(const void *p, const char *what) {
     int d = device_of(p);
-    if (d >= 0 && d != state.device)
-        fail(std::string(what) + " on memory of device " + std::to_string(d) +
-             " by a kernel running on device " + std::to_string(state.device));
+    if (d < 0 || d == state.device) return true;
+    fail(std::string(what) + " on memory of device " + std::to_string(d) +
+         " by a kernel running on device " + std::to_string(state.device));
+    return false;
 }
 
 // ------------------------------------------------------------------ shared-memory race check
@@ -251,9 +249,6 @@ inline bool ordered(int32_t y, uint32_t cy, unsigned x) {
 }
 
 inline void shadow_access(Shadow &s, bool write, const char *name, size_t index) {
-#ifdef PYMOE_EMU_NOOP_BARRIER
-    (void)s; (void)write; (void)name; (void)index;
-#else
     const unsigned x = (unsigned)state.current;
     if (s.generation != state.generation) {
         s.generation = state.generation;
@@ -278,7 +273,6 @@ inline void shadow_access(Shadow &s, bool write, const char *name, size_t index)
     } else {
         s.readers.back().second = own_clock(x);
     }
-#endif
 }
 
 template <typename T>
@@ -567,9 +561,6 @@ inline cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_shared, bool fib
     if (dynamic_shared > kMaxDynamicShared) return cudaErrorInvalidValue;
     if (fibers && block.x % 32 != 0) return cudaErrorInvalidConfiguration;  // whole warps
     std::lock_guard<std::mutex> lock(launch_mutex);
-#ifdef PYMOE_EMU_NOOP_BARRIER
-    fibers = false;
-#endif
     state.block_dim = block;
     state.grid_dim = grid;
     state.fibers = fibers;
@@ -649,19 +640,19 @@ template <typename T>
 inline T __ldg(const T *p) { return *p; }
 
 inline int atomicOr(int *address, int val) {
-    emu::check_device(address, "atomicOr");
+    if (!emu::check_device(address, "atomicOr")) return 0;
     int old = *address;
     *address = old | val;
     return old;
 }
 inline int atomicAdd(int *address, int val) {
-    emu::check_device(address, "atomicAdd");
+    if (!emu::check_device(address, "atomicAdd")) return 0;
     int old = *address;
     *address = old + val;
     return old;
 }
 inline unsigned long long atomicAdd(unsigned long long *address, unsigned long long val) {
-    emu::check_device(address, "atomicAdd");
+    if (!emu::check_device(address, "atomicAdd")) return 0;
     unsigned long long old = *address;
     *address = old + val;
     return old;
