@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="only compile (nvcc -c) for sm_80 and sm_90; print the warnings and the "
                          "resource table; fail on a warning or a spill")
+    ap.add_argument("--table", metavar="PATH",
+                    help="with --check: also write the resource table to PATH (Markdown)")
     args = ap.parse_args(argv)
     if args.check:
         rows, output = check()
@@ -197,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptxas resources (from -Xptxas -v; occupancy computed from them for {BLOCK}-thread "
               f"blocks, slot kernels at E={SLOT_E}; nothing measured on a GPU):")
         print(resource_table(rows))
+        if args.table:
+            with open(args.table, "w", encoding="utf-8") as f:
+                f.write(f"# CUDA kernel resources\n\nWritten by `python csrc/cuda/build.py --check "
+                        f"--table {args.table}` from `nvcc -Xptxas -v` (CUDA 13) for sm_80 and "
+                        f"sm_90. Registers, spills, stack and shared memory are what ptxas "
+                        f"reports; blocks per SM and occupancy are computed from them for "
+                        f"{BLOCK}-thread blocks (slot kernels at E={SLOT_E}) with each arch's "
+                        f"per-SM limits. Nothing here was measured on a GPU.\n\n"
+                        f"{resource_table(rows)}\n")
         spills = [r for r in rows if r.spill_bytes]
         for r in spills:
             print(f"SPILL: {r.kernel} sm_{r.arch}: {r.spill_bytes} bytes")
