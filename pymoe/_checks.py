@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import memory
+
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -31,6 +33,7 @@ def float_array(name: str, a: object, *, ndim: int | None = None, min_ndim: int 
     arr = np.asarray(a)
     if arr.dtype.type not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float16, float32 or float64, got {arr.dtype}")
+    arr = native(arr)
     if ndim is not None and arr.ndim != ndim:
         want = _shape_str(shape) if shape is not None else f"{ndim}-D"
         raise ValueError(f"{name}: expected a {ndim}-D array {want}, got shape {arr.shape}")
@@ -43,6 +46,11 @@ def float_array(name: str, a: object, *, ndim: int | None = None, min_ndim: int 
         entries = "entry" if bad == 1 else "entries"
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf {entries}")
     return arr
+
+
+def native(arr: np.ndarray) -> np.ndarray:
+    """`arr` in native byte order (a converted copy when it is not): C reads raw bytes."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 def check_shape(name: str, arr: np.ndarray, shape: Sequence[int | None]) -> None:
@@ -60,7 +68,9 @@ def index_array(name: str, a: object, *, shape: Sequence[int | None], high: int,
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"{name}: expected an integer array, got dtype {arr.dtype}")
     check_shape(name, arr, shape)
-    arr = arr.astype(np.int64, copy=False)
+    # Exactly np.int64 in native byte order: '>i8' is converted, np.longlong (the same bits,
+    # another scalar type) is relabelled, so no later lookup by dtype can miss it.
+    arr = arr.astype(np.int64, copy=False).view(np.int64)
     if arr.size and (arr.min() < low or arr.max() >= high):
         raise ValueError(f"{name}: expected entries in [{low}, {high}), got range "
                          f"[{int(arr.min())}, {int(arr.max())}]")
@@ -115,3 +125,62 @@ def boolean(name: str, v: object) -> bool:
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
     return bool(v)
+
+
+# ------------------------------------------------------------------ backend operation arguments
+# Shared by every host backend (NumPy, C), so that they reject the same inputs with the same messages.
+
+def float_arg(name: str, a: object, shape: Sequence[int | None], dtypes: tuple = FLOAT_DTYPES,
+              who: str = "NumPy") -> np.ndarray:
+    """float_array of the given shape whose dtype is one of `dtypes` (those backend `who` takes)."""
+    arr = float_array(name, a, ndim=len(shape), shape=shape, finite=False)
+    if arr.dtype.type not in dtypes:
+        names = " or ".join(np.dtype(d).name for d in dtypes)
+        hint = " (use backend='numpy' for float16)" if np.float16 not in dtypes else ""
+        raise TypeError(f"{name}: the {who} backend takes {names}, got {arr.dtype}{hint}")
+    return arr
+
+
+def slot_args(expert_index: object, token_order: object | None, num_experts: object,
+              capacity: object) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+    """The arguments of assign_slots: expert_index `<int>[T, K]` in [0, E), token_order a
+    permutation of 0..T-1 (or None), E >= 1, C >= 0."""
+    E = integer("num_experts", num_experts, low=1)
+    C = integer("capacity", capacity, low=0)
+    index = index_array("expert_index", expert_index, shape=(None, None), high=E)
+    T = index.shape[0]
+    memory.check("capacity", E * C * 8, f"slot_owner [E, C] = [{E}, {C}] (int64)",
+                 f"an expert receives at most T = {T} pairs, so slots past T never fill: "
+                 "pass capacity=min(capacity, T), as route() does")
+    order = None
+    if token_order is not None:
+        order = index_array("token_order", token_order, shape=(T,), high=max(T, 1))
+        if T and not np.array_equal(np.sort(order), np.arange(T)):
+            raise ValueError(f"token_order: expected a permutation of 0..{T - 1}")
+    return index, order, E, C
+
+
+def dispatch_args(x: object, slot_owner: object, k: object, weight: object | None,
+                  dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
+                  ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """The arguments of dispatch: x `[T, D]`, slot_owner `<int>[E, C]` in [-1, T*K), K >= 1,
+    weight `[T, K]` or None (cast to x's dtype)."""
+    xa = float_arg("x", x, (None, None), dtypes, who)
+    k = integer("k", k, low=1)
+    owner = index_array("slot_owner", slot_owner, shape=(None, None), high=xa.shape[0] * k, low=-1)
+    w = None
+    if weight is not None:
+        w = float_arg("weight", weight, (xa.shape[0], k), dtypes, who).astype(xa.dtype, copy=False)
+    return xa, owner, k, w
+
+
+def pair_args(expert_out: object, expert_index: object, position: object,
+              dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arguments of combine and gate_grad: expert_out `[E, C, D]`, expert_index `<int>[T, K]`
+    in [0, E), position `<int>[T, K]` in [-1, C)."""
+    out = float_arg("expert_out", expert_out, (None, None, None), dtypes, who)
+    E, C, _ = out.shape
+    index = index_array("expert_index", expert_index, shape=(None, None), high=E)
+    pos = index_array("position", position, shape=index.shape, high=C, low=-1)
+    return out, index, pos

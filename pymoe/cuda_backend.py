@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from .backends import BackendInfo
+from .backend_api import BackendInfo
 from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -289,6 +289,9 @@ class CudaBackend:
                             f"got {dtype}")
         _checks.check_shape(name, a, shape)
         if isinstance(a, DeviceArray):
+            if a.ptr == 0 and int(np.prod(a.shape)) > 0:  # the library would only say NULL
+                raise ValueError(f"{name}: got a NULL device pointer (DeviceArray.ptr == 0) for "
+                                 f"a non-empty array of shape {a.shape}")
             return a, a.ptr
         if not a.flags.c_contiguous:
             a = self.memory.xp.ascontiguousarray(a)

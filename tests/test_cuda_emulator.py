@@ -9,7 +9,7 @@ from conftest import REPO, cuda_build_module
 
 import pymoe
 from pymoe import cuda_backend
-from pymoe.backends import NumpyBackend
+from pymoe.numpy_backend import NumpyBackend
 
 
 @pytest.fixture(scope="module")
