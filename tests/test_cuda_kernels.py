@@ -5,10 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
+from tolerances import GATE_RTOL, PROB_RTOL, assert_dot_close
 
 import pymoe
 from pymoe.numpy_backend import NumpyBackend
-from tolerances import GATE_RTOL, PROB_RTOL, assert_dot_close
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given, settings  # noqa: E402

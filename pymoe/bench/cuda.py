@@ -154,13 +154,13 @@ def main(args: Any) -> int:
     print("pymoe CUDA benchmark:", info.detail)
     timer, rows = DeviceTimer(be.memory.xp), []
     for block in args.block_size:
-        be.set_block_size(block)
-        for E in args.E:
-            for K in args.K:
-                new: list[Row] = []
-                bench_problem(be, args, E, K, timer, new)
-                print(format_table(new), flush=True)
-                rows += new
+        with be.block_size(block):
+            for E in args.E:
+                for K in args.K:
+                    new: list[Row] = []
+                    bench_problem(be, args, E, K, timer, new)
+                    print(format_table(new), flush=True)
+                    rows += new
     target = [r for r in rows if r.op in ("dispatch", "combine") and r.x_copy is not None]
     for r in target:
         print(f"  {r.op:8s} {r.x_copy:5.2f}x device copy  (H100 target >= 0.7 at T=65536 "
