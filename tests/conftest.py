@@ -1,10 +1,12 @@
-"""Shared pytest setup: hypothesis profiles and small helpers."""
+"""Shared pytest setup: hypothesis profiles, fixtures and the gpu marker (helpers live in helpers.py)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 import pytest
+
+from helpers import cuda_build_module, gpu_visible
 
 try:
     from hypothesis import HealthCheck, settings
@@ -40,42 +42,11 @@ def c_backend():
 
 
 # ------------------------------------------------------------------------------- CUDA
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cuda_build_module():
-    """csrc/cuda/build.py, imported from the source tree (it is not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "pymoe_cuda_build", os.path.join(REPO, "csrc", "cuda", "build.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _gpu_visible() -> tuple[bool, str]:
-    try:
-        import cupy
-    except ImportError:
-        return False, "CuPy is not installed (pip install 'pymoe[cuda]')"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError as err:  # no driver, or a driver but no device
-        return False, f"no GPU: {err}"
-    return (n > 0), f"{n} GPU(s) visible" if n else "no GPU visible"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU and CuPy; deselected automatically "
-                                       "when no device is visible, selected when one is")
-
-
 def pytest_collection_modifyitems(config, items):
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
-    visible, why = _gpu_visible()
+    visible, why = gpu_visible()
     config._pymoe_gpu_note = f"{len(gpu)} gpu tests {'selected' if visible else 'deselected'}: {why}"
     if not visible:
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import pymoe
-from gradcheck import FD_RTOL, check_layer_gradients, randomize
+from helpers import FD_RTOL, check_layer_gradients, randomize
 from pymoe.numpy_backend import NumpyBackend
-from tolerances import DOWNSTREAM_RTOL, assert_dot_close, rel_norm_error
+from helpers import DOWNSTREAM_RTOL, assert_dot_close, rel_norm_error
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given  # noqa: E402

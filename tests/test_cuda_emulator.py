@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from conftest import REPO, cuda_build_module
+from helpers import REPO, cuda_build_module
 from pymoe import cuda_backend
 from pymoe.numpy_backend import NumpyBackend
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import pymoe
-from gradcheck import randomize
-from oracle import oracle_layer_forward
+from helpers import randomize
+from helpers import oracle_layer_forward
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given  # noqa: E402

@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 
-from conftest import REPO
+from helpers import REPO
 
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
 
