@@ -1,16 +1,20 @@
 """Helpers shared by the test modules, which import them from here explicitly.
 
-Sections: paths and builds; finite differences; tolerances; the loop oracle; the torch autograd
+Sections: paths and builds; optional packages; finite differences; tolerances; the loop oracle; the torch autograd
 oracle; pictures.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import struct
+import warnings
 from decimal import Decimal
+from types import ModuleType
 
 import numpy as np
+import pytest
 
 from pymoe import viz
 
@@ -39,6 +43,37 @@ def gpu_visible() -> tuple[bool, str]:
     except cupy.cuda.runtime.CUDARuntimeError as err:  # no driver, or a driver but no device
         return False, f"no GPU: {err}"
     return (n > 0), f"{n} GPU(s) visible" if n else "no GPU visible"
+
+
+# ------------------------------------------------------------------------- optional packages
+# A test needing an optional package (an extra) skips with the reason where it is missing; under
+# PYMOE_REQUIRE_OPTIONAL=1 (CI, which installs every extra) it fails instead, so that a missing or
+# broken install cannot pass as 'skipped'.
+REQUIRE_OPTIONAL_ENV = "PYMOE_REQUIRE_OPTIONAL"
+
+
+def require_optional(available: bool, reason: str, *, module_level: bool = False) -> None:
+    """Skip (or, under PYMOE_REQUIRE_OPTIONAL=1, fail) with `reason` unless `available`."""
+    if available:
+        return
+    if os.environ.get(REQUIRE_OPTIONAL_ENV) == "1":
+        pytest.fail(f"{REQUIRE_OPTIONAL_ENV}=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def import_optional(name: str, extra: str, *, module_level: bool = True) -> ModuleType:
+    """Import `name`, or require_optional's skip/fail naming the pymoe extra that installs it.
+
+    Import warnings (the systems' own CPU-only notices) are silenced.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except Exception as err:  # ImportError, or a package that is installed but broken
+        require_optional(False, f"{name} unavailable ({type(err).__name__}: {err}); "
+                                f"pip install 'pymoe[{extra}]'", module_level=module_level)
+        raise  # not reached: require_optional skips or fails
 
 
 # ------------------------------------------------------------------------- finite differences

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from crosscheck import CASES, Outcome, assert_same, ours
-from optional import import_optional
+from helpers import import_optional
 
 torch = import_optional("torch", "crosscheck")
 sharded_moe = import_optional("deepspeed.moe.sharded_moe", "crosscheck")

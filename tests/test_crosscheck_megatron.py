@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from crosscheck import CASES, Outcome, assert_same, ours, tied_logits
-from optional import import_optional
+from helpers import import_optional
 
 torch = import_optional("torch", "crosscheck")
 moe_utils = import_optional("megatron.core.transformer.moe.moe_utils", "crosscheck")

@@ -16,7 +16,7 @@ import sys
 import expert_parallel_cases as epc
 import numpy as np
 import pytest
-from conftest import REPO, require_optional
+from helpers import REPO, require_optional
 
 import pymoe
 
