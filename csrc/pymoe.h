@@ -35,6 +35,8 @@ extern "C" {
 #define PYMOE_ERR_OWNER -5     /* a slot_owner entry outside [-1, T*K) */
 #define PYMOE_ERR_ORDER -6     /* token_order is not a permutation of 0..T-1 */
 #define PYMOE_ERR_NOMEM -7     /* scratch allocation failed */
+/* The message of an error code above ("unknown error code" for any other int). */
+const char *pymoe_error_string(int code);
 
 /* Slot assignment with choice-major priority and capacity drop (pymoe.priority + capacity).
  * Pairs claim slots in the order: choice j = 0 of token_order[0], ..., token_order[T-1], then

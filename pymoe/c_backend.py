@@ -1,7 +1,8 @@
 """The C core (csrc/, built by pip through cffi) as a pymoe backend.
 
 Every array is checked here (dtype, shape, contiguity, index ranges) before it crosses into C; the
-C functions check sizes and indices again and return an error code, which becomes a ValueError.
+C functions check sizes and indices again and return an error code, which becomes a ValueError
+with the C core's own message for it (pymoe_error_string).
 The C code computes exactly what pymoe.indexed computes: dispatch and combine bit for bit,
 the gate gradient to round-off (its dot products sum in a different order than NumPy's).
 
@@ -21,15 +22,6 @@ from . import _checks
 from .backend_api import BackendInfo
 
 C_DTYPES = (np.float32, np.float64)
-_ERRORS = {
-    -1: "a size is negative or a product of sizes overflows int64",
-    -2: "a NULL pointer was passed for a non-empty array",
-    -3: "an expert_index entry is outside [0, E)",
-    -4: "a position entry is outside [-1, C)",
-    -5: "a slot_owner entry is outside [-1, T*K)",
-    -6: "token_order is not a permutation of 0..T-1",
-    -7: "out of memory",
-}
 _STATUS_FILE = os.path.join(os.path.dirname(__file__), "_c_build_status.txt")
 
 
@@ -73,7 +65,8 @@ class CBackend:
 
     def _check(self, func: str, code: int) -> None:
         if code != 0:
-            raise ValueError(f"C core {func}: {_ERRORS.get(code, f'error code {code}')}")
+            why = self.ffi.string(self.lib.pymoe_error_string(code)).decode()
+            raise ValueError(f"C core {func}: {why} (error code {code})")
 
     @staticmethod
     def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
