@@ -10,7 +10,8 @@ display and leaves the user's pyplot backend alone.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -1,7 +1,7 @@
 """Helpers shared by the test modules, which import them from here explicitly.
 
-Sections: paths and builds; optional packages; finite differences; tolerances; the loop oracle; the torch autograd
-oracle; pictures.
+Sections: paths and builds; optional packages; finite differences; tolerances; the loop oracle;
+the torch autograd oracle; pictures.
 """
 from __future__ import annotations
 

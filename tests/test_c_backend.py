@@ -5,9 +5,15 @@ import numpy as np
 import pytest
 
 import pymoe
-from helpers import FD_RTOL, check_layer_gradients, randomize
+from helpers import (
+    DOWNSTREAM_RTOL,
+    FD_RTOL,
+    assert_dot_close,
+    check_layer_gradients,
+    randomize,
+    rel_norm_error,
+)
 from pymoe.numpy_backend import NumpyBackend
-from helpers import DOWNSTREAM_RTOL, assert_dot_close, rel_norm_error
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given  # noqa: E402

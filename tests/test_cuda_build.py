@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from helpers import REPO, gpu_visible, cuda_build_module
+from helpers import REPO, cuda_build_module, gpu_visible
 from pymoe import cuda_backend
 
 NVCC = os.environ.get("NVCC", "nvcc")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import pymoe
-from pymoe.numpy_backend import NumpyBackend
 from helpers import GATE_RTOL, PROB_RTOL, assert_dot_close
+from pymoe.numpy_backend import NumpyBackend
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given, settings  # noqa: E402

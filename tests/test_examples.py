@@ -9,9 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, assert_png_matches
 from pymoe.bench.cpu import COPY
-from helpers import assert_png_matches
 
 EXAMPLES = os.path.join(REPO, "examples")
 

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 import pymoe
+from helpers import assert_png_matches
 from pymoe import viz
 from pymoe.bench.report import Row
-
-from helpers import assert_png_matches
 
 
 @pytest.fixture

@@ -2,13 +2,15 @@
 
 Each kernel is timed with CUDA events (median over repeats after a warm-up) and its effective
 GB/s (the bytes it must read plus write, as in ops.op_bytes) is divided by the bandwidth of a
-device-to-device copy of a same-sized buffer measured in the same run. With PYMOE_CUDA_LIB pointing at the CPU emulation, the same script runs on the host (use --quick):
-that checks the script, not the speed.
+device-to-device copy of a same-sized buffer measured in the same run. With PYMOE_CUDA_LIB
+pointing at the CPU emulation, the same script runs on the host (use --quick): that checks the
+script, not the speed.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +83,7 @@ def bench_ops(be: Any, T: int, D: int, E: int, K: int, *, capacity_factor: float
         gbps = None if b is None else b / t / 1e9
         rows.append(Row(sec, op, f"CUDA (block {be.get_block_size()})", t * 1e3, gbps,
                         None if gbps is None else gbps / copy_gbps,
-                        note="device-to-device copy: %.0f GB/s" % copy_gbps if op == "dispatch"
+                        note=f"device-to-device copy: {copy_gbps:.0f} GB/s" if op == "dispatch"
                         else ""))
     return rows
 

@@ -6,7 +6,7 @@ torch at its best, not with one arbitrary spelling.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
