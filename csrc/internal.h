@@ -80,4 +80,15 @@ static inline int check_pair_args(moe_sizes *s, const void *out, int64_t out_col
     return check_pairs(expert_index, position, s->TK, E, C);
 }
 
+/* The gate gradient's: dgate [T, K] out, dy [T, D] and the expert rows in. */
+static inline int check_gate_grad_args(moe_sizes *s, const void *dgate, const void *dy,
+                                       const void *expert_out, const int64_t *expert_index,
+                                       const int64_t *position, int64_t T, int64_t K, int64_t E,
+                                       int64_t C, int64_t D) {
+    int err = check_pair_args(s, dgate, K, expert_out, expert_index, position, T, K, E, C, D);
+    if (err) return err;
+    REQUIRE(dy, s->TD);
+    return PYMOE_OK;
+}
+
 #endif /* PYMOE_INTERNAL_H */

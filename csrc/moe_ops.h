@@ -204,19 +204,17 @@ int FN(pymoe_gate_grad_naive)(REAL *dgate, const REAL *dy, const REAL *expert_ou
                               const int64_t *expert_index, const int64_t *position,
                               int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
-    int err = check_pair_args(&s, dgate, K, expert_out, expert_index, position, T, K, E, C, D);
+    int err = check_gate_grad_args(&s, dgate, dy, expert_out, expert_index, position, T, K, E, C,
+                                   D);
     if (err) return err;
-    REQUIRE(dy, s.TD);
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t j = 0; j < K; j++) {
-            int64_t p = position[t * K + j];
-            REAL sum = 0;
-            if (p >= 0) {
-                const REAL *src = expert_out + (expert_index[t * K + j] * C + p) * D;
-                for (int64_t d = 0; d < D; d++) sum += dy[t * D + d] * src[d];
-            }
-            dgate[t * K + j] = sum;
+    for (int64_t i = 0; i < s.TK; i++) {           /* i = t*K + j, one pair */
+        REAL sum = 0;
+        if (position[i] >= 0) {                    /* dropped pairs get 0 */
+            const REAL *row = dy + (i / K) * D;
+            const REAL *src = expert_out + (expert_index[i] * C + position[i]) * D;
+            for (int64_t d = 0; d < D; d++) sum += row[d] * src[d];
         }
+        dgate[i] = sum;
     }
     return PYMOE_OK;
 }
@@ -236,9 +234,9 @@ int FN(pymoe_gate_grad)(REAL *dgate, const REAL *dy, const REAL *expert_out,
                         const int64_t *expert_index, const int64_t *position,
                         int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
-    int err = check_pair_args(&s, dgate, K, expert_out, expert_index, position, T, K, E, C, D);
+    int err = check_gate_grad_args(&s, dgate, dy, expert_out, expert_index, position, T, K, E, C,
+                                   D);
     if (err) return err;
-    REQUIRE(dy, s.TD);
 #pragma omp parallel for schedule(static) num_threads(pymoe_get_max_threads())
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < K; j++) {

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -27,7 +27,10 @@ _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
 _STATUS_FILE = os.path.join(os.path.dirname(__file__), "_c_build_status.txt")
 
 
-_TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", None) or np.TooHardError
+try:
+    from numpy.exceptions import TooHardError as _TooHardError
+except ImportError:  # numpy < 1.25
+    _TooHardError = np.TooHardError  # type: ignore[attr-defined,misc]
 
 
 def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
@@ -36,7 +39,8 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     if not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=100_000))
+        # (numpy's stubs allow only -1 and 0 here; the function takes any bound)
+        return bool(np.shares_memory(a, b, max_work=100_000))  # type: ignore[arg-type]
     except _TooHardError:
         return True
 
@@ -55,10 +59,10 @@ def load() -> tuple[CBackend | None, BackendInfo]:
         return None, BackendInfo("c", False, "disabled by PYMOE_DISABLE_C=1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by libgomp when it loads
     try:
-        from . import _pymoe_c
+        from ._pymoe_c import ffi, lib
     except ImportError as err:
         return None, BackendInfo("c", False, _why_missing(err))
-    be = CBackend(_pymoe_c.ffi, _pymoe_c.lib)
+    be = CBackend(ffi, lib)
     return be, BackendInfo("c", True, f"C core ({be.build_config}, {be.max_threads} threads)")
 
 
@@ -90,7 +94,7 @@ class CBackend:
 
     @staticmethod
     def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
-             inputs: dict[str, object]) -> np.ndarray:
+             inputs: Mapping[str, object]) -> np.ndarray:
         """A fresh output array, or `out` after checking that C may write all of it and that it
         shares no memory with any input (the C loops would read what they already wrote)."""
         if out is None:
