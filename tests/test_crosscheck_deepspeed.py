@@ -12,8 +12,8 @@ import numpy as np
 from crosscheck import CASES, Outcome, assert_same, ours
 from helpers import import_optional
 
-torch = import_optional("torch", "crosscheck")
-sharded_moe = import_optional("deepspeed.moe.sharded_moe", "crosscheck")
+torch = import_optional("torch", "crosscheck", module_level=True)
+sharded_moe = import_optional("deepspeed.moe.sharded_moe", "crosscheck", module_level=True)
 
 T, E = 48, 8
 

@@ -13,8 +13,8 @@ import pytest
 from crosscheck import CASES, Outcome, assert_same, combine_from_slots, ours, tied_logits
 from helpers import import_optional
 
-torch = import_optional("torch", "crosscheck")
-transformers = import_optional("transformers", "crosscheck")
+torch = import_optional("torch", "crosscheck", module_level=True)
+transformers = import_optional("transformers", "crosscheck", module_level=True)
 from transformers.models.gpt_oss import modeling_gpt_oss  # noqa: E402
 from transformers.models.mixtral import modeling_mixtral  # noqa: E402
 from transformers.models.olmoe import modeling_olmoe  # noqa: E402

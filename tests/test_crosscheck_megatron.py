@@ -13,8 +13,8 @@ import pytest
 from crosscheck import CASES, Outcome, assert_same, ours, tied_logits
 from helpers import import_optional
 
-torch = import_optional("torch", "crosscheck")
-moe_utils = import_optional("megatron.core.transformer.moe.moe_utils", "crosscheck")
+torch = import_optional("torch", "crosscheck", module_level=True)
+moe_utils = import_optional("megatron.core.transformer.moe.moe_utils", "crosscheck", module_level=True)
 
 T, E = 48, 8
 
