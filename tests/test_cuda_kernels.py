@@ -5,7 +5,6 @@ import warnings
 
 import numpy as np
 import pytest
-from tolerances import GATE_RTOL, PROB_RTOL, assert_dot_close
 
 import pymoe
 from helpers import GATE_RTOL, PROB_RTOL, assert_dot_close
