@@ -11,6 +11,7 @@ const char *pymoe_error_string(int code) {
     case PYMOE_ERR_OWNER: return "a slot_owner entry is outside [-1, T*K)";
     case PYMOE_ERR_ORDER: return "token_order is not a permutation of 0..T-1";
     case PYMOE_ERR_NOMEM: return "out of memory";
+    case PYMOE_ERR_NAN: return "a score or bias entry is NaN";
     default: return "unknown error code";
     }
 }
