@@ -89,6 +89,8 @@ def test_c_rejects_a_bad_pair_order(c_backend):
     code = c_backend.lib.pymoe_assign_slots_ordered(
         ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.new("int64_t[]", [0]), 1, 0, 0, 1, 0)
     assert code == c_backend.lib.PYMOE_ERR_PAIRS  # N = 1 > T*K = 0, caught before any write
+    with pytest.raises(ValueError, match=r"C core assign_slots_ordered: order has an entry"):
+        c_backend._check("assign_slots_ordered", code)
 
 
 def test_pair_order_is_what_c_walks():
