@@ -33,6 +33,8 @@ def expert_choice_keep(probs: np.ndarray, expert_index: np.ndarray,
         keep `<bool>[T, E]`: pair (t, j) is kept iff token t is among the C highest-scoring tokens
         of expert expert_index[t, j], ties to the lower token. This is drop policy "probs" over
         the token-major order of all T*E pairs (capacity.keep_by_score), so C and CUDA reuse it.
+    Which tokens an expert takes passes no gradient; the gates of the taken pairs are the scores
+    (topk.gates over all E), and their gradient flows as for token choice.
     """
     T, E = expert_index.shape
     score = np.take_along_axis(probs, expert_index, axis=-1)  # [T, E]

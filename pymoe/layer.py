@@ -352,9 +352,8 @@ class MoELayer:
             logits = logits + eps * std  # [T, E] H: the noisy logits that are ranked
         bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
                                                                      self.num_experts)
-        backend = None if self.formulation == "dense" else self.backend
         r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
-                            backend=backend)  # steps 2-10, 12
+                            backend=self.backend)  # steps 2-10, 12
         return x_router, noise, r, noisy
 
     def _check_token_groups(self, router_noise, num_shared_experts, selection, score,

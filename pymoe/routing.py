@@ -8,6 +8,7 @@ from functools import cached_property
 import numpy as np
 
 from . import _checks
+from .backends import get_backend
 from .capacity import capacity_formula, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
 from .expert_choice import expert_choice_keep, expert_choice_pairs
@@ -17,14 +18,14 @@ from .losses import (
     aux_loss_scores_backward,
     balance_loss,
     balance_loss_backward,
-    router_z_loss,
+    load_balancing_loss_from_sums,
     router_z_loss_backward,
+    router_z_loss_from_lse,
 )
-from .numpy_backend import NumpyBackend
 from .options import PRIORITIES, RouteOptions, expert_bias_arg, generator_arg, route_options
 from .presets import Preset, accepts_preset
 from .priority import priority_order
-from .router import router_dtype, softmax, softmax_backward
+from .router import router_dtype, softmax, softmax_backward, softmax_lse
 from .scores import selection_scores, sigmoid, sigmoid_backward
 from .sinkhorn import sinkhorn
 from .slots import assign
@@ -38,10 +39,10 @@ from .topk import (
     top_k,
 )
 
-__all__ = ["PRIORITIES", "Routing", "route", "route_backward", "route_unchecked",
-           "K1_NORMALIZE_WARNING"]
+__all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
+           "route_unchecked", "K1_NORMALIZE_WARNING"]
 
-_NUMPY = NumpyBackend()
+ROUTE_BACKENDS = ("numpy", "c", "auto")
 K1_NORMALIZE_WARNING = (
     "normalize=True with k=1: every gate is exactly 1.0, so the router gets no gradient from the "
     "task loss (only from the aux/z losses). Use normalize=False for Switch-style top-1 routing.")
@@ -152,7 +153,8 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
           capacity_rule: str = "k_ceil", capacity: int | None = None,
           load_balancing: str = "switch", sequence_length: int | None = None,
           second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
-          sinkhorn_iterations: int = 20, preset: str | Preset | None = None) -> Routing:
+          sinkhorn_iterations: int = 20, backend: str = "numpy",
+          preset: str | Preset | None = None) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
     Args (defaults reproduce the original routing; the README's "Routing variants" says who
@@ -179,6 +181,8 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         capacity_rule, capacity: the capacity formula or a fixed C (capacity.expert_capacity).
         load_balancing, sequence_length: which load-balancing loss (losses.balance_loss).
         second_expert_policy, second_expert_threshold: GShard top-2 (topk.second_expert_keep).
+        backend: who selects the top-K and assigns slots: "numpy" (the reference steps), "c"
+            (the C core: the same integers, float results to round-off) or "auto" (C when built).
         preset: a system's name (pymoe.presets()) or a pymoe.Preset: it supplies every keyword
             above that is not passed explicitly (docs/conventions.md); then aux_loss is that
             system's load-balancing loss and combine_weights its [T, E, C] combine tensor.
@@ -200,9 +204,10 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         second_expert_threshold=second_expert_threshold, sinkhorn_iterations=sinkhorn_iterations)
     bias = expert_bias_arg(expert_bias, E)
     rng = generator_arg(seed, opts.random)
+    backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
     if opts.normalize and opts.k == 1 and opts.selection != "experts":
         warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
-    return route_unchecked(logits, opts, expert_bias=bias, rng=rng)
+    return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend))
 
 
 def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
@@ -210,10 +215,13 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                     backend=None) -> Routing:
     """route() after its arguments have been checked (MoELayer checks them once, at construction).
 
-    backend: who assigns the slots (pymoe.backends, default NumPy); every backend computes the
-    same integers through the one slot function, slots.assign.
+    backend: None or the NumPy backend runs the reference steps here; another backend (C) selects
+    the top-K, counts the load and sums the probabilities (Backend.top_k) where the selection is
+    a plain top-K, and assigns the slots: every backend through the one slot function,
+    slots.assign, with the same integers (the tests check that it does).
     """
-    backend = _NUMPY if backend is None else backend
+    backend = get_backend("numpy") if backend is None else backend
+    fast = backend.name != "numpy"
     # One C-contiguous, native copy: every reduction below then sums in the same order whatever
     # the caller's layout, so the same values always give the same bits (and the same ties).
     logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
@@ -221,8 +229,17 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     if opts.sequence_length is not None and T % opts.sequence_length:
         raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
                          f"of {opts.sequence_length}")
-    scores = softmax(logits) if opts.score == "softmax" else sigmoid(logits)  # [T, E]  step 2
-    expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]               step 3
+    probs, lse = softmax_lse(logits)  # [T, E], [T]
+    scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]          step 2
+    aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
+    sums = None
+    if fast and opts.selection == "tokens" and opts.num_groups is None:
+        ranked = logits if expert_bias is None else scores
+        expert_index, load, prob_sum = backend.top_k(ranked, opts.k, bias=expert_bias,
+                                                     probs=aux_probs)  # [T, K]         step 3
+        sums = (load, prob_sum)
+    else:
+        expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]             step 3
     gate = gates(scores, expert_index, opts.normalize)  # [T, K]                     step 4
     token_order = priority_order(scores, opts.priority, rng)  # [T]                   step 6
     candidates = None
@@ -241,15 +258,19 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     kept = position >= 0  # [T, K]
     final = renormalize_kept(gate, kept) if opts.renormalize_after_drop else \
         np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]                         step 9b
-    aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
-    aux = 0.0 if opts.selection == "experts" else balance_loss(
-        aux_probs, expert_index, opts.load_balancing, opts.sequence_length)  # step 12
+    if opts.selection == "experts":
+        aux = 0.0
+    elif sums is not None and opts.load_balancing == "switch":
+        aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # step 12, same bits
+    else:
+        aux = balance_loss(aux_probs, expert_index, opts.load_balancing,
+                           opts.sequence_length)  # step 12
     return Routing(router_logits=logits, probs=scores, expert_index=expert_index,
                    token_order=token_order, position=position,
                    gate_before_drop=scale_gates(gate, opts.scaling_factor),
                    gate=scale_gates(final, opts.scaling_factor), kept=kept, capacity=capacity,
                    expert_load=load, normalize=opts.normalize, priority=opts.priority,
-                   aux_loss=aux, z_loss=router_z_loss(logits), options=opts,
+                   aux_loss=aux, z_loss=router_z_loss_from_lse(lse), options=opts,
                    expert_bias=expert_bias, _slot_owner=owner)
 
 

@@ -25,8 +25,10 @@ def sinkhorn(router_logits: np.ndarray, iterations: int = SINKHORN_ITERATIONS) -
         and d1 every column to 1/E (exactly after the final column step, approximately for rows).
         Each row is first shifted by its maximum, which d0 absorbs, so exp() cannot overflow.
     """
+    T, E = router_logits.shape
+    if T == 0:
+        return np.zeros_like(router_logits)
     cost = np.exp(router_logits - router_logits.max(axis=-1, keepdims=True))  # [T, E] in (0, 1]
-    T, E = cost.shape
     d1 = np.ones(E, dtype=cost.dtype)  # [E]
     d0 = np.ones(T, dtype=cost.dtype)  # [T]
     for _ in range(iterations):

@@ -52,6 +52,8 @@ def assign(backend, expert_index: np.ndarray, token_order: np.ndarray, num_exper
         drop_policy: "position" keeps each expert's first C pairs in priority order; "probs"
             keeps its C pairs with the highest `score` `[T, K]`, ties to the earlier pair in
             priority order, and then lets the kept pairs claim slots 0..n_e-1 in priority order.
+            route() passes the gate at selection before the scaling factor (topk.gates; a
+            positive factor does not change the ranking, and leaving it out keeps it exact).
         candidates: `<bool>[T, K]` or None; pairs that are False never compete (a second-expert
             policy's losers).
     Returns:

@@ -9,7 +9,7 @@ import pymoe
 from pymoe import viz
 from pymoe.compare import REASONS
 from pymoe.compare.__main__ import main as cli
-from test_viz import assert_png_matches
+from helpers import assert_png_matches
 
 
 def skewed(T: int = 96, E: int = 16, seed: int = 0) -> np.ndarray:

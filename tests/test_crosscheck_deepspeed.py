@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import optional_import
 from crosscheck import CASES, Outcome, assert_same, ours, tied_logits
+from helpers import import_optional
 
-torch = optional_import("torch", "crosscheck", module_level=True)
-sharded_moe = optional_import("deepspeed.moe.sharded_moe", "crosscheck", module_level=True)
+torch = import_optional("torch", "crosscheck")
+sharded_moe = import_optional("deepspeed.moe.sharded_moe", "crosscheck")
 
 T, E = 48, 8
 MIN_CAPACITY = 4  # deepspeed.moe.layer.MoE's default, the presets' too

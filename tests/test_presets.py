@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from gradcheck import FD_RTOL, check_layer_gradients, randomize
+from helpers import FD_RTOL, check_layer_gradients, randomize
 
 NAMES = ["switch", "gshard", "flaxformer", "deepspeed-top1", "deepspeed-top2", "deepspeed-topk",
          "tutel", "megablocks", "megatron", "mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3",
@@ -134,7 +134,7 @@ def test_readme_presets_snippet_runs(capsys):
     import os
     import re
 
-    from conftest import REPO
+    from helpers import REPO
 
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     section = readme.split("## Presets", 1)[1].split("\n## ", 1)[0]

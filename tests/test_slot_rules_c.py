@@ -89,8 +89,37 @@ def test_c_rejects_a_bad_pair_order(c_backend):
     code = c_backend.lib.pymoe_assign_slots_ordered(
         ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.new("int64_t[]", [0]), 1, 0, 0, 1, 0)
     assert code == c_backend.lib.PYMOE_ERR_PAIRS  # N = 1 > T*K = 0, caught before any write
+    with pytest.raises(ValueError, match=r"C core assign_slots_ordered: order has an entry"):
+        c_backend._check("assign_slots_ordered", code)
 
 
 def test_pair_order_is_what_c_walks():
     np.testing.assert_array_equal(pair_order(np.array([2, 0, 1]), 2, "choice"), [4, 0, 2, 5, 1, 3])
     np.testing.assert_array_equal(pair_order(np.array([2, 0, 1]), 2, "token"), [4, 5, 0, 1, 2, 3])
+
+
+ROUTE_VARIANTS = [
+    dict(score="sigmoid", normalize=True, expert_bias=np.array([0.1, -0.2, 0.0, 0.3, 0.0])),
+    dict(expert_bias=np.array([0.05, 0.0, -0.05, 0.0, 0.1])),
+    dict(score="sigmoid", num_groups=5, topk_groups=2),
+    dict(priority="token", drop_policy="probs", renormalize_after_drop=True),
+    dict(priority="random", seed=4),
+    dict(selection="experts"),
+    dict(selection="sinkhorn"),
+    dict(second_expert_policy="random", seed=2),
+    dict(load_balancing="k_scaled", capacity_rule="tutel"),
+]
+
+
+@pytest.mark.parametrize("kw", ROUTE_VARIANTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_route_variants_same_integers_in_c(c_backend, kw, dtype):
+    """route(backend='c') (C top-K and C slot rules) routes exactly like backend='numpy'."""
+    logits = np.random.default_rng(3).normal(size=(60, 5)).astype(dtype)
+    a = pymoe.route(logits, 2, 0.5, backend="numpy", **kw)
+    b = pymoe.route(logits, 2, 0.5, backend="c", **kw)
+    for name in ("expert_index", "position", "slot_owner", "expert_load", "kept"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.gate, b.gate)
+    assert b.aux_loss == pytest.approx(a.aux_loss, rel=1e-6)
+    assert a.dropped_fraction > 0

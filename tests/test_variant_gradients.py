@@ -3,7 +3,7 @@
 the router, the noise weights of noisy top-K and the shared-expert gate."""
 import numpy as np
 import pytest
-from gradcheck import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
+from helpers import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
 
 import pymoe
 
@@ -20,7 +20,8 @@ VARIANTS = {
     "score_priority_renorm_probs": dict(k=3, cf=0.5, priority="score", drop_policy="probs",
                                         renormalize_after_drop=True, normalize=True),
     "capacity_floor": dict(k=2, cf=1.0, capacity_rule="floor"),
-    "capacity_tutel_fixed": dict(k=2, cf=None, capacity=3),
+    "capacity_tutel": dict(k=2, cf=0.5, capacity_rule="tutel"),
+    "capacity_fixed": dict(k=2, cf=None, capacity=3),
     "k_scaled_loss": dict(k=2, cf=1.0, load_balancing="k_scaled"),
     "sequence_loss_sigmoid": dict(k=2, cf=1.0, score="sigmoid", load_balancing="sequence",
                                   sequence_length=4),

@@ -300,3 +300,16 @@ def test_expert_bias_updates_balance_a_skewed_router():
         load = pymoe.route(logits, 2, None, score="sigmoid", expert_bias=bias).expert_load
         bias = pymoe.update_expert_bias(bias, load, 0.01)
     assert load.max() - load.min() < (first.max() - first.min()) / 4
+
+
+@pytest.mark.parametrize("kw", [
+    dict(priority="token"), dict(drop_policy="probs"), dict(selection="experts"),
+    dict(selection="sinkhorn"), dict(score="sigmoid", num_groups=2, topk_groups=1,
+                                     expert_bias=np.zeros(4)),
+    dict(second_expert_policy="random", seed=1), dict(load_balancing="sequence", sequence_length=4),
+    dict(renormalize_after_drop=True), dict(priority="random", seed=0),
+])
+def test_variants_route_zero_tokens(kw):
+    r = pymoe.route(np.zeros((0, 4)), 2, 1.0, **kw)
+    assert r.position.shape[0] == 0 and r.aux_loss == 0.0 and r.capacity == 0
+    assert pymoe.route_backward(r, np.zeros((0, r.k)), 0.1, 0.1).shape == (0, 4)
