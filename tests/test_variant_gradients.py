@@ -3,9 +3,9 @@
 the router, the noise weights of noisy top-K and the shared-expert gate."""
 import numpy as np
 import pytest
-from helpers import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
 
 import pymoe
+from helpers import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
 
 T, D, H, E = 12, 4, 5, 4
 
