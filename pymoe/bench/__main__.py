@@ -21,12 +21,14 @@ import numpy as np
 
 from ..backends import backends, get_backend
 from . import torch_peer
-from .layer import expert_flops, layer_contenders
+from .layer import expert_flops, layer_contenders, sgemm
+from .routing import BEFORE, routing_contenders
+from .summary import summary_lines, update_readme
+from .sweep import SWEEP_T, plot_sweep, sweep_rows
 from .ops import OPS, c_core, make_problem, numpy_dense, numpy_indexed, op_bytes
 from .report import Row, format_table, markdown_table, plot, write_json
 from .timing import time_round_robin
 
-TARGET = dict(T=16384, D=1024, E=64, K=2)  # the issue's target problem
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,9 +40,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per row (default 7)")
-    ap.add_argument("--layer", type=int, nargs=5, default=[4096, 512, 2048, 8, 2],
-                    metavar=("T", "D", "H", "E", "K"), help="whole-layer problem "
-                    "(default 4096 512 2048 8 2)")
+    ap.add_argument("--layer", type=int, nargs=5, action="append",
+                    metavar=("T", "D", "H", "E", "K"), help="a whole-layer problem, repeatable "
+                    "(default 4096 512 2048 8 2 and 4096 512 256 64 8)")
+    ap.add_argument("--no-routing", action="store_true", help="skip the route() rows")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the dispatch-vs-T sweep")
+    ap.add_argument("--out", metavar="DIR", help="write cpu.txt, cpu.json, cpu.md, cpu.png and "
+                    "sweep.png there (docs/bench for the committed run)")
+    ap.add_argument("--readme", metavar="PATH", help="rewrite the benchmark summary between "
+                    "the <!-- bench:summary --> markers of this file (README.md) from this run")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense einsum rows")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
@@ -59,9 +67,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     T, D, E, K = defaults[(args.backend, args.quick)]
     args.T, args.D = args.T or T, args.D or D
     args.E, args.K = args.E or E, args.K or K
+    args.layer = args.layer or ([[512, 128, 256, 4, 2], [512, 128, 64, 16, 4]] if args.quick else
+                                [[4096, 512, 2048, 8, 2], [4096, 512, 256, 64, 8]])
+    args.route = [(64, 2), (256, 8)]  # (E, K): a common shape and DeepSeek-V3's experts
+    args.sweep = ((256, 512, 1024), 64) if args.quick else (SWEEP_T, 256)  # (Ts, D)
     if args.quick:
         args.repeats = 3
-        args.layer = [512, 128, 256, 4, 2]
     return args
 
 
@@ -123,58 +134,84 @@ def bench_problem(args, E: int, K: int) -> list[Row]:
     return rows
 
 
-def bench_layer(args) -> list[Row]:
-    T, D, H, E, K = args.layer
+def bench_routing(args, E: int, K: int) -> list[Row]:
+    """route() at [T, E] float32 logits; at the dispatch problems' E and K, also C dispatch +
+    combine of that problem (the data movement routing feeds), in the same rotation."""
+    T = args.T
+    logits = np.random.default_rng(0).normal(size=(T, E)).astype(np.float32)
+    fns, skipped = routing_contenders(logits, K, args.capacity_factor)
+    sec = f"route(): T={T} E={E} K={K} capacity_factor={args.capacity_factor:g} float32 logits"
+    if backends()["c"].available and E in args.E and K in args.K:
+        be = get_backend("c")
+        p = make_problem(T, args.D, E, K, args.capacity_factor, np.dtype(args.dtype))
+        ops = c_core(p, be, be.max_threads)
+        fns[f"C dispatch + combine, D={args.D} (for scale)"] = lambda: (ops["dispatch"](),
+                                                                         ops["combine"]())
+    times = time_round_robin(fns, args.repeats)
+    before = times.get(BEFORE, (None,))[0]
+    rows = []
+    for name, (t, runs) in times.items():
+        note = "" if runs > 1 else "one timed call (slow)"
+        if before and not name.startswith(("C dispatch", "numpy top-k")):
+            note = f"{before / t:.1f}x the route before C top-k {note}".strip()
+        rows.append(Row(sec, "route", name, t * 1e3, note=note))
+    rows += [Row(sec, "route", name, None, note=why) for name, why in skipped.items()]
+    return rows
+
+
+def bench_layer(args, shape: list[int]) -> list[Row]:
+    T, D, H, E, K = shape
     fns, skipped, n_rows = layer_contenders(T, D, H, E, K, args.capacity_factor,
                                             use_torch=not args.no_torch, dense=not args.no_dense)
+    gemm, gemm_flops, gemm_name = sgemm(T, D, H)
+    fns[gemm_name] = gemm
     sec = (f"layer forward+backward: T={T} D={D} H={H} E={E} K={K} capacity_factor="
            f"{args.capacity_factor:g} float32 ({n_rows} expert rows)")
     times = time_round_robin(fns, max(3, args.repeats // 2 + 1))  # the dense layer runs apart
-    rows = [Row(sec, "fwd+bwd", name, t * 1e3, gflops=expert_flops(n_rows, D, H) / t / 1e9,
-                note="" if runs > 1 else "one timed call (slow)")
-            for name, (t, runs) in times.items()]
+    rate = gemm_flops / times[gemm_name][0]
+    flops = expert_flops(n_rows, D, H)
+    rows = []
+    for name, (t, runs) in times.items():
+        if name == gemm_name:
+            rows.append(Row(sec, "sgemm", name, t * 1e3, gflops=rate / 1e9, note="(the rate)"))
+            continue
+        note = f"{t * rate / flops:.2f}x the sgemm-rate time" + ("" if runs > 1 else
+                                                                ", one timed call (slow)")
+        rows.append(Row(sec, "fwd+bwd", name, t * 1e3, gflops=flops / t / 1e9, note=note))
     rows += [Row(sec, "fwd+bwd", name, None, note=why) for name, why in skipped.items()]
     return rows
 
 
-def target_checks(rows: list[Row]) -> list[dict]:
-    """The issue's targets, evaluated on this run's rows (reported, never asserted)."""
-    def ms(sec_prefix, op, impl_prefix):
-        return next((r.ms for r in rows if r.section.startswith(sec_prefix) and r.op == op
-                     and r.impl.startswith(impl_prefix) and r.ms is not None), None)
-
-    def xcopy(sec_prefix, op, impl_prefix):
-        return next((r.x_copy for r in rows if r.section.startswith(sec_prefix) and r.op == op
-                     and r.impl.startswith(impl_prefix) and r.x_copy is not None), None)
-
-    sec = "T={T} D={D} E={E} K={K} ".format(**TARGET)
-    c_all = next((r.impl for r in rows if r.section.startswith(sec) and r.impl.startswith("C ")
-                  and "threads" in r.impl), "C 1 thread")
-    checks = []
-
-    def add(what, value, goal, ok):
-        checks.append({"target": what, "value": value, "goal": goal,
-                       "met": None if value is None else bool(ok(value))})
-
-    add("C dispatch, x copy bandwidth", xcopy(sec, "dispatch", c_all), ">= 0.9", lambda v: v >= 0.9)
-    add("C combine, x copy bandwidth", xcopy(sec, "combine", c_all), ">= 0.9", lambda v: v >= 0.9)
-    fwd = {impl: (ms(sec, "dispatch", impl), ms(sec, "combine", impl))
-           for impl in (c_all, "numpy indexed", "torch")}
-    fwd = {k: (a + b if a is not None and b is not None else None) for k, (a, b) in fwd.items()}
-    speed = lambda other: None if fwd[c_all] is None or fwd[other] is None \
-        else fwd[other] / fwd[c_all]  # noqa: E731
-    add("C dispatch+combine speed-up over NumPy indexed", speed("numpy indexed"), ">= 3",
-        lambda v: v >= 3)
-    add("C dispatch+combine speed-up over torch's best", speed("torch"), ">= 1.5",
-        lambda v: v >= 1.5)
-    lc, lt = ms("layer", "fwd+bwd", "C"), ms("layer", "fwd+bwd", "torch")
-    add("layer fwd+bwd, C time / torch time", None if lc is None or lt is None else lc / lt,
-        "<= 1", lambda v: v <= 1)
-    return checks
+def write_outputs(args, meta: dict, rows: list[Row], summary: list[str]) -> None:
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        args.json = args.json or os.path.join(args.out, "cpu.json")
+        args.markdown = args.markdown or os.path.join(args.out, "cpu.md")
+        args.plot = args.plot or os.path.join(args.out, "cpu.png")
+        with open(os.path.join(args.out, "cpu.txt"), "w", encoding="utf-8") as f:
+            f.write(f"$ python -m pymoe.bench {' '.join(args.argv)}\n{meta}\n")
+            f.write(format_table(rows) + "\n\nSummary (this run):\n" + "\n".join(summary) + "\n")
+        sweep = [r for r in rows if r.T is not None]
+        if sweep:
+            print(plot_sweep(os.path.join(args.out, "sweep.png"), sweep))
+    if args.json:
+        write_json(args.json, meta, rows, summary)
+        print(f"JSON written to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown_table(rows) + "\n")
+        print(f"Markdown written to {args.markdown}")
+    if args.plot:
+        bars = [r for r in rows if r.T is None and not r.section.startswith("route")]
+        print(plot(args.plot, bars, meta["copy_gbps"]))
+    if args.readme:
+        update_readme(args.readme, summary)
+        print(f"summary written into {args.readme}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.backend == "cuda":
         from .cuda import main as cuda_main
         return cuda_main(args)
@@ -194,26 +231,24 @@ def main(argv: list[str] | None = None) -> int:
     meta["copy_gbps"] = float(np.median(copies))  # argparse guarantees at least one problem
     print(f"\ncopy bandwidth (np.copyto, read + write; median of the per-operation baselines): "
           f"{meta['copy_gbps']:.2f} GB/s")
+    if not args.no_routing:
+        for E, K in args.route:
+            new = bench_routing(args, E, K)
+            print(format_table(new), flush=True)
+            rows += new
     if not args.no_layer:
-        new = bench_layer(args)
+        for shape in args.layer:
+            new = bench_layer(args, shape)
+            print(format_table(new), flush=True)
+            rows += new
+    if not args.no_sweep:
+        Ts, D = args.sweep
+        new = sweep_rows(Ts, D, 8, 2, args.capacity_factor, args.repeats)
         print(format_table(new), flush=True)
         rows += new
-    checks = target_checks(rows)
-    if any(c["value"] is not None for c in checks):
-        print("\nTargets (on this run):")
-        for c in checks:
-            if c["value"] is not None:
-                print(f"  {c['target']:48s} {c['value']:7.2f}  goal {c['goal']:6s} "
-                      f"{'met' if c['met'] else 'NOT met'}")
-    if args.json:
-        write_json(args.json, meta, rows, checks)
-        print(f"JSON written to {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(markdown_table(rows) + "\n")
-        print(f"Markdown written to {args.markdown}")
-    if args.plot:
-        print(plot(args.plot, rows, meta["copy_gbps"]))
+    summary = summary_lines(rows)
+    print("\nSummary (this run):\n" + "\n".join(summary))
+    write_outputs(args, meta, rows, summary)
     return 0
 
 
