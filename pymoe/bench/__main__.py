@@ -1,4 +1,4 @@
-"""python -m pymoe.bench: NumPy vs C vs PyTorch for MoE dispatch/combine, and the whole layer.
+"""python -m pymoe.bench: NumPy vs C vs PyTorch for MoE routing, dispatch/combine and the layer.
 
 Every row is a median over repeats after a warm-up, on the same data, in one run, with the
 contenders interleaved; GB/s counts the bytes each operation must read plus write, and "x copy"
@@ -19,16 +19,12 @@ import sys
 
 import numpy as np
 
-from ..backends import backends, get_backend
+from ..backends import backends
 from . import torch_peer
-from .layer import expert_flops, layer_contenders, sgemm
-from .routing import BEFORE, routing_contenders
+from .cpu import bench_layer, bench_ops, bench_routing, copy_bandwidth
+from .report import Row, format_table, markdown_table, plot, write_json
 from .summary import summary_lines, update_readme
 from .sweep import SWEEP_T, plot_sweep, sweep_rows
-from .ops import OPS, c_core, make_problem, numpy_dense, numpy_indexed, op_bytes
-from .report import Row, format_table, markdown_table, plot, write_json
-from .timing import time_round_robin
-
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, nargs="+", default=[256],
                     help="cuda: threads per block, one set of rows each (default 256)")
     args = ap.parse_args(argv)
-    defaults = {  # (T, D, E, K): the issue's problems; --quick: a smoke test in seconds
+    defaults = {  # (T, D, E, K); --quick: a smoke test in seconds
         ("cpu", False): (16384, 1024, [8, 64], [1, 2]), ("cpu", True): (2048, 256, [8], [2]),
         ("cuda", False): (65536, 4096, [64], [2]), ("cuda", True): (256, 64, [8], [2])}
     T, D, E, K = defaults[(args.backend, args.quick)]
@@ -83,103 +79,6 @@ def meta_info(torch_info: str, wait_policy: str | None) -> dict:
             "c": info["c"].detail, "torch": torch_info,
             "omp_wait_policy": {"torch": wait_policy or "unset (runtime default)",
                                 "C core": os.environ.get("OMP_WAIT_POLICY", "unset")}}
-
-
-COPY = "np.copyto (baseline)"
-
-
-def bench_problem(args, E: int, K: int) -> list[Row]:
-    p = make_problem(args.T, args.D, E, K, args.capacity_factor, np.dtype(args.dtype))
-    sec, nbytes, rows = p.label(), op_bytes(p), []
-    src, dst = np.ones_like(p.expert_out), np.empty_like(p.expert_out)  # an expert buffer's size
-    contenders: dict[str, dict] = {}
-    skipped: dict[str, str] = {}
-    dense = "skipped (--no-dense)" if args.no_dense else numpy_dense(p)
-    if isinstance(dense, str):
-        skipped["numpy dense"] = dense
-    else:
-        contenders["numpy dense"] = dense
-    contenders["numpy indexed"] = numpy_indexed(p)
-    if backends()["c"].available:
-        be = get_backend("c")
-        contenders["C 1 thread"] = c_core(p, be, 1)
-        if be.max_threads > 1:
-            contenders[f"C {be.max_threads} threads"] = c_core(p, be, be.max_threads)
-    else:
-        skipped["C"] = backends()["c"].detail
-    torch_ok, torch_why = torch_peer.available()
-    variants = torch_peer.torch_op_variants(p) if torch_ok and not args.no_torch else {}
-    if not variants:
-        skipped["torch"] = "skipped (--no-torch)" if args.no_torch else torch_why
-    for op in OPS:
-        fns = {COPY: lambda: np.copyto(dst, src)}
-        fns.update({impl: ops[op] for impl, ops in contenders.items()})
-        fns.update({f"torch: {v}": fn for v, fn in variants.get(op, {}).items()})
-        times = time_round_robin(fns, args.repeats)
-        copy_gbps = 2 * src.nbytes / times[COPY][0] / 1e9
-        rows.append(Row(sec, op, COPY, times.pop(COPY)[0] * 1e3, copy_gbps, 1.0,
-                        note=f"{2 * src.nbytes / 1e6:.0f} MB read + written"))
-        best_torch = min((n for n in times if n.startswith("torch: ")), key=lambda n: times[n][0],
-                         default=None)
-        for impl, (t, runs) in times.items():
-            if impl.startswith("torch: ") and impl != best_torch:
-                continue
-            name, note = impl, "" if runs > 1 else "one timed call (slow)"
-            if impl == best_torch:
-                name, note = "torch (best index-op form)", impl[len("torch: "):]
-            gbps = nbytes[op] / t / 1e9
-            rows.append(Row(sec, op, name, t * 1e3, gbps, gbps / copy_gbps, note=note))
-        for impl, why in skipped.items():
-            rows.append(Row(sec, op, impl, None, note=why))
-    return rows
-
-
-def bench_routing(args, E: int, K: int) -> list[Row]:
-    """route() at [T, E] float32 logits; at the dispatch problems' E and K, also C dispatch +
-    combine of that problem (the data movement routing feeds), in the same rotation."""
-    T = args.T
-    logits = np.random.default_rng(0).normal(size=(T, E)).astype(np.float32)
-    fns, skipped = routing_contenders(logits, K, args.capacity_factor)
-    sec = f"route(): T={T} E={E} K={K} capacity_factor={args.capacity_factor:g} float32 logits"
-    if backends()["c"].available and E in args.E and K in args.K:
-        be = get_backend("c")
-        p = make_problem(T, args.D, E, K, args.capacity_factor, np.dtype(args.dtype))
-        ops = c_core(p, be, be.max_threads)
-        fns[f"C dispatch + combine, D={args.D} (for scale)"] = lambda: (ops["dispatch"](),
-                                                                         ops["combine"]())
-    times = time_round_robin(fns, args.repeats)
-    before = times.get(BEFORE, (None,))[0]
-    rows = []
-    for name, (t, runs) in times.items():
-        note = "" if runs > 1 else "one timed call (slow)"
-        if before and not name.startswith(("C dispatch", "numpy top-k")):
-            note = f"{before / t:.1f}x the route before C top-k {note}".strip()
-        rows.append(Row(sec, "route", name, t * 1e3, note=note))
-    rows += [Row(sec, "route", name, None, note=why) for name, why in skipped.items()]
-    return rows
-
-
-def bench_layer(args, shape: list[int]) -> list[Row]:
-    T, D, H, E, K = shape
-    fns, skipped, n_rows = layer_contenders(T, D, H, E, K, args.capacity_factor,
-                                            use_torch=not args.no_torch, dense=not args.no_dense)
-    gemm, gemm_flops, gemm_name = sgemm(T, D, H)
-    fns[gemm_name] = gemm
-    sec = (f"layer forward+backward: T={T} D={D} H={H} E={E} K={K} capacity_factor="
-           f"{args.capacity_factor:g} float32 ({n_rows} expert rows)")
-    times = time_round_robin(fns, max(3, args.repeats // 2 + 1))  # the dense layer runs apart
-    rate = gemm_flops / times[gemm_name][0]
-    flops = expert_flops(n_rows, D, H)
-    rows = []
-    for name, (t, runs) in times.items():
-        if name == gemm_name:
-            rows.append(Row(sec, "sgemm", name, t * 1e3, gflops=rate / 1e9, note="(the rate)"))
-            continue
-        note = f"{t * rate / flops:.2f}x the sgemm-rate time" + ("" if runs > 1 else
-                                                                ", one timed call (slow)")
-        rows.append(Row(sec, "fwd+bwd", name, t * 1e3, gflops=flops / t / 1e9, note=note))
-    rows += [Row(sec, "fwd+bwd", name, None, note=why) for name, why in skipped.items()]
-    return rows
 
 
 def write_outputs(args, meta: dict, rows: list[Row], summary: list[str]) -> None:
@@ -224,21 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for E in args.E:
         for K in args.K:
-            new = bench_problem(args, E, K)
+            new = bench_ops(args.T, args.D, E, K, capacity_factor=args.capacity_factor,
+                            dtype=args.dtype, repeats=args.repeats, dense=not args.no_dense,
+                            torch=not args.no_torch)
             print(format_table(new), flush=True)
             rows += new
-    copies = [r.gbps for r in rows if r.impl == COPY]
-    meta["copy_gbps"] = float(np.median(copies))  # argparse guarantees at least one problem
+    meta["copy_gbps"] = copy_bandwidth(rows)  # argparse guarantees at least one problem
     print(f"\ncopy bandwidth (np.copyto, read + write; median of the per-operation baselines): "
           f"{meta['copy_gbps']:.2f} GB/s")
     if not args.no_routing:
         for E, K in args.route:
-            new = bench_routing(args, E, K)
+            new = bench_routing(args.T, E, K, capacity_factor=args.capacity_factor,
+                                repeats=args.repeats,
+                                scale_D=args.D if E in args.E and K in args.K else None)
             print(format_table(new), flush=True)
             rows += new
     if not args.no_layer:
         for shape in args.layer:
-            new = bench_layer(args, shape)
+            new = bench_layer(*shape, capacity_factor=args.capacity_factor,
+                              repeats=max(3, args.repeats // 2 + 1), dense=not args.no_dense,
+                              torch=not args.no_torch)
             print(format_table(new), flush=True)
             rows += new
     if not args.no_sweep:

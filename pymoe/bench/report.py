@@ -49,9 +49,9 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def write_json(path: str, meta: dict, rows: list[Row], summary: list[str]) -> None:
+def write_json(path: str, meta: dict, rows: list[Row], summary: list[str] | None = None) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows], "summary": summary}, f,
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows], "summary": summary or []}, f,
                   indent=1)
 
 

@@ -9,7 +9,6 @@ from ..backends import backends, get_backend
 from ..numpy_backend import NumpyBackend
 from ..routing import route_unchecked
 
-
 BEFORE = "numpy top-k + C slots (route before C top-k)"
 
 
