@@ -151,6 +151,10 @@ def main(args: Any) -> int:
     if be.memory is None:
         print("the CUDA benchmark allocates with CuPy: pip install 'pymoe[cuda]'")
         return 1
+    bad = [b for b in args.block_size if b < 32 or b > 1024 or b & (b - 1)]
+    if bad:
+        print(f"--block-size: expected powers of two in [32, 1024], got {bad}")
+        return 2
     print("pymoe CUDA benchmark:", info.detail)
     timer, rows = DeviceTimer(be.memory.xp), []
     for block in args.block_size:
