@@ -458,16 +458,24 @@ class CudaBackend:
         return g
 
     def route(self, router_logits: Any, k: int, capacity_factor: float | None = 1.25, *,
-              min_capacity: int = 0, normalize: bool = False,
-              priority: str = "choice") -> DeviceRouting:
+              min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
+              drop_policy: str = "position", seed: int | None = None) -> DeviceRouting:
         """pymoe.route's index form on the device: softmax_top_k, priority, slots, capacity.
+
+        priority: "choice", "score" (tokens by top-1 probability, ties to the lower token),
+            "token" (token-major) or "random" (a permutation from numpy's default_rng(seed),
+            copied to the device). drop_policy: "position" (first C pairs in priority order) or
+            "probs" (each expert keeps its C highest gates, ties to the earlier pair).
         The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
             raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe[cuda]')")
         capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
                                                   allow_none=True)
         min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-        priority = _checks.choice("priority", priority, ("choice", "score", "token"))
+        priority = _checks.choice("priority", priority, ("choice", "score", "token", "random"))
+        drop_policy = _checks.choice("drop_policy", drop_policy, ("position", "probs"))
+        if priority == "random" and seed is None:
+            raise ValueError("seed: priority='random' needs a seed")
         xp = self.memory.xp
         probs, index, gate = self.softmax_top_k(router_logits, k, normalize, check="defer")
         T, E = probs.shape
@@ -476,17 +484,21 @@ class CudaBackend:
             top1 = -probs.max(axis=1) if T else xp.zeros(0, probs.dtype)
             order = (xp.argsort(top1, kind="stable") if xp is np else xp.argsort(top1))
             order = order.astype(np.int64)
+        elif priority == "random":
+            seed = _checks.integer("seed", seed)
+            order = xp.asarray(np.random.default_rng(seed).permutation(T).astype(np.int64))
         major = priority == "token"
+        score = gate if drop_policy == "probs" else None
         if capacity_factor is None:  # dropless: the largest load, known after counting
             position, owner, load = self.assign_slots(index, order, E, T, token_major=major,
-                                                      check="defer")
+                                                      score=score, check="defer")
             self.check_status()
             C = expert_capacity(T, E, k, None, min_capacity, self.memory.to_host(load))
             owner = xp.ascontiguousarray(owner[:, :C]) if C <= T else owner
         else:
             C = expert_capacity(T, E, k, capacity_factor, min_capacity)
             position, owner, load = self.assign_slots(index, order, E, C, token_major=major,
-                                                      check="defer")
+                                                      score=score, check="defer")
             self.check_status()
         gate = xp.where(position >= 0, gate, 0).astype(gate.dtype)
         return DeviceRouting(probs, index, gate, position, owner, load, order, C)

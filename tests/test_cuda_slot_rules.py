@@ -178,3 +178,35 @@ def test_wide_rows_in_the_warp_router(cuda_impl, E, block):
     np.testing.assert_allclose(host(probs).sum(axis=1), 1.0)
     with pytest.raises(ValueError, match="PYMOE_ERR_SIZE"):
         be.top_k(dev(np.zeros((2, 513))), 2)
+
+
+@pytest.mark.parametrize("priority", ["choice", "score", "token", "random"])
+@pytest.mark.parametrize("drop_policy", ["position", "probs"])
+def test_device_route_slot_rules(cuda_impl, priority, drop_policy):
+    """be.route with each priority and drop policy: the slot rules applied to its own top-K,
+    the token order of pymoe.priority (random: numpy's default_rng(seed)), and the gate."""
+    import pymoe
+
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    rng = np.random.default_rng(11)
+    T, E, K = 45, 6, 2
+    logits = np.round(rng.normal(size=(T, E)), 1)
+    d = be.route(dev(logits), K, 0.6, priority=priority, drop_policy=drop_policy, seed=5,
+                 normalize=True)
+    ref = pymoe.route(logits, K, None, normalize=True)  # top-K, gates and capacity inputs
+    np.testing.assert_array_equal(host(d.expert_index), ref.expert_index)
+    order = {"choice": None, "token": None, "score": ref.token_order if priority == "score"
+             else None, "random": np.random.default_rng(5).permutation(T)}[priority]
+    if priority == "score":
+        order = pymoe.route(logits, K, 0.6, priority="score").token_order
+        np.testing.assert_array_equal(host(d.token_order), order)
+    gate = host(d.gate)
+    score = ref.gate_before_drop if drop_policy == "probs" else None
+    want = ref_assign_slots(ref.expert_index, order, E, d.capacity, priority == "token", score)
+    for g, w in zip((d.position, d.slot_owner, d.expert_load), want, strict=True):
+        np.testing.assert_array_equal(host(g), w)
+    kept = host(d.position) >= 0
+    assert np.all(gate[~kept] == 0)
+    np.testing.assert_allclose(gate[kept], ref.gate_before_drop[kept], rtol=1e-12)
+    with pytest.raises(ValueError, match="seed: priority='random' needs a seed"):
+        be.route(dev(logits), K, priority="random")
