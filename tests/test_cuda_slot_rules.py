@@ -46,6 +46,15 @@ def ref_assign_slots(expert_index, token_order, E, C, token_major=False, score=N
     return position, owner, load
 
 
+@pytest.fixture(scope="module")
+def c_core():
+    """[the C backend] when it is built, else []: its top_k is the twin of the CUDA one."""
+    from pymoe import c_backend
+
+    be, _ = c_backend.load()
+    return [be] if be is not None else []
+
+
 @st.composite
 def slot_problem(draw):
     T = draw(st.integers(0, 70))
@@ -132,9 +141,11 @@ def test_expert_choice(cuda_impl, T, E, seed, ties, block):
 @given(st.integers(0, 40), st.integers(1, 70), st.integers(0, 2**31), st.booleans(),
        st.booleans(), st.sampled_from([np.float32, np.float64]),
        st.sampled_from([32, 64, 256, 1024]))
-def test_top_k_matches_the_c_contract(cuda_impl, T, E, seed, ties, with_bias, dtype, block):
+def test_top_k_matches_the_c_contract(cuda_impl, c_core, T, E, seed, ties, with_bias, dtype,
+                                      block):
     """expert_index of score + bias (ties to the lower expert, as pymoe.topk.top_k), the counts
-    per expert, and probs.sum(axis=0) bit for bit (token order, from 0)."""
+    per expert, and the column sums of probs bit for bit (token order, from 0), as C's
+    pymoe_top_k computes them."""
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
     rng = np.random.default_rng(seed)
     K = int(rng.integers(1, min(E, 8) + 1))
@@ -151,10 +162,18 @@ def test_top_k_matches_the_c_contract(cuda_impl, T, E, seed, ties, with_bias, dt
     want = np_top_k(v, K)
     np.testing.assert_array_equal(host(index), want)
     np.testing.assert_array_equal(host(load), np.bincount(want.reshape(-1), minlength=E))
-    np.testing.assert_array_equal(host(psum), probs.sum(axis=0))
+    # in token order from 0: cumsum adds sequentially (probs.sum(axis=0) does too, except at
+    # E = 1 where the axis is contiguous and NumPy sums pairwise)
+    in_order = np.cumsum(probs, axis=0)[-1] if T else np.zeros(E, dtype)
+    np.testing.assert_array_equal(host(psum), in_order)
     index2, load2, none = be.top_k(dev(score), K, None if bias is None else dev(bias))
     assert none is None
     np.testing.assert_array_equal(host(index2), want)
+    for c in c_core:  # the C twin, pymoe_top_k: the same integers and bits
+        c_index, c_load, c_sum = c.top_k(score, K, bias, probs)
+        np.testing.assert_array_equal(host(index), c_index)
+        np.testing.assert_array_equal(host(load), c_load)
+        np.testing.assert_array_equal(host(psum), c_sum)
 
 
 def test_top_k_treats_signed_zeros_as_equal(cuda_impl):

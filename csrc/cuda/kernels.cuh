@@ -232,7 +232,7 @@ top_k_kernel(int64_t *__restrict__ expert_index, unsigned long long *__restrict_
 }
 
 // column_sum_kernel: prob_sum[e] = sum over t = 0, 1, ..., T-1 of probs[t, e], from 0, in that
-// order (bit for bit NumPy's probs.sum(axis=0) and the C core). One thread per column: the adds
+// order (bit for bit the C core's pymoe_top_k, and NumPy's cumsum along t). One thread per column: the adds
 // form one dependent chain per column (~4 cycles each, so ~40 us at T=16384), the price of the
 // fixed order; consecutive threads read consecutive columns (coalesced).
 // Launch: grid = ceil(E / B), block = B.
