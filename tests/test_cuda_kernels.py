@@ -293,3 +293,23 @@ def test_raw_pointers_without_cupy_still_report_bad_input(cuda_emulator_path):
     be.assign_slots(raw(bufs[1]), raw(r.token_order), 3, r.capacity,
                     out=tuple(raw(b) for b in slots))
     np.testing.assert_array_equal(slots[0], r.position)
+
+
+@pytest.mark.parametrize("D,block,dtype", [(1000, 256, np.float64), (4099, 1024, np.float32),
+                                           (517, 64, np.float32)])
+def test_wide_rows_in_row_groups(cuda_impl, c_core, D, block, dtype):
+    """Rows wide enough for row groups of 64 to 1024 threads (several rows per block otherwise),
+    ragged D (scalar head and tail around the vector body): bitwise equal to NumPy and C."""
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    rng = np.random.default_rng(D)
+    T, E, K = 13, 3, 2
+    r = pymoe.route(rng.normal(size=(T, E)), K, 0.9)
+    x = rng.normal(size=(T, D)).astype(dtype)
+    out = rng.normal(size=(E, r.capacity, D)).astype(dtype)
+    gate = r.gate.astype(dtype)
+    with be.block_size(block):
+        ein = be.dispatch(dev(x), dev(r.slot_owner), K, dev(gate))
+        y = be.combine(dev(out), dev(r.expert_index), dev(r.position), dev(gate))
+    for peer in [REF] + c_core:
+        np.testing.assert_array_equal(host(ein), peer.dispatch(x, r.slot_owner, K, gate))
+        np.testing.assert_array_equal(host(y), peer.combine(out, r.expert_index, r.position, gate))

@@ -179,6 +179,17 @@ int assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
     return (int)e;
 }
 
+// Threads per row group for the row kernels: enough for one vector per thread per unrolled step
+// (about D / (vector width * PYMOE_UNROLL)), a power of two in [32, block], and at least
+// block * K / PYMOE_MAX_K so that the block's (row, weight) pairs fit its shared arrays.
+template <typename REAL>
+int row_group(int64_t D, int64_t K, int block) {
+    const int64_t want = (D * (int64_t)sizeof(REAL) + 16 * PYMOE_UNROLL - 1) / (16 * PYMOE_UNROLL);
+    int g = 32;
+    while (g < block && (g < want || (int64_t)(block / g) * K > PYMOE_MAX_K)) g *= 2;
+    return g;
+}
+
 template <typename REAL>
 int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *slot_owner,
              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream) {
@@ -187,8 +198,10 @@ int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *
     if (err) return err;
     REQUIRE(expert_in, s.ECD); REQUIRE(x, s.TD); REQUIRE(slot_owner, s.EC);
     if (s.EC == 0) return 0;
-    return PYMOE_LAUNCH(dispatch_kernel<REAL>, grid_for(s.EC), t_block, 0, (cudaStream_t)stream,
-                        expert_in, x, weight, slot_owner, T, K, E, C, D, status);
+    const int group = row_group<REAL>(D, 1, t_block), rows = t_block / group;
+    return PYMOE_LAUNCH(dispatch_kernel<REAL>, grid_for((s.EC + rows - 1) / rows), t_block, 0,
+                        (cudaStream_t)stream, expert_in, x, weight, slot_owner, T, K, E, C, D,
+                        group, status);
 }
 
 template <typename REAL>
@@ -202,8 +215,10 @@ int combine(REAL *y, const REAL *expert_out, const REAL *weight, const int64_t *
     REQUIRE(y, s.TD); REQUIRE(expert_out, s.ECD);
     REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
     if (T == 0) return 0;
-    return PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for(T), t_block, 0, (cudaStream_t)stream,
-                             y, expert_out, weight, expert_index, position, T, K, E, C, D, status);
+    const int group = row_group<REAL>(D, K, t_block), rows = t_block / group;
+    return PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for((T + rows - 1) / rows), t_block, 0,
+                             (cudaStream_t)stream, y, expert_out, weight, expert_index, position,
+                             T, K, E, C, D, group, status);
 }
 
 template <typename REAL>
