@@ -40,11 +40,7 @@ from .capacity import expert_capacity
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
 Check = bool | str  # True, False or "defer"
-_BAD_BITS = {1: "an expert_index entry is outside [0, E)",
-             2: "a position entry is outside [-1, C)",
-             4: "a slot_owner entry is outside [-1, T*K)",
-             8: "token_order: expected a permutation of 0..T-1",
-             16: "a score, logit or bias entry is NaN"}
+
 
 
 def library_path() -> str:
@@ -240,8 +236,11 @@ class CudaBackend:
         code = self.lib.pymoe_cuda_status_take(bits, stream)
         if code != 0:
             raise RuntimeError(f"{what}: reading the status failed: {self._error(code)}")
-        if bits[0]:
-            raise ValueError(f"{what}: " + "; ".join(m for b, m in _BAD_BITS.items() if bits[0] & b))
+        if bits[0]:  # each bit stands for a C error code: the C core's message for it
+            raise ValueError(f"{what}: " + "; ".join(
+                self.ffi.string(self.lib.pymoe_cuda_error_string(
+                    self.lib.pymoe_cuda_status_code(1 << i))).decode()
+                for i in range(31) if bits[0] >> i & 1))
 
     def _call(self, func: str, arrays: list, *args: Any, check: Check = True) -> None:
         """Call lib.func(*args, status, stream) on the device of `arrays`; raise on an error code

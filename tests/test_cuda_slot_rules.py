@@ -12,7 +12,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 def pair_order(token_order, T, K, token_major):
-    """Every (t, j) in the order pairs claim slots (the slot rules of docs/ and HELPERS)."""
+    """Every (t, j) in the order pairs claim slots: choice-major or token-major."""
     order = np.arange(T) if token_order is None else token_order
     if token_major:
         return [(int(t), j) for t in order for j in range(K)]
@@ -111,7 +111,7 @@ def test_many_chunks_and_wide_experts(cuda_impl):
 @given(st.integers(1, 30), st.integers(1, 9), st.integers(0, 2**31), st.booleans(),
        st.sampled_from([32, 128, 1024]))
 def test_expert_choice(cuda_impl, T, E, seed, ties, block):
-    """Expert choice (Zhou et al. 2022) as HELPERS.md states it: K = E pairs per token (its experts
+    """Expert choice (Zhou et al. 2022): K = E pairs per token (its experts
     in decreasing score, ties to the lower expert), each expert takes its top-C tokens by score,
     ties to the lower token, and the taken tokens fill slots in token order."""
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host

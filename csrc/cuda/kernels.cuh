@@ -33,11 +33,7 @@
 
 #include <stdint.h>
 
-#define PYMOE_BAD_EXPERT 1    // an expert_index entry outside [0, E)
-#define PYMOE_BAD_POSITION 2  // a position entry outside [-1, C)
-#define PYMOE_BAD_OWNER 4     // a slot_owner entry outside [-1, T*K)
-#define PYMOE_BAD_ORDER 8     // token_order is not a permutation of 0..T-1
-#define PYMOE_BAD_NAN 16      // a NaN score, logit or bias
+#include "pymoe_cuda.h"  // the PYMOE_BAD_* status bits
 
 #define PYMOE_MAX_BLOCK 1024        // threads per block, at most
 #define PYMOE_MAX_K 1024            // choices per token for combine / gate_grad (shared memory)

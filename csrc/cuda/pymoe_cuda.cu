@@ -6,6 +6,7 @@
 
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "pymoe_cuda.h"
@@ -33,6 +34,7 @@ static cudaError_t launch_kernel(void (*kernel)(Params...), unsigned grid, unsig
 #endif
 
 #include "../internal.h"  // check_sizes, size_mul, REQUIRE and PYMOE_ERR_*, shared with the C core
+#include "../errors.c"    // pymoe_error_string: the C core's messages, written once
 #include "kernels.cuh"
 
 namespace {
@@ -265,17 +267,34 @@ const char *pymoe_cuda_error_name(int code) {
     switch (code) {
         case PYMOE_ERR_SIZE: return "PYMOE_ERR_SIZE";
         case PYMOE_ERR_NULL: return "PYMOE_ERR_NULL";
+        case PYMOE_ERR_EXPERT: return "PYMOE_ERR_EXPERT";
+        case PYMOE_ERR_POSITION: return "PYMOE_ERR_POSITION";
+        case PYMOE_ERR_OWNER: return "PYMOE_ERR_OWNER";
+        case PYMOE_ERR_ORDER: return "PYMOE_ERR_ORDER";
+        case PYMOE_ERR_NOMEM: return "PYMOE_ERR_NOMEM";
+        case PYMOE_ERR_NAN: return "PYMOE_ERR_NAN";
         default: return code < 0 ? "PYMOE_ERR_UNKNOWN" : cudaGetErrorName((cudaError_t)code);
     }
 }
 
 const char *pymoe_cuda_error_string(int code) {
-    switch (code) {
-        case PYMOE_ERR_SIZE:
-            return "a size is negative, inconsistent (K > E, E too large for the router or the "
-                   "slot kernels, K too large for combine), or overflows";
-        case PYMOE_ERR_NULL: return "a NULL pointer was passed for a non-empty array";
-        default: return code < 0 ? "unknown pymoe error" : cudaGetErrorString((cudaError_t)code);
+    if (code == PYMOE_ERR_SIZE) {  // the C core's message, and the limits only the kernels have
+        static const std::string size = std::string(pymoe_error_string(code)) +
+            ", or a size passes a CUDA kernel limit (E <= 512 for top-K, E <= 12288 and "
+            "T*K < 2^31 for slot assignment, K <= 1024 for combine and gate_grad)";
+        return size.c_str();
+    }
+    return code < 0 ? pymoe_error_string(code) : cudaGetErrorString((cudaError_t)code);
+}
+
+int pymoe_cuda_status_code(int bit) {
+    switch (bit) {
+        case PYMOE_BAD_EXPERT: return PYMOE_ERR_EXPERT;
+        case PYMOE_BAD_POSITION: return PYMOE_ERR_POSITION;
+        case PYMOE_BAD_OWNER: return PYMOE_ERR_OWNER;
+        case PYMOE_BAD_ORDER: return PYMOE_ERR_ORDER;
+        case PYMOE_BAD_NAN: return PYMOE_ERR_NAN;
+        default: return 0;
     }
 }
 

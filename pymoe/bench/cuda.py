@@ -97,8 +97,8 @@ class DeviceTimer:
 
 def bench_ops(be: Any, T: int, D: int, E: int, K: int, *, capacity_factor: float = 1.25,
               dtype: str = "float32", repeats: int = 7) -> list[Row]:
-    """Rows for the router, slot assignment, dispatch, combine and their backward on one problem,
-    with backend `be` (a CudaBackend whose memory allocates: CuPy, or the emulator's host memory)
+    """Rows for softmax_top_k, top_k, slot assignment, dispatch, combine and their backward on one
+    problem, with backend `be` (a CudaBackend whose memory allocates: CuPy, or the emulator's host memory)
     at its current block size; the dispatch row's note carries the same run's copy bandwidth."""
     xp = be.memory.xp
     timer = DeviceTimer(xp)
