@@ -200,28 +200,16 @@ int FN(pymoe_combine)(REAL *y, const REAL *expert_out, const REAL *weight,
 
 /* ------------------------------------------------------------------ gate gradient */
 
-int FN(pymoe_gate_grad_naive)(REAL *dgate, const REAL *dy, const REAL *expert_out,
-                              const int64_t *expert_index, const int64_t *position,
-                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
-    moe_sizes s;
-    int err = check_gate_grad_args(&s, dgate, dy, expert_out, expert_index, position, T, K, E, C,
-                                   D);
-    if (err) return err;
-    for (int64_t i = 0; i < s.TK; i++) {           /* i = t*K + j, one pair */
-        REAL sum = 0;
-        if (position[i] >= 0) {                    /* dropped pairs get 0 */
-            const REAL *row = dy + (i / K) * D;
-            const REAL *src = expert_out + (expert_index[i] * C + position[i]) * D;
-            for (int64_t d = 0; d < D; d++) sum += row[d] * src[d];
-        }
-        dgate[i] = sum;
-    }
-    return PYMOE_OK;
+/* The plain dot product: d = 0..n-1 in order from 0. */
+static REAL FN(dot_plain)(const REAL *a, const REAL *b, int64_t n) {
+    REAL sum = 0;
+    for (int64_t d = 0; d < n; d++) sum += a[d] * b[d];
+    return sum;
 }
 
 /* Dot product with 8 independent partial sums (the compiler turns them into vector lanes),
  * added up in a fixed tree: the result depends only on D, never on threads or alignment. */
-static REAL FN(dot)(const REAL *a, const REAL *b, int64_t n) {
+static REAL FN(dot_tree)(const REAL *a, const REAL *b, int64_t n) {
     REAL acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t d = 0;
     for (; d + 8 <= n; d += 8)
@@ -230,20 +218,37 @@ static REAL FN(dot)(const REAL *a, const REAL *b, int64_t n) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-int FN(pymoe_gate_grad)(REAL *dgate, const REAL *dy, const REAL *expert_out,
-                        const int64_t *expert_index, const int64_t *position,
-                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
+/* dgate[t, j] = dot(dy[t, :], expert_out[e_tj, p_tj, :]) for kept pairs, 0 for dropped ones;
+ * with OpenMP over tokens when `parallel` (each dgate row is written by one thread). */
+static int FN(gate_grad_by)(REAL (*dot)(const REAL *, const REAL *, int64_t), int parallel,
+                            REAL *dgate, const REAL *dy, const REAL *expert_out,
+                            const int64_t *expert_index, const int64_t *position,
+                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
     int err = check_gate_grad_args(&s, dgate, dy, expert_out, expert_index, position, T, K, E, C,
                                    D);
     if (err) return err;
-#pragma omp parallel for schedule(static) num_threads(pymoe_get_max_threads())
+#pragma omp parallel for schedule(static) if (parallel) num_threads(pymoe_get_max_threads())
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < K; j++) {
             int64_t p = position[t * K + j];
             dgate[t * K + j] = p < 0 ? (REAL)0
-                : FN(dot)(dy + t * D, expert_out + (expert_index[t * K + j] * C + p) * D, D);
+                : dot(dy + t * D, expert_out + (expert_index[t * K + j] * C + p) * D, D);
         }
     }
     return PYMOE_OK;
+}
+
+int FN(pymoe_gate_grad_naive)(REAL *dgate, const REAL *dy, const REAL *expert_out,
+                              const int64_t *expert_index, const int64_t *position,
+                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
+    return FN(gate_grad_by)(FN(dot_plain), 0, dgate, dy, expert_out, expert_index, position,
+                            T, K, E, C, D);
+}
+
+int FN(pymoe_gate_grad)(REAL *dgate, const REAL *dy, const REAL *expert_out,
+                        const int64_t *expert_index, const int64_t *position,
+                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
+    return FN(gate_grad_by)(FN(dot_tree), 1, dgate, dy, expert_out, expert_index, position,
+                            T, K, E, C, D);
 }

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _checks
-from .backend_api import BackendInfo
+from .backend_api import BackendInfo, temporarily
 
 C_DTYPES = (np.float32, np.float64)
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
@@ -126,8 +126,8 @@ class CBackend:
         prob_sum bit for bit probs.sum(axis=0); bias and probs are cast to score's dtype.
         """
         score, k, bias, probs = _checks.top_k_args(score, k, bias, probs, C_DTYPES, "C")
-        score, bias, probs = (None if a is None else np.ascontiguousarray(a)
-                              for a in (score, bias, probs))
+        score = np.ascontiguousarray(score)
+        bias, probs = (None if a is None else np.ascontiguousarray(a) for a in (bias, probs))
         T, E = score.shape
         expert_index = np.empty((T, k), np.int64)
         load = np.empty(E, np.int64)
@@ -249,12 +249,6 @@ class CBackend:
                              f"os.cpu_count(), OMP_THREAD_LIMIT, 1024), or <= 0 for the "
                              f"default; got {n}")
 
-    @contextlib.contextmanager
-    def num_threads(self, n: int) -> Iterator[None]:
+    def num_threads(self, n: int) -> contextlib.AbstractContextManager[None]:
         """Run a block with n threads, then restore the previous count."""
-        before = self.get_num_threads()
-        self.set_num_threads(n)
-        try:
-            yield
-        finally:
-            self.set_num_threads(before)
+        return temporarily(self.get_num_threads, self.set_num_threads, n)
