@@ -295,7 +295,6 @@ class MoELayer:
         if self.token_groups > 1:
             return self._forward_groups(x, x2, train)
         x_router, noise, r, noisy = self._route_noisy(x2, train)
-        K = r.k  # E for expert choice
         if self.formulation == "dense":
             expert_in = dispatch_dense(x2, r.dispatch_mask)  # [E, C, D]           step 11
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
@@ -426,7 +425,6 @@ class MoELayer:
                                                  self._expert_params(), {})
             self.grads = {n: grads[n] for n in PARAM_NAMES}
             return np.concatenate(dxs).reshape(c.x_shape).astype(c.x_dtype, copy=False)
-        K = r.k
         if self.formulation == "dense":
             d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
             dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
