@@ -156,7 +156,7 @@ def walkthrough() -> tuple[np.ndarray, pymoe.Routing]:
 def pictures(r: pymoe.Routing, out: str) -> dict:
     """The same routing, drawn (or printed as text when matplotlib is missing): path -> Figure."""
     print("\nPictures of this routing" + (f" (saved under {out}/)" if viz.have_matplotlib()
-                                          else " (text; pip install 'pymoe[viz]' for PNGs):"))
+                                          else " (text; pip install 'pymoe-routing[viz]' for PNGs):"))
     return {
         f"{out}/01_routing_heatmap.png": viz.routing_heatmap(r, f"{out}/01_routing_heatmap.png"),
         f"{out}/01_dispatch_combine.png": viz.dispatch_combine_picture(

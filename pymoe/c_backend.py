@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _install
 from .backends import BackendInfo, _float_arg, dispatch_args, pair_args, slot_args
 
 C_DTYPES = (np.float32, np.float64)
@@ -34,11 +34,7 @@ _STATUS_FILE = os.path.join(os.path.dirname(__file__), "_c_build_status.txt")
 
 
 def _why_missing(err: ImportError) -> str:
-    if os.path.exists(_STATUS_FILE):
-        with open(_STATUS_FILE, encoding="utf-8") as f:
-            return f.read().strip()
-    return (f"the C extension pymoe._pymoe_c is not importable ({err}); reinstall with "
-            "`pip install -v .` to see the compiler's output")
+    return _install.why_core_missing(str(err), _STATUS_FILE)
 
 
 def load() -> tuple[CBackend | None, BackendInfo]:

@@ -1,6 +1,6 @@
 """The CUDA kernels (csrc/cuda/) as a pymoe backend for arrays that live on a GPU.
 
-Arrays are CuPy arrays (`pip install 'pymoe[cuda]'`) or raw device pointers wrapped in
+Arrays are CuPy arrays (`pip install 'pymoe-routing[cuda]'`) or raw device pointers wrapped in
 DeviceArray(ptr, shape, dtype). The library is loaded with cffi (ABI mode) from $PYMOE_CUDA_LIB or
 pymoe/_pymoe_cuda.so, with its declarations read from the header built beside it
 (csrc/cuda/build.py puts it there).
@@ -102,7 +102,7 @@ def _declarations(header: str) -> str:
 def load(path: str | None = None) -> tuple[CudaBackend | None, BackendInfo]:
     """The CUDA backend and its BackendInfo, or (None, why it is unavailable). Never raises."""
     path = path or library_path()
-    build_hint = ("build it with `python csrc/cuda/build.py` (nvcc) or install with "
+    build_hint = ("build it with `python -m pymoe.cuda_build` (nvcc) or install with "
                   "PYMOE_BUILD_CUDA=1")
     if not os.path.exists(path):
         return None, BackendInfo("cuda", False, f"the CUDA library {path} is not built; {build_hint}")
@@ -367,7 +367,7 @@ class CudaBackend:
               priority: str = "choice") -> DeviceRouting:
         """pymoe.route's index form on the device: router kernel, priority, slots, capacity."""
         if self.memory is None:
-            raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe[cuda]')")
+            raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe-routing[cuda]')")
         capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
                                                   allow_none=True)
         min_capacity = _checks.integer("min_capacity", min_capacity, low=0)

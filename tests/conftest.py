@@ -58,7 +58,7 @@ def _gpu_visible() -> tuple[bool, str]:
     try:
         import cupy
     except ImportError:
-        return False, "CuPy is not installed (pip install 'pymoe[cuda]')"
+        return False, "CuPy is not installed (pip install 'pymoe-routing[cuda]')"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except cupy.cuda.runtime.CUDARuntimeError as err:  # no driver, or a driver but no device

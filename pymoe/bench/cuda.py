@@ -92,7 +92,7 @@ def main(args: Any) -> int:
         print(f"CUDA backend unavailable: {info.detail}")
         return 1
     if be.memory is None:
-        print("the CUDA benchmark allocates with CuPy: pip install 'pymoe[cuda]'")
+        print("the CUDA benchmark allocates with CuPy: pip install 'pymoe-routing[cuda]'")
         return 1
     print("pymoe CUDA benchmark:", info.detail)
     timer, rows = DeviceTimer(be.memory.xp), []
