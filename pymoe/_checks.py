@@ -115,3 +115,59 @@ def boolean(name: str, v: object) -> bool:
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
     return bool(v)
+
+
+# ------------------------------------------------------------------ backend operation arguments
+# Shared by every host backend (NumPy, C), so that they reject the same inputs with the same messages.
+
+def float_arg(name: str, a: object, shape: Sequence[int | None], dtypes: tuple = FLOAT_DTYPES,
+              who: str = "NumPy") -> np.ndarray:
+    """float_array of the given shape whose dtype is one of `dtypes` (those backend `who` takes)."""
+    arr = float_array(name, a, ndim=len(shape), shape=shape, finite=False)
+    if arr.dtype.type not in dtypes:
+        names = " or ".join(np.dtype(d).name for d in dtypes)
+        hint = " (use backend='numpy' for float16)" if np.float16 not in dtypes else ""
+        raise TypeError(f"{name}: the {who} backend takes {names}, got {arr.dtype}{hint}")
+    return arr
+
+
+def slot_args(expert_index: object, token_order: object | None, num_experts: object,
+              capacity: object) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+    """The arguments of assign_slots: expert_index `<int>[T, K]` in [0, E), token_order a
+    permutation of 0..T-1 (or None), E >= 1, C >= 0."""
+    E = integer("num_experts", num_experts, low=1)
+    C = integer("capacity", capacity, low=0)
+    index = index_array("expert_index", expert_index, shape=(None, None), high=E)
+    T = index.shape[0]
+    order = None
+    if token_order is not None:
+        order = index_array("token_order", token_order, shape=(T,), high=max(T, 1))
+        if T and not np.array_equal(np.sort(order), np.arange(T)):
+            raise ValueError(f"token_order: expected a permutation of 0..{T - 1}")
+    return index, order, E, C
+
+
+def dispatch_args(x: object, slot_owner: object, k: object, weight: object | None,
+                  dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
+                  ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """The arguments of dispatch: x `[T, D]`, slot_owner `<int>[E, C]` in [-1, T*K), K >= 1,
+    weight `[T, K]` or None (cast to x's dtype)."""
+    xa = float_arg("x", x, (None, None), dtypes, who)
+    k = integer("k", k, low=1)
+    owner = index_array("slot_owner", slot_owner, shape=(None, None), high=xa.shape[0] * k, low=-1)
+    w = None
+    if weight is not None:
+        w = float_arg("weight", weight, (xa.shape[0], k), dtypes, who).astype(xa.dtype, copy=False)
+    return xa, owner, k, w
+
+
+def pair_args(expert_out: object, expert_index: object, position: object,
+              dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arguments of combine and gate_grad: expert_out `[E, C, D]`, expert_index `<int>[T, K]`
+    in [0, E), position `<int>[T, K]` in [-1, C)."""
+    out = float_arg("expert_out", expert_out, (None, None, None), dtypes, who)
+    E, C, _ = out.shape
+    index = index_array("expert_index", expert_index, shape=(None, None), high=E)
+    pos = index_array("position", position, shape=index.shape, high=C, low=-1)
+    return out, index, pos

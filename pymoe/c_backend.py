@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from . import _checks, _install
-from .backends import BackendInfo, _float_arg, dispatch_args, pair_args, slot_args
+from .backend_api import BackendInfo
 
 C_DTYPES = (np.float32, np.float64)
 _ERRORS = {
@@ -89,18 +89,19 @@ class CBackend:
         return "f32" if a.dtype == np.float32 else "f64"
 
     # ------------------------------------------------------------ operations
-    # The argument checks are pymoe.backends' (the same as the NumPy backend's), restricted to
+    # The argument checks are pymoe._checks' (the same as the NumPy backend's), restricted to
     # float32/float64; arrays are then made C-contiguous (copied only when they are not).
 
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
-                     num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> (position `<int64>[T, K]`, -1 where dropped; slot_owner `<int64>[E, C]`).
+                     num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (position `<int64>[T, K]`, -1 where dropped; slot_owner `<int64>[E, C]`;
+        expert_load `<int64>[E]` before dropping).
 
         Same integers as pymoe.priority.position_in_expert followed by pymoe.capacity.drop;
         token_order None means 0, 1, ..., T-1.
         """
-        expert_index, token_order, E, C = slot_args(expert_index, token_order, num_experts,
-                                                    capacity)
+        expert_index, token_order, E, C = _checks.slot_args(expert_index, token_order,
+                                                             num_experts, capacity)
         expert_index = np.ascontiguousarray(expert_index)
         if token_order is not None:
             token_order = np.ascontiguousarray(token_order)
@@ -112,7 +113,7 @@ class CBackend:
                                            self._ptr(expert_index), self._ptr(token_order),
                                            T, K, E, C)
         self._check("assign_slots", code)
-        return position, owner
+        return position, owner, load
 
     def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
                  weight: np.ndarray | None = None, *, naive: bool = False,
@@ -121,7 +122,7 @@ class CBackend:
 
         out: an optional `[E, C, D]` array to overwrite (saves the page faults of a fresh one).
         """
-        x, slot_owner, k, weight = dispatch_args(x, slot_owner, k, weight, C_DTYPES, "C")
+        x, slot_owner, k, weight = _checks.dispatch_args(x, slot_owner, k, weight, C_DTYPES, "C")
         x, slot_owner = np.ascontiguousarray(x), np.ascontiguousarray(slot_owner)
         if weight is not None:
             weight = np.ascontiguousarray(weight)
@@ -135,7 +136,7 @@ class CBackend:
 
     def _pairs(self, expert_out, expert_index, position):
         return tuple(np.ascontiguousarray(a)
-                     for a in pair_args(expert_out, expert_index, position, C_DTYPES, "C"))
+                     for a in _checks.pair_args(expert_out, expert_index, position, C_DTYPES, "C"))
 
     def combine(self, expert_out: np.ndarray, expert_index: np.ndarray, position: np.ndarray,
                 weight: np.ndarray | None = None, *, naive: bool = False,
@@ -148,8 +149,8 @@ class CBackend:
         E, C, D = expert_out.shape
         T, K = expert_index.shape
         if weight is not None:
-            weight = np.ascontiguousarray(_float_arg("weight", weight, (T, K), C_DTYPES, "C"),
-                                          dtype=expert_out.dtype)
+            weight = _checks.float_arg("weight", weight, (T, K), C_DTYPES, "C")
+            weight = np.ascontiguousarray(weight, dtype=expert_out.dtype)
         y = self._out(out, (T, D), expert_out.dtype)
         fn = getattr(self.lib, f"pymoe_combine{'_naive' if naive else ''}_{self._suffix(y)}")
         self._check("combine", fn(self._ptr(y), self._ptr(expert_out), self._ptr(weight),
@@ -162,7 +163,8 @@ class CBackend:
         expert_out, expert_index, position = self._pairs(expert_out, expert_index, position)
         E, C, D = expert_out.shape
         T, K = expert_index.shape
-        dy = np.ascontiguousarray(_float_arg("dy", dy, (T, D), C_DTYPES, "C"), dtype=expert_out.dtype)
+        dy = np.ascontiguousarray(_checks.float_arg("dy", dy, (T, D), C_DTYPES, "C"),
+                                  dtype=expert_out.dtype)
         dgate = np.empty((T, K), expert_out.dtype)
         fn = getattr(self.lib, f"pymoe_gate_grad{'_naive' if naive else ''}_{self._suffix(dy)}")
         self._check("gate_grad", fn(self._ptr(dgate), self._ptr(dy), self._ptr(expert_out),

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import _checks
-from .backends import BackendInfo
+from .backend_api import BackendInfo
 from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))

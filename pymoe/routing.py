@@ -17,7 +17,8 @@ from .priority import position_in_expert, priority_order
 from .router import router_dtype, softmax, softmax_backward
 from .topk import gates, gates_backward, top_k
 
-AssignSlots = Callable[[np.ndarray, np.ndarray, int, int], "tuple[np.ndarray, np.ndarray]"]
+AssignSlots = Callable[[np.ndarray, np.ndarray, int, int],
+                       "tuple[np.ndarray, np.ndarray, np.ndarray]"]
 
 PRIORITIES = ("choice", "score")
 K1_NORMALIZE_WARNING = (
@@ -151,7 +152,7 @@ def route_unchecked(router_logits: np.ndarray, k: int, capacity_factor: float | 
         position, gate_kept, kept = drop(position, gate, capacity)  # [T, K]   step 9
     else:  # a backend's slot assignment; None = token order, nothing to permute or check
         order = token_order if priority == "score" else None
-        position, owner = assign_slots(expert_index, order, E, capacity)
+        position, owner, _ = assign_slots(expert_index, order, E, capacity)
         kept = position >= 0  # [T, K]
         gate_kept = np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
     return Routing(router_logits=logits, probs=probs, expert_index=expert_index,

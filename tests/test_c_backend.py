@@ -6,7 +6,7 @@ import pytest
 
 import pymoe
 from gradcheck import FD_RTOL, check_layer_gradients, randomize
-from pymoe.backends import NumpyBackend
+from pymoe.numpy_backend import NumpyBackend
 from tolerances import DOWNSTREAM_RTOL, assert_dot_close, rel_norm_error
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
@@ -45,9 +45,14 @@ def _abs_dot(dy, expert_out, r):
 def test_assign_slots_matches_reference(c_backend, case):
     r, _, _ = case
     order = r.token_order if r.priority == "score" else None
-    position, owner = c_backend.assign_slots(r.expert_index, order, r.num_experts, r.capacity)
+    position, owner, load = c_backend.assign_slots(r.expert_index, order, r.num_experts,
+                                                   r.capacity)
     np.testing.assert_array_equal(position, r.position)
     np.testing.assert_array_equal(owner, r.slot_owner)
+    np.testing.assert_array_equal(load, r.expert_load)
+    for got, want in zip(REF.assign_slots(r.expert_index, order, r.num_experts, r.capacity),
+                         (position, owner, load)):
+        np.testing.assert_array_equal(got, want)
 
 
 @given(routed(), st.booleans())
@@ -94,7 +99,7 @@ def test_edge_sizes(c_backend, T, E, K, cf):
     r = pymoe.route(rng.normal(size=(T, E)), K, cf)
     if cf == 0.01:
         assert r.capacity == 1
-    position, owner = c_backend.assign_slots(r.expert_index, r.token_order, E, r.capacity)
+    position, owner, _ = c_backend.assign_slots(r.expert_index, r.token_order, E, r.capacity)
     np.testing.assert_array_equal(position, r.position)
     x = rng.normal(size=(T, 5))
     np.testing.assert_array_equal(c_backend.dispatch(x, owner, K), REF.dispatch(x, owner, K))
@@ -123,10 +128,12 @@ def test_many_choices_take_the_tiled_combine_path(c_backend, K, D):
 def test_everything_dropped(c_backend):
     """C = 0 drops every pair: empty slot map, zero expert buffers, zero outputs."""
     idx = np.array([[0, 1], [1, 0], [0, 1]])
-    position, owner = c_backend.assign_slots(idx, None, 2, 0)
+    position, owner, load = c_backend.assign_slots(idx, None, 2, 0)
     assert owner.shape == (2, 0) and np.all(position == -1)
+    np.testing.assert_array_equal(load, [3, 3])  # the load counts pairs before dropping
     # C = 1: first choices claim t0 -> e0 and t1 -> e1; every later pair finds its expert full.
-    position, owner = c_backend.assign_slots(idx, None, 3, 1)
+    position, owner, load = c_backend.assign_slots(idx, None, 3, 1)
+    np.testing.assert_array_equal(load, [3, 3, 0])
     np.testing.assert_array_equal(position, [[0, -1], [0, -1], [-1, -1]])
     np.testing.assert_array_equal(owner, [[0], [2], [-1]])  # t*K + j
     y = c_backend.combine(np.ones((2, 1, 4)), idx, np.full((3, 2), -1), np.ones((3, 2)))

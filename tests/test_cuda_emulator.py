@@ -9,7 +9,7 @@ import pytest
 import pymoe
 from conftest import REPO, cuda_build_module
 from pymoe import cuda_backend
-from pymoe.backends import NumpyBackend
+from pymoe.numpy_backend import NumpyBackend
 
 
 def test_emulator_selftest(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from pymoe.backends import NumpyBackend
+from pymoe.numpy_backend import NumpyBackend
 from tolerances import GATE_RTOL, PROB_RTOL, assert_dot_close
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")

@@ -1,0 +1,47 @@
+"""What a host backend is (the Backend protocol) and how the registry describes one (BackendInfo).
+
+Its own module so that the registry (backends.py) and the backends it loads (numpy_backend,
+c_backend, cuda_backend) all import it, and none of them imports another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """The operations a host backend (numpy, c) provides to MoELayer, on NumPy arrays; shapes use
+    the legend in router.py. (The CUDA backend works on device arrays and has its own interface,
+    pymoe.cuda_backend.CudaBackend.)"""
+    name: str
+
+    def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
+                     num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (position `<int64>[T, K]` with -1 where dropped, slot_owner `<int64>[E, C]`,
+        expert_load `<int64>[E]` before dropping); token_order None means 0, 1, ..., T-1."""
+
+    def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
+                 weight: np.ndarray | None = None) -> np.ndarray:
+        """-> expert_in `[E, C, D]` (indexed.dispatch_indexed)."""
+
+    def combine(self, expert_out: np.ndarray, expert_index: np.ndarray, position: np.ndarray,
+                weight: np.ndarray | None = None) -> np.ndarray:
+        """-> y `[T, D]` (indexed.combine_indexed)."""
+
+    def gate_grad(self, dy: np.ndarray, expert_out: np.ndarray, expert_index: np.ndarray,
+                  position: np.ndarray) -> np.ndarray:
+        """-> dgate `[T, K]` (indexed.gate_grad_indexed)."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Whether a backend can be used here, and why not when it cannot."""
+    name: str
+    available: bool
+    detail: str  # what it is when available, the reason when not
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        return f"{self.name:6s} {state:11s} {self.detail}"

@@ -1,0 +1,44 @@
+"""The NumPy backend: the reference slot assignment (priority.py, capacity.py) and the indexed
+formulation (indexed.py), behind the same interface and argument checks as the C backend."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks
+from .capacity import expert_load, slot_owner
+from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
+from .priority import position_in_expert
+
+
+class NumpyBackend:
+    """The reference: the cumsum slot assignment and the NumPy indexed formulation."""
+    name = "numpy"
+
+    def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
+                     num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (position `<int64>[T, K]`, -1 where dropped; slot_owner `<int64>[E, C]`;
+        expert_load `<int64>[E]` before dropping). token_order None means 0, 1, ..., T-1."""
+        expert_index, token_order, E, C = _checks.slot_args(expert_index, token_order, num_experts,
+                                                             capacity)
+        if token_order is None:
+            token_order = np.arange(expert_index.shape[0], dtype=np.int64)
+        position = position_in_expert(expert_index, E, token_order)  # [T, K]
+        position = np.where(position < C, position, -1)  # [T, K], capacity.drop's rule
+        return position, slot_owner(expert_index, position, C, E), expert_load(expert_index, E)
+
+    def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
+                 weight: np.ndarray | None = None) -> np.ndarray:
+        return dispatch_indexed(*_checks.dispatch_args(x, slot_owner, k, weight))
+
+    def combine(self, expert_out: np.ndarray, expert_index: np.ndarray, position: np.ndarray,
+                weight: np.ndarray | None = None) -> np.ndarray:
+        expert_out, expert_index, position = _checks.pair_args(expert_out, expert_index, position)
+        if weight is not None:
+            weight = _checks.float_arg("weight", weight, position.shape)
+        return combine_indexed(expert_out, expert_index, position, weight)
+
+    def gate_grad(self, dy: np.ndarray, expert_out: np.ndarray, expert_index: np.ndarray,
+                  position: np.ndarray) -> np.ndarray:
+        expert_out, expert_index, position = _checks.pair_args(expert_out, expert_index, position)
+        dy = _checks.float_arg("dy", dy, (position.shape[0], expert_out.shape[2]))
+        return gate_grad_indexed(dy, expert_out, expert_index, position)
