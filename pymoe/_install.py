@@ -11,7 +11,6 @@ Nothing here imports the C core: loading it starts OpenMP, which pymoe.c_backend
 from __future__ import annotations
 
 import importlib.machinery
-import importlib.util
 import os
 import sys
 import warnings
@@ -34,8 +33,8 @@ def source_root() -> str | None:
 
 
 def core_built() -> bool:
-    """Whether the compiled C core sits in this package (found, not loaded)."""
-    return importlib.util.find_spec("pymoe._pymoe_c") is not None
+    """Whether the compiled C core sits in this package's folder (found, not loaded)."""
+    return importlib.machinery.PathFinder.find_spec("pymoe._pymoe_c", [PACKAGE_DIR]) is not None
 
 
 def installed_copy(root: str) -> str | None:

@@ -10,7 +10,10 @@ import pytest
 
 from conftest import REPO
 
-PROBE = "import pymoe; print(pymoe.backends()['c'].detail)"
+# An editable install of pymoe in this venv (README's test command) maps pymoe._pymoe_c to its own
+# tree whatever pymoe's folder is: drop that finder so the probe sees only the copy.
+PROBE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
+         "getattr(f, '__module__', '')]; import pymoe; print(pymoe.backends()['c'].detail)")
 
 
 @pytest.fixture
