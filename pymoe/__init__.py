@@ -17,10 +17,12 @@ The routing recipe, one module per step:
 from ._install import warn_if_core_missing
 from .backends import BackendInfo, backends, get_backend
 from .layer import MoELayer
+from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .routing import Routing, route, route_backward
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "backends", "get_backend",
-           "BackendInfo"]
+           "BackendInfo", "MemoryBudgetError", "get_memory_budget", "set_memory_budget",
+           "memory_budget"]
 __version__ = "0.1.0"
 
 warn_if_core_missing()  # one line when the C core is not built (PYMOE_DISABLE_C=1 silences it)

@@ -1,0 +1,364 @@
+"""Expert parallelism over MPI: P ranks, E/P experts on each, one token group per rank.
+
+Every rank holds a replica of the router and experts [r*E/P, (r+1)*E/P) of a MoELayer, and routes
+its own T_local tokens with its own capacity (the GShard group). One step:
+
+    forward   route locally -> Alltoall of per-expert row counts -> Alltoallv of the kept rows to
+              the ranks that own their experts ("dispatch") -> local experts -> Alltoallv of the
+              outputs back ("combine") -> combine with the gates
+    backward  the same exchanges in reverse: gate * dy rows to the experts ("grad_dispatch"), the
+              experts' input gradients back ("grad_combine"); expert parameter gradients stay on
+              their rank; router gradients are averaged over the ranks (Allgather, then a sum in
+              rank order: exact, the same bits for any P, where a ring Allreduce's order depends on P)
+
+Two exchange modes move the same rows and give the same results, with different bytes:
+    "exact"  only the kept rows travel (Megatron-Core's all-to-all token dispatcher);
+    "fixed"  every rank sends its whole `[E/P, C, D]` capacity buffer to every rank, padding
+             included (GShard, DeepSpeed, Tutel): static sizes, paid for in padding bytes.
+Both modes exchange the row counts first (a few bytes), so that the experts run on filled rows
+only, exactly as MoELayer does.
+
+The arithmetic is pymoe.grouped's, shared with MoELayer(token_groups=P): P ranks produce, bit for
+bit, the outputs, input gradients and parameter gradients of that one-process layer (the
+objective and load_stats are explained there). Needs `pip install 'pymoe[mpi]'` (mpi4py + MPICH);
+run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank world.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _checks, grouped
+from .layer import MoELayer
+
+EXCHANGES = ("exact", "fixed")
+DIRECTIONS = ("dispatch", "combine", "grad_dispatch", "grad_combine")
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+def mpi() -> Any:
+    """mpi4py's MPI module, imported on first use (the `mpi` extra)."""
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as err:  # RuntimeError: mpi4py without an MPI library
+        raise ImportError("pymoe.expert_parallel needs mpi4py and an MPI library: "
+                          f"pip install 'pymoe[mpi]' ({err})") from err
+    return MPI
+
+
+@dataclass
+class StepStats:
+    """What one rank sent in one step (forward + backward), per destination rank.
+
+    rows[d][q]: token rows this rank sent to rank q in exchange d (one of DIRECTIONS);
+    bytes[d][q]: bytes of those messages (in "fixed" mode the whole capacity buffers);
+    padding_bytes[d][q]: the part of bytes[d][q] that is padding (0 in "exact" mode);
+    control_bytes: the rest this rank sent (row counts, argument checks' integers, load
+    statistics, router gradients); times: seconds in "routing", "exchange", "experts", "combine"
+    (local gather/scatter), forward and backward added.
+    Messages to the rank itself are counted (MPI copies them locally).
+    """
+    rank: int
+    size: int
+    exchange: str
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    bytes: dict[str, np.ndarray] = field(default_factory=dict)
+    padding_bytes: dict[str, np.ndarray] = field(default_factory=dict)
+    control_bytes: int = 0
+    times: dict[str, float] = field(default_factory=dict)
+
+    def total_bytes(self, *, to_others: bool = False) -> int:
+        """All row bytes sent in the step (optionally only those to other ranks)."""
+        mask = np.arange(self.size) != self.rank if to_others else slice(None)
+        return int(sum(b[mask].sum() for b in self.bytes.values()))
+
+    def total_padding(self) -> int:
+        return int(sum(b.sum() for b in self.padding_bytes.values()))
+
+
+class _MPIExchange:
+    """grouped.Exchange over MPI: this rank's one group, its E/P experts."""
+
+    def __init__(self, comm: Any, num_local: int, mode: str, stats: StepStats) -> None:
+        self.comm, self.El, self.mode, self.stats = comm, num_local, mode, stats
+        self.P, self.rank = comm.Get_size(), comm.Get_rank()
+        self.num_groups = self.P
+        self.directions = iter(DIRECTIONS)
+
+    # -- counts
+    def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
+        P, El = self.P, self.El
+        self.n = np.asarray(loads[0], dtype=np.int64)  # [E] rows I send per expert
+        self.C = int(capacities[0])
+        meta = np.empty((P, El + 1), dtype=np.int64)  # per destination: its experts' counts, my C
+        meta[:, :El] = self.n.reshape(P, El)
+        meta[:, El] = self.C
+        got = np.empty_like(meta)
+        self.comm.Alltoall(meta, got)
+        self.stats.control_bytes += meta.nbytes
+        self.recv_n = got[:, :El]  # [P, El] rows each source sends to each of my experts
+        self.recv_C = got[:, El]  # [P] each source's capacity
+        self.send_rows = self.n.reshape(P, El).sum(axis=1)  # [P]
+        self.recv_rows = self.recv_n.sum(axis=1)  # [P]
+        # where source s's rows of my expert e start in the packed [El, sum C, D] buffer
+        self.start = np.cumsum(self.recv_n, axis=0) - self.recv_n  # [P, El]
+        self.kept_mask = np.arange(self.C)[None, :] < self.n[:, None]  # [E, C]
+
+    def _alltoallv(self, send: np.ndarray, send_counts: np.ndarray, recv: np.ndarray,
+                   recv_counts: np.ndarray) -> None:
+        """Alltoallv of raw bytes; counts are in bytes per rank."""
+        sc, rc = send_counts.astype(np.int64), recv_counts.astype(np.int64)
+        sd, rd = np.cumsum(sc) - sc, np.cumsum(rc) - rc
+        MPI = mpi()
+        self.comm.Alltoallv([send.reshape(-1).view(np.uint8), (sc, sd), MPI.BYTE],
+                            [recv.reshape(-1).view(np.uint8), (rc, rd), MPI.BYTE])
+
+    def _record(self, rows: np.ndarray, nbytes: np.ndarray, padding: np.ndarray) -> None:
+        d = next(self.directions)
+        self.stats.rows[d] = rows.astype(np.int64)
+        self.stats.bytes[d] = nbytes.astype(np.int64)
+        self.stats.padding_bytes[d] = padding.astype(np.int64)
+
+    # -- rows
+    def to_experts(self, blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        blk = blocks[0]  # [E, C, D]
+        E, C, D = blk.shape
+        P, El = self.P, self.El
+        row = D * blk.itemsize
+        packed = np.zeros((El, int(self.recv_C.sum()), D), dtype=blk.dtype)
+        if self.mode == "exact":
+            send = np.ascontiguousarray(blk[self.kept_mask])  # [sum n, D] expert-major
+            recv = np.empty((int(self.recv_rows.sum()), D), dtype=blk.dtype)
+            self._alltoallv(send, self.send_rows * row, recv, self.recv_rows * row)
+            pos = 0
+            for s in range(P):
+                for e in range(El):
+                    m, a = self.recv_n[s, e], self.start[s, e]
+                    packed[e, a:a + m] = recv[pos:pos + m]
+                    pos += m
+            self._record(self.send_rows, self.send_rows * row, np.zeros(P))
+        else:
+            send = np.ascontiguousarray(blk)  # [P, El, C, D]: each rank's experts in a block
+            recv = np.empty(int((El * self.recv_C).sum()) * D, dtype=blk.dtype)
+            self._alltoallv(send, np.full(P, El * C * row), recv, El * self.recv_C * row)
+            pos = 0
+            for s in range(P):
+                Cs = int(self.recv_C[s])
+                src = recv[pos:pos + El * Cs * D].reshape(El, Cs, D)
+                pos += El * Cs * D
+                for e in range(El):
+                    m, a = self.recv_n[s, e], self.start[s, e]
+                    packed[e, a:a + m] = src[e, :m]
+            self._record(self.send_rows, np.full(P, El * C * row),
+                         (El * C - self.send_rows) * row)
+        return packed, self.recv_n.sum(axis=0)
+
+    def from_experts(self, packed: np.ndarray) -> list[np.ndarray]:
+        El, _, D = packed.shape
+        P, E, C = self.P, self.El * self.P, self.C
+        row = D * packed.itemsize
+        out = np.zeros((E, C, D), dtype=packed.dtype)
+        if self.mode == "exact":
+            parts = [packed[e, self.start[s, e]:self.start[s, e] + self.recv_n[s, e]]
+                     for s in range(P) for e in range(El)]
+            send = np.concatenate(parts) if parts else np.empty((0, D), packed.dtype)
+            recv = np.empty((int(self.send_rows.sum()), D), dtype=packed.dtype)
+            self._alltoallv(send, self.recv_rows * row, recv, self.send_rows * row)
+            out[self.kept_mask] = recv
+            self._record(self.recv_rows, self.recv_rows * row, np.zeros(P))
+        else:
+            blocks = []
+            for s in range(P):
+                b = np.zeros((El, int(self.recv_C[s]), D), dtype=packed.dtype)
+                for e in range(El):
+                    m, a = self.recv_n[s, e], self.start[s, e]
+                    b[e, :m] = packed[e, a:a + m]
+                blocks.append(b.reshape(-1))
+            send = np.concatenate(blocks)
+            self._alltoallv(send, El * self.recv_C * row, out, np.full(P, El * C * row))
+            self._record(self.recv_rows, El * self.recv_C * row,
+                         (El * self.recv_C - self.recv_rows) * row)
+        return [out]
+
+    def sum_in_group_order(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        mine = np.ascontiguousarray(parts[0])
+        every = np.empty((self.P,) + mine.shape, dtype=mine.dtype)
+        self.comm.Allgather(mine, every)
+        self.stats.control_bytes += mine.nbytes * self.P
+        return grouped.sum_in_order(list(every))
+
+
+def _digest(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _config(layer: MoELayer) -> dict[str, Any]:
+    names = ("d_model", "d_hidden", "num_experts", "k", "capacity_factor", "min_capacity",
+             "normalize", "priority", "activation", "aux_loss_coef", "z_loss_coef", "formulation",
+             "token_groups")
+    cfg = {n: getattr(layer, n) for n in names}
+    cfg["dtype"], cfg["backend"] = str(layer.dtype), layer.backend.name
+    return cfg
+
+
+class ExpertParallelMoE:
+    """A MoELayer split over the ranks of an MPI communicator (module docstring).
+
+    Args:
+        layer: the same MoELayer on every rank (same settings and parameters: checked at start,
+            every rank raising the same ValueError when they differ). Its router is used as is;
+            this rank keeps a copy of its own experts' parameters.
+        comm: an mpi4py communicator (default MPI.COMM_WORLD); P = its size must divide E.
+        exchange: "exact" or "fixed" (module docstring).
+        load_stats: "local" or "global" statistics for the aux loss (pymoe.grouped).
+
+    Attributes:
+        params, grads: w_router `[D, E]` and b_router `[E]` (the layer's own router arrays,
+            replicated) and this rank's experts: w1 `[E/P, D, H]`, b1, w2, b2. Update in place.
+        experts: range of the global expert ids held here.
+        routing, aux_loss, z_loss: this rank's from the last forward (aux_loss is the global aux
+            loss under load_stats="global").
+        stats: StepStats of the last step (reset by forward, completed by backward).
+    """
+
+    def __init__(self, layer: MoELayer, comm: Any = None, *, exchange: str = "exact",
+                 load_stats: str = "local") -> None:
+        MPI = mpi()
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        P, rank = self.comm.Get_size(), self.comm.Get_rank()
+        problem, cfg, digests = None, None, None
+        try:  # find local problems first, then decide together: nobody waits for a rank that left
+            if not isinstance(layer, MoELayer):
+                raise TypeError(f"layer: expected a pymoe.MoELayer, got {type(layer).__name__}")
+            self.exchange = _checks.choice("exchange", exchange, EXCHANGES)
+            self.load_stats = _checks.choice("load_stats", load_stats, grouped.LOAD_STATS)
+            if layer.token_groups != 1:
+                raise ValueError("layer: expected token_groups=1 (each rank is one group), got "
+                                 f"{layer.token_groups}")
+            if layer.formulation != "indexed":
+                raise ValueError("layer: expected formulation='indexed', got "
+                                 f"{layer.formulation!r}")
+            cfg = {**_config(layer), "exchange": exchange, "load_stats": load_stats}
+            digests = {n: _digest(p) for n, p in layer.params.items()}
+        except (TypeError, ValueError) as err:
+            problem = f"{type(err).__name__}: {err}"
+        every = self.comm.allgather((problem, cfg, digests))
+        bad = [(r, pr) for r, (pr, _, _) in enumerate(every) if pr is not None]
+        if bad:
+            raise ValueError("expert parallel setup failed on rank(s) "
+                             + "; ".join(f"{r}: {pr}" for r, pr in bad))
+        for r, (_, c, _) in enumerate(every):
+            diff = [n for n in cfg if c[n] != cfg[n]]
+            if diff:
+                raise ValueError(f"layer: settings differ across ranks: rank {r} has "
+                                 + ", ".join(f"{n}={c[n]!r}" for n in diff) + f", rank {rank} has "
+                                 + ", ".join(f"{n}={cfg[n]!r}" for n in diff))
+        for r, (_, _, d) in enumerate(every):
+            diff = [n for n in digests if d[n] != every[0][2][n]]
+            if diff:
+                raise ValueError(f"layer: parameters differ across ranks: {', '.join(diff)} on "
+                                 f"rank {r} differ from rank 0's (build the layer with the same "
+                                 "seed everywhere, or broadcast rank 0's parameters)")
+        E = layer.num_experts
+        if E % P:
+            raise ValueError(f"num_experts: E = {E} experts cannot be split evenly over "
+                             f"P = {P} ranks (E must be a multiple of P)")
+        self.layer, self.size, self.rank = layer, P, rank
+        self.num_local = E // P
+        self.experts = range(rank * self.num_local, (rank + 1) * self.num_local)
+        sl = slice(self.experts.start, self.experts.stop)
+        self.params: dict[str, np.ndarray] = {
+            "w_router": layer.params["w_router"], "b_router": layer.params["b_router"],
+            **{n: layer.params[n][sl].copy() for n in EXPERT_PARAMS}}
+        self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
+        self.routing = None
+        self.aux_loss = self.z_loss = 0.0
+        self.stats = StepStats(rank, P, self.exchange)
+        self._cache: tuple[tuple[int, ...], np.dtype, grouped.GroupsCache] | None = None
+
+    def _agree(self, problem: str | None, value: Any = None) -> list[Any]:
+        """Allgather (problem, value); every rank raises the same ValueError if any had one."""
+        every = self.comm.allgather((problem, value))
+        self.stats.control_bytes += 8 * self.size
+        bad = [(r, pr) for r, (pr, _) in enumerate(every) if pr is not None]
+        if bad:
+            raise ValueError("; ".join(f"rank {r}: {pr}" for r, pr in bad))
+        return [v for _, v in every]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """y `[T_local, D]` (or x's shape `[..., D]`) for this rank's tokens x.
+
+        Collective: every rank calls it, with the same T_local > 0 (checked together).
+        """
+        L = self.layer
+        self.stats = StepStats(self.rank, self.size, self.exchange)
+        problem, T = None, 0
+        try:
+            x = _checks.float_array("x", x, min_ndim=1)
+            if x.shape[-1] != L.d_model:
+                raise ValueError(f"x: expected shape [..., {L.d_model}] (D = d_model), got "
+                                 f"{tuple(x.shape)}")
+            T = int(np.prod(x.shape[:-1]))
+            if T == 0:
+                raise ValueError("x: T_local = 0 tokens; every rank needs at least one token")
+        except (TypeError, ValueError) as err:
+            problem = str(err)
+        Ts = self._agree(problem, T)
+        if len(set(Ts)) > 1:
+            raise ValueError(f"x: every rank needs the same number of tokens T_local (the groups "
+                             f"are of equal size), got {Ts} on ranks 0..{self.size - 1}")
+        x2 = x.reshape(-1, L.d_model).astype(L.dtype, copy=False)  # [T_local, D]
+        ex = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
+        ys, gc, aux, z = grouped.forward_groups(L, [x2], self._expert_params(), ex,
+                                                self.load_stats, False, self.stats.times)
+        self._cache = (x.shape, x.dtype, gc)
+        self.routing, self.aux_loss, self.z_loss = gc.groups[0].routing, aux, z
+        return ys[0].reshape(x.shape)
+
+    __call__ = forward
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """dx for this rank's tokens; fills self.grads (router: mean over ranks; experts: the
+        sum of every rank's contributions / P; pymoe.grouped). Collective."""
+        problem = None
+        try:
+            if self._cache is None:
+                raise ValueError("backward: called before forward()")
+            dy = _checks.float_array("dy", dy, shape=self._cache[0])
+        except (TypeError, ValueError) as err:
+            problem = str(err)
+        self._agree(problem)
+        x_shape, x_dtype, gc = self._cache
+        L = self.layer
+        dy2 = dy.reshape(-1, L.d_model).astype(L.dtype, copy=False)
+        dxs, grads = grouped.backward_groups(L, gc, [dy2], self._expert_params(),
+                                             self.stats.times)
+        self.grads = grads
+        return dxs[0].reshape(x_shape).astype(x_dtype, copy=False)
+
+    def _expert_params(self) -> dict[str, np.ndarray]:
+        return {n: self.params[n] for n in EXPERT_PARAMS}
+
+    def gather_stats(self) -> dict[str, np.ndarray]:
+        """Collective: the P x P matrices [sender, receiver] of rows, bytes and padding bytes of
+        the last step, summed over the four exchanges, plus each rank's control bytes `[P]` and
+        times `[P, 4]` (routing, exchange, experts, combine)."""
+        s = self.stats
+        mine = np.concatenate([sum(s.rows.values()), sum(s.bytes.values()),
+                               sum(s.padding_bytes.values()), [s.control_bytes],
+                               [s.times.get(k, 0.0) for k in TIME_KEYS]]).astype(np.float64)
+        every = np.empty((self.size, mine.size))
+        self.comm.Allgather(mine, every)
+        P = self.size
+        return {"rows": every[:, :P].astype(np.int64), "bytes": every[:, P:2 * P].astype(np.int64),
+                "padding_bytes": every[:, 2 * P:3 * P].astype(np.int64),
+                "control_bytes": every[:, 3 * P].astype(np.int64), "times": every[:, 3 * P + 1:]}
+
+
+TIME_KEYS = ("routing", "exchange", "experts", "combine")

@@ -1,0 +1,268 @@
+"""Token groups (the GShard "group"): route each contiguous block of tokens on its own.
+
+GShard splits the batch into G groups and gives every group its own capacity; expert parallelism
+does the same with one group per process: each of P ranks routes its own T_local tokens. This
+module holds the step that both share, so that one process (MoELayer(token_groups=G), with
+LocalExchange) and P processes (pymoe.expert_parallel, with an MPI exchange) run the very same
+arithmetic on the very same arrays and agree bit for bit:
+
+    per group g:  route x_g `[T_g, D]` with capacity C_g -> expert_in_g `[E, C_g, D]`
+    exchange:     expert e's rows from every group, in group order -> packed `[E, sum C_g, D]`
+    experts:      experts_forward on packed (each expert on its filled rows only)
+    exchange:     back to the groups -> out_g `[E, C_g, D]`;  y_g = combine(out_g)
+
+The objective and its gradient follow data parallelism (Megatron-Core's convention): group g has
+its own objective L_g = sum(y_g * dy_g) + aux_loss_coef * aux_g + z_loss_coef * z_g; dx_g is
+dL_g/dx_g, and every parameter gradient is that of the mean (1/G) sum_g L_g: router gradients are
+the mean of the groups' router gradients (summed in group order, so the result does not depend on
+how groups are spread over processes), expert gradients are the sum of all groups' contributions
+divided by G. With G = 1 this is MoELayer's usual objective.
+
+Load statistics for the aux loss (load_stats):
+    "local"   each group its own f_e and P_e: aux_g = E sum_e f_e^g P_e^g (what each rank sees);
+              the reported aux_loss is the mean over groups.
+    "global"  f_e and P_e over all T tokens (counts and probability sums added over groups, as an
+              Allreduce does): aux = E sum_e f_e P_e, the aux loss of the whole batch; each group's
+              share is aux_g = E sum_e f_e P_e^g, whose mean over groups is aux. With G = 1
+              both are the same and computed the "local" way.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .experts import ExpertsCache, experts_backward, experts_forward
+from .router import router_dtype, router_logits_backward, softmax_backward
+from .routing import Routing, route_backward
+
+LOAD_STATS = ("local", "global")
+
+
+class Exchange(Protocol):
+    """Moves expert rows between the groups here and the experts here (a process's view)."""
+
+    num_groups: int  # G, all groups, here and elsewhere
+
+    def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
+        """This side's groups' filled rows per expert `<int64>[E]` and capacities C_g, for this
+        step's exchanges (over MPI: the Alltoall of the counts)."""
+
+    def to_experts(self, blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """blocks: this side's groups' `[E, C_g, D]` (rows 0..n_ge-1 of expert e filled).
+        -> (packed `[E_here, sum_g C_g, D]`: expert e's rows from every group in group order,
+        filled `<int64>[E_here]`)."""
+
+    def from_experts(self, packed: np.ndarray) -> list[np.ndarray]:
+        """The way back: packed `[E_here, sum_g C_g, D]` -> this side's groups' `[E, C_g, D]`."""
+
+    def sum_in_group_order(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """Sum over all G groups of an array each group holds, added in group order 0..G-1."""
+
+
+def sum_in_order(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """parts[0] + parts[1] + ... added left to right (a fixed order: same bits wherever it runs)."""
+    acc = np.array(parts[0], copy=True)
+    for p in parts[1:]:
+        acc += p
+    return acc
+
+
+def pack_rows(blocks: Sequence[np.ndarray], loads: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Expert e's filled rows from every block, in block order.
+
+    Args:
+        blocks: `[E, C_g, D]` per group; loads: `<int64>[E]` filled rows per expert per group.
+    Returns:
+        packed `[E, sum_g C_g, D]` (zero past the filled rows) and filled `<int64>[E]`.
+    """
+    E, _, D = blocks[0].shape
+    packed = np.zeros((E, sum(b.shape[1] for b in blocks), D), dtype=blocks[0].dtype)
+    filled = np.zeros(E, dtype=np.int64)
+    for blk, n in zip(blocks, loads):
+        for e in range(E):
+            packed[e, filled[e]:filled[e] + n[e]] = blk[e, :n[e]]
+        filled += n
+    return packed, filled
+
+
+def unpack_rows(packed: np.ndarray, loads: Sequence[np.ndarray],
+                capacities: Sequence[int]) -> list[np.ndarray]:
+    """Inverse of pack_rows: `[E, sum C_g, D]` -> `[E, C_g, D]` per group (zero past the loads)."""
+    E, _, D = packed.shape
+    out = []
+    start = np.zeros(E, dtype=np.int64)
+    for n, C in zip(loads, capacities):
+        blk = np.zeros((E, C, D), dtype=packed.dtype)
+        for e in range(E):
+            blk[e, :n[e]] = packed[e, start[e]:start[e] + n[e]]
+        start += n
+        out.append(blk)
+    return out
+
+
+class LocalExchange:
+    """All G groups and all E experts in this process: the exchange is pack_rows / unpack_rows."""
+
+    def __init__(self, num_groups: int) -> None:
+        self.num_groups = num_groups
+        self._loads: list[np.ndarray] = []
+        self._capacities: list[int] = []
+
+    def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
+        self._loads, self._capacities = list(loads), list(capacities)
+
+    def to_experts(self, blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return pack_rows(blocks, self._loads)
+
+    def from_experts(self, packed: np.ndarray) -> list[np.ndarray]:
+        return unpack_rows(packed, self._loads, self._capacities)
+
+    def sum_in_group_order(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return sum_in_order(parts)
+
+
+@dataclass
+class GroupState:
+    """One group's forward pass, kept for its backward."""
+    x_router: np.ndarray  # [T_g, D] router's (jittered) copy of x_g, router dtype
+    noise: np.ndarray | None  # [T_g, D] jitter multipliers, or None
+    routing: Routing
+    out: np.ndarray | None = None  # [E, C_g, D] expert outputs of this group's slots
+
+
+@dataclass
+class GroupsCache:
+    """What backward_groups needs from forward_groups."""
+    groups: list[GroupState]
+    experts: ExpertsCache
+    f_global: np.ndarray | None  # [E] global f_e (load_stats "global"), else None
+    exchange: Exchange  # holds this step's loads for the backward exchanges
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def _tick(times: dict[str, float], key: str, t0: float) -> float:
+    t = time.perf_counter()
+    times[key] = times.get(key, 0.0) + (t - t0)
+    return t
+
+
+def load_sums(routing: Routing) -> np.ndarray:
+    """`[2E]` (assignments per expert before dropping, sum over tokens of probs): a group's
+    share of the global load statistics, in the router dtype (counts are exact there)."""
+    return np.concatenate([routing.expert_load.astype(routing.probs.dtype),
+                           routing.probs.sum(axis=0)])
+
+
+def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[str, np.ndarray],
+                   exchange: Exchange, load_stats: str, train: bool,
+                   times: dict[str, float]) -> tuple[list[np.ndarray], GroupsCache, float, float]:
+    """Forward of this side's groups.
+
+    Args:
+        layer: the MoELayer whose router, routing settings and backend are used.
+        x_blocks: this side's groups' tokens `[T_g, D]` in the layer dtype.
+        expert_params: w1, b1, w2, b2 of the experts here (`[E_here, ...]`).
+        times: accumulates seconds under "routing", "exchange", "experts", "combine".
+    Returns:
+        y blocks `[T_g, D]`, the cache, and this side's aux and z loss terms (the mean over its
+        groups of aux_g and z_g, see the module docstring).
+    """
+    t0 = time.perf_counter()
+    states = [GroupState(*layer._route(xb, train)) for xb in x_blocks]
+    G = exchange.num_groups
+    f_global, aux_terms = None, []
+    if load_stats == "global" and G > 1:  # with one group, global is local (same arithmetic)
+        t0 = _tick(times, "routing", t0)
+        sums = exchange.sum_in_group_order([load_sums(s.routing) for s in states])  # [2E]
+        t0 = _tick(times, "exchange", t0)
+        E, K = layer.num_experts, layer.k
+        T = states[0].routing.num_tokens * G  # all tokens (the groups are of equal size)
+        f_global = sums[:E] / (T * K)
+        aux = float(E * np.dot(f_global, sums[E:] / T))
+        aux_terms = [aux] * len(states)
+    else:
+        aux_terms = [s.routing.aux_loss for s in states]
+    blocks = [layer.backend.dispatch(xb, s.routing.slot_owner, layer.k)
+              for xb, s in zip(x_blocks, states)]  # [E, C_g, D] each
+    t0 = _tick(times, "routing", t0)
+    exchange.set_loads([s.routing.expert_load_kept for s in states],
+                       [s.routing.capacity for s in states])
+    packed, filled = exchange.to_experts(blocks)  # [E_here, sum C_g, D]
+    t0 = _tick(times, "exchange", t0)
+    p = expert_params
+    out, ecache = experts_forward(packed, p["w1"], p["b1"], p["w2"], p["b2"], layer.activation,
+                                  filled=filled)
+    t0 = _tick(times, "experts", t0)
+    outs = exchange.from_experts(out)
+    t0 = _tick(times, "exchange", t0)
+    ys = []
+    for s, o in zip(states, outs):
+        s.out = o
+        ys.append(layer.backend.combine(o, s.routing.expert_index, s.routing.position,
+                                        s.routing.gate.astype(layer.dtype)))  # [T_g, D]
+    _tick(times, "combine", t0)
+    z = float(np.mean([s.routing.z_loss for s in states]))
+    return ys, GroupsCache(states, ecache, f_global, exchange), float(np.mean(aux_terms)), z
+
+
+def _dlogits(layer, s: GroupState, dgate: np.ndarray, f_global: np.ndarray | None) -> np.ndarray:
+    """d L_g / d router_logits `[T_g, E]` of one group."""
+    r = s.routing
+    if f_global is None:
+        return route_backward(r, dgate, layer.aux_loss_coef, layer.z_loss_coef)
+    dlogits = route_backward(r, dgate, 0.0, layer.z_loss_coef)
+    if layer.aux_loss_coef:  # d(coef * E * sum_e f_e P_e^g)/d probs = coef * E * f_e / T_g
+        T, E = r.probs.shape
+        daux = np.broadcast_to((layer.aux_loss_coef * E / T) * f_global, (T, E))
+        dlogits += softmax_backward(daux.astype(r.probs.dtype), r.probs)
+    return dlogits
+
+
+def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
+                    expert_params: dict[str, np.ndarray], times: dict[str, float]
+                    ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Backward of forward_groups: (dx blocks `[T_g, D]`, grads of the router and the experts
+    here, in the layer dtype; see the module docstring for the objective)."""
+    t0 = time.perf_counter()
+    exchange = cache.exchange
+    G = exchange.num_groups
+    d_outs, dgates = [], []
+    for dyb, s in zip(dy_blocks, cache.groups):
+        r = s.routing
+        d_outs.append(layer.backend.dispatch(dyb, r.slot_owner, layer.k,
+                                             weight=r.gate.astype(layer.dtype)))  # [E, C_g, D]
+        dgates.append(layer.backend.gate_grad(dyb, s.out, r.expert_index, r.position))  # [T_g, K]
+    t0 = _tick(times, "combine", t0)
+    d_packed, _ = exchange.to_experts(d_outs)
+    t0 = _tick(times, "exchange", t0)
+    p = expert_params
+    d_in, eg = experts_backward(d_packed, p["w1"], p["w2"], cache.experts)
+    for g in eg.values():
+        g /= G  # the mean objective (1/G) sum_g L_g
+    t0 = _tick(times, "experts", t0)
+    d_ins = exchange.from_experts(d_in)
+    t0 = _tick(times, "exchange", t0)
+    rdt = router_dtype(layer.dtype)
+    w_router = layer.params["w_router"].astype(rdt, copy=False)
+    dxs, router_parts = [], []
+    for s, dgate, d_in_g in zip(cache.groups, dgates, d_ins):
+        r = s.routing
+        dx = layer.backend.combine(d_in_g, r.expert_index, r.position)  # [T_g, D]
+        dlogits = _dlogits(layer, s, dgate, cache.f_global)  # [T_g, E]
+        dx_router, dw, db = router_logits_backward(dlogits, s.x_router, w_router)
+        if s.noise is not None:
+            dx_router *= s.noise
+        dxs.append(dx + dx_router.astype(layer.dtype))
+        router_parts.append(np.concatenate([dw.ravel(), db]))
+    t0 = _tick(times, "routing", t0)
+    router_sum = exchange.sum_in_group_order(router_parts)  # [D*E + E]
+    t0 = _tick(times, "exchange", t0)
+    router_mean = router_sum / G
+    D, E = w_router.shape
+    grads = {"w_router": router_mean[:D * E].reshape(D, E), "b_router": router_mean[D * E:], **eg}
+    _tick(times, "routing", t0)
+    return dxs, {n: g.astype(layer.dtype, copy=False) for n, g in grads.items()}

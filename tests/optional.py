@@ -1,0 +1,35 @@
+"""Optional test dependencies: skip with the reason where a package is missing, fail under
+PYMOE_REQUIRE_OPTIONAL=1 (CI sets it, so a missing or broken optional package cannot pass as
+'skipped')."""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import pytest
+
+REQUIRE_ENV = "PYMOE_REQUIRE_OPTIONAL"
+
+
+def required() -> bool:
+    """True when every optional test dependency must be present (CI)."""
+    return os.environ.get(REQUIRE_ENV) == "1"
+
+
+def import_optional(name: str, extra: str, *, module_level: bool = True) -> ModuleType:
+    """Import `name`, or skip the calling test module (or test) with the reason.
+
+    extra: the pymoe extra that installs it (named in the skip message). Import warnings (the
+    systems' own CPU-only notices) are silenced.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except Exception as err:  # ImportError, or a package that is installed but broken
+        why = f"{name} unavailable ({type(err).__name__}: {err}); pip install 'pymoe[{extra}]'"
+        if required():
+            pytest.fail(f"{REQUIRE_ENV}=1 but {why}", pytrace=False)
+        pytest.skip(why, allow_module_level=module_level)

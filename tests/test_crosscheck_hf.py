@@ -1,0 +1,124 @@
+"""Cross-check: pymoe against the routers of HF transformers' MoE model files, run on CPU.
+
+Each router is built from a tiny config with hidden_size = E and an identity router weight, so
+the hidden states it is given are the logits. The load-balancing loss is the model file's own
+load_balancing_loss_func on that one layer's logits. docs/conventions.md lists what each model
+does; crosscheck.py says how results are compared.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crosscheck import CASES, Outcome, assert_same, combine_from_slots, ours, tied_logits
+from optional import import_optional
+
+torch = import_optional("torch", "crosscheck")
+transformers = import_optional("transformers", "crosscheck")
+from transformers.models.gpt_oss import modeling_gpt_oss  # noqa: E402
+from transformers.models.mixtral import modeling_mixtral  # noqa: E402
+from transformers.models.olmoe import modeling_olmoe  # noqa: E402
+from transformers.models.qwen2_moe import modeling_qwen2_moe  # noqa: E402
+from transformers.models.qwen3_moe import modeling_qwen3_moe  # noqa: E402
+from transformers.models.switch_transformers import modeling_switch_transformers as hf_switch  # noqa: E402
+
+T = 48
+DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
+
+
+def _identity(weight) -> None:
+    with torch.no_grad():
+        weight.copy_(torch.eye(weight.shape[0], dtype=weight.dtype))
+
+
+def _pairs(T: int, E: int, index, values) -> tuple[np.ndarray, np.ndarray]:
+    """[T, K] expert indices and values -> (<bool>[T, E] chosen, [T, E] value)."""
+    index = index.detach().numpy()
+    chosen = np.zeros((T, E), bool)
+    gate = np.zeros((T, E))
+    rows = np.repeat(np.arange(T), index.shape[1])
+    chosen[rows, index.ravel()] = True
+    gate[rows, index.ravel()] = values.detach().double().numpy().ravel()
+    return chosen, gate
+
+
+# -------------------------------------------------------------- top-K routers (dropless)
+# system -> (module, config class, config keywords); E and K are filled in per test.
+TOPK = {
+    "mixtral": (modeling_mixtral, "MixtralConfig", "MixtralTopKRouter", {}),
+    "qwen2-moe": (modeling_qwen2_moe, "Qwen2MoeConfig", "Qwen2MoeTopKRouter",
+                  {"norm_topk_prob": False}),
+    "qwen3-moe": (modeling_qwen3_moe, "Qwen3MoeConfig", "Qwen3MoeTopKRouter",
+                  {"norm_topk_prob": True}),
+    "olmoe": (modeling_olmoe, "OlmoeConfig", "OlmoeTopKRouter", {"norm_topk_prob": False}),
+    "gpt-oss": (modeling_gpt_oss, "GptOssConfig", "GptOssTopKRouter", {}),
+}
+# (E, K) as small as the published shape allows: Mixtral 8 experts top-2, Qwen1.5-MoE top-4,
+# Qwen3-MoE and OLMoE top-8, gpt-oss top-4.
+SHAPES = {"mixtral": (8, 2), "qwen2-moe": (8, 4), "qwen3-moe": (16, 8), "olmoe": (16, 8),
+          "gpt-oss": (8, 4)}
+# These compute the router softmax in float32 whatever the input dtype (`.float()` or
+# dtype=torch.float in the router), so only float32 is compared; gpt-oss keeps the input dtype.
+# load_balancing_loss_func sums in float32 for every model.
+TOPK_RUNS = [(s, np.float32) for s in TOPK] + [("gpt-oss", np.float64)]
+
+
+def hf_topk(system: str, logits: np.ndarray, k: int) -> Outcome:
+    module, config_name, router_name, extra = TOPK[system]
+    T_, E = logits.shape
+    cfg = getattr(transformers, config_name)(hidden_size=E, num_experts=E, num_local_experts=E,
+                                             num_experts_per_tok=k, **extra)
+    router = getattr(module, router_name)(cfg).to(DTYPES[logits.dtype.type])
+    _identity(router.weight)
+    if getattr(router, "bias", None) is not None:
+        with torch.no_grad():
+            router.bias.zero_()
+    with torch.no_grad():
+        router_logits, scores, index = router(torch.from_numpy(logits))
+        aux = module.load_balancing_loss_func((router_logits,), E, k)
+    chosen, gate = _pairs(T_, E, index, scores)
+    return Outcome(chosen, chosen.copy(), gate, aux=float(aux))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("system, dtype", TOPK_RUNS)
+def test_topk_routers(system, dtype, case):
+    E, K = SHAPES[system]
+    logits = tied_logits(T, E, dtype, k=K) if case == "ties" else CASES[case](T, E, dtype)
+    assert_same(ours(system, logits, K, None), hf_topk(system, logits, K), dtype, system,
+                aux_dtype=np.float32)
+
+
+# ------------------------------------------------------------------ Switch Transformers
+
+def hf_switch_router(logits: np.ndarray, capacity: int) -> Outcome:
+    """SwitchTransformersTop1Router on one sequence [1, T, E] with a fixed expert_capacity; aux
+    loss as SwitchTransformersForConditionalGeneration computes it from the router logits."""
+    T_, E = logits.shape
+    cfg = transformers.SwitchTransformersConfig(
+        d_model=E, num_experts=E, expert_capacity=capacity, router_bias=False,
+        router_dtype="float32")  # its config takes float32, float16 or bfloat16 only
+    router = hf_switch.SwitchTransformersTop1Router(cfg).eval()
+    _identity(router.classifier.weight)
+    with torch.no_grad():
+        kept, top_prob, router_logits = router(torch.from_numpy(logits)[None])
+        probs = torch.softmax(router_logits, dim=-1)
+        aux = hf_switch.load_balancing_loss_func(probs, router_logits.argmax(dim=-1))
+    kept = kept[0].numpy().astype(bool)  # [T, E] after capacity
+    chosen = np.zeros((T_, E), bool)
+    chosen[np.arange(T_), router_logits[0].argmax(dim=-1).numpy()] = True
+    gate = np.where(kept, top_prob[0].double().numpy(), 0.0)  # [T, E]
+    # HF's slot is its token_priority - 1: the cumulative count over tokens
+    combine = combine_from_slots(kept, gate, "token", capacity)
+    return Outcome(chosen, kept, gate, combine, float(aux), None)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_switch(case):
+    E, cf, dtype = 8, 1.0, np.float32
+    logits = CASES[case](T, E, dtype)
+    mine = ours("switch", logits, 1, cf)
+    theirs = hf_switch_router(logits, mine.capacity)
+    if case != "random":
+        assert not theirs.kept[theirs.chosen].all()  # the case drops something
+    assert_same(mine, theirs, dtype, "switch")

@@ -1,0 +1,199 @@
+"""Expert parallelism over MPI (pymoe.expert_parallel) against MoELayer(token_groups=P).
+
+Each test launches `mpiexec -n P` with a timeout; every rank runs the cases of
+expert_parallel_cases.py and saves its results, and the checks here read every rank's file:
+outputs, input gradients and parameter gradients must equal the one-process layer's bit for bit.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import expert_parallel_cases as epc
+import numpy as np
+import pytest
+from conftest import REPO, require_optional
+
+import pymoe
+
+WORKER = os.path.join(REPO, "tests", "expert_parallel_cases.py")
+TIMEOUT = 240  # seconds per mpiexec launch; a hang fails the test instead of blocking CI
+
+
+@functools.lru_cache(maxsize=1)
+def _mpi_setup() -> tuple[str | None, str]:
+    """(mpiexec path, '') or (None, why not)."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = here if os.path.exists(here) else shutil.which("mpiexec")
+    probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True,
+                           text=True, timeout=120)
+    if probe.returncode != 0:
+        return None, ("mpi4py with an MPI library is not importable (pip install 'pymoe[mpi]'): "
+                      + probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "")
+    if mpiexec is None:
+        return None, "no mpiexec found (pip install 'pymoe[mpi]' installs MPICH's)"
+    return mpiexec, ""
+
+
+@pytest.fixture(scope="module")
+def mpiexec() -> str:
+    path, why = _mpi_setup()
+    require_optional(path is not None, why)
+    return path
+
+
+def launch(mpiexec: str, P: int, cases: list[dict], out, *extra: str):
+    """Run the worker on P ranks; -> (process, per-case list of per-rank results or errors)."""
+    out.mkdir(exist_ok=True)
+    proc = subprocess.run([mpiexec, "-n", str(P), sys.executable, WORKER, str(out),
+                           json.dumps(cases), *extra], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=REPO)
+    results = []
+    for i in range(len(cases)):
+        ranks = []
+        for r in range(P):
+            npz, err = out / f"case{i}_rank{r}.npz", out / f"case{i}_rank{r}.err"
+            ranks.append(dict(np.load(npz)) if npz.exists()
+                         else err.read_text() if err.exists() else None)
+        results.append(ranks)
+    return proc, results
+
+
+def _c_or_numpy() -> str:
+    return "c" if pymoe.backends()["c"].available else "numpy"
+
+
+def equivalence_cases() -> list[dict]:
+    return [
+        {},
+        {"dtype": "float32"},
+        {"exchange": "fixed"},
+        {"exchange": "fixed", "dtype": "float32", "load_stats": "global"},
+        {"load_stats": "global", "skew": 2.0},
+        {"load_stats": "global", "skew": 2.0, "exchange": "fixed", "dtype": "float32"},
+        {"skew": 3.0, "capacity_factor": 0.5},  # drops, uneven loads, ranks sending 0 rows
+        {"skew": 4.0, "K": 1, "capacity_factor": 0.25, "exchange": "fixed", "dtype": "float32"},
+        {"capacity_factor": None, "exchange": "fixed"},  # dropless: C differs from rank to rank
+        {"capacity_factor": None, "skew": 2.0},
+        {"priority": "score", "activation": "gelu", "E": 8, "K": 3, "dtype": "float32"},
+        {"E": 8, "T_local": 5, "capacity_factor": 2.0, "exchange": "fixed"},
+        {"backend": _c_or_numpy(), "skew": 1.0, "dtype": "float32"},
+        {"backend": _c_or_numpy(), "exchange": "fixed", "capacity_factor": 0.75},
+        {"E": 4, "K": 1, "skew": 8.0},  # at P=4 every rank keeps all its rows: nothing crosses
+    ]
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_ranks_match_one_process_bit_for_bit(mpiexec, tmp_path, P):
+    cases = equivalence_cases()
+    proc, results = launch(mpiexec, P, cases, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, ranks in zip(cases, results):
+        assert all(isinstance(r, dict) for r in ranks), (case, ranks)
+        assert epc.mismatches(case, ranks) == [], case
+
+    def sent(i, d):  # P x P rows [sender, receiver] of case i, exchange d
+        return np.array([r[f"rows_{d}"] for r in results[i]])
+
+    for i, case in enumerate(cases):
+        ranks, ref = results[i], epc.reference(case, P)
+        El = epc.full(case)["E"] // P
+        for r, res in enumerate(ranks):  # what rank r sends to q = its kept rows for q's experts
+            kept = ref["routing"][r].expert_load_kept.reshape(P, El).sum(axis=1)
+            np.testing.assert_array_equal(res["rows_dispatch"], kept)
+            assert res["capacity"] == ref["routing"][r].capacity
+            assert (res["padding_dispatch"] == 0).all() or epc.full(case)["exchange"] == "fixed"
+        # the way back and the backward pass move the same rows the other way
+        np.testing.assert_array_equal(sent(i, "combine"), sent(i, "dispatch").T)
+        np.testing.assert_array_equal(sent(i, "grad_dispatch"), sent(i, "dispatch"))
+        np.testing.assert_array_equal(sent(i, "grad_combine"), sent(i, "combine"))
+        # aux loss: "local" is each rank's own (their mean is the layer's), "global" the same
+        # number on every rank
+        auxes = [float(r["aux"]) for r in ranks]
+        if epc.full(case)["load_stats"] == "global":
+            assert auxes == [ref["aux"]] * P
+        else:
+            assert np.mean(auxes) == pytest.approx(ref["aux"], rel=1e-6)
+            for r in range(P):
+                assert auxes[r] == ref["routing"][r].aux_loss
+
+    # Exact and fixed exchanges: same rows, fixed pays the padding (cases 0 and 2 differ only there)
+    exact, fixed = results[0], results[2]
+    for a, b in zip(exact, fixed):
+        for d in epc_directions():
+            np.testing.assert_array_equal(a[f"rows_{d}"], b[f"rows_{d}"])
+            np.testing.assert_array_equal(b[f"bytes_{d}"] - b[f"padding_{d}"], a[f"bytes_{d}"])
+    # The cases cover what they claim
+    drops = [c for c in cases if any(r.dropped_fraction > 0 for r in epc.reference(c, P)["routing"])]
+    assert len(drops) >= 3
+    if P > 1:
+        # some rank sends nothing to some expert
+        assert any((r.expert_load_kept == 0).any() for r in epc.reference(cases[6], P)["routing"])
+        assert any((np.array(r["padding_dispatch"]) > 0).any() for r in results[7])
+    if P == 4:
+        alone = sent(len(cases) - 1, "dispatch")
+        assert (alone[~np.eye(P, dtype=bool)] == 0).all() and (np.diag(alone) > 0).all()
+
+
+def epc_directions():
+    from pymoe.expert_parallel import DIRECTIONS
+
+    return DIRECTIONS
+
+
+def test_local_and_global_load_stats_differ_where_loads_differ():
+    """On skewed groups the two statistics give different aux losses and router gradients."""
+    case = {"skew": 3.0, "aux_loss_coef": 0.5}
+    loc = epc.reference(case, 2)
+    glo = epc.reference({**case, "load_stats": "global"}, 2)
+    assert loc["aux"] > glo["aux"]  # each group alone is less balanced than the whole batch
+    assert not np.allclose(loc["grads"]["w_router"], glo["grads"]["w_router"])
+    np.testing.assert_array_equal(loc["y"], glo["y"])  # routing itself does not depend on it
+
+
+BAD_CASES = [
+    ({"E": 3}, "E = 3 experts cannot be split evenly"),
+    ({"mismatch_rank": 1}, "parameters differ across ranks: w1"),
+    ({"empty_rank": 1}, "T_local = 0"),
+    ({"num_experts_on_rank": {"1": 8}}, "settings differ across ranks"),
+]
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_bad_setups_fail_on_every_rank_without_hanging(mpiexec, tmp_path, P):
+    cases = [c for c, _ in BAD_CASES] + [{}]  # a good case last: the communicator still works
+    proc, results = launch(mpiexec, P, cases, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (case, message), ranks in zip(BAD_CASES, results):
+        for r, res in enumerate(ranks):
+            assert isinstance(res, str) and res.startswith("ValueError") and message in res, \
+                (case, r, res)
+    assert all(isinstance(r, dict) for r in results[-1])
+    assert all((tmp_path / "out" / f"done_rank{r}").exists() for r in range(P))
+
+
+def test_uncaught_setup_error_ends_the_job(mpiexec, tmp_path):
+    """A script that does not catch the error: every rank stops, mpiexec returns non-zero."""
+    proc, _ = launch(mpiexec, 2, [{"E": 3}], tmp_path / "out", "--no-catch")
+    assert proc.returncode != 0
+    assert "cannot be split evenly" in proc.stderr
+
+
+def test_everything_dropped_exchange(mpiexec, tmp_path):
+    """Zero rows in every direction (routing always keeps C >= 1 rows per chosen expert, so this
+    drives the exchange itself): empty messages, zero outputs, zero bytes."""
+    proc, results = launch(mpiexec, 4, [{"zero_exchange": True},
+                                        {"zero_exchange": True, "exchange": "fixed"}],
+                           tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode, ranks in zip(("exact", "fixed"), results):
+        for res in ranks:
+            assert isinstance(res, dict), res
+            assert res["filled"].sum() == 0 and not res["out"].any()
+            assert res["rows"].sum() == 0
+            assert (res["bytes"].sum() == 0) == (mode == "exact")
+            assert res["bytes"].sum() == res["padding"].sum()
