@@ -44,7 +44,7 @@ def installed_copy(root: str) -> str | None:
     spec = importlib.machinery.PathFinder.find_spec("pymoe", paths)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return os.path.realpath(list(spec.submodule_search_locations)[0])
+    return os.path.realpath(next(iter(spec.submodule_search_locations)))
 
 
 def why_core_missing(import_error: str, status_file: str = STATUS_FILE) -> str:
