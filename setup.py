@@ -121,30 +121,6 @@ class TaggedWheel(bdist_wheel):
 setup(
     long_description=package_page_readme(),
     long_description_content_type="text/markdown",
-<<<<<<< HEAD
-=======
-    python_requires=">=3.9",
-    packages=find_packages(include=["pymoe", "pymoe.*"]),
-    install_requires=["numpy>=1.22", "cffi>=1.15"],
-    extras_require={
-        # pictures of routing (pymoe.viz, examples, bench --plot); text fallbacks without it
-        "viz": ["matplotlib>=3.6"],
-        # everything the example scripts can use: the digits data set and a progress bar
-        "examples": ["matplotlib>=3.6", "scikit-learn>=1.0", "tqdm>=4"],
-        # expert parallelism over MPI (pymoe.expert_parallel): mpi4py needs an MPI library, and
-        # the MPICH wheel brings one (with mpiexec) without system packages
-        "mpi": ["mpi4py>=3.1", "mpich"],
-        # device arrays for the CUDA backend (CUDA 13 wheels)
-        "cuda": ["cupy-cuda13x"],
-        # the cross-checks against other systems' own routing code (tests/test_crosscheck_*.py;
-        # install deepspeed with DS_BUILD_OPS=0 on machines without CUDA)
-        "crosscheck": ["torch>=2.4", "transformers>=5.0", "deepspeed>=0.16",
-                       "megatron-core==0.16.1"],
-        # the test suite, including the examples' --quick runs with their plots
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6", "scikit-learn>=1.0",
-                 "tqdm>=4", "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
-    },
->>>>>>> main
     cffi_modules=["csrc/build_cffi.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithCudaSources,
               "bdist_wheel": TaggedWheel},
