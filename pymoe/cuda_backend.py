@@ -29,7 +29,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
-Check = bool | str  # True, False or "defer"
+Check = Union[bool, str]  # True, False or "defer" (Union: evaluated at run time on Python 3.9)
 _BAD_BITS = {1: "an expert_index entry is outside [0, E)",
              2: "a position entry is outside [-1, C)",
              4: "a slot_owner entry is outside [-1, T*K)",
