@@ -5,8 +5,10 @@ c_backend, cuda_backend) all import it, and none of them imports another.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -16,6 +18,11 @@ class Backend(Protocol):
     the legend in router.py. (The CUDA backend works on device arrays and has its own interface,
     pymoe.cuda_backend.CudaBackend.)"""
     name: str
+
+    def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
+              probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """-> (expert_index `<int64>[T, K]` of score + bias (topk.top_k), expert_load `<int64>[E]`,
+        losses.expert_prob_sum(probs) `[E]` or None without probs)."""
 
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
                      num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,3 +52,18 @@ class BackendInfo:
     def __str__(self) -> str:
         state = "available" if self.available else "unavailable"
         return f"{self.name:6s} {state:11s} {self.detail}"
+
+
+V = TypeVar("V")
+
+
+@contextlib.contextmanager
+def temporarily(get: Callable[[], V], set_: Callable[[V], object], value: V) -> Iterator[None]:
+    """Run a block with a backend setting (thread count, block size) changed by set_(value), then
+    restore the value get() returned before, also when the block raises."""
+    before = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(before)

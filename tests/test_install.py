@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 # An editable install of pymoe in this venv (README's test command) maps pymoe._pymoe_c to its own
 # tree whatever pymoe's folder is: drop that finder so the probe sees only the copy.

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _missing_build_tools() -> str | None:
