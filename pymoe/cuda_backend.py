@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from .backend_api import BackendInfo
+from .backend_api import BackendInfo, temporarily
 from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -325,14 +325,9 @@ class CudaBackend:
         if self.lib.pymoe_cuda_set_block_size(threads) != 0:
             raise ValueError(f"threads: expected a power of two in [32, 1024], got {threads}")
 
-    @contextlib.contextmanager
-    def block_size(self, threads: int) -> Iterator[None]:
-        before = self.get_block_size()
-        self.set_block_size(threads)
-        try:
-            yield
-        finally:
-            self.set_block_size(before)
+    def block_size(self, threads: int) -> contextlib.AbstractContextManager[None]:
+        """Run a block with `threads` threads per block, then restore the previous size."""
+        return temporarily(self.get_block_size, self.set_block_size, threads)
 
     # ------------------------------------------------------------ operations
     def softmax_top_k(self, router_logits: Any, k: int, normalize: bool = False, *,

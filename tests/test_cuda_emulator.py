@@ -5,9 +5,9 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, cuda_build_module
 
 import pymoe
+from helpers import REPO, cuda_build_module
 from pymoe import cuda_backend
 from pymoe.numpy_backend import NumpyBackend
 

@@ -1,13 +1,13 @@
 """The CUDA kernels against the NumPy reference: emulated on the CPU here, on a GPU when one is
 visible (the `gpu` parameter). Same sweeps as the C core: integers exact, dispatch/combine bitwise,
-probabilities and gate gradients to the tolerances stated in tolerances.py."""
+probabilities and gate gradients to the tolerances stated in helpers.py."""
 import warnings
 
 import numpy as np
 import pytest
-from tolerances import GATE_RTOL, PROB_RTOL, assert_dot_close
 
 import pymoe
+from helpers import GATE_RTOL, PROB_RTOL, assert_dot_close
 from pymoe.numpy_backend import NumpyBackend
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
