@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-import fuzz  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import fuzz  # noqa: E402
 import pymoe  # noqa: E402
 
 FUZZ = settings(max_examples=fuzz.EXAMPLES, deadline=None)

@@ -1,16 +1,17 @@
-"""Property-based fuzzing of every host backend operation (NumPy and C; the C ones also with
-naive=True and out=) against the contract in fuzz.py. CI runs this file again on the ASan + UBSan
-build of the C core, so an out-of-bounds access the checks let through aborts the run."""
+"""Property-based fuzzing of every host backend operation (top_k, assign_slots, dispatch, combine,
+gate_grad; NumPy and C, the C ones also with naive=True and out=) against the contract in fuzz.py.
+CI runs this file again on the ASan + UBSan build of the C core, so an out-of-bounds access the
+checks let through aborts the run."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-import fuzz  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import fuzz  # noqa: E402
 from pymoe import get_backend  # noqa: E402
 
 REF = get_backend("numpy")
@@ -238,3 +239,38 @@ def test_fuzz_gate_grad(be, data, request):
                lambda: backend.gate_grad(*args, **kw),
                lambda: REF.gate_grad(*map(fuzz.canonical, args)),
                same=same, backend_limit=_c_limit)
+
+
+# ------------------------------------------------------------------------------ top_k
+@pytest.mark.parametrize("be", BACKENDS)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_top_k(be, data, request):
+    backend = _backend(be, request)
+    T, K, E, _, _ = _sizes(data)
+    K = min(K, E)
+    score = fuzz.float_values(data, (T, E), fuzz.float_dtype(data, "score dtype"),
+                              nonfinite=fuzz.maybe(data, "nonfinite score"))
+    if score.dtype.kind == "f" and score.size and data.draw(st.booleans(), label="ties"):
+        score = np.round(score)  # exact ties: the lower expert wins
+    bias = probs = None
+    if data.draw(st.booleans(), label="bias"):
+        bias = fuzz.float_values(data, (E,), fuzz.float_dtype(data, "bias dtype"),
+                                 nonfinite=fuzz.maybe(data, "nonfinite bias"))
+    if data.draw(st.booleans(), label="probs"):
+        probs = fuzz.float_values(data, (T, E), fuzz.float_dtype(data, "probs dtype"))
+    k = K
+    if fuzz.maybe(data, "spoil score"):
+        score = fuzz.spoil_array(data, score, "score")
+    if fuzz.maybe(data, "spoil k"):
+        k = fuzz.bad_int(data, "k", K, 1, E)
+    if bias is not None and fuzz.maybe(data, "spoil bias"):
+        bias = fuzz.spoil_array(data, bias, "bias")
+    if probs is not None and fuzz.maybe(data, "spoil probs"):
+        probs = fuzz.spoil_array(data, probs, "probs")
+    args = [fuzz.present(data, a, n) for a, n in ((score, "score"), (bias, "bias"),
+                                                  (probs, "probs"))]
+    fuzz.check(f"{be}.top_k", ("score", "k", "bias", "probs"),
+               lambda: backend.top_k(args[0], k, *args[1:]),
+               lambda: REF.top_k(fuzz.canonical(args[0]), k, *map(fuzz.canonical, args[1:])),
+               backend_limit=_c_limit)
