@@ -97,8 +97,8 @@ class DeviceTimer:
 
 def bench_ops(be: Any, T: int, D: int, E: int, K: int, *, capacity_factor: float = 1.25,
               dtype: str = "float32", repeats: int = 7) -> list[Row]:
-    """Rows for the router, slot assignment, dispatch, combine and their backward on one problem,
-    with backend `be` (a CudaBackend whose memory allocates: CuPy, or the emulator's host memory)
+    """Rows for softmax_top_k, top_k, slot assignment, dispatch, combine and their backward on one
+    problem, with backend `be` (a CudaBackend whose memory allocates: CuPy, or the emulator's host memory)
     at its current block size; the dispatch row's note carries the same run's copy bandwidth."""
     xp = be.memory.xp
     timer = DeviceTimer(xp)
@@ -154,6 +154,10 @@ def main(args: Any) -> int:
     if be.memory is None:
         print("the CUDA benchmark allocates with CuPy: pip install 'pymoe[cuda]'")
         return 1
+    bad = [b for b in args.block_size if b < 32 or b > 1024 or b & (b - 1)]
+    if bad:
+        print(f"--block-size: expected powers of two in [32, 1024], got {bad}")
+        return 2
     print("pymoe CUDA benchmark:", info.detail)
     if be.emulated:
         print("emulated: these times check the script, they are not GPU timings")
