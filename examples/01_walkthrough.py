@@ -94,7 +94,7 @@ def walkthrough(k: int = K, normalize: bool = False) -> tuple[dict, pymoe.Routin
         print("   K=1 with normalize: every gate is exactly 1.0, a constant; the router gets no "
               "gradient from the task loss (see 01b_backward.py --k 1 --normalize)")
 
-    mask = expert_mask(expert_index, E)
+    mask = expert_mask(expert_index, E).astype(np.int64)  # <bool>[T, K, E], printed as 0/1
     for j in range(k):
         show(f"{'5.' if j == 0 else '  '} expert mask, one-hot of choice {j}", mask[:, j], "[T, E]",
              tok)
@@ -249,7 +249,7 @@ def loop_vs_recipe(case: dict, r: pymoe.Routing, y_recipe: np.ndarray, k: int,
 def pictures(r: pymoe.Routing, out: str) -> dict:
     """The same routing, drawn (or printed as text when matplotlib is missing): path -> Figure."""
     print("\nPictures of this routing" + (f" (saved under {out}/)" if viz.have_matplotlib()
-                                          else " (text; pip install 'pymoe[viz]' for PNGs):"))
+                                          else " (text; pip install 'pymoe-routing[viz]' for PNGs):"))
     return {
         f"{out}/01_routing_heatmap.png": viz.routing_heatmap(r, f"{out}/01_routing_heatmap.png"),
         f"{out}/01_dispatch_combine.png": viz.dispatch_combine_picture(

@@ -23,6 +23,7 @@ The variants of the major MoE systems (route()/MoELayer keywords, checked in opt
     slots.py     5-9  every slot rule (priority x drop policy) through one function
     shared.py    11   shared (always-on) experts, optionally sigmoid-gated
 """
+from ._install import warn_if_core_missing
 from .backends import BackendInfo, backends, get_backend
 from .compare import Comparison, compare
 from .layer import MoELayer
@@ -36,3 +37,5 @@ __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias
            "set_memory_budget", "memory_budget", "Preset", "preset", "presets", "compare",
            "Comparison"]
 __version__ = "0.1.0"
+
+warn_if_core_missing()  # one line when the C core is not built (PYMOE_DISABLE_C=1 silences it)

@@ -332,7 +332,7 @@ class MoELayer:
         """backend.dispatch; the C backend writes into a buffer kept between steps. Pairs per
         token are r.k (E under expert choice, not self.k)."""
         if self.backend.name != "c":
-            return self.backend.dispatch(x2, r.slot_owner, r.k, weight)
+            return self.backend.dispatch(x2, r.slot_owner, r.k, weight)  # r.k: E for expert choice
         shape = (self.num_experts, r.capacity, self.d_model)
         buf = self._workspace.get(name)
         if buf is None or buf.shape != shape or buf.dtype != x2.dtype:

@@ -32,10 +32,10 @@ def _mpi_setup() -> tuple[str | None, str]:
     probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True,
                            text=True, timeout=120)
     if probe.returncode != 0:
-        return None, ("mpi4py with an MPI library is not importable (pip install 'pymoe[mpi]'): "
+        return None, ("mpi4py with an MPI library is not importable (pip install 'pymoe-routing[mpi]'): "
                       + probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "")
     if mpiexec is None:
-        return None, "no mpiexec found (pip install 'pymoe[mpi]' installs MPICH's)"
+        return None, "no mpiexec found (pip install 'pymoe-routing[mpi]' installs MPICH's)"
     return mpiexec, ""
 
 

@@ -60,6 +60,6 @@ def plot(path: str, rows: list[Row], copy_gbps: float) -> str:
     from ..viz import benchmark_bars, have_matplotlib
 
     if not have_matplotlib():
-        return "--plot: matplotlib is not installed (pip install 'pymoe[viz]'); no plot drawn"
+        return "--plot: matplotlib is not installed (pip install 'pymoe-routing[viz]'); no plot drawn"
     benchmark_bars(rows, path, reference=copy_gbps)
     return f"plot written to {path}"
