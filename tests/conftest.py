@@ -20,28 +20,6 @@ except ImportError:  # hypothesis is in the test extra; the property tests skip 
     pass
 
 
-# ------------------------------------------------------------------ optional packages
-def require_optional(available: bool, reason: str) -> None:
-    """Skip a test whose optional package (an extra) is missing, saying why; under
-    PYMOE_REQUIRE_OPTIONAL=1 (CI's main run, which installs every extra) fail instead, so that a
-    broken install cannot pass as 'skipped'."""
-    if available:
-        return
-    if os.environ.get("PYMOE_REQUIRE_OPTIONAL") == "1":
-        pytest.fail(f"PYMOE_REQUIRE_OPTIONAL=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def optional_import(name: str, extra: str):
-    """import `name`, or require_optional's skip/fail naming the extra that provides it."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError as err:
-        require_optional(False, f"{name} is not importable (pip install 'pymoe[{extra}]'): {err}")
-
-
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -18,6 +18,16 @@ def required() -> bool:
     return os.environ.get(REQUIRE_ENV) == "1"
 
 
+def require(available: bool, why: str, *, module_level: bool = False) -> None:
+    """Nothing when `available`; else skip with `why`, or fail under PYMOE_REQUIRE_OPTIONAL=1
+    (for checks that are not one import, such as an MPI library and its mpiexec)."""
+    if available:
+        return
+    if required():
+        pytest.fail(f"{REQUIRE_ENV}=1 but {why}", pytrace=False)
+    pytest.skip(why, allow_module_level=module_level)
+
+
 def import_optional(name: str, extra: str, *, module_level: bool = True) -> ModuleType:
     """Import `name`, or skip the calling test module (or test) with the reason.
 
@@ -29,7 +39,5 @@ def import_optional(name: str, extra: str, *, module_level: bool = True) -> Modu
             warnings.simplefilter("ignore")
             return importlib.import_module(name)
     except Exception as err:  # ImportError, or a package that is installed but broken
-        why = f"{name} unavailable ({type(err).__name__}: {err}); pip install 'pymoe[{extra}]'"
-        if required():
-            pytest.fail(f"{REQUIRE_ENV}=1 but {why}", pytrace=False)
-        pytest.skip(why, allow_module_level=module_level)
+        require(False, f"{name} unavailable ({type(err).__name__}: {err}); pip install "
+                f"'pymoe[{extra}]'", module_level=module_level)

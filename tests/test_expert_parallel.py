@@ -16,7 +16,8 @@ import sys
 import expert_parallel_cases as epc
 import numpy as np
 import pytest
-from conftest import REPO, require_optional
+from conftest import REPO
+from optional import require
 
 import pymoe
 
@@ -32,8 +33,8 @@ def _mpi_setup() -> tuple[str | None, str]:
     probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True,
                            text=True, timeout=120)
     if probe.returncode != 0:
-        return None, ("mpi4py with an MPI library is not importable (pip install 'pymoe[mpi]'): "
-                      + probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "")
+        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+        return None, f"mpi4py with an MPI library is not importable (pip install 'pymoe[mpi]'): {last}"
     if mpiexec is None:
         return None, "no mpiexec found (pip install 'pymoe[mpi]' installs MPICH's)"
     return mpiexec, ""
@@ -42,7 +43,7 @@ def _mpi_setup() -> tuple[str | None, str]:
 @pytest.fixture(scope="module")
 def mpiexec() -> str:
     path, why = _mpi_setup()
-    require_optional(path is not None, why)
+    require(path is not None, why)
     return path
 
 
