@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 
 from . import _checks, grouped
+from .capacity import expert_capacity
 from .layer import MoELayer
 
 EXCHANGES = ("exact", "fixed")
 DIRECTIONS = ("dispatch", "combine", "grad_dispatch", "grad_combine")
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+TIME_KEYS = ("routing", "exchange", "experts", "combine")
 
 
 def mpi() -> Any:
@@ -190,6 +192,29 @@ class _MPIExchange:
         self.comm.Allgather(mine, every)
         self.stats.control_bytes += mine.nbytes * self.P
         return grouped.sum_in_order(list(every))
+
+
+def step_bytes(T_local: int, E: int, K: int, D: int, P: int, capacity_factor: float | None,
+               itemsize: int, exchange: str, kept_rows: int | None = None) -> dict[str, int]:
+    """All-to-all bytes of one training step (forward + backward: 4 exchanges), per rank.
+
+    fixed:  every exchange sends E * C * D * itemsize bytes per rank, C = expert_capacity(T_local,
+            E, K, capacity_factor): K * T_local * capacity_factor * D * itemsize, about (rounding
+            C up); a share (P - 1) / P of it leaves the rank.
+    exact:  every exchange sends kept_rows * D * itemsize per rank, kept_rows <= K * T_local (the
+            bound, used when kept_rows is None, is reached when nothing is dropped); how much
+            leaves the rank depends on the routing ((P - 1) / P of it for uniform routing).
+    Returns {"per_exchange", "per_step", "per_step_to_others"} in bytes; the last is exact for
+    "fixed" and the uniform-routing estimate for "exact". Capacity needs a factor in fixed mode.
+    """
+    if exchange == "fixed":
+        if capacity_factor is None:
+            raise ValueError("capacity_factor: the fixed exchange needs a capacity factor")
+        rows = E * expert_capacity(T_local, E, K, capacity_factor)
+    else:
+        rows = K * T_local if kept_rows is None else kept_rows
+    per = rows * D * itemsize
+    return {"per_exchange": per, "per_step": 4 * per, "per_step_to_others": 4 * per * (P - 1) // P}
 
 
 def _digest(a: np.ndarray) -> str:
@@ -346,19 +371,21 @@ class ExpertParallelMoE:
         return {n: self.params[n] for n in EXPERT_PARAMS}
 
     def gather_stats(self) -> dict[str, np.ndarray]:
-        """Collective: the P x P matrices [sender, receiver] of rows, bytes and padding bytes of
-        the last step, summed over the four exchanges, plus each rank's control bytes `[P]` and
-        times `[P, 4]` (routing, exchange, experts, combine)."""
-        s = self.stats
-        mine = np.concatenate([sum(s.rows.values()), sum(s.bytes.values()),
-                               sum(s.padding_bytes.values()), [s.control_bytes],
+        """Collective: the last step's statistics of every rank, as arrays.
+
+        Returns rows, bytes, padding_bytes: `[4, P, P]` [exchange (DIRECTIONS order), sender,
+        receiver]; control_bytes `[P]`; times `[P, 4]` (TIME_KEYS order, seconds).
+        """
+        s, P = self.stats, self.size
+        mine = np.concatenate([*(s.rows[d] for d in DIRECTIONS), *(s.bytes[d] for d in DIRECTIONS),
+                               *(s.padding_bytes[d] for d in DIRECTIONS), [s.control_bytes],
                                [s.times.get(k, 0.0) for k in TIME_KEYS]]).astype(np.float64)
-        every = np.empty((self.size, mine.size))
+        every = np.empty((P, mine.size))
         self.comm.Allgather(mine, every)
-        P = self.size
-        return {"rows": every[:, :P].astype(np.int64), "bytes": every[:, P:2 * P].astype(np.int64),
-                "padding_bytes": every[:, 2 * P:3 * P].astype(np.int64),
-                "control_bytes": every[:, 3 * P].astype(np.int64), "times": every[:, 3 * P + 1:]}
+        n = 4 * P
 
+        def matrices(i: int) -> np.ndarray:  # [P, 4P] -> [4, P, P]
+            return every[:, i * n:(i + 1) * n].reshape(P, 4, P).transpose(1, 0, 2).astype(np.int64)
 
-TIME_KEYS = ("routing", "exchange", "experts", "combine")
+        return {"rows": matrices(0), "bytes": matrices(1), "padding_bytes": matrices(2),
+                "control_bytes": every[:, 3 * n].astype(np.int64), "times": every[:, 3 * n + 1:]}

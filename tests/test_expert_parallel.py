@@ -198,3 +198,28 @@ def test_everything_dropped_exchange(mpiexec, tmp_path):
             assert res["rows"].sum() == 0
             assert (res["bytes"].sum() == 0) == (mode == "exact")
             assert res["bytes"].sum() == res["padding"].sum()
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_example_06_runs_under_mpiexec(mpiexec, tmp_path, P):
+    """The example on 4 ranks (and alone, P = 1, without mpiexec): its numbers add up."""
+    script = [sys.executable, os.path.join(REPO, "examples", "06_expert_parallel.py"), "--quick",
+              "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": REPO, "MPLBACKEND": "Agg"}
+    proc = subprocess.run(([mpiexec, "-n", str(P)] if P > 1 else []) + script, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "06_expert_parallel.json").read_text())
+    assert res["P"] == P and len(res["rows"]) == P
+    exact, fixed = res["summary"]["exact"], res["summary"]["fixed"]
+    assert exact["padding_bytes"] == 0 < fixed["padding_bytes"] < fixed["bytes"]
+    assert exact["bytes"] == fixed["bytes"] - fixed["padding_bytes"]  # the same rows travel
+    assert (exact["to_other_ranks"] > 0) == (P > 1)
+    assert res["sweep_mib"]["fixed"] == res["sweep_mib"]["fixed (formula)"]
+    assert all(a < b for a, b in zip(res["sweep_mib"]["exact"], res["sweep_mib"]["fixed"]))
+    assert "Rows each rank sends to each rank" in proc.stdout
+    from pymoe.viz import have_matplotlib
+
+    if have_matplotlib():
+        for name in ("06_bytes_heatmap.png", "06_bytes_vs_capacity.png"):
+            assert (tmp_path / name).stat().st_size > 10_000
