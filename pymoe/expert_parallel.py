@@ -26,6 +26,7 @@ run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank w
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,8 +61,9 @@ class StepStats:
     bytes[d][q]: bytes of those messages (in "fixed" mode the whole capacity buffers);
     padding_bytes[d][q]: the part of bytes[d][q] that is padding (0 in "exact" mode);
     control_bytes: the rest this rank sent (row counts, argument checks' integers, load
-    statistics, router gradients); times: seconds in "routing", "exchange", "experts", "combine"
-    (local gather/scatter), forward and backward added.
+    statistics, router gradients); times: seconds in "routing", "exchange" (packing rows into
+    messages and out of them, and the MPI calls), "experts", "combine" (local gather/scatter),
+    forward and backward added, and "mpi": the part of "exchange" spent inside MPI calls.
     Messages to the rank itself are counted (MPI copies them locally).
     """
     rank: int
@@ -100,7 +102,9 @@ class _MPIExchange:
         meta[:, :El] = self.n.reshape(P, El)
         meta[:, El] = self.C
         got = np.empty_like(meta)
+        t0 = time.perf_counter()
         self.comm.Alltoall(meta, got)
+        self._mpi_time(t0)
         self.stats.control_bytes += meta.nbytes
         self.recv_n = got[:, :El]  # [P, El] rows each source sends to each of my experts
         self.recv_C = got[:, El]  # [P] each source's capacity
@@ -116,8 +120,13 @@ class _MPIExchange:
         sc, rc = send_counts.astype(np.int64), recv_counts.astype(np.int64)
         sd, rd = np.cumsum(sc) - sc, np.cumsum(rc) - rc
         MPI = mpi()
+        t0 = time.perf_counter()
         self.comm.Alltoallv([send.reshape(-1).view(np.uint8), (sc, sd), MPI.BYTE],
                             [recv.reshape(-1).view(np.uint8), (rc, rd), MPI.BYTE])
+        self._mpi_time(t0)
+
+    def _mpi_time(self, t0: float) -> None:
+        self.stats.times["mpi"] = self.stats.times.get("mpi", 0.0) + time.perf_counter() - t0
 
     def _record(self, rows: np.ndarray, nbytes: np.ndarray, padding: np.ndarray) -> None:
         d = next(self.directions)
@@ -189,7 +198,9 @@ class _MPIExchange:
     def sum_in_group_order(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         mine = np.ascontiguousarray(parts[0])
         every = np.empty((self.P,) + mine.shape, dtype=mine.dtype)
+        t0 = time.perf_counter()
         self.comm.Allgather(mine, every)
+        self._mpi_time(t0)
         self.stats.control_bytes += mine.nbytes * self.P
         return grouped.sum_in_order(list(every))
 

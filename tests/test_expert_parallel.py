@@ -223,3 +223,39 @@ def test_example_06_runs_under_mpiexec(mpiexec, tmp_path, P):
     if have_matplotlib():
         for name in ("06_bytes_heatmap.png", "06_bytes_vs_capacity.png"):
             assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_benchmark_runs_and_counts_the_bytes(mpiexec, tmp_path):
+    """python -m pymoe.bench.expert_parallel --sizes 1 2: rows per P and mode, bytes that add up
+    (its timings are never asserted)."""
+    out = tmp_path / "ep.json"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-m", "pymoe.bench.expert_parallel", "--sizes", "1", "2",
+                           "--quick", "--json", str(out), "--markdown", str(tmp_path / "ep.md")],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["P"], r["mode"]) for r in rows] == [(1, "exact"), (1, "fixed"), (2, "exact"),
+                                                   (2, "fixed")]
+    T, D, _, E, K = 128, 32, 64, 8, 2  # the --quick shape
+    C = pymoe.capacity.expert_capacity(T, E, K, 1.25)
+    for r in rows:
+        if r["mode"] == "fixed":  # 4 exchanges x P ranks x E * C rows of D float32
+            assert r["a2a_bytes"] == 4 * r["P"] * E * C * D * 4
+        else:
+            assert r["padding_bytes"] == 0 and r["a2a_bytes"] <= 4 * r["P"] * K * T * D * 4
+        assert r["step_ms"] > 0 and r["alltoallv_alone_gbps"] > 0
+    assert "Alltoallv alone" in (tmp_path / "ep.md").read_text()
+
+
+def test_readme_snippet_runs_on_two_ranks(mpiexec, tmp_path):
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Experts on several processes", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(proc.stdout.splitlines())
+    assert lines[0].startswith("0 range(0, 8) [") and lines[1].startswith("1 range(8, 16) [")
