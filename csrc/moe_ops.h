@@ -62,7 +62,7 @@ int FN(pymoe_dispatch)(REAL *expert_in, const REAL *x, const REAL *weight,
     int err = check_dispatch_args(&s, expert_in, x, slot_owner, T, K, E, C, D);
     if (err) return err;
     const int64_t EC = s.EC;
-#pragma omp parallel
+#pragma omp parallel num_threads(pymoe_get_max_threads())
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < EC; r++) {         /* each slot row written by one thread */
@@ -151,7 +151,7 @@ int FN(pymoe_combine)(REAL *y, const REAL *expert_out, const REAL *weight,
     moe_sizes s;
     int err = check_pair_args(&s, y, OUT_TD, expert_out, expert_index, position, T, K, E, C, D);
     if (err) return err;
-#pragma omp parallel
+#pragma omp parallel num_threads(pymoe_get_max_threads())
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {          /* each token row written by one thread */
@@ -217,7 +217,7 @@ int FN(pymoe_gate_grad)(REAL *dgate, const REAL *dy, const REAL *expert_out,
                               D);
     if (err) return err;
     REQUIRE(dy, s.TD);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(pymoe_get_max_threads())
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < K; j++) {
             int64_t p = position[t * K + j];

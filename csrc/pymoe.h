@@ -102,10 +102,16 @@ int pymoe_gate_grad_naive_f64(double *dgate, const double *dy, const double *exp
                               const int64_t *expert_index, const int64_t *position,
                               int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
 
-/* Threads: 1 when built without OpenMP. set_num_threads(n <= 0) restores the default. */
+/* Threads: 1 when built without OpenMP. The count is process-wide (not per calling thread, as
+ * omp_set_num_threads is): every parallel region of the core uses pymoe_get_max_threads().
+ * set_num_threads(n <= 0) restores the default; n above PYMOE_MAX_THREADS or the OpenMP thread
+ * limit returns PYMOE_ERR_SIZE and changes nothing (libgomp aborts the process when it cannot
+ * create the threads it was told to). */
+#define PYMOE_MAX_THREADS 1024
 int pymoe_openmp_enabled(void);
 int pymoe_get_max_threads(void);
-void pymoe_set_num_threads(int n);
+int pymoe_thread_limit(void);
+int pymoe_set_num_threads(int n);
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -1,5 +1,14 @@
-/* OpenMP thread control for the C core (a build without OpenMP runs everything on one thread). */
+/* OpenMP thread control for the C core (a build without OpenMP runs everything on one thread).
+ *
+ * omp_set_num_threads() changes only the calling OS thread's setting, so a count set from one
+ * Python thread would not apply to C calls made from another. The count lives here instead, one
+ * value for the whole process, and every parallel region passes it in its num_threads clause. */
 #include "internal.h"
+
+#ifdef _OPENMP
+static int chosen_threads = 0;  /* 0: the OpenMP default (OMP_NUM_THREADS or the core count) */
+static int default_threads = 0; /* omp_get_max_threads() of the first thread that asked */
+#endif
 
 int pymoe_openmp_enabled(void) {
 #ifdef _OPENMP
@@ -11,18 +20,38 @@ int pymoe_openmp_enabled(void) {
 
 int pymoe_get_max_threads(void) {
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    int n;
+#pragma omp atomic read
+    n = chosen_threads;
+    if (n > 0) return n;
+#pragma omp critical(pymoe_threads)
+    {
+        if (default_threads == 0) default_threads = omp_get_max_threads();
+        n = default_threads;
+    }
+    return n;
 #else
     return 1;
 #endif
 }
 
-void pymoe_set_num_threads(int n) {
+int pymoe_thread_limit(void) {
 #ifdef _OPENMP
-    static int default_threads = 0;
-    if (default_threads == 0) default_threads = omp_get_max_threads();
-    omp_set_num_threads(n > 0 ? n : default_threads);
+    return omp_get_thread_limit();
+#else
+    return 1;
+#endif
+}
+
+int pymoe_set_num_threads(int n) {
+    if (n > PYMOE_MAX_THREADS) return PYMOE_ERR_SIZE;
+#ifdef _OPENMP
+    if (n > omp_get_thread_limit()) return PYMOE_ERR_SIZE;
+    n = n > 0 ? n : 0;
+#pragma omp atomic write
+    chosen_threads = n;
 #else
     (void)n;
 #endif
+    return PYMOE_OK;
 }

@@ -16,8 +16,10 @@ The routing recipe, one module per step:
 """
 from .backends import BackendInfo, backends, get_backend
 from .layer import MoELayer
+from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .routing import Routing, route, route_backward
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "backends", "get_backend",
-           "BackendInfo"]
+           "BackendInfo", "MemoryBudgetError", "get_memory_budget", "set_memory_budget",
+           "memory_budget"]
 __version__ = "0.1.0"

@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import memory
+
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -31,6 +33,7 @@ def float_array(name: str, a: object, *, ndim: int | None = None, min_ndim: int 
     arr = np.asarray(a)
     if arr.dtype.type not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float16, float32 or float64, got {arr.dtype}")
+    arr = native(arr)
     if ndim is not None and arr.ndim != ndim:
         want = _shape_str(shape) if shape is not None else f"{ndim}-D"
         raise ValueError(f"{name}: expected a {ndim}-D array {want}, got shape {arr.shape}")
@@ -43,6 +46,11 @@ def float_array(name: str, a: object, *, ndim: int | None = None, min_ndim: int 
         entries = "entry" if bad == 1 else "entries"
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf {entries}")
     return arr
+
+
+def native(arr: np.ndarray) -> np.ndarray:
+    """`arr` in native byte order (a converted copy when it is not): C reads raw bytes."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 def check_shape(name: str, arr: np.ndarray, shape: Sequence[int | None]) -> None:
@@ -60,7 +68,9 @@ def index_array(name: str, a: object, *, shape: Sequence[int | None], high: int,
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"{name}: expected an integer array, got dtype {arr.dtype}")
     check_shape(name, arr, shape)
-    arr = arr.astype(np.int64, copy=False)
+    # Exactly np.int64 in native byte order: '>i8' is converted, np.longlong (the same bits,
+    # another scalar type) is relabelled, so no later lookup by dtype can miss it.
+    arr = arr.astype(np.int64, copy=False).view(np.int64)
     if arr.size and (arr.min() < low or arr.max() >= high):
         raise ValueError(f"{name}: expected entries in [{low}, {high}), got range "
                          f"[{int(arr.min())}, {int(arr.max())}]")
@@ -139,6 +149,9 @@ def slot_args(expert_index: object, token_order: object | None, num_experts: obj
     C = integer("capacity", capacity, low=0)
     index = index_array("expert_index", expert_index, shape=(None, None), high=E)
     T = index.shape[0]
+    memory.check("capacity", E * C * 8, f"slot_owner [E, C] = [{E}, {C}] (int64)",
+                 f"an expert receives at most T = {T} pairs, so slots past T never fill: "
+                 "pass capacity=min(capacity, T), as route() does")
     order = None
     if token_order is not None:
         order = index_array("token_order", token_order, shape=(T,), high=max(T, 1))

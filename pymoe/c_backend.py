@@ -30,7 +30,23 @@ _ERRORS = {
     -6: "token_order is not a permutation of 0..T-1",
     -7: "out of memory",
 }
+_CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
+           np.dtype(np.int64): "int64_t[]"}
 _STATUS_FILE = os.path.join(os.path.dirname(__file__), "_c_build_status.txt")
+
+
+_TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", None) or np.TooHardError
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a and b share a byte. Bounds first (cheap); then the exact test, so interleaved
+    views such as buf[:, 0::2] and buf[:, 1::2] do not count; too hard to decide counts as yes."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except _TooHardError:
+        return True
 
 
 def _why_missing(err: ImportError) -> str:
@@ -68,7 +84,11 @@ class CBackend:
     def _ptr(self, a: np.ndarray | None):
         if a is None:
             return self.ffi.NULL
-        ctype = {np.float32: "float[]", np.float64: "double[]", np.int64: "int64_t[]"}[a.dtype.type]
+        # Looked up by dtype equality (np.longlong equals int64) and asserted native: C reads
+        # raw bytes, so a byte-swapped or unexpected array must never get this far.
+        ctype = _CTYPES.get(a.dtype) if a.dtype.isnative and a.flags.c_contiguous else None
+        if ctype is None:
+            raise AssertionError(f"pymoe bug: {a.dtype} {a.shape} array about to reach C")
         return self.ffi.from_buffer(ctype, a, require_writable=False)
 
     def _check(self, func: str, code: int) -> None:
@@ -76,8 +96,10 @@ class CBackend:
             raise ValueError(f"C core {func}: {_ERRORS.get(code, f'error code {code}')}")
 
     @staticmethod
-    def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A fresh output array, or `out` after checking that C may write all of it."""
+    def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
+             inputs: dict[str, object]) -> np.ndarray:
+        """A fresh output array, or `out` after checking that C may write all of it and that it
+        shares no memory with any input (the C loops would read what they already wrote)."""
         if out is None:
             return np.empty(shape, dtype)
         if not isinstance(out, np.ndarray):
@@ -87,6 +109,9 @@ class CBackend:
                              f"got {out.shape} {out.dtype}")
         if not (out.flags.c_contiguous and out.flags.writeable):
             raise ValueError("out: expected a C-contiguous, writeable array")
+        for name, a in inputs.items():
+            if isinstance(a, np.ndarray) and _overlaps(out, a):
+                raise ValueError(f"out: shares memory with {name}; pass a separate array")
         return out
 
     def _suffix(self, a: np.ndarray) -> str:
@@ -126,13 +151,14 @@ class CBackend:
 
         out: an optional `[E, C, D]` array to overwrite (saves the page faults of a fresh one).
         """
+        inputs = {"x": x, "slot_owner": slot_owner, "weight": weight}
         x, slot_owner, k, weight = _checks.dispatch_args(x, slot_owner, k, weight, C_DTYPES, "C")
         x, slot_owner = np.ascontiguousarray(x), np.ascontiguousarray(slot_owner)
         if weight is not None:
             weight = np.ascontiguousarray(weight)
         T, D = x.shape
         E, C = slot_owner.shape
-        out = self._out(out, (E, C, D), x.dtype)
+        out = self._out(out, (E, C, D), x.dtype, inputs)
         fn = getattr(self.lib, f"pymoe_dispatch{'_naive' if naive else ''}_{self._suffix(x)}")
         self._check("dispatch", fn(self._ptr(out), self._ptr(x), self._ptr(weight),
                                    self._ptr(slot_owner), T, k, E, C, D))
@@ -149,13 +175,15 @@ class CBackend:
 
         out: an optional `[T, D]` array to overwrite.
         """
+        inputs = {"expert_out": expert_out, "expert_index": expert_index, "position": position,
+                  "weight": weight}
         expert_out, expert_index, position = self._pairs(expert_out, expert_index, position)
         E, C, D = expert_out.shape
         T, K = expert_index.shape
         if weight is not None:
             weight = _checks.float_arg("weight", weight, (T, K), C_DTYPES, "C")
             weight = np.ascontiguousarray(weight, dtype=expert_out.dtype)
-        y = self._out(out, (T, D), expert_out.dtype)
+        y = self._out(out, (T, D), expert_out.dtype, inputs)
         fn = getattr(self.lib, f"pymoe_combine{'_naive' if naive else ''}_{self._suffix(y)}")
         self._check("combine", fn(self._ptr(y), self._ptr(expert_out), self._ptr(weight),
                                   self._ptr(expert_index), self._ptr(position), T, K, E, C, D))
@@ -176,13 +204,34 @@ class CBackend:
         return dgate
 
     # ------------------------------------------------------------ threads
+    # The count is process-wide: a count set from one Python thread applies to C calls made
+    # from any other (csrc/threads.c keeps it and passes it to every parallel region).
+
     def get_num_threads(self) -> int:
-        """Threads the next C call will use (1 without OpenMP)."""
+        """Threads the next C call will use, from any Python thread (1 without OpenMP)."""
         return int(self.lib.pymoe_get_max_threads())
 
+    @property
+    def max_num_threads(self) -> int:
+        """The largest count set_num_threads accepts: 4 x os.cpu_count() (at least the OpenMP
+        default), never above 1024 or OMP_THREAD_LIMIT. More threads than that cannot help, and
+        past what the OS grants libgomp aborts the whole process instead of raising."""
+        cap = max(4 * (os.cpu_count() or 1), self.max_threads)
+        return max(1, min(cap, int(self.lib.pymoe_thread_limit()), 1024))
+
     def set_num_threads(self, n: int) -> None:
-        """Use n OpenMP threads from now on (n <= 0 restores the default)."""
-        self.lib.pymoe_set_num_threads(_checks.integer("n", n))
+        """Use n OpenMP threads from now on, in every Python thread (n <= 0 restores the default).
+
+        Raises:
+            ValueError when n > max_num_threads.
+        """
+        n = _checks.integer("n", n)
+        cap = self.max_num_threads
+        # the C side checks too, but a Python int past 2**31 would not even convert to a C int
+        if n > cap or self.lib.pymoe_set_num_threads(n) != 0:
+            raise ValueError(f"n: expected at most {cap} threads (max_num_threads: 4 x "
+                             f"os.cpu_count(), OMP_THREAD_LIMIT, 1024), or <= 0 for the "
+                             f"default; got {n}")
 
     @contextlib.contextmanager
     def num_threads(self, n: int) -> Iterator[None]:

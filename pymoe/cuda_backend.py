@@ -211,6 +211,9 @@ class CudaBackend:
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise ValueError(f"{name}: expected shape {want}, got {got_shape}")
         if isinstance(arr, DeviceArray):
+            if arr.ptr == 0 and int(np.prod(got_shape)) > 0:  # the library would only say NULL
+                raise ValueError(f"{name}: got a NULL device pointer (DeviceArray.ptr == 0) for "
+                                 f"a non-empty array of shape {got_shape}")
             return arr, arr.ptr
         if not arr.flags.c_contiguous:
             arr = self.memory.xp.ascontiguousarray(arr)

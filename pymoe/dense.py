@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import memory
+
 
 def one_hot(index: np.ndarray, n: int) -> np.ndarray:
-    """`<int64>[..., n]` one-hot of `index`; an index of -1 (dropped) gives an all-zero row."""
-    return (index[..., None] == np.arange(n)).astype(np.int64)
+    """`<bool>[..., n]` one-hot of `index`; an index of -1 (dropped) gives an all-False row."""
+    return index[..., None] == np.arange(n)
 
 
 def dense_tensors(expert_index: np.ndarray, position: np.ndarray, gate: np.ndarray,
@@ -27,11 +29,19 @@ def dense_tensors(expert_index: np.ndarray, position: np.ndarray, gate: np.ndarr
     The mask is built from the kept positions, never from combine_weights != 0 (Mesh-TF and
     DeepSpeed do the latter), so a kept token whose gate underflows to 0 still reaches its expert.
     """
-    e1h = one_hot(expert_index, num_experts)  # [T, K, E]
-    c1h = one_hot(position, capacity)  # [T, K, C], all zero for dropped pairs
-    dispatch_mask = np.einsum("tke,tkc->tec", e1h, c1h) > 0  # [T, E, C]
+    T, K = expert_index.shape
+    E, C, size = num_experts, capacity, np.dtype(gate.dtype).itemsize
+    memory.check("dispatch_mask", T * E * C * (1 + size) + T * K * (E + C) * (1 + size),
+                 f"the dense [T, E, C] = [{T}, {E}, {C}] dispatch mask and combine weights",
+                 "the indexed formulation computes the same in O(T*K*D): "
+                 "MoELayer(formulation='indexed'), or Routing.slot_owner / position with "
+                 "pymoe.indexed")
+    e1h = one_hot(expert_index, num_experts)  # <bool>[T, K, E]
+    c1h = one_hot(position, capacity)  # <bool>[T, K, C], all False for dropped pairs
+    # A bool einsum is an OR of ANDs: the mask itself, with no wider [T, E, C] intermediate.
+    dispatch_mask = np.einsum("tke,tkc->tec", e1h, c1h)  # <bool>[T, E, C]
     combine_weights = np.einsum("tk,tke,tkc->tec", gate, e1h.astype(gate.dtype),
-                                c1h.astype(gate.dtype))  # [T, E, C]
+                                c1h.astype(gate.dtype))  # [T, E, C], one pass, no intermediate
     return dispatch_mask, combine_weights
 
 

@@ -93,6 +93,8 @@ class MoELayer:
         if self.token_groups > 1 and self.formulation != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
                              f"formulation={self.formulation!r}")
+        if dtype is None:  # np.dtype(None) is float64: a silent default nobody asked for
+            raise TypeError("dtype: expected float16, float32 or float64, got None")
         try:
             self.dtype = np.dtype(dtype)
         except TypeError as err:
@@ -112,7 +114,8 @@ class MoELayer:
             raise ValueError(f"backend: {backend!r} takes float32 or float64; use backend='numpy' "
                              "(or 'auto') for a float16 layer")
         numpy_only = self.formulation == "dense" or self.dtype == np.float16
-        self.backend: Backend = get_backend("numpy" if numpy_only else backend)
+        self._backend_request = "numpy" if numpy_only else backend  # re-resolved on unpickling
+        self.backend: Backend = get_backend(self._backend_request)
         if self.normalize and self.k == 1:
             warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
 
@@ -136,6 +139,52 @@ class MoELayer:
         self.aux_loss = 0.0
         self.z_loss = 0.0
 
+    # ---------------------------------------------------------------- pickling
+    # A backend holds a compiled library (cffi objects do not pickle): the state keeps the name
+    # it was asked for ("auto", "numpy", "c") and loading resolves it again on that machine.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["backend"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.backend = get_backend(self._backend_request)
+
+    # ---------------------------------------------------------------- checks
+    def _checked_params(self) -> dict[str, np.ndarray]:
+        """self.params after checking each entry (callers may replace them): a numpy array of
+        the layer dtype and its documented shape; returned C-contiguous so that the matmuls see
+        the same layout, and give the same bits, whatever the caller stored."""
+        D, H, E = self.d_model, self.d_hidden, self.num_experts
+        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, H), "b1": (E, H),
+                  "w2": (E, H, D), "b2": (E, D)}
+        out = {}
+        for name, shape in shapes.items():
+            p = self.params.get(name)
+            if not isinstance(p, np.ndarray):
+                raise TypeError(f"params['{name}']: expected a numpy array, got "
+                                f"{type(p).__name__}")
+            if p.dtype != self.dtype:
+                raise TypeError(f"params['{name}']: expected dtype {self.dtype} (the layer "
+                                f"dtype, native byte order), got {p.dtype}")
+            _checks.check_shape(f"params['{name}']", p, shape)
+            out[name] = np.ascontiguousarray(p)
+        return out
+
+    def _nonfinite(self, what: str, names: tuple[str, ...], inputs: str) -> ValueError:
+        """The error for a non-finite intermediate: the parameter that holds a NaN/inf when one
+        does, else an overflow of finite values, said in the caller's terms."""
+        for name in names:
+            p = self.params[name]
+            bad = p.size - np.count_nonzero(np.isfinite(p))
+            if bad:
+                return ValueError(f"params['{name}']: expected finite values, got {bad} NaN/inf "
+                                  f"entr{'y' if bad == 1 else 'ies'}")
+        wider = "" if self.dtype == np.float64 else " or build the layer with dtype=np.float64"
+        return ValueError(f"{inputs}: {what} overflowed to inf/NaN in {self.dtype} although "
+                          f"{inputs} and every parameter are finite; scale {inputs} down{wider}")
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, *, train: bool = False) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
@@ -148,8 +197,9 @@ class MoELayer:
             raise ValueError(f"x: expected shape [..., {self.d_model}] (D = d_model), "
                              f"got {tuple(x.shape)}")
         train = _checks.boolean("train", train)
-        p = self.params
-        x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)  # [T, D]
+        p = self._checked_params()
+        # C-contiguous in the layer dtype: the same values give the same bits whatever x's layout
+        x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
         if self.token_groups > 1:
             return self._forward_groups(x, x2, train)
         x_router, noise, r = self._route(x2, train)
@@ -164,6 +214,8 @@ class MoELayer:
                                           self.activation, filled=r.expert_load_kept)
             y = self.backend.combine(out, r.expert_index, r.position,
                                      r.gate.astype(self.dtype))  # [T, D]
+        if not np.isfinite(y).all():  # [T, D]: one pass, versus the expert matmuls' T*K*D*H
+            raise self._nonfinite("the expert outputs", PARAM_NAMES[2:], "x")
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         return y.reshape(x.shape)
@@ -172,7 +224,7 @@ class MoELayer:
 
     def _route(self, x2: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
         """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing)."""
-        p = self.params
+        p = self._checked_params()
         rdt = router_dtype(self.dtype)
         x_router = x2.astype(rdt)  # [T, D] the router's own copy
         noise = None
@@ -181,6 +233,9 @@ class MoELayer:
             x_router = x_router * noise
         logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
                                p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
+        if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
+            raise self._nonfinite("the router logits x @ w_router + b_router",
+                                  ("w_router", "b_router"), "x")
         assign = None if self.formulation == "dense" else self.backend.assign_slots
         r = route_unchecked(logits, self.k, self.capacity_factor, self.min_capacity,
                             self.normalize, self.priority, assign_slots=assign)  # steps 2-10, 12
@@ -197,7 +252,10 @@ class MoELayer:
         self._cache = _ForwardCache(x.shape, x.dtype, None, None, None, None, None, gc)
         self.routing = tuple(s.routing for s in gc.groups)
         self.aux_loss, self.z_loss = aux, z
-        return np.concatenate(ys).reshape(x.shape)
+        y = np.concatenate(ys)  # [T, D]
+        if not np.isfinite(y).all():
+            raise self._nonfinite("the expert outputs", PARAM_NAMES[2:], "x")
+        return y.reshape(x.shape)
 
     def _expert_params(self) -> dict[str, np.ndarray]:
         return {n: self.params[n] for n in ("w1", "b1", "w2", "b2")}
@@ -220,8 +278,8 @@ class MoELayer:
             raise ValueError("backward: called before forward(); there is no forward pass to "
                              "differentiate")
         dy = _checks.float_array("dy", dy, shape=c.x_shape)
-        p, r = self.params, c.routing
-        dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)  # [T, D]
+        p, r = self._checked_params(), c.routing
+        dy2 = np.ascontiguousarray(dy.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
         if c.groups is not None:
             G = self.token_groups
             dxs, grads = grouped.backward_groups(self, c.groups, np.split(dy2, G),
@@ -239,6 +297,8 @@ class MoELayer:
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
+        if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
+            raise self._nonfinite("the gate gradient <dy, expert output>", (), "dy")
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         rdt = router_dtype(self.dtype)
         dx_router, dw_router, db_router = router_logits_backward(
@@ -247,5 +307,10 @@ class MoELayer:
             dx_router *= c.noise
         dx2 = dx2 + dx_router.astype(self.dtype)
         grads = {"w_router": dw_router, "b_router": db_router, **eg}
+        for name in PARAM_NAMES:
+            if not np.isfinite(grads[name]).all():
+                raise self._nonfinite(f"the gradient of params['{name}']", (), "dy")
+        if not np.isfinite(dx2).all():
+            raise self._nonfinite("the gradient dx", (), "dy")
         self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in PARAM_NAMES}
         return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import memory
+
 
 def expert_mask(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
     """Step 5: one-hot the chosen experts.
@@ -16,10 +18,10 @@ def expert_mask(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
         expert_index: `<int>[T, K]`.
         num_experts: E.
     Returns:
-        `<int64>[T, K, E]` with mask[t, j, e] = 1 iff token t's j-th choice is expert e; each
-        [t, j] row holds exactly one 1.
+        `<bool>[T, K, E]` with mask[t, j, e] True iff token t's j-th choice is expert e; each
+        [t, j] row holds exactly one True (one byte per entry: this is the largest array here).
     """
-    return (expert_index[..., None] == np.arange(num_experts)).astype(np.int64)  # [T, K, E]
+    return expert_index[..., None] == np.arange(num_experts)  # [T, K, E]
 
 
 def priority_order(probs: np.ndarray, priority: str) -> np.ndarray:
@@ -68,11 +70,22 @@ def position_in_expert(expert_index: np.ndarray, num_experts: int,
         order that chose the same expert. For each expert the positions are 0, 1, ..., load - 1.
     """
     T, K = expert_index.shape
-    mask = expert_mask(expert_index, num_experts)  # [T, K, E]
-    ordered = choice_major(mask, token_order)  # [K*T, E]
-    cum = np.cumsum(ordered, axis=0) - 1  # [K*T, E]; at a 1, the count of earlier 1s
+    # The counts reach at most K*T: int32 holds them unless K*T >= 2**31 (half of int64's bytes).
+    count_dtype = np.int32 if K * T < 2**31 else np.int64
+    memory.check("expert_index", T * K * num_experts * (2 + np.dtype(count_dtype).itemsize),
+                 f"the NumPy slot assignment's [T, K, E] = [{T}, {K}, {num_experts}] one-hot "
+                 "and its running count",
+                 "the C backend assigns the same slots in O(T*K) memory: MoELayer(backend='c') "
+                 "or pymoe.get_backend('c').assign_slots")
+    mask = expert_mask(expert_index, num_experts)  # <bool>[T, K, E]
+    ordered = choice_major(mask, token_order)  # <bool>[K*T, E]
+    del mask
+    # Accumulated in place: cumsum(..., dtype=) would first cast into a temporary of that width.
+    cum = ordered.astype(count_dtype)  # [K*T, E]
+    del ordered
+    np.cumsum(cum, axis=0, out=cum)  # [K*T, E]; at a 1, the count of 1s so far
     ordered_index = expert_index[token_order].T.reshape(K * T)  # [K*T] expert of each row
-    pos = cum[np.arange(K * T), ordered_index].reshape(K, T).T  # [T, K], in priority order
+    pos = cum[np.arange(K * T), ordered_index].reshape(K, T).T - 1  # [T, K], in priority order
     position = np.empty((T, K), dtype=np.int64)  # [T, K], row-major like every other array
     position[token_order] = pos  # undo the token permutation
     return position

@@ -31,7 +31,8 @@ class Routing:
     """The result of routing T tokens to E experts with K choices each and capacity C.
 
     Index form (what fast paths use) and, on demand, mask form (what the dense einsums use).
-    Treat it as read-only: the derived views are computed once, on first use.
+    Every array in it is read-only (writing raises ValueError): the derived views are computed
+    once, on first use, and must stay consistent with the arrays they came from.
     """
     router_logits: np.ndarray  # [T, E] in the router dtype (>= float32)
     probs: np.ndarray  # [T, E] softmax over experts
@@ -49,6 +50,11 @@ class Routing:
     z_loss: float  # router z-loss (losses.router_z_loss)
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                setattr(self, name, _read_only(value))
+
     @property
     def num_tokens(self) -> int:
         return self.probs.shape[0]
@@ -64,7 +70,7 @@ class Routing:
     @cached_property
     def expert_load_kept(self) -> np.ndarray:
         """`<int64>[E]` assignments per expert after dropping (= min(expert_load, C))."""
-        return expert_load(self.expert_index[self.kept], self.num_experts)
+        return _read_only(expert_load(self.expert_index[self.kept], self.num_experts))
 
     @property
     def dropped_fraction(self) -> float:
@@ -82,14 +88,15 @@ class Routing:
     def slot_owner(self) -> np.ndarray:
         """`<int64>[E, C]`: t*K + j of the pair in each slot, -1 when empty (capacity.slot_owner)."""
         if self._slot_owner is None:
-            self._slot_owner = slot_owner(self.expert_index, self.position, self.capacity,
-                                          self.num_experts)
+            self._slot_owner = _read_only(slot_owner(self.expert_index, self.position,
+                                                     self.capacity, self.num_experts))
         return self._slot_owner
 
     @cached_property
     def _dense(self) -> tuple[np.ndarray, np.ndarray]:
-        return dense_tensors(self.expert_index, self.position, self.gate, self.num_experts,
-                             self.capacity)
+        mask, weights = dense_tensors(self.expert_index, self.position, self.gate,
+                                      self.num_experts, self.capacity)
+        return _read_only(mask), _read_only(weights)
 
     @property
     def dispatch_mask(self) -> np.ndarray:
@@ -100,6 +107,13 @@ class Routing:
     def combine_weights(self) -> np.ndarray:
         """`[T, E, C]`, the gate of the assignment in slot (e, c), 0 elsewhere (built on first use)."""
         return self._dense[1]
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of `a` (the caller's own array, when it is one, stays writeable)."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.25, *,
@@ -138,7 +152,9 @@ def route_unchecked(router_logits: np.ndarray, k: int, capacity_factor: float | 
     assign_slots: a backend's slot assignment (Backend.assign_slots) to use instead of steps 5-9
     here; it must return the same integers (the tests check that it does).
     """
-    logits = router_logits.astype(router_dtype(router_logits.dtype), copy=False)  # [T, E]
+    # One C-contiguous, native copy: every reduction below then sums in the same order whatever
+    # the caller's layout, so the same values always give the same bits (and the same ties).
+    logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
     T, E = logits.shape
     probs = softmax(logits)  # [T, E]                                        step 2
     expert_index = top_k(logits, k)  # [T, K]                                step 3
@@ -163,6 +179,20 @@ def route_unchecked(router_logits: np.ndarray, k: int, capacity_factor: float | 
                    z_loss=router_z_loss(logits), _slot_owner=owner)
 
 
+def _check_routing(r: Routing) -> None:
+    """The arrays route_backward reads still fit together (a Routing's arrays are read-only, but
+    its fields can be rebound): shapes, expert range and kept mask, O(T*K + T*E)."""
+    probs = _checks.float_array("routing.probs", r.probs, ndim=2, shape=(None, None))
+    T, E = probs.shape
+    expert_index = _checks.index_array("routing.expert_index", r.expert_index,
+                                       shape=(T, None), high=E)
+    _checks.float_array("routing.router_logits", r.router_logits, ndim=2, shape=(T, E))
+    kept = np.asarray(r.kept)
+    if kept.dtype != np.bool_ or kept.shape != expert_index.shape:
+        raise ValueError(f"routing.kept: expected a bool array of shape {expert_index.shape}, "
+                         f"got {kept.dtype} {kept.shape}")
+
+
 def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0.0,
                    z_loss_coef: float = 0.0) -> np.ndarray:
     """Gradient of  sum(gate * dgate) + aux_loss_coef * aux_loss + z_loss_coef * z_loss.
@@ -177,6 +207,7 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     if not isinstance(routing, Routing):
         raise TypeError(f"routing: expected a pymoe.Routing from route(), got "
                         f"{type(routing).__name__}")
+    _check_routing(routing)
     T, K = routing.expert_index.shape
     dgate = _checks.float_array("dgate", dgate, ndim=2, shape=(T, K))
     aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
