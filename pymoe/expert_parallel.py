@@ -93,6 +93,13 @@ class _MPIExchange:
         self.num_groups = self.P
         self.directions = iter(DIRECTIONS)
 
+    def agree(self, step: str, problem: str | None) -> None:
+        every = self.comm.allgather(problem)
+        self.stats.control_bytes += 8 * self.P
+        bad = [f"rank {r}: {pr}" for r, pr in enumerate(every) if pr is not None]
+        if bad:
+            raise ValueError(f"{step} failed on " + "; ".join(bad))
+
     # -- counts
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
         P, El = self.P, self.El

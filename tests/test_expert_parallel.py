@@ -161,6 +161,7 @@ BAD_CASES = [
     ({"mismatch_rank": 1}, "parameters differ across ranks: w1"),
     ({"empty_rank": 1}, "T_local = 0"),
     ({"num_experts_on_rank": {"1": 8}}, "settings differ across ranks"),
+    ({"overflow_rank": 1, "dtype": "float32"}, "failed on rank 1: ValueError: "),
 ]
 
 
