@@ -86,7 +86,7 @@ setup(
                        "megatron-core==0.16.1"],
         # the test suite, including the examples' --quick runs with their plots
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6", "scikit-learn>=1.0",
-                 "tqdm>=4"],
+                 "tqdm>=4", "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
     },
     cffi_modules=["csrc/build_cffi.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},

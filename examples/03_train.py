@@ -8,14 +8,16 @@ What it teaches:
   0.1 for a clear effect (the task loss falls to ~0.01, so a 0.01 * aux term barely registers).
 - Experts specialise: the class-by-expert heatmap shows which experts each digit is sent to.
 - Accuracy against a dense model of the same *active* size (one FFN with K*H hidden units: the
-  compute each token gets in the MoE).
+  compute each token gets in the MoE), as mean and spread over several seeds (each seed a new
+  train/test split and initialisation): with 449 test images one seed's differences of a point
+  or so are within the noise.
 
 Data: scikit-learn's digits (1797 8x8 images, shipped inside the package, no download) when
 scikit-learn is installed, else a synthetic 10-class mixture. Model: x -> relu(x W_in + b_in)
 = h -> h + MoE(h) -> logits, softmax cross-entropy. Evaluation routes dropless (capacity_factor
 None) so that test accuracy does not depend on who else is in the batch.
 
-Run:  python examples/03_train.py [--quick] [--out DIR]
+Run:  python examples/03_train.py [--quick] [--out DIR] [--seeds N]
 """
 from __future__ import annotations
 
@@ -135,12 +137,13 @@ def load_cv(load: np.ndarray) -> float:
     return float(load.std() / load.mean()) if load.mean() > 0 else 0.0
 
 
-def train(name: str, model: Classifier, data, epochs: int, batch: int, seed: int) -> dict:
+def train(name: str, model: Classifier, data, epochs: int, batch: int, seed: int,
+          quiet: bool = False) -> dict:
     x_tr, y_tr, x_te, y_te = data
     opt = Adam(model.all_params())
     rng = np.random.default_rng(seed)
     hist = {"loss": [], "test_acc": [], "load_cv": []}
-    bar = progress(range(epochs), desc=name, total=epochs)
+    bar = range(epochs) if quiet else progress(range(epochs), desc=name, total=epochs)
     for epoch in bar:
         order, losses = rng.permutation(len(x_tr)), []
         loads = np.zeros(model.moe.num_experts)
@@ -155,10 +158,17 @@ def train(name: str, model: Classifier, data, epochs: int, batch: int, seed: int
         hist["test_acc"].append(evaluate(model, x_te, y_te)[0])
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", acc=f"{hist['test_acc'][-1]:.3f}")
-        elif epoch % max(1, epochs // 5) == 0 or epoch == epochs - 1:
+        elif not quiet and (epoch % max(1, epochs // 5) == 0 or epoch == epochs - 1):
             print(f"  {name}: epoch {epoch + 1}/{epochs} loss {hist['loss'][-1]:.3f} "
                   f"test accuracy {hist['test_acc'][-1]:.3f}")
     return hist
+
+
+def routed_like_training(model: Classifier, x: np.ndarray) -> pymoe.Routing:
+    """The routing of x with the training capacity factor: loads, capacity and drops as a
+    training batch of this size would see them (evaluation itself routes dropless)."""
+    model.forward(x, train=False)
+    return model.moe.routing
 
 
 def evaluate(model: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[float, pymoe.Routing]:
@@ -172,19 +182,15 @@ def evaluate(model: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[float, py
         model.moe.capacity_factor = cf
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer epochs (for CI)")
-    ap.add_argument("--out", default="pymoe-out", help="where the pictures go (default pymoe-out)")
-    ap.add_argument("--epochs", type=int, default=None, help="default 40 (quick: 12)")
-    args = ap.parse_args(argv)
-    epochs = args.epochs or (12 if args.quick else 40)
-    seed, D, H, E, K, batch = 0, 48, 32, 4, 2, 64
+def run(seed: int, epochs: int, quiet: bool = False) -> dict:
+    """Train the four models on one seed's split and initialisation."""
+    D, H, E, K, batch = 48, 32, 4, 2, 64
     x_tr, y_tr, x_te, y_te, data_name = load_data(seed)
     data = (x_tr, y_tr, x_te, y_te)
-    print(f"Data: {data_name}; {len(x_tr)} train / {len(x_te)} test")
-    print(f"Model: 64 -> {D} -> residual MoE (E={E} experts, K={K}, hidden {H} each, capacity "
-          f"factor 1.25 in training) -> 10 classes; Adam, batch {batch}, {epochs} epochs")
+    if not quiet:
+        print(f"Data: {data_name}; {len(x_tr)} train / {len(x_te)} test")
+        print(f"Model: 64 -> {D} -> residual MoE (E={E} experts, K={K}, hidden {H} each, capacity "
+              f"factor 1.25 in training) -> 10 classes; Adam, batch {batch}, {epochs} epochs")
 
     def moe_model(aux: float) -> Classifier:
         layer = pymoe.MoELayer(D, H, E, K, 1.25, aux_loss_coef=aux, jitter_eps=0.01,
@@ -198,20 +204,50 @@ def main(argv: list[str] | None = None) -> dict:
               f"dense FFN, hidden {K * H}": Classifier(64, D, 10, dense_layer, seed)}
     hist, results = {}, {}
     for name, model in models.items():
-        hist[name] = train(name, model, data, epochs, batch, seed)
+        hist[name] = train(name, model, data, epochs, batch, seed, quiet)
         acc, r = evaluate(model, x_te, y_te)
-        results[name] = {"test_acc": acc, "routing": r, "load_share": r.expert_load / r.expert_load.sum()}
+        results[name] = {"test_acc": acc, "routing": r,
+                         "load_share": r.expert_load / r.expert_load.sum(),
+                         "train_routing": routed_like_training(model, x_te)}
+    return {"hist": hist, "results": results, "data": data_name, "y_test": y_te, "E": E}
 
-    print(f"\n{'model':28s} {'first loss':>10s} {'last loss':>10s} {'test acc':>9s} "
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer epochs and seeds (for CI)")
+    ap.add_argument("--out", default="pymoe-out", help="where the pictures go (default pymoe-out)")
+    ap.add_argument("--epochs", type=int, default=None, help="default 40 (quick: 12)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds for the accuracy spread "
+                    "(default 5, quick: 2); the pictures show seed 0")
+    args = ap.parse_args(argv)
+    epochs = args.epochs or (12 if args.quick else 40)
+    n_seeds = args.seeds or (2 if args.quick else 5)
+    first = run(0, epochs)
+    hist, results, data_name, E = first["hist"], first["results"], first["data"], first["E"]
+    y_te = first["y_test"]
+
+    print(f"\nSeed 0: {'model':28s} {'first loss':>10s} {'last loss':>10s} {'test acc':>9s} "
           f"{'load CV':>8s}  test-set share of assignments per expert")
     for name, h in hist.items():
         share = results[name]["load_share"]
         cv = f"{h['load_cv'][-1]:8.3f}" if len(share) > 1 else f"{'-':>8s}"
-        print(f"{name:28s} {h['loss'][0]:10.4f} {h['loss'][-1]:10.4f} "
+        print(f"        {name:28s} {h['loss'][0]:10.4f} {h['loss'][-1]:10.4f} "
               f"{results[name]['test_acc']:9.3f} {cv}  " + " ".join(f"{s:5.1%}" for s in share))
+
+    runs = [first] + [run(seed, epochs, quiet=True) for seed in range(1, n_seeds)]
+    accs = {name: [r["results"][name]["test_acc"] for r in runs] for name in hist}
+    cvs = {name: [r["hist"][name]["load_cv"][-1] for r in runs] for name in hist
+           if name.startswith("MoE")}
+    print(f"\nOver {n_seeds} seeds (each a new split and initialisation), mean +- standard "
+          "deviation:")
+    print(f"  {'model':28s} {'test accuracy':>16s} {'final load CV':>16s}")
+    for name in hist:
+        cv = (f"{np.mean(cvs[name]):7.3f} +- {np.std(cvs[name]):.3f}" if name in cvs
+              else f"{'-':>16s}")
+        print(f"  {name:28s} {np.mean(accs[name]):8.1%} +- {np.std(accs[name]):4.1%} {cv}")
     aux_name, free_name = "MoE, aux loss 0.1", "MoE, aux loss 0"
-    print("\nLoad-balancing loss: expert-load CV at the end of training "
-          + ", ".join(f"{hist[k]['load_cv'][-1]:.3f} with coefficient {k.split()[-1]}"
+    print("\nLoad-balancing loss: expert-load CV at the end of training (mean over seeds) "
+          + ", ".join(f"{np.mean(cvs[k]):.3f} with coefficient {k.split()[-1]}"
                       for k in ("MoE, aux loss 0", "MoE, aux loss 0.01", "MoE, aux loss 0.1"))
           + " (0 = perfectly even).")
 
@@ -225,17 +261,18 @@ def main(argv: list[str] | None = None) -> dict:
     figs = {}
     figs[paths[0]] = viz.curves(
         None, {k: v["loss"] for k, v in hist.items()}, paths[0], logy=True, xlabel="epoch",
-        ylabel="training cross-entropy", title=f"training loss ({data_name.split(' (')[0]})")
+        ylabel="training cross-entropy", title=f"training loss ({data_name.split(' (')[0]}, seed 0)")
     figs[paths[1]] = viz.curves(
         None, {k: hist[k]["load_cv"] for k in hist if k.startswith("MoE")}, paths[1],
         xlabel="epoch", ylabel="coefficient of variation", reference=(0.0, "perfectly even"),
-        title="expert load imbalance during training (std / mean of the loads)")
+        title="expert load imbalance during training (std / mean of the loads, seed 0)")
     figs[paths[2]] = viz.class_expert_heatmap(
         counts, paths[2], title=f"first-choice expert of each class\n({aux_name}, test set)")
     figs[paths[3]] = viz.expert_load_bars(
-        {f"{k} (test set)": results[k]["routing"] for k in (aux_name, free_name)}, paths[3])
+        {f"{k}\n(test set as one batch, capacity factor 1.25)": results[k]["train_routing"]
+         for k in (aux_name, free_name)}, paths[3])
     return {"history": hist, "results": results, "class_expert": counts, "data": data_name,
-            "pictures": figs}
+            "accuracy": accs, "load_cv": cvs, "pictures": figs}
 
 
 if __name__ == "__main__":

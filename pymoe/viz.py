@@ -105,7 +105,9 @@ def routing_heatmap(routing: Routing, path: str, *, title: str | None = None,
 def dispatch_combine_picture(routing: Routing, path: str, *, max_tokens: int = 32) -> Any:
     """The [T, E, C] combine weights for a tiny case, one panel per expert (tokens down, slots
     across); a coloured cell is a token sitting in that slot, its colour the gate. The
-    dispatch mask is the same picture in black and white.
+    dispatch mask is the same picture in black and white. Below, the same numbers as one flat
+    [T, E*C] matrix (the layout of the HF blog's "tokens x (experts x slots)" figure): the
+    reshape that turns dispatch and combine into one matrix product each.
 
     Text version: each expert's slots with the token and gate sitting in them.
     """
@@ -122,13 +124,15 @@ def dispatch_combine_picture(routing: Routing, path: str, *, max_tokens: int = 3
                 cells.append("--" if o < 0 else f"t{o // routing.k}: {routing.gate.flat[o]:.2f}")
             lines.append(f"expert {e}: " + " | ".join(cells))
         return _emit("\n".join(lines))
-    fig = _figure(1.6 + 0.45 * E * max(C, 2), 2.0 + 0.28 * n)
-    axes = fig.subplots(1, E, sharey=True, squeeze=False)[0]
+    fig = _figure(1.6 + 0.45 * E * max(C, 2), 2 * (2.0 + 0.28 * n))
+    grid = fig.add_gridspec(2, E)
+    axes = [fig.add_subplot(grid[0, e]) for e in range(E)]
     vmax = float(cw.max(initial=0)) or 1.0
+    mask = routing.dispatch_mask[:n]  # [n, E, C]
     for e, ax in enumerate(axes):
-        im = ax.imshow(np.where(routing.dispatch_mask[:n, e, :], cw[:, e, :], np.nan),
+        im = ax.imshow(np.where(mask[:, e, :], cw[:, e, :], np.nan),
                        aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        for t, c in zip(*np.nonzero(routing.dispatch_mask[:n, e, :])):
+        for t, c in zip(*np.nonzero(mask[:, e, :])):
             ax.text(c, t, f"{cw[t, e, c]:.2f}", ha="center", va="center", fontsize=8,
                     color="black" if cw[t, e, c] > 0.5 * vmax else "white")
         ax.set_title(f"expert {e}", fontsize=10)
@@ -137,9 +141,21 @@ def dispatch_combine_picture(routing: Routing, path: str, *, max_tokens: int = 3
         ax.set_facecolor("#f0f0f0")
         if e == 0:
             ax.set_ylabel("token")
+        else:
+            ax.set_yticklabels([])
+    flat = fig.add_subplot(grid[1, :])
+    flat.imshow(np.where(mask.reshape(n, E * C), cw.reshape(n, E * C), np.nan), aspect="auto",
+                cmap="viridis", vmin=0, vmax=vmax)
+    for b in range(1, E):  # expert boundaries in the flat layout
+        flat.axvline(b * C - 0.5, color="black", lw=1)
+    flat.set_xticks([e * C + (C - 1) / 2 for e in range(E)], [f"expert {e}" for e in range(E)])
+    flat.set_facecolor("#f0f0f0")
+    flat.set_ylabel("token")
+    flat.set_title(f"the same, flat: combine_weights.reshape(T, E*C) = [{T}, {E * C}]\n"
+                   "y = flat @ expert_out.reshape(E*C, D)", fontsize=10)
     fig.suptitle(f"combine_weights [T, E, C] = [{T}, {E}, {C}]: the slot each token sits in, "
                  "and its gate (grey: empty)", fontsize=10)
-    fig.colorbar(im, ax=list(axes), label="combine weight (gate)")
+    fig.colorbar(im, ax=axes + [flat], label="combine weight (gate)")
     return _save(fig, path)
 
 
@@ -181,9 +197,12 @@ def expert_load_bars(routings: Routing | Mapping[str, Routing], path: str) -> An
 
 def curves(x: Sequence[float] | None, series: Mapping[str, Sequence[float]], path: str, *,
            title: str, xlabel: str, ylabel: str, logy: bool = False,
-           reference: tuple[float, str] | None = None) -> Any:
+           reference: tuple[float, str] | None = None,
+           counts: Mapping[str, Sequence[int]] | None = None) -> Any:
     """Line plot of several series over x (or over their index when x is None): drop rate
     against capacity factor, loss against epoch, ... reference=(y, label) adds a dashed line.
+    counts: for some series, how many items each point averages over; written next to each
+    point, so that a mean over two tokens does not look like a mean over two thousand.
 
     Text version: a table, one column per series (long series shown every few points).
     """
@@ -200,7 +219,11 @@ def curves(x: Sequence[float] | None, series: Mapping[str, Sequence[float]], pat
     fig = _figure(6.4, 4.0)
     ax = fig.add_subplot()
     for label, v in series.items():
-        ax.plot(xs[:len(v)], v, marker="o" if len(v) <= 30 else None, ms=4, label=label)
+        line, = ax.plot(xs[:len(v)], v, marker="o" if len(v) <= 30 else None, ms=4, label=label)
+        for xi, yi, n in zip(xs, v, (counts or {}).get(label, ())):
+            if np.isfinite(yi):
+                ax.annotate(f"{n}", (xi, yi), textcoords="offset points", xytext=(0, 5),
+                            ha="center", fontsize=6, color=line.get_color())
     if reference is not None:
         ax.axhline(reference[0], color="k", ls="--", lw=1, label=reference[1])
     if logy:

@@ -20,6 +20,34 @@ except ImportError:  # hypothesis is in the test extra; the property tests skip 
     pass
 
 
+# ------------------------------------------------------------------ optional packages
+def require_optional(available: bool, reason: str, *, module_level: bool = False) -> None:
+    """Skip a test whose optional package (an extra) is missing, saying why; under
+    PYMOE_REQUIRE_OPTIONAL=1 (CI's main run, which installs every extra) fail instead, so that a
+    broken install cannot pass as 'skipped'. module_level: called at a test module's top level
+    (skips, or fails, the whole module)."""
+    if available:
+        return
+    if os.environ.get("PYMOE_REQUIRE_OPTIONAL") == "1":
+        pytest.fail(f"PYMOE_REQUIRE_OPTIONAL=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def optional_import(name: str, extra: str, *, module_level: bool = False):
+    """import `name`, or require_optional's skip/fail naming the extra that provides it. The
+    package's own import-time warnings (CPU-only notices of DeepSpeed, Megatron-Core) are muted."""
+    import importlib
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except ImportError as err:
+        require_optional(False, f"{name} is not importable (pip install 'pymoe[{extra}]'): {err}",
+                         module_level=module_level)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
