@@ -21,7 +21,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCES = ["slots.c", "threads.c", "ops_f32.c", "ops_f64.c"]
-HEADERS = ["pymoe.h", "internal.h", "moe_ops.h"]  # a change to any of these rebuilds the core
+HEADERS = ["pymoe.h", "internal.h", "moe_ops.h", "topk_ops.h"]  # a change to any of these rebuilds the core
 
 
 def header_cdef() -> str:

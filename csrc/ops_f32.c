@@ -1,5 +1,8 @@
-/* float32 instantiation of moe_ops.h. */
+/* float32 instantiation of moe_ops.h and topk_ops.h. */
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -15,6 +18,15 @@
 #define VMUL _mm_mul_ps
 #define VADD _mm_add_ps
 #define VSTREAM _mm_stream_ps
+#define VMAX _mm_max_ps
+#define VCMPGT _mm_cmpgt_ps
+#define VCMPGE _mm_cmpge_ps
+#define VCMPEQ _mm_cmpeq_ps
+#define VCMPUNORD _mm_cmpunord_ps
+#define VAND _mm_and_ps
+#define VOR _mm_or_ps
+#define VMOVEMASK _mm_movemask_ps
 #endif
 
 #include "moe_ops.h"
+#include "topk_ops.h"

@@ -1,5 +1,8 @@
-/* float64 instantiation of moe_ops.h. */
+/* float64 instantiation of moe_ops.h and topk_ops.h. */
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -15,6 +18,15 @@
 #define VMUL _mm_mul_pd
 #define VADD _mm_add_pd
 #define VSTREAM _mm_stream_pd
+#define VMAX _mm_max_pd
+#define VCMPGT _mm_cmpgt_pd
+#define VCMPGE _mm_cmpge_pd
+#define VCMPEQ _mm_cmpeq_pd
+#define VCMPUNORD _mm_cmpunord_pd
+#define VAND _mm_and_pd
+#define VOR _mm_or_pd
+#define VMOVEMASK _mm_movemask_pd
 #endif
 
 #include "moe_ops.h"
+#include "topk_ops.h"

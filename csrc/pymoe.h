@@ -35,6 +35,25 @@ extern "C" {
 #define PYMOE_ERR_OWNER -5     /* a slot_owner entry outside [-1, T*K) */
 #define PYMOE_ERR_ORDER -6     /* token_order is not a permutation of 0..T-1 */
 #define PYMOE_ERR_NOMEM -7     /* scratch allocation failed */
+#define PYMOE_ERR_NAN -8       /* a score or bias entry is NaN */
+
+/* Top-K selection (pymoe.topk.top_k, with the sums pymoe.losses.load_balancing_loss needs).
+ * expert_index[t, :] = the K experts with the largest v[t, e] = score[t, e] + bias[e] (the sum
+ * rounded in REAL; v = score when bias is NULL), in decreasing v; equal values go to the lower
+ * expert index. These are the same integers as NumPy's stable argsort of -v for any
+ * non-NaN input; -0.0 and 0.0 are equal; a NaN anywhere returns PYMOE_ERR_NAN.
+ * expert_load[e] = how many of the T*K entries of expert_index equal e (NULL: not computed).
+ * prob_sum[e] = sum over t of probs[t, e], added in REAL in token order t = 0, 1, ..., T-1 from 0
+ * (bit for bit pymoe.losses.expert_prob_sum); NULL: not computed (probs may then be NULL too).
+ * Out: expert_index [T, K], expert_load [E], prob_sum [E]. In: score [T, E], bias [E] or NULL,
+ * probs [T, E] or NULL. 0 <= K <= E. Every output depends only on the inputs, never on the
+ * thread count: one thread per token row, and each column sum in one fixed order. */
+int pymoe_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
+                    const float *score, const float *bias, const float *probs,
+                    int64_t T, int64_t K, int64_t E);
+int pymoe_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
+                    const double *score, const double *bias, const double *probs,
+                    int64_t T, int64_t K, int64_t E);
 
 /* Slot assignment with choice-major priority and capacity drop (pymoe.priority + capacity).
  * Pairs claim slots in the order: choice j = 0 of token_order[0], ..., token_order[T-1], then

@@ -141,6 +141,21 @@ def float_arg(name: str, a: object, shape: Sequence[int | None], dtypes: tuple =
     return arr
 
 
+def top_k_args(score: object, k: object, bias: object | None, probs: object | None,
+               dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"):
+    """Checks of Backend.top_k: score `[T, E]` and bias `[E]` finite, 1 <= k <= E, probs `[T, E]`;
+    bias and probs come back in score's dtype."""
+    score = float_array("score", float_arg("score", score, (None, None), dtypes, who), ndim=2)
+    T, E = score.shape
+    k = integer("k", k, low=1, high=max(E, 1))
+    if bias is not None:
+        bias = float_array("bias", float_arg("bias", bias, (E,), dtypes, who), ndim=1)
+        bias = bias.astype(score.dtype, copy=False)
+    if probs is not None:
+        probs = float_arg("probs", probs, (T, E), dtypes, who).astype(score.dtype, copy=False)
+    return score, k, bias, probs
+
+
 def slot_args(expert_index: object, token_order: object | None, num_experts: object,
               capacity: object) -> tuple[np.ndarray, np.ndarray | None, int, int]:
     """The arguments of assign_slots: expert_index `<int>[T, K]` in [0, E), token_order a

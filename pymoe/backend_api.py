@@ -17,6 +17,11 @@ class Backend(Protocol):
     pymoe.cuda_backend.CudaBackend.)"""
     name: str
 
+    def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
+              probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """-> (expert_index `<int64>[T, K]` of score + bias (topk.top_k), expert_load `<int64>[E]`,
+        losses.expert_prob_sum(probs) `[E]` or None without probs)."""
+
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
                      num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (position `<int64>[T, K]` with -1 where dropped, slot_owner `<int64>[E, C]`,

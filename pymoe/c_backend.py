@@ -29,6 +29,7 @@ _ERRORS = {
     -5: "a slot_owner entry is outside [-1, T*K)",
     -6: "token_order is not a permutation of 0..T-1",
     -7: "out of memory",
+    -8: "a score or bias entry is NaN",
 }
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
            np.dtype(np.int64): "int64_t[]"}
@@ -120,6 +121,25 @@ class CBackend:
     # ------------------------------------------------------------ operations
     # The argument checks are pymoe._checks' (the same as the NumPy backend's), restricted to
     # float32/float64; arrays are then made C-contiguous (copied only when they are not).
+
+    def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
+              probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """-> (expert_index `<int64>[T, K]`, expert_load `<int64>[E]`, prob_sum `[E]` or None).
+
+        The same integers as pymoe.topk.top_k(score + bias, k) and capacity.expert_load, and
+        prob_sum bit for bit probs.sum(axis=0); bias and probs are cast to score's dtype.
+        """
+        score, k, bias, probs = _checks.top_k_args(score, k, bias, probs, C_DTYPES, "C")
+        score, bias, probs = (None if a is None else np.ascontiguousarray(a)
+                              for a in (score, bias, probs))
+        T, E = score.shape
+        expert_index = np.empty((T, k), np.int64)
+        load = np.empty(E, np.int64)
+        prob_sum = None if probs is None else np.empty(E, score.dtype)
+        fn = getattr(self.lib, f"pymoe_top_k_{self._suffix(score)}")
+        self._check("top_k", fn(self._ptr(expert_index), self._ptr(load), self._ptr(prob_sum),
+                                self._ptr(score), self._ptr(bias), self._ptr(probs), T, k, E))
+        return expert_index, load, prob_sum
 
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
                      num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,19 +9,27 @@ When the library is the CPU emulation (`python csrc/cuda/build.py --emulate -o P
 PYMOE_CUDA_LIB=PATH), device memory is host memory and arrays are NumPy arrays: the tests run this
 same wrapper, the same host launch code and the same kernel source, on the CPU.
 
-Index contents are checked on the device: the kernels treat an invalid entry as dropped/empty and
-set a bit in a status word owned by the library, which this wrapper reads back after the call (a
-synchronisation) and turns into a ValueError; pass check=False to skip that (benchmarks do). A
-token order is copied to the host and checked to be a permutation. This holds for CuPy arrays and
-raw pointers alike. Float values are not checked for NaN/inf (that would cost a pass over the
-data).
+Each operation has the name, argument order and return value of its NumPy and C twins
+(pymoe.backends: assign_slots, top_k, dispatch, combine, gate_grad), on device arrays.
+
+Index contents are checked on the device: the kernels treat an invalid entry (an expert, position
+or slot owner out of range, a token_order that is not a permutation, a NaN score) as
+dropped/empty and set a bit in the status word of (device, stream), which the library owns.
+`check` chooses when that word is read:
+    True     after the call (a synchronisation of the stream), raising ValueError: the default;
+    "defer"  not now: bits accumulate until check_status() reads them (once per step, say);
+    False    not at all: the kernels skip the bookkeeping (benchmarks).
+route() reads it once for all its kernels. Float values are not checked for inf (that would cost a
+pass over the data).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +39,12 @@ from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
+Check = bool | str  # True, False or "defer"
 _BAD_BITS = {1: "an expert_index entry is outside [0, E)",
              2: "a position entry is outside [-1, C)",
              4: "a slot_owner entry is outside [-1, T*K)",
-             8: "a token_order entry is outside [0, T)"}
+             8: "token_order: expected a permutation of 0..T-1",
+             16: "a score, logit or bias entry is NaN"}
 
 
 def library_path() -> str:
@@ -55,6 +65,10 @@ class DeviceArray:
         if not isinstance(self.ptr, int) or self.ptr < 0:
             raise TypeError(f"ptr: expected a non-negative int address, got {self.ptr!r}")
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
 
 class _HostMemory:
     """The emulated device: NumPy arrays in host memory."""
@@ -66,6 +80,9 @@ class _HostMemory:
 
     def ptr(self, a: np.ndarray) -> int:
         return a.ctypes.data
+
+    def device(self, a: np.ndarray) -> int | None:
+        return None  # the current device
 
     def stream(self) -> int:
         return 0
@@ -86,6 +103,9 @@ class _CupyMemory:
 
     def ptr(self, a: Any) -> int:
         return int(a.data.ptr)
+
+    def device(self, a: Any) -> int | None:
+        return int(a.device.id)
 
     def stream(self) -> int:
         return int(self.xp.cuda.get_current_stream().ptr)
@@ -136,7 +156,8 @@ def load(path: str | None = None) -> tuple[CudaBackend | None, BackendInfo]:
         except ImportError:
             memory = None  # raw DeviceArray pointers only
     be = CudaBackend(ffi, lib, memory, emulated)
-    what = "CPU emulation of the CUDA kernels" if emulated else f"CUDA kernels, {count[0]} device(s)"
+    what = (f"CPU emulation of the CUDA kernels ({count[0]} fake devices)" if emulated
+            else f"CUDA kernels, {count[0]} device(s)")
     arrays = memory.name if memory is not None else "raw DeviceArray pointers (CuPy not installed)"
     return be, BackendInfo("cuda", True, f"{what}; arrays: {arrays}; library {path}")
 
@@ -154,50 +175,110 @@ class DeviceRouting:
     capacity: int
 
 
+class _Ptr(int):
+    """An address to pass as a pointer argument (0 becomes NULL)."""
+
+
 class CudaBackend:
-    """Router, slot assignment, dispatch, combine and gate gradient on device arrays."""
+    """Top-K, slot assignment, dispatch, combine and gate gradient on device arrays."""
     name = "cuda"
 
     def __init__(self, ffi: Any, lib: Any, memory: Any, emulated: bool) -> None:
         self.ffi, self.lib, self.memory, self.emulated = ffi, lib, memory, emulated
-        slot = ffi.new("int **")
-        code = lib.pymoe_cuda_status_new(slot)
-        if code != 0:
-            raise RuntimeError(f"cannot allocate the device status word: {self._error(code)}")
-        self._status = slot[0]  # device int the kernels OR their PYMOE_BAD_* bits into
-
-    def __del__(self) -> None:
-        status = getattr(self, "_status", None)
-        if status is not None:
-            self.lib.pymoe_cuda_status_free(status)
+        self._local = threading.local()  # per host thread: the stream override
 
     def _error(self, code: int) -> str:
         return (f"{self.ffi.string(self.lib.pymoe_cuda_error_name(code)).decode()} ({code}): "
                 f"{self.ffi.string(self.lib.pymoe_cuda_error_string(code)).decode()}")
 
-    def _stream(self) -> Any:
-        return self.ffi.cast("void *", self.memory.stream() if self.memory else 0)
-
-    def _to_host(self, name: str, a: Any, ptr: int) -> np.ndarray:
-        """A small device array copied to the host (numpy), for checks made there."""
-        if not isinstance(a, DeviceArray):
-            return np.asarray(self.memory.to_host(a))
-        host = np.empty(a.shape, a.dtype)
-        code = self.lib.pymoe_cuda_copy_to_host(self.ffi.cast("void *", host.ctypes.data),
-                                                self.ffi.cast("void *", ptr), host.nbytes,
-                                                self._stream())
+    # ------------------------------------------------------------ device, stream, status
+    def get_device(self) -> int:
+        dev = self.ffi.new("int *")
+        code = self.lib.pymoe_cuda_get_device(dev)
         if code != 0:
-            raise RuntimeError(f"{name}: copying to the host failed: {self._error(code)}")
-        return host
+            raise RuntimeError(f"cudaGetDevice failed: {self._error(code)}")
+        return int(dev[0])
 
-    # ------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def device(self, index: int) -> Iterator[None]:
+        """Make device `index` current on this host thread (the emulator has two fake ones)."""
+        index = _checks.integer("device", index, low=0)
+        before = self.get_device()
+        code = self.lib.pymoe_cuda_set_device(index)
+        if code != 0:
+            raise ValueError(f"device: cannot select device {index}: {self._error(code)}")
+        try:
+            yield
+        finally:
+            self.lib.pymoe_cuda_set_device(before)
+
+    @contextlib.contextmanager
+    def stream(self, handle: int) -> Iterator[None]:
+        """Launch on the cudaStream_t `handle` (an int address) on this host thread, instead of
+        the array library's current stream (CuPy's) or the default stream."""
+        handle = _checks.integer("handle", handle, low=0)
+        before = getattr(self._local, "stream", None)
+        self._local.stream = handle
+        try:
+            yield
+        finally:
+            self._local.stream = before
+
+    def _stream(self) -> Any:
+        handle = getattr(self._local, "stream", None)
+        if handle is None:
+            handle = self.memory.stream() if self.memory else 0
+        return self.ffi.cast("void *", handle)
+
+    def check_status(self) -> None:
+        """Read the status word of (current device, current stream) and raise ValueError naming
+        every kind of bad input a kernel met since it was last read; then it is zero again."""
+        self._take_status("check_status", self._stream())
+
+    def _take_status(self, what: str, stream: Any) -> None:
+        bits = self.ffi.new("int *")
+        code = self.lib.pymoe_cuda_status_take(bits, stream)
+        if code != 0:
+            raise RuntimeError(f"{what}: reading the status failed: {self._error(code)}")
+        if bits[0]:
+            raise ValueError(f"{what}: " + "; ".join(m for b, m in _BAD_BITS.items() if bits[0] & b))
+
+    def _call(self, func: str, arrays: list, *args: Any, check: Check = True) -> None:
+        """Call lib.func(*args, status, stream) on the device of `arrays`; raise on an error code
+        and, with check=True, on any status bit the call set."""
+        if check not in (True, False, "defer"):
+            raise ValueError(f"check: expected True, False or 'defer', got {check!r}")
+        devices = {d for d in (self.memory.device(a) if self.memory and not isinstance(
+            a, DeviceArray) else None for a in arrays if a is not None) if d is not None}
+        if len(devices) > 1:
+            raise ValueError(f"{func}: the arrays live on different devices {sorted(devices)}")
+        stack = contextlib.ExitStack()
+        with stack:
+            if devices and devices != {self.get_device()}:
+                stack.enter_context(self.device(devices.pop()))
+            stream = self._stream()
+            status = self.ffi.NULL
+            if check:
+                slot = self.ffi.new("int **")
+                code = self.lib.pymoe_cuda_status(slot, stream)
+                if code != 0:
+                    raise RuntimeError(f"{func}: no status word: {self._error(code)}")
+                status = slot[0]
+            cargs = [self.ffi.cast("void *", a) if isinstance(a, _Ptr) else a for a in args]
+            code = getattr(self.lib, func)(*cargs, status, stream)
+            if code != 0:
+                raise (ValueError if code < 0 else RuntimeError)(f"{func}: {self._error(code)}")
+            if check is True:
+                self._take_status(func, stream)
+
+    # ------------------------------------------------------------ arguments
     def _arg(self, name: str, a: Any, shape: tuple, dtypes: tuple) -> tuple[Any, int]:
         """(array, address) after checking kind, dtype, shape and contiguity. A non-contiguous
         array is copied: the caller must hold the returned array until the kernel has run."""
         if isinstance(a, DeviceArray):
-            arr, dtype, got_shape = a, a.dtype, a.shape
+            dtype = a.dtype
         elif self.memory is not None and self.memory.is_array(a):
-            arr, dtype, got_shape = a, np.dtype(a.dtype), tuple(a.shape)
+            dtype = np.dtype(a.dtype)
         else:
             kinds = "a CuPy array or a DeviceArray" if not self.emulated else \
                 "a NumPy array (the emulated device's memory) or a DeviceArray"
@@ -206,18 +287,15 @@ class CudaBackend:
         if dtype not in dtypes:
             raise TypeError(f"{name}: expected dtype {' or '.join(d.name for d in dtypes)}, "
                             f"got {dtype}")
-        if len(got_shape) != len(shape) or any(s is not None and s != g
-                                               for s, g in zip(shape, got_shape)):
-            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-            raise ValueError(f"{name}: expected shape {want}, got {got_shape}")
-        if isinstance(arr, DeviceArray):
-            if arr.ptr == 0 and int(np.prod(got_shape)) > 0:  # the library would only say NULL
+        _checks.check_shape(name, a, shape)
+        if isinstance(a, DeviceArray):
+            if a.ptr == 0 and int(np.prod(a.shape)) > 0:  # the library would only say NULL
                 raise ValueError(f"{name}: got a NULL device pointer (DeviceArray.ptr == 0) for "
-                                 f"a non-empty array of shape {got_shape}")
-            return arr, arr.ptr
-        if not arr.flags.c_contiguous:
-            arr = self.memory.xp.ascontiguousarray(arr)
-        return arr, self.memory.ptr(arr)
+                                 f"a non-empty array of shape {a.shape}")
+            return a, a.ptr
+        if not a.flags.c_contiguous:
+            a = self.memory.xp.ascontiguousarray(a)
+        return a, self.memory.ptr(a)
 
     def _out(self, name: str, out: Any, shape: tuple, dtype: np.dtype) -> tuple[Any, int]:
         if out is None:
@@ -229,22 +307,8 @@ class CudaBackend:
             raise ValueError(f"{name}: expected a C-contiguous array to write into")
         return arr, ptr
 
-    def _call(self, func: str, *args: Any, check: bool = True) -> None:
-        """Call lib.func; raise on an error code, and (check=True) on any status bit it set."""
-        status = self._status if check else self.ffi.NULL
-        stream = self._stream()
-        cargs = [self.ffi.cast("void *", a) if isinstance(a, _Ptr) else a for a in args]
-        code = getattr(self.lib, func)(*cargs, status, stream)
-        if code != 0:
-            raise (ValueError if code < 0 else RuntimeError)(f"{func}: {self._error(code)}")
-        if check:
-            bits = self.ffi.new("int *")
-            code = self.lib.pymoe_cuda_status_take(self._status, bits, stream)
-            if code != 0:
-                raise RuntimeError(f"{func}: reading the status failed: {self._error(code)}")
-            if bits[0]:
-                raise ValueError(f"{func}: " + "; ".join(m for b, m in _BAD_BITS.items()
-                                                         if bits[0] & b))
+    def _optional(self, name: str, a: Any, shape: tuple, dtype: np.dtype) -> tuple[Any, int]:
+        return (None, 0) if a is None else self._arg(name, a, shape, (dtype,))
 
     @staticmethod
     def _suffix(dtype: np.dtype) -> str:
@@ -255,7 +319,8 @@ class CudaBackend:
         return int(self.lib.pymoe_cuda_get_block_size())
 
     def set_block_size(self, threads: int) -> None:
-        """Threads per block for every kernel: a power of two in [32, 1024] (default 256)."""
+        """Threads per block for every kernel this host thread launches: a power of two in
+        [32, 1024] (default 256). Other threads keep their own setting."""
         threads = _checks.integer("threads", threads)
         if self.lib.pymoe_cuda_set_block_size(threads) != 0:
             raise ValueError(f"threads: expected a power of two in [32, 1024], got {threads}")
@@ -270,11 +335,11 @@ class CudaBackend:
             self.set_block_size(before)
 
     # ------------------------------------------------------------ operations
-    def router(self, router_logits: Any, k: int, normalize: bool = False, *,
-               out: tuple | None = None, check: bool = True) -> tuple[Any, Any, Any]:
-        """(probs `[T, E]`, expert_index `<int64>[T, K]`, gate `[T, K]`), as pymoe.route computes
-        them before any capacity drop (topk.top_k, topk.gates). out: the three arrays to write
-        (required with raw pointers and no CuPy)."""
+    def softmax_top_k(self, router_logits: Any, k: int, normalize: bool = False, *,
+                      out: tuple | None = None, check: Check = True) -> tuple[Any, Any, Any]:
+        """Steps 2-4 of pymoe.route in one kernel: (probs `[T, E]`, expert_index `<int64>[T, K]`,
+        gate `[T, K]`) as router.softmax, topk.top_k and topk.gates compute them, before any
+        capacity drop. out: the three arrays to write (required with raw pointers, no CuPy)."""
         logits, p_logits = self._arg("router_logits", router_logits, (None, None), FLOATS)
         T, E = logits.shape
         k = _checks.integer("k", k, low=1, high=max(E, 1))
@@ -284,36 +349,64 @@ class CudaBackend:
         probs, p_probs = self._out("probs", o_probs, (T, E), dt)
         index, p_index = self._out("expert_index", o_index, (T, k), INT64)
         gate, p_gate = self._out("gate", o_gate, (T, k), dt)
-        self._call(f"pymoe_cuda_router_{self._suffix(dt)}", _Ptr(p_probs), _Ptr(p_index),
-                   _Ptr(p_gate), _Ptr(p_logits), T, E, k, int(normalize), check=check)
+        self._call(f"pymoe_cuda_softmax_top_k_{self._suffix(dt)}", [logits, probs, index, gate],
+                   _Ptr(p_probs), _Ptr(p_index), _Ptr(p_gate), _Ptr(p_logits), T, k, E,
+                   int(normalize), check=check)
         return probs, index, gate
 
+    def top_k(self, score: Any, k: int, bias: Any = None, probs: Any = None, *,
+              out: tuple | None = None, check: Check = True) -> tuple[Any, Any, Any]:
+        """(expert_index `<int64>[T, K]` of score + bias (topk.top_k), expert_load `<int64>[E]`,
+        probs.sum(axis=0) `[E]` or None without probs), as the C backend's top_k."""
+        score, p_score = self._arg("score", score, (None, None), FLOATS)
+        T, E = score.shape
+        k = _checks.integer("k", k, low=1, high=max(E, 1))
+        dt = np.dtype(score.dtype)
+        bias, p_bias = self._optional("bias", bias, (E,), dt)
+        probs, p_probs = self._optional("probs", probs, (T, E), dt)
+        o_index, o_load, o_sum = out if out is not None else (None, None, None)
+        index, p_index = self._out("expert_index", o_index, (T, k), INT64)
+        load, p_load = self._out("expert_load", o_load, (E,), INT64)
+        psum, p_sum = self._out("prob_sum", o_sum, (E,), dt) if probs is not None else (None, 0)
+        self._call(f"pymoe_cuda_top_k_{self._suffix(dt)}", [score, bias, probs, index],
+                   _Ptr(p_index), _Ptr(p_load), _Ptr(p_sum), _Ptr(p_score), _Ptr(p_bias),
+                   _Ptr(p_probs), T, k, E, check=check)
+        return index, load, psum
+
     def assign_slots(self, expert_index: Any, token_order: Any, num_experts: int,
-                     capacity: int, *, out: tuple | None = None,
-                     check: bool = True) -> tuple[Any, Any, Any]:
-        """(position `<int64>[T, K]`, slot_owner `<int64>[E, C]`, expert_load `<int64>[E]`):
-        the integers of pymoe.priority.position_in_expert + capacity.drop. out: the three
-        arrays to write (required with raw pointers and no CuPy)."""
+                     capacity: int, *, token_major: bool = False, score: Any = None,
+                     out: tuple | None = None, check: Check = True) -> tuple[Any, Any, Any]:
+        """(position `<int64>[T, K]`, slot_owner `<int64>[E, C]`, expert_load `<int64>[E]`), the
+        integers of the NumPy and C assign_slots, for any token_order (None: 0..T-1).
+
+        token_major: pairs claim slots token-major (priority "token") instead of choice-major.
+        score: `[T, K]` gate values at selection: drop policy "probs" (each expert keeps its C
+            best-scoring pairs, ties to the earlier pair; with K = E and token_major, expert
+            choice). out: the three arrays to write (required with raw pointers and no CuPy)."""
         E = _checks.integer("num_experts", num_experts, low=1)
         C = _checks.integer("capacity", capacity, low=0)
+        token_major = _checks.boolean("token_major", token_major)
         index, p_index = self._arg("expert_index", expert_index, (None, None), (INT64,))
         T, K = index.shape
-        order, p_order = None, 0
-        if token_order is not None:
-            order, p_order = self._arg("token_order", token_order, (T,), (INT64,))
-            if check and T and not np.array_equal(np.sort(self._to_host("token_order", order,
-                                                                        p_order)), np.arange(T)):
-                raise ValueError(f"token_order: expected a permutation of 0..{T - 1}")
+        order, p_order = self._optional("token_order", token_order, (T,), INT64)
         o_pos, o_owner, o_load = out if out is not None else (None, None, None)
         position, p_pos = self._out("position", o_pos, (T, K), INT64)
         owner, p_owner = self._out("slot_owner", o_owner, (E, C), INT64)
         load, p_load = self._out("expert_load", o_load, (E,), INT64)
-        self._call("pymoe_cuda_assign_slots", _Ptr(p_pos), _Ptr(p_owner), _Ptr(p_load),
-                   _Ptr(p_index), _Ptr(p_order), T, K, E, C, check=check)
+        arrays = [index, order, position]
+        if score is None:
+            self._call("pymoe_cuda_assign_slots", arrays, _Ptr(p_pos), _Ptr(p_owner),
+                       _Ptr(p_load), _Ptr(p_index), _Ptr(p_order), T, K, E, C, int(token_major),
+                       check=check)
+        else:
+            score, p_score = self._arg("score", score, (T, K), FLOATS)
+            self._call(f"pymoe_cuda_assign_slots_by_score_{self._suffix(np.dtype(score.dtype))}",
+                       arrays + [score], _Ptr(p_pos), _Ptr(p_owner), _Ptr(p_load), _Ptr(p_index),
+                       _Ptr(p_order), _Ptr(p_score), T, K, E, C, int(token_major), check=check)
         return position, owner, load
 
     def dispatch(self, x: Any, slot_owner: Any, k: int, weight: Any = None, *,
-                 out: Any = None, check: bool = True) -> Any:
+                 out: Any = None, check: Check = True) -> Any:
         """expert_in `[E, C, D]` (pymoe.indexed.dispatch_indexed)."""
         x, p_x = self._arg("x", x, (None, None), FLOATS)
         T, D = x.shape
@@ -321,10 +414,10 @@ class CudaBackend:
         owner, p_owner = self._arg("slot_owner", slot_owner, (None, None), (INT64,))
         E, C = owner.shape
         dt = np.dtype(x.dtype)
-        weight, p_w = self._weight(weight, (T, k), dt)
+        weight, p_w = self._optional("weight", weight, (T, k), dt)
         out, p_out = self._out("out", out, (E, C, D), dt)
-        self._call(f"pymoe_cuda_dispatch_{self._suffix(dt)}", _Ptr(p_out), _Ptr(p_x), _Ptr(p_w),
-                   _Ptr(p_owner), T, k, E, C, D, check=check)
+        self._call(f"pymoe_cuda_dispatch_{self._suffix(dt)}", [x, owner, weight, out],
+                   _Ptr(p_out), _Ptr(p_x), _Ptr(p_w), _Ptr(p_owner), T, k, E, C, D, check=check)
         return out
 
     def _pairs(self, expert_out: Any, expert_index: Any, position: Any) -> list:
@@ -334,25 +427,23 @@ class CudaBackend:
         index = self._arg("expert_index", expert_index, (None, None), (INT64,))
         return [eo, index, self._arg("position", position, tuple(index[0].shape), (INT64,))]
 
-    def _weight(self, weight: Any, shape: tuple, dtype: np.dtype) -> tuple[Any, int]:
-        return (None, 0) if weight is None else self._arg("weight", weight, shape, (dtype,))
-
     def combine(self, expert_out: Any, expert_index: Any, position: Any, weight: Any = None, *,
-                out: Any = None, check: bool = True) -> Any:
+                out: Any = None, check: Check = True) -> Any:
         """y `[T, D]` (pymoe.indexed.combine_indexed)."""
         (eo, p_eo), (index, p_index), (pos, p_pos) = self._pairs(expert_out, expert_index,
                                                                  position)
         E, C, D = eo.shape
         T, K = index.shape
         dt = np.dtype(eo.dtype)
-        weight, p_w = self._weight(weight, (T, K), dt)
+        weight, p_w = self._optional("weight", weight, (T, K), dt)
         y, p_y = self._out("out", out, (T, D), dt)
-        self._call(f"pymoe_cuda_combine_{self._suffix(dt)}", _Ptr(p_y), _Ptr(p_eo), _Ptr(p_w),
-                   _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D, check=check)
+        self._call(f"pymoe_cuda_combine_{self._suffix(dt)}", [eo, index, pos, weight, y],
+                   _Ptr(p_y), _Ptr(p_eo), _Ptr(p_w), _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D,
+                   check=check)
         return y
 
     def gate_grad(self, dy: Any, expert_out: Any, expert_index: Any, position: Any, *,
-                  out: Any = None, check: bool = True) -> Any:
+                  out: Any = None, check: Check = True) -> Any:
         """dgate `[T, K]` (pymoe.indexed.gate_grad_indexed)."""
         (eo, p_eo), (index, p_index), (pos, p_pos) = self._pairs(expert_out, expert_index,
                                                                  position)
@@ -361,38 +452,41 @@ class CudaBackend:
         dt = np.dtype(eo.dtype)
         dy, p_dy = self._arg("dy", dy, (T, D), (dt,))
         g, p_g = self._out("out", out, (T, K), dt)
-        self._call(f"pymoe_cuda_gate_grad_{self._suffix(dt)}", _Ptr(p_g), _Ptr(p_dy), _Ptr(p_eo),
-                   _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D, check=check)
+        self._call(f"pymoe_cuda_gate_grad_{self._suffix(dt)}", [dy, eo, index, pos, g],
+                   _Ptr(p_g), _Ptr(p_dy), _Ptr(p_eo), _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D,
+                   check=check)
         return g
 
     def route(self, router_logits: Any, k: int, capacity_factor: float | None = 1.25, *,
               min_capacity: int = 0, normalize: bool = False,
               priority: str = "choice") -> DeviceRouting:
-        """pymoe.route's index form on the device: router kernel, priority, slots, capacity."""
+        """pymoe.route's index form on the device: softmax_top_k, priority, slots, capacity.
+        The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
             raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe[cuda]')")
         capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
                                                   allow_none=True)
         min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-        priority = _checks.choice("priority", priority, ("choice", "score"))
+        priority = _checks.choice("priority", priority, ("choice", "score", "token"))
         xp = self.memory.xp
-        probs, index, gate = self.router(router_logits, k, normalize)
+        probs, index, gate = self.softmax_top_k(router_logits, k, normalize, check="defer")
         T, E = probs.shape
         order = None
         if priority == "score":  # batch-prioritised routing, as pymoe.priority.priority_order
             top1 = -probs.max(axis=1) if T else xp.zeros(0, probs.dtype)
             order = (xp.argsort(top1, kind="stable") if xp is np else xp.argsort(top1))
             order = order.astype(np.int64)
+        major = priority == "token"
         if capacity_factor is None:  # dropless: the largest load, known after counting
-            position, owner, load = self.assign_slots(index, order, E, T)
+            position, owner, load = self.assign_slots(index, order, E, T, token_major=major,
+                                                      check="defer")
+            self.check_status()
             C = expert_capacity(T, E, k, None, min_capacity, self.memory.to_host(load))
             owner = xp.ascontiguousarray(owner[:, :C]) if C <= T else owner
         else:
             C = expert_capacity(T, E, k, capacity_factor, min_capacity)
-            position, owner, load = self.assign_slots(index, order, E, C)
+            position, owner, load = self.assign_slots(index, order, E, C, token_major=major,
+                                                      check="defer")
+            self.check_status()
         gate = xp.where(position >= 0, gate, 0).astype(gate.dtype)
         return DeviceRouting(probs, index, gate, position, owner, load, order, C)
-
-
-class _Ptr(int):
-    """An address to pass as a pointer argument (0 becomes NULL)."""

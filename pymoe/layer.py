@@ -236,9 +236,8 @@ class MoELayer:
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self._nonfinite("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
-        assign = None if self.formulation == "dense" else self.backend.assign_slots
         r = route_unchecked(logits, self.k, self.capacity_factor, self.min_capacity,
-                            self.normalize, self.priority, assign_slots=assign)  # steps 2-10, 12
+                            self.normalize, self.priority, self.backend)  # steps 2-10, 12
         return x_router, noise, r
 
     def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool) -> np.ndarray:

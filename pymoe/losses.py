@@ -24,10 +24,35 @@ def load_balancing_loss(probs: np.ndarray, expert_index: np.ndarray) -> float:
     """
     T, E = probs.shape
     K = expert_index.shape[1]
+    return load_balancing_loss_from_sums(expert_load(expert_index, E), expert_prob_sum(probs), T, K)
+
+
+def expert_prob_sum(probs: np.ndarray) -> np.ndarray:
+    """`[E]` sum over tokens of probs `[T, E]`, added in token order (the order the C core uses).
+
+    probs.sum(axis=0) adds row after row for E >= 2; a single column NumPy sums pairwise, so
+    that case goes through cumsum, which adds in order.
+    """
+    if probs.shape[1] == 1 and probs.shape[0]:
+        return np.cumsum(probs, axis=0)[-1]  # [1]
+    return probs.sum(axis=0)  # [E]
+
+
+def load_balancing_loss_from_sums(expert_load: np.ndarray, prob_sum: np.ndarray, num_tokens: int,
+                                  k: int) -> float:
+    """load_balancing_loss from its sufficient statistics, as a backend's top_k returns them.
+
+    Args:
+        expert_load: `<int64>[E]` assignments per expert; prob_sum: `[E]` = expert_prob_sum(probs).
+    Returns:
+        E * sum_e (expert_load[e] / (T*K)) * (prob_sum[e] / T): the same bits as
+        load_balancing_loss when prob_sum has them (probs.mean(axis=0) is prob_sum / T).
+    """
+    T, E = num_tokens, expert_load.shape[0]
     if T == 0:
         return 0.0
-    f = expert_load(expert_index, E) / (T * K)  # [E]
-    P = probs.mean(axis=0)  # [E]
+    f = expert_load / (T * k)  # [E]
+    P = prob_sum / T  # [E]
     return float(E * np.dot(f, P))
 
 
@@ -47,9 +72,12 @@ def router_z_loss(router_logits: np.ndarray) -> float:
 
     It penalises large logits, which keeps the router's softmax out of float32 trouble. 0.0 when T = 0.
     """
-    if router_logits.shape[0] == 0:
-        return 0.0
-    return float(np.mean(logsumexp(router_logits) ** 2))
+    return router_z_loss_from_lse(logsumexp(router_logits))
+
+
+def router_z_loss_from_lse(lse: np.ndarray) -> float:
+    """router_z_loss from logsumexp(router_logits) `[T]` (route() gets it from the softmax pass)."""
+    return float(np.mean(lse ** 2)) if lse.shape[0] else 0.0
 
 
 def router_z_loss_backward(router_logits: np.ndarray, probs: np.ndarray,

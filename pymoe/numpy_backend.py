@@ -7,12 +7,23 @@ import numpy as np
 from . import _checks
 from .capacity import expert_load, slot_owner
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
+from .losses import expert_prob_sum
 from .priority import position_in_expert
+from .topk import top_k
 
 
 class NumpyBackend:
     """The reference: the cumsum slot assignment and the NumPy indexed formulation."""
     name = "numpy"
+
+    def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
+              probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """-> (expert_index `<int64>[T, K]` of score + bias, expert_load `<int64>[E]`,
+        expert_prob_sum(probs) `[E]` or None)."""
+        score, k, bias, probs = _checks.top_k_args(score, k, bias, probs)
+        expert_index = top_k(score if bias is None else score + bias, k)  # [T, K]
+        return (expert_index, expert_load(expert_index, score.shape[1]),
+                None if probs is None else expert_prob_sum(probs))
 
     def assign_slots(self, expert_index: np.ndarray, token_order: np.ndarray | None,
                      num_experts: int, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -69,6 +69,21 @@ def softmax_backward(dprobs: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
 
 
+def softmax_lse(router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(router_logits) `[T, E]` and logsumexp(router_logits) `[T]` from one exp pass.
+
+    The same bits as the two functions (the same max, exponentials and row sums), computed in
+    place: route() needs both, and exp over [T, E] is the costliest step of routing in NumPy.
+    """
+    m = router_logits.max(axis=-1, keepdims=True)  # [T, 1]
+    e = np.subtract(router_logits, m)  # [T, E], max entry 0
+    np.exp(e, out=e)
+    s = e.sum(axis=-1, keepdims=True)  # [T, 1]
+    lse = m[:, 0] + np.log(s[:, 0])  # [T]
+    e /= s
+    return e, lse
+
+
 def logsumexp(router_logits: np.ndarray) -> np.ndarray:
     """log sum_e exp(router_logits[t, e]) per token, `[T]`, computed stably (used by the z-loss)."""
     m = router_logits.max(axis=-1)  # [T]

@@ -4,23 +4,25 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import _checks
+from .backends import get_backend
 from .capacity import drop, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
-from .losses import (load_balancing_loss, load_balancing_loss_backward, router_z_loss,
-                     router_z_loss_backward)
+from .losses import (load_balancing_loss, load_balancing_loss_backward,
+                     load_balancing_loss_from_sums, router_z_loss_backward, router_z_loss_from_lse)
 from .priority import position_in_expert, priority_order
-from .router import router_dtype, softmax, softmax_backward
+from .router import router_dtype, softmax_backward, softmax_lse
 from .topk import gates, gates_backward, top_k
 
-AssignSlots = Callable[[np.ndarray, np.ndarray, int, int],
-                       "tuple[np.ndarray, np.ndarray, np.ndarray]"]
+if TYPE_CHECKING:
+    from .backend_api import Backend
 
 PRIORITIES = ("choice", "score")
+ROUTE_BACKENDS = ("numpy", "c", "auto")
 K1_NORMALIZE_WARNING = (
     "normalize=True with k=1: every gate is exactly 1.0, so the router gets no gradient from the "
     "task loss (only from the aux/z losses). Use normalize=False for Switch-style top-1 routing.")
@@ -117,7 +119,8 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 
 def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.25, *,
-          min_capacity: int = 0, normalize: bool = False, priority: str = "choice") -> Routing:
+          min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
+          backend: str = "numpy") -> Routing:
     """Route T tokens to E experts: softmax, top-K, gates, priority, positions, capacity, drop, losses.
 
     Args:
@@ -127,6 +130,8 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         min_capacity: lower bound on C (>= 0).
         normalize: renormalise the K gates to sum to 1 (see topk.gates).
         priority: "choice" (choice-major, token order) or "score" (batch-prioritised routing).
+        backend: who selects the top-K and assigns slots: "numpy" (the reference steps), "c"
+            (the C core: the same integers, float results to round-off) or "auto" (C when built).
     Returns:
         a Routing; T = 0 gives empty arrays and zero losses.
     """
@@ -139,44 +144,52 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
     normalize = _checks.boolean("normalize", normalize)
     priority = _checks.choice("priority", priority, PRIORITIES)
+    backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
     if normalize and k == 1:
         warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
-    return route_unchecked(logits, k, capacity_factor, min_capacity, normalize, priority)
+    return route_unchecked(logits, k, capacity_factor, min_capacity, normalize, priority,
+                           get_backend(backend))
 
 
 def route_unchecked(router_logits: np.ndarray, k: int, capacity_factor: float | None,
                     min_capacity: int, normalize: bool, priority: str,
-                    assign_slots: AssignSlots | None = None) -> Routing:
+                    backend: Backend | None = None) -> Routing:
     """route() after its arguments have been checked (MoELayer checks them once, at construction).
 
-    assign_slots: a backend's slot assignment (Backend.assign_slots) to use instead of steps 5-9
-    here; it must return the same integers (the tests check that it does).
+    backend: None or the NumPy backend runs the reference steps here; another backend (C) selects
+    the top-K, counts the load and sums the probabilities (Backend.top_k) and assigns the slots
+    (Backend.assign_slots): the same integers (the tests check that it does).
     """
     # One C-contiguous, native copy: every reduction below then sums in the same order whatever
     # the caller's layout, so the same values always give the same bits (and the same ties).
     logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
     T, E = logits.shape
-    probs = softmax(logits)  # [T, E]                                        step 2
-    expert_index = top_k(logits, k)  # [T, K]                                step 3
+    fast = backend is not None and backend.name != "numpy"
+    probs, lse = softmax_lse(logits)  # [T, E], [T]                           step 2
+    if fast:
+        expert_index, load, prob_sum = backend.top_k(logits, k, probs=probs)  # step 3
+        aux_loss = load_balancing_loss_from_sums(load, prob_sum, T, k)  #        step 12
+    else:
+        expert_index = top_k(logits, k)  # [T, K]                             step 3
+        load = expert_load(expert_index, E)  # [E]
+        aux_loss = load_balancing_loss(probs, expert_index)  #                 step 12
     gate = gates(probs, expert_index, normalize)  # [T, K]                   step 4
     token_order = priority_order(probs, priority)  # [T]                     step 6
-    load = expert_load(expert_index, E)  # [E]
     capacity = expert_capacity(T, E, k, capacity_factor, min_capacity, load)  # step 8
     owner = None
-    if assign_slots is None:
+    if not fast:
         position = position_in_expert(expert_index, E, token_order)  # [T, K]  steps 5-7
         position, gate_kept, kept = drop(position, gate, capacity)  # [T, K]   step 9
-    else:  # a backend's slot assignment; None = token order, nothing to permute or check
+    else:  # None = token order, nothing to permute or check
         order = token_order if priority == "score" else None
-        position, owner, _ = assign_slots(expert_index, order, E, capacity)
+        position, owner, _ = backend.assign_slots(expert_index, order, E, capacity)
         kept = position >= 0  # [T, K]
         gate_kept = np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
     return Routing(router_logits=logits, probs=probs, expert_index=expert_index,
                    token_order=token_order, position=position, gate_before_drop=gate,
                    gate=gate_kept, kept=kept, capacity=capacity, expert_load=load,
-                   normalize=normalize, priority=priority,
-                   aux_loss=load_balancing_loss(probs, expert_index),  # step 12
-                   z_loss=router_z_loss(logits), _slot_owner=owner)
+                   normalize=normalize, priority=priority, aux_loss=aux_loss,
+                   z_loss=router_z_loss_from_lse(lse), _slot_owner=owner)
 
 
 def _check_routing(r: Routing) -> None:

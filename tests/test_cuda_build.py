@@ -6,8 +6,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO, _gpu_visible, cuda_build_module
+
 from pymoe import cuda_backend
 
 NVCC = os.environ.get("NVCC", "nvcc")
@@ -15,13 +15,37 @@ needs_nvcc = pytest.mark.skipif(shutil.which(NVCC) is None, reason=f"{NVCC} not 
 
 
 @needs_nvcc
-def test_nvcc_compiles_for_sm80_and_sm90_without_warnings(tmp_path):
+def test_nvcc_compiles_for_sm80_and_sm90_without_warnings_or_spills():
+    """build.py --check's compile: no warning, every kernel on both archs in the ptxas table, no
+    spill, and every kernel fits at least one 256-thread block per SM (the resource table is
+    printed, as CI prints it)."""
     build = cuda_build_module()
-    res = build.run(build.nvcc_command(str(tmp_path / "k.o"), compile_only=True))
-    output = res.stdout + res.stderr
-    print(output)  # shown with pytest -s / -rA: the warnings, if any
+    rows, output = build.check()
+    print(build.resource_table(rows))  # shown with pytest -s / -rA
     assert "sm_80" in " ".join(build.gencode()) and "sm_90" in " ".join(build.gencode())
     assert "warning" not in output.lower(), output
+    kernels = {r.kernel.split("<")[0].replace("void ", "") for r in rows}
+    assert {"softmax_top_k_kernel", "top_k_kernel", "column_sum_kernel", "slots_count_kernel",
+            "slots_scan_kernel", "slots_scatter_kernel", "slots_select_kernel", "dispatch_kernel",
+            "combine_kernel", "gate_grad_kernel"} <= kernels
+    assert {r.arch for r in rows} == {"80", "90"}
+    assert not [(r.kernel, r.arch, r.spill_bytes) for r in rows if r.spill_bytes]
+    assert all(r.blocks_per_sm() >= 1 for r in rows)
+
+
+def test_resource_table_parser():
+    """The ptxas -v lines the table is built from (format of CUDA 13), parsed and turned into an
+    occupancy: 40 registers -> 1280 per warp -> 51 warps -> 6 blocks of 8 warps on sm_90."""
+    build = cuda_build_module()
+    out = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 9216 bytes smem, 400 bytes cmem[0]\n")
+    (row,) = build.parse_ptxas(out)
+    assert (row.arch, row.registers, row.spill_bytes, row.stack_bytes, row.static_smem) == \
+        ("90", 40, 8, 8, 9216)
+    assert row.blocks_per_sm() == 6 and row.occupancy() == 0.75
+    assert "| sm_90 | 40 | 8 | 8 | 9216 | 6 | 75% |" in build.resource_table([row])
 
 
 @pytest.fixture(scope="module")

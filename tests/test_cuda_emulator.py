@@ -5,44 +5,101 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import REPO, cuda_build_module
 
 import pymoe
-from conftest import REPO, cuda_build_module
 from pymoe import cuda_backend
 from pymoe.numpy_backend import NumpyBackend
 
 
-def test_emulator_selftest(tmp_path):
-    """Barriers synchronise; a barrier without barrier support, a divergent barrier and an
-    oversized block all fail the launch (csrc/cuda/emu/selftest.cpp)."""
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    """csrc/cuda/emu/selftest.cpp, compiled with warnings as errors."""
     cxx = os.environ.get("CXX", "g++")
     if not shutil.which(cxx):
         pytest.skip(f"{cxx} not found")
-    exe = tmp_path / "selftest"
-    subprocess.run([cxx, "-std=c++20", "-Wall", "-Wextra", "-Werror", "-DPYMOE_EMULATE",
+    exe = tmp_path_factory.mktemp("selftest") / "selftest"
+    subprocess.run([cxx, "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-DPYMOE_EMULATE",
                     os.path.join(REPO, "csrc", "cuda", "emu", "selftest.cpp"), "-o", str(exe)],
                    check=True)
-    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    return str(exe)
+
+
+def run_case(selftest: str, case: str) -> str:
+    res = subprocess.run([selftest, case], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout
-    assert "self-test passed" in res.stdout
+    assert res.stdout.startswith(f"ok {case}: "), res.stdout
+    return res.stdout
+
+
+@pytest.mark.parametrize("case", ["barrier", "warp_primitives", "syncwarp_present",
+                                  "right_shuffle_mask", "barrier_orders_shared"])
+def test_right_kernels_run_right(selftest, case):
+    """Barriers synchronise the block; shuffles, ballot and match_any return what the CUDA guide
+    says; a warp reduction through shared memory with __syncwarp, a half-warp reduction with a
+    half-warp mask and width, and neighbours exchanging through shared memory after a barrier
+    all run without a report and give the right values."""
+    run_case(selftest, case)
+
+
+@pytest.mark.parametrize("case,caught", [
+    # (the emulator's negative tests: each planted bug must fail the launch, naming it)
+    ("barrier_in_loop_mode", "without barrier support"),
+    ("divergent_barrier", "divergent __syncthreads"),
+    ("missing_syncwarp", "shared-memory race on s["),
+    ("wrong_shuffle_mask", "reads lane 16, which is not in the mask"),
+    ("mask_names_absent_lanes", "waits for lane 16, which has finished"),
+    ("mask_without_caller", "called by lane 0, which is not in it"),
+    ("shared_race", "shared-memory race on s["),
+    ("shared_out_of_bounds", "out of bounds [0, 32) in s"),
+    ("other_device_memory", "atomicOr on memory of device 0 by a kernel running on device 1"),
+])
+def test_planted_bugs_are_caught(selftest, case, caught):
+    """A missing __syncwarp (a pre-Volta warp-synchronous reduction), a wrong shuffle mask (a
+    half-warp sum reading lanes outside its mask; a full mask in a branch half the warp skips;
+    a mask without the caller), a planted shared-memory race (neighbour exchange without a
+    barrier), a barrier where it is not allowed, an out-of-bounds shared index, and a write to
+    another device's memory."""
+    assert caught in run_case(selftest, case)
+
+
+def test_thread_order_is_random_and_seeded(selftest):
+    """Threads do not run in ascending order (code right only in that order fails), and the
+    seed makes the order reproducible; the oversized block is refused at launch."""
+    run_case(selftest, "random_order")
+    run_case(selftest, "oversized_block")
 
 
 def test_kernel_tests_catch_a_missing_barrier(tmp_path):
-    """Built with __syncthreads as a no-op, the barrier kernels give wrong answers that the
-    comparisons with the reference reject; honouring the barrier is what makes them right."""
+    """Built with __syncthreads and __syncwarp as no-ops, every kernel that has barriers fails:
+    the shared-memory race check reports the accesses the barriers ordered (or, where a race
+    slips through, the comparison with the reference rejects the result)."""
     path = str(tmp_path / "noop_barrier.so")
     cuda_build_module().build(path, emulate=True, noop_barrier=True)
     be, info = cuda_backend.load(path)
     assert be is not None, info.detail
     rng = np.random.default_rng(0)
-    T, E, K, D = 48, 4, 2, 64
+    T, E, K, D = 300, 4, 2, 64
     logits = rng.normal(size=(T, E))
     r = pymoe.route(logits, K, 0.75)
     x = rng.normal(size=(T, D))
-    ein = NumpyBackend().dispatch(x, r.slot_owner, K)
-    with be.block_size(64):
-        g = be.gate_grad(x, ein, r.expert_index, r.position)
-        position, _, _ = be.assign_slots(r.expert_index, None, E, r.capacity)
-    ref = NumpyBackend().gate_grad(x, ein, r.expert_index, r.position)
-    assert not np.allclose(g, ref), "gate_grad came out right without its barriers"
-    assert not np.array_equal(position, r.position), "slots came out right without barriers"
+    ref = NumpyBackend()
+    ein = ref.dispatch(x, r.slot_owner, K)
+    calls = {
+        "assign_slots": (lambda: be.assign_slots(r.expert_index, None, E, r.capacity)[0],
+                         r.position),
+        "assign_slots by score": (lambda: be.assign_slots(r.expert_index, None, E, r.capacity,
+                                                          score=r.gate_before_drop)[0], None),
+        "combine": (lambda: be.combine(ein, r.expert_index, r.position),
+                    ref.combine(ein, r.expert_index, r.position)),
+        "gate_grad": (lambda: be.gate_grad(x, ein, r.expert_index, r.position),
+                      ref.gate_grad(x, ein, r.expert_index, r.position)),
+    }
+    for name, (call, want) in calls.items():
+        with be.block_size(64):
+            try:
+                got = call()
+            except RuntimeError as err:
+                assert "shared-memory race" in str(err), (name, err)
+                continue
+        assert want is not None and not np.allclose(got, want), f"{name} ran right without barriers"

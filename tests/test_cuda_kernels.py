@@ -5,10 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
+from tolerances import GATE_RTOL, PROB_RTOL, assert_dot_close
 
 import pymoe
 from pymoe.numpy_backend import NumpyBackend
-from tolerances import GATE_RTOL, PROB_RTOL, assert_dot_close
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given, settings  # noqa: E402
@@ -17,16 +17,19 @@ from hypothesis import strategies as st  # noqa: E402
 REF = NumpyBackend()
 
 
+SMALL_BLOCKS = [32, 64, 128, 256]  # every example; 512 and 1024 in the *_large_blocks sweeps
+
+
 @st.composite
-def problem(draw):
+def problem(draw, blocks=tuple(SMALL_BLOCKS)):
     T = draw(st.integers(0, 48))
-    E = draw(st.integers(1, 9))
-    K = draw(st.integers(1, E))
-    D = draw(st.sampled_from([1, 3, 4, 8, 13, 64]))  # ragged and vector-friendly widths
+    E = draw(st.integers(1, 40))  # past 32: more than one value per lane in the warp router
+    K = draw(st.integers(1, min(E, 6)))
+    D = draw(st.sampled_from([1, 3, 4, 8, 13, 64, 70]))  # ragged and vector-friendly widths
     cf = draw(st.one_of(st.none(), st.floats(0.05, 2.5)))
     priority = draw(st.sampled_from(["choice", "score"]))
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
-    block = draw(st.sampled_from([32, 64]))  # the emulator runs every CUDA thread as a fiber
+    block = draw(st.sampled_from(list(blocks)))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     logits = rng.normal(size=(T, E))
     if draw(st.booleans()):
@@ -40,19 +43,29 @@ def _ref_routing(logits, K, cf, priority, normalize=False):
         return pymoe.route(logits, K, cf, priority=priority, normalize=normalize)
 
 
-@settings(max_examples=40)
-@given(problem(), st.booleans())
-def test_router_matches_reference(cuda_impl, case, normalize):
+def check_softmax_top_k(cuda_impl, case, normalize):
     logits, K, _, _, _, block, _ = case
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
     r = _ref_routing(logits, K, None, "choice", normalize)
     with be.block_size(block):
-        probs, index, gate = be.router(dev(logits), K, normalize)
+        probs, index, gate = be.softmax_top_k(dev(logits), K, normalize)
     np.testing.assert_array_equal(host(index), r.expert_index)  # ranks logits: exact
     tol = PROB_RTOL[logits.dtype]
     np.testing.assert_allclose(host(probs), r.probs, rtol=tol, atol=tol)
     np.testing.assert_allclose(host(gate), r.gate_before_drop, rtol=GATE_RTOL[logits.dtype],
                                atol=tol)
+
+
+@settings(max_examples=40)
+@given(problem(), st.booleans())
+def test_softmax_top_k_matches_reference(cuda_impl, case, normalize):
+    check_softmax_top_k(cuda_impl, case, normalize)
+
+
+@settings(max_examples=4)
+@given(problem(blocks=(512, 1024)), st.booleans())
+def test_softmax_top_k_large_blocks(cuda_impl, case, normalize):
+    check_softmax_top_k(cuda_impl, case, normalize)
 
 
 @settings(max_examples=40)
@@ -70,9 +83,7 @@ def test_slots_match_reference(cuda_impl, case):
     np.testing.assert_array_equal(host(load), r.expert_load)
 
 
-@settings(max_examples=40)
-@given(problem(), st.booleans())
-def test_dispatch_combine_and_backward_match_reference(cuda_impl, case, weighted):
+def check_dispatch_combine_and_backward(cuda_impl, c_core, case, weighted):
     logits, K, cf, priority, D, block, rng = case
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
     r = _ref_routing(logits.astype(np.float64), K, cf, priority)
@@ -85,13 +96,37 @@ def test_dispatch_combine_and_backward_match_reference(cuda_impl, case, weighted
     w_ref = gate if weighted else None
     with be.block_size(block):
         got = be.dispatch(dev(x), dev(r.slot_owner), K, w)
-        np.testing.assert_array_equal(host(got), REF.dispatch(x, r.slot_owner, K, w_ref))
+        for peer in [REF] + c_core:  # bitwise: NumPy and the C core
+            np.testing.assert_array_equal(host(got), peer.dispatch(x, r.slot_owner, K, w_ref))
         y = be.combine(dev(out), dev(r.expert_index), dev(r.position), w)
-        np.testing.assert_array_equal(host(y), REF.combine(out, r.expert_index, r.position, w_ref))
+        for peer in [REF] + c_core:
+            np.testing.assert_array_equal(host(y), peer.combine(out, r.expert_index, r.position,
+                                                                w_ref))
         g = be.gate_grad(dev(dy), dev(out), dev(r.expert_index), dev(r.position))
     abs_dot = REF.gate_grad(np.abs(dy), np.abs(out), r.expert_index, r.position)
     assert_dot_close(host(g), REF.gate_grad(dy, out, r.expert_index, r.position), abs_dot, D)
     assert np.all(host(g)[~r.kept] == 0)
+
+
+@pytest.fixture(scope="module")
+def c_core():
+    """[the C backend] when it is built, else []: the CUDA kernels must match it bit for bit."""
+    from pymoe import c_backend
+
+    be, _ = c_backend.load()
+    return [be] if be is not None else []
+
+
+@settings(max_examples=40)
+@given(problem(), st.booleans())
+def test_dispatch_combine_and_backward_match_reference(cuda_impl, c_core, case, weighted):
+    check_dispatch_combine_and_backward(cuda_impl, c_core, case, weighted)
+
+
+@settings(max_examples=4)
+@given(problem(blocks=(512, 1024)), st.booleans())
+def test_dispatch_combine_and_backward_large_blocks(cuda_impl, c_core, case, weighted):
+    check_dispatch_combine_and_backward(cuda_impl, c_core, case, weighted)
 
 
 @pytest.mark.parametrize("block", [256, 1024])
@@ -104,7 +139,7 @@ def test_large_blocks(cuda_impl, block):
     r = pymoe.route(logits, K, 0.8, priority="score")
     x = rng.normal(size=(T, D))
     with be.block_size(block):
-        probs, index, _ = be.router(dev(logits), K)
+        probs, index, _ = be.softmax_top_k(dev(logits), K)
         position, owner, _ = be.assign_slots(index, dev(r.token_order), E, r.capacity)
         ein = be.dispatch(dev(x), owner, K)
         g = be.gate_grad(dev(x), ein, index, position)
@@ -162,16 +197,22 @@ def test_invalid_indices_are_reported_not_followed(cuda_impl):
         be.gate_grad(dev(np.ones((1, 4))), out, dev(np.array([[0, 5]])), dev(np.array([[0, 0]])))
     with pytest.raises(ValueError, match="expert_index entry is outside"):
         be.assign_slots(dev(np.array([[0], [7]])), None, 2, 2)
-    with pytest.raises(ValueError, match=r"token_order: expected a permutation of 0..2"):
+    with pytest.raises(ValueError, match=r"token_order: expected a permutation"):
         be.assign_slots(dev(np.array([[0], [1], [0]])), dev(np.array([0, 0, 1])), 2, 2)
+    with pytest.raises(ValueError, match=r"token_order: expected a permutation"):
+        be.assign_slots(dev(np.array([[0], [1], [0]])), dev(np.array([0, 3, 1])), 2, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        be.top_k(dev(np.array([[0.0, np.nan, 1.0]])), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        be.softmax_top_k(dev(np.array([[0.0, np.nan, 1.0]])), 2)
 
 
 def test_wrapper_checks_kinds_shapes_and_sizes(cuda_impl):
     be, dev = cuda_impl.backend, cuda_impl.to_device
     with pytest.raises(TypeError, match="router_logits: expected dtype float32 or float64, got"):
-        be.router(dev(np.zeros((2, 3), np.float16)), 1)
+        be.softmax_top_k(dev(np.zeros((2, 3), np.float16)), 1)
     with pytest.raises(ValueError, match=r"k: expected an int in \[1, 3\], got 4"):
-        be.router(dev(np.zeros((2, 3))), 4)
+        be.softmax_top_k(dev(np.zeros((2, 3))), 4)
     with pytest.raises(ValueError, match=r"weight: expected shape \[3, 2\], got \(2, 3\)"):
         be.dispatch(dev(np.zeros((3, 4))), dev(np.array([[0, 1]])), 2, dev(np.zeros((2, 3))))
     with pytest.raises(ValueError, match=r"threads: expected a power of two in \[32, 1024\], got 48"):
@@ -235,15 +276,17 @@ def test_raw_pointers_without_cupy_still_report_bad_input(cuda_emulator_path):
     with pytest.raises(TypeError, match="out: required when CuPy is not installed"):
         be.dispatch(raw(x), raw(np.array([[0, 1]])), 2)
     index, order = np.array([[0], [1], [0]]), np.array([0, 0, 1])
-    with pytest.raises(ValueError, match=r"token_order: expected a permutation of 0..2"):
-        be.assign_slots(raw(index), raw(order), 2, 2)
+    with pytest.raises(ValueError, match=r"token_order: expected a permutation"):
+        be.assign_slots(raw(index), raw(order), 2, 2, out=tuple(
+            raw(b) for b in (np.empty((3, 1), np.int64), np.empty((2, 2), np.int64),
+                             np.empty(2, np.int64))))
     good = np.array([[0, 1]])
     be.dispatch(raw(x), raw(good), 2, out=raw(out))  # and valid input goes through
     np.testing.assert_array_equal(out[0], np.ones((2, 4)))
     logits = np.random.default_rng(0).normal(size=(6, 3))
     r = pymoe.route(logits, 2, 1.0, priority="score")
     bufs = [np.empty((6, 3)), np.empty((6, 2), np.int64), np.empty((6, 2))]
-    be.router(raw(logits), 2, out=tuple(raw(b) for b in bufs))
+    be.softmax_top_k(raw(logits), 2, out=tuple(raw(b) for b in bufs))
     np.testing.assert_array_equal(bufs[1], r.expert_index)
     slots = [np.empty((6, 2), np.int64), np.empty((3, r.capacity), np.int64),
              np.empty(3, np.int64)]

@@ -190,5 +190,5 @@ def test_04_speed_includes_the_cuda_rows_when_a_cuda_backend_exists(tmp_path, mo
     with be.block_size(32):  # the emulator runs each CUDA thread as a fiber: keep blocks small
         res = load("04_speed.py").main(["--quick", "--out", str(tmp_path)])
     cuda = [r for r in res["rows"] if r.impl.startswith("CUDA")]
-    assert {r.op for r in cuda} == {"router", "slots", "dispatch", "combine", "dispatch_bwd",
+    assert {r.op for r in cuda} == {"softmax_top_k", "top_k", "slots", "dispatch", "combine", "dispatch_bwd",
                                     "combine_bwd"}

@@ -1,34 +1,62 @@
-// pymoe CUDA kernels: the GPU twin of pymoe/indexed.py and csrc/moe_ops.h.
+// pymoe CUDA kernels: the GPU twin of pymoe/indexed.py, pymoe.topk and csrc/pymoe.h.
 //
-// Legend (shared with the Python docstrings and the C core):
-//   T tokens, D model dim, E experts, K choices per token, C expert capacity.
+// Legend (shared with the Python docstrings and the C core), sizes always in this order:
+//   T tokens, K choices per token, E experts, C expert capacity, D model dim.
 // Layouts are row-major; index arrays are int64:
 //   expert_index [T, K], position [T, K] (-1 = dropped), slot_owner [E, C] (t*K + j, -1 = empty).
 //
 // This file is compiled twice from the same source: by nvcc for the GPU library, and by g++ with
-// emu/cuda_emu.h for the CPU emulation that the tests run. So it uses block-level patterns only
-// (shared memory + __syncthreads, no warp shuffles), and every kernel's launch shape is chosen by
-// the host code in pymoe_cuda.cu, which both builds share.
+// emu/cuda_emu.h for the CPU emulation that the tests run. The emulator runs warps as 32 fibers
+// and checks every *_sync mask and every shared-memory access (PYMOE_SHARED), so the warp-level
+// code below is tested here, not only compiled. Launch shapes are chosen by pymoe_cuda.cu.
 //
 // Invalid indices never cause an out-of-bounds access: the entry is treated as dropped/empty and a
-// bit is set in *status (when status is not NULL), which the caller reads back.
+// PYMOE_BAD_* bit is OR-ed into *status (when status is not NULL), which the caller reads back.
 // Floating point: the library is built with -fmad=false so that products and sums round like the
 // NumPy reference (dispatch and combine then match it bit for bit).
+//
+// Napkin math (H100 SXM: 132 SMs, ~3.35 TB/s HBM3, 4 warp schedulers per SM, 228 KB shared per
+// SM, 64K registers per SM; A100: 108 SMs, ~2.0 TB/s). Nothing here has been timed on a GPU: the
+// figures are design estimates, the benchmark (python -m pymoe.bench --backend cuda) measures.
+//  - Memory-bound kernels reach ~90% of copy bandwidth only with enough bytes in flight: Little's
+//    law, 3.35 TB/s * ~600 ns latency ~ 2 MB in flight, ~15 KB per SM. A 256-thread block moving
+//    four 16-byte vectors per thread has 16 KB in flight, so 1-2 resident blocks per SM suffice;
+//    one 16-byte load per thread (the previous kernels) left 4 KB per block in flight.
+//  - Dispatch/combine at T=65536, D=4096, E=64, K=2, float32: ~1 GiB of payload each way,
+//    ~0.6 ms at copy speed. Index traffic (8 B per slot / pair) is < 0.1% of it.
+//  - Slot assignment at T*K = 131072 pairs, E=64: the counting sort reads the 1 MiB of indices
+//    twice and writes 2 MiB; ~2 us of bandwidth, so launch latency (~3 x 3 us) dominates. The
+//    previous kernel had E+1 blocks each reading all pairs: O(E*T*K) work and 8 busy SMs at E=8.
 #pragma once
+
+#include <stdint.h>
 
 #define PYMOE_BAD_EXPERT 1    // an expert_index entry outside [0, E)
 #define PYMOE_BAD_POSITION 2  // a position entry outside [-1, C)
 #define PYMOE_BAD_OWNER 4     // a slot_owner entry outside [-1, T*K)
-#define PYMOE_BAD_ORDER 8     // a token_order entry outside [0, T)
+#define PYMOE_BAD_ORDER 8     // token_order is not a permutation of 0..T-1
+#define PYMOE_BAD_NAN 16      // a NaN score, logit or bias
 
-#define PYMOE_ROUTER_SMEM_BYTES (32 * 1024)  // logits staged per block by router_kernel
-#define PYMOE_MAX_BLOCK 1024                  // threads per block, at most
+#define PYMOE_MAX_BLOCK 1024        // threads per block, at most
+#define PYMOE_MAX_K 1024            // choices per token for combine / gate_grad (shared memory)
+#define PYMOE_ROUTER_MAX_E 512      // experts per token row in the warp router (16 per lane)
+#define PYMOE_SLOT_ROUNDS 8         // rounds of 32 pairs per warp per slot chunk
+#define PYMOE_SLOT_SMEM (48 * 1024) // per-warp expert histograms of one slot block, at most
+#define PYMOE_UNROLL 4              // 16-byte vectors in flight per thread in the row kernels
+#define PYMOE_FULL 0xffffffffu
+
+#ifndef PYMOE_EMULATE
+#define PYMOE_SHARED(T, name, n) __shared__ T name[n]
+#define PYMOE_SHARED_DYN(T, name)                                       \
+    extern __shared__ __align__(16) unsigned char pymoe_dynamic_smem[]; \
+    T *name = reinterpret_cast<T *>(pymoe_dynamic_smem)
+#endif
 
 __device__ __forceinline__ void flag(int *status, int bit) {
     if (status) atomicOr(status, bit);
 }
 
-// 16-byte vectors: rows move as float4 / double2 when D and the pointers allow it.
+// 16-byte vectors: rows move as float4 / double2 where the pointers allow it.
 template <typename REAL> struct Vec;
 template <> struct Vec<float> {
     typedef float4 type;
@@ -40,6 +68,9 @@ template <> struct Vec<float> {
     __device__ static float4 axpy(float w, float4 a, float4 acc) {  // acc + w * a, unfused
         return make_float4(acc.x + w * a.x, acc.y + w * a.y, acc.z + w * a.z, acc.w + w * a.w);
     }
+    __device__ static float dot(float4 a, float4 b) {
+        return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
 };
 template <> struct Vec<double> {
     typedef double2 type;
@@ -49,250 +80,690 @@ template <> struct Vec<double> {
     __device__ static double2 axpy(double w, double2 a, double2 acc) {
         return make_double2(acc.x + w * a.x, acc.y + w * a.y);
     }
+    __device__ static double dot(double2 a, double2 b) { return a.x * b.x + a.y * b.y; }
 };
 
 __device__ __forceinline__ float exp_real(float v) { return expf(v); }
 __device__ __forceinline__ double exp_real(double v) { return exp(v); }
 
-// ---------------------------------------------------------------------------------------------
-// router_kernel: per token, softmax over the E experts and the top-K experts by logit (ties to
-// the lower expert index, as pymoe.topk.top_k), with raw or renormalised gates (pymoe.topk.gates).
-// Out: probs [T, E], expert_index [T, K], gate [T, K]. In: logits [T, E].
-// Launch: grid = ceil(T / rows), block = B; rows = min(B, PYMOE_ROUTER_SMEM_BYTES / (E * size)).
-// Why: E is small (8..256), so one thread per token does the softmax and the K selection passes;
-// the block first stages its rows in shared memory with coalesced loads (consecutive threads read
-// consecutive logits) and writes probs back the same way, instead of each thread striding by E.
-// Bytes (s = sizeof(REAL)): read T*E*s, write T*E*s + T*K*(8 + s). Uses __syncthreads.
+// Elements before p is 16-byte aligned (p is aligned to its element size).
 template <typename REAL>
-__global__ void router_kernel(REAL *probs, int64_t *expert_index, REAL *gate, const REAL *logits,
-                              int64_t T, int64_t E, int64_t K, int normalize, int64_t rows) {
-    __shared__ double smem_raw[PYMOE_ROUTER_SMEM_BYTES / sizeof(double)];
-    REAL *tile = reinterpret_cast<REAL *>(smem_raw);
-    const int64_t row0 = (int64_t)blockIdx.x * rows;
-    const int64_t nrows = T - row0 < rows ? T - row0 : rows;
-    const int64_t n = nrows * E;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) tile[i] = logits[row0 * E + i];
-    __syncthreads();
-    if ((int64_t)threadIdx.x < nrows) {
-        const int64_t t = row0 + threadIdx.x;
-        REAL *l = tile + threadIdx.x * E;
-        REAL m = l[0];
-        for (int64_t e = 1; e < E; e++) m = l[e] > m ? l[e] : m;
+__device__ __forceinline__ int64_t head_of(const REAL *p) {
+    return (int64_t)((16 - ((uintptr_t)p & 15)) & 15) / (int64_t)sizeof(REAL);
+}
+
+template <typename REAL>
+__device__ __forceinline__ REAL warp_sum(REAL v) {  // butterfly: every lane gets the same bits
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(PYMOE_FULL, v, off);
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp top-K: the K best of a token's E values held in registers (lane l holds entries
+// e = l + 32*i, i < NPL), best first, ties to the lower index; NaN ranks below every number.
+// fn(j, e, v) is called on every lane with the j-th pick (the same on all lanes).
+// Why: one warp per token keeps the row in registers: the max/sum need 5 shuffles each and each
+// of the K picks one local scan of NPL registers plus a 5-step shuffle argmax (10 shuffles),
+// instead of a shared-memory row per thread with E-stride bank conflicts.
+template <typename REAL>
+__device__ __forceinline__ bool beats(REAL av, int64_t ae, REAL bv, int64_t be, int64_t E) {
+    if (ae >= E) return false;  // "no candidate" never wins
+    if (be >= E) return true;
+    const bool an = av != av, bn = bv != bv;
+    if (an != bn) return bn;  // a number beats NaN
+    if (!an && av != bv) return av > bv;
+    return ae < be;  // equal (or both NaN): the lower index
+}
+
+template <typename REAL, int NPL, typename F>
+__device__ __forceinline__ void warp_top_k(const REAL (&v)[NPL], int64_t E, int64_t K, F fn) {
+    const int lane = threadIdx.x % 32;
+    unsigned taken = 0;  // bit i: entry lane + 32*i already picked
+    for (int64_t j = 0; j < K; j++) {
+        REAL bv = 0;
+        int64_t be = E;
+#pragma unroll
+        for (int i = 0; i < NPL; i++) {
+            const int64_t e = lane + 32 * i;
+            if (e < E && !(taken >> i & 1u) && beats(v[i], e, bv, be, E)) { bv = v[i]; be = e; }
+        }
+        for (int off = 16; off > 0; off /= 2) {  // argmax butterfly: a total order, so all
+            const REAL ov = __shfl_xor_sync(PYMOE_FULL, bv, off);  // lanes end with the same pick
+            const int64_t oe = __shfl_xor_sync(PYMOE_FULL, be, off);
+            if (beats(ov, oe, bv, be, E)) { bv = ov; be = oe; }
+        }
+        if (be % 32 == lane) taken |= 1u << (be / 32);
+        fn(j, be, bv);
+    }
+}
+
+// Load row[0..E) into the lanes' registers (missing entries -inf), coalesced; NaN flagged.
+template <typename REAL, int NPL>
+__device__ __forceinline__ void load_row(REAL (&v)[NPL], const REAL *__restrict__ row,
+                                         const REAL *__restrict__ bias, int64_t E, int *status) {
+    const int lane = threadIdx.x % 32;
+    bool nan = false;
+#pragma unroll
+    for (int i = 0; i < NPL; i++) {
+        const int64_t e = lane + 32 * i;
+        v[i] = e < E ? __ldg(row + e) : (REAL)-INFINITY;
+        if (bias && e < E) v[i] = v[i] + __ldg(bias + e);
+        nan |= v[i] != v[i];
+    }
+    if (__any_sync(PYMOE_FULL, nan) && lane == 0) flag(status, PYMOE_BAD_NAN);
+}
+
+// softmax_top_k_kernel: per token, softmax over the E experts and the top-K experts by logit
+// (ties to the lower expert index, as pymoe.topk.top_k), with raw or renormalised gates
+// (pymoe.topk.gates): steps 2-4 of pymoe.route fused.
+// Out: probs [T, E], expert_index [T, K], gate [T, K]. In: router_logits [T, E].
+// Launch: grid = ceil(T / warps per block) (grid-stride beyond), block = B; one warp per token.
+// Registers: NPL values per lane; at NPL = 16 (E > 256) a 1024-thread block's 64-register cap
+// spills (ptxas), so those instantiations allow 128 registers and run at most 512 threads.
+// Bytes (s = sizeof(REAL)): read T*E*s, write T*E*s + T*K*(8 + s): at E=64, K=2, float32 the
+// 128 MB of a T=2^19 batch move in ~40 us at copy speed; the K shuffle rounds (10 shuffles each,
+// ~32 cycles) stay below that for K <= 8.
+template <int NPL>
+constexpr int router_max_block() { return NPL >= 16 ? 512 : PYMOE_MAX_BLOCK; }
+
+template <typename REAL, int NPL>
+__global__ void __launch_bounds__(router_max_block<NPL>())
+softmax_top_k_kernel(REAL *__restrict__ probs, int64_t *__restrict__ expert_index,
+                     REAL *__restrict__ gate, const REAL *__restrict__ router_logits, int64_t T,
+                     int64_t K, int64_t E, int normalize, int *status) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)blockDim.x / 32;
+    for (int64_t t = (int64_t)blockIdx.x * warps + threadIdx.x / 32; t < T;
+         t += (int64_t)gridDim.x * warps) {
+        REAL v[NPL];
+        load_row<REAL, NPL>(v, router_logits + t * E, nullptr, E, status);
+        REAL m = v[0];
+#pragma unroll
+        for (int i = 1; i < NPL; i++) m = v[i] > m ? v[i] : m;
+        for (int off = 16; off > 0; off /= 2) {
+            const REAL o = __shfl_xor_sync(PYMOE_FULL, m, off);
+            m = o > m ? o : m;
+        }
         REAL sum = 0;
-        for (int64_t e = 0; e < E; e++) sum += exp_real(l[e] - m);
-        // K selection passes: each takes the best logit strictly below the previous pick in the
-        // order (logit descending, expert ascending), so ties go to the lower expert index.
-        REAL prev_v = 0, sel = 0;
-        int64_t prev_e = -1;
-        for (int64_t j = 0; j < K; j++) {
-            int64_t best = -1;
-            REAL bv = 0;
-            for (int64_t e = 0; e < E; e++) {
-                REAL v = l[e];
-                bool below = prev_e < 0 || v < prev_v || (v == prev_v && e > prev_e);
-                if (below && (best < 0 || v > bv)) { best = e; bv = v; }
-            }
-            REAL p = exp_real(bv - m) / sum;
-            expert_index[t * K + j] = best;
-            gate[t * K + j] = p;
+#pragma unroll
+        for (int i = 0; i < NPL; i++)
+            if (lane + 32 * i < E) sum += exp_real(v[i] - m);
+        sum = warp_sum(sum);
+#pragma unroll
+        for (int i = 0; i < NPL; i++)
+            if (lane + 32 * i < E) probs[t * E + lane + 32 * i] = exp_real(v[i] - m) / sum;
+        REAL sel = 0;
+        warp_top_k<REAL, NPL>(v, E, K, [&](int64_t j, int64_t e, REAL ve) {
+            const REAL p = exp_real(ve - m) / sum;  // the same bits as probs[t, e]
             sel += p;
-            prev_v = bv;
-            prev_e = best;
-        }
+            if (lane == j % 32) {  // the lane that writes gate[t, j] also renormalises it
+                expert_index[t * K + j] = e;
+                gate[t * K + j] = p;
+            }
+        });
         if (normalize)
-            for (int64_t j = 0; j < K; j++) gate[t * K + j] = gate[t * K + j] / sel;
-        for (int64_t e = 0; e < E; e++) l[e] = exp_real(l[e] - m) / sum;  // probs, in place
+            for (int64_t j = lane; j < K; j += 32) gate[t * K + j] = gate[t * K + j] / sel;
+    }
+}
+
+// top_k_kernel: the CUDA twin of C's pymoe_top_k: expert_index[t] = the K largest
+// v[t, e] = score[t, e] (+ bias[e], rounded in REAL), ties to the lower expert; expert_load[e]
+// (may be NULL) counts the picks (integer atomics: any order gives the same counts). A NaN
+// sets PYMOE_BAD_NAN (the host turns it into an error, as the C core does).
+// Launch: as softmax_top_k_kernel. Bytes: read T*E*s, write T*K*8 (+ E*8 of counts).
+template <typename REAL, int NPL>
+__global__ void __launch_bounds__(router_max_block<NPL>())
+top_k_kernel(int64_t *__restrict__ expert_index, unsigned long long *__restrict__ expert_load,
+             const REAL *__restrict__ score, const REAL *__restrict__ bias, int64_t T, int64_t K,
+             int64_t E, int *status) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)blockDim.x / 32;
+    for (int64_t t = (int64_t)blockIdx.x * warps + threadIdx.x / 32; t < T;
+         t += (int64_t)gridDim.x * warps) {
+        REAL v[NPL];
+        load_row<REAL, NPL>(v, score + t * E, bias, E, status);
+        warp_top_k<REAL, NPL>(v, E, K, [&](int64_t j, int64_t e, REAL) {
+            if (lane == j % 32) {
+                expert_index[t * K + j] = e;
+                if (expert_load) atomicAdd(expert_load + e, 1ull);
+            }
+        });
+    }
+}
+
+// column_sum_kernel: prob_sum[e] = sum over t = 0, 1, ..., T-1 of probs[t, e], from 0, in that
+// order (bit for bit NumPy's probs.sum(axis=0) and the C core). One thread per column: the adds
+// form one dependent chain per column (~4 cycles each, so ~40 us at T=16384), the price of the
+// fixed order; consecutive threads read consecutive columns (coalesced).
+// Launch: grid = ceil(E / B), block = B.
+template <typename REAL>
+__global__ void column_sum_kernel(REAL *__restrict__ prob_sum, const REAL *__restrict__ probs,
+                                  int64_t T, int64_t E) {
+    const int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    REAL acc = 0;
+    for (int64_t t = 0; t < T; t++) acc += __ldg(probs + t * E + e);
+    prob_sum[e] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slot assignment as a deterministic counting sort (pymoe.priority + pymoe.capacity, and C's
+// pymoe_assign_slots). The T*K pairs are numbered in priority order s:
+//   choice-major (priority "choice", "score", "random"): s = j*T + i, token t = token_order[i];
+//   token-major  (priority "token"):                      s = i*K + j, token t = token_order[i]
+// (token_order NULL: t = i). The position of pair s in expert e is the number of earlier pairs
+// that chose e; positions >= C are dropped. Three kernels:
+//   1. slots_count: block b takes chunk b (B * PYMOE_SLOT_ROUNDS consecutive pairs) and writes
+//      its expert histogram hist[e * chunks + b]; each warp counts 32 pairs per round with
+//      __match_any_sync (lanes with the same expert find each other; the lowest adds __popc).
+//   2. slots_scan: one block, an exclusive scan of hist over [E x chunks] (expert-major), so
+//      offset[e * chunks + b] = pairs of experts < e, plus pairs of expert e in chunks < b.
+//   3. slots_scatter: recounts its chunk, turns the per-warp histograms into per-warp starting
+//      offsets, and gives each pair offset + rank among its warp's earlier lanes with the same
+//      expert (__popc of the lower lanes of its __match_any_sync group). No atomic decides an
+//      order, so the integers are the reference's for any token order, run after run.
+// Work O(T*K + E*chunks); all SMs busy once T*K > 132 * chunk. Shared memory: one int counter per
+// (warp, expert), W*E*4 bytes (dynamic; the host shrinks the block until it fits 48 KB).
+// Validation rides along: a bad expert or token_order entry is flagged and the pair skipped; a
+// repeated token is caught by counting each token's j = 0 pair in `seen` [T] (zeroed).
+struct PairOrder {
+    const int64_t *expert_index, *token_order;
+    int64_t T, K, E;
+    int token_major;
+
+    // (t, j, e) of pair s, with e = -1 for a pair to skip (past the end or invalid).
+    __device__ __forceinline__ void at(int64_t s, int64_t N, int64_t *t, int64_t *j, int64_t *e,
+                                       int *status) const {
+        *t = -1;
+        *j = 0;
+        *e = -1;
+        if (s >= N) return;
+        const int64_t i = token_major ? s / K : s % T;
+        *j = token_major ? s % K : s / T;
+        *t = token_order ? __ldg(token_order + i) : i;
+        if (*t < 0 || *t >= T) {
+            flag(status, PYMOE_BAD_ORDER);
+            *t = -1;
+            return;
+        }
+        *e = __ldg(expert_index + *t * K + *j);
+        if (*e < 0 || *e >= E) {
+            flag(status, PYMOE_BAD_EXPERT);
+            *e = -1;
+        }
+    }
+};
+
+// One warp's rounds over its 32 * PYMOE_SLOT_ROUNDS pairs: counts[w*E + e] += pairs of e, and
+// fn(t, j, e, rank) for each valid pair with rank = counts[w*E + e] before it (the pairs of e
+// that came earlier in this warp, plus the starting value of the counter).
+template <typename Counts, typename F>
+__device__ __forceinline__ void warp_rounds(const PairOrder &po, Counts &counts, int64_t first,
+                                            int *status, F fn) {
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    const int64_t N = po.T * po.K;
+    for (int r = 0; r < PYMOE_SLOT_ROUNDS; r++) {
+        int64_t t, j, e;
+        po.at(first + r * 32 + lane, N, &t, &j, &e, status);
+        const unsigned peers = __match_any_sync(PYMOE_FULL, e);
+        const int leader = __ffs(peers) - 1;
+        int base = 0;
+        if (e >= 0 && lane == leader) {  // only the leader touches the counter of e
+            base = counts[w * po.E + e];
+            counts[w * po.E + e] = base + __popc(peers);
+        }
+        base = __shfl_sync(peers, base, leader);  // within the group of lanes with this e
+        if (e >= 0) fn(t, j, e, base + __popc(peers & ((1u << lane) - 1u)));
+        __syncwarp();  // the next round's leader may be another lane
+    }
+}
+
+// Zero the block's per-warp counters and count its chunk.
+template <typename Counts, typename F>
+__device__ __forceinline__ void count_chunk(const PairOrder &po, Counts &counts, int *status,
+                                            F fn) {
+    const int64_t W = blockDim.x / 32;
+    for (int64_t i = threadIdx.x; i < W * po.E; i += blockDim.x) counts[i] = 0;
+    __syncthreads();
+    const int64_t first = ((int64_t)blockIdx.x * W + threadIdx.x / 32) * 32 * PYMOE_SLOT_ROUNDS;
+    warp_rounds(po, counts, first, status, fn);
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+slots_count_kernel(int64_t *__restrict__ hist, int *__restrict__ seen, PairOrder po,
+                   int64_t chunks, int *status) {
+    PYMOE_SHARED_DYN(int, counts);
+    count_chunk(po, counts, status, [&](int64_t t, int64_t j, int64_t, int) {
+        if (j == 0 && atomicAdd(seen + t, 1) != 0) flag(status, PYMOE_BAD_ORDER);
+    });
+    const int64_t W = blockDim.x / 32;
+    for (int64_t e = threadIdx.x; e < po.E; e += blockDim.x) {
+        int64_t n = 0;
+        for (int64_t w = 0; w < W; w++) n += counts[w * po.E + e];
+        hist[e * chunks + blockIdx.x] = n;
+    }
+}
+
+// Exclusive scan of in[0..n) into out with one block; returns the total (on every thread).
+// Per tile of B entries: a 5-step __shfl_up_sync scan in each warp, the warp totals scanned by
+// warp 0, then each entry gets carry + earlier warps + earlier lanes.
+__device__ __forceinline__ int64_t block_exclusive_scan(const int64_t *__restrict__ in,
+                                                        int64_t *__restrict__ out, int64_t n) {
+    PYMOE_SHARED(int64_t, warp_total, 32);
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, W = blockDim.x / 32;
+    int64_t carry = 0;
+    for (int64_t base = 0; base < n; base += blockDim.x) {
+        const int64_t i = base + threadIdx.x;
+        const int64_t v = i < n ? in[i] : 0;
+        int64_t x = v;
+        for (int off = 1; off < 32; off *= 2) {
+            const int64_t y = __shfl_up_sync(PYMOE_FULL, x, off);
+            if (lane >= off) x += y;
+        }
+        if (lane == 31) warp_total[w] = x;
+        __syncthreads();
+        if (w == 0) {
+            int64_t s = lane < W ? (int64_t)warp_total[lane] : 0;
+            for (int off = 1; off < 32; off *= 2) {
+                const int64_t y = __shfl_up_sync(PYMOE_FULL, s, off);
+                if (lane >= off) s += y;
+            }
+            if (lane < W) warp_total[lane] = s;  // inclusive over warps
+        }
+        __syncthreads();
+        const int64_t before = w > 0 ? (int64_t)warp_total[w - 1] : 0;
+        if (i < n) out[i] = carry + before + x - v;
+        carry += warp_total[W - 1];
+        __syncthreads();  // everyone has read warp_total before the next tile overwrites it
+    }
+    return carry;
+}
+
+// Launch: grid = 1, block = B. Also expert_load[e] = pairs of e (before dropping).
+__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+slots_scan_kernel(int64_t *__restrict__ offset, int64_t *__restrict__ expert_load,
+                  const int64_t *__restrict__ hist, int64_t E, int64_t chunks) {
+    const int64_t total = block_exclusive_scan(hist, offset, E * chunks);
+    __syncthreads();  // offset[] written by other threads is read below
+    for (int64_t e = threadIdx.x; e < E; e += blockDim.x)
+        expert_load[e] = (e + 1 < E ? offset[(e + 1) * chunks] : total) - offset[e * chunks];
+}
+
+// Launch: grid = chunks, block = B (as slots_count). position and slot_owner are -1 beforehand.
+// sorted != NULL (drop policy "probs"): instead of positions, sorted[offset] = t*K + j lists
+// each expert's pairs contiguously, in priority order, for slots_select_kernel.
+__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+slots_scatter_kernel(int64_t *__restrict__ position, int64_t *__restrict__ slot_owner,
+                     int64_t *__restrict__ sorted, const int64_t *__restrict__ offset,
+                     PairOrder po, int64_t C, int64_t chunks) {
+    PYMOE_SHARED_DYN(int, counts);
+    count_chunk(po, counts, nullptr, [](int64_t, int64_t, int64_t, int) {});
+    const int64_t W = blockDim.x / 32;
+    for (int64_t e = threadIdx.x; e < po.E; e += blockDim.x) {  // counts -> starting ranks
+        int64_t run = offset[e * chunks + blockIdx.x] - (sorted ? 0 : offset[e * chunks]);
+        for (int64_t w = 0; w < W; w++) {
+            const int n = counts[w * po.E + e];
+            counts[w * po.E + e] = (int)run;  // < B * PYMOE_SLOT_ROUNDS + T*K: fits (host checks)
+            run += n;
+        }
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) probs[row0 * E + i] = tile[i];
+    const int64_t first = ((int64_t)blockIdx.x * W + threadIdx.x / 32) * 32 * PYMOE_SLOT_ROUNDS;
+    warp_rounds(po, counts, first, nullptr, [&](int64_t t, int64_t j, int64_t e, int p) {
+        if (sorted) {
+            sorted[p] = t * po.K + j;
+        } else if (p < C) {
+            position[t * po.K + j] = p;
+            slot_owner[e * C + p] = t * po.K + j;
+        }  // else dropped: position stays -1
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
-// slots_kernel: choice-major slot assignment with capacity drop (pymoe.priority + capacity).
-// The K*T pairs are numbered in priority order s = j*T + i (token t = token_order[i], or i when
-// token_order is NULL); block e numbers the pairs that chose expert e: the n-th gets slot n if
-// n < C, else it is dropped. Out: position [T, K] (pre-filled with -1 by the host), slot_owner
-// [E, C], expert_load [E] (pairs per expert before dropping).
-// Launch: grid = E + 1, block = B (a power of two). Block E only validates the indices.
-// Why: one block per expert walks the pairs in order, tile by tile; each thread counts matches
-// in SLOT_ITEMS consecutive pairs, and a block-wide scan of those counts (shared memory,
-// __syncthreads) gives every thread the number of its first match. No atomic decides an order,
-// so the positions are exactly the reference's, run after run.
-// Bytes: each of the E+1 blocks reads the T*K int64 indices (8*T*K, from L2 after the first);
-// the pairs' positions and slot owners are written once: 8*(T*K + E*C + E).
-#define SLOT_ITEMS 8
+// slots_select_kernel: drop policy "probs" (Megatron) and expert choice. Expert e keeps the C
+// pairs with the highest score (the gate at selection), ties to the pair earlier in priority
+// order; its kept pairs fill slots 0.. in priority order. Block e reads its pairs from sorted
+// (already in priority order): a bitwise binary search finds the C-th largest score tau
+// (32 or 64 block-wide counts over the pairs), then one ordered pass keeps every pair above tau
+// and the first C - count(score > tau) pairs equal to tau, numbering the kept ones with a block
+// scan (__ballot_sync + __popc per warp). Work O(bits * T*K); one block per expert.
+// Launch: grid = E, block = B.
+template <typename REAL> struct OrderedBits;
+template <> struct OrderedBits<float> {
+    typedef uint32_t type;
+    static constexpr int bits = 32;
+};
+template <> struct OrderedBits<double> {
+    typedef unsigned long long type;
+    static constexpr int bits = 64;
+};
 
-__device__ __forceinline__ int64_t pair_expert(const int64_t *expert_index,
-                                               const int64_t *token_order, int64_t s, int64_t T,
-                                               int64_t K, int64_t *t_out, int64_t *j_out) {
-    const int64_t j = s / T, i = s - j * T;
-    const int64_t t = token_order ? token_order[i] : i;
-    *t_out = t;
-    *j_out = j;
-    if (t < 0 || t >= T) return -1;
-    return expert_index[t * K + j];
+// An unsigned key with the order of the floats (-0.0 as 0.0; NaN is flagged by the caller).
+template <typename REAL>
+__device__ __forceinline__ typename OrderedBits<REAL>::type ordered_key(REAL v) {
+    typedef typename OrderedBits<REAL>::type U;
+    if (v == 0) v = 0;
+    U b;
+    memcpy(&b, &v, sizeof b);
+    const U sign = (U)1 << (OrderedBits<REAL>::bits - 1);
+    return (b & sign) ? ~b : (b | sign);
 }
 
-__global__ void slots_kernel(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
-                             const int64_t *expert_index, const int64_t *token_order, int64_t T,
-                             int64_t K, int64_t E, int64_t C, int *status) {
-    __shared__ int64_t scan[PYMOE_MAX_BLOCK];
-    const int64_t e = blockIdx.x, N = T * K;
-    int64_t t, j;
-    if (e == E) {  // the validation block
-        for (int64_t s = threadIdx.x; s < N; s += blockDim.x) {
-            int64_t ex = pair_expert(expert_index, token_order, s, T, K, &t, &j);
-            if (t < 0 || t >= T) flag(status, PYMOE_BAD_ORDER);
-            else if (ex < 0 || ex >= E) flag(status, PYMOE_BAD_EXPERT);
-        }
-        return;
+// Sum of v over the block, the same on every thread (warp butterflies, then the warps in order).
+__device__ __forceinline__ int64_t block_count(int64_t v) {
+    PYMOE_SHARED(int64_t, warp_part, 32);
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, W = blockDim.x / 32;
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(PYMOE_FULL, v, off);
+    if (lane == 0) warp_part[w] = v;
+    __syncthreads();
+    int64_t total = 0;
+    for (int i = 0; i < W; i++) total += warp_part[i];
+    __syncthreads();  // read before the next call overwrites warp_part
+    return total;
+}
+
+// Exclusive count of p over the block's threads in order; *total = the block's count.
+__device__ __forceinline__ int64_t block_rank(bool p, int64_t *total) {
+    PYMOE_SHARED(int, warp_n, 32);
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, W = blockDim.x / 32;
+    const unsigned ballot = __ballot_sync(PYMOE_FULL, p);
+    if (lane == 0) warp_n[w] = __popc(ballot);
+    __syncthreads();
+    int64_t before = 0, all = 0;
+    for (int i = 0; i < W; i++) {
+        before += i < w ? warp_n[i] : 0;
+        all += warp_n[i];
     }
-    const int64_t tile = (int64_t)blockDim.x * SLOT_ITEMS;
-    int64_t base = 0;  // pairs of expert e numbered so far
-    for (int64_t start = 0; start < N; start += tile) {
-        const int64_t first = start + (int64_t)threadIdx.x * SLOT_ITEMS;
-        int64_t count = 0;
-        for (int u = 0; u < SLOT_ITEMS; u++)
-            if (first + u < N && pair_expert(expert_index, token_order, first + u, T, K, &t, &j) == e)
-                count++;
-        scan[threadIdx.x] = count;
-        __syncthreads();
-        for (unsigned off = 1; off < blockDim.x; off <<= 1) {  // inclusive Hillis-Steele scan
-            int64_t v = threadIdx.x >= off ? scan[threadIdx.x - off] : 0;
-            __syncthreads();
-            scan[threadIdx.x] += v;
-            __syncthreads();
+    __syncthreads();
+    *total = all;
+    return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+template <typename REAL>
+__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+slots_select_kernel(int64_t *__restrict__ position, int64_t *__restrict__ slot_owner,
+                    const int64_t *__restrict__ sorted, const int64_t *__restrict__ offset,
+                    const int64_t *__restrict__ expert_load, const REAL *__restrict__ score,
+                    int64_t E, int64_t C, int64_t chunks, int *status) {
+    typedef typename OrderedBits<REAL>::type U;
+    for (int64_t e = blockIdx.x; e < E; e += gridDim.x) {
+        const int64_t *pairs = sorted + offset[e * chunks];
+        const int64_t n = expert_load[e];
+        U tau = 0;  // the C-th largest key (0 when everything is kept)
+        int64_t above = 0;
+        if (n > C) {
+            bool nan = false;
+            for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+                const REAL v = score[pairs[i]];
+                nan |= v != v;
+            }
+            if (nan) flag(status, PYMOE_BAD_NAN);
+            for (int b = OrderedBits<REAL>::bits - 1; b >= 0 && C > 0; b--) {
+                const U cand = tau | ((U)1 << b);
+                int64_t mine = 0;
+                for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+                    mine += ordered_key(score[pairs[i]]) >= cand;
+                if (block_count(mine) >= C) tau = cand;
+            }
+            int64_t mine = 0;
+            for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+                mine += ordered_key(score[pairs[i]]) > tau;
+            above = C > 0 ? block_count(mine) : n;
         }
-        int64_t p = base + scan[threadIdx.x] - count;  // number of this thread's first match
-        for (int u = 0; u < SLOT_ITEMS; u++) {
-            if (first + u >= N || pair_expert(expert_index, token_order, first + u, T, K, &t, &j) != e)
-                continue;
-            position[t * K + j] = p < C ? p : -1;
-            if (p < C) slot_owner[e * C + p] = t * K + j;
-            p++;
+        int64_t kept = 0, ties = 0;  // kept so far; pairs equal to tau so far
+        for (int64_t base = 0; base < n; base += blockDim.x) {
+            const int64_t i = base + threadIdx.x;
+            const int64_t pair = i < n ? pairs[i] : -1;
+            bool keep = i < n;
+            if (n > C) {
+                const U key = i < n ? ordered_key(score[pair]) : 0;
+                int64_t tile_ties;
+                const bool tie = i < n && C > 0 && key == tau;
+                const int64_t tie_rank = ties + block_rank(tie, &tile_ties);
+                ties += tile_ties;
+                keep = i < n && C > 0 && (key > tau || (tie && tie_rank < C - above));
+            }
+            int64_t tile_kept;
+            const int64_t p = kept + block_rank(keep, &tile_kept);
+            kept += tile_kept;
+            if (keep) {
+                position[pair] = p;
+                slot_owner[e * C + p] = pair;
+            }
         }
-        base += scan[blockDim.x - 1];
-        __syncthreads();  // everyone has read scan[] before the next tile overwrites it
     }
-    if (threadIdx.x == 0) expert_load[e] = base;
-    for (int64_t p = (base < C ? base : C) + threadIdx.x; p < C; p += blockDim.x)
-        slot_owner[e * C + p] = -1;  // slots past the load stay empty
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row movers shared by dispatch, combine and gate_grad. A row of D elements moves as a scalar
+// head (until the destination is 16-byte aligned), a body of 16-byte vectors with PYMOE_UNROLL
+// loads in flight per thread, and a scalar tail, whenever all rows involved have the same
+// alignment (always when D * sizeof(REAL) % 16 == 0 and the bases are aligned); otherwise the
+// whole row goes element by element (still coalesced). Each output element is computed by one
+// thread with the same operations in the same order on every path, so the bits never depend on
+// the path, the block size or D.
+
 // dispatch_kernel: expert_in[r, :] = w * x[t, :] for the pair (t, j) in slot r = e*C + c
 // (w = weight[t, j], or a plain copy without weight); empty slots are zeroed.
 // Dispatch's backward is combine_kernel with weight = NULL; with weight = gate and x = dy this is
 // the first half of combine's backward.
-// Launch: grid = min(E*C, 65535) blocks striding over slot rows, block = B threads over D.
-// Why: one output row per block, so every row is written by one block in full: coalesced 16-byte
-// loads and stores (float4 / double2 when `vec`), no atomics, no read-modify-write.
+// Launch: grid = min(E*C, 2^31 - 1) blocks striding over slot rows, block = B threads over D.
+// Each block loads the next row's owner while it moves the current row, so the index load's
+// latency hides behind the data. An owner outside [-1, T*K) is flagged and its row zeroed.
 // Bytes (s = sizeof(REAL)): read filled*D*s + write E*C*D*s, plus 8*E*C of indices.
 template <typename REAL>
-__global__ void dispatch_kernel(REAL *expert_in, const REAL *x, const REAL *weight,
-                                const int64_t *slot_owner, int64_t T, int64_t K, int64_t EC,
-                                int64_t D, int vec, int *status) {
+__device__ __forceinline__ void move_row(REAL *__restrict__ dst, const REAL *__restrict__ src,
+                                         REAL w, bool scale, int64_t D) {
     typedef Vec<REAL> V;
-    for (int64_t r = blockIdx.x; r < EC; r += gridDim.x) {
-        int64_t o = slot_owner[r];
-        if (o < -1 || o >= T * K) {
+    typedef typename V::type VT;
+    const int64_t B = blockDim.x;
+    int64_t head = head_of(dst);
+    const bool vec = src == nullptr || head == head_of(src);
+    if (!vec || head > D) head = D;
+    for (int64_t d = threadIdx.x; d < head; d += B)
+        dst[d] = !src ? (REAL)0 : scale ? w * __ldg(src + d) : __ldg(src + d);
+    const int64_t nv = (D - head) / V::n;
+    VT *dv = reinterpret_cast<VT *>(dst + head);
+    const VT *sv = reinterpret_cast<const VT *>(src ? src + head : nullptr);
+    for (int64_t i0 = threadIdx.x; i0 < nv; i0 += B * PYMOE_UNROLL) {
+        VT a[PYMOE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < PYMOE_UNROLL; u++)
+            if (i0 + u * B < nv) a[u] = !sv ? V::zero() : __ldg(sv + i0 + u * B);
+#pragma unroll
+        for (int u = 0; u < PYMOE_UNROLL; u++)
+            if (i0 + u * B < nv) dv[i0 + u * B] = scale && sv ? V::scale(w, a[u]) : a[u];
+    }
+    for (int64_t d = head + nv * V::n + threadIdx.x; d < D; d += B)
+        dst[d] = !src ? (REAL)0 : scale ? w * __ldg(src + d) : __ldg(src + d);
+}
+
+template <typename REAL>
+__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+dispatch_kernel(REAL *__restrict__ expert_in, const REAL *__restrict__ x,
+                const REAL *__restrict__ weight, const int64_t *__restrict__ slot_owner,
+                int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, int *status) {
+    const int64_t EC = E * C, TK = T * K;
+    int64_t r = blockIdx.x;
+    int64_t o = r < EC ? __ldg(slot_owner + r) : -1;
+    for (; r < EC; r += gridDim.x) {
+        const int64_t next = r + gridDim.x < EC ? __ldg(slot_owner + r + gridDim.x) : -1;
+        if (o < -1 || o >= TK) {
             if (threadIdx.x == 0) flag(status, PYMOE_BAD_OWNER);
             o = -1;
         }
-        REAL *dst = expert_in + r * D;
-        const REAL *src = o >= 0 ? x + (o / K) * D : nullptr;
-        const REAL w = (o >= 0 && weight) ? weight[o] : (REAL)1;
-        if (vec) {
-            typename V::type *dv = reinterpret_cast<typename V::type *>(dst);
-            const typename V::type *sv = reinterpret_cast<const typename V::type *>(src);
-            for (int64_t i = threadIdx.x; i < D / V::n; i += blockDim.x)
-                dv[i] = !src ? V::zero() : weight ? V::scale(w, sv[i]) : sv[i];
-        } else {
-            for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
-                dst[d] = !src ? (REAL)0 : weight ? w * src[d] : src[d];
-        }
+        const REAL w = o >= 0 && weight ? __ldg(weight + o) : (REAL)1;
+        move_row<REAL>(expert_in + r * D, o >= 0 ? x + (o / K) * D : nullptr, w,
+                       weight != nullptr, D);
+        o = next;
     }
 }
 
-// ---------------------------------------------------------------------------------------------
+// The kept choices of token t in shared memory: row[j] = e*C + p (-1: dropped or invalid) and
+// w[j]; invalid entries flagged. Returns whether every kept row has `like`'s alignment.
+template <typename REAL, typename RowArray, typename WeightArray>
+__device__ __forceinline__ void load_pairs(RowArray &row, WeightArray &w, int64_t t,
+                                           const int64_t *__restrict__ expert_index,
+                                           const int64_t *__restrict__ position,
+                                           const REAL *__restrict__ weight, int64_t K, int64_t E,
+                                           int64_t C, int *status) {
+    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+        const int64_t e = __ldg(expert_index + t * K + j), p = __ldg(position + t * K + j);
+        const bool bad_e = e < 0 || e >= E, bad_p = p < -1 || p >= C;
+        if (bad_e) flag(status, PYMOE_BAD_EXPERT);
+        if (bad_p) flag(status, PYMOE_BAD_POSITION);
+        row[j] = bad_e || bad_p || p < 0 ? (int64_t)-1 : e * C + p;
+        w[j] = weight ? __ldg(weight + t * K + j) : (REAL)1;
+    }
+}
+
 // combine_kernel: y[t, :] = sum over kept j, in order j = 0..K-1, of w * expert_out[e_tj, p_tj, :]
 // (w = weight[t, j], or 1 without weight); a token whose choices were all dropped gets zeros.
-// Launch: grid = min(T, 65535) blocks striding over tokens, block = B threads over D.
-// Why: one output row per block; each thread keeps its accumulator in registers over the K
-// choices and stores once (no atomics, so the sum order is fixed: 0 + w0*r0 + w1*r1 ...).
+// Launch: grid = min(T, 2^31 - 1) blocks striding over tokens, block = B threads over D.
+// The block loads the token's K (row, weight) pairs once into shared memory (one barrier), then
+// each thread keeps PYMOE_UNROLL vector accumulators in registers over the K choices and stores
+// once (no atomics, so the sum order is fixed: 0 + w0*r0 + w1*r1 ...), K*UNROLL loads in flight.
 // Bytes (s = sizeof(REAL)): read kept*D*s + write T*D*s, plus T*K*(16 + s) of indices and gates.
 template <typename REAL>
-__global__ void combine_kernel(REAL *y, const REAL *expert_out, const REAL *weight,
-                               const int64_t *expert_index, const int64_t *position, int64_t T,
-                               int64_t K, int64_t E, int64_t C, int64_t D, int vec, int *status) {
+__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+combine_kernel(REAL *__restrict__ y, const REAL *__restrict__ expert_out,
+               const REAL *__restrict__ weight, const int64_t *__restrict__ expert_index,
+               const int64_t *__restrict__ position, int64_t T, int64_t K, int64_t E, int64_t C,
+               int64_t D, int *status) {
     typedef Vec<REAL> V;
+    typedef typename V::type VT;
+    PYMOE_SHARED(int64_t, row, PYMOE_MAX_K);
+    PYMOE_SHARED(REAL, w, PYMOE_MAX_K);
+    const int64_t B = blockDim.x;
     for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-        if (threadIdx.x == 0) {
+        load_pairs<REAL>(row, w, t, expert_index, position, weight, K, E, C, status);
+        __syncthreads();
+        REAL *out = y + t * D;
+        int64_t head = head_of(out);
+        bool vec = true;
+        for (int64_t j = 0; j < K; j++)
+            vec = vec && (row[j] < 0 || head_of(expert_out + row[j] * D) == head);
+        if (!vec || head > D) head = D;
+        for (int64_t d = threadIdx.x; d < head; d += B) {
+            REAL acc = 0;
+            for (int64_t j = 0; j < K; j++)
+                if (row[j] >= 0) acc = acc + w[j] * __ldg(expert_out + row[j] * D + d);
+            out[d] = acc;
+        }
+        const int64_t nv = (D - head) / V::n;
+        for (int64_t i0 = threadIdx.x; i0 < nv; i0 += B * PYMOE_UNROLL) {
+            VT acc[PYMOE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < PYMOE_UNROLL; u++) acc[u] = V::zero();
             for (int64_t j = 0; j < K; j++) {
-                int64_t e = expert_index[t * K + j], p = position[t * K + j];
-                if (e < 0 || e >= E) flag(status, PYMOE_BAD_EXPERT);
-                if (p < -1 || p >= C) flag(status, PYMOE_BAD_POSITION);
+                const int64_t r = row[j];
+                if (r < 0) continue;
+                const REAL wj = w[j];
+                const VT *src = reinterpret_cast<const VT *>(expert_out + r * D + head);
+                VT a[PYMOE_UNROLL];
+#pragma unroll
+                for (int u = 0; u < PYMOE_UNROLL; u++)
+                    if (i0 + u * B < nv) a[u] = __ldg(src + i0 + u * B);
+#pragma unroll
+                for (int u = 0; u < PYMOE_UNROLL; u++)
+                    if (i0 + u * B < nv) acc[u] = V::axpy(wj, a[u], acc[u]);
             }
+            VT *dv = reinterpret_cast<VT *>(out + head);
+#pragma unroll
+            for (int u = 0; u < PYMOE_UNROLL; u++)
+                if (i0 + u * B < nv) dv[i0 + u * B] = acc[u];
         }
-        if (vec) {
-            typename V::type *dv = reinterpret_cast<typename V::type *>(y + t * D);
-            for (int64_t i = threadIdx.x; i < D / V::n; i += blockDim.x) {
-                typename V::type acc = V::zero();
-                for (int64_t j = 0; j < K; j++) {
-                    const int64_t e = expert_index[t * K + j], p = position[t * K + j];
-                    if (e < 0 || e >= E || p < 0 || p >= C) continue;  // dropped or invalid
-                    const typename V::type *sv =
-                        reinterpret_cast<const typename V::type *>(expert_out + (e * C + p) * D);
-                    acc = V::axpy(weight ? weight[t * K + j] : (REAL)1, sv[i], acc);
-                }
-                dv[i] = acc;
-            }
-        } else {
-            for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-                REAL acc = 0;
-                for (int64_t j = 0; j < K; j++) {
-                    const int64_t e = expert_index[t * K + j], p = position[t * K + j];
-                    if (e < 0 || e >= E || p < 0 || p >= C) continue;
-                    acc = acc + (weight ? weight[t * K + j] : (REAL)1) * expert_out[(e * C + p) * D + d];
-                }
-                y[t * D + d] = acc;
-            }
+        for (int64_t d = head + nv * V::n + threadIdx.x; d < D; d += B) {
+            REAL acc = 0;
+            for (int64_t j = 0; j < K; j++)
+                if (row[j] >= 0) acc = acc + w[j] * __ldg(expert_out + row[j] * D + d);
+            out[d] = acc;
         }
+        __syncthreads();  // row/w are read before the next token overwrites them
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // gate_grad_kernel: dgate[t, j] = <dy[t, :], expert_out[e_tj, p_tj, :]> for kept pairs, 0 for
 // dropped ones (the second half of combine's backward).
-// Launch: grid = min(T, 65535) blocks striding over tokens, block = B threads (a power of two).
-// Why: a block reads the token's dy row once per choice with coalesced loads; each thread sums a
-// fixed strided subset of d, then a shared-memory tree (__syncthreads between levels) adds the B
-// partial sums in a fixed order, so the result never depends on timing.
+// Launch: grid = min(T, 2^31 - 1) blocks striding over tokens, block = B threads.
+// The token's pairs are loaded once (shared memory); then choices go in groups of GG = 8: one
+// pass over D loads each dy vector once and dots it with the group's GG rows (GG partial sums
+// in registers), so dy is read ceil(K / 4) times, from L1 after the first (a group of 8 spilled
+// on sm_80 under the 64-register cap of 1024-thread blocks). Each partial is
+// reduced by a warp butterfly, then the warps' sums are added in warp order by one thread per
+// choice: a fixed order, so the result never depends on timing.
 // Bytes (s = sizeof(REAL)): read (T + kept)*D*s, write T*K*s, plus T*K*16 of indices.
+#define PYMOE_GATE_GROUP 4
 template <typename REAL>
-__global__ void gate_grad_kernel(REAL *dgate, const REAL *dy, const REAL *expert_out,
-                                 const int64_t *expert_index, const int64_t *position, int64_t T,
-                                 int64_t K, int64_t E, int64_t C, int64_t D, int *status) {
-    __shared__ REAL partial[PYMOE_MAX_BLOCK];
+__global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
+gate_grad_kernel(REAL *__restrict__ dgate, const REAL *__restrict__ dy,
+                 const REAL *__restrict__ expert_out, const int64_t *__restrict__ expert_index,
+                 const int64_t *__restrict__ position, int64_t T, int64_t K, int64_t E,
+                 int64_t C, int64_t D, int *status) {
+    typedef Vec<REAL> V;
+    typedef typename V::type VT;
+    PYMOE_SHARED(int64_t, row, PYMOE_MAX_K);
+    PYMOE_SHARED(REAL, unit_weight, PYMOE_MAX_K);  // load_pairs fills it with 1s (no weight)
+    PYMOE_SHARED(REAL, part, PYMOE_GATE_GROUP * 32);
+    const int64_t B = blockDim.x;
+    const int lane = threadIdx.x % 32, wp = threadIdx.x / 32, W = blockDim.x / 32;
     for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-        for (int64_t j = 0; j < K; j++) {
-            const int64_t e = expert_index[t * K + j], p = position[t * K + j];
-            const bool bad = e < 0 || e >= E || p < -1 || p >= C;
-            if (bad && threadIdx.x == 0) flag(status, e < 0 || e >= E ? PYMOE_BAD_EXPERT
-                                                                      : PYMOE_BAD_POSITION);
-            REAL sum = 0;
-            if (!bad && p >= 0) {
-                const REAL *row = expert_out + (e * C + p) * D;
-                for (int64_t d = threadIdx.x; d < D; d += blockDim.x) sum += dy[t * D + d] * row[d];
+        load_pairs<REAL>(row, unit_weight, t, expert_index, position, (const REAL *)nullptr, K, E,
+                         C,
+                         status);
+        __syncthreads();
+        const REAL *g = dy + t * D;
+        for (int64_t j0 = 0; j0 < K; j0 += PYMOE_GATE_GROUP) {
+            const int64_t nj = K - j0 < PYMOE_GATE_GROUP ? K - j0 : PYMOE_GATE_GROUP;
+            const REAL *src[PYMOE_GATE_GROUP];  // the group's rows (NULL: dropped / absent)
+            int64_t head = head_of(g);
+            bool vec = true;
+#pragma unroll
+            for (int u = 0; u < PYMOE_GATE_GROUP; u++) {
+                const int64_t r = u < nj ? (int64_t)row[j0 + u] : -1;
+                src[u] = r >= 0 ? expert_out + r * D : nullptr;
+                vec = vec && (!src[u] || head_of(src[u]) == head);
             }
-            partial[threadIdx.x] = sum;
+            if (!vec || head > D) head = D;
+            const int64_t nv = (D - head) / V::n;
+            REAL acc[PYMOE_GATE_GROUP];
+#pragma unroll
+            for (int u = 0; u < PYMOE_GATE_GROUP; u++) acc[u] = 0;
+            for (int64_t d = threadIdx.x; d < head; d += B) {
+                const REAL a = __ldg(g + d);
+#pragma unroll
+                for (int u = 0; u < PYMOE_GATE_GROUP; u++)
+                    if (src[u]) acc[u] += a * __ldg(src[u] + d);
+            }
+            const VT *gv = reinterpret_cast<const VT *>(g + head);
+            for (int64_t i = threadIdx.x; i < nv; i += B) {
+                const VT a = __ldg(gv + i);
+#pragma unroll
+                for (int u = 0; u < PYMOE_GATE_GROUP; u++)
+                    if (src[u])
+                        acc[u] += V::dot(a, __ldg(reinterpret_cast<const VT *>(src[u] + head) + i));
+            }
+            for (int64_t d = head + nv * V::n + threadIdx.x; d < D; d += B) {
+                const REAL a = __ldg(g + d);
+#pragma unroll
+                for (int u = 0; u < PYMOE_GATE_GROUP; u++)
+                    if (src[u]) acc[u] += a * __ldg(src[u] + d);
+            }
+#pragma unroll
+            for (int u = 0; u < PYMOE_GATE_GROUP; u++) {
+                if (u >= nj) break;  // uniform over the block
+                const REAL s = warp_sum(acc[u]);
+                if (lane == 0) part[u * 32 + wp] = s;
+            }
             __syncthreads();
-            for (unsigned half = blockDim.x / 2; half > 0; half >>= 1) {
-                if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-                __syncthreads();
+            if (threadIdx.x < nj) {
+                REAL s = 0;
+                for (int i = 0; i < W; i++) s += part[threadIdx.x * 32 + i];
+                dgate[t * K + j0 + threadIdx.x] = row[j0 + threadIdx.x] >= 0 ? s : (REAL)0;
             }
-            if (threadIdx.x == 0) dgate[t * K + j] = partial[0];
-            __syncthreads();  // partial[0] is read before the next choice overwrites it
+            __syncthreads();  // part is read before the next group overwrites it
         }
     }
 }

@@ -4,15 +4,32 @@
 #include <limits.h>
 #include <stdint.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "pymoe_cuda.h"
 
 #ifdef PYMOE_EMULATE
 #include "emu/cuda_emu.h"
 #else
 #include <cuda_runtime.h>
-#define PYMOE_LAUNCH(kernel, grid, block, stream, ...) \
-    kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
-#define PYMOE_LAUNCH_BARRIER PYMOE_LAUNCH
+
+// Launch through cudaLaunchKernelEx, whose return value is this launch's error alone: no
+// cudaGetLastError, which would also report (and clear) an error another library left behind.
+template <typename... Params, typename... Args>
+static cudaError_t launch_kernel(void (*kernel)(Params...), unsigned grid, unsigned block,
+                                 size_t smem, cudaStream_t stream, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(block);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+#define PYMOE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    launch_kernel(kernel, (grid), (block), (smem), (stream), __VA_ARGS__)
+#define PYMOE_LAUNCH_SYNC PYMOE_LAUNCH
 #endif
 
 #include "../internal.h"  // check_sizes, size_mul, REQUIRE and PYMOE_ERR_*, shared with the C core
@@ -20,39 +37,146 @@
 
 namespace {
 
-int g_block = 256;               // threads per block, every kernel
-const int64_t kMaxGrid = 65535;  // blocks of the grid-stride kernels: enough to fill any GPU
+// Threads per block, per host thread: two threads launching with different block sizes (the
+// Python context manager `block_size`) cannot see each other's setting.
+thread_local int t_block = 256;
+const int64_t kMaxGridX = 2147483647;  // gridDim.x limit (y and z are 65535; unused here)
 
-int launched() { return (int)cudaGetLastError(); }
+unsigned grid_for(int64_t n) { return (unsigned)(n < 1 ? 1 : n < kMaxGridX ? n : kMaxGridX); }
 
-unsigned grid_for(int64_t n) { return (unsigned)(n < 1 ? 1 : n < kMaxGrid ? n : kMaxGrid); }
-
-// 16-byte vector moves need D * size to be a multiple of 16 and 16-byte aligned base pointers.
-template <typename REAL>
-int vec_ok(int64_t D, const void *a, const void *b) {
-    return (D * (int64_t)sizeof(REAL)) % 16 == 0 && ((uintptr_t)a & 15u) == 0 &&
-           ((uintptr_t)b & 15u) == 0;
+// Values per lane of the warp router for E experts: 1, 2, 4, 8 or 16 (E <= 512).
+int values_per_lane(int64_t E) {
+    int npl = 1;
+    while (32 * (int64_t)npl < E) npl *= 2;
+    return npl;
 }
 
 template <typename REAL>
-int router(REAL *probs, int64_t *expert_index, REAL *gate, const REAL *logits, int64_t T,
-           int64_t E, int64_t K, int normalize, int *status, void *stream) {
+int softmax_top_k(REAL *probs, int64_t *expert_index, REAL *gate, const REAL *router_logits,
+                  int64_t T, int64_t K, int64_t E, int normalize, int *status, void *stream) {
     moe_sizes s;
     int err = check_sizes(&s, T, K, E, 0, 0);
     int64_t TE;
     if (err) return err;
-    if (E < 1 || K < 1 || K > E || !size_mul(T, E, &TE)) return PYMOE_ERR_SIZE;
-    REQUIRE(probs, TE); REQUIRE(logits, TE); REQUIRE(expert_index, s.TK); REQUIRE(gate, s.TK);
-    int64_t rows = PYMOE_ROUTER_SMEM_BYTES / (E * (int64_t)sizeof(REAL));  // rows per block
-    if (rows < 1) return PYMOE_ERR_SIZE;  // E too large for the shared-memory tile
-    if (rows > g_block) rows = g_block;
+    if (E < 1 || K < 1 || K > E || E > PYMOE_ROUTER_MAX_E || !size_mul(T, E, &TE))
+        return PYMOE_ERR_SIZE;
+    REQUIRE(probs, TE); REQUIRE(router_logits, TE); REQUIRE(expert_index, s.TK);
+    REQUIRE(gate, s.TK);
     if (T == 0) return 0;
-    const int64_t grid = (T + rows - 1) / rows;
-    if (grid > INT_MAX) return PYMOE_ERR_SIZE;
-    (void)status;  // the router has no indices to check
-    PYMOE_LAUNCH_BARRIER(router_kernel<REAL>, (unsigned)grid, g_block, (cudaStream_t)stream,
-                         probs, expert_index, gate, logits, T, E, K, normalize, rows);
-    return launched();
+    cudaStream_t st = (cudaStream_t)stream;
+#define PYMOE_ROUTER(NPL)                                                                         \
+    case NPL: {                                                                                   \
+        const int b = t_block < router_max_block<NPL>() ? t_block : router_max_block<NPL>();      \
+        return PYMOE_LAUNCH_SYNC((softmax_top_k_kernel<REAL, NPL>),                               \
+                                 grid_for((T + b / 32 - 1) / (b / 32)), b, 0, st, probs,          \
+                                 expert_index, gate, router_logits, T, K, E, normalize, status);  \
+    }
+    switch (values_per_lane(E)) {
+        PYMOE_ROUTER(1) PYMOE_ROUTER(2) PYMOE_ROUTER(4) PYMOE_ROUTER(8) PYMOE_ROUTER(16)
+    }
+#undef PYMOE_ROUTER
+    return PYMOE_ERR_SIZE;
+}
+
+template <typename REAL>
+int top_k(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum, const REAL *score,
+          const REAL *bias, const REAL *probs, int64_t T, int64_t K, int64_t E, int *status,
+          void *stream) {
+    int64_t TK, TE;
+    if (T < 0 || K < 0 || E < 0 || K > E || E > PYMOE_ROUTER_MAX_E || !size_mul(T, K, &TK) ||
+        !size_mul(T, E, &TE))
+        return PYMOE_ERR_SIZE;
+    REQUIRE(expert_index, TK); REQUIRE(score, TE);
+    if (prob_sum != NULL) REQUIRE(probs, TE);
+    cudaStream_t st = (cudaStream_t)stream;
+    cudaError_t e = cudaSuccess;
+    if (expert_load != NULL && E > 0)
+        e = cudaMemsetAsync(expert_load, 0, (size_t)E * sizeof(int64_t), st);
+    if (e == cudaSuccess && T > 0 && K > 0) {
+        unsigned long long *load = reinterpret_cast<unsigned long long *>(expert_load);
+#define PYMOE_TOPK(NPL)                                                                           \
+    case NPL: {                                                                                   \
+        const int b = t_block < router_max_block<NPL>() ? t_block : router_max_block<NPL>();      \
+        e = PYMOE_LAUNCH_SYNC((top_k_kernel<REAL, NPL>), grid_for((T + b / 32 - 1) / (b / 32)), b, \
+                              0, st, expert_index, load, score, bias, T, K, E, status);           \
+        break;                                                                                    \
+    }
+        switch (values_per_lane(E)) {
+            PYMOE_TOPK(1) PYMOE_TOPK(2) PYMOE_TOPK(4) PYMOE_TOPK(8) PYMOE_TOPK(16)
+        }
+#undef PYMOE_TOPK
+    }
+    if (e == cudaSuccess && prob_sum != NULL && E > 0)
+        e = PYMOE_LAUNCH(column_sum_kernel<REAL>, grid_for((E + t_block - 1) / t_block), t_block,
+                         0, st, prob_sum, probs, T, E);
+    return (int)e;
+}
+
+// The slot kernels' block: the configured size, halved until the per-warp expert counters fit.
+int slot_block(int64_t E) {
+    int b = t_block;
+    while (b > 32 && (int64_t)(b / 32) * E * (int64_t)sizeof(int) > PYMOE_SLOT_SMEM) b /= 2;
+    return (int64_t)(b / 32) * E * (int64_t)sizeof(int) <= PYMOE_SLOT_SMEM ? b : 0;
+}
+
+// Scratch device memory, stream-ordered (cudaMallocAsync): freed on the stream when done.
+struct Scratch {
+    cudaStream_t stream;
+    void *p = nullptr;
+    ~Scratch() {
+        if (p) cudaFreeAsync(p, stream);
+    }
+};
+
+template <typename REAL>
+int assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
+                 const int64_t *expert_index, const int64_t *token_order, const REAL *score,
+                 int64_t T, int64_t K, int64_t E, int64_t C, int token_major, int *status,
+                 void *stream) {
+    moe_sizes s;
+    int err = check_sizes(&s, T, K, E, C, 0);
+    if (err) return err;
+    REQUIRE(position, s.TK); REQUIRE(expert_index, s.TK);
+    REQUIRE(slot_owner, s.EC); REQUIRE(expert_load, E);
+    const int block = slot_block(E);
+    const int64_t chunk = (int64_t)block * PYMOE_SLOT_ROUNDS;
+    // counters are int: every rank is below T*K + one chunk
+    if (block == 0 || s.TK > INT_MAX - chunk) return PYMOE_ERR_SIZE;
+    const int64_t chunks = (s.TK + chunk - 1) / chunk;
+    cudaStream_t st = (cudaStream_t)stream;
+    cudaError_t e = cudaSuccess;
+    if (s.TK > 0) e = cudaMemsetAsync(position, 0xff, (size_t)s.TK * sizeof(int64_t), st);
+    if (e == cudaSuccess && s.EC > 0)
+        e = cudaMemsetAsync(slot_owner, 0xff, (size_t)s.EC * sizeof(int64_t), st);
+    if (e == cudaSuccess && E > 0 && s.TK == 0)
+        e = cudaMemsetAsync(expert_load, 0, (size_t)E * sizeof(int64_t), st);
+    if (e != cudaSuccess || s.TK == 0 || E == 0) return (int)e;
+    // scratch: hist and offset [E x chunks], seen [T], sorted [T*K] for drop policy "probs"
+    const size_t n_hist = (size_t)(E * chunks), n_sorted = score ? (size_t)s.TK : 0;
+    const size_t bytes = 2 * n_hist * sizeof(int64_t) + n_sorted * sizeof(int64_t) +
+                         (size_t)T * sizeof(int);
+    Scratch scratch{st};
+    e = cudaMallocAsync(&scratch.p, bytes, st);
+    if (e != cudaSuccess) return (int)e;
+    int64_t *hist = (int64_t *)scratch.p, *offset = hist + n_hist, *sorted = offset + n_hist;
+    int *seen = (int *)(sorted + n_sorted);
+    e = cudaMemsetAsync(seen, 0, (size_t)T * sizeof(int), st);
+    const PairOrder po{expert_index, token_order, T, K, E, token_major};
+    const size_t smem = (size_t)(block / 32) * (size_t)E * sizeof(int);
+    if (e == cudaSuccess)
+        e = PYMOE_LAUNCH_SYNC(slots_count_kernel, (unsigned)chunks, block, smem, st, hist, seen,
+                              po, chunks, status);
+    if (e == cudaSuccess)
+        e = PYMOE_LAUNCH_SYNC(slots_scan_kernel, 1, t_block, 0, st, offset, expert_load, hist, E,
+                              chunks);
+    if (e == cudaSuccess)
+        e = PYMOE_LAUNCH_SYNC(slots_scatter_kernel, (unsigned)chunks, block, smem, st, position,
+                              slot_owner, score ? sorted : nullptr, offset, po, C, chunks);
+    if (e == cudaSuccess && score)
+        e = PYMOE_LAUNCH_SYNC(slots_select_kernel<REAL>, grid_for(E), t_block, 0, st, position,
+                              slot_owner, sorted, offset, expert_load, score, E, C, chunks,
+                              status);
+    return (int)e;
 }
 
 template <typename REAL>
@@ -63,9 +187,8 @@ int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *
     if (err) return err;
     REQUIRE(expert_in, s.ECD); REQUIRE(x, s.TD); REQUIRE(slot_owner, s.EC);
     if (s.EC == 0) return 0;
-    PYMOE_LAUNCH(dispatch_kernel<REAL>, grid_for(s.EC), g_block, (cudaStream_t)stream, expert_in,
-                 x, weight, slot_owner, T, K, s.EC, D, vec_ok<REAL>(D, expert_in, x), status);
-    return launched();
+    return PYMOE_LAUNCH(dispatch_kernel<REAL>, grid_for(s.EC), t_block, 0, (cudaStream_t)stream,
+                        expert_in, x, weight, slot_owner, T, K, E, C, D, status);
 }
 
 template <typename REAL>
@@ -75,13 +198,12 @@ int combine(REAL *y, const REAL *expert_out, const REAL *weight, const int64_t *
     moe_sizes s;
     int err = check_sizes(&s, T, K, E, C, D);
     if (err) return err;
+    if (K > PYMOE_MAX_K) return PYMOE_ERR_SIZE;
     REQUIRE(y, s.TD); REQUIRE(expert_out, s.ECD);
     REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
     if (T == 0) return 0;
-    PYMOE_LAUNCH(combine_kernel<REAL>, grid_for(T), g_block, (cudaStream_t)stream, y, expert_out,
-                 weight, expert_index, position, T, K, E, C, D, vec_ok<REAL>(D, y, expert_out),
-                 status);
-    return launched();
+    return PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for(T), t_block, 0, (cudaStream_t)stream,
+                             y, expert_out, weight, expert_index, position, T, K, E, C, D, status);
 }
 
 template <typename REAL>
@@ -91,13 +213,19 @@ int gate_grad(REAL *dgate, const REAL *dy, const REAL *expert_out, const int64_t
     moe_sizes s;
     int err = check_sizes(&s, T, K, E, C, D);
     if (err) return err;
+    if (K > PYMOE_MAX_K) return PYMOE_ERR_SIZE;
     REQUIRE(dgate, s.TK); REQUIRE(dy, s.TD); REQUIRE(expert_out, s.ECD);
     REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
     if (s.TK == 0) return 0;
-    PYMOE_LAUNCH_BARRIER(gate_grad_kernel<REAL>, grid_for(T), g_block, (cudaStream_t)stream,
-                         dgate, dy, expert_out, expert_index, position, T, K, E, C, D, status);
-    return launched();
+    return PYMOE_LAUNCH_SYNC(gate_grad_kernel<REAL>, grid_for(T), t_block, 0,
+                             (cudaStream_t)stream, dgate, dy, expert_out, expert_index, position,
+                             T, K, E, C, D, status);
 }
+
+// One status word per (device, stream): a kernel only ever writes the word of the device it
+// runs on, and the clears are ordered with the kernels on their stream.
+std::mutex g_status_mutex;
+std::map<std::pair<int, uintptr_t>, int *> g_status;
 
 }  // namespace
 
@@ -111,6 +239,13 @@ int pymoe_cuda_device_count(int *count) {
     return (int)e;
 }
 
+int pymoe_cuda_get_device(int *device) {
+    if (device == NULL) return PYMOE_ERR_NULL;
+    return (int)cudaGetDevice(device);
+}
+
+int pymoe_cuda_set_device(int device) { return (int)cudaSetDevice(device); }
+
 const char *pymoe_cuda_error_name(int code) {
     switch (code) {
         case PYMOE_ERR_SIZE: return "PYMOE_ERR_SIZE";
@@ -122,8 +257,8 @@ const char *pymoe_cuda_error_name(int code) {
 const char *pymoe_cuda_error_string(int code) {
     switch (code) {
         case PYMOE_ERR_SIZE:
-            return "a size is negative, inconsistent (K > E, E too large for the router), or "
-                   "overflows int64";
+            return "a size is negative, inconsistent (K > E, E too large for the router or the "
+                   "slot kernels, K too large for combine), or overflows";
         case PYMOE_ERR_NULL: return "a NULL pointer was passed for a non-empty array";
         default: return code < 0 ? "unknown pymoe error" : cudaGetErrorString((cudaError_t)code);
     }
@@ -137,73 +272,102 @@ int pymoe_cuda_emulated(void) {
 #endif
 }
 
-int pymoe_cuda_status_new(int **status) {
+int pymoe_cuda_status(int **status, void *stream) {
     if (status == NULL) return PYMOE_ERR_NULL;
     *status = NULL;
-    cudaError_t e = cudaMalloc((void **)status, sizeof(int));
-    if (e == cudaSuccess) e = cudaMemset(*status, 0, sizeof(int));
-    return (int)e;
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) return (int)e;
+    std::lock_guard<std::mutex> lock(g_status_mutex);
+    int *&word = g_status[{device, (uintptr_t)stream}];
+    if (word == NULL) {
+        int *p = NULL;
+        e = cudaMalloc((void **)&p, sizeof(int));
+        if (e == cudaSuccess) e = cudaMemsetAsync(p, 0, sizeof(int), (cudaStream_t)stream);
+        if (e != cudaSuccess) {
+            if (p) cudaFree(p);
+            g_status.erase({device, (uintptr_t)stream});
+            return (int)e;
+        }
+        word = p;
+    }
+    *status = word;
+    return 0;
 }
 
-int pymoe_cuda_status_take(int *status, int *host_value, void *stream) {
-    if (status == NULL || host_value == NULL) return PYMOE_ERR_NULL;
+int pymoe_cuda_status_take(int *host_value, void *stream) {
+    if (host_value == NULL) return PYMOE_ERR_NULL;
+    *host_value = 0;
+    int *word = NULL;
+    int err = pymoe_cuda_status(&word, stream);
+    if (err) return err;
     cudaStream_t s = (cudaStream_t)stream;
-    cudaError_t e = cudaMemcpyAsync(host_value, status, sizeof(int), cudaMemcpyDeviceToHost, s);
+    cudaError_t e = cudaMemcpyAsync(host_value, word, sizeof(int), cudaMemcpyDeviceToHost, s);
     if (e == cudaSuccess) e = cudaStreamSynchronize(s);
-    if (e == cudaSuccess) e = cudaMemsetAsync(status, 0, sizeof(int), s);
-    return (int)e;
-}
-
-int pymoe_cuda_status_free(int *status) { return (int)cudaFree(status); }
-
-int pymoe_cuda_copy_to_host(void *host, const void *device, int64_t nbytes, void *stream) {
-    if (nbytes < 0) return PYMOE_ERR_SIZE;
-    if (nbytes == 0) return 0;
-    if (host == NULL || device == NULL) return PYMOE_ERR_NULL;
-    cudaStream_t s = (cudaStream_t)stream;
-    cudaError_t e = cudaMemcpyAsync(host, device, (size_t)nbytes, cudaMemcpyDeviceToHost, s);
-    if (e == cudaSuccess) e = cudaStreamSynchronize(s);
+    if (e == cudaSuccess && *host_value != 0) e = cudaMemsetAsync(word, 0, sizeof(int), s);
     return (int)e;
 }
 
 int pymoe_cuda_set_block_size(int threads) {
     if (threads < 32 || threads > PYMOE_MAX_BLOCK || (threads & (threads - 1)) != 0)
         return PYMOE_ERR_SIZE;
-    g_block = threads;
+    t_block = threads;
     return 0;
 }
 
-int pymoe_cuda_get_block_size(void) { return g_block; }
+int pymoe_cuda_get_block_size(void) { return t_block; }
 
-int pymoe_cuda_router_f32(float *probs, int64_t *expert_index, float *gate, const float *logits,
-                          int64_t T, int64_t E, int64_t K, int normalize, int *status,
-                          void *stream) {
-    return router<float>(probs, expert_index, gate, logits, T, E, K, normalize, status, stream);
+int pymoe_cuda_softmax_top_k_f32(float *probs, int64_t *expert_index, float *gate,
+                                 const float *router_logits, int64_t T, int64_t K, int64_t E,
+                                 int normalize, int *status, void *stream) {
+    return softmax_top_k<float>(probs, expert_index, gate, router_logits, T, K, E, normalize,
+                                status, stream);
 }
-int pymoe_cuda_router_f64(double *probs, int64_t *expert_index, double *gate,
-                          const double *logits, int64_t T, int64_t E, int64_t K, int normalize,
-                          int *status, void *stream) {
-    return router<double>(probs, expert_index, gate, logits, T, E, K, normalize, status, stream);
+int pymoe_cuda_softmax_top_k_f64(double *probs, int64_t *expert_index, double *gate,
+                                 const double *router_logits, int64_t T, int64_t K, int64_t E,
+                                 int normalize, int *status, void *stream) {
+    return softmax_top_k<double>(probs, expert_index, gate, router_logits, T, K, E, normalize,
+                                 status, stream);
+}
+
+int pymoe_cuda_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
+                         const float *score, const float *bias, const float *probs, int64_t T,
+                         int64_t K, int64_t E, int *status, void *stream) {
+    return top_k<float>(expert_index, expert_load, prob_sum, score, bias, probs, T, K, E, status,
+                        stream);
+}
+int pymoe_cuda_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
+                         const double *score, const double *bias, const double *probs, int64_t T,
+                         int64_t K, int64_t E, int *status, void *stream) {
+    return top_k<double>(expert_index, expert_load, prob_sum, score, bias, probs, T, K, E, status,
+                         stream);
 }
 
 int pymoe_cuda_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
                             const int64_t *expert_index, const int64_t *token_order, int64_t T,
-                            int64_t K, int64_t E, int64_t C, int *status, void *stream) {
-    moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, 0);
-    if (err) return err;
-    if (E >= INT_MAX) return PYMOE_ERR_SIZE;
-    REQUIRE(position, s.TK); REQUIRE(expert_index, s.TK);
-    REQUIRE(slot_owner, s.EC); REQUIRE(expert_load, E);
-    if (s.TK > 0) {  // -1 everywhere first: a pair no block numbers (bad index) stays dropped
-        cudaError_t e = cudaMemsetAsync(position, 0xff, (size_t)s.TK * sizeof(int64_t),
-                                        (cudaStream_t)stream);
-        if (e != cudaSuccess) return (int)e;
-    }
-    PYMOE_LAUNCH_BARRIER(slots_kernel, (unsigned)(E + 1), g_block, (cudaStream_t)stream,
-                         position, slot_owner, expert_load, expert_index, token_order, T, K, E, C,
-                         status);
-    return launched();
+                            int64_t K, int64_t E, int64_t C, int token_major, int *status,
+                            void *stream) {
+    return assign_slots<float>(position, slot_owner, expert_load, expert_index, token_order,
+                               NULL, T, K, E, C, token_major, status, stream);
+}
+
+int pymoe_cuda_assign_slots_by_score_f32(int64_t *position, int64_t *slot_owner,
+                                         int64_t *expert_load, const int64_t *expert_index,
+                                         const int64_t *token_order, const float *score,
+                                         int64_t T, int64_t K, int64_t E, int64_t C,
+                                         int token_major, int *status, void *stream) {
+    if (score == NULL && T * K > 0) return PYMOE_ERR_NULL;
+    return assign_slots<float>(position, slot_owner, expert_load, expert_index, token_order,
+                               score, T, K, E, C, token_major, status, stream);
+}
+int pymoe_cuda_assign_slots_by_score_f64(int64_t *position, int64_t *slot_owner,
+                                         int64_t *expert_load, const int64_t *expert_index,
+                                         const int64_t *token_order, const double *score,
+                                         int64_t T, int64_t K, int64_t E, int64_t C,
+                                         int token_major, int *status, void *stream) {
+    if (score == NULL && T * K > 0) return PYMOE_ERR_NULL;
+    return assign_slots<double>(position, slot_owner, expert_load, expert_index, token_order,
+                                score, T, K, E, C, token_major, status, stream);
 }
 
 int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,

@@ -1,15 +1,19 @@
 /* pymoe CUDA host API: plain C functions taking device pointers and a stream.
  *
- * Legend and layouts as in csrc/pymoe.h (T tokens, D model dim, E experts, K choices, C capacity;
- * row-major; int64 indices). Each function checks its sizes and pointers on the host, launches
- * kernels from kernels.cuh on `stream` (a cudaStream_t; NULL for the default stream) and returns:
+ * Legend and layouts as in csrc/pymoe.h (T tokens, K choices, E experts, C capacity, D model dim;
+ * sizes always in that order; row-major; int64 indices). Each function has the name, argument
+ * order and meaning of its C twin (pymoe_assign_slots, pymoe_top_k, pymoe_dispatch_f32, ...) plus
+ * a status word and a stream; it checks sizes and pointers on the host, launches kernels from
+ * kernels.cuh on `stream` (a cudaStream_t; NULL for the default stream) and returns:
  *     0          launched (the work may still be running: kernels are asynchronous),
  *     < 0        PYMOE_ERR_* from csrc/pymoe.h (bad sizes or NULL pointers; nothing launched),
- *     > 0        a cudaError_t from the launch (pymoe_cuda_error_name says which).
+ *     > 0        a cudaError_t of this call's own launches (pymoe_cuda_error_name says which);
+ *                errors other libraries left pending are neither reported nor cleared.
  * Index contents are checked on the device: an invalid entry is treated as dropped/empty and a bit
- * (PYMOE_BAD_*, kernels.cuh) is OR-ed into *status, a device int that is zero before the call and
- * read after it (pymoe_cuda_status_new/take manage one; status may be NULL to skip reporting).
- * No input makes a kernel access memory out of bounds.
+ * (PYMOE_BAD_*, kernels.cuh) is OR-ed into *status, a device int on the current device, normally
+ * the one pymoe_cuda_status gives for (current device, stream); status may be NULL to skip it.
+ * No input makes a kernel access memory out of bounds. Host-thread safe: the block size is a
+ * per-thread setting and the status table is locked.
  *
  * Build: `python csrc/cuda/build.py` (nvcc; see that file), which also copies this header next to
  * the library, where the Python loader (pymoe/cuda_backend.py) reads the declarations below. */
@@ -23,41 +27,72 @@ extern "C" {
 #endif
 
 /* cdef-begin */
-/* Device query: *count = visible devices (0 on error); returns a cudaError_t (0 = success). */
+/* Devices: *count = visible devices (0 on error); get/set the calling thread's current device.
+ * Each returns a cudaError_t (0 = success). */
 int pymoe_cuda_device_count(int *count);
+int pymoe_cuda_get_device(int *device);
+int pymoe_cuda_set_device(int device);
 /* Names for any code these functions return (negative: pymoe's own, positive: cudaError_t). */
 const char *pymoe_cuda_error_name(int code);
 const char *pymoe_cuda_error_string(int code);
 /* 1 when this library is the CPU emulation built by `build.py --emulate`. */
 int pymoe_cuda_emulated(void);
-/* A status word in device memory for callers without an allocator of their own: _new allocates
- * and zeroes one; _take copies it to *host_value (synchronising the stream) and zeroes it again;
- * _free releases it. Each returns a cudaError_t. */
-int pymoe_cuda_status_new(int **status);
-int pymoe_cuda_status_take(int *status, int *host_value, void *stream);
-int pymoe_cuda_status_free(int *status);
-/* Copy nbytes from device to host memory, synchronously on the stream (small index arrays that
- * the host checks, such as a token order). Returns a cudaError_t. */
-int pymoe_cuda_copy_to_host(void *host, const void *device, int64_t nbytes, void *stream);
-/* Threads per block for every kernel: a power of two in [32, 1024] (default 256). Returns 0, or
- * PYMOE_ERR_SIZE for an invalid value. Tests validate every kernel at several block sizes. */
+/* The status word of (current device, stream): allocated on that device and zeroed with
+ * cudaMemsetAsync on `stream` at first use, then kept. _take copies it to *host_value (waiting
+ * for the stream: a synchronisation) and zeroes it again on the stream when it was set. */
+int pymoe_cuda_status(int **status, void *stream);
+int pymoe_cuda_status_take(int *host_value, void *stream);
+/* Threads per block for every kernel launched from the calling host thread: a power of two in
+ * [32, 1024] (default 256). Returns 0, or PYMOE_ERR_SIZE for an invalid value. */
 int pymoe_cuda_set_block_size(int threads);
 int pymoe_cuda_get_block_size(void);
 
-/* Router: softmax over E and top-K by logit (ties to the lower expert), gates raw or renormalised.
- * Out: probs [T, E], expert_index [T, K], gate [T, K]. In: logits [T, E]. */
-int pymoe_cuda_router_f32(float *probs, int64_t *expert_index, float *gate, const float *logits,
-                          int64_t T, int64_t E, int64_t K, int normalize, int *status, void *stream);
-int pymoe_cuda_router_f64(double *probs, int64_t *expert_index, double *gate, const double *logits,
-                          int64_t T, int64_t E, int64_t K, int normalize, int *status, void *stream);
+/* Steps 2-4 of pymoe.route fused: softmax over E (pymoe.router.softmax), the top-K by logit
+ * (pymoe.topk.top_k, ties to the lower expert) and the gates, raw or renormalised
+ * (pymoe.topk.gates). Out: probs [T, E], expert_index [T, K], gate [T, K]. In: router_logits
+ * [T, E]. 1 <= K <= E <= 512. A NaN logit sets PYMOE_BAD_NAN. */
+int pymoe_cuda_softmax_top_k_f32(float *probs, int64_t *expert_index, float *gate,
+                                 const float *router_logits, int64_t T, int64_t K, int64_t E,
+                                 int normalize, int *status, void *stream);
+int pymoe_cuda_softmax_top_k_f64(double *probs, int64_t *expert_index, double *gate,
+                                 const double *router_logits, int64_t T, int64_t K, int64_t E,
+                                 int normalize, int *status, void *stream);
 
-/* Slot assignment with choice-major priority and capacity drop (token_order NULL: 0..T-1).
- * Out: position [T, K], slot_owner [E, C], expert_load [E]. In: expert_index [T, K], token_order [T].
- * token_order must be a permutation: out-of-range entries are reported (PYMOE_BAD_ORDER),
- * repeated ones are not detected on the device (the Python wrapper checks). */
+/* Top-K selection, the twin of C's pymoe_top_k: expert_index[t] = the K largest
+ * v[t, e] = score[t, e] + bias[e] (bias NULL: v = score), ties to the lower expert;
+ * expert_load[e] = picks of e (NULL: not computed); prob_sum[e] = sum over t = 0..T-1 of
+ * probs[t, e] in that order (NULL: not computed). 0 <= K <= E <= 512. NaN: PYMOE_BAD_NAN. */
+int pymoe_cuda_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
+                         const float *score, const float *bias, const float *probs, int64_t T,
+                         int64_t K, int64_t E, int *status, void *stream);
+int pymoe_cuda_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
+                         const double *score, const double *bias, const double *probs, int64_t T,
+                         int64_t K, int64_t E, int *status, void *stream);
+
+/* Slot assignment (pymoe_assign_slots): the n-th pair to claim expert e, in priority order, gets
+ * slot n if n < C, else it is dropped. Priority order: choice-major (token_major = 0: all j = 0
+ * pairs in token order, then j = 1, ...) or token-major (token_major = 1: token_order[0]'s pairs
+ * j = 0..K-1, then token_order[1]'s, ...); token_order [T] or NULL for 0..T-1. A token_order that
+ * is not a permutation sets PYMOE_BAD_ORDER, a bad expert PYMOE_BAD_EXPERT.
+ * Out: position [T, K], slot_owner [E, C], expert_load [E] (pairs per expert before dropping).
+ * In: expert_index [T, K], token_order [T] or NULL. E <= 12288. */
 int pymoe_cuda_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
                             const int64_t *expert_index, const int64_t *token_order, int64_t T,
-                            int64_t K, int64_t E, int64_t C, int *status, void *stream);
+                            int64_t K, int64_t E, int64_t C, int token_major, int *status,
+                            void *stream);
+/* The same with drop policy "probs" (and expert choice: K = E, token-major): expert e keeps its C
+ * pairs with the highest score [T, K] (ties to the pair earlier in priority order), and the kept
+ * pairs fill slots 0.. in priority order. */
+int pymoe_cuda_assign_slots_by_score_f32(int64_t *position, int64_t *slot_owner,
+                                         int64_t *expert_load, const int64_t *expert_index,
+                                         const int64_t *token_order, const float *score,
+                                         int64_t T, int64_t K, int64_t E, int64_t C,
+                                         int token_major, int *status, void *stream);
+int pymoe_cuda_assign_slots_by_score_f64(int64_t *position, int64_t *slot_owner,
+                                         int64_t *expert_load, const int64_t *expert_index,
+                                         const int64_t *token_order, const double *score,
+                                         int64_t T, int64_t K, int64_t E, int64_t C,
+                                         int token_major, int *status, void *stream);
 
 /* Dispatch: expert_in [E, C, D] from x [T, D], weight [T, K] or NULL, slot_owner [E, C]. */
 int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
@@ -67,7 +102,8 @@ int pymoe_cuda_dispatch_f64(double *expert_in, const double *x, const double *we
                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
                             int64_t D, int *status, void *stream);
 
-/* Combine: y [T, D] from expert_out [E, C, D], weight [T, K] or NULL, expert_index, position. */
+/* Combine: y [T, D] from expert_out [E, C, D], weight [T, K] or NULL, expert_index, position.
+ * K <= 1024. */
 int pymoe_cuda_combine_f32(float *y, const float *expert_out, const float *weight,
                            const int64_t *expert_index, const int64_t *position, int64_t T,
                            int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream);
@@ -75,7 +111,8 @@ int pymoe_cuda_combine_f64(double *y, const double *expert_out, const double *we
                            const int64_t *expert_index, const int64_t *position, int64_t T,
                            int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream);
 
-/* Gate gradient: dgate [T, K] = <dy[t], expert_out[e_tj, p_tj]> for kept pairs, 0 for dropped. */
+/* Gate gradient: dgate [T, K] = <dy[t], expert_out[e_tj, p_tj]> for kept pairs, 0 for dropped.
+ * K <= 1024. */
 int pymoe_cuda_gate_grad_f32(float *dgate, const float *dy, const float *expert_out,
                              const int64_t *expert_index, const int64_t *position, int64_t T,
                              int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream);

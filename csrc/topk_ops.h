@@ -1,0 +1,179 @@
+/* Top-K selection for one element type: a template body, included by ops_f32.c and ops_f64.c
+ * after they define REAL and FN(name) (see moe_ops.h). Shapes and semantics are in pymoe.h. */
+
+/* One token's top-K in three short passes, all but the last branch-free over the row:
+ *  1. v = score + bias into scratch; split the E experts into K contiguous groups and take
+ *     th = the smallest group maximum. Each group holds a value >= th, so the K-th best is >= th.
+ *  2. Candidates: the experts with v >= th, in expert order (typically a few per K on real logits).
+ *  3. Order the candidates by (v descending, expert ascending) and keep the first K: by counting
+ *     each candidate's rank when there are few, else by a stable merge sort.
+ * Every expert that can be among the K best is a candidate, so the result is the exact top-K with
+ * ties to the lower index, the same integers as NumPy's stable argsort. */
+#define TOPK_RANK_MAX 64  /* up to this many candidates, rank by all-pairs counting (no branches) */
+
+/* Stable bottom-up merge sort of n (value, expert) pairs by decreasing value; ties keep order.
+ * key/ix hold the input, key2/ix2 are scratch; returns whichever pair of arrays holds the result. */
+static int64_t *FN(topk_merge_sort)(REAL *key, int64_t *ix, REAL *key2, int64_t *ix2, int64_t n) {
+    for (int64_t w = 1; w < n; w *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * w) {
+            int64_t mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            int64_t a = lo, b = mid, o = lo;
+            while (a < mid && b < hi) {
+                int right = key[b] > key[a];       /* strictly: ties take the left (lower) one */
+                key2[o] = right ? key[b] : key[a];
+                ix2[o++] = right ? ix[b++] : ix[a++];
+            }
+            while (a < mid) { key2[o] = key[a]; ix2[o++] = ix[a++]; }
+            while (b < hi) { key2[o] = key[b]; ix2[o++] = ix[b++]; }
+        }
+        REAL *tk = key; key = key2; key2 = tk;
+        int64_t *ti = ix; ix = ix2; ix2 = ti;
+    }
+    return ix;
+}
+
+/* The largest of v[0..n), n >= 1; *nan |= whether any is NaN. */
+static REAL FN(row_max)(const REAL *v, int64_t n, int *nan) {
+    REAL m = v[0];
+    int64_t e = 0;
+#ifdef VEC
+    if (n >= VLEN) {
+        VEC mv = VLOADU(v), bad = VCMPUNORD(mv, mv);
+        for (e = VLEN; e + VLEN <= n; e += VLEN) {
+            VEC x = VLOADU(v + e);
+            mv = VMAX(mv, x);
+            bad = VOR(bad, VCMPUNORD(x, x));
+        }
+        REAL lanes[VLEN];
+        memcpy(lanes, &mv, sizeof(lanes));
+        m = lanes[0];
+        for (int u = 1; u < VLEN; u++) m = lanes[u] > m ? lanes[u] : m;
+        *nan |= VMOVEMASK(bad) != 0;
+    }
+#endif
+    for (; e < n; e++) {
+        m = v[e] > m ? v[e] : m;
+        *nan |= v[e] != v[e];
+    }
+    return m;
+}
+
+#ifdef VEC
+/* Set bits of a VLEN-bit compare mask (a table: no popcnt instruction in baseline x86-64). */
+static const int FN(popcount)[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+#endif
+
+/* scratch: 2*E REALs and 2*E int64 (+ VLEN REALs of padding). Returns nonzero when a v is NaN
+ * (idx is then unspecified, but every write stayed in bounds). */
+static int FN(topk_row)(int64_t *idx, const REAL *s, const REAL *bias, int64_t K, int64_t E,
+                        REAL *vbuf, int64_t *cand, REAL *v2, int64_t *cand2) {
+    int nan = 0;
+    const REAL *v = s;
+    if (bias) {
+        for (int64_t e = 0; e < E; e++) vbuf[e] = s[e] + bias[e];
+        v = vbuf;
+    }
+    REAL th = 0;
+    for (int64_t g = 0; g < K; g++) {              /* group g: experts [g*E/K, (g+1)*E/K) */
+        int64_t lo = g * E / K, hi = (g + 1) * E / K;
+        REAL m = FN(row_max)(v + lo, hi - lo, &nan);
+        th = (g == 0 || m < th) ? m : th;
+    }
+    int64_t n = 0, e = 0;
+#ifdef VEC
+    VEC tv = VSET1(th);
+    for (; e + VLEN <= E; e += VLEN) {             /* most blocks hold no candidate */
+        int mask = VMOVEMASK(VCMPGE(VLOADU(v + e), tv));
+        if (mask == 0) continue;
+        for (int u = 0; u < VLEN; u++) {           /* branch-free append of the set lanes */
+            cand[n] = e + u;
+            v2[n] = v[e + u];
+            n += (mask >> u) & 1;
+        }
+    }
+#endif
+    for (; e < E; e++)
+        if (v[e] >= th) { cand[n] = e; v2[n++] = v[e]; }
+    if (n <= TOPK_RANK_MAX) {
+        /* rank_i = #{j: v_j > v_i} + #{j < i: v_j == v_i}: a permutation of 0..n-1 */
+        int64_t np = n;
+#ifdef VEC
+        for (; np % VLEN; np++) v2[np] = -(REAL)INFINITY;  /* padding: never above, index >= n */
+#endif
+        for (int64_t i = 0; i < n; i++) {
+            int64_t r = 0, j = 0;
+            REAL vi = v2[i];
+#ifdef VEC
+            VEC b = VSET1(vi);
+            for (; j + VLEN <= i; j += VLEN)       /* j < i: greater or equal counts */
+                r += FN(popcount)[VMOVEMASK(VCMPGE(VLOADU(v2 + j), b))];
+            for (; j < i; j++) r += v2[j] >= vi;
+            for (; j % VLEN && j < np; j++) r += v2[j] > vi;
+            for (; j + VLEN <= np; j += VLEN)      /* j >= i: strictly greater counts */
+                r += FN(popcount)[VMOVEMASK(VCMPGT(VLOADU(v2 + j), b))];
+#endif
+            for (; j < i; j++) r += v2[j] >= vi;
+            for (; j < n; j++) r += v2[j] > vi;
+            if (r < K) idx[r] = cand[i];
+        }
+    } else {
+        int64_t *order = FN(topk_merge_sort)(v2, cand, vbuf, cand2, n);
+        for (int64_t j = 0; j < K; j++) idx[j] = order[j];
+    }
+    return nan;
+}
+
+int FN(pymoe_top_k)(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum,
+                    const REAL *score, const REAL *bias, const REAL *probs,
+                    int64_t T, int64_t K, int64_t E) {
+    int64_t TK, TE;
+    if (T < 0 || K < 0 || E < 0 || K > E || !size_mul(T, K, &TK) || !size_mul(T, E, &TE))
+        return PYMOE_ERR_SIZE;
+    REQUIRE(expert_index, TK); REQUIRE(score, TE);
+    if (prob_sum != NULL) REQUIRE(probs, TE);
+    if (bias != NULL)
+        for (int64_t e = 0; e < E; e++)
+            if (bias[e] != bias[e]) return PYMOE_ERR_NAN;
+    int err = PYMOE_OK, nan = 0;
+    if (K > 0 && T > 0) {
+#pragma omp parallel num_threads(pymoe_get_max_threads())
+        {
+            REAL *scratch = (REAL *)malloc(((size_t)E * 2 + 8) * (sizeof(REAL) + sizeof(int64_t)));
+            if (scratch == NULL) {
+#pragma omp atomic write
+                err = PYMOE_ERR_NOMEM;
+            }
+#pragma omp for schedule(static) reduction(|: nan)
+            for (int64_t t = 0; t < T; t++) {          /* each token's row by one thread */
+                if (scratch == NULL) continue;
+                int64_t *ix = (int64_t *)(scratch + 2 * E + 8);
+                nan |= FN(topk_row)(expert_index + t * K, score + t * E, bias, K, E, scratch, ix,
+                                    scratch + E, ix + E + 4);
+            }
+            free(scratch);
+        }
+    }
+    if (err) return err;
+    if (nan) return PYMOE_ERR_NAN;
+    if (expert_load != NULL) {                     /* integer counts: any order gives the same */
+        for (int64_t e = 0; e < E; e++) expert_load[e] = 0;
+        for (int64_t i = 0; i < TK; i++) expert_load[expert_index[i]]++;
+    }
+    if (prob_sum != NULL) {
+        /* Column sums in token order, a cache line of columns per thread at a time (NumPy's probs.sum(axis=0)
+         * adds rows in the same order, so the bits agree). */
+        enum { B = 64 / sizeof(REAL) };           /* one cache line of columns per task */
+#pragma omp parallel for schedule(static) num_threads(pymoe_get_max_threads())
+        for (int64_t e0 = 0; e0 < E; e0 += B) {
+            int64_t n = E - e0 < B ? E - e0 : B;
+            REAL acc[B];
+            for (int64_t i = 0; i < n; i++) acc[i] = 0;
+            for (int64_t t = 0; t < T; t++) {
+                const REAL *row = probs + t * E + e0;
+                for (int64_t i = 0; i < n; i++) acc[i] += row[i];
+            }
+            for (int64_t i = 0; i < n; i++) prob_sum[e0 + i] = acc[i];
+        }
+    }
+    return PYMOE_OK;
+}
