@@ -37,8 +37,6 @@ static inline int check_sizes(moe_sizes *s, int64_t T, int64_t K, int64_t E, int
     return PYMOE_OK;
 }
 
-enum { OUT_TD, OUT_TK };  /* the shape of an operation's output: [T, D] or [T, K] */
-
 #define REQUIRE(ptr, n) \
     do { if ((ptr) == NULL && (n) > 0) return PYMOE_ERR_NULL; } while (0)
 
@@ -69,17 +67,28 @@ static inline int check_dispatch_args(moe_sizes *s, const void *expert_in, const
     return check_owners(slot_owner, s->EC, s->TK);
 }
 
-/* The same for the operations that read expert rows by (expert_index, position): combine (out
- * y [T, D]) and the gate gradient (out dgate [T, K]). */
-static inline int check_pair_args(moe_sizes *s, const void *out, int which_out,
+/* The same for the operations that read expert rows by (expert_index, position) into an output
+ * [T, out_cols]: combine (y [T, D], out_cols = D) and the gate gradient (dgate [T, K]). */
+static inline int check_pair_args(moe_sizes *s, const void *out, int64_t out_cols,
                                   const void *expert_out, const int64_t *expert_index,
                                   const int64_t *position, int64_t T, int64_t K, int64_t E,
                                   int64_t C, int64_t D) {
     int err = check_sizes(s, T, K, E, C, D);
     if (err) return err;
-    REQUIRE(out, which_out == OUT_TD ? s->TD : s->TK);
+    REQUIRE(out, out_cols == D ? s->TD : s->TK);  /* T*D and T*K: already checked to fit */
     REQUIRE(expert_out, s->ECD); REQUIRE(expert_index, s->TK); REQUIRE(position, s->TK);
     return check_pairs(expert_index, position, s->TK, E, C);
+}
+
+/* The gate gradient's: dgate [T, K] out, dy [T, D] and the expert rows in. */
+static inline int check_gate_grad_args(moe_sizes *s, const void *dgate, const void *dy,
+                                       const void *expert_out, const int64_t *expert_index,
+                                       const int64_t *position, int64_t T, int64_t K, int64_t E,
+                                       int64_t C, int64_t D) {
+    int err = check_pair_args(s, dgate, K, expert_out, expert_index, position, T, K, E, C, D);
+    if (err) return err;
+    REQUIRE(dy, s->TD);
+    return PYMOE_OK;
 }
 
 #endif /* PYMOE_INTERNAL_H */

@@ -36,6 +36,8 @@ extern "C" {
 #define PYMOE_ERR_ORDER -6     /* token_order is not a permutation of 0..T-1 */
 #define PYMOE_ERR_NOMEM -7     /* scratch allocation failed */
 #define PYMOE_ERR_NAN -8       /* a score or bias entry is NaN */
+/* The message of an error code above ("unknown error code" for any other int). */
+const char *pymoe_error_string(int code);
 
 /* Top-K selection (pymoe.topk.top_k, with the sums pymoe.losses.load_balancing_loss needs).
  * expert_index[t, :] = the K experts with the largest v[t, e] = score[t, e] + bias[e] (the sum

@@ -17,12 +17,12 @@ Run:  python examples/01_walkthrough.py [--k 1|2|3|4] [--normalize] [--quick] [-
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import pymoe
 from pymoe import viz
+from pymoe.bench.cpu import COPY, bench_ops
 from pymoe.capacity import drop, expert_capacity, expert_load
 from pymoe.dense import combine_dense, dense_tensors, dispatch_dense
 from pymoe.experts import experts_forward
@@ -259,32 +259,23 @@ def pictures(r: pymoe.Routing, out: str) -> dict:
 
 
 def timing(quick: bool) -> dict[str, float]:
-    """A short dispatch + combine timing, NumPy indexed form against the C core when built."""
-    info = pymoe.backends()
+    """A short dispatch + combine timing by the benchmark's own function (NumPy indexed form
+    against the C core when built); returns milliseconds per implementation."""
     shape = (2048, 256, 16, 2) if quick else (8192, 512, 32, 2)
-    Tt, Dd, Ee, Kk = shape
-    rng = np.random.default_rng(0)
-    r = pymoe.route(rng.normal(size=(Tt, Ee)), Kk, 1.25)
-    x = rng.normal(size=(Tt, Dd)).astype(np.float32)
-    print(f"\nSpeed: dispatch + combine, T={Tt}, D={Dd}, E={Ee}, K={Kk}, float32 "
-          "(median of 5; `python -m pymoe.bench` measures properly)")
-    names = ["numpy"] + [n for n in ("c",) if n in info and info[n].available]
-    times = {}
-    for name in names:
-        be = pymoe.get_backend(name)
-        gate = r.gate.astype(np.float32)
-        runs = []
-        for _ in range(6):
-            t0 = time.perf_counter()
-            ein = be.dispatch(x, r.slot_owner, Kk)
-            be.combine(ein, r.expert_index, r.position, gate)
-            runs.append(time.perf_counter() - t0)
-        times[name] = float(np.median(runs[1:]))
-        print(f"   {name:6s} {times[name] * 1e3:8.2f} ms")
-    if "c" in times:
-        print(f"   C is {times['numpy'] / times['c']:.1f}x faster than NumPy here")
-    else:
-        print(f"   C backend unavailable: {info['c'].detail}")
+    print("\nSpeed: dispatch + combine, T={}, D={}, E={}, K={}, float32 (median of 5; "
+          "`python -m pymoe.bench` measures more)".format(*shape))
+    rows = bench_ops(*shape, repeats=5, dense=False, torch=False)
+    times: dict[str, float] = {}
+    for r in rows:
+        if r.op in ("dispatch", "combine") and r.ms is not None and r.impl != COPY:
+            times[r.impl] = times.get(r.impl, 0.0) + r.ms
+    for impl, ms in times.items():
+        print(f"   {impl:14s} {ms:8.2f} ms")
+    c_rows = [impl for impl in times if impl.startswith("C ")]
+    for impl in c_rows:
+        print(f"   {impl} is {times['numpy indexed'] / times[impl]:.1f}x faster than NumPy here")
+    if not c_rows:
+        print(f"   C backend unavailable: {pymoe.backends()['c'].detail}")
     return times
 
 

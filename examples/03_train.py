@@ -28,7 +28,6 @@ import numpy as np
 import pymoe
 from pymoe import viz
 
-
 # ------------------------------------------------------------------------------ data
 
 def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:

@@ -17,25 +17,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 import pymoe
 from pymoe import viz
-from pymoe.bench.layer import expert_flops, layer_contenders
-from pymoe.bench.ops import OPS, c_core, make_problem, numpy_indexed, op_bytes
-from pymoe.bench.report import Row, format_table
-from pymoe.bench.timing import time_round_robin
-
-
-def cuda_rows(T: int, D: int, E: int, K: int, repeats: int) -> list[Row]:
-    """The same operations on the GPU, when a CUDA backend with CuPy is available."""
-    from pymoe.bench.cuda import DeviceTimer, bench_problem
-
-    be = pymoe.get_backend("cuda")
-    args = argparse.Namespace(T=T, D=D, capacity_factor=1.25, dtype="float32", repeats=repeats)
-    rows: list[Row] = []
-    bench_problem(be, args, E, K, DeviceTimer(be.memory.xp), rows)
-    return rows
+from pymoe.bench import cuda
+from pymoe.bench.cpu import bench_layer, bench_ops, copy_bandwidth
+from pymoe.bench.ops import OPS
+from pymoe.bench.report import format_table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,31 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("Backends here:")
     for b in info.values():
         print("  " + str(b))
-    p = make_problem(T, D, E, K, 1.25, np.dtype(np.float32))
-    src, dst = np.ones_like(p.expert_out), np.empty_like(p.expert_out)  # the copy baseline
-    contenders = {"numpy indexed": numpy_indexed(p)}
-    if info["c"].available:
-        be = pymoe.get_backend("c")
-        contenders["C 1 thread"] = c_core(p, be, 1)
-        contenders[f"C {be.max_threads} threads"] = c_core(p, be, be.max_threads)
-    nbytes, rows, copies = op_bytes(p), [], []
-    for op in OPS:
-        fns = {"np.copyto": lambda: np.copyto(dst, src)}
-        fns.update({impl: ops[op] for impl, ops in contenders.items()})
-        times = time_round_robin(fns, repeats)
-        copy_gbps = 2 * src.nbytes / times["np.copyto"][0] / 1e9
-        copies.append(copy_gbps)
-        for impl, (t, _) in times.items():
-            gbps = 2 * src.nbytes / t / 1e9 if impl == "np.copyto" else nbytes[op] / t / 1e9
-            rows.append(Row(p.label(), op, impl, t * 1e3, gbps, gbps / copy_gbps))
-    copy_gbps = float(np.median(copies))
-    lt, ld, lh, le, lk = layer_shape
-    fns, skipped, n_rows = layer_contenders(lt, ld, lh, le, lk, 1.25, use_torch=False, dense=False)
-    sec = f"layer forward+backward: T={lt} D={ld} H={lh} E={le} K={lk} float32"
-    for name, (t, _) in time_round_robin(fns, max(3, repeats // 2)).items():
-        rows.append(Row(sec, "fwd+bwd", name, t * 1e3, gflops=expert_flops(n_rows, ld, lh) / t / 1e9))
+    rows = bench_ops(T, D, E, K, repeats=repeats, dense=False, torch=False)
+    copy_gbps = copy_bandwidth(rows)
+    rows += bench_layer(*layer_shape, repeats=max(3, repeats // 2), dense=False, torch=False)
     if info["cuda"].available:  # --quick: also small enough for the CPU emulation of the kernels
-        rows += cuda_rows(*((256, 64, 8, 2) if args.quick else (65536, 4096, 64, 2)), repeats)
+        cuda_shape = (256, 64, 8, 2) if args.quick else (65536, 4096, 64, 2)
+        rows += cuda.bench_ops(pymoe.get_backend("cuda"), *cuda_shape, repeats=repeats)
     print(f"\ncopy bandwidth (np.copyto, read + write, median over the operations): "
           f"{copy_gbps:.2f} GB/s")
     print(format_table(rows))
@@ -83,11 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
         return next(r.ms for r in rows if r.op == op and r.impl == impl)
 
     speedups = {}
-    for impl in contenders:
-        if impl != "numpy indexed":
-            speedups[impl] = {op: ms(op, "numpy indexed") / ms(op, impl) for op in OPS}
-            print(f"\n{impl} vs the NumPy reference: " + ", ".join(
-                f"{op} {v:.1f}x" for op, v in speedups[impl].items()))
+    for impl in dict.fromkeys(r.impl for r in rows if r.impl.startswith("C ")):
+        speedups[impl] = {op: ms(op, "numpy indexed") / ms(op, impl) for op in OPS}
+        print(f"\n{impl} vs the NumPy reference: " + ", ".join(
+            f"{op} {v:.1f}x" for op, v in speedups[impl].items()))
     if not info["c"].available:
         print(f"\nC backend unavailable: {info['c'].detail}")
     if not info["cuda"].available:

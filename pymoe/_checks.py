@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -142,7 +142,8 @@ def float_arg(name: str, a: object, shape: Sequence[int | None], dtypes: tuple =
 
 
 def top_k_args(score: object, k: object, bias: object | None, probs: object | None,
-               dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"):
+               dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
+               ) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None]:
     """Checks of Backend.top_k: score `[T, E]` and bias `[E]` finite, 1 <= k <= E, probs `[T, E]`;
     bias and probs come back in score's dtype."""
     score = float_array("score", float_arg("score", score, (None, None), dtypes, who), ndim=2)

@@ -5,8 +5,10 @@ c_backend, cuda_backend) all import it, and none of them imports another.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -50,3 +52,18 @@ class BackendInfo:
     def __str__(self) -> str:
         state = "available" if self.available else "unavailable"
         return f"{self.name:6s} {state:11s} {self.detail}"
+
+
+V = TypeVar("V")
+
+
+@contextlib.contextmanager
+def temporarily(get: Callable[[], V], set_: Callable[[V], object], value: V) -> Iterator[None]:
+    """Run a block with a backend setting (thread count, block size) changed by set_(value), then
+    restore the value get() returned before, also when the block raises."""
+    before = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(before)

@@ -1,7 +1,8 @@
 """The C core (csrc/, built by pip through cffi) as a pymoe backend.
 
 Every array is checked here (dtype, shape, contiguity, index ranges) before it crosses into C; the
-C functions check sizes and indices again and return an error code, which becomes a ValueError.
+C functions check sizes and indices again and return an error code, which becomes a ValueError
+with the C core's own message for it (pymoe_error_string).
 The C code computes exactly what pymoe.indexed computes: dispatch and combine bit for bit,
 the gate gradient to round-off (its dot products sum in a different order than NumPy's).
 
@@ -13,30 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _checks
-from .backend_api import BackendInfo
+from .backend_api import BackendInfo, temporarily
 
 C_DTYPES = (np.float32, np.float64)
-_ERRORS = {
-    -1: "a size is negative or a product of sizes overflows int64",
-    -2: "a NULL pointer was passed for a non-empty array",
-    -3: "an expert_index entry is outside [0, E)",
-    -4: "a position entry is outside [-1, C)",
-    -5: "a slot_owner entry is outside [-1, T*K)",
-    -6: "token_order is not a permutation of 0..T-1",
-    -7: "out of memory",
-    -8: "a score or bias entry is NaN",
-}
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
            np.dtype(np.int64): "int64_t[]"}
 _STATUS_FILE = os.path.join(os.path.dirname(__file__), "_c_build_status.txt")
 
 
-_TooHardError = getattr(getattr(np, "exceptions", np), "TooHardError", None) or np.TooHardError
+try:
+    from numpy.exceptions import TooHardError as _TooHardError
+except ImportError:  # numpy < 1.25
+    _TooHardError = np.TooHardError  # type: ignore[attr-defined,misc]
 
 
 def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
@@ -45,7 +39,8 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     if not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=100_000))
+        # (numpy's stubs allow only -1 and 0 here; the function takes any bound)
+        return bool(np.shares_memory(a, b, max_work=100_000))  # type: ignore[arg-type]
     except _TooHardError:
         return True
 
@@ -64,10 +59,10 @@ def load() -> tuple[CBackend | None, BackendInfo]:
         return None, BackendInfo("c", False, "disabled by PYMOE_DISABLE_C=1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by libgomp when it loads
     try:
-        from . import _pymoe_c
+        from ._pymoe_c import ffi, lib
     except ImportError as err:
         return None, BackendInfo("c", False, _why_missing(err))
-    be = CBackend(_pymoe_c.ffi, _pymoe_c.lib)
+    be = CBackend(ffi, lib)
     return be, BackendInfo("c", True, f"C core ({be.build_config}, {be.max_threads} threads)")
 
 
@@ -94,11 +89,12 @@ class CBackend:
 
     def _check(self, func: str, code: int) -> None:
         if code != 0:
-            raise ValueError(f"C core {func}: {_ERRORS.get(code, f'error code {code}')}")
+            why = self.ffi.string(self.lib.pymoe_error_string(code)).decode()
+            raise ValueError(f"C core {func}: {why} (error code {code})")
 
     @staticmethod
     def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
-             inputs: dict[str, object]) -> np.ndarray:
+             inputs: Mapping[str, object]) -> np.ndarray:
         """A fresh output array, or `out` after checking that C may write all of it and that it
         shares no memory with any input (the C loops would read what they already wrote)."""
         if out is None:
@@ -130,8 +126,8 @@ class CBackend:
         prob_sum bit for bit probs.sum(axis=0); bias and probs are cast to score's dtype.
         """
         score, k, bias, probs = _checks.top_k_args(score, k, bias, probs, C_DTYPES, "C")
-        score, bias, probs = (None if a is None else np.ascontiguousarray(a)
-                              for a in (score, bias, probs))
+        score = np.ascontiguousarray(score)
+        bias, probs = (None if a is None else np.ascontiguousarray(a) for a in (bias, probs))
         T, E = score.shape
         expert_index = np.empty((T, k), np.int64)
         load = np.empty(E, np.int64)
@@ -253,12 +249,6 @@ class CBackend:
                              f"os.cpu_count(), OMP_THREAD_LIMIT, 1024), or <= 0 for the "
                              f"default; got {n}")
 
-    @contextlib.contextmanager
-    def num_threads(self, n: int) -> Iterator[None]:
+    def num_threads(self, n: int) -> contextlib.AbstractContextManager[None]:
         """Run a block with n threads, then restore the previous count."""
-        before = self.get_num_threads()
-        self.set_num_threads(n)
-        try:
-            yield
-        finally:
-            self.set_num_threads(before)
+        return temporarily(self.get_num_threads, self.set_num_threads, n)

@@ -34,17 +34,13 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from .backend_api import BackendInfo
+from .backend_api import BackendInfo, temporarily
 from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
 Check = bool | str  # True, False or "defer"
-_BAD_BITS = {1: "an expert_index entry is outside [0, E)",
-             2: "a position entry is outside [-1, C)",
-             4: "a slot_owner entry is outside [-1, T*K)",
-             8: "token_order: expected a permutation of 0..T-1",
-             16: "a score, logit or bias entry is NaN"}
+
 
 
 def library_path() -> str:
@@ -240,8 +236,11 @@ class CudaBackend:
         code = self.lib.pymoe_cuda_status_take(bits, stream)
         if code != 0:
             raise RuntimeError(f"{what}: reading the status failed: {self._error(code)}")
-        if bits[0]:
-            raise ValueError(f"{what}: " + "; ".join(m for b, m in _BAD_BITS.items() if bits[0] & b))
+        if bits[0]:  # each bit stands for a C error code: the C core's message for it
+            raise ValueError(f"{what}: " + "; ".join(
+                self.ffi.string(self.lib.pymoe_cuda_error_string(
+                    self.lib.pymoe_cuda_status_code(1 << i))).decode()
+                for i in range(31) if bits[0] >> i & 1))
 
     def _call(self, func: str, arrays: list, *args: Any, check: Check = True) -> None:
         """Call lib.func(*args, status, stream) on the device of `arrays`; raise on an error code
@@ -325,14 +324,9 @@ class CudaBackend:
         if self.lib.pymoe_cuda_set_block_size(threads) != 0:
             raise ValueError(f"threads: expected a power of two in [32, 1024], got {threads}")
 
-    @contextlib.contextmanager
-    def block_size(self, threads: int) -> Iterator[None]:
-        before = self.get_block_size()
-        self.set_block_size(threads)
-        try:
-            yield
-        finally:
-            self.set_block_size(before)
+    def block_size(self, threads: int) -> contextlib.AbstractContextManager[None]:
+        """Run a block with `threads` threads per block, then restore the previous size."""
+        return temporarily(self.get_block_size, self.set_block_size, threads)
 
     # ------------------------------------------------------------ operations
     def softmax_top_k(self, router_logits: Any, k: int, normalize: bool = False, *,
@@ -458,16 +452,24 @@ class CudaBackend:
         return g
 
     def route(self, router_logits: Any, k: int, capacity_factor: float | None = 1.25, *,
-              min_capacity: int = 0, normalize: bool = False,
-              priority: str = "choice") -> DeviceRouting:
+              min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
+              drop_policy: str = "position", seed: int | None = None) -> DeviceRouting:
         """pymoe.route's index form on the device: softmax_top_k, priority, slots, capacity.
+
+        priority: "choice", "score" (tokens by top-1 probability, ties to the lower token),
+            "token" (token-major) or "random" (a permutation from numpy's default_rng(seed),
+            copied to the device). drop_policy: "position" (first C pairs in priority order) or
+            "probs" (each expert keeps its C highest gates, ties to the earlier pair).
         The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
             raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe[cuda]')")
         capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
                                                   allow_none=True)
         min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-        priority = _checks.choice("priority", priority, ("choice", "score", "token"))
+        priority = _checks.choice("priority", priority, ("choice", "score", "token", "random"))
+        drop_policy = _checks.choice("drop_policy", drop_policy, ("position", "probs"))
+        if priority == "random" and seed is None:
+            raise ValueError("seed: priority='random' needs a seed")
         xp = self.memory.xp
         probs, index, gate = self.softmax_top_k(router_logits, k, normalize, check="defer")
         T, E = probs.shape
@@ -476,17 +478,21 @@ class CudaBackend:
             top1 = -probs.max(axis=1) if T else xp.zeros(0, probs.dtype)
             order = (xp.argsort(top1, kind="stable") if xp is np else xp.argsort(top1))
             order = order.astype(np.int64)
+        elif priority == "random":
+            seed = _checks.integer("seed", seed)
+            order = xp.asarray(np.random.default_rng(seed).permutation(T).astype(np.int64))
         major = priority == "token"
+        score = gate if drop_policy == "probs" else None
         if capacity_factor is None:  # dropless: the largest load, known after counting
             position, owner, load = self.assign_slots(index, order, E, T, token_major=major,
-                                                      check="defer")
+                                                      score=score, check="defer")
             self.check_status()
             C = expert_capacity(T, E, k, None, min_capacity, self.memory.to_host(load))
             owner = xp.ascontiguousarray(owner[:, :C]) if C <= T else owner
         else:
             C = expert_capacity(T, E, k, capacity_factor, min_capacity)
             position, owner, load = self.assign_slots(index, order, E, C, token_major=major,
-                                                      check="defer")
+                                                      score=score, check="defer")
             self.check_status()
         gate = xp.where(position >= 0, gate, 0).astype(gate.dtype)
         return DeviceRouting(probs, index, gate, position, owner, load, order, C)

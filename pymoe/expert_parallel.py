@@ -36,6 +36,7 @@ import numpy as np
 from . import _checks, grouped
 from .capacity import expert_capacity
 from .layer import MoELayer
+from .routing import Routing
 
 EXCHANGES = ("exact", "fixed")
 DIRECTIONS = ("dispatch", "combine", "grad_dispatch", "grad_combine")
@@ -275,7 +276,9 @@ class ExpertParallelMoE:
         MPI = mpi()
         self.comm = MPI.COMM_WORLD if comm is None else comm
         P, rank = self.comm.Get_size(), self.comm.Get_rank()
-        problem, cfg, digests = None, None, None
+        problem: str | None = None
+        cfg: dict[str, Any] = {}
+        digests: dict[str, str] = {}
         try:  # find local problems first, then decide together: nobody waits for a rank that left
             if not isinstance(layer, MoELayer):
                 raise TypeError(f"layer: expected a pymoe.MoELayer, got {type(layer).__name__}")
@@ -320,7 +323,7 @@ class ExpertParallelMoE:
             "w_router": layer.params["w_router"], "b_router": layer.params["b_router"],
             **{n: layer.params[n][sl].copy() for n in EXPERT_PARAMS}}
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
-        self.routing = None
+        self.routing: Routing | None = None
         self.aux_loss = self.z_loss = 0.0
         self.stats = StepStats(rank, P, self.exchange)
         self._cache: tuple[tuple[int, ...], np.dtype, grouped.GroupsCache] | None = None
@@ -377,6 +380,7 @@ class ExpertParallelMoE:
         except (TypeError, ValueError) as err:
             problem = str(err)
         self._agree(problem)
+        assert self._cache is not None  # _agree raised on every rank otherwise
         x_shape, x_dtype, gc = self._cache
         L = self.layer
         dy2 = dy.reshape(-1, L.d_model).astype(L.dtype, copy=False)

@@ -37,6 +37,20 @@ def dispatch_indexed(x: np.ndarray, slot_owner: np.ndarray, k: int,
     return expert_in.reshape(E, C, D)
 
 
+def kept_rows(expert_out: np.ndarray, expert_index: np.ndarray, position: np.ndarray,
+              j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Choice j's kept pairs and the expert rows they read.
+
+    Returns:
+        kept `<bool>[T]` (position[:, j] >= 0) and rows `[n, D]` = expert_out[e_tj, position_tj]
+        for the n kept tokens, in token order (a fresh array).
+    """
+    E, C, D = expert_out.shape
+    kept = position[:, j] >= 0  # [T]
+    rows = expert_out.reshape(E * C, D)[expert_index[kept, j] * C + position[kept, j]]  # [n, D]
+    return kept, rows
+
+
 def combine_indexed(expert_out: np.ndarray, expert_index: np.ndarray, position: np.ndarray,
                     weight: np.ndarray | None = None) -> np.ndarray:
     """Weighted sum of each token's expert outputs.
@@ -49,13 +63,10 @@ def combine_indexed(expert_out: np.ndarray, expert_index: np.ndarray, position: 
         y `[T, D]`: y[t] = sum over kept j, in order j = 0..K-1, of weight[t, j] *
         expert_out[e_tj, position_tj]; a token with every choice dropped gets 0.
     """
-    E, C, D = expert_out.shape
     T, K = position.shape
-    flat_out = expert_out.reshape(E * C, D)  # [E*C, D]
-    y = np.zeros((T, D), dtype=expert_out.dtype)  # [T, D]
+    y = np.zeros((T, expert_out.shape[2]), dtype=expert_out.dtype)  # [T, D]
     for j in range(K):
-        kept = position[:, j] >= 0  # [T]
-        rows = flat_out[expert_index[kept, j] * C + position[kept, j]]  # [n, D]
+        kept, rows = kept_rows(expert_out, expert_index, position, j)  # [T], [n, D]
         if weight is not None:
             rows *= weight[kept, j].astype(expert_out.dtype)[:, None]
         y[kept] += rows
@@ -69,12 +80,9 @@ def gate_grad_indexed(dy: np.ndarray, expert_out: np.ndarray, expert_index: np.n
     Returns:
         dgate `[T, K]` = <dy[t], expert_out[e_tj, position_tj]> for kept pairs, 0 for dropped ones.
     """
-    E, C, D = expert_out.shape
     T, K = position.shape
-    flat_out = expert_out.reshape(E * C, D)  # [E*C, D]
     dgate = np.zeros((T, K), dtype=expert_out.dtype)  # [T, K]
     for j in range(K):
-        kept = position[:, j] >= 0  # [T]
-        rows = flat_out[expert_index[kept, j] * C + position[kept, j]]  # [n, D]
+        kept, rows = kept_rows(expert_out, expert_index, position, j)  # [T], [n, D]
         dgate[kept, j] = np.einsum("nd,nd->n", dy[kept], rows)
     return dgate

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import memory
+from .dense import one_hot
 
 
 def expert_mask(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
@@ -21,7 +22,7 @@ def expert_mask(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
         `<bool>[T, K, E]` with mask[t, j, e] True iff token t's j-th choice is expert e; each
         [t, j] row holds exactly one True (one byte per entry: this is the largest array here).
     """
-    return expert_index[..., None] == np.arange(num_experts)  # [T, K, E]
+    return one_hot(expert_index, num_experts)  # [T, K, E]
 
 
 def priority_order(probs: np.ndarray, priority: str) -> np.ndarray:

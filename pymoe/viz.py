@@ -10,7 +10,8 @@ display and leaves the user's pyplot backend alone.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def routing_heatmap(routing: Routing, path: str, *, title: str | None = None,
             cells = []
             for e in range(E):
                 mark = " "
-                for j in np.nonzero(routing.expert_index[t] == e)[0]:
+                for j in np.nonzero(routing.expert_index[t] == e)[0].tolist():
                     mark = str(j + 1) if routing.kept[t, j] else "x"
                 cells.append(_shade(routing.probs[t, e], vmax) * 2 + mark)
             lines.append(f"t{t:<5d}" + " ".join(cells))
@@ -87,13 +88,13 @@ def routing_heatmap(routing: Routing, path: str, *, title: str | None = None,
     im = ax.imshow(routing.probs[:n], aspect="auto", cmap="Blues", vmin=0)
     for t in range(n):
         for j in range(routing.k):
-            e = routing.expert_index[t, j]
+            chosen = int(routing.expert_index[t, j])
             if routing.kept[t, j]:
-                ax.text(e, t, str(j + 1), ha="center", va="center", fontsize=9,
-                        color="white" if routing.probs[t, e] > 0.5 * routing.probs[:n].max()
+                ax.text(chosen, t, str(j + 1), ha="center", va="center", fontsize=9,
+                        color="white" if routing.probs[t, chosen] > 0.5 * routing.probs[:n].max()
                         else "black", fontweight="bold")
             else:
-                ax.plot(e, t, marker="x", color="red", markersize=11, mew=2.5)
+                ax.plot(chosen, t, marker="x", color="red", markersize=11, mew=2.5)
     ax.set_xlabel("expert")
     ax.set_ylabel("token")
     ax.set_xticks(range(E))
@@ -180,13 +181,13 @@ def expert_load_bars(routings: Routing | Mapping[str, Routing], path: str) -> An
     fig = _figure(3.2 + 3.6 * len(items), 4.0)
     axes = fig.subplots(1, len(items), squeeze=False, sharey=True)[0]  # compare panels by eye
     for ax, (label, r) in zip(axes, items.items()):
-        e = np.arange(r.num_experts)
-        ax.bar(e - 0.2, r.expert_load, 0.4, label="before dropping", color="tab:orange")
-        ax.bar(e + 0.2, r.expert_load_kept, 0.4, label="after dropping", color="tab:blue")
+        xs = np.arange(r.num_experts)
+        ax.bar(xs - 0.2, r.expert_load, 0.4, label="before dropping", color="tab:orange")
+        ax.bar(xs + 0.2, r.expert_load_kept, 0.4, label="after dropping", color="tab:blue")
         ax.axhline(r.capacity, color="k", ls="--", lw=1, label=f"capacity C = {r.capacity}")
         ax.set_xlabel("expert")
         ax.set_ylabel("assignments (token, choice)")
-        ax.set_xticks(e)
+        ax.set_xticks(xs)
         ax.set_title(f"{label + chr(10) if label else ''}expert load: {r.dropped_fraction:.1%} of "
                      "(token, choice) pairs dropped", fontsize=10)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
@@ -308,8 +309,8 @@ def benchmark_bars(rows: Sequence[Any], path: str, *, reference: float | None = 
         impls = list(dict.fromkeys(r.impl for r in srows))
         width = 0.8 / max(len(impls), 1)
         for i, impl in enumerate(impls):
-            vals = [next((r.gbps for r in srows if r.op == op and r.impl == impl), 0) for op in ops]
-            ax.bar([o + i * width for o in range(len(ops))], vals, width, label=impl)
+            bars = [next((r.gbps for r in srows if r.op == op and r.impl == impl), 0) for op in ops]
+            ax.bar([o + i * width for o in range(len(ops))], bars, width, label=impl)
         if reference:
             ax.axhline(reference, color="k", ls="--", lw=1, label=f"np.copyto {reference:.1f} GB/s")
         ax.set_xticks([o + width * (len(impls) - 1) / 2 for o in range(len(ops))], ops)

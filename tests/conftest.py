@@ -1,10 +1,12 @@
-"""Shared pytest setup: hypothesis profiles and small helpers."""
+"""Shared pytest setup: hypothesis profiles, fixtures and the gpu marker (helpers live in helpers.py)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 import pytest
+
+from helpers import cuda_build_module, gpu_visible
 
 try:
     from hypothesis import HealthCheck, settings
@@ -18,34 +20,6 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is in the test extra; the property tests skip without it
     pass
-
-
-# ------------------------------------------------------------------ optional packages
-def require_optional(available: bool, reason: str, *, module_level: bool = False) -> None:
-    """Skip a test whose optional package (an extra) is missing, saying why; under
-    PYMOE_REQUIRE_OPTIONAL=1 (CI's main run, which installs every extra) fail instead, so that a
-    broken install cannot pass as 'skipped'. module_level: called at a test module's top level
-    (skips, or fails, the whole module)."""
-    if available:
-        return
-    if os.environ.get("PYMOE_REQUIRE_OPTIONAL") == "1":
-        pytest.fail(f"PYMOE_REQUIRE_OPTIONAL=1 but {reason}", pytrace=False)
-    pytest.skip(reason, allow_module_level=module_level)
-
-
-def optional_import(name: str, extra: str, *, module_level: bool = False):
-    """import `name`, or require_optional's skip/fail naming the extra that provides it. The
-    package's own import-time warnings (CPU-only notices of DeepSpeed, Megatron-Core) are muted."""
-    import importlib
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return importlib.import_module(name)
-    except ImportError as err:
-        require_optional(False, f"{name} is not importable (pip install 'pymoe[{extra}]'): {err}",
-                         module_level=module_level)
 
 
 @pytest.fixture
@@ -68,42 +42,11 @@ def c_backend():
 
 
 # ------------------------------------------------------------------------------- CUDA
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cuda_build_module():
-    """csrc/cuda/build.py, imported from the source tree (it is not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "pymoe_cuda_build", os.path.join(REPO, "csrc", "cuda", "build.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _gpu_visible() -> tuple[bool, str]:
-    try:
-        import cupy
-    except ImportError:
-        return False, "CuPy is not installed (pip install 'pymoe[cuda]')"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError as err:  # no driver, or a driver but no device
-        return False, f"no GPU: {err}"
-    return (n > 0), f"{n} GPU(s) visible" if n else "no GPU visible"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU and CuPy; deselected automatically "
-                                       "when no device is visible, selected when one is")
-
-
 def pytest_collection_modifyitems(config, items):
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
-    visible, why = _gpu_visible()
+    visible, why = gpu_visible()
     config._pymoe_gpu_note = f"{len(gpu)} gpu tests {'selected' if visible else 'deselected'}: {why}"
     if not visible:
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 import pymoe
+from pymoe import c_backend as cb
 
-OK, ERR_SIZE, ERR_NULL, ERR_EXPERT, ERR_POSITION, ERR_OWNER, ERR_ORDER = 0, -1, -2, -3, -4, -5, -6
+_be, _ = cb.load()  # None when the core is not built: then every test that calls C skips
+OK, ERR_SIZE, ERR_NULL, ERR_EXPERT, ERR_POSITION, ERR_OWNER, ERR_ORDER = (
+    (None,) * 7 if _be is None else
+    (getattr(_be.lib, f"PYMOE_{n}") for n in ("OK", "ERR_SIZE", "ERR_NULL", "ERR_EXPERT",
+                                              "ERR_POSITION", "ERR_OWNER", "ERR_ORDER")))
 BIG = 2**62
 
 
@@ -28,6 +33,7 @@ def raw(c_backend):
         return ffi.new(f"{ctype}[]", values) if values else ffi.NULL
 
     return ffi, lib, buf
+
 
 
 def _slots(raw, expert_index, T, K, E, C, order=None):
@@ -102,6 +108,19 @@ def test_combine_and_gate_grad_reject_bad_pairs(raw, fn):
 
 
 # ------------------------------------------------- the Python wrapper names what is wrong
+
+def test_error_messages_come_from_the_c_core(c_backend):
+    ffi, lib = c_backend.ffi, c_backend.lib
+    codes = [OK, ERR_SIZE, ERR_NULL, ERR_EXPERT, ERR_POSITION, ERR_OWNER, ERR_ORDER,
+             lib.PYMOE_ERR_NOMEM, lib.PYMOE_ERR_NAN]
+    messages = [ffi.string(lib.pymoe_error_string(c)).decode() for c in codes]
+    assert len(set(messages)) == len(codes) and "unknown error code" not in messages
+    assert messages[5] == "a slot_owner entry is outside [-1, T*K)"
+    assert ffi.string(lib.pymoe_error_string(12345)) == b"unknown error code"
+    with pytest.raises(ValueError, match=r"C core dispatch: a slot_owner entry is outside "
+                                         r"\[-1, T\*K\) \(error code -5\)"):
+        c_backend._check("dispatch", ERR_OWNER)
+
 
 def test_wrapper_names_bad_arguments(c_backend):
     x = np.zeros((3, 4), np.float32)

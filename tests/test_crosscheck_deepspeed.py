@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import optional_import
 from crosscheck import CASES, Outcome, assert_same, ours
+from helpers import import_optional
 
-torch = optional_import("torch", "crosscheck", module_level=True)
-sharded_moe = optional_import("deepspeed.moe.sharded_moe", "crosscheck", module_level=True)
+torch = import_optional("torch", "crosscheck", module_level=True)
+sharded_moe = import_optional("deepspeed.moe.sharded_moe", "crosscheck", module_level=True)
 
 T, E = 48, 8
 

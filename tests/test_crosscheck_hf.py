@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import optional_import
 from crosscheck import CASES, Outcome, assert_same, combine_from_slots, ours, tied_logits
+from helpers import import_optional
 
-torch = optional_import("torch", "crosscheck", module_level=True)
-transformers = optional_import("transformers", "crosscheck", module_level=True)
+torch = import_optional("torch", "crosscheck", module_level=True)
+transformers = import_optional("transformers", "crosscheck", module_level=True)
 from transformers.models.gpt_oss import modeling_gpt_oss  # noqa: E402
 from transformers.models.mixtral import modeling_mixtral  # noqa: E402
 from transformers.models.olmoe import modeling_olmoe  # noqa: E402

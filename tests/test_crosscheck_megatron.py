@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import optional_import
 from crosscheck import CASES, Outcome, assert_same, ours, tied_logits
+from helpers import import_optional
 
-torch = optional_import("torch", "crosscheck", module_level=True)
-moe_utils = optional_import("megatron.core.transformer.moe.moe_utils", "crosscheck", module_level=True)
+torch = import_optional("torch", "crosscheck", module_level=True)
+moe_utils = import_optional("megatron.core.transformer.moe.moe_utils", "crosscheck", module_level=True)
 
 T, E = 48, 8
 

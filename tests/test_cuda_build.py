@@ -6,8 +6,8 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, _gpu_visible, cuda_build_module
 
+from helpers import REPO, cuda_build_module, gpu_visible
 from pymoe import cuda_backend
 
 NVCC = os.environ.get("NVCC", "nvcc")
@@ -60,7 +60,7 @@ def real_library(tmp_path_factory):
 def test_without_a_gpu_the_backend_says_why(real_library):
     """Import works, backends() names the CUDA error, asking for it raises with that name, and
     nothing hangs (a subprocess with a deadline)."""
-    visible, _ = _gpu_visible()
+    visible, _ = gpu_visible()
     if visible:
         pytest.skip("a GPU is visible here: the no-GPU path cannot be observed")
     script = textwrap.dedent("""

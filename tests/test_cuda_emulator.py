@@ -5,9 +5,9 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, cuda_build_module
 
 import pymoe
+from helpers import REPO, cuda_build_module
 from pymoe import cuda_backend
 from pymoe.numpy_backend import NumpyBackend
 
@@ -103,3 +103,27 @@ def test_kernel_tests_catch_a_missing_barrier(tmp_path):
                 assert "shared-memory race" in str(err), (name, err)
                 continue
         assert want is not None and not np.allclose(got, want), f"{name} ran right without barriers"
+
+
+def test_results_do_not_depend_on_the_thread_order(cuda_emulator_path, monkeypatch):
+    """The same launches under three thread-order seeds: the same integers and the same bits
+    (a kernel whose result depended on the order its threads happen to run in would differ)."""
+    be, info = cuda_backend.load(cuda_emulator_path)
+    assert be is not None, info.detail
+    rng = np.random.default_rng(2)
+    T, E, K, D = 200, 7, 2, 20
+    logits = np.round(rng.normal(size=(T, E)), 1)
+    r = pymoe.route(logits, K, 0.9, priority="score")
+    x = rng.normal(size=(T, D))
+    results = []
+    for seed in ("1", "2", "3"):
+        monkeypatch.setenv("PYMOE_EMU_SEED", seed)
+        with be.block_size(64):
+            _, index, gate = be.softmax_top_k(logits, K)
+            slots = be.assign_slots(index, r.token_order, E, r.capacity, score=gate)
+            ein = be.dispatch(x, slots[1], K, gate)
+            g = be.gate_grad(x, ein, index, slots[0])
+        results.append([index, gate, *slots, ein, g])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 def pair_order(token_order, T, K, token_major):
-    """Every (t, j) in the order pairs claim slots (the slot rules of docs/ and HELPERS)."""
+    """Every (t, j) in the order pairs claim slots: choice-major or token-major."""
     order = np.arange(T) if token_order is None else token_order
     if token_major:
         return [(int(t), j) for t in order for j in range(K)]
@@ -44,6 +44,15 @@ def ref_assign_slots(expert_index, token_order, E, C, token_major=False, score=N
             owner[e, filled[e]] = t * K + j
         filled[e] += 1
     return position, owner, load
+
+
+@pytest.fixture(scope="module")
+def c_core():
+    """[the C backend] when it is built, else []: its top_k is the twin of the CUDA one."""
+    from pymoe import c_backend
+
+    be, _ = c_backend.load()
+    return [be] if be is not None else []
 
 
 @st.composite
@@ -102,7 +111,7 @@ def test_many_chunks_and_wide_experts(cuda_impl):
 @given(st.integers(1, 30), st.integers(1, 9), st.integers(0, 2**31), st.booleans(),
        st.sampled_from([32, 128, 1024]))
 def test_expert_choice(cuda_impl, T, E, seed, ties, block):
-    """Expert choice (Zhou et al. 2022) as HELPERS.md states it: K = E pairs per token (its experts
+    """Expert choice (Zhou et al. 2022): K = E pairs per token (its experts
     in decreasing score, ties to the lower expert), each expert takes its top-C tokens by score,
     ties to the lower token, and the taken tokens fill slots in token order."""
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
@@ -132,9 +141,11 @@ def test_expert_choice(cuda_impl, T, E, seed, ties, block):
 @given(st.integers(0, 40), st.integers(1, 70), st.integers(0, 2**31), st.booleans(),
        st.booleans(), st.sampled_from([np.float32, np.float64]),
        st.sampled_from([32, 64, 256, 1024]))
-def test_top_k_matches_the_c_contract(cuda_impl, T, E, seed, ties, with_bias, dtype, block):
+def test_top_k_matches_the_c_contract(cuda_impl, c_core, T, E, seed, ties, with_bias, dtype,
+                                      block):
     """expert_index of score + bias (ties to the lower expert, as pymoe.topk.top_k), the counts
-    per expert, and probs.sum(axis=0) bit for bit (token order, from 0)."""
+    per expert, and the column sums of probs bit for bit (token order, from 0), as C's
+    pymoe_top_k computes them."""
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
     rng = np.random.default_rng(seed)
     K = int(rng.integers(1, min(E, 8) + 1))
@@ -151,10 +162,18 @@ def test_top_k_matches_the_c_contract(cuda_impl, T, E, seed, ties, with_bias, dt
     want = np_top_k(v, K)
     np.testing.assert_array_equal(host(index), want)
     np.testing.assert_array_equal(host(load), np.bincount(want.reshape(-1), minlength=E))
-    np.testing.assert_array_equal(host(psum), probs.sum(axis=0))
+    # in token order from 0: cumsum adds sequentially (probs.sum(axis=0) does too, except at
+    # E = 1 where the axis is contiguous and NumPy sums pairwise)
+    in_order = np.cumsum(probs, axis=0)[-1] if T else np.zeros(E, dtype)
+    np.testing.assert_array_equal(host(psum), in_order)
     index2, load2, none = be.top_k(dev(score), K, None if bias is None else dev(bias))
     assert none is None
     np.testing.assert_array_equal(host(index2), want)
+    for c in c_core:  # the C twin, pymoe_top_k: the same integers and bits
+        c_index, c_load, c_sum = c.top_k(score, K, bias, probs)
+        np.testing.assert_array_equal(host(index), c_index)
+        np.testing.assert_array_equal(host(load), c_load)
+        np.testing.assert_array_equal(host(psum), c_sum)
 
 
 def test_top_k_treats_signed_zeros_as_equal(cuda_impl):
@@ -178,3 +197,35 @@ def test_wide_rows_in_the_warp_router(cuda_impl, E, block):
     np.testing.assert_allclose(host(probs).sum(axis=1), 1.0)
     with pytest.raises(ValueError, match="PYMOE_ERR_SIZE"):
         be.top_k(dev(np.zeros((2, 513))), 2)
+
+
+@pytest.mark.parametrize("priority", ["choice", "score", "token", "random"])
+@pytest.mark.parametrize("drop_policy", ["position", "probs"])
+def test_device_route_slot_rules(cuda_impl, priority, drop_policy):
+    """be.route with each priority and drop policy: the slot rules applied to its own top-K,
+    the token order of pymoe.priority (random: numpy's default_rng(seed)), and the gate."""
+    import pymoe
+
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    rng = np.random.default_rng(11)
+    T, E, K = 45, 6, 2
+    logits = np.round(rng.normal(size=(T, E)), 1)
+    d = be.route(dev(logits), K, 0.6, priority=priority, drop_policy=drop_policy, seed=5,
+                 normalize=True)
+    ref = pymoe.route(logits, K, None, normalize=True)  # top-K, gates and capacity inputs
+    np.testing.assert_array_equal(host(d.expert_index), ref.expert_index)
+    order = {"choice": None, "token": None, "score": ref.token_order if priority == "score"
+             else None, "random": np.random.default_rng(5).permutation(T)}[priority]
+    if priority == "score":
+        order = pymoe.route(logits, K, 0.6, priority="score").token_order
+        np.testing.assert_array_equal(host(d.token_order), order)
+    gate = host(d.gate)
+    score = ref.gate_before_drop if drop_policy == "probs" else None
+    want = ref_assign_slots(ref.expert_index, order, E, d.capacity, priority == "token", score)
+    for g, w in zip((d.position, d.slot_owner, d.expert_load), want, strict=True):
+        np.testing.assert_array_equal(host(g), w)
+    kept = host(d.position) >= 0
+    assert np.all(gate[~kept] == 0)
+    np.testing.assert_allclose(gate[kept], ref.gate_before_drop[kept], rtol=1e-12)
+    with pytest.raises(ValueError, match="seed: priority='random' needs a seed"):
+        be.route(dev(logits), K, priority="random")

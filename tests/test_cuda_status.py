@@ -118,3 +118,27 @@ def test_launches_do_not_read_the_global_last_error():
         src = f.read()
     assert not re.search(r"cuda(GetLast|PeekAtLast)Error\s*\(", src)
     assert "cudaLaunchKernelEx(&cfg, kernel, args...)" in src
+
+
+def test_error_messages_are_the_c_cores(be):
+    """Every pymoe error code reads the same from the CUDA library as from the C core
+    (pymoe_error_string, written once); each status bit stands for one of those codes."""
+    from pymoe import c_backend
+
+    c, info = c_backend.load()
+    if c is None:
+        pytest.skip(f"C backend unavailable: {info.detail}")
+    codes = [v for k, v in vars(c.lib).items() if k.startswith("PYMOE_ERR_")]
+    assert len(codes) >= 8
+    for code in codes:
+        want = be.ffi.string(be.lib.pymoe_cuda_error_string(code)).decode()
+        got = c.ffi.string(c.lib.pymoe_error_string(code)).decode()
+        assert want == got or (code == c.lib.PYMOE_ERR_SIZE and want.startswith(got)), code
+        assert be.ffi.string(be.lib.pymoe_cuda_error_name(code)).decode().startswith("PYMOE_ERR_")
+    bits = {be.lib.PYMOE_BAD_EXPERT: c.lib.PYMOE_ERR_EXPERT,
+            be.lib.PYMOE_BAD_POSITION: c.lib.PYMOE_ERR_POSITION,
+            be.lib.PYMOE_BAD_OWNER: c.lib.PYMOE_ERR_OWNER,
+            be.lib.PYMOE_BAD_ORDER: c.lib.PYMOE_ERR_ORDER, be.lib.PYMOE_BAD_NAN: c.lib.PYMOE_ERR_NAN}
+    for bit, code in bits.items():
+        assert be.lib.pymoe_cuda_status_code(bit) == code
+    assert be.lib.pymoe_cuda_status_code(3) == 0

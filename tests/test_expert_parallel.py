@@ -13,12 +13,12 @@ import shutil
 import subprocess
 import sys
 
-import expert_parallel_cases as epc
 import numpy as np
 import pytest
-from conftest import REPO, require_optional
 
+import expert_parallel_cases as epc
 import pymoe
+from helpers import REPO, require_optional
 
 WORKER = os.path.join(REPO, "tests", "expert_parallel_cases.py")
 TIMEOUT = 240  # seconds per mpiexec launch; a hang fails the test instead of blocking CI

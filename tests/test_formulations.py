@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from gradcheck import randomize
-from oracle import oracle_layer_forward
+from helpers import oracle_layer_forward, randomize
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given  # noqa: E402

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from gradcheck import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
+from helpers import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
 
 
 @pytest.mark.parametrize("formulation", ["indexed", "dense"])

@@ -3,7 +3,7 @@ import importlib.util
 import json
 import os
 
-from conftest import REPO
+from helpers import REPO
 
 COMMITTED = os.path.join(REPO, "docs", "walkthrough.ipynb")
 

@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 
-from conftest import REPO
+from helpers import REPO
 
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
 
@@ -17,7 +17,7 @@ def test_using_it_snippet_runs(tmp_path, monkeypatch):
            "x": rng.normal(size=(4, 16, 512)).astype(np.float32)}
     env["dy"] = np.ones_like(env["x"])
     monkeypatch.chdir(tmp_path)  # the viz calls write their pictures here
-    exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own example
+    exec(compile(code, "README.md", "exec"), env)  # the README's own example
     assert env["y"].shape == env["x"].shape and env["dx"].shape == env["x"].shape
     assert env["dlogits"].shape == (64, 8)
 

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
 OUTPUTS = os.path.join(REPO, "docs", "outputs")

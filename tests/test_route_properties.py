@@ -7,7 +7,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import pymoe  # noqa: E402
-from oracle import oracle_route, oracle_softmax  # noqa: E402
+from helpers import oracle_route, oracle_softmax  # noqa: E402
 
 
 @st.composite

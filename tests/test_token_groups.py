@@ -1,9 +1,9 @@
 """MoELayer(token_groups=G): each block of T/G tokens routed on its own (the GShard group)."""
 import numpy as np
 import pytest
-from gradcheck import FD_RTOL, numerical_grad, randomize, rel_error
 
 import pymoe
+from helpers import FD_RTOL, numerical_grad, randomize, rel_error
 from pymoe import grouped
 
 

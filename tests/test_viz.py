@@ -1,30 +1,13 @@
 """pymoe.viz: PNGs of the expected size with matplotlib, readable text without it."""
-import struct
 import sys
 
 import numpy as np
 import pytest
 
 import pymoe
+from helpers import assert_png_matches
 from pymoe import viz
 from pymoe.bench.report import Row
-
-
-def png_size(path) -> tuple[int, int]:
-    """(width, height) in pixels from a PNG's IHDR chunk."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", head[16:24])
-
-
-def assert_png_matches(path, fig) -> None:
-    """The file exists, is a real picture, and has the figure's size at viz.DPI."""
-    assert fig.dpi == viz.DPI
-    w, h = fig.canvas.get_width_height()  # pixels, as matplotlib computes them
-    assert path.stat().st_size > 5_000
-    assert png_size(path) == (w, h)
-    assert 300 <= w <= 2600 and 200 <= h <= 2600  # readable at README size, not a poster
 
 
 @pytest.fixture

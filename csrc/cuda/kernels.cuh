@@ -22,8 +22,10 @@
 //    law, 3.35 TB/s * ~600 ns latency ~ 2 MB in flight, ~15 KB per SM. A 256-thread block moving
 //    four 16-byte vectors per thread has 16 KB in flight, so 1-2 resident blocks per SM suffice;
 //    one 16-byte load per thread (the previous kernels) left 4 KB per block in flight.
-//  - Dispatch/combine at T=65536, D=4096, E=64, K=2, float32: ~1 GiB of payload each way,
-//    ~0.6 ms at copy speed. Index traffic (8 B per slot / pair) is < 0.1% of it.
+//  - Dispatch at T=65536, D=4096, E=64, K=2, capacity factor 1.25, float32 (C = 2560): it reads
+//    up to T*K = 131072 rows of 16 KiB (2 GiB) and writes E*C = 163840 rows (2.5 GiB): ~1.4 ms
+//    at copy speed; combine reads the kept rows and writes T rows (~3 GiB, ~1 ms). Index traffic
+//    (8 B per slot or pair) is < 0.1% of that.
 //  - Slot assignment at T*K = 131072 pairs, E=64: the counting sort reads the 1 MiB of indices
 //    twice and writes 2 MiB; ~2 us of bandwidth, so launch latency (~3 x 3 us) dominates. The
 //    previous kernel had E+1 blocks each reading all pairs: O(E*T*K) work and 8 busy SMs at E=8.
@@ -31,11 +33,7 @@
 
 #include <stdint.h>
 
-#define PYMOE_BAD_EXPERT 1    // an expert_index entry outside [0, E)
-#define PYMOE_BAD_POSITION 2  // a position entry outside [-1, C)
-#define PYMOE_BAD_OWNER 4     // a slot_owner entry outside [-1, T*K)
-#define PYMOE_BAD_ORDER 8     // token_order is not a permutation of 0..T-1
-#define PYMOE_BAD_NAN 16      // a NaN score, logit or bias
+#include "pymoe_cuda.h"  // the PYMOE_BAD_* status bits
 
 #define PYMOE_MAX_BLOCK 1024        // threads per block, at most
 #define PYMOE_MAX_K 1024            // choices per token for combine / gate_grad (shared memory)
@@ -232,9 +230,9 @@ top_k_kernel(int64_t *__restrict__ expert_index, unsigned long long *__restrict_
 }
 
 // column_sum_kernel: prob_sum[e] = sum over t = 0, 1, ..., T-1 of probs[t, e], from 0, in that
-// order (bit for bit NumPy's probs.sum(axis=0) and the C core). One thread per column: the adds
-// form one dependent chain per column (~4 cycles each, so ~40 us at T=16384), the price of the
-// fixed order; consecutive threads read consecutive columns (coalesced).
+// order (bit for bit the C core's pymoe_top_k, and NumPy's cumsum along t). One thread per
+// column: the adds form one dependent chain per column (~4 cycles each, so ~40 us at T=16384),
+// the price of the fixed order; consecutive threads read consecutive columns (coalesced).
 // Launch: grid = ceil(E / B), block = B.
 template <typename REAL>
 __global__ void column_sum_kernel(REAL *__restrict__ prob_sum, const REAL *__restrict__ probs,
@@ -548,25 +546,27 @@ slots_select_kernel(int64_t *__restrict__ position, int64_t *__restrict__ slot_o
 // (w = weight[t, j], or a plain copy without weight); empty slots are zeroed.
 // Dispatch's backward is combine_kernel with weight = NULL; with weight = gate and x = dy this is
 // the first half of combine's backward.
-// Launch: grid = min(E*C, 2^31 - 1) blocks striding over slot rows, block = B threads over D.
-// Each block loads the next row's owner while it moves the current row, so the index load's
+// Launch: block = B threads in B/G row groups of G threads (G a power of two in [32, B], the
+// host's choice: about D / (4 * UNROLL) vectors' worth, so each thread has PYMOE_UNROLL loads in
+// flight even for narrow rows: at D = 1024 floats, 4 rows per 256-thread block instead of one
+// row with one load per thread); grid = min(ceil(E*C / (B/G)), 2^31 - 1), striding over rows.
+// Each group loads the next row's owner while it moves the current row, so the index load's
 // latency hides behind the data. An owner outside [-1, T*K) is flagged and its row zeroed.
 // Bytes (s = sizeof(REAL)): read filled*D*s + write E*C*D*s, plus 8*E*C of indices.
 template <typename REAL>
 __device__ __forceinline__ void move_row(REAL *__restrict__ dst, const REAL *__restrict__ src,
-                                         REAL w, bool scale, int64_t D) {
+                                         REAL w, bool scale, int64_t D, int64_t g, int64_t B) {
     typedef Vec<REAL> V;
     typedef typename V::type VT;
-    const int64_t B = blockDim.x;
     int64_t head = head_of(dst);
     const bool vec = src == nullptr || head == head_of(src);
     if (!vec || head > D) head = D;
-    for (int64_t d = threadIdx.x; d < head; d += B)
+    for (int64_t d = g; d < head; d += B)
         dst[d] = !src ? (REAL)0 : scale ? w * __ldg(src + d) : __ldg(src + d);
     const int64_t nv = (D - head) / V::n;
     VT *dv = reinterpret_cast<VT *>(dst + head);
     const VT *sv = reinterpret_cast<const VT *>(src ? src + head : nullptr);
-    for (int64_t i0 = threadIdx.x; i0 < nv; i0 += B * PYMOE_UNROLL) {
+    for (int64_t i0 = g; i0 < nv; i0 += B * PYMOE_UNROLL) {
         VT a[PYMOE_UNROLL];
 #pragma unroll
         for (int u = 0; u < PYMOE_UNROLL; u++)
@@ -575,7 +575,7 @@ __device__ __forceinline__ void move_row(REAL *__restrict__ dst, const REAL *__r
         for (int u = 0; u < PYMOE_UNROLL; u++)
             if (i0 + u * B < nv) dv[i0 + u * B] = scale && sv ? V::scale(w, a[u]) : a[u];
     }
-    for (int64_t d = head + nv * V::n + threadIdx.x; d < D; d += B)
+    for (int64_t d = head + nv * V::n + g; d < D; d += B)
         dst[d] = !src ? (REAL)0 : scale ? w * __ldg(src + d) : __ldg(src + d);
 }
 
@@ -583,45 +583,55 @@ template <typename REAL>
 __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
 dispatch_kernel(REAL *__restrict__ expert_in, const REAL *__restrict__ x,
                 const REAL *__restrict__ weight, const int64_t *__restrict__ slot_owner,
-                int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, int *status) {
-    const int64_t EC = E * C, TK = T * K;
-    int64_t r = blockIdx.x;
+                int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, int group,
+                int *status) {
+    const int64_t EC = E * C, TK = T * K, rows = blockDim.x / group;
+    const int64_t g = threadIdx.x % group, stride = (int64_t)gridDim.x * rows;
+    int64_t r = (int64_t)blockIdx.x * rows + threadIdx.x / group;
     int64_t o = r < EC ? __ldg(slot_owner + r) : -1;
-    for (; r < EC; r += gridDim.x) {
-        const int64_t next = r + gridDim.x < EC ? __ldg(slot_owner + r + gridDim.x) : -1;
+    for (; r < EC; r += stride) {
+        const int64_t next = r + stride < EC ? __ldg(slot_owner + r + stride) : -1;
         if (o < -1 || o >= TK) {
-            if (threadIdx.x == 0) flag(status, PYMOE_BAD_OWNER);
+            if (g == 0) flag(status, PYMOE_BAD_OWNER);
             o = -1;
         }
         const REAL w = o >= 0 && weight ? __ldg(weight + o) : (REAL)1;
         move_row<REAL>(expert_in + r * D, o >= 0 ? x + (o / K) * D : nullptr, w,
-                       weight != nullptr, D);
+                       weight != nullptr, D, g, group);
         o = next;
     }
 }
 
-// The kept choices of token t in shared memory: row[j] = e*C + p (-1: dropped or invalid) and
-// w[j]; invalid entries flagged. Returns whether every kept row has `like`'s alignment.
+// The kept choices of tokens t0 .. t0 + n - 1 in shared memory: row[i*K + j] = e*C + p (-1:
+// dropped, invalid, or past T) and w[i*K + j]; invalid entries flagged.
 template <typename REAL, typename RowArray, typename WeightArray>
-__device__ __forceinline__ void load_pairs(RowArray &row, WeightArray &w, int64_t t,
+__device__ __forceinline__ void load_pairs(RowArray &row, WeightArray &w, int64_t t0, int64_t n,
                                            const int64_t *__restrict__ expert_index,
                                            const int64_t *__restrict__ position,
-                                           const REAL *__restrict__ weight, int64_t K, int64_t E,
-                                           int64_t C, int *status) {
-    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-        const int64_t e = __ldg(expert_index + t * K + j), p = __ldg(position + t * K + j);
-        const bool bad_e = e < 0 || e >= E, bad_p = p < -1 || p >= C;
-        if (bad_e) flag(status, PYMOE_BAD_EXPERT);
-        if (bad_p) flag(status, PYMOE_BAD_POSITION);
-        row[j] = bad_e || bad_p || p < 0 ? (int64_t)-1 : e * C + p;
-        w[j] = weight ? __ldg(weight + t * K + j) : (REAL)1;
+                                           const REAL *__restrict__ weight, int64_t T, int64_t K,
+                                           int64_t E, int64_t C, int *status) {
+    for (int64_t i = threadIdx.x; i < n * K; i += blockDim.x) {
+        const int64_t t = t0 + i / K, j = i % K;
+        int64_t r = -1;
+        REAL wj = 1;
+        if (t < T) {
+            const int64_t e = __ldg(expert_index + t * K + j), p = __ldg(position + t * K + j);
+            const bool bad_e = e < 0 || e >= E, bad_p = p < -1 || p >= C;
+            if (bad_e) flag(status, PYMOE_BAD_EXPERT);
+            if (bad_p) flag(status, PYMOE_BAD_POSITION);
+            r = bad_e || bad_p || p < 0 ? (int64_t)-1 : e * C + p;
+            if (weight) wj = __ldg(weight + t * K + j);
+        }
+        row[i] = r;
+        w[i] = wj;
     }
 }
 
 // combine_kernel: y[t, :] = sum over kept j, in order j = 0..K-1, of w * expert_out[e_tj, p_tj, :]
 // (w = weight[t, j], or 1 without weight); a token whose choices were all dropped gets zeros.
-// Launch: grid = min(T, 2^31 - 1) blocks striding over tokens, block = B threads over D.
-// The block loads the token's K (row, weight) pairs once into shared memory (one barrier), then
+// Launch: block = B threads in B/G token groups of G threads (G as for dispatch, and large enough
+// that (B/G)*K pairs fit PYMOE_MAX_K), grid = min(ceil(T / (B/G)), 2^31 - 1) striding over tokens.
+// The block loads its tokens' K (row, weight) pairs once into shared memory (one barrier), then
 // each thread keeps PYMOE_UNROLL vector accumulators in registers over the K choices and stores
 // once (no atomics, so the sum order is fixed: 0 + w0*r0 + w1*r1 ...), K*UNROLL loads in flight.
 // Bytes (s = sizeof(REAL)): read kept*D*s + write T*D*s, plus T*K*(16 + s) of indices and gates.
@@ -630,57 +640,64 @@ __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
 combine_kernel(REAL *__restrict__ y, const REAL *__restrict__ expert_out,
                const REAL *__restrict__ weight, const int64_t *__restrict__ expert_index,
                const int64_t *__restrict__ position, int64_t T, int64_t K, int64_t E, int64_t C,
-               int64_t D, int *status) {
+               int64_t D, int group, int *status) {
     typedef Vec<REAL> V;
     typedef typename V::type VT;
     PYMOE_SHARED(int64_t, row, PYMOE_MAX_K);
     PYMOE_SHARED(REAL, w, PYMOE_MAX_K);
-    const int64_t B = blockDim.x;
-    for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-        load_pairs<REAL>(row, w, t, expert_index, position, weight, K, E, C, status);
+    const int64_t B = group, rows = blockDim.x / group, g = threadIdx.x % group;
+    const int64_t mine = threadIdx.x / group * K;  // this group's pairs in row[] and w[]
+    for (int64_t t0 = (int64_t)blockIdx.x * rows; t0 < T; t0 += (int64_t)gridDim.x * rows) {
+        load_pairs<REAL>(row, w, t0, rows, expert_index, position, weight, T, K, E, C, status);
         __syncthreads();
-        REAL *out = y + t * D;
-        int64_t head = head_of(out);
-        bool vec = true;
-        for (int64_t j = 0; j < K; j++)
-            vec = vec && (row[j] < 0 || head_of(expert_out + row[j] * D) == head);
-        if (!vec || head > D) head = D;
-        for (int64_t d = threadIdx.x; d < head; d += B) {
-            REAL acc = 0;
+        const int64_t t = t0 + threadIdx.x / group;
+        if (t < T) {  // (not an early continue: every thread must reach the same barrier)
+            REAL *out = y + t * D;
+            int64_t head = head_of(out);
+            bool vec = true;
             for (int64_t j = 0; j < K; j++)
-                if (row[j] >= 0) acc = acc + w[j] * __ldg(expert_out + row[j] * D + d);
-            out[d] = acc;
-        }
-        const int64_t nv = (D - head) / V::n;
-        for (int64_t i0 = threadIdx.x; i0 < nv; i0 += B * PYMOE_UNROLL) {
-            VT acc[PYMOE_UNROLL];
-#pragma unroll
-            for (int u = 0; u < PYMOE_UNROLL; u++) acc[u] = V::zero();
-            for (int64_t j = 0; j < K; j++) {
-                const int64_t r = row[j];
-                if (r < 0) continue;
-                const REAL wj = w[j];
-                const VT *src = reinterpret_cast<const VT *>(expert_out + r * D + head);
-                VT a[PYMOE_UNROLL];
-#pragma unroll
-                for (int u = 0; u < PYMOE_UNROLL; u++)
-                    if (i0 + u * B < nv) a[u] = __ldg(src + i0 + u * B);
-#pragma unroll
-                for (int u = 0; u < PYMOE_UNROLL; u++)
-                    if (i0 + u * B < nv) acc[u] = V::axpy(wj, a[u], acc[u]);
+                vec = vec &&
+                      (row[mine + j] < 0 || head_of(expert_out + row[mine + j] * D) == head);
+            if (!vec || head > D) head = D;
+            for (int64_t d = g; d < head; d += B) {
+                REAL acc = 0;
+                for (int64_t j = 0; j < K; j++)
+                    if (row[mine + j] >= 0)
+                        acc = acc + w[mine + j] * __ldg(expert_out + row[mine + j] * D + d);
+                out[d] = acc;
             }
-            VT *dv = reinterpret_cast<VT *>(out + head);
+            const int64_t nv = (D - head) / V::n;
+            for (int64_t i0 = g; i0 < nv; i0 += B * PYMOE_UNROLL) {
+                VT acc[PYMOE_UNROLL];
 #pragma unroll
-            for (int u = 0; u < PYMOE_UNROLL; u++)
-                if (i0 + u * B < nv) dv[i0 + u * B] = acc[u];
+                for (int u = 0; u < PYMOE_UNROLL; u++) acc[u] = V::zero();
+                for (int64_t j = 0; j < K; j++) {
+                    const int64_t r = row[mine + j];
+                    if (r < 0) continue;
+                    const REAL wj = w[mine + j];
+                    const VT *src = reinterpret_cast<const VT *>(expert_out + r * D + head);
+                    VT a[PYMOE_UNROLL];
+#pragma unroll
+                    for (int u = 0; u < PYMOE_UNROLL; u++)
+                        if (i0 + u * B < nv) a[u] = __ldg(src + i0 + u * B);
+#pragma unroll
+                    for (int u = 0; u < PYMOE_UNROLL; u++)
+                        if (i0 + u * B < nv) acc[u] = V::axpy(wj, a[u], acc[u]);
+                }
+                VT *dv = reinterpret_cast<VT *>(out + head);
+#pragma unroll
+                for (int u = 0; u < PYMOE_UNROLL; u++)
+                    if (i0 + u * B < nv) dv[i0 + u * B] = acc[u];
+            }
+            for (int64_t d = head + nv * V::n + g; d < D; d += B) {
+                REAL acc = 0;
+                for (int64_t j = 0; j < K; j++)
+                    if (row[mine + j] >= 0)
+                        acc = acc + w[mine + j] * __ldg(expert_out + row[mine + j] * D + d);
+                out[d] = acc;
+            }
         }
-        for (int64_t d = head + nv * V::n + threadIdx.x; d < D; d += B) {
-            REAL acc = 0;
-            for (int64_t j = 0; j < K; j++)
-                if (row[j] >= 0) acc = acc + w[j] * __ldg(expert_out + row[j] * D + d);
-            out[d] = acc;
-        }
-        __syncthreads();  // row/w are read before the next token overwrites them
+        __syncthreads();  // row/w are read before the next tokens overwrite them
     }
 }
 
@@ -688,11 +705,11 @@ combine_kernel(REAL *__restrict__ y, const REAL *__restrict__ expert_out,
 // gate_grad_kernel: dgate[t, j] = <dy[t, :], expert_out[e_tj, p_tj, :]> for kept pairs, 0 for
 // dropped ones (the second half of combine's backward).
 // Launch: grid = min(T, 2^31 - 1) blocks striding over tokens, block = B threads.
-// The token's pairs are loaded once (shared memory); then choices go in groups of GG = 8: one
-// pass over D loads each dy vector once and dots it with the group's GG rows (GG partial sums
-// in registers), so dy is read ceil(K / 4) times, from L1 after the first (a group of 8 spilled
-// on sm_80 under the 64-register cap of 1024-thread blocks). Each partial is
-// reduced by a warp butterfly, then the warps' sums are added in warp order by one thread per
+// The token's pairs are loaded once (shared memory); then choices go in groups of 4: one pass
+// over D loads each dy vector once and dots it with the group's 4 rows (4 partial sums in
+// registers), so dy is read ceil(K / 4) times, from L1 after the first (a group of 8 spilled on
+// sm_80 under the 64-register cap of 1024-thread blocks). Each partial is reduced by a warp
+// butterfly, then the warps' sums are added in warp order by one thread per
 // choice: a fixed order, so the result never depends on timing.
 // Bytes (s = sizeof(REAL)): read (T + kept)*D*s, write T*K*s, plus T*K*16 of indices.
 #define PYMOE_GATE_GROUP 4
@@ -710,9 +727,8 @@ gate_grad_kernel(REAL *__restrict__ dgate, const REAL *__restrict__ dy,
     const int64_t B = blockDim.x;
     const int lane = threadIdx.x % 32, wp = threadIdx.x / 32, W = blockDim.x / 32;
     for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-        load_pairs<REAL>(row, unit_weight, t, expert_index, position, (const REAL *)nullptr, K, E,
-                         C,
-                         status);
+        load_pairs<REAL>(row, unit_weight, t, 1, expert_index, position, (const REAL *)nullptr, T,
+                         K, E, C, status);
         __syncthreads();
         const REAL *g = dy + t * D;
         for (int64_t j0 = 0; j0 < K; j0 += PYMOE_GATE_GROUP) {

@@ -6,6 +6,7 @@
 
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "pymoe_cuda.h"
@@ -33,6 +34,7 @@ static cudaError_t launch_kernel(void (*kernel)(Params...), unsigned grid, unsig
 #endif
 
 #include "../internal.h"  // check_sizes, size_mul, REQUIRE and PYMOE_ERR_*, shared with the C core
+#include "../errors.c"    // pymoe_error_string: the C core's messages, written once
 #include "kernels.cuh"
 
 namespace {
@@ -179,6 +181,17 @@ int assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
     return (int)e;
 }
 
+// Threads per row group for the row kernels: enough for one vector per thread per unrolled step
+// (about D / (vector width * PYMOE_UNROLL)), a power of two in [32, block], and at least
+// block * K / PYMOE_MAX_K so that the block's (row, weight) pairs fit its shared arrays.
+template <typename REAL>
+int row_group(int64_t D, int64_t K, int block) {
+    const int64_t want = (D * (int64_t)sizeof(REAL) + 16 * PYMOE_UNROLL - 1) / (16 * PYMOE_UNROLL);
+    int g = 32;
+    while (g < block && (g < want || (int64_t)(block / g) * K > PYMOE_MAX_K)) g *= 2;
+    return g;
+}
+
 template <typename REAL>
 int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *slot_owner,
              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream) {
@@ -187,8 +200,10 @@ int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *
     if (err) return err;
     REQUIRE(expert_in, s.ECD); REQUIRE(x, s.TD); REQUIRE(slot_owner, s.EC);
     if (s.EC == 0) return 0;
-    return PYMOE_LAUNCH(dispatch_kernel<REAL>, grid_for(s.EC), t_block, 0, (cudaStream_t)stream,
-                        expert_in, x, weight, slot_owner, T, K, E, C, D, status);
+    const int group = row_group<REAL>(D, 1, t_block), rows = t_block / group;
+    return PYMOE_LAUNCH(dispatch_kernel<REAL>, grid_for((s.EC + rows - 1) / rows), t_block, 0,
+                        (cudaStream_t)stream, expert_in, x, weight, slot_owner, T, K, E, C, D,
+                        group, status);
 }
 
 template <typename REAL>
@@ -202,8 +217,10 @@ int combine(REAL *y, const REAL *expert_out, const REAL *weight, const int64_t *
     REQUIRE(y, s.TD); REQUIRE(expert_out, s.ECD);
     REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
     if (T == 0) return 0;
-    return PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for(T), t_block, 0, (cudaStream_t)stream,
-                             y, expert_out, weight, expert_index, position, T, K, E, C, D, status);
+    const int group = row_group<REAL>(D, K, t_block), rows = t_block / group;
+    return PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for((T + rows - 1) / rows), t_block, 0,
+                             (cudaStream_t)stream, y, expert_out, weight, expert_index, position,
+                             T, K, E, C, D, group, status);
 }
 
 template <typename REAL>
@@ -250,17 +267,34 @@ const char *pymoe_cuda_error_name(int code) {
     switch (code) {
         case PYMOE_ERR_SIZE: return "PYMOE_ERR_SIZE";
         case PYMOE_ERR_NULL: return "PYMOE_ERR_NULL";
+        case PYMOE_ERR_EXPERT: return "PYMOE_ERR_EXPERT";
+        case PYMOE_ERR_POSITION: return "PYMOE_ERR_POSITION";
+        case PYMOE_ERR_OWNER: return "PYMOE_ERR_OWNER";
+        case PYMOE_ERR_ORDER: return "PYMOE_ERR_ORDER";
+        case PYMOE_ERR_NOMEM: return "PYMOE_ERR_NOMEM";
+        case PYMOE_ERR_NAN: return "PYMOE_ERR_NAN";
         default: return code < 0 ? "PYMOE_ERR_UNKNOWN" : cudaGetErrorName((cudaError_t)code);
     }
 }
 
 const char *pymoe_cuda_error_string(int code) {
-    switch (code) {
-        case PYMOE_ERR_SIZE:
-            return "a size is negative, inconsistent (K > E, E too large for the router or the "
-                   "slot kernels, K too large for combine), or overflows";
-        case PYMOE_ERR_NULL: return "a NULL pointer was passed for a non-empty array";
-        default: return code < 0 ? "unknown pymoe error" : cudaGetErrorString((cudaError_t)code);
+    if (code == PYMOE_ERR_SIZE) {  // the C core's message, and the limits only the kernels have
+        static const std::string size = std::string(pymoe_error_string(code)) +
+            ", or a size passes a CUDA kernel limit (E <= 512 for top-K, E <= 12288 and "
+            "T*K < 2^31 for slot assignment, K <= 1024 for combine and gate_grad)";
+        return size.c_str();
+    }
+    return code < 0 ? pymoe_error_string(code) : cudaGetErrorString((cudaError_t)code);
+}
+
+int pymoe_cuda_status_code(int bit) {
+    switch (bit) {
+        case PYMOE_BAD_EXPERT: return PYMOE_ERR_EXPERT;
+        case PYMOE_BAD_POSITION: return PYMOE_ERR_POSITION;
+        case PYMOE_BAD_OWNER: return PYMOE_ERR_OWNER;
+        case PYMOE_BAD_ORDER: return PYMOE_ERR_ORDER;
+        case PYMOE_BAD_NAN: return PYMOE_ERR_NAN;
+        default: return 0;
     }
 }
 

@@ -27,12 +27,22 @@ extern "C" {
 #endif
 
 /* cdef-begin */
+/* Status bits the kernels OR into the status word: each stands for the C core's error code of the
+ * same name (PYMOE_ERR_EXPERT, ...), whose message pymoe_cuda_error_string gives. */
+#define PYMOE_BAD_EXPERT 1    /* an expert_index entry outside [0, E) */
+#define PYMOE_BAD_POSITION 2  /* a position entry outside [-1, C) */
+#define PYMOE_BAD_OWNER 4     /* a slot_owner entry outside [-1, T*K) */
+#define PYMOE_BAD_ORDER 8     /* token_order is not a permutation of 0..T-1 */
+#define PYMOE_BAD_NAN 16      /* a NaN score, logit or bias */
+/* The PYMOE_ERR_* code of status bit `bit` (0 for a value that is not one status bit). */
+int pymoe_cuda_status_code(int bit);
 /* Devices: *count = visible devices (0 on error); get/set the calling thread's current device.
  * Each returns a cudaError_t (0 = success). */
 int pymoe_cuda_device_count(int *count);
 int pymoe_cuda_get_device(int *device);
 int pymoe_cuda_set_device(int device);
-/* Names for any code these functions return (negative: pymoe's own, positive: cudaError_t). */
+/* Names and messages for any code these functions return (negative: pymoe's own, with the C
+ * core's messages, pymoe_error_string; positive: cudaError_t). */
 const char *pymoe_cuda_error_name(int code);
 const char *pymoe_cuda_error_string(int code);
 /* 1 when this library is the CPU emulation built by `build.py --emulate`. */

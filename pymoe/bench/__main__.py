@@ -19,14 +19,10 @@ import sys
 
 import numpy as np
 
-from ..backends import backends, get_backend
+from ..backends import backends
 from . import torch_peer
-from .layer import expert_flops, layer_contenders
-from .ops import OPS, c_core, make_problem, numpy_dense, numpy_indexed, op_bytes
+from .cpu import bench_layer, bench_ops, copy_bandwidth
 from .report import Row, format_table, markdown_table, plot, write_json
-from .timing import time_round_robin
-
-TARGET = dict(T=16384, D=1024, E=64, K=2)  # the issue's target problem
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +49,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, nargs="+", default=[256],
                     help="cuda: threads per block, one set of rows each (default 256)")
     args = ap.parse_args(argv)
-    defaults = {  # (T, D, E, K): the issue's problems; --quick: a smoke test in seconds
+    defaults = {  # (T, D, E, K); --quick: a smoke test in seconds
         ("cpu", False): (16384, 1024, [8, 64], [1, 2]), ("cpu", True): (2048, 256, [8], [2]),
         ("cuda", False): (65536, 4096, [64], [2]), ("cuda", True): (256, 64, [8], [2])}
     T, D, E, K = defaults[(args.backend, args.quick)]
@@ -74,105 +70,6 @@ def meta_info(torch_info: str, wait_policy: str | None) -> dict:
                                 "C core": os.environ.get("OMP_WAIT_POLICY", "unset")}}
 
 
-COPY = "np.copyto (baseline)"
-
-
-def bench_problem(args, E: int, K: int) -> list[Row]:
-    p = make_problem(args.T, args.D, E, K, args.capacity_factor, np.dtype(args.dtype))
-    sec, nbytes, rows = p.label(), op_bytes(p), []
-    src, dst = np.ones_like(p.expert_out), np.empty_like(p.expert_out)  # an expert buffer's size
-    contenders: dict[str, dict] = {}
-    skipped: dict[str, str] = {}
-    dense = "skipped (--no-dense)" if args.no_dense else numpy_dense(p)
-    if isinstance(dense, str):
-        skipped["numpy dense"] = dense
-    else:
-        contenders["numpy dense"] = dense
-    contenders["numpy indexed"] = numpy_indexed(p)
-    if backends()["c"].available:
-        be = get_backend("c")
-        contenders["C 1 thread"] = c_core(p, be, 1)
-        if be.max_threads > 1:
-            contenders[f"C {be.max_threads} threads"] = c_core(p, be, be.max_threads)
-    else:
-        skipped["C"] = backends()["c"].detail
-    torch_ok, torch_why = torch_peer.available()
-    variants = torch_peer.torch_op_variants(p) if torch_ok and not args.no_torch else {}
-    if not variants:
-        skipped["torch"] = "skipped (--no-torch)" if args.no_torch else torch_why
-    for op in OPS:
-        fns = {COPY: lambda: np.copyto(dst, src)}
-        fns.update({impl: ops[op] for impl, ops in contenders.items()})
-        fns.update({f"torch: {v}": fn for v, fn in variants.get(op, {}).items()})
-        times = time_round_robin(fns, args.repeats)
-        copy_gbps = 2 * src.nbytes / times[COPY][0] / 1e9
-        rows.append(Row(sec, op, COPY, times.pop(COPY)[0] * 1e3, copy_gbps, 1.0,
-                        note=f"{2 * src.nbytes / 1e6:.0f} MB read + written"))
-        best_torch = min((n for n in times if n.startswith("torch: ")), key=lambda n: times[n][0],
-                         default=None)
-        for impl, (t, runs) in times.items():
-            if impl.startswith("torch: ") and impl != best_torch:
-                continue
-            name, note = impl, "" if runs > 1 else "one timed call (slow)"
-            if impl == best_torch:
-                name, note = "torch (best index-op form)", impl[len("torch: "):]
-            gbps = nbytes[op] / t / 1e9
-            rows.append(Row(sec, op, name, t * 1e3, gbps, gbps / copy_gbps, note=note))
-        for impl, why in skipped.items():
-            rows.append(Row(sec, op, impl, None, note=why))
-    return rows
-
-
-def bench_layer(args) -> list[Row]:
-    T, D, H, E, K = args.layer
-    fns, skipped, n_rows = layer_contenders(T, D, H, E, K, args.capacity_factor,
-                                            use_torch=not args.no_torch, dense=not args.no_dense)
-    sec = (f"layer forward+backward: T={T} D={D} H={H} E={E} K={K} capacity_factor="
-           f"{args.capacity_factor:g} float32 ({n_rows} expert rows)")
-    times = time_round_robin(fns, max(3, args.repeats // 2 + 1))  # the dense layer runs apart
-    rows = [Row(sec, "fwd+bwd", name, t * 1e3, gflops=expert_flops(n_rows, D, H) / t / 1e9,
-                note="" if runs > 1 else "one timed call (slow)")
-            for name, (t, runs) in times.items()]
-    rows += [Row(sec, "fwd+bwd", name, None, note=why) for name, why in skipped.items()]
-    return rows
-
-
-def target_checks(rows: list[Row]) -> list[dict]:
-    """The issue's targets, evaluated on this run's rows (reported, never asserted)."""
-    def ms(sec_prefix, op, impl_prefix):
-        return next((r.ms for r in rows if r.section.startswith(sec_prefix) and r.op == op
-                     and r.impl.startswith(impl_prefix) and r.ms is not None), None)
-
-    def xcopy(sec_prefix, op, impl_prefix):
-        return next((r.x_copy for r in rows if r.section.startswith(sec_prefix) and r.op == op
-                     and r.impl.startswith(impl_prefix) and r.x_copy is not None), None)
-
-    sec = "T={T} D={D} E={E} K={K} ".format(**TARGET)
-    c_all = next((r.impl for r in rows if r.section.startswith(sec) and r.impl.startswith("C ")
-                  and "threads" in r.impl), "C 1 thread")
-    checks = []
-
-    def add(what, value, goal, ok):
-        checks.append({"target": what, "value": value, "goal": goal,
-                       "met": None if value is None else bool(ok(value))})
-
-    add("C dispatch, x copy bandwidth", xcopy(sec, "dispatch", c_all), ">= 0.9", lambda v: v >= 0.9)
-    add("C combine, x copy bandwidth", xcopy(sec, "combine", c_all), ">= 0.9", lambda v: v >= 0.9)
-    fwd = {impl: (ms(sec, "dispatch", impl), ms(sec, "combine", impl))
-           for impl in (c_all, "numpy indexed", "torch")}
-    fwd = {k: (a + b if a is not None and b is not None else None) for k, (a, b) in fwd.items()}
-    speed = lambda other: None if fwd[c_all] is None or fwd[other] is None \
-        else fwd[other] / fwd[c_all]  # noqa: E731
-    add("C dispatch+combine speed-up over NumPy indexed", speed("numpy indexed"), ">= 3",
-        lambda v: v >= 3)
-    add("C dispatch+combine speed-up over torch's best", speed("torch"), ">= 1.5",
-        lambda v: v >= 1.5)
-    lc, lt = ms("layer", "fwd+bwd", "C"), ms("layer", "fwd+bwd", "torch")
-    add("layer fwd+bwd, C time / torch time", None if lc is None or lt is None else lc / lt,
-        "<= 1", lambda v: v <= 1)
-    return checks
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.backend == "cuda":
@@ -187,26 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for E in args.E:
         for K in args.K:
-            new = bench_problem(args, E, K)
+            new = bench_ops(args.T, args.D, E, K, capacity_factor=args.capacity_factor,
+                            dtype=args.dtype, repeats=args.repeats, dense=not args.no_dense,
+                            torch=not args.no_torch)
             print(format_table(new), flush=True)
             rows += new
-    copies = [r.gbps for r in rows if r.impl == COPY]
-    meta["copy_gbps"] = float(np.median(copies))  # argparse guarantees at least one problem
+    meta["copy_gbps"] = copy_bandwidth(rows)  # argparse guarantees at least one problem
     print(f"\ncopy bandwidth (np.copyto, read + write; median of the per-operation baselines): "
           f"{meta['copy_gbps']:.2f} GB/s")
     if not args.no_layer:
-        new = bench_layer(args)
+        new = bench_layer(*args.layer, capacity_factor=args.capacity_factor,
+                          repeats=max(3, args.repeats // 2 + 1), dense=not args.no_dense,
+                          torch=not args.no_torch)
         print(format_table(new), flush=True)
         rows += new
-    checks = target_checks(rows)
-    if any(c["value"] is not None for c in checks):
-        print("\nTargets (on this run):")
-        for c in checks:
-            if c["value"] is not None:
-                print(f"  {c['target']:48s} {c['value']:7.2f}  goal {c['goal']:6s} "
-                      f"{'met' if c['met'] else 'NOT met'}")
     if args.json:
-        write_json(args.json, meta, rows, checks)
+        write_json(args.json, meta, rows)
         print(f"JSON written to {args.json}")
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:

@@ -47,10 +47,9 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def write_json(path: str, meta: dict, rows: list[Row], checks: list[dict]) -> None:
+def write_json(path: str, meta: dict, rows: list[Row]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows], "targets": checks}, f,
-                  indent=1)
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
 
 
 def plot(path: str, rows: list[Row], copy_gbps: float) -> str:

@@ -1,12 +1,12 @@
 """PyTorch CPU peers: the same data movement with torch index ops, and an autograd MoE layer.
 
-torch is optional (a benchmark peer and a test oracle, never a dependency). For each operation
+torch is optional (a benchmark peer, never a dependency). For each operation
 several index-op formulations are timed and the fastest is reported, so the comparison is with
 torch at its best, not with one arbitrary spelling.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -82,52 +82,44 @@ def torch_op_variants(p: Problem) -> dict[str, dict[str, Callable[[], object]]]:
     }
 
 
-def torch_moe(params: dict[str, np.ndarray], x: np.ndarray, k: int, capacity_factor: float | None,
-              normalize: bool = False, activation: str = "relu"):
-    """The MoE layer in torch index ops (topk, choice-major cumsum slots, per-expert matmuls over
-    the kept tokens only, index_add), with autograd. Returns (x, params, y, aux_loss, z_loss) as
-    tensors; x and params require grad. Used as the benchmark's peer and as the tests' autograd
-    oracle, so the peer is checked to compute what pymoe computes."""
+def torch_layer(params: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, k: int,
+                capacity_factor: float, aux_loss_coef: float) -> Callable[[], object]:
+    """Forward + backward of an MoE layer in torch with autograd (relu, raw gates), as one
+    benchmark call; it returns the tensors (y, aux_loss, x, params), x and params with .grad.
+
+    Batched over experts as GShard / Tutel lay it out: kept tokens are copied into an [E, C, D]
+    buffer, the experts run as two baddbmm calls, and the outputs are gathered back with their
+    gates. Routing follows pymoe's rules (top-K by probability, choice-major slots, capacity from
+    pymoe.capacity.expert_capacity); the tests check that it computes pymoe's layer.
+    """
     import torch
 
     from ..capacity import expert_capacity
 
     p = {n: torch.tensor(v, requires_grad=True) for n, v in params.items()}
-    xt = torch.tensor(x, requires_grad=True)
+    xt, dyt = torch.tensor(x, requires_grad=True), torch.tensor(dy)
     T, E = x.shape[0], params["w_router"].shape[1]
-    logits = xt @ p["w_router"] + p["b_router"]
-    probs = torch.softmax(logits, dim=-1)
-    gate, idx = torch.topk(probs, k, dim=-1)
-    if normalize:
-        gate = gate / gate.sum(-1, keepdim=True)
-    with torch.no_grad():
-        counts = torch.bincount(idx.reshape(-1), minlength=E)
-        C = expert_capacity(T, E, k, capacity_factor, 0, counts.numpy())
-        mask = torch.nn.functional.one_hot(idx.t().reshape(-1), E)  # [K*T, E] choice-major
-        pos = ((torch.cumsum(mask, 0) - 1) * mask).sum(-1).reshape(k, T).t()
-        kept = pos < C
-    act = torch.relu if activation == "relu" else (
-        lambda a: torch.nn.functional.gelu(a, approximate="tanh"))
-    y = torch.zeros_like(xt)
-    for e in range(E):
-        t_idx, j_idx = torch.nonzero((idx == e) & kept, as_tuple=True)
-        h = act(xt.index_select(0, t_idx) @ p["w1"][e] + p["b1"][e])
-        out = h @ p["w2"][e] + p["b2"][e]
-        y = y.index_add(0, t_idx, out * gate[t_idx, j_idx][:, None])
-    aux = E * torch.sum(counts.to(probs.dtype) / (T * k) * probs.mean(0))
-    z = torch.mean(torch.logsumexp(logits, -1) ** 2)
-    return xt, p, y, aux, z
+    D = x.shape[1]
 
-
-def torch_layer(params: dict[str, np.ndarray], x: np.ndarray, dy: np.ndarray, k: int,
-                capacity_factor: float, aux_loss_coef: float) -> Callable[[], None]:
-    """Forward + backward of torch_moe (relu, raw gates), as one benchmark call."""
-    import torch
-
-    dyt = torch.tensor(dy)
-
-    def step() -> None:
-        _, _, y, aux, _ = torch_moe(params, x, k, capacity_factor)
+    def step() -> tuple[object, object, object, dict[str, object]]:
+        for leaf in (xt, *p.values()):
+            leaf.grad = None
+        logits = xt @ p["w_router"] + p["b_router"]  # [T, E]
+        probs = torch.softmax(logits, dim=-1)
+        gate, idx = torch.topk(probs, k, dim=-1)  # [T, K]
+        with torch.no_grad():
+            counts = torch.bincount(idx.reshape(-1), minlength=E)  # [E]
+            C = expert_capacity(T, E, k, capacity_factor, 0, counts.numpy())
+            mask = torch.nn.functional.one_hot(idx.t().reshape(-1), E)  # [K*T, E] choice-major
+            pos = ((torch.cumsum(mask, 0) - 1) * mask).sum(-1).reshape(k, T).t()  # [T, K]
+            t_k, j_k = torch.nonzero(pos < C, as_tuple=True)  # kept pairs
+            slot = idx[t_k, j_k] * C + pos[t_k, j_k]  # [kept] row of the [E*C, D] buffer
+        buf = xt.new_zeros(E * C, D).index_copy(0, slot, xt.index_select(0, t_k))
+        h = torch.relu(torch.baddbmm(p["b1"][:, None], buf.view(E, C, D), p["w1"]))  # [E, C, H]
+        out = torch.baddbmm(p["b2"][:, None], h, p["w2"]).view(E * C, D)
+        y = torch.zeros_like(xt).index_add(0, t_k, out.index_select(0, slot) * gate[t_k, j_k, None])
+        aux = E * torch.sum(counts.to(probs.dtype) / (T * k) * probs.mean(0))
         ((y * dyt).sum() + aux_loss_coef * aux).backward()
+        return y, aux, xt, p
 
     return step
