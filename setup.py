@@ -1,4 +1,6 @@
-"""Build script: the Python package plus the optional C core (cffi, API mode).
+"""Build script for what pyproject.toml cannot say: the optional C core (cffi, API mode), the
+optional CUDA library, the CUDA sources shipped for `python -m pymoe.cuda_build`, and a wheel tag
+that matches what was built. The metadata lives in pyproject.toml.
 
 Environment variables:
     PYMOE_REQUIRE_C=1   a failed C build fails the install (CI sets it); otherwise the install
@@ -8,14 +10,39 @@ Environment variables:
     PYMOE_BUILD_CUDA=1  also build the CUDA library with nvcc (csrc/cuda/build.py) into the
                         package; a failed CUDA build then fails the install.
 """
+import glob
 import importlib.util
 import os
+import re
+import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
 
 STATUS_FILE = "_c_build_status.txt"  # written next to the extension when its build fails
+# What `python -m pymoe.cuda_build` needs inside an installed package: the CUDA sources, their
+# build script and the two C headers they include (csrc/cuda/pymoe_cuda.cu includes ../internal.h).
+# They keep their csrc/ layout under pymoe/_csrc/ so that build.py's relative paths still hold.
+CUDA_SOURCES = ["internal.h", "pymoe.h", "cuda/*.py", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h",
+                "cuda/emu/*.h", "cuda/emu/*.cpp"]
+
+
+def package_page_readme(path="README.md"):
+    """README.md for the package index page: relative links cannot resolve there (there is no
+    public repository to point at), so each picture becomes its path in the sdist and each
+    relative link its text with the path."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+
+    def picture(match):
+        return f"*(picture: `{match.group(1)}` in the source distribution)*"
+
+    text = re.sub(r'<img src="([^":]+)"[^>]*>', picture, text)
+    text = re.sub(r"!\[[^\]]*\]\(([^):]+)\)", picture, text)
+    return re.sub(r"\[([^\]]+)\]\(((?!#)[^):]+)\)", r"\1 (`\2` in the source distribution)", text)
 
 
 def build_cuda_library(package_dir):
@@ -61,34 +88,40 @@ class OptionalBuildExt(build_ext):
                     os.remove(path)
 
 
+class BuildPyWithCudaSources(build_py):
+    """Copy the CUDA sources into the built package (pymoe/_csrc/), for installed builds."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install builds from csrc/ itself
+            return
+        for pattern in CUDA_SOURCES:
+            for src in sorted(glob.glob(os.path.join("csrc", pattern))):
+                dst = os.path.join(self.build_lib, "pymoe", "_csrc", os.path.relpath(src, "csrc"))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(src, dst)
+
+
+class TaggedWheel(bdist_wheel):
+    """Tag the wheel for what it holds: cp39-abi3 when the C core was built for the stable ABI
+    (cffi builds it so: the library is named *.abi3.so), py3-none-any when nothing compiled was
+    built (a failed optional C build and no CUDA library)."""
+
+    def get_tag(self):
+        package = os.path.join(self.bdist_dir, "pymoe")
+        core = glob.glob(os.path.join(package, "_pymoe_c.*so"))
+        cuda = glob.glob(os.path.join(package, "_pymoe_cuda.so"))
+        if not core and not cuda:
+            self.root_is_pure = True  # files sit at the archive root either way
+        elif core and all(path.endswith(".abi3.so") for path in core):
+            self.py_limited_api = "cp39"  # requires-python's floor
+        return super().get_tag()
+
+
 setup(
-    name="pymoe",
-    version="0.1.0",
-    description="Mixture-of-Experts token routing, step by step in NumPy, with C and CUDA fast paths",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=package_page_readme(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=find_packages(include=["pymoe", "pymoe.*"]),
-    install_requires=["numpy>=1.22", "cffi>=1.15"],
-    extras_require={
-        # pictures of routing (pymoe.viz, examples, bench --plot); text fallbacks without it
-        "viz": ["matplotlib>=3.6"],
-        # everything the example scripts can use: the digits data set and a progress bar
-        "examples": ["matplotlib>=3.6", "scikit-learn>=1.0", "tqdm>=4"],
-        # expert parallelism over MPI (pymoe.expert_parallel): mpi4py needs an MPI library, and
-        # the MPICH wheel brings one (with mpiexec) without system packages
-        "mpi": ["mpi4py>=3.1", "mpich"],
-        # device arrays for the CUDA backend (CUDA 13 wheels)
-        "cuda": ["cupy-cuda13x"],
-        # the cross-checks against other systems' own routing code (tests/test_crosscheck_*.py;
-        # install deepspeed with DS_BUILD_OPS=0 on machines without CUDA)
-        "crosscheck": ["torch>=2.4", "transformers>=5.0", "deepspeed>=0.16",
-                       "megatron-core==0.16.1"],
-        # the test suite, including the examples' --quick runs with their plots
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.6", "scikit-learn>=1.0",
-                 "tqdm>=4", "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
-    },
     cffi_modules=["csrc/build_cffi.py:ffibuilder"],
-    cmdclass={"build_ext": OptionalBuildExt},
-    zip_safe=False,
+    cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithCudaSources,
+              "bdist_wheel": TaggedWheel},
 )

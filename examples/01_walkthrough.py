@@ -249,7 +249,7 @@ def loop_vs_recipe(case: dict, r: pymoe.Routing, y_recipe: np.ndarray, k: int,
 def pictures(r: pymoe.Routing, out: str) -> dict:
     """The same routing, drawn (or printed as text when matplotlib is missing): path -> Figure."""
     print("\nPictures of this routing" + (f" (saved under {out}/)" if viz.have_matplotlib()
-                                          else " (text; pip install 'pymoe[viz]' for PNGs):"))
+                                          else " (text; pip install 'pymoe-routing[viz]' for PNGs):"))
     return {
         f"{out}/01_routing_heatmap.png": viz.routing_heatmap(r, f"{out}/01_routing_heatmap.png"),
         f"{out}/01_dispatch_combine.png": viz.dispatch_combine_picture(

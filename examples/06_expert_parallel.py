@@ -16,7 +16,7 @@ What it teaches:
 
 Run:  mpiexec -n 4 python examples/06_expert_parallel.py [--quick] [--out DIR]
       python examples/06_expert_parallel.py              (one rank: P = 1)
-Needs `pip install 'pymoe[mpi]'` (mpi4py and MPICH, which brings mpiexec).
+Needs `pip install 'pymoe-routing[mpi]'` (mpi4py and MPICH, which brings mpiexec).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ The routing recipe, one module per step:
     losses.py    12   load-balancing loss and router z-loss
     routing.py        route(): all of the above; layer.py: MoELayer with forward/backward
 """
+from ._install import warn_if_core_missing
 from .backends import BackendInfo, backends, get_backend
 from .layer import MoELayer
 from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
@@ -23,3 +24,5 @@ __all__ = ["MoELayer", "Routing", "route", "route_backward", "backends", "get_ba
            "BackendInfo", "MemoryBudgetError", "get_memory_budget", "set_memory_budget",
            "memory_budget"]
 __version__ = "0.1.0"
+
+warn_if_core_missing()  # one line when the C core is not built (PYMOE_DISABLE_C=1 silences it)

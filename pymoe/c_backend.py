@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _install
 from .backend_api import BackendInfo, temporarily
 
 C_DTYPES = (np.float32, np.float64)
@@ -46,11 +46,7 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _why_missing(err: ImportError) -> str:
-    if os.path.exists(_STATUS_FILE):
-        with open(_STATUS_FILE, encoding="utf-8") as f:
-            return f.read().strip()
-    return (f"the C extension pymoe._pymoe_c is not importable ({err}); reinstall with "
-            "`pip install -v .` to see the compiler's output")
+    return _install.why_core_missing(str(err), _STATUS_FILE)
 
 
 def load() -> tuple[CBackend | None, BackendInfo]:

@@ -1,6 +1,6 @@
 """The CUDA kernels (csrc/cuda/) as a pymoe backend for arrays that live on a GPU.
 
-Arrays are CuPy arrays (`pip install 'pymoe[cuda]'`) or raw device pointers wrapped in
+Arrays are CuPy arrays (`pip install 'pymoe-routing[cuda]'`) or raw device pointers wrapped in
 DeviceArray(ptr, shape, dtype). The library is loaded with cffi (ABI mode) from $PYMOE_CUDA_LIB or
 pymoe/_pymoe_cuda.so, with its declarations read from the header built beside it
 (csrc/cuda/build.py puts it there).
@@ -29,7 +29,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from .capacity import expert_capacity
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
-Check = bool | str  # True, False or "defer"
+Check = Union[bool, str]  # True, False or "defer" (Union: evaluated at run time on Python 3.9)
 
 
 
@@ -118,7 +118,7 @@ def _declarations(header: str) -> str:
 def load(path: str | None = None) -> tuple[CudaBackend | None, BackendInfo]:
     """The CUDA backend and its BackendInfo, or (None, why it is unavailable). Never raises."""
     path = path or library_path()
-    build_hint = ("build it with `python csrc/cuda/build.py` (nvcc) or install with "
+    build_hint = ("build it with `python -m pymoe.cuda_build` (nvcc) or install with "
                   "PYMOE_BUILD_CUDA=1")
     if not os.path.exists(path):
         return None, BackendInfo("cuda", False, f"the CUDA library {path} is not built; {build_hint}")
@@ -462,7 +462,7 @@ class CudaBackend:
             "probs" (each expert keeps its C highest gates, ties to the earlier pair).
         The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
-            raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe[cuda]')")
+            raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe-routing[cuda]')")
         capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
                                                   allow_none=True)
         min_capacity = _checks.integer("min_capacity", min_capacity, low=0)

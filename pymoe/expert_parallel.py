@@ -20,7 +20,7 @@ only, exactly as MoELayer does.
 
 The arithmetic is pymoe.grouped's, shared with MoELayer(token_groups=P): P ranks produce, bit for
 bit, the outputs, input gradients and parameter gradients of that one-process layer (the
-objective and load_stats are explained there). Needs `pip install 'pymoe[mpi]'` (mpi4py + MPICH);
+objective and load_stats are explained there). Needs `pip install 'pymoe-routing[mpi]'` (mpi4py + MPICH);
 run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank world.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def mpi() -> Any:
         from mpi4py import MPI
     except (ImportError, RuntimeError) as err:  # RuntimeError: mpi4py without an MPI library
         raise ImportError("pymoe.expert_parallel needs mpi4py and an MPI library: "
-                          f"pip install 'pymoe[mpi]' ({err})") from err
+                          f"pip install 'pymoe-routing[mpi]' ({err})") from err
     return MPI
 
 

@@ -53,9 +53,23 @@ class ExpertsCache:
     activation: str
 
 
+def _buffer(workspace: dict | None, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array, reused from `workspace` when it holds one of that shape and dtype.
+
+    A layer passes the same dict every step: its [E, C, H] and [E, C, D] buffers are tens of MB,
+    and a fresh one costs a page fault per 4 KiB on first touch, every step.
+    """
+    if workspace is None:
+        return np.empty(shape, dtype)
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = workspace[name] = np.empty(shape, dtype)
+    return buf
+
+
 def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
-                    b2: np.ndarray, activation: str = "relu",
-                    filled: np.ndarray | None = None) -> tuple[np.ndarray, ExpertsCache]:
+                    b2: np.ndarray, activation: str = "relu", filled: np.ndarray | None = None,
+                    workspace: dict | None = None) -> tuple[np.ndarray, ExpertsCache]:
     """Run every expert on its slots.
 
     Args:
@@ -64,6 +78,8 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
             dense formulation). Given, expert e runs on its first filled[e] slots only, the ones
             that hold tokens (slots fill from the front), and the rest of expert_out stays 0:
             the padded capacity costs no FLOPs.
+        workspace: a dict the caller keeps between calls (MoELayer does) to reuse the output and
+            activation buffers; the previous call's results in it are overwritten.
     Returns:
         expert_out `[E, C, D]` and the cache for experts_backward.
     """
@@ -77,11 +93,13 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
     E, C, D = expert_in.shape
     H = w1.shape[2]
     dt = np.result_type(expert_in.dtype, w1.dtype)
-    pre = np.zeros((E, C, H), dtype=dt)  # [E, C, H]
-    hidden = np.zeros((E, C, H), dtype=dt)  # [E, C, H]
-    out = np.zeros((E, C, D), dtype=dt)  # [E, C, D]
+    # Rows past filled[e] of pre and hidden are never read (backward reads the filled rows only).
+    pre = _buffer(workspace, "pre", (E, C, H), dt)  # [E, C, H]
+    hidden = _buffer(workspace, "hidden", (E, C, H), dt)  # [E, C, H]
+    out = _buffer(workspace, "out", (E, C, D), dt)  # [E, C, D]
     for e in range(E):
         n = int(filled[e])
+        out[e, n:] = 0
         if n == 0:
             continue
         np.matmul(expert_in[e, :n], w1[e], out=pre[e, :n])  # [n, H]
@@ -93,11 +111,13 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
 
 
 def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
-                     cache: ExpertsCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     cache: ExpertsCache,
+                     workspace: dict | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of experts_forward.
 
     Args:
         d_expert_out: `[E, C, D]` (rows past filled[e] are ignored).
+        workspace: as for experts_forward (holds d_expert_in between calls).
     Returns:
         d_expert_in `[E, C, D]` (0 past filled[e]) and fresh gradients {w1, b1, w2, b2} with the
         parameters' shapes.
@@ -115,12 +135,14 @@ def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
     E, C, D = cache.expert_in.shape
     H = w1.shape[2]
     dt = d_expert_out.dtype
-    d_in = np.zeros((E, C, D), dtype=dt)
-    dw1, db1 = np.zeros((E, D, H), dtype=dt), np.zeros((E, H), dtype=dt)
-    dw2, db2 = np.zeros((E, H, D), dtype=dt), np.zeros((E, D), dtype=dt)
+    d_in = _buffer(workspace, "d_in", (E, C, D), dt)
+    dw1, db1 = np.empty((E, D, H), dtype=dt), np.empty((E, H), dtype=dt)
+    dw2, db2 = np.empty((E, H, D), dtype=dt), np.empty((E, D), dtype=dt)
     for e in range(E):
         n = int(cache.filled[e])
-        if n == 0:
+        d_in[e, n:] = 0
+        if n == 0:  # an expert without tokens gets zero gradients
+            dw1[e], db1[e], dw2[e], db2[e] = 0, 0, 0, 0
             continue
         dout = d_expert_out[e, :n]  # [n, D]
         np.matmul(cache.hidden[e, :n].T, dout, out=dw2[e])  # [H, D]

@@ -135,6 +135,7 @@ class MoELayer:
         self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
         self._noise_rng = np.random.default_rng([seed, 1])
         self._cache: _ForwardCache | None = None
+        self._workspace: dict[str, np.ndarray] = {}  # step buffers reused by the indexed path
         self.routing: Routing | None = None
         self.aux_loss = 0.0
         self.z_loss = 0.0
@@ -145,10 +146,12 @@ class MoELayer:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state["backend"]
+        state.pop("_workspace", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._workspace = {}
         self.backend = get_backend(self._backend_request)
 
     # ---------------------------------------------------------------- checks
@@ -209,9 +212,10 @@ class MoELayer:
                                           self.activation)  # [E, C, D]
             y = combine_dense(out, r.combine_weights)  # [T, D]
         else:
-            expert_in = self.backend.dispatch(x2, r.slot_owner, self.k)  # [E, C, D]
+            expert_in = self._dispatch(x2, r, None, "expert_in")  # [E, C, D]
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
-                                          self.activation, filled=r.expert_load_kept)
+                                          self.activation, filled=r.expert_load_kept,
+                                          workspace=self._workspace)
             y = self.backend.combine(out, r.expert_index, r.position,
                                      r.gate.astype(self.dtype))  # [T, D]
         if not np.isfinite(y).all():  # [T, D]: one pass, versus the expert matmuls' T*K*D*H
@@ -221,6 +225,17 @@ class MoELayer:
         return y.reshape(x.shape)
 
     __call__ = forward
+
+    def _dispatch(self, x2: np.ndarray, r: Routing, weight: np.ndarray | None,
+                  name: str) -> np.ndarray:
+        """backend.dispatch; the C backend writes into a buffer kept between steps."""
+        if self.backend.name != "c":
+            return self.backend.dispatch(x2, r.slot_owner, self.k, weight)
+        shape = (self.num_experts, r.capacity, self.d_model)
+        buf = self._workspace.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != x2.dtype:
+            buf = self._workspace[name] = np.empty(shape, x2.dtype)
+        return self.backend.dispatch(x2, r.slot_owner, self.k, weight, out=buf)
 
     def _route(self, x2: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
         """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing)."""
@@ -289,9 +304,10 @@ class MoELayer:
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
             gate = r.gate.astype(self.dtype)
-            d_out = self.backend.dispatch(dy2, r.slot_owner, self.k, weight=gate)  # [E, C, D]
+            d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
-            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts,
+                                        self._workspace)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
             raise self._nonfinite("the gate gradient <dy, expert output>", (), "dy")

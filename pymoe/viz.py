@@ -1,6 +1,6 @@
 """Pictures of routing: heatmaps, slot tables, expert loads, curves (matplotlib, optional).
 
-Install the extra with `pip install 'pymoe[viz]'`. Every function saves a PNG at `path` and
+Install the extra with `pip install 'pymoe-routing[viz]'`. Every function saves a PNG at `path` and
 returns the matplotlib Figure; without matplotlib (or with PYMOE_VIZ_TEXT=1) it prints a readable
 text version instead and returns that text, so every example runs anywhere.
 

@@ -37,7 +37,7 @@ def gpu_visible() -> tuple[bool, str]:
     try:
         import cupy
     except ImportError:
-        return False, "CuPy is not installed (pip install 'pymoe[cuda]')"
+        return False, "CuPy is not installed (pip install 'pymoe-routing[cuda]')"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except cupy.cuda.runtime.CUDARuntimeError as err:  # no driver, or a driver but no device
@@ -72,7 +72,7 @@ def import_optional(name: str, extra: str, *, module_level: bool = True) -> Modu
             return importlib.import_module(name)
     except Exception as err:  # ImportError, or a package that is installed but broken
         require_optional(False, f"{name} unavailable ({type(err).__name__}: {err}); "
-                                f"pip install 'pymoe[{extra}]'", module_level=module_level)
+                                f"pip install 'pymoe-routing[{extra}]'", module_level=module_level)
         raise  # not reached: require_optional skips or fails
 
 

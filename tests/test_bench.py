@@ -30,7 +30,8 @@ def test_dense_rows_skip_with_a_reason_when_memory_is_short(monkeypatch):
 def test_quick_run_writes_a_complete_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    assert main(["--quick", "--json", str(out), "--markdown", str(md)]) == 0
+    assert main(["--quick", "--no-routing", "--no-sweep", "--json", str(out), "--markdown",
+                 str(md)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
     ops_seen = {(r["op"], r["impl"]) for r in rows if r["ms"] is not None}
@@ -49,7 +50,8 @@ def test_quick_run_writes_a_complete_table(tmp_path, capsys):
 
 def test_quick_run_includes_c_rows(c_backend, tmp_path):
     out = tmp_path / "bench.json"
-    main(["--quick", "--no-dense", "--no-torch", "--no-layer", "--json", str(out)])
+    main(["--quick", "--no-dense", "--no-torch", "--no-layer", "--no-routing", "--no-sweep",
+          "--json", str(out)])
     impls = {r["impl"] for r in json.loads(out.read_text())["rows"] if r["ms"] is not None}
     assert "C 1 thread" in impls
 
@@ -57,8 +59,29 @@ def test_quick_run_includes_c_rows(c_backend, tmp_path):
 def test_plot_is_drawn_when_matplotlib_is_there(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
     png = tmp_path / "bench.png"
-    main(["--quick", "--no-dense", "--no-torch", "--plot", str(png)])
+    main(["--quick", "--no-dense", "--no-torch", "--no-routing", "--no-sweep", "--plot", str(png)])
     assert png.stat().st_size > 10_000
+
+
+def test_out_dir_routing_sweep_and_readme_summary(c_backend, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:summary -->\nold\n<!-- /bench:summary -->\nrest\n")
+    out = tmp_path / "bench"
+    assert main(["--quick", "--no-torch", "--no-layer", "--out", str(out),
+                 "--readme", str(readme)]) == 0
+    for name in ("cpu.txt", "cpu.json", "cpu.md"):
+        assert (out / name).stat().st_size > 0
+    rows = json.loads((out / "cpu.json").read_text())["rows"]
+    route = {(r["section"].split(" capacity")[0], r["impl"]) for r in rows if r["op"] == "route"}
+    for E, K in ((64, 2), (256, 8)):
+        sec = f"route(): T=2048 E={E} K={K}"
+        assert {(sec, "numpy (reference)"), (sec, "C 1 thread")} <= route
+    sweep = {(r["T"], r["impl"]) for r in rows if r["T"] is not None and r["ms"] is not None}
+    assert {(T, "numpy indexed") for T in (256, 512, 1024)} <= sweep
+    assert {(T, "numpy dense") for T in (256, 512, 1024)} <= sweep
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "route() in C at T=2048 E=256 K=8" in text
 
 
 def test_cuda_benchmark_script_runs_on_the_emulator(cuda_emulator_path, monkeypatch, tmp_path):

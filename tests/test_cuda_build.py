@@ -84,7 +84,7 @@ def test_without_a_gpu_the_backend_says_why(real_library):
 
 def test_missing_library(tmp_path):
     be, info = cuda_backend.load(str(tmp_path / "absent.so"))
-    assert be is None and "is not built" in info.detail and "csrc/cuda/build.py" in info.detail
+    assert be is None and "is not built" in info.detail and "python -m pymoe.cuda_build" in info.detail
 
 
 def test_fake_library(tmp_path):

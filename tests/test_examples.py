@@ -157,7 +157,7 @@ def test_examples_fall_back_to_text_without_matplotlib(tmp_path, monkeypatch, ca
     res = load("01_walkthrough.py").main(["--quick", "--out", str(tmp_path)])
     assert not any(os.path.exists(p) for p in res["pictures"])
     out = capsys.readouterr().out
-    assert "pip install 'pymoe[viz]'" in out and "x = dropped" in out
+    assert "pip install 'pymoe-routing[viz]'" in out and "x = dropped" in out
 
 
 def test_training_falls_back_to_synthetic_data_without_sklearn(monkeypatch, tmp_path):

@@ -33,9 +33,10 @@ def _mpi_setup() -> tuple[str | None, str]:
                            text=True, timeout=120)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
-        return None, f"mpi4py with an MPI library is not importable (pip install 'pymoe[mpi]'): {last}"
+        return None, ("mpi4py with an MPI library is not importable "
+                      f"(pip install 'pymoe-routing[mpi]'): {last}")
     if mpiexec is None:
-        return None, "no mpiexec found (pip install 'pymoe[mpi]' installs MPICH's)"
+        return None, "no mpiexec found (pip install 'pymoe-routing[mpi]' installs MPICH's)"
     return mpiexec, ""
 
 

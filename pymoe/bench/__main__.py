@@ -1,4 +1,4 @@
-"""python -m pymoe.bench: NumPy vs C vs PyTorch for MoE dispatch/combine, and the whole layer.
+"""python -m pymoe.bench: NumPy vs C vs PyTorch for MoE routing, dispatch/combine and the layer.
 
 Every row is a median over repeats after a warm-up, on the same data, in one run, with the
 contenders interleaved; GB/s counts the bytes each operation must read plus write, and "x copy"
@@ -21,8 +21,10 @@ import numpy as np
 
 from ..backends import backends
 from . import torch_peer
-from .cpu import bench_layer, bench_ops, copy_bandwidth
+from .cpu import bench_layer, bench_ops, bench_routing, copy_bandwidth
 from .report import Row, format_table, markdown_table, plot, write_json
+from .summary import summary_lines, update_readme
+from .sweep import SWEEP_T, plot_sweep, sweep_rows
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,9 +36,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--capacity-factor", type=float, default=1.25)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per row (default 7)")
-    ap.add_argument("--layer", type=int, nargs=5, default=[4096, 512, 2048, 8, 2],
-                    metavar=("T", "D", "H", "E", "K"), help="whole-layer problem "
-                    "(default 4096 512 2048 8 2)")
+    ap.add_argument("--layer", type=int, nargs=5, action="append",
+                    metavar=("T", "D", "H", "E", "K"), help="a whole-layer problem, repeatable "
+                    "(default 4096 512 2048 8 2 and 4096 512 256 64 8)")
+    ap.add_argument("--no-routing", action="store_true", help="skip the route() rows")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the dispatch-vs-T sweep")
+    ap.add_argument("--out", metavar="DIR", help="write cpu.txt, cpu.json, cpu.md, cpu.png and "
+                    "sweep.png there (docs/bench for the committed run)")
+    ap.add_argument("--readme", metavar="PATH", help="rewrite the benchmark summary between "
+                    "the <!-- bench:summary --> markers of this file (README.md) from this run")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense einsum rows")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
@@ -55,9 +63,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     T, D, E, K = defaults[(args.backend, args.quick)]
     args.T, args.D = args.T or T, args.D or D
     args.E, args.K = args.E or E, args.K or K
+    args.layer = args.layer or ([[512, 128, 256, 4, 2], [512, 128, 64, 16, 4]] if args.quick else
+                                [[4096, 512, 2048, 8, 2], [4096, 512, 256, 64, 8]])
+    args.route = [(64, 2), (256, 8)]  # (E, K): a common shape and DeepSeek-V3's experts
+    args.sweep = ((256, 512, 1024), 64) if args.quick else (SWEEP_T, 256)  # (Ts, D)
     if args.quick:
         args.repeats = 3
-        args.layer = [512, 128, 256, 4, 2]
     return args
 
 
@@ -70,8 +81,36 @@ def meta_info(torch_info: str, wait_policy: str | None) -> dict:
                                 "C core": os.environ.get("OMP_WAIT_POLICY", "unset")}}
 
 
+def write_outputs(args, meta: dict, rows: list[Row], summary: list[str]) -> None:
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        args.json = args.json or os.path.join(args.out, "cpu.json")
+        args.markdown = args.markdown or os.path.join(args.out, "cpu.md")
+        args.plot = args.plot or os.path.join(args.out, "cpu.png")
+        with open(os.path.join(args.out, "cpu.txt"), "w", encoding="utf-8") as f:
+            f.write(f"$ python -m pymoe.bench {' '.join(args.argv)}\n{meta}\n")
+            f.write(format_table(rows) + "\n\nSummary (this run):\n" + "\n".join(summary) + "\n")
+        sweep = [r for r in rows if r.T is not None]
+        if sweep:
+            print(plot_sweep(os.path.join(args.out, "sweep.png"), sweep))
+    if args.json:
+        write_json(args.json, meta, rows, summary)
+        print(f"JSON written to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown_table(rows) + "\n")
+        print(f"Markdown written to {args.markdown}")
+    if args.plot:
+        bars = [r for r in rows if r.T is None and not r.section.startswith("route")]
+        print(plot(args.plot, bars, meta["copy_gbps"]))
+    if args.readme:
+        update_readme(args.readme, summary)
+        print(f"summary written into {args.readme}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.backend == "cuda":
         from .cuda import main as cuda_main
         return cuda_main(args)
@@ -92,21 +131,28 @@ def main(argv: list[str] | None = None) -> int:
     meta["copy_gbps"] = copy_bandwidth(rows)  # argparse guarantees at least one problem
     print(f"\ncopy bandwidth (np.copyto, read + write; median of the per-operation baselines): "
           f"{meta['copy_gbps']:.2f} GB/s")
+    if not args.no_routing:
+        for E, K in args.route:
+            new = bench_routing(args.T, E, K, capacity_factor=args.capacity_factor,
+                                repeats=args.repeats,
+                                scale_D=args.D if E in args.E and K in args.K else None)
+            print(format_table(new), flush=True)
+            rows += new
     if not args.no_layer:
-        new = bench_layer(*args.layer, capacity_factor=args.capacity_factor,
-                          repeats=max(3, args.repeats // 2 + 1), dense=not args.no_dense,
-                          torch=not args.no_torch)
+        for shape in args.layer:
+            new = bench_layer(*shape, capacity_factor=args.capacity_factor,
+                              repeats=max(3, args.repeats // 2 + 1), dense=not args.no_dense,
+                              torch=not args.no_torch)
+            print(format_table(new), flush=True)
+            rows += new
+    if not args.no_sweep:
+        Ts, D = args.sweep
+        new = sweep_rows(Ts, D, 8, 2, args.capacity_factor, args.repeats)
         print(format_table(new), flush=True)
         rows += new
-    if args.json:
-        write_json(args.json, meta, rows)
-        print(f"JSON written to {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(markdown_table(rows) + "\n")
-        print(f"Markdown written to {args.markdown}")
-    if args.plot:
-        print(plot(args.plot, rows, meta["copy_gbps"]))
+    summary = summary_lines(rows)
+    print("\nSummary (this run):\n" + "\n".join(summary))
+    write_outputs(args, meta, rows, summary)
     return 0
 
 

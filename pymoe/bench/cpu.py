@@ -9,9 +9,10 @@ import numpy as np
 
 from ..backends import backends, get_backend
 from . import torch_peer
-from .layer import expert_flops, layer_contenders
+from .layer import expert_flops, layer_contenders, sgemm
 from .ops import OPS, c_core, make_problem, numpy_dense, numpy_indexed, op_bytes
 from .report import Row
+from .routing import BEFORE, routing_contenders
 from .timing import time_round_robin
 
 COPY = "np.copyto (baseline)"
@@ -75,16 +76,53 @@ def bench_ops(T: int, D: int, E: int, K: int, *, capacity_factor: float = 1.25,
 def bench_layer(T: int, D: int, H: int, E: int, K: int, *, capacity_factor: float = 1.25,
                 repeats: int = 4, dense: bool = True, torch: bool = True) -> list[Row]:
     """Rows for MoELayer forward + backward (float32) per backend and formulation, with torch's
-    autograd layer as the peer; GFLOP/s counts the expert matmuls."""
+    autograd layer as the peer; GFLOP/s counts the expert matmuls. One large sgemm is timed in
+    the same rotation: each layer row's note says its time as a multiple of its expert FLOPs at
+    that rate (1.00x = nothing but expert matmuls, each as fast as one big one)."""
     fns, skipped, n_rows = layer_contenders(T, D, H, E, K, capacity_factor, use_torch=torch,
                                             dense=dense)
+    gemm, gemm_flops, gemm_name = sgemm(T, D, H)
+    fns[gemm_name] = gemm
     sec = (f"layer forward+backward: T={T} D={D} H={H} E={E} K={K} capacity_factor="
            f"{capacity_factor:g} float32 ({n_rows} expert rows)")
     times = time_round_robin(fns, repeats)  # the dense layer runs apart (time_round_robin)
-    rows = [Row(sec, "fwd+bwd", name, t * 1e3, gflops=expert_flops(n_rows, D, H) / t / 1e9,
-                note="" if runs > 1 else "one timed call (slow)")
-            for name, (t, runs) in times.items()]
+    rate = gemm_flops / times[gemm_name][0]
+    flops = expert_flops(n_rows, D, H)
+    rows = []
+    for name, (t, runs) in times.items():
+        if name == gemm_name:
+            rows.append(Row(sec, "sgemm", name, t * 1e3, gflops=rate / 1e9, note="(the rate)"))
+            continue
+        note = f"{t * rate / flops:.2f}x the sgemm-rate time" + ("" if runs > 1 else
+                                                                ", one timed call (slow)")
+        rows.append(Row(sec, "fwd+bwd", name, t * 1e3, gflops=flops / t / 1e9, note=note))
     rows += [Row(sec, "fwd+bwd", name, None, note=why) for name, why in skipped.items()]
+    return rows
+
+
+def bench_routing(T: int, E: int, K: int, *, capacity_factor: float = 1.25, repeats: int = 7,
+                  scale_D: int | None = None) -> list[Row]:
+    """Rows for route() on [T, E] float32 logits: the NumPy reference, the route before top-K
+    moved to C, and the C route at 1 and all threads. scale_D: also time C dispatch + combine of
+    the problem with that model dim (the data movement this routing feeds), in the rotation."""
+    logits = np.random.default_rng(0).normal(size=(T, E)).astype(np.float32)
+    fns, skipped = routing_contenders(logits, K, capacity_factor)
+    sec = f"route(): T={T} E={E} K={K} capacity_factor={capacity_factor:g} float32 logits"
+    if backends()["c"].available and scale_D:
+        be = get_backend("c")
+        ops = c_core(make_problem(T, scale_D, E, K, capacity_factor, np.dtype(np.float32)), be,
+                     be.max_threads)
+        fns[f"C dispatch + combine, D={scale_D} (for scale)"] = lambda: (ops["dispatch"](),
+                                                                          ops["combine"]())
+    times = time_round_robin(fns, repeats)
+    before = times.get(BEFORE, (None,))[0]
+    rows = []
+    for name, (t, runs) in times.items():
+        note = "" if runs > 1 else "one timed call (slow)"
+        if before and not name.startswith(("C dispatch", "numpy top-k")):
+            note = f"{before / t:.1f}x the route before C top-k {note}".strip()
+        rows.append(Row(sec, "route", name, t * 1e3, note=note))
+    rows += [Row(sec, "route", name, None, note=why) for name, why in skipped.items()]
     return rows
 
 

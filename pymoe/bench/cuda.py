@@ -152,7 +152,7 @@ def main(args: Any) -> int:
         print(f"CUDA backend unavailable: {info.detail}")
         return 1
     if be.memory is None:
-        print("the CUDA benchmark allocates with CuPy: pip install 'pymoe[cuda]'")
+        print("the CUDA benchmark allocates with CuPy: pip install 'pymoe-routing[cuda]'")
         return 1
     bad = [b for b in args.block_size if b < 32 or b > 1024 or b & (b - 1)]
     if bad:

@@ -47,3 +47,13 @@ def layer_contenders(T: int, D: int, H: int, E: int, K: int, capacity_factor: fl
 def expert_flops(rows: int, D: int, H: int) -> int:
     """FLOPs of the expert matmuls: 2 forward and 4 backward [rows, D] x [D, H]-sized products."""
     return 12 * rows * D * H
+
+
+def sgemm(T: int, D: int, H: int) -> tuple[Callable[[], None], int, str]:
+    """(one large float32 matmul [T, D] x [D, H] into a preallocated output, its FLOPs, its row
+    name): the rate the layer's expert matmuls are held to, timed in the layer's rotation."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((T, D), dtype=np.float32)
+    b = rng.standard_normal((D, H), dtype=np.float32)
+    out = np.empty((T, H), np.float32)
+    return (lambda: np.matmul(a, b, out=out)), 2 * T * D * H, f"one sgemm [{T}, {D}] x [{D}, {H}]"

@@ -15,6 +15,7 @@ class Row:
     x_copy: float | None = None  # gbps / same-run copy bandwidth
     gflops: float | None = None  # for layer rows: expert-matmul GFLOP/s
     note: str = ""
+    T: int | None = None  # the token count, for the rows of the T sweep
 
 
 def format_table(rows: list[Row]) -> str:
@@ -24,13 +25,14 @@ def format_table(rows: list[Row]) -> str:
             section = r.section
             lines += ["", section,
                       f"  {'op':13s} {'impl':38s} {'ms':>9s} {'GB/s':>7s} {'x copy':>7s}  note"]
+        op = r.op if r.T is None else f"{r.op} T={r.T}"
         if r.ms is None:
-            lines.append(f"  {r.op:13s} {r.impl:38s} {'-':>9s} {'-':>7s} {'-':>7s}  {r.note}")
+            lines.append(f"  {op:13s} {r.impl:38s} {'-':>9s} {'-':>7s} {'-':>7s}  {r.note}")
             continue
         gb = f"{r.gbps:7.2f}" if r.gbps is not None else f"{'':7s}"
         xc = f"{r.x_copy:7.2f}" if r.x_copy is not None else f"{'':7s}"
         note = r.note if r.gflops is None else f"{r.gflops:.0f} GFLOP/s in expert matmuls {r.note}"
-        lines.append(f"  {r.op:13s} {r.impl:38s} {r.ms:9.2f} {gb} {xc}  {note}".rstrip())
+        lines.append(f"  {op:13s} {r.impl:38s} {r.ms:9.2f} {gb} {xc}  {note}".rstrip())
     return "\n".join(lines)
 
 
@@ -38,7 +40,7 @@ def markdown_table(rows: list[Row]) -> str:
     """The same rows as a Markdown table (for README)."""
     out = ["| problem | op | impl | ms | GB/s | x copy | note |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
-        cells = [r.section, r.op, r.impl,
+        cells = [r.section, r.op if r.T is None else f"{r.op} T={r.T}", r.impl,
                  "-" if r.ms is None else f"{r.ms:.2f}",
                  "" if r.gbps is None else f"{r.gbps:.2f}",
                  "" if r.x_copy is None else f"{r.x_copy:.2f}",
@@ -47,9 +49,10 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def write_json(path: str, meta: dict, rows: list[Row]) -> None:
+def write_json(path: str, meta: dict, rows: list[Row], summary: list[str] | None = None) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows], "summary": summary or []}, f,
+                  indent=1)
 
 
 def plot(path: str, rows: list[Row], copy_gbps: float) -> str:
@@ -57,6 +60,6 @@ def plot(path: str, rows: list[Row], copy_gbps: float) -> str:
     from ..viz import benchmark_bars, have_matplotlib
 
     if not have_matplotlib():
-        return "--plot: matplotlib is not installed (pip install 'pymoe[viz]'); no plot drawn"
+        return "--plot: matplotlib is not installed (pip install 'pymoe-routing[viz]'); no plot drawn"
     benchmark_bars(rows, path, reference=copy_gbps)
     return f"plot written to {path}"

@@ -67,17 +67,44 @@ def torch_op_variants(p: Problem) -> dict[str, dict[str, Callable[[], object]]]:
             acc += src.index_select(0, slot_j[j]) * (gate_j[j] if weighted else kept_j[j])
         return acc
 
+    # The preallocated forms (measured the fastest on CPU): a gather of every slot's token row
+    # straight into the expert buffer, then zero the empty slots; combine as one gather per
+    # choice into a scratch [T, D] and a fused multiply-add into y.
+    empty_idx = torch.from_numpy(np.flatnonzero(owner < 0))
+    tmp = torch.empty(T, D, dtype=x.dtype)
+
+    def d_fill(src, w=None):
+        torch.index_select(src, 0, owner_tok, out=buf)
+        if w is not None:
+            buf.mul_(w)
+        return buf.index_fill_(0, empty_idx, 0)
+
+    def c_addcmul(src, weighted=True):
+        w = gate_j if weighted else kept_j
+        torch.index_select(src, 0, slot_j[0], out=tmp)
+        torch.mul(tmp, w[0], out=y)
+        for j in range(1, K):
+            torch.index_select(src, 0, slot_j[j], out=tmp)
+            y.addcmul_(tmp, w[j])
+        return y
+
     def gate_grad():
         return (dy.index_select(0, tok) * out.index_select(0, slot)).sum(-1)
 
     return {
-        "dispatch": {"index_select+index_copy_": lambda: d_copy(x),
+        "dispatch": {"index_select(out=)+index_fill_": lambda: d_fill(x),
+                     "index_select+index_copy_": lambda: d_copy(x),
                      "index_select(all slots)+masked_fill_": lambda: d_gather(x)},
-        "combine": {"index_select+index_add_": lambda: c_add(out),
+        "combine": {"index_select(out=)+addcmul_ per choice": lambda: c_addcmul(out),
+                    "index_select+index_add_": lambda: c_add(out),
                     "per-choice index_select": lambda: c_perchoice(out)},
-        "dispatch_bwd": {"index_select+index_add_": lambda: c_add(out, weighted=False),
+        "dispatch_bwd": {"index_select(out=)+addcmul_ per choice":
+                         lambda: c_addcmul(out, weighted=False),
+                         "index_select+index_add_": lambda: c_add(out, weighted=False),
                          "per-choice index_select": lambda: c_perchoice(out, weighted=False)},
-        "combine_bwd": {"index_copy_ + dot": lambda: (d_copy(dy, g_k), gate_grad()),
+        "combine_bwd": {"index_select(out=)+index_fill_ + dot": lambda: (d_fill(dy, owner_w),
+                                                                         gate_grad()),
+                        "index_copy_ + dot": lambda: (d_copy(dy, g_k), gate_grad()),
                         "gather+masked_fill_ + dot": lambda: (d_gather(dy, owner_w), gate_grad())},
     }
 

@@ -1,0 +1,46 @@
+"""route() itself: the NumPy reference, the route before top-K moved to C, and the C route."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..backends import backends, get_backend
+from ..numpy_backend import NumpyBackend
+from ..routing import route_unchecked
+
+BEFORE = "numpy top-k + C slots (route before C top-k)"
+
+
+class _NumpyTopKCSlots:
+    """The route before top-K moved to C: NumPy's argsort top-K, the C slot assignment."""
+    name = "numpy top-k + C slots"
+
+    def __init__(self, c) -> None:
+        self.top_k = NumpyBackend().top_k
+        self.assign_slots = c.assign_slots
+
+
+def routing_contenders(logits: np.ndarray, k: int, capacity_factor: float
+                       ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+    """(name -> one route() call, name -> why skipped) on the same [T, E] float32 logits."""
+    def call(backend, threads=None):
+        def run():
+            if threads is None:
+                return route_unchecked(logits, k, capacity_factor, 0, False, "choice", backend)
+            with backend.num_threads(threads):
+                return route_unchecked(logits, k, capacity_factor, 0, False, "choice", backend)
+        return run
+
+    fns = {"numpy (reference)": call(NumpyBackend())}
+    skipped: dict[str, str] = {}
+    info = backends()["c"]
+    if not info.available:
+        skipped["C"] = info.detail
+        return fns, skipped
+    c = get_backend("c")
+    fns[BEFORE] = call(_NumpyTopKCSlots(c))
+    fns["C 1 thread"] = call(c, 1)
+    if c.max_threads > 1:
+        fns[f"C {c.max_threads} threads"] = call(c, c.max_threads)
+    return fns, skipped
