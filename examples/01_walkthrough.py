@@ -94,7 +94,7 @@ def walkthrough(k: int = K, normalize: bool = False) -> tuple[dict, pymoe.Routin
         print("   K=1 with normalize: every gate is exactly 1.0, a constant; the router gets no "
               "gradient from the task loss (see 01b_backward.py --k 1 --normalize)")
 
-    mask = expert_mask(expert_index, E)
+    mask = expert_mask(expert_index, E).astype(np.int64)  # <bool>[T, K, E], printed as 0/1
     for j in range(k):
         show(f"{'5.' if j == 0 else '  '} expert mask, one-hot of choice {j}", mask[:, j], "[T, E]",
              tok)

@@ -27,7 +27,6 @@ import numpy as np
 import pymoe
 from pymoe import viz
 
-
 MIN_TOKENS = 10  # fewest tokens a plotted mean may rest on
 
 

@@ -20,7 +20,9 @@ REPO = os.path.dirname(HERE)
 DEFAULT_OUT = os.path.join(REPO, "docs", "walkthrough.ipynb")
 
 SETUP = '''\
-import importlib.util, os
+import importlib.util
+import os
+
 import numpy as np
 
 EXAMPLES = os.path.join("..", "examples")  # the scripts, seen from docs/ where this notebook is
@@ -55,8 +57,8 @@ def cells() -> list[tuple[str, str]]:
         ("markdown", "## The per-token loop of the papers, next to the recipe"),
         ("code", "walkthrough.loop_vs_recipe(case, r, y, k=2, normalize=False)"),
         ("markdown", "## The same routing, drawn"),
-        ("code", "import tempfile\n"
-                 "from IPython.display import Image, display\n"
+        ("code", "import tempfile\n\n"
+                 "from IPython.display import Image, display\n\n"
                  "for path in walkthrough.pictures(r, tempfile.mkdtemp()):\n"
                  "    if path.endswith('.png') and os.path.exists(path):\n"
                  "        display(Image(path))"),

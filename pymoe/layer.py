@@ -8,12 +8,16 @@ import numpy as np
 
 from . import _checks, grouped
 from .backends import Backend, get_backend
-from .dense import (combine_dense, combine_dense_backward, dispatch_dense,
-                    dispatch_dense_backward, gate_grad_from_dense)
+from .dense import (
+    combine_dense,
+    combine_dense_backward,
+    dispatch_dense,
+    dispatch_dense_backward,
+    gate_grad_from_dense,
+)
 from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
 from .router import jitter, router_dtype, router_logits, router_logits_backward
-from .routing import (K1_NORMALIZE_WARNING, PRIORITIES, Routing, route_backward,
-                      route_unchecked)
+from .routing import K1_NORMALIZE_WARNING, PRIORITIES, Routing, route_backward, route_unchecked
 
 FORMULATIONS = ("indexed", "dense")
 PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")

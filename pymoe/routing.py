@@ -12,8 +12,13 @@ from . import _checks
 from .backends import get_backend
 from .capacity import drop, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
-from .losses import (load_balancing_loss, load_balancing_loss_backward,
-                     load_balancing_loss_from_sums, router_z_loss_backward, router_z_loss_from_lse)
+from .losses import (
+    load_balancing_loss,
+    load_balancing_loss_backward,
+    load_balancing_loss_from_sums,
+    router_z_loss_backward,
+    router_z_loss_from_lse,
+)
 from .priority import position_in_expert, priority_order
 from .router import router_dtype, softmax_backward, softmax_lse
 from .topk import gates, gates_backward, top_k

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -57,6 +58,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     note = getattr(config, "_pymoe_gpu_note", None)
     if note:
         terminalreporter.write_line(note)
+    fuzz = sys.modules.get("fuzz")  # tests/fuzz.py: how many cases the fuzz tests ran, by outcome
+    if fuzz is not None and fuzz.STATS:
+        terminalreporter.write_line(fuzz.summary())
 
 
 @pytest.fixture(scope="session")

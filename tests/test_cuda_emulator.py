@@ -125,5 +125,5 @@ def test_results_do_not_depend_on_the_thread_order(cuda_emulator_path, monkeypat
             g = be.gate_grad(x, ein, index, slots[0])
         results.append([index, gate, *slots, ein, g])
     for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
+        for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)

@@ -86,7 +86,7 @@ def test_assign_slots_every_priority_and_drop_policy(cuda_impl, case, token_majo
         got = be.assign_slots(dev(expert_index), None if token_order is None else dev(token_order),
                               E, C, token_major=token_major,
                               score=dev(score) if by_score else None)
-    for g, w, name in zip(got, want, ("position", "slot_owner", "expert_load"), strict=True):
+    for g, w, name in zip(got, want, ("position", "slot_owner", "expert_load")):
         np.testing.assert_array_equal(host(g), w, err_msg=name)
 
 
@@ -103,7 +103,7 @@ def test_many_chunks_and_wide_experts(cuda_impl):
             got = be.assign_slots(dev(expert_index), dev(order), E, C, token_major=token_major,
                                   score=None if s is None else dev(s))
         want = ref_assign_slots(expert_index, order, E, C, token_major, s)
-        for g, w in zip(got, want, strict=True):
+        for g, w in zip(got, want):
             np.testing.assert_array_equal(host(g), w)
 
 
@@ -222,7 +222,7 @@ def test_device_route_slot_rules(cuda_impl, priority, drop_policy):
     gate = host(d.gate)
     score = ref.gate_before_drop if drop_policy == "probs" else None
     want = ref_assign_slots(ref.expert_index, order, E, d.capacity, priority == "token", score)
-    for g, w in zip((d.position, d.slot_owner, d.expert_load), want, strict=True):
+    for g, w in zip((d.position, d.slot_owner, d.expert_load), want):
         np.testing.assert_array_equal(host(g), w)
     kept = host(d.position) >= 0
     assert np.all(gate[~kept] == 0)

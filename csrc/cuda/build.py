@@ -107,7 +107,7 @@ def parse_ptxas(output: str) -> list[KernelResources]:
                                         int(smem.group(1)) if smem else 0))
             current = None
     names = _demangle([r.kernel for r in rows])
-    for r, n in zip(rows, names, strict=True):
+    for r, n in zip(rows, names):
         r.kernel = n.split("(")[0]
     return sorted(rows, key=lambda r: (r.kernel, r.arch))
 

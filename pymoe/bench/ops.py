@@ -14,8 +14,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..dense import (combine_dense, combine_dense_backward, dispatch_dense,
-                     dispatch_dense_backward, gate_grad_from_dense)
+from ..dense import (
+    combine_dense,
+    combine_dense_backward,
+    dispatch_dense,
+    dispatch_dense_backward,
+    gate_grad_from_dense,
+)
 from ..indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from ..routing import Routing, route
 

@@ -49,7 +49,7 @@ def plot_sweep(path: str, rows: list[Row]) -> str:
     from ..viz import have_matplotlib
 
     if not have_matplotlib():
-        return "matplotlib is not installed (pip install 'pymoe[viz]'); no sweep plot drawn"
+        return "matplotlib is not installed (pip install 'pymoe-routing[viz]'); no sweep plot drawn"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
