@@ -12,6 +12,8 @@ const char *pymoe_error_string(int code) {
     case PYMOE_ERR_ORDER: return "token_order is not a permutation of 0..T-1";
     case PYMOE_ERR_NOMEM: return "out of memory";
     case PYMOE_ERR_NAN: return "a score or bias entry is NaN";
+    case PYMOE_ERR_PAIRS:
+        return "order has an entry outside [0, T*K), a repeated pair, or more than T*K entries";
     default: return "unknown error code";
     }
 }

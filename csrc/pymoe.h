@@ -36,6 +36,7 @@ extern "C" {
 #define PYMOE_ERR_ORDER -6     /* token_order is not a permutation of 0..T-1 */
 #define PYMOE_ERR_NOMEM -7     /* scratch allocation failed */
 #define PYMOE_ERR_NAN -8       /* a score or bias entry is NaN */
+#define PYMOE_ERR_PAIRS -9     /* a pair order entry outside [0, T*K), a repeat, or N > T*K */
 /* The message of an error code above ("unknown error code" for any other int). */
 const char *pymoe_error_string(int code);
 
@@ -66,6 +67,26 @@ int pymoe_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_su
 int pymoe_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
                        const int64_t *expert_index, const int64_t *token_order,
                        int64_t T, int64_t K, int64_t E, int64_t C);
+
+/* Slot assignment over an explicit pair order: every slot rule of pymoe.slots (token-major
+ * priority, drop policy "probs", expert choice, second-expert policies) reduces to this plus
+ * pymoe_keep_by_score. The N pairs order[0..N) (flat ids t*K + j, distinct) claim slots in that
+ * order; the n-th listed pair to claim expert e gets slot n if n < C, else position -1; pairs not
+ * listed get -1. Out: position [T, K], slot_owner [E, C], expert_load [E] (listed pairs per
+ * expert before dropping). In: expert_index [T, K], order [N]. Serial: O(T*K + E*C). */
+int pymoe_assign_slots_ordered(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
+                               const int64_t *expert_index, const int64_t *order, int64_t N,
+                               int64_t T, int64_t K, int64_t E, int64_t C);
+
+/* Per-expert keep selection (drop policy "probs", expert choice): keep[t*K + j] = 1 iff pair
+ * (t, j) is listed in order[0..N) and is among the C listed pairs of its expert with the highest
+ * score[t*K + j], ties to the pair listed earlier; 0 otherwise. Scores are compared as doubles
+ * (a float32 score converts exactly). Out: keep [T, K] (one byte each). In: expert_index [T, K],
+ * order [N], score [T, K]. One thread per expert (a stable merge sort of its pairs), so the
+ * result does not depend on the thread count. O(T*K log(T*K)). */
+int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_t *order,
+                        const double *score, int64_t N, int64_t T, int64_t K, int64_t E,
+                        int64_t C);
 
 /* Dispatch: expert_in[e, c, :] = w * x[t, :] for the pair (t, j) = slot_owner[e, c] / K, % K,
  * with w = weight[t, j] (or 1 when weight is NULL); empty slots are zeroed.

@@ -53,3 +53,113 @@ int pymoe_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_l
     }
     return PYMOE_OK;
 }
+
+/* Every order entry in [0, TK), no repeats, N <= TK. */
+static int check_pair_order(const int64_t *order, int64_t N, int64_t TK) {
+    if (N < 0 || N > TK) return PYMOE_ERR_PAIRS;
+    unsigned char *seen = (unsigned char *)calloc((size_t)(TK > 0 ? TK : 1), 1);
+    if (seen == NULL) return PYMOE_ERR_NOMEM;
+    int err = PYMOE_OK;
+    for (int64_t i = 0; i < N && err == PYMOE_OK; i++) {
+        int64_t p = order[i];
+        if (p < 0 || p >= TK || seen[p]) err = PYMOE_ERR_PAIRS;
+        else seen[p] = 1;
+    }
+    free(seen);
+    return err;
+}
+
+static int check_ordered_args(moe_sizes *s, const int64_t *expert_index, const int64_t *order,
+                              int64_t N, int64_t T, int64_t K, int64_t E, int64_t C) {
+    int err = check_sizes(s, T, K, E, C, 0);
+    if (err) return err;
+    REQUIRE(expert_index, s->TK);
+    REQUIRE(order, N);
+    for (int64_t i = 0; i < s->TK; i++)
+        if (expert_index[i] < 0 || expert_index[i] >= E) return PYMOE_ERR_EXPERT;
+    return check_pair_order(order, N, s->TK);
+}
+
+int pymoe_assign_slots_ordered(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
+                               const int64_t *expert_index, const int64_t *order, int64_t N,
+                               int64_t T, int64_t K, int64_t E, int64_t C) {
+    moe_sizes s;
+    int err = check_ordered_args(&s, expert_index, order, N, T, K, E, C);
+    if (err) return err;
+    REQUIRE(position, s.TK);
+    REQUIRE(slot_owner, s.EC);
+    REQUIRE(expert_load, E);
+    for (int64_t i = 0; i < s.TK; i++) position[i] = -1;   /* unlisted pairs get no slot */
+    for (int64_t i = 0; i < s.EC; i++) slot_owner[i] = -1;
+    for (int64_t e = 0; e < E; e++) expert_load[e] = 0;
+    for (int64_t i = 0; i < N; i++) {
+        int64_t pair = order[i];
+        int64_t e = expert_index[pair];
+        int64_t p = expert_load[e]++;  /* listed pairs before this one that chose e */
+        if (p < C) {
+            position[pair] = p;
+            slot_owner[e * C + p] = pair;
+        }
+    }
+    return PYMOE_OK;
+}
+
+/* Stable merge sort of ranks a[0..n) (indices into order) by score descending; tmp has room for
+ * n. Stability keeps equal scores in rank order, i.e. ties go to the pair listed earlier. */
+static void sort_by_score(int64_t *a, int64_t *tmp, int64_t n, const int64_t *order,
+                          const double *score) {
+    for (int64_t width = 1; width < n; width *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * width) {
+            int64_t mid = lo + width < n ? lo + width : n;
+            int64_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int64_t i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)  /* take the right one only if strictly better */
+                tmp[o++] = score[order[a[j]]] > score[order[a[i]]] ? a[j++] : a[i++];
+            while (i < mid) tmp[o++] = a[i++];
+            while (j < hi) tmp[o++] = a[j++];
+        }
+        for (int64_t i = 0; i < n; i++) a[i] = tmp[i];
+    }
+}
+
+int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_t *order,
+                        const double *score, int64_t N, int64_t T, int64_t K, int64_t E,
+                        int64_t C) {
+    moe_sizes s;
+    int err = check_ordered_args(&s, expert_index, order, N, T, K, E, C);
+    if (err) return err;
+    REQUIRE(keep, s.TK);
+    REQUIRE(score, s.TK);
+    for (int64_t i = 0; i < s.TK; i++) keep[i] = 0;
+    /* Bucket the listed pairs by expert, each bucket in listing order (a counting sort). */
+    int64_t *start = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t *ranks = (int64_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int64_t));
+    int64_t *tmp = (int64_t *)malloc((size_t)(N > 0 ? N : 1) * sizeof(int64_t));
+    if (start == NULL || ranks == NULL || tmp == NULL) {
+        free(start); free(ranks); free(tmp);
+        return PYMOE_ERR_NOMEM;
+    }
+    for (int64_t i = 0; i < N; i++) start[expert_index[order[i]] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    {
+        int64_t *fill = (int64_t *)malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+        if (fill == NULL) {
+            free(start); free(ranks); free(tmp);
+            return PYMOE_ERR_NOMEM;
+        }
+        for (int64_t e = 0; e < E; e++) fill[e] = start[e];
+        for (int64_t i = 0; i < N; i++) ranks[fill[expert_index[order[i]]]++] = i;
+        free(fill);
+    }
+    /* Each expert sorts its own bucket (disjoint ranges of ranks and tmp) and keeps its first C. */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1)
+#endif
+    for (int64_t e = 0; e < E; e++) {
+        int64_t lo = start[e], n = start[e + 1] - start[e];
+        if (n > C) sort_by_score(ranks + lo, tmp + lo, n, order, score);
+        for (int64_t i = 0; i < n && i < C; i++) keep[order[ranks[lo + i]]] = 1;
+    }
+    free(start); free(ranks); free(tmp);
+    return PYMOE_OK;
+}

@@ -13,16 +13,26 @@ The routing recipe, one module per step:
     experts.py   11   E two-layer FFNs on [E, C, D]
     losses.py    12   load-balancing loss and router z-loss
     routing.py        route(): all of the above; layer.py: MoELayer with forward/backward
+
+The variants of the major MoE systems (route()/MoELayer keywords, checked in options.py):
+    scores.py    2-3  sigmoid scores, selection-only expert bias, update_expert_bias
+    groups.py    3    group-limited top-K
+    sinkhorn.py  3    Sinkhorn-balanced selection
+    noisy.py     1-3  noisy top-K gating and its smooth load loss
+    expert_choice.py 3-9 each expert takes its top-C tokens
+    slots.py     5-9  every slot rule (priority x drop policy) through one function
+    shared.py    11   shared (always-on) experts, optionally sigmoid-gated
 """
 from ._install import warn_if_core_missing
 from .backends import BackendInfo, backends, get_backend
 from .layer import MoELayer
 from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .routing import Routing, route, route_backward
+from .scores import update_expert_bias
 
-__all__ = ["MoELayer", "Routing", "route", "route_backward", "backends", "get_backend",
-           "BackendInfo", "MemoryBudgetError", "get_memory_budget", "set_memory_budget",
-           "memory_budget"]
+__all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
+           "get_backend", "BackendInfo", "MemoryBudgetError", "get_memory_budget",
+           "set_memory_budget", "memory_budget"]
 __version__ = "0.1.0"
 
 warn_if_core_missing()  # one line when the C core is not built (PYMOE_DISABLE_C=1 silences it)

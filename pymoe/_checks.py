@@ -176,6 +176,20 @@ def slot_args(expert_index: object, token_order: object | None, num_experts: obj
     return index, order, E, C
 
 
+def ordered_slot_args(expert_index: object, order: object, num_experts: object,
+                      capacity: object) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The arguments of assign_slots_ordered / keep_by_score: expert_index `<int>[T, K]` in
+    [0, E), order `<int>[N]` distinct flat pair ids in [0, T*K), E >= 1, C >= 0."""
+    E = integer("num_experts", num_experts, low=1)
+    C = integer("capacity", capacity, low=0)
+    index = index_array("expert_index", expert_index, shape=(None, None), high=E)
+    TK = index.size
+    pairs = index_array("order", order, shape=(None,), high=max(TK, 1))
+    if pairs.size > TK or (pairs.size and np.unique(pairs).size != pairs.size):
+        raise ValueError("order: expected distinct pair ids t*K + j")
+    return index, pairs, E, C
+
+
 def dispatch_args(x: object, slot_owner: object, k: object, weight: object | None,
                   dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
                   ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:

@@ -29,6 +29,16 @@ class Backend(Protocol):
         """-> (position `<int64>[T, K]` with -1 where dropped, slot_owner `<int64>[E, C]`,
         expert_load `<int64>[E]` before dropping); token_order None means 0, 1, ..., T-1."""
 
+    def assign_slots_ordered(self, expert_index: np.ndarray, order: np.ndarray, num_experts: int,
+                             capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (position, slot_owner, expert_load) with the pairs of `order` (flat ids t*K + j)
+        claiming slots in that order; unlisted pairs get -1 (slots.assign_slots_ordered)."""
+
+    def keep_by_score(self, expert_index: np.ndarray, order: np.ndarray, score: np.ndarray,
+                      num_experts: int, capacity: int) -> np.ndarray:
+        """-> keep `<bool>[T, K]`, each expert's C best-scoring pairs of `order`
+        (capacity.keep_by_score)."""
+
     def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
                  weight: np.ndarray | None = None) -> np.ndarray:
         """-> expert_in `[E, C, D]` (indexed.dispatch_indexed)."""

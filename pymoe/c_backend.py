@@ -156,6 +156,36 @@ class CBackend:
         self._check("assign_slots", code)
         return position, owner, load
 
+    def assign_slots_ordered(self, expert_index: np.ndarray, order: np.ndarray, num_experts: int,
+                             capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (position, slot_owner, expert_load), the integers of slots.assign_slots_ordered."""
+        index, order, E, C = _checks.ordered_slot_args(expert_index, order, num_experts, capacity)
+        index, order = np.ascontiguousarray(index), np.ascontiguousarray(order)
+        T, K = index.shape
+        position = np.empty((T, K), np.int64)
+        owner = np.empty((E, C), np.int64)
+        load = np.empty(E, np.int64)
+        code = self.lib.pymoe_assign_slots_ordered(
+            self._ptr(position), self._ptr(owner), self._ptr(load), self._ptr(index),
+            self._ptr(order), order.size, T, K, E, C)
+        self._check("assign_slots_ordered", code)
+        return position, owner, load
+
+    def keep_by_score(self, expert_index: np.ndarray, order: np.ndarray, score: np.ndarray,
+                      num_experts: int, capacity: int) -> np.ndarray:
+        """-> keep `<bool>[T, K]`, the mask of capacity.keep_by_score."""
+        index, order, E, C = _checks.ordered_slot_args(expert_index, order, num_experts, capacity)
+        score = _checks.float_array("score", score, shape=index.shape)
+        index, order = np.ascontiguousarray(index), np.ascontiguousarray(order)
+        score = np.ascontiguousarray(score, dtype=np.float64)  # exact for float16/32 scores
+        T, K = index.shape
+        keep = np.empty((T, K), np.bool_)
+        code = self.lib.pymoe_keep_by_score(
+            self.ffi.from_buffer("uint8_t[]", keep.view(np.uint8)), self._ptr(index),
+            self._ptr(order), self._ptr(score), order.size, T, K, E, C)
+        self._check("keep_by_score", code)
+        return keep
+
     def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
                  weight: np.ndarray | None = None, *, naive: bool = False,
                  out: np.ndarray | None = None) -> np.ndarray:

@@ -20,18 +20,29 @@ def expert_load(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
     return np.bincount(expert_index.reshape(-1), minlength=num_experts).astype(np.int64)  # [E]
 
 
+CAPACITY_RULES = ("k_ceil", "floor", "round", "tutel")
+
+
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float | None,
-                    min_capacity: int = 0, load: np.ndarray | None = None) -> int:
+                    min_capacity: int = 0, load: np.ndarray | None = None, *,
+                    rule: str = "k_ceil", capacity: int | None = None) -> int:
     """Step 8: slots per expert, C.
 
-    C = ceil(K * T * capacity_factor / E), then raised to min_capacity and clipped to T. The
-    product is taken exactly, on capacity_factor's decimal value as Python prints it: 1.1 means
-    11/10, so T=100, E=10, K=1 gives C = 11 (float arithmetic would give 110.00000000000001 / 10
-    and round up to 12). The fair share of an expert is K*T/E assignments, so
-    capacity_factor = 1 leaves no slack. This is the DeepSpeed / Megatron-Core form (it includes
-    K and rounds up); Mesh-TF and flaxformer leave K out and floor or round, Tutel floors
-    (research/routing-conventions.md, row 19). No expert can receive more than T assignments
-    (a token picks an expert at most once), so C = T never drops anything.
+    rule (each system's formula; the README's "Routing variants" table):
+        "k_ceil" (default; DeepSpeed, Megatron-Core): C = ceil(K * T * capacity_factor / E).
+            The fair share of an expert is K*T/E assignments, so capacity_factor = 1 leaves no
+            slack.
+        "floor" (Mesh-TF): C = floor(T * capacity_factor / E), no K: top-2 configurations use
+            capacity_factor 1.25-2 and expect second choices to overflow.
+        "round" (flaxformer): C = round(T * capacity_factor / E), halves to even (jnp.round).
+        "tutel" (Tutel): C = K * floor(capacity_factor * ceil(T / E)).
+    capacity: a fixed integer C (HF Switch's expert_capacity) instead of any formula; then
+        capacity_factor is ignored.
+    Every product is taken exactly, on capacity_factor's decimal value as Python prints it: 1.1
+    means 11/10, so T=100, E=10, K=1 gives C = 11 with "k_ceil" (float arithmetic would give
+    110.00000000000001 / 10 and round up to 12). The result is then raised to min_capacity and
+    clipped to T: no expert can receive more than T assignments (a token picks an expert at most
+    once), so C = T never drops anything.
 
     capacity_factor=None means dropless: C = the largest expert load (`load` required), at least
     min_capacity, at most T.
@@ -41,13 +52,29 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     k = _checks.integer("k", k, low=1, high=num_experts)
     capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor, allow_none=True)
     min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-    if capacity_factor is None:
+    rule = _checks.choice("capacity_rule", rule, CAPACITY_RULES)
+    if capacity is not None:
+        c = _checks.integer("capacity", capacity, low=0)
+    elif capacity_factor is None:
         if load is None:
             raise ValueError("load: required when capacity_factor is None (dropless routing)")
         c = int(load.max()) if load.size else 0
     else:
-        c = math.ceil(k * num_tokens * Fraction(repr(capacity_factor)) / num_experts)
+        c = capacity_formula(num_tokens, num_experts, k, capacity_factor, rule)
     return min(max(c, min_capacity), num_tokens)
+
+
+def capacity_formula(T: int, E: int, k: int, capacity_factor: float, rule: str) -> int:
+    """The capacity formula `rule` of expert_capacity, before min_capacity and the clip to T,
+    in exact rational arithmetic on capacity_factor's decimal value."""
+    cf = Fraction(repr(float(capacity_factor)))
+    if rule == "k_ceil":
+        return math.ceil(k * T * cf / E)
+    if rule == "floor":
+        return math.floor(T * cf / E)
+    if rule == "round":
+        return round(T * cf / E)  # Fraction rounds halves to even, like jnp.round
+    return k * math.floor(cf * -(-T // E))  # tutel: ceil(T / E) in integers
 
 
 def drop(position: np.ndarray, gate: np.ndarray,
@@ -66,6 +93,36 @@ def drop(position: np.ndarray, gate: np.ndarray,
     """
     kept = position < capacity  # [T, K]
     return np.where(kept, position, -1), np.where(kept, gate, 0).astype(gate.dtype), kept
+
+
+def keep_by_score(expert_index: np.ndarray, order: np.ndarray, score: np.ndarray,
+                  num_experts: int, capacity: int) -> np.ndarray:
+    """Step 9, drop policy "probs" (Megatron-Core): each expert keeps its C best-scoring pairs.
+
+    Args:
+        expert_index: `<int>[T, K]`.
+        order: `<int64>[N]` the candidate pairs (flat ids t*K + j) in priority order.
+        score: `[T, K]` what the pairs compete on (the gate at selection; for expert choice the
+            token's score for that expert).
+        num_experts: E; capacity: C.
+    Returns:
+        keep `<bool>[T, K]`: True for the at most C pairs of each expert with the highest score,
+        ties to the pair earlier in `order`; False for every pair outside `order`. The kept pairs
+        then claim slots 0..n_e-1 in priority order (position_in_pair_order over the kept
+        subsequence), so slots are filled by the same rule under every drop policy.
+    Selection passes no gradient: which pairs survive is piecewise constant in the scores.
+    """
+    T, K = expert_index.shape
+    flat_expert = expert_index.reshape(T * K)[order]  # [N]
+    flat_score = score.reshape(T * K)[order]  # [N]
+    rank = np.arange(order.size)  # [N] place in priority order, the tie-break
+    # Sort by expert, then score descending, then priority: each expert's run starts with its best.
+    by = np.lexsort((rank, -flat_score, flat_expert))  # [N]
+    run_start = np.searchsorted(flat_expert[by], np.arange(num_experts))  # [E]
+    place = np.arange(order.size) - run_start[flat_expert[by]]  # [N] rank inside the expert
+    keep = np.zeros(T * K, dtype=bool)
+    keep[order[by[place < capacity]]] = True
+    return keep.reshape(T, K)
 
 
 def slot_owner(expert_index: np.ndarray, position: np.ndarray, capacity: int,

@@ -16,11 +16,15 @@ from .dense import (
     gate_grad_from_dense,
 )
 from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
+from .noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
+from .options import expert_bias_arg, route_options
 from .router import jitter, router_dtype, router_logits, router_logits_backward
-from .routing import K1_NORMALIZE_WARNING, PRIORITIES, Routing, route_backward, route_unchecked
+from .routing import K1_NORMALIZE_WARNING, Routing, route_backward, route_unchecked
+from .shared import SharedCache, shared_experts_backward, shared_experts_forward
 
 FORMULATIONS = ("indexed", "dense")
-PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")
+PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")  # always present
+ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 
 
 @dataclass
@@ -32,6 +36,9 @@ class _ForwardCache:
     routing: Routing
     experts: ExpertsCache
     expert_out: np.ndarray  # [E, C, D]
+    x2: np.ndarray | None = None  # [T, D] tokens in the layer dtype
+    noisy: tuple | None = None  # (clean [T, E], eps [T, E], z [T, E], std [T, E]) for noisy_topk
+    shared: SharedCache | None = None
     groups: grouped.GroupsCache | None = None  # token_groups > 1: everything is in here
 
 
@@ -41,11 +48,23 @@ class MoELayer:
     Args:
         d_model: D; d_hidden: H; num_experts: E; k: K choices per token.
         capacity_factor, min_capacity, normalize, priority: as for pymoe.route.
+        score, expert_bias, num_groups, topk_groups, group_score_k, scaling_factor, drop_policy,
+            renormalize_after_drop, selection, capacity_rule, capacity, load_balancing,
+            sequence_length, second_expert_policy, second_expert_threshold: as for pymoe.route.
+            expert_bias `[E]` is a buffer, not a parameter: assign
+            `layer.expert_bias = pymoe.update_expert_bias(layer.expert_bias, load, rate)`.
+            Random slot rules draw from the layer's generator (seeded by `seed`).
         activation: "relu" or "gelu" (tanh form).
         aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in the objective
             that backward() differentiates (both >= 0).
-        jitter_eps: multiplicative router-input noise U(1-eps, 1+eps), applied only by
-            forward(x, train=True) and drawn from a generator seeded by `seed`.
+        router_noise: "none"; "jitter": multiplicative router-input noise U(1-eps, 1+eps) with
+            eps = jitter_eps; "noisy_topk": Shazeer's learned Gaussian logit noise (pymoe.noisy,
+            parameter w_noise `[D, E]`, needs k < E) with its load loss weighted by
+            load_loss_coef. Noise is applied only by forward(x, train=True) and drawn from a
+            generator seeded by `seed`. None (the default) means "jitter" if jitter_eps > 0,
+            else "none".
+        num_shared_experts: S always-on FFNs (hidden size H) added to the routed output
+            (pymoe.shared); shared_expert_gate: gate them by sigmoid(x . w_shared_gate `[D]`).
         formulation: "indexed" (gather/scatter; expert matmuls over filled slots only) or "dense"
             (the `[T, E, C]` einsums). Both compute the same values.
         backend: who moves the routed data in the indexed formulation: "numpy", "c", or "auto"
@@ -64,39 +83,78 @@ class MoELayer:
 
     Attributes:
         params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, H]`, b1 `[E, H]`,
-            w2 `[E, H, D]`, b2 `[E, D]`. backward() overwrites grads (it does not accumulate).
+            w2 `[E, H, D]`, b2 `[E, D]`; with noisy top-K also w_noise `[D, E]`; with S shared
+            experts shared_w1 `[S, D, H]`, shared_b1 `[S, H]`, shared_w2 `[S, H, D]`,
+            shared_b2 `[S, D]` and, gated, w_shared_gate `[D]`. backward() overwrites grads (it
+            does not accumulate).
         routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
             when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
+        load_loss: noisy top-K's CV(load)^2 of the last forward() (0 without it).
+        expert_bias: `[E]` selection bias or None (a buffer the training loop updates).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,
                  capacity_factor: float | None = 1.25, *, min_capacity: int = 0,
-                 normalize: bool = False, priority: str = "choice", activation: str = "relu",
-                 aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, jitter_eps: float = 0.0,
+                 normalize: bool = False, priority: str = "choice", score: str = "softmax",
+                 expert_bias: np.ndarray | None = None, num_groups: int | None = None,
+                 topk_groups: int | None = None, group_score_k: int | None = None,
+                 scaling_factor: float | None = None, drop_policy: str = "position",
+                 renormalize_after_drop: bool = False, selection: str = "tokens",
+                 capacity_rule: str = "k_ceil", capacity: int | None = None,
+                 load_balancing: str = "switch", sequence_length: int | None = None,
+                 second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
+                 activation: str = "relu", aux_loss_coef: float = 0.01,
+                 z_loss_coef: float = 0.0, jitter_eps: float = 0.0,
+                 router_noise: str | None = None, load_loss_coef: float = 0.01,
+                 num_shared_experts: int = 0, shared_expert_gate: bool = False,
                  formulation: str = "indexed", backend: str = "auto",
                  dtype: np.dtype | type = np.float32, seed: int = 0, token_groups: int = 1,
                  load_stats: str = "local") -> None:
         self.d_model = _checks.integer("d_model", d_model, low=1)
         self.d_hidden = _checks.integer("d_hidden", d_hidden, low=1)
         self.num_experts = _checks.integer("num_experts", num_experts, low=1)
-        self.k = _checks.integer("k", k, low=1, high=self.num_experts)
-        self.capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
-                                                       allow_none=True)
-        self.min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-        self.normalize = _checks.boolean("normalize", normalize)
-        self.priority = _checks.choice("priority", priority, PRIORITIES)
+        self.options = route_options(
+            self.num_experts, k, capacity_factor, min_capacity=min_capacity, normalize=normalize,
+            priority=priority, score=score, num_groups=num_groups, topk_groups=topk_groups,
+            group_score_k=group_score_k, scaling_factor=scaling_factor, drop_policy=drop_policy,
+            renormalize_after_drop=renormalize_after_drop, selection=selection,
+            capacity_rule=capacity_rule, capacity=capacity, load_balancing=load_balancing,
+            sequence_length=sequence_length, second_expert_policy=second_expert_policy,
+            second_expert_threshold=second_expert_threshold)
+        o = self.options
+        self.k, self.capacity_factor, self.min_capacity = o.k, o.capacity_factor, o.min_capacity
+        self.normalize, self.priority = o.normalize, o.priority
+        self.expert_bias = expert_bias_arg(expert_bias, self.num_experts)
         self.activation = _checks.choice("activation", activation, ACTIVATIONS)
         self.aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
         self.z_loss_coef = _checks.nonnegative_finite("z_loss_coef", z_loss_coef)
         self.jitter_eps = _checks.nonnegative_finite("jitter_eps", jitter_eps)
         if self.jitter_eps >= 1.0:
             raise ValueError(f"jitter_eps: expected a value in [0, 1), got {self.jitter_eps}")
+        if router_noise is None:
+            router_noise = "jitter" if self.jitter_eps > 0 else "none"
+        self.router_noise = _checks.choice("router_noise", router_noise, ROUTER_NOISE)
+        if self.router_noise == "jitter" and self.jitter_eps == 0:
+            raise ValueError("jitter_eps: router_noise='jitter' needs jitter_eps > 0 (1e-2 in "
+                             "Mesh-TF and DeepSpeed)")
+        if self.router_noise == "noisy_topk" and self.k >= self.num_experts:
+            raise ValueError(f"router_noise: 'noisy_topk' needs k < E (its load estimate "
+                             f"compares with the (k+1)-th logit), got k = {self.k}, "
+                             f"E = {self.num_experts}")
+        self.load_loss_coef = _checks.nonnegative_finite("load_loss_coef", load_loss_coef)
+        self.num_shared_experts = _checks.integer("num_shared_experts", num_shared_experts,
+                                                  low=0)
+        self.shared_expert_gate = _checks.boolean("shared_expert_gate", shared_expert_gate)
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
         self.formulation = _checks.choice("formulation", formulation, FORMULATIONS)
         self.token_groups = _checks.integer("token_groups", token_groups, low=1)
         self.load_stats = _checks.choice("load_stats", load_stats, grouped.LOAD_STATS)
         if self.token_groups > 1 and self.formulation != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
                              f"formulation={self.formulation!r}")
+        self._check_token_groups(router_noise, num_shared_experts, selection, score,
+                                 load_balancing)
         if dtype is None:  # np.dtype(None) is float64: a silent default nobody asked for
             raise TypeError("dtype: expected float16, float32 or float64, got None")
         try:
@@ -120,7 +178,7 @@ class MoELayer:
         numpy_only = self.formulation == "dense" or self.dtype == np.float16
         self._backend_request = "numpy" if numpy_only else backend  # re-resolved on unpickling
         self.backend: Backend = get_backend(self._backend_request)
-        if self.normalize and self.k == 1:
+        if self.normalize and self.k == 1 and o.selection != "experts":
             warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
@@ -135,6 +193,18 @@ class MoELayer:
             "w2": rng.normal(0.0, np.sqrt(1.0 / H), (E, H, D)),
             "b2": np.zeros((E, D)),
         }
+        if self.router_noise == "noisy_topk":
+            self.params["w_noise"] = rng.normal(0.0, np.sqrt(0.1 / D), (D, E))
+        S = self.num_shared_experts
+        if S:
+            self.params.update({
+                "shared_w1": rng.normal(0.0, np.sqrt(1.0 / D), (S, D, H)),
+                "shared_b1": np.zeros((S, H)),
+                "shared_w2": rng.normal(0.0, np.sqrt(1.0 / H), (S, H, D)),
+                "shared_b2": np.zeros((S, D)),
+            })
+            if self.shared_expert_gate:
+                self.params["w_shared_gate"] = rng.normal(0.0, np.sqrt(1.0 / D), D)
         self.params = {n: p.astype(self.dtype) for n, p in self.params.items()}
         self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
         self._noise_rng = np.random.default_rng([seed, 1])
@@ -143,6 +213,7 @@ class MoELayer:
         self.routing: Routing | None = None
         self.aux_loss = 0.0
         self.z_loss = 0.0
+        self.load_loss = 0.0
 
     # ---------------------------------------------------------------- pickling
     # A backend holds a compiled library (cffi objects do not pickle): the state keeps the name
@@ -163,11 +234,8 @@ class MoELayer:
         """self.params after checking each entry (callers may replace them): a numpy array of
         the layer dtype and its documented shape; returned C-contiguous so that the matmuls see
         the same layout, and give the same bits, whatever the caller stored."""
-        D, H, E = self.d_model, self.d_hidden, self.num_experts
-        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, H), "b1": (E, H),
-                  "w2": (E, H, D), "b2": (E, D)}
         out = {}
-        for name, shape in shapes.items():
+        for name, shape in self._param_shapes().items():
             p = self.params.get(name)
             if not isinstance(p, np.ndarray):
                 raise TypeError(f"params['{name}']: expected a numpy array, got "
@@ -178,6 +246,23 @@ class MoELayer:
             _checks.check_shape(f"params['{name}']", p, shape)
             out[name] = np.ascontiguousarray(p)
         return out
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's documented shape (the variants add w_noise and the shared experts)."""
+        D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
+        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, H), "b1": (E, H),
+                  "w2": (E, H, D), "b2": (E, D)}
+        if self.router_noise == "noisy_topk":
+            shapes["w_noise"] = (D, E)
+        if S:
+            shapes.update(shared_w1=(S, D, H), shared_b1=(S, H), shared_w2=(S, H, D),
+                          shared_b2=(S, D))
+            if self.shared_expert_gate:
+                shapes["w_shared_gate"] = (D,)
+        return shapes
+
+    def _param_names(self) -> tuple[str, ...]:
+        return tuple(self._param_shapes())
 
     def _nonfinite(self, what: str, names: tuple[str, ...], inputs: str) -> ValueError:
         """The error for a non-finite intermediate: the parameter that holds a NaN/inf when one
@@ -209,7 +294,7 @@ class MoELayer:
         x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
         if self.token_groups > 1:
             return self._forward_groups(x, x2, train)
-        x_router, noise, r = self._route(x2, train)
+        x_router, noise, r, noisy = self._route_noisy(x2, train)
         if self.formulation == "dense":
             expert_in = dispatch_dense(x2, r.dispatch_mask)  # [E, C, D]           step 11
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
@@ -222,9 +307,17 @@ class MoELayer:
                                           workspace=self._workspace)
             y = self.backend.combine(out, r.expert_index, r.position,
                                      r.gate.astype(self.dtype))  # [T, D]
+        shared = None
+        if self.num_shared_experts:
+            y_shared, shared = shared_experts_forward(x2, p, self.activation,
+                                                      self.shared_expert_gate)  # [T, D]
+            y = y + y_shared
         if not np.isfinite(y).all():  # [T, D]: one pass, versus the expert matmuls' T*K*D*H
-            raise self._nonfinite("the expert outputs", PARAM_NAMES[2:], "x")
-        self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out)
+            raise self._nonfinite("the expert outputs", self._param_names()[2:], "x")
+        self.load_loss = (0.0 if noisy is None else
+                          noisy_load_loss(noisy[0], r.router_logits, noisy[3], self.k))
+        self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
+                                    noisy, shared)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         return y.reshape(x.shape)
 
@@ -234,20 +327,24 @@ class MoELayer:
                   name: str) -> np.ndarray:
         """backend.dispatch; the C backend writes into a buffer kept between steps."""
         if self.backend.name != "c":
-            return self.backend.dispatch(x2, r.slot_owner, self.k, weight)
+            return self.backend.dispatch(x2, r.slot_owner, r.k, weight)  # r.k: E for expert choice
         shape = (self.num_experts, r.capacity, self.d_model)
         buf = self._workspace.get(name)
         if buf is None or buf.shape != shape or buf.dtype != x2.dtype:
             buf = self._workspace[name] = np.empty(shape, x2.dtype)
-        return self.backend.dispatch(x2, r.slot_owner, self.k, weight, out=buf)
+        return self.backend.dispatch(x2, r.slot_owner, r.k, weight, out=buf)
 
     def _route(self, x2: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
         """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing)."""
+        return self._route_noisy(x2, train)[:3]
+
+    def _route_noisy(self, x2: np.ndarray, train: bool):
+        """_route plus the noisy top-K state (clean logits, eps, z, std), or None without it."""
         p = self._checked_params()
         rdt = router_dtype(self.dtype)
         x_router = x2.astype(rdt)  # [T, D] the router's own copy
         noise = None
-        if train and self.jitter_eps > 0:
+        if train and self.router_noise == "jitter":
             noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
             x_router = x_router * noise
         logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
@@ -255,9 +352,31 @@ class MoELayer:
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self._nonfinite("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
-        r = route_unchecked(logits, self.k, self.capacity_factor, self.min_capacity,
-                            self.normalize, self.priority, self.backend)  # steps 2-10, 12
-        return x_router, noise, r
+        noisy = None
+        if self.router_noise == "noisy_topk":
+            z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]
+            std = softplus(z)  # [T, E] learned noise scale
+            eps = (self._noise_rng.standard_normal(logits.shape).astype(rdt) if train
+                   else np.zeros_like(logits))  # [T, E]
+            noisy = (logits, eps, z, std)
+            logits = logits + eps * std  # [T, E] H: the noisy logits that are ranked
+        bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
+                                                                     self.num_experts)
+        r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
+                            backend=self.backend)  # steps 2-10, 12
+        return x_router, noise, r, noisy
+
+    def _check_token_groups(self, router_noise, num_shared_experts, selection, score,
+                            load_balancing) -> None:
+        """token_groups > 1 (pymoe.grouped) runs the router and the routed experts only."""
+        if self.token_groups == 1:
+            return
+        if router_noise == "noisy_topk" or num_shared_experts or selection == "experts":
+            raise ValueError("token_groups: groups support neither router_noise='noisy_topk', "
+                             "shared experts nor selection='experts'")
+        if self.load_stats == "global" and (score != "softmax" or load_balancing != "switch"):
+            raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
+                             f"score={score!r}, load_balancing={load_balancing!r}")
 
     def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool) -> np.ndarray:
         G, T = self.token_groups, x2.shape[0]
@@ -267,7 +386,7 @@ class MoELayer:
         ex = grouped.LocalExchange(G)
         ys, gc, aux, z = grouped.forward_groups(self, np.split(x2, G), self._expert_params(), ex,
                                                 self.load_stats, train, {})
-        self._cache = _ForwardCache(x.shape, x.dtype, None, None, None, None, None, gc)
+        self._cache = _ForwardCache(x.shape, x.dtype, None, None, None, None, None, groups=gc)
         self.routing = tuple(s.routing for s in gc.groups)
         self.aux_loss, self.z_loss = aux, z
         return np.concatenate(ys).reshape(x.shape)  # (forward_groups checked y is finite)
@@ -276,12 +395,14 @@ class MoELayer:
         return {n: self.params[n] for n in ("w1", "b1", "w2", "b2")}
 
     def loss_terms(self) -> float:
-        """aux_loss_coef * aux_loss + z_loss_coef * z_loss of the last forward()."""
-        return self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
+        """aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ load_loss_coef * load_loss with
+        noisy top-K) of the last forward()."""
+        return (self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
+                + self.load_loss_coef * self.load_loss)
 
     # --------------------------------------------------------------- backward
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        """Differentiate sum(y * dy) + aux_loss_coef * aux_loss + z_loss_coef * z_loss.
+        """Differentiate sum(y * dy) + loss_terms().
 
         Args:
             dy: gradient with respect to the last forward's y, same shape.
@@ -313,20 +434,36 @@ class MoELayer:
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts,
                                         self._workspace)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
+        grads = dict(eg)
+        if c.shared is not None:
+            dx_shared, sg = shared_experts_backward(dy2, c.x2, p, c.shared)
+            dx2 = dx2 + dx_shared
+            grads.update(sg)
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
             raise self._nonfinite("the gate gradient <dy, expert output>", (), "dy")
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         rdt = router_dtype(self.dtype)
-        dx_router, dw_router, db_router = router_logits_backward(
+        dx_router = None
+        if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise
+            clean, eps, z, std = c.noisy
+            dclean, dnoisy, dstd = noisy_load_loss_backward(clean, r.router_logits, std, self.k,
+                                                            self.load_loss_coef)
+            dH = dlogits + dnoisy
+            dz = softplus_backward(eps * dH + dstd, z)  # [T, E]
+            grads["w_noise"] = c.x_router.T @ dz  # [D, E]
+            dx_router = dz @ p["w_noise"].astype(rdt, copy=False).T  # [T, D]
+            dlogits = dH + dclean
+        dxr, dw_router, db_router = router_logits_backward(
             dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
+        dx_router = dxr if dx_router is None else dx_router + dxr
         if c.noise is not None:
             dx_router *= c.noise
         dx2 = dx2 + dx_router.astype(self.dtype)
-        grads = {"w_router": dw_router, "b_router": db_router, **eg}
-        for name in PARAM_NAMES:
+        grads.update({"w_router": dw_router, "b_router": db_router})
+        for name in self.params:
             if not np.isfinite(grads[name]).all():
                 raise self._nonfinite(f"the gradient of params['{name}']", (), "dy")
         if not np.isfinite(dx2).all():
             raise self._nonfinite("the gradient dx", (), "dy")
-        self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in PARAM_NAMES}
+        self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in self.params}
         return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)

@@ -67,6 +67,69 @@ def load_balancing_loss_backward(probs: np.ndarray, expert_index: np.ndarray,
     return np.broadcast_to((coef * E / T) * f, (T, E)).astype(probs.dtype)  # [T, E]
 
 
+LOAD_BALANCING = ("switch", "k_scaled", "sequence")
+
+
+def aux_loss_scores(scores: np.ndarray, score: str) -> np.ndarray:
+    """The `[T, E]` probabilities the load-balancing loss reads: softmax probabilities as they
+    are; sigmoid scores divided by their sum over experts (DeepSeek-V3, Megatron-Core), so that
+    each row is a distribution either way."""
+    if score == "softmax":
+        return scores
+    return scores / scores.sum(axis=-1, keepdims=True)
+
+
+def aux_loss_scores_backward(dprobs: np.ndarray, scores: np.ndarray, score: str) -> np.ndarray:
+    """Backward of aux_loss_scores: d scores `[T, E]`; for sigmoid, q = s / S gives
+    ds_i = (dq_i - sum_e dq_e q_e) / S."""
+    if score == "softmax":
+        return dprobs
+    s = scores.sum(axis=-1, keepdims=True)  # [T, 1]
+    q = scores / s
+    return (dprobs - (dprobs * q).sum(axis=-1, keepdims=True)) / s
+
+
+def balance_loss(probs: np.ndarray, expert_index: np.ndarray, kind: str = "switch",
+                 sequence_length: int | None = None) -> float:
+    """The load-balancing loss as each system scales it.
+
+    Args:
+        probs: `[T, E]` (aux_loss_scores); expert_index: `<int>[T, K]`.
+        kind: "switch": load_balancing_loss (Switch, Megatron-Core, MegaBlocks; balanced at 1).
+            "k_scaled": K times that (HF Mixtral / Qwen-MoE count all K choices without dividing
+            by K; balanced at K). "sequence": load_balancing_loss of each block of
+            sequence_length consecutive tokens, averaged over the blocks (DeepSeek-V3's
+            sequence-wise loss, Megatron-Core `seq_aux_loss`; T must be a multiple).
+    """
+    K = expert_index.shape[1]
+    if kind == "k_scaled":
+        return K * load_balancing_loss(probs, expert_index)
+    if kind == "sequence":
+        S = sequence_length
+        n = probs.shape[0] // S
+        return float(np.mean([load_balancing_loss(probs[i * S:(i + 1) * S],
+                                                  expert_index[i * S:(i + 1) * S])
+                              for i in range(n)])) if n else 0.0
+    return load_balancing_loss(probs, expert_index)
+
+
+def balance_loss_backward(probs: np.ndarray, expert_index: np.ndarray, coef: float,
+                          kind: str = "switch", sequence_length: int | None = None) -> np.ndarray:
+    """d (coef * balance_loss) / d probs `[T, E]`."""
+    K = expert_index.shape[1]
+    if kind == "k_scaled":
+        return load_balancing_loss_backward(probs, expert_index, coef * K)
+    if kind == "sequence":
+        S = sequence_length
+        n = probs.shape[0] // S
+        d = np.zeros_like(probs)
+        for i in range(n):
+            rows = slice(i * S, (i + 1) * S)
+            d[rows] = load_balancing_loss_backward(probs[rows], expert_index[rows], coef / n)
+        return d
+    return load_balancing_loss_backward(probs, expert_index, coef)
+
+
 def router_z_loss(router_logits: np.ndarray) -> float:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean_t logsumexp(router_logits[t])^2.
 

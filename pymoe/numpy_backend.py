@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks
-from .capacity import expert_load, slot_owner
+from .capacity import expert_load, keep_by_score, slot_owner
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from .losses import expert_prob_sum
 from .priority import position_in_expert
+from .slots import assign_slots_ordered
 from .topk import top_k
 
 
@@ -36,6 +37,21 @@ class NumpyBackend:
         position = position_in_expert(expert_index, E, token_order)  # [T, K]
         position = np.where(position < C, position, -1)  # [T, K], capacity.drop's rule
         return position, slot_owner(expert_index, position, C, E), expert_load(expert_index, E)
+
+    def assign_slots_ordered(self, expert_index: np.ndarray, order: np.ndarray, num_experts: int,
+                             capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (position, slot_owner, expert_load) with pairs claiming slots in `order`
+        (slots.assign_slots_ordered)."""
+        return assign_slots_ordered(*_checks.ordered_slot_args(expert_index, order, num_experts,
+                                                               capacity))
+
+    def keep_by_score(self, expert_index: np.ndarray, order: np.ndarray, score: np.ndarray,
+                      num_experts: int, capacity: int) -> np.ndarray:
+        """-> keep `<bool>[T, K]`: each expert's C best-scoring pairs of `order`, ties to the
+        earlier pair (capacity.keep_by_score)."""
+        index, pairs, E, C = _checks.ordered_slot_args(expert_index, order, num_experts, capacity)
+        score = _checks.float_array("score", score, shape=index.shape)
+        return keep_by_score(index, pairs, score, E, C)
 
     def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
                  weight: np.ndarray | None = None) -> np.ndarray:

@@ -25,23 +25,50 @@ def expert_mask(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
     return one_hot(expert_index, num_experts)  # [T, K, E]
 
 
-def priority_order(probs: np.ndarray, priority: str) -> np.ndarray:
+def priority_order(probs: np.ndarray, priority: str,
+                   rng: np.random.Generator | None = None) -> np.ndarray:
     """Step 6a: the order in which tokens claim expert slots.
 
     Args:
-        probs: `[T, E]` router probabilities.
-        priority: "choice" keeps token order (0, 1, ..., T-1), as Switch/GShard do;
-            "score" is batch-prioritised routing (V-MoE, Riquelme et al. 2021, sec. 3.2): tokens
-            sorted by their top-1 probability (of the full softmax, before any renormalisation),
-            highest first, ties to the lower token index.
+        probs: `[T, E]` router scores (softmax probabilities or sigmoid scores).
+        priority: "choice" and "token" keep token order (0, 1, ..., T-1), as Switch/GShard and
+            HF/MegaBlocks do; "score" is batch-prioritised routing (V-MoE, Riquelme et al. 2021,
+            sec. 3.2): tokens sorted by their top-1 score (before any renormalisation), highest
+            first, ties to the lower token index; "random" is DeepSpeed's random token selection
+            (RTS): a uniformly random permutation drawn from `rng`.
+        rng: required for "random" (same generator state, same permutation).
     Returns:
         token_order `<int64>[T]`, a permutation: token_order[i] is the i-th token to claim slots.
-        The same order is used at every choice level.
+        Whether a token's later choices wait for everyone's first choice is pair_order's job.
     """
-    if priority == "choice":
-        return np.arange(probs.shape[0], dtype=np.int64)  # [T]
-    top1 = probs.max(axis=-1) if probs.size else np.zeros(probs.shape[0], probs.dtype)  # [T]
+    T = probs.shape[0]
+    if priority in ("choice", "token"):
+        return np.arange(T, dtype=np.int64)  # [T]
+    if priority == "random":
+        if rng is None:
+            raise ValueError("seed: priority='random' needs a seed or a numpy Generator")
+        return rng.permutation(T).astype(np.int64)  # [T]
+    top1 = probs.max(axis=-1) if probs.size else np.zeros(T, probs.dtype)  # [T]
     return np.argsort(-top1, kind="stable").astype(np.int64)  # [T], stable: ties keep token order
+
+
+def pair_order(token_order: np.ndarray, k: int, priority: str) -> np.ndarray:
+    """Step 6b': every (token, choice) pair, as flat ids t*K + j, in the order they claim slots.
+
+    Args:
+        token_order: `<int64>[T]` from priority_order.
+        k: K.
+        priority: "token" is token-major (token_order[0]'s choices j = 0..K-1, then
+            token_order[1]'s, ...: HF, NLLB, MegaBlocks), so a token's second choice can beat a
+            later token's first; every other priority is choice-major (all j = 0 pairs in
+            token order, then all j = 1 pairs, ...: Mesh-TF, GShard, flaxformer).
+    Returns:
+        `<int64>[T*K]`, a permutation of 0..T*K-1.
+    """
+    j = np.arange(k, dtype=np.int64)
+    if priority == "token":
+        return (token_order[:, None] * k + j[None, :]).reshape(-1)  # [T*K], token-major
+    return (token_order[None, :] * k + j[:, None]).reshape(-1)  # [K*T], choice-major
 
 
 def choice_major(mask: np.ndarray, token_order: np.ndarray) -> np.ndarray:
@@ -90,3 +117,32 @@ def position_in_expert(expert_index: np.ndarray, num_experts: int,
     position = np.empty((T, K), dtype=np.int64)  # [T, K], row-major like every other array
     position[token_order] = pos  # undo the token permutation
     return position
+
+
+def position_in_pair_order(expert_index: np.ndarray, num_experts: int,
+                           order: np.ndarray) -> np.ndarray:
+    """Step 7 for any slot rule: positions counted along an explicit pair order.
+
+    Args:
+        expert_index: `<int>[T, K]`.
+        num_experts: E.
+        order: `<int64>[N]` distinct flat pair ids t*K + j (pair_order, possibly with pairs
+            removed: a drop policy's or a second-expert policy's losers never claim a slot).
+    Returns:
+        position `<int64>[T, K]`: for a pair in `order`, the number of pairs before it in `order`
+        that chose the same expert; -1 for pairs not in `order`. With the choice-major order of
+        every pair this is exactly position_in_expert.
+    """
+    T, K = expert_index.shape
+    N = order.size
+    count_dtype = np.int32 if N < 2**31 else np.int64
+    memory.check("expert_index", N * num_experts * (1 + np.dtype(count_dtype).itemsize),
+                 f"the NumPy slot assignment's [N, E] = [{N}, {num_experts}] one-hot and its "
+                 "running count",
+                 "the C backend assigns the same slots in O(T*K) memory: MoELayer(backend='c')")
+    flat_expert = expert_index.reshape(T * K)[order]  # [N] expert of each pair, in order
+    cum = (flat_expert[:, None] == np.arange(num_experts)).astype(count_dtype)  # [N, E] one-hot
+    np.cumsum(cum, axis=0, out=cum)  # [N, E]; at a 1: the count of 1s so far
+    position = np.full(T * K, -1, dtype=np.int64)  # [T*K]
+    position[order] = cum[np.arange(N), flat_expert] - 1
+    return position.reshape(T, K)

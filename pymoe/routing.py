@@ -4,29 +4,43 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import _checks
 from .backends import get_backend
-from .capacity import drop, expert_capacity, expert_load, slot_owner
+from .capacity import capacity_formula, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
+from .expert_choice import expert_choice_keep, expert_choice_pairs
+from .groups import limit_to_groups
 from .losses import (
-    load_balancing_loss,
-    load_balancing_loss_backward,
+    aux_loss_scores,
+    aux_loss_scores_backward,
+    balance_loss,
+    balance_loss_backward,
     load_balancing_loss_from_sums,
     router_z_loss_backward,
     router_z_loss_from_lse,
 )
-from .priority import position_in_expert, priority_order
-from .router import router_dtype, softmax_backward, softmax_lse
-from .topk import gates, gates_backward, top_k
+from .options import PRIORITIES, RouteOptions, expert_bias_arg, generator_arg, route_options
+from .priority import priority_order
+from .router import router_dtype, softmax, softmax_backward, softmax_lse
+from .scores import selection_scores, sigmoid, sigmoid_backward
+from .sinkhorn import sinkhorn
+from .slots import assign
+from .topk import (
+    gates,
+    gates_backward,
+    renormalize_kept,
+    renormalize_kept_backward,
+    scale_gates,
+    second_expert_keep,
+    top_k,
+)
 
-if TYPE_CHECKING:
-    from .backend_api import Backend
+__all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
+           "route_unchecked", "K1_NORMALIZE_WARNING"]
 
-PRIORITIES = ("choice", "score")
 ROUTE_BACKENDS = ("numpy", "c", "auto")
 K1_NORMALIZE_WARNING = (
     "normalize=True with k=1: every gate is exactly 1.0, so the router gets no gradient from the "
@@ -39,22 +53,26 @@ class Routing:
 
     Index form (what fast paths use) and, on demand, mask form (what the dense einsums use).
     Every array in it is read-only (writing raises ValueError): the derived views are computed
-    once, on first use, and must stay consistent with the arrays they came from.
+    once, on first use, and must stay consistent with the arrays they came from. With expert-choice
+    selection K = E: every token lists every expert, and position is -1 where an expert did not
+    take the token.
     """
     router_logits: np.ndarray  # [T, E] in the router dtype (>= float32)
-    probs: np.ndarray  # [T, E] softmax over experts
+    probs: np.ndarray  # [T, E] router scores: softmax over experts, or sigmoid (options.score)
     expert_index: np.ndarray  # <int64>[T, K] chosen experts, best first
     token_order: np.ndarray  # <int64>[T] priority order in which tokens claim slots
     position: np.ndarray  # <int64>[T, K] slot inside the expert, -1 where dropped
-    gate_before_drop: np.ndarray  # [T, K] gate values at selection
+    gate_before_drop: np.ndarray  # [T, K] gate values at selection (scaled)
     gate: np.ndarray  # [T, K] gate values, 0 where dropped
     kept: np.ndarray  # <bool>[T, K] True where the pair got a slot
     capacity: int  # C, slots per expert
-    expert_load: np.ndarray  # <int64>[E] assignments per expert before dropping
+    expert_load: np.ndarray  # <int64>[E] competing assignments per expert before dropping
     normalize: bool
     priority: str
-    aux_loss: float  # load-balancing loss (losses.load_balancing_loss)
+    aux_loss: float  # load-balancing loss (losses.balance_loss)
     z_loss: float  # router z-loss (losses.router_z_loss)
+    options: RouteOptions = field(default=None, repr=False)  # every routing keyword
+    expert_bias: np.ndarray | None = field(default=None, repr=False)  # [E] used for selection
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
 
     def __post_init__(self) -> None:
@@ -125,16 +143,41 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.25, *,
           min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
-          backend: str = "numpy") -> Routing:
-    """Route T tokens to E experts: softmax, top-K, gates, priority, positions, capacity, drop, losses.
+          score: str = "softmax", expert_bias: np.ndarray | None = None,
+          num_groups: int | None = None, topk_groups: int | None = None,
+          group_score_k: int | None = None, scaling_factor: float | None = None,
+          drop_policy: str = "position", renormalize_after_drop: bool = False,
+          selection: str = "tokens", seed: int | np.random.Generator | None = None,
+          capacity_rule: str = "k_ceil", capacity: int | None = None,
+          load_balancing: str = "switch", sequence_length: int | None = None,
+          second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
+          sinkhorn_iterations: int = 20, backend: str = "numpy") -> Routing:
+    """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
-    Args:
+    Args (defaults reproduce the original routing; the README's "Routing variants" says who
+    uses what):
         router_logits: `[T, E]` float array (computed in at least float32).
         k: K choices per token, 1 <= K <= E.
-        capacity_factor: > 0 and finite, or None for dropless routing (see expert_capacity).
+        capacity_factor: > 0 and finite, or None for dropless routing (capacity.expert_capacity).
         min_capacity: lower bound on C (>= 0).
-        normalize: renormalise the K gates to sum to 1 (see topk.gates).
-        priority: "choice" (choice-major, token order) or "score" (batch-prioritised routing).
+        normalize: divide the K chosen scores by their sum (topk.gates).
+        priority: "choice" (choice-major, token order), "score" (batch-prioritised), "token"
+            (token-major), "random" (random token order, needs seed) (priority.priority_order).
+        score: "softmax" or "sigmoid" (scores.sigmoid).
+        expert_bias: `[E]` added to the scores for choosing only (scores.selection_scores).
+        num_groups, topk_groups, group_score_k: group-limited top-K (groups.limit_to_groups);
+            group_score_k None means max(1, k // topk_groups).
+        scaling_factor: multiplies the final gates (topk.scale_gates).
+        drop_policy: "position" (first C in priority order) or "probs" (C best gates per expert;
+            capacity.keep_by_score). renormalize_after_drop: topk.renormalize_kept.
+        selection: "tokens" (top-K per token), "experts" (expert choice: each expert takes its
+            top-C tokens, K = E pairs; expert_choice.py), "sinkhorn" (top-K of the Sinkhorn-
+            balanced scores, sinkhorn.py; sinkhorn_iterations rounds).
+        seed: an int or a numpy Generator for priority="random" / second_expert_policy="random"
+            (the permutation is drawn first, then the second-expert uniforms).
+        capacity_rule, capacity: the capacity formula or a fixed C (capacity.expert_capacity).
+        load_balancing, sequence_length: which load-balancing loss (losses.balance_loss).
+        second_expert_policy, second_expert_threshold: GShard top-2 (topk.second_expert_keep).
         backend: who selects the top-K and assigns slots: "numpy" (the reference steps), "c"
             (the C core: the same integers, float results to round-off) or "auto" (C when built).
     Returns:
@@ -144,57 +187,120 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     if logits.shape[1] == 0:
         raise ValueError("router_logits: expected at least one expert (E >= 1), got shape "
                          f"{logits.shape}")
-    k = _checks.integer("k", k, low=1, high=logits.shape[1])
-    capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor, allow_none=True)
-    min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-    normalize = _checks.boolean("normalize", normalize)
-    priority = _checks.choice("priority", priority, PRIORITIES)
+    E = logits.shape[1]
+    opts = route_options(
+        E, k, capacity_factor, min_capacity=min_capacity, normalize=normalize, priority=priority,
+        score=score, num_groups=num_groups, topk_groups=topk_groups, group_score_k=group_score_k,
+        scaling_factor=scaling_factor, drop_policy=drop_policy,
+        renormalize_after_drop=renormalize_after_drop, selection=selection,
+        capacity_rule=capacity_rule, capacity=capacity, load_balancing=load_balancing,
+        sequence_length=sequence_length, second_expert_policy=second_expert_policy,
+        second_expert_threshold=second_expert_threshold, sinkhorn_iterations=sinkhorn_iterations)
+    bias = expert_bias_arg(expert_bias, E)
+    rng = generator_arg(seed, opts.random)
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
-    if normalize and k == 1:
+    if opts.normalize and opts.k == 1 and opts.selection != "experts":
         warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
-    return route_unchecked(logits, k, capacity_factor, min_capacity, normalize, priority,
-                           get_backend(backend))
+    return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend))
 
 
-def route_unchecked(router_logits: np.ndarray, k: int, capacity_factor: float | None,
-                    min_capacity: int, normalize: bool, priority: str,
-                    backend: Backend | None = None) -> Routing:
+def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
+                    expert_bias: np.ndarray | None = None, rng: np.random.Generator | None = None,
+                    backend=None) -> Routing:
     """route() after its arguments have been checked (MoELayer checks them once, at construction).
 
     backend: None or the NumPy backend runs the reference steps here; another backend (C) selects
-    the top-K, counts the load and sums the probabilities (Backend.top_k) and assigns the slots
-    (Backend.assign_slots): the same integers (the tests check that it does).
+    the top-K, counts the load and sums the probabilities (Backend.top_k) where the selection is
+    a plain top-K, and assigns the slots: every backend through the one slot function,
+    slots.assign, with the same integers (the tests check that it does).
     """
+    backend = get_backend("numpy") if backend is None else backend
+    fast = backend.name != "numpy"
     # One C-contiguous, native copy: every reduction below then sums in the same order whatever
     # the caller's layout, so the same values always give the same bits (and the same ties).
     logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
     T, E = logits.shape
-    fast = backend is not None and backend.name != "numpy"
-    probs, lse = softmax_lse(logits)  # [T, E], [T]                           step 2
-    if fast:
-        expert_index, load, prob_sum = backend.top_k(logits, k, probs=probs)  # step 3
-        aux_loss = load_balancing_loss_from_sums(load, prob_sum, T, k)  #        step 12
+    if opts.sequence_length is not None and T % opts.sequence_length:
+        raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
+                         f"of {opts.sequence_length}")
+    probs, lse = softmax_lse(logits)  # [T, E], [T]
+    scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]          step 2
+    aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
+    sums = None
+    if fast and opts.selection == "tokens" and opts.num_groups is None:
+        ranked = logits if expert_bias is None else scores
+        expert_index, load, prob_sum = backend.top_k(ranked, opts.k, bias=expert_bias,
+                                                     probs=aux_probs)  # [T, K]         step 3
+        sums = (load, prob_sum)
     else:
-        expert_index = top_k(logits, k)  # [T, K]                             step 3
-        load = expert_load(expert_index, E)  # [E]
-        aux_loss = load_balancing_loss(probs, expert_index)  #                 step 12
-    gate = gates(probs, expert_index, normalize)  # [T, K]                   step 4
-    token_order = priority_order(probs, priority)  # [T]                     step 6
-    capacity = expert_capacity(T, E, k, capacity_factor, min_capacity, load)  # step 8
-    owner = None
-    if not fast:
-        position = position_in_expert(expert_index, E, token_order)  # [T, K]  steps 5-7
-        position, gate_kept, kept = drop(position, gate, capacity)  # [T, K]   step 9
-    else:  # None = token order, nothing to permute or check
-        order = token_order if priority == "score" else None
-        position, owner, _ = backend.assign_slots(expert_index, order, E, capacity)
-        kept = position >= 0  # [T, K]
-        gate_kept = np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
-    return Routing(router_logits=logits, probs=probs, expert_index=expert_index,
-                   token_order=token_order, position=position, gate_before_drop=gate,
-                   gate=gate_kept, kept=kept, capacity=capacity, expert_load=load,
-                   normalize=normalize, priority=priority, aux_loss=aux_loss,
-                   z_loss=router_z_loss_from_lse(lse), _slot_owner=owner)
+        expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]             step 3
+    gate = gates(scores, expert_index, opts.normalize)  # [T, K]                     step 4
+    token_order = priority_order(scores, opts.priority, rng)  # [T]                   step 6
+    candidates = None
+    if opts.second_expert_policy != "all":
+        candidates = second_expert_keep(scores, expert_index, opts.second_expert_policy,
+                                        opts.second_expert_threshold, rng)  # [T, K]
+    capacity = _capacity(T, E, expert_index, candidates, opts)  # step 8
+    if opts.selection == "experts":
+        kept = expert_choice_keep(scores, expert_index, capacity)  # [T, E]
+        position, owner, load = assign(backend, expert_index, token_order, E, capacity,
+                                       priority="token", candidates=kept)  # steps 5-9
+    else:
+        position, owner, load = assign(backend, expert_index, token_order, E, capacity,
+                                       priority=opts.priority, drop_policy=opts.drop_policy,
+                                       score=gate, candidates=candidates)  # steps 5-9
+    kept = position >= 0  # [T, K]
+    final = renormalize_kept(gate, kept) if opts.renormalize_after_drop else \
+        np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]                         step 9b
+    if opts.selection == "experts":
+        aux = 0.0
+    elif sums is not None and opts.load_balancing == "switch":
+        aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # step 12, same bits
+    else:
+        aux = balance_loss(aux_probs, expert_index, opts.load_balancing,
+                           opts.sequence_length)  # step 12
+    return Routing(router_logits=logits, probs=scores, expert_index=expert_index,
+                   token_order=token_order, position=position,
+                   gate_before_drop=scale_gates(gate, opts.scaling_factor),
+                   gate=scale_gates(final, opts.scaling_factor), kept=kept, capacity=capacity,
+                   expert_load=load, normalize=opts.normalize, priority=opts.priority,
+                   aux_loss=aux, z_loss=router_z_loss_from_lse(lse), options=opts,
+                   expert_bias=expert_bias, _slot_owner=owner)
+
+
+def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
+            expert_bias: np.ndarray | None) -> np.ndarray:
+    """Step 3 by selection rule: expert_index `<int64>[T, K]` (K = E for expert choice)."""
+    if opts.selection == "experts":
+        return expert_choice_pairs(logits)  # [T, E]
+    if opts.selection == "sinkhorn":
+        return top_k(sinkhorn(logits, opts.sinkhorn_iterations), opts.k)
+    if expert_bias is None and opts.num_groups is None:
+        return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
+    ranked = selection_scores(scores, expert_bias)  # [T, E]
+    if opts.num_groups is not None:
+        ranked = limit_to_groups(ranked, opts.num_groups, opts.topk_groups, opts.group_score_k)
+    return top_k(ranked, opts.k)
+
+
+def _capacity(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarray | None,
+              opts: RouteOptions) -> int:
+    """Step 8 with the options' rule. Expert choice gets an error, not a clip, above T."""
+    if opts.selection == "experts":
+        if opts.capacity is not None:
+            c, name = opts.capacity, "capacity"
+        else:
+            c = capacity_formula(T, E, opts.k, opts.capacity_factor, opts.capacity_rule)
+            name = "capacity_factor"
+        c = max(c, opts.min_capacity)
+        if c > T:
+            raise ValueError(f"{name}: expert choice gives each expert its top-C tokens, so C "
+                             f"must be <= T = {T}; got C = {c}")
+        return c
+    chosen = expert_index if candidates is None else expert_index[candidates]
+    load = expert_load(chosen, E)  # [E], for dropless routing
+    return expert_capacity(T, E, opts.k, opts.capacity_factor, opts.min_capacity, load,
+                           rule=opts.capacity_rule, capacity=opts.capacity)
 
 
 def _check_routing(r: Routing) -> None:
@@ -218,7 +324,8 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     Args:
         routing: from route().
         dgate: `[T, K]`, d objective / d gate (entries of dropped pairs are ignored: their gate is
-            the constant 0, so selection, positions and drops pass no gradient).
+            the constant 0, so selection, expert bias, group choice, positions and drops pass no
+            gradient).
     Returns:
         d router_logits `[T, E]` in the router dtype (a fresh array).
     """
@@ -230,11 +337,23 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     dgate = _checks.float_array("dgate", dgate, ndim=2, shape=(T, K))
     aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
     z_loss_coef = _checks.nonnegative_finite("z_loss_coef", z_loss_coef)
-    dgate = np.where(routing.kept, dgate, 0).astype(routing.probs.dtype)  # [T, K]
-    dprobs = gates_backward(dgate, routing.probs, routing.expert_index, routing.normalize)
-    if aux_loss_coef:
-        dprobs += load_balancing_loss_backward(routing.probs, routing.expert_index, aux_loss_coef)
-    dlogits = softmax_backward(dprobs, routing.probs)  # [T, E]
+    opts, scores, index, kept = routing.options, routing.probs, routing.expert_index, routing.kept
+    dgate = scale_gates(dgate.astype(scores.dtype), opts.scaling_factor)  # [T, K]
+    if opts.renormalize_after_drop:
+        dgate = renormalize_kept_backward(dgate, gates(scores, index, opts.normalize), kept)
+    else:
+        dgate = np.where(kept, dgate, 0).astype(scores.dtype)  # [T, K]
+    dscores = gates_backward(dgate, scores, index, opts.normalize)  # [T, E]
+    if aux_loss_coef and opts.selection != "experts":
+        aux_probs = aux_loss_scores(scores, opts.score)
+        daux = balance_loss_backward(aux_probs, index, aux_loss_coef, opts.load_balancing,
+                                     opts.sequence_length)  # [T, E]
+        dscores += aux_loss_scores_backward(daux, scores, opts.score)
+    if opts.score == "softmax":
+        dlogits = softmax_backward(dscores, scores)  # [T, E]
+    else:
+        dlogits = sigmoid_backward(dscores, scores)  # [T, E]
     if z_loss_coef:
-        dlogits += router_z_loss_backward(routing.router_logits, routing.probs, z_loss_coef)
+        dlogits += router_z_loss_backward(routing.router_logits, softmax(routing.router_logits)
+                                          if opts.score != "softmax" else scores, z_loss_coef)
     return dlogits

@@ -59,3 +59,75 @@ def gates_backward(dgate: np.ndarray, probs: np.ndarray, expert_index: np.ndarra
     dprobs = np.zeros_like(probs)  # [T, E]
     np.put_along_axis(dprobs, expert_index, dp_sel, axis=-1)  # experts in a row are distinct
     return dprobs
+
+
+def scale_gates(gate: np.ndarray, scaling_factor: float | None) -> np.ndarray:
+    """Step 4b: the routed scaling factor (DeepSeek-V3 `routed_scaling_factor` = 2.5, Megatron-Core
+    `moe_router_topk_scaling_factor`): gate `[T, K]` * factor, after any normalisation. Sigmoid
+    gates renormalised over K sum to 1, which would shrink the routed branch against the shared
+    experts; the factor restores its scale. None leaves the gates as they are. The backward is the
+    same multiplication."""
+    return gate if scaling_factor is None else gate * scaling_factor
+
+
+def renormalize_kept(gate: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Step 9b, optional: renormalise the gates that survived the capacity drop.
+
+    Args:
+        gate: `[T, K]` gate values at selection; kept: `<bool>[T, K]`.
+    Returns:
+        `[T, K]`: kept gates divided by their sum over the token's kept choices (DeepSpeed
+        top-2/top-K, NLLB), 0 for dropped pairs and for tokens with nothing kept. A token whose
+        second choice overflowed then gets g1 = 1. This is the alternative to the default
+        (topk.gates: renormalise at selection, never after a drop: Mesh-TF, Tutel, Megatron-Core).
+    """
+    g = np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
+    s = g.sum(axis=-1, keepdims=True)  # [T, 1]
+    return np.divide(g, s, out=np.zeros_like(g), where=s > 0)
+
+
+def renormalize_kept_backward(dgate: np.ndarray, gate: np.ndarray,
+                              kept: np.ndarray) -> np.ndarray:
+    """Backward of renormalize_kept: d gate `[T, K]` (0 for dropped pairs).
+
+    With g_j = a_j / S over kept j, da_i = dg_i / S - sum_j dg_j a_j / S^2.
+    """
+    a = np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
+    s = a.sum(axis=-1, keepdims=True)  # [T, 1]
+    safe = np.where(s > 0, s, 1)
+    da = dgate / safe - (dgate * a).sum(axis=-1, keepdims=True) / (safe * safe)  # [T, K]
+    return np.where(kept, da, 0).astype(gate.dtype)
+
+
+SECOND_EXPERT_POLICIES = ("all", "none", "threshold", "random")
+
+
+def second_expert_keep(probs: np.ndarray, expert_index: np.ndarray, policy: str,
+                       threshold: float, rng: np.random.Generator | None) -> np.ndarray:
+    """GShard / Mesh-TF second-expert policy (K = 2): whether each token's second choice is used.
+
+    Args:
+        probs: `[T, E]` router scores; expert_index: `<int>[T, 2]`.
+        policy: "all" keeps every second choice; "none" drops them all; "threshold" keeps it iff
+            g2 > threshold; "random" keeps it with probability min(1, g2 / threshold), drawing
+            one U(0, 1) per token from rng (Mesh-TF's default, threshold 0.2). g2 is the second
+            gate normalised over the two chosen, p2 / (p1 + p2), whatever `normalize` is.
+    Returns:
+        keep `<bool>[T, 2]`, column 0 all True. A removed second choice never claims a slot (it
+        is taken out before slot assignment, as Mesh-TF does) and its gate is 0; the choice is
+        piecewise constant, so it passes no gradient.
+    """
+    T, K = expert_index.shape
+    keep = np.ones((T, K), dtype=bool)
+    if policy == "all":
+        return keep
+    p = np.take_along_axis(probs, expert_index, axis=-1)  # [T, 2]
+    g2 = p[:, 1] / (p[:, 0] + p[:, 1])  # [T]
+    if policy == "none":
+        keep[:, 1] = False
+    elif policy == "threshold":
+        keep[:, 1] = g2 > threshold
+    else:
+        u = rng.uniform(size=T)  # [T]
+        keep[:, 1] = u < g2 / threshold
+    return keep

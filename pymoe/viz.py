@@ -367,4 +367,97 @@ def send_matrices(matrices: Mapping[str, np.ndarray], path: str, *, title: str,
         ax.set_title(label, fontsize=9)
     fig.colorbar(im, ax=list(axes), label=unit)
     fig.suptitle(title, fontsize=10)
+
+
+# ------------------------------------------------------------------ routing variants
+
+def expert_choice_picture(routing: Routing, path: str, *, max_tokens: int = 64) -> Any:
+    """Expert-choice routing (selection="experts"): which tokens each expert took.
+
+    Token-by-expert scores with a dot where the expert took the token; the right margin counts
+    each token's experts (0..E: some tokens get several, some none). Text version: one row per
+    token, '#' = taken, '.' = not taken, then the count.
+    """
+    T, E = routing.probs.shape
+    n = min(T, max_tokens)
+    taken = np.zeros((T, E), dtype=bool)  # [T, E]
+    rows = np.broadcast_to(np.arange(T)[:, None], routing.expert_index.shape)
+    taken[rows[routing.kept], routing.expert_index[routing.kept]] = True
+    per_token = taken.sum(axis=1)  # [T]
+    title = (f"expert choice: each of {E} experts takes its top C={routing.capacity} of {T} "
+             f"tokens\ntokens with 0 experts: {int((per_token == 0).sum())}, "
+             f"with 2+: {int((per_token >= 2).sum())}")
+    if not have_matplotlib():
+        lines = [title.replace("\n", "; "), "token  " + " ".join(f"e{e:<2d}" for e in range(E))
+                 + "  experts"]
+        for t in range(n):
+            cells = " ".join(("#" if taken[t, e] else ".") + "  " for e in range(E))
+            lines.append(f"t{t:<5d}{cells}  {per_token[t]}")
+        return _emit("\n".join(lines))
+    fig = _figure(max(4.2, 2.4 + 0.55 * E), 1.9 + 0.24 * n)
+    ax = fig.add_subplot()
+    im = ax.imshow(routing.probs[:n], aspect="auto", cmap="Greens", vmin=0)
+    tt, ee = np.nonzero(taken[:n])
+    ax.scatter(ee, tt, s=40, c="black", marker="o")
+    for t in range(n):
+        ax.text(E - 0.35, t, str(per_token[t]), ha="left", va="center", fontsize=8)
+    ax.set_xlim(-0.5, E + 0.2)
+    ax.set_xlabel("expert (dot: taken by the expert; right: experts per token)")
+    ax.set_ylabel("token")
+    ax.set_xticks(range(E))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="router score")
+    return _save(fig, path)
+
+
+def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) -> Any:
+    """Group-limited top-K (num_groups, topk_groups): per token, the expert groups it may use
+    (shaded) and the experts it chose inside them (choice numbers, x = dropped).
+
+    Text version: one row per token, groups separated by '|', '-' for experts of groups the token
+    may not use, the choice number for chosen experts, '.' otherwise.
+    """
+    from .groups import limit_to_groups
+    from .scores import selection_scores
+
+    o = routing.options
+    if o is None or o.num_groups is None:
+        raise ValueError("routing: expected a routing made with num_groups and topk_groups")
+    T, E = routing.probs.shape
+    n, G = min(T, max_tokens), o.num_groups
+    ranked = selection_scores(routing.probs, routing.expert_bias)
+    allowed = np.isfinite(limit_to_groups(ranked, G, o.topk_groups, o.group_score_k))  # [T, E]
+    title = (f"group-limited top-{routing.k}: {G} groups of {E // G} experts\n"
+             f"best {o.topk_groups} group(s) per token by the sum of its top {o.group_score_k}\n"
+             "grey = group not allowed, x = dropped")
+    mark = np.full((T, E), "", dtype=object)
+    for t in range(n):
+        for j, e in enumerate(routing.expert_index[t]):
+            mark[t, e] = str(j + 1) if routing.kept[t, j] else "x"
+    if not have_matplotlib():
+        lines = [title.replace("\n", " ")]
+        per = E // G
+        for t in range(n):
+            cells = [mark[t, e] or ("." if allowed[t, e] else "-") for e in range(E)]
+            groups = ["".join(c.ljust(2) for c in cells[g * per:(g + 1) * per]) for g in range(G)]
+            lines.append(f"t{t:<4d}|" + "|".join(groups) + "|")
+        return _emit("\n".join(lines))
+    fig = _figure(max(4.6, 2.0 + 0.5 * E), 2.2 + 0.24 * n)
+    ax = fig.add_subplot()
+    shown = np.where(allowed[:n], routing.probs[:n], np.nan)
+    im = ax.imshow(shown, aspect="auto", cmap="Purples", vmin=0)
+    ax.imshow(np.where(allowed[:n], np.nan, 1.0), aspect="auto", cmap="Greys", vmin=0, vmax=3)
+    for t in range(n):
+        for e in range(E):
+            if mark[t, e] == "x":
+                ax.plot(e, t, marker="x", color="red", markersize=10, mew=2.2)
+            elif mark[t, e]:
+                ax.text(e, t, mark[t, e], ha="center", va="center", fontsize=9, fontweight="bold")
+    for g in range(1, G):
+        ax.axvline(g * E // G - 0.5, color="black", lw=1.5)
+    ax.set_xlabel("expert (vertical lines: group boundaries)")
+    ax.set_ylabel("token")
+    ax.set_xticks(range(E))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="router score (allowed groups)")
     return _save(fig, path)

@@ -116,10 +116,11 @@ def test_x_not_an_array():
 
 
 def test_unknown_priority():
-    with pytest.raises(ValueError, match=r"priority: expected one of 'choice', 'score', got 'random'"):
-        pymoe.route(LOGITS, 1, priority="random")
+    with pytest.raises(ValueError, match=r"priority: expected one of 'choice', 'score', 'token', "
+                                         r"'random', got 'first'"):
+        pymoe.route(LOGITS, 1, priority="first")
     with pytest.raises(ValueError, match=r"priority"):
-        layer(priority="token")
+        layer(priority="tokens")
 
 
 def test_unknown_activation():

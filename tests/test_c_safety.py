@@ -112,7 +112,7 @@ def test_combine_and_gate_grad_reject_bad_pairs(raw, fn):
 def test_error_messages_come_from_the_c_core(c_backend):
     ffi, lib = c_backend.ffi, c_backend.lib
     codes = [OK, ERR_SIZE, ERR_NULL, ERR_EXPERT, ERR_POSITION, ERR_OWNER, ERR_ORDER,
-             lib.PYMOE_ERR_NOMEM, lib.PYMOE_ERR_NAN]
+             lib.PYMOE_ERR_NOMEM, lib.PYMOE_ERR_NAN, lib.PYMOE_ERR_PAIRS]
     messages = [ffi.string(lib.pymoe_error_string(c)).decode() for c in codes]
     assert len(set(messages)) == len(codes) and "unknown error code" not in messages
     assert messages[5] == "a slot_owner entry is outside [-1, T*K)"

@@ -152,6 +152,21 @@ def test_04_speed(tmp_path, c_backend):
     check_pictures(res, tmp_path, 1)
 
 
+def test_07_variants_every_variant_on_the_walkthrough_tokens(tmp_path, capsys):
+    mod = load("07_variants.py")
+    res = mod.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert set(res["routings"]) == set(mod.VARIANTS)
+    for name in mod.VARIANTS:
+        assert f"== {name} " in out
+    ec = res["routings"]["expert_choice"]
+    assert ec.k == 4 and (ec.expert_load_kept == ec.capacity).all()
+    check_pictures(res, tmp_path, 2)
+    one = mod.main(["--variant", "sinkhorn", "--out", str(tmp_path)])  # full arrays, one variant
+    assert list(one["routings"]) == ["sinkhorn"] and one["pictures"] == {}
+    assert "t7" in capsys.readouterr().out
+
+
 def test_examples_fall_back_to_text_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYMOE_VIZ_TEXT", "1")
     res = load("01_walkthrough.py").main(["--quick", "--out", str(tmp_path)])

@@ -101,3 +101,44 @@ def test_send_matrices_text(no_matplotlib, tmp_path):
 def test_env_switch_forces_text(monkeypatch):
     monkeypatch.setenv("PYMOE_VIZ_TEXT", "1")
     assert not viz.have_matplotlib()
+
+
+@pytest.fixture
+def variant_routings():
+    logits = np.random.default_rng(0).normal(size=(10, 4)) + np.array([1.0, 0, 0, -0.5])
+    return (pymoe.route(logits, 2, 0.5, selection="experts"),
+            pymoe.route(logits, 2, 0.75, score="sigmoid", num_groups=2, topk_groups=1,
+                        expert_bias=np.array([0.0, 0.0, 0.2, 0.0])))
+
+
+def test_variant_pictures_are_pngs(tmp_path, variant_routings):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the viz extra")
+    ec, grouped = variant_routings
+    for name, draw in {"ec.png": lambda p: viz.expert_choice_picture(ec, p),
+                       "g.png": lambda p: viz.group_limited_picture(grouped, p)}.items():
+        path = tmp_path / name
+        assert_png_matches(path, draw(str(path)))
+
+
+def test_expert_choice_text_counts_experts_per_token(no_matplotlib, variant_routings, tmp_path):
+    ec, _ = variant_routings
+    text = viz.expert_choice_picture(ec, str(tmp_path / "e.png"))
+    rows = text.splitlines()[2:]
+    assert len(rows) == 10
+    per_token = ec.kept.sum(axis=1)
+    for t, row in enumerate(rows):
+        assert row.count("#") == per_token[t] and row.endswith(str(per_token[t]))
+    assert sum(row.count("#") for row in rows) == 4 * ec.capacity  # every expert full
+
+
+def test_group_limited_text_marks_the_allowed_groups(no_matplotlib, variant_routings, tmp_path):
+    _, grouped = variant_routings
+    text = viz.group_limited_picture(grouped, str(tmp_path / "g.png"))
+    rows = text.splitlines()[1:]
+    assert len(rows) == 10
+    for t, row in enumerate(rows):
+        cells = row.split("|")[1:3]  # the two groups
+        chosen_group = grouped.expert_index[t, 0] // 2
+        assert "-" not in cells[chosen_group] and cells[1 - chosen_group].count("-") == 2
+    with pytest.raises(ValueError, match="routing: expected a routing made with num_groups"):
+        viz.group_limited_picture(variant_routings[0], str(tmp_path / "x.png"))

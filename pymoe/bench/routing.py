@@ -7,6 +7,7 @@ import numpy as np
 
 from ..backends import backends, get_backend
 from ..numpy_backend import NumpyBackend
+from ..options import route_options
 from ..routing import route_unchecked
 
 BEFORE = "numpy top-k + C slots (route before C top-k)"
@@ -24,12 +25,14 @@ class _NumpyTopKCSlots:
 def routing_contenders(logits: np.ndarray, k: int, capacity_factor: float
                        ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
     """(name -> one route() call, name -> why skipped) on the same [T, E] float32 logits."""
+    opts = route_options(logits.shape[1], k, capacity_factor)  # checked once, as MoELayer does
+
     def call(backend, threads=None):
         def run():
             if threads is None:
-                return route_unchecked(logits, k, capacity_factor, 0, False, "choice", backend)
+                return route_unchecked(logits, opts, backend=backend)
             with backend.num_threads(threads):
-                return route_unchecked(logits, k, capacity_factor, 0, False, "choice", backend)
+                return route_unchecked(logits, opts, backend=backend)
         return run
 
     fns = {"numpy (reference)": call(NumpyBackend())}

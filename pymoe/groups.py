@@ -1,0 +1,46 @@
+"""Step 3 variant: group-limited top-K (DeepSeek-V2/V3 device/node-limited routing).
+
+Experts 0..E-1 form num_groups contiguous groups of E / num_groups (a group is a device or a
+node in expert parallelism). Each token first keeps its best topk_groups groups, then takes its
+top-K experts inside them, so its K experts live on at most topk_groups devices.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def group_scores(scores: np.ndarray, num_groups: int, group_score_k: int) -> np.ndarray:
+    """Score each expert group by the sum of its best group_score_k expert scores.
+
+    Args:
+        scores: `[T, E]` selection scores (scores + expert bias), E divisible by num_groups.
+        group_score_k: how many of a group's best scores count: DeepSeek-V3 uses 2,
+            Megatron-Core K // topk_groups.
+    Returns:
+        `[T, G]` with G = num_groups.
+    """
+    T, E = scores.shape
+    grouped = scores.reshape(T, num_groups, E // num_groups)  # [T, G, E/G]
+    best = -np.sort(-grouped, axis=-1)[..., :group_score_k]  # [T, G, group_score_k]
+    return best.sum(axis=-1)  # [T, G]
+
+
+def limit_to_groups(scores: np.ndarray, num_groups: int, topk_groups: int,
+                    group_score_k: int) -> np.ndarray:
+    """Mask every expert outside a token's best topk_groups groups.
+
+    Args:
+        scores: `[T, E]` selection scores.
+    Returns:
+        `[T, E]` scores with the experts of unselected groups set to -inf (Megatron-Core; HF
+        DeepSeek-V3 writes 0.0 there, which differs once biased scores go negative), so that
+        top_k only picks inside the kept groups. Groups tie to the lower group index. Which
+        groups win passes no gradient (selection is piecewise constant).
+    """
+    T, E = scores.shape
+    g = group_scores(scores, num_groups, group_score_k)  # [T, G]
+    best_groups = np.argsort(-g, axis=-1, kind="stable")[:, :topk_groups]  # [T, topk_groups]
+    keep = np.zeros((T, num_groups), dtype=bool)  # [T, G]
+    np.put_along_axis(keep, best_groups, True, axis=-1)
+    keep_expert = np.repeat(keep, E // num_groups, axis=-1)  # [T, E]
+    return np.where(keep_expert, scores, -np.inf)

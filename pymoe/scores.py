@@ -1,0 +1,82 @@
+"""Step 2 variants: sigmoid scores, selection-only expert bias and its update rule.
+
+softmax and its backward live in router.py; everything here produces `[T, E]` scores that the
+top-K step ranks (selection) and the gate step reads (gates), which need not be the same array.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks
+
+SCORES = ("softmax", "sigmoid")
+
+
+def sigmoid(router_logits: np.ndarray) -> np.ndarray:
+    """Step 2, score="sigmoid" (DeepSeek-V3, Megatron-Core `score_function="sigmoid"`).
+
+    Args:
+        router_logits: `[T, E]`.
+    Returns:
+        scores `[T, E]` = 1 / (1 + exp(-logits)), each in (0, 1) independently: unlike softmax
+        the experts do not compete for a unit budget. Computed without overflow for any sign.
+    """
+    z = np.exp(-np.abs(router_logits))  # [T, E] in (0, 1]
+    return np.where(router_logits >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+def sigmoid_backward(dscores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Backward of sigmoid: d router_logits `[T, E]` = dscores * s * (1 - s)."""
+    return dscores * scores * (1.0 - scores)
+
+
+def selection_scores(scores: np.ndarray, expert_bias: np.ndarray | None) -> np.ndarray:
+    """What the top-K step ranks: the scores plus a per-expert bias (aux-loss-free balancing).
+
+    Args:
+        scores: `[T, E]`; expert_bias: `[E]` or None.
+    Returns:
+        `[T, E]` = scores + expert_bias (Wang et al. 2024, arXiv:2408.15664). The bias only
+        changes which experts are chosen, never a gate value (gates read the unbiased scores), so
+        it gets no gradient: it is trained by update_expert_bias instead.
+    """
+    return scores if expert_bias is None else scores + expert_bias
+
+
+def update_expert_bias(expert_bias: np.ndarray, expert_load: np.ndarray,
+                       rate: float) -> np.ndarray:
+    """The aux-loss-free balancing update the training loop calls after each step.
+
+    Args:
+        expert_bias: `[E]` the current bias.
+        expert_load: `[E]` assignments per expert in the step (Routing.expert_load, before
+            dropping; summed over data-parallel ranks in a distributed run).
+        rate: the update speed u >= 0 (1e-3 in DeepSeek-V3 and Megatron-Core).
+    Returns:
+        a new `[E]` bias = bias + u * sign(mean_load - load_e): under-loaded experts become more
+        attractive, over-loaded ones less; an expert exactly at the mean is left alone. The
+        argument is not modified.
+    """
+    bias = _checks.float_array("expert_bias", expert_bias, ndim=1, shape=(None,))
+    load = np.asarray(expert_load)
+    if load.dtype.kind not in "iuf" or load.shape != bias.shape:
+        raise ValueError(f"expert_load: expected a numeric array of shape {bias.shape}, got "
+                         f"{load.dtype} {load.shape}")
+    rate = _checks.nonnegative_finite("rate", rate)
+    offset = load.mean() - load if load.size else load  # [E]
+    return (bias + rate * np.sign(offset)).astype(bias.dtype)
+
+
+def softmax_over_top_k(router_logits: np.ndarray, expert_index: np.ndarray) -> np.ndarray:
+    """Gates as Mixtral and Megatron-Core (`moe_router_pre_softmax=False`) compute them.
+
+    Args:
+        router_logits: `[T, E]`; expert_index: `<int>[T, K]`.
+    Returns:
+        gate `[T, K]` = softmax over the K chosen logits. This equals topk.gates(softmax(logits),
+        expert_index, normalize=True): p_j / sum_i p_i = exp(l_j) / sum_i exp(l_i) because the
+        full softmax's denominator cancels (tests/test_variants.py checks it).
+    """
+    chosen = np.take_along_axis(router_logits, expert_index, axis=-1)  # [T, K]
+    z = np.exp(chosen - chosen.max(axis=-1, keepdims=True))  # [T, K]
+    return z / z.sum(axis=-1, keepdims=True)

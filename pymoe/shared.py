@@ -1,0 +1,62 @@
+"""Shared (always-on) experts: FFNs every token goes through, added to the routed output.
+
+DeepSeek-V2/V3 add them plainly: y = routed(x) + sum_s FFN_s(x). Qwen1.5/2-MoE gate them per
+token with a sigmoid of a learned projection: y = routed(x) + sigmoid(x . w_gate) * FFN(x);
+Megatron-Core offers both. They carry what every token needs, so routed experts can specialise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .experts import ExpertsCache, experts_backward, experts_forward
+from .scores import sigmoid
+
+SHARED_PARAMS = ("shared_w1", "shared_b1", "shared_w2", "shared_b2")
+
+
+@dataclass
+class SharedCache:
+    experts: ExpertsCache
+    out: np.ndarray  # [T, D] sum of the shared experts' outputs, before the gate
+    gate: np.ndarray | None  # [T] sigmoid gate, or None when ungated
+
+
+def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray], activation: str,
+                           gated: bool) -> tuple[np.ndarray, SharedCache]:
+    """y_shared `[T, D]` = g * sum_s FFN_s(x), g = sigmoid(x @ w_shared_gate) `[T]` or 1.
+
+    Args:
+        x: `[T, D]`; params: shared_w1 `[S, D, H]`, shared_b1 `[S, H]`, shared_w2 `[S, H, D]`,
+            shared_b2 `[S, D]`, and w_shared_gate `[D]` when gated.
+    """
+    S = params["shared_w1"].shape[0]
+    expert_in = np.broadcast_to(x, (S,) + x.shape)  # [S, T, D]: every token to every shared FFN
+    out, cache = experts_forward(np.ascontiguousarray(expert_in), params["shared_w1"],
+                                 params["shared_b1"], params["shared_w2"], params["shared_b2"],
+                                 activation)  # [S, T, D]
+    total = out.sum(axis=0)  # [T, D]
+    gate = sigmoid(x @ params["w_shared_gate"]) if gated else None  # [T]
+    y = total if gate is None else gate[:, None] * total
+    return y, SharedCache(cache, total, gate)
+
+
+def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.ndarray],
+                            cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backward of shared_experts_forward: (dx `[T, D]`, gradients of its parameters)."""
+    grads = {}
+    dx = np.zeros_like(x)
+    d_total = dy
+    if cache.gate is not None:
+        g = cache.gate
+        dgate_logit = (dy * cache.out).sum(axis=-1) * g * (1.0 - g)  # [T]
+        grads["w_shared_gate"] = x.T @ dgate_logit  # [D]
+        dx += dgate_logit[:, None] * params["w_shared_gate"][None, :]
+        d_total = g[:, None] * dy
+    S = params["shared_w1"].shape[0]
+    d_out = np.ascontiguousarray(np.broadcast_to(d_total, (S,) + d_total.shape))  # [S, T, D]
+    d_in, eg = experts_backward(d_out, params["shared_w1"], params["shared_w2"], cache.experts)
+    dx += d_in.sum(axis=0)
+    grads.update({f"shared_{n}": g for n, g in eg.items()})
+    return dx, grads
