@@ -367,6 +367,7 @@ def send_matrices(matrices: Mapping[str, np.ndarray], path: str, *, title: str,
         ax.set_title(label, fontsize=9)
     fig.colorbar(im, ax=list(axes), label=unit)
     fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------ routing variants
