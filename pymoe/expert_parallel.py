@@ -26,6 +26,7 @@ run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank w
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +34,14 @@ from typing import Any
 import numpy as np
 
 from . import _checks, grouped
+from .capacity import expert_capacity
 from .layer import MoELayer
 from .routing import Routing
 
 EXCHANGES = ("exact", "fixed")
 DIRECTIONS = ("dispatch", "combine", "grad_dispatch", "grad_combine")
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+TIME_KEYS = ("routing", "exchange", "experts", "combine")
 
 
 def mpi() -> Any:
@@ -59,8 +62,9 @@ class StepStats:
     bytes[d][q]: bytes of those messages (in "fixed" mode the whole capacity buffers);
     padding_bytes[d][q]: the part of bytes[d][q] that is padding (0 in "exact" mode);
     control_bytes: the rest this rank sent (row counts, argument checks' integers, load
-    statistics, router gradients); times: seconds in "routing", "exchange", "experts", "combine"
-    (local gather/scatter), forward and backward added.
+    statistics, router gradients); times: seconds in "routing", "exchange" (packing rows into
+    messages and out of them, and the MPI calls), "experts", "combine" (local gather/scatter),
+    forward and backward added, and "mpi": the part of "exchange" spent inside MPI calls.
     Messages to the rank itself are counted (MPI copies them locally).
     """
     rank: int
@@ -90,6 +94,13 @@ class _MPIExchange:
         self.num_groups = self.P
         self.directions = iter(DIRECTIONS)
 
+    def agree(self, step: str, problem: str | None) -> None:
+        every = self.comm.allgather(problem)
+        self.stats.control_bytes += 8 * self.P
+        bad = [f"rank {r}: {pr}" for r, pr in enumerate(every) if pr is not None]
+        if bad:
+            raise ValueError(f"{step} failed on " + "; ".join(bad))
+
     # -- counts
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
         P, El = self.P, self.El
@@ -99,7 +110,9 @@ class _MPIExchange:
         meta[:, :El] = self.n.reshape(P, El)
         meta[:, El] = self.C
         got = np.empty_like(meta)
+        t0 = time.perf_counter()
         self.comm.Alltoall(meta, got)
+        self._mpi_time(t0)
         self.stats.control_bytes += meta.nbytes
         self.recv_n = got[:, :El]  # [P, El] rows each source sends to each of my experts
         self.recv_C = got[:, El]  # [P] each source's capacity
@@ -115,8 +128,13 @@ class _MPIExchange:
         sc, rc = send_counts.astype(np.int64), recv_counts.astype(np.int64)
         sd, rd = np.cumsum(sc) - sc, np.cumsum(rc) - rc
         MPI = mpi()
+        t0 = time.perf_counter()
         self.comm.Alltoallv([send.reshape(-1).view(np.uint8), (sc, sd), MPI.BYTE],
                             [recv.reshape(-1).view(np.uint8), (rc, rd), MPI.BYTE])
+        self._mpi_time(t0)
+
+    def _mpi_time(self, t0: float) -> None:
+        self.stats.times["mpi"] = self.stats.times.get("mpi", 0.0) + time.perf_counter() - t0
 
     def _record(self, rows: np.ndarray, nbytes: np.ndarray, padding: np.ndarray) -> None:
         d = next(self.directions)
@@ -188,9 +206,34 @@ class _MPIExchange:
     def sum_in_group_order(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         mine = np.ascontiguousarray(parts[0])
         every = np.empty((self.P,) + mine.shape, dtype=mine.dtype)
+        t0 = time.perf_counter()
         self.comm.Allgather(mine, every)
+        self._mpi_time(t0)
         self.stats.control_bytes += mine.nbytes * self.P
         return grouped.sum_in_order(list(every))
+
+
+def step_bytes(T_local: int, E: int, K: int, D: int, P: int, capacity_factor: float | None,
+               itemsize: int, exchange: str, kept_rows: int | None = None) -> dict[str, int]:
+    """All-to-all bytes of one training step (forward + backward: 4 exchanges), per rank.
+
+    fixed:  every exchange sends E * C * D * itemsize bytes per rank, C = expert_capacity(T_local,
+            E, K, capacity_factor): K * T_local * capacity_factor * D * itemsize, about (rounding
+            C up); a share (P - 1) / P of it leaves the rank.
+    exact:  every exchange sends kept_rows * D * itemsize per rank, kept_rows <= K * T_local (the
+            bound, used when kept_rows is None, is reached when nothing is dropped); how much
+            leaves the rank depends on the routing ((P - 1) / P of it for uniform routing).
+    Returns {"per_exchange", "per_step", "per_step_to_others"} in bytes; the last is exact for
+    "fixed" and the uniform-routing estimate for "exact". Capacity needs a factor in fixed mode.
+    """
+    if exchange == "fixed":
+        if capacity_factor is None:
+            raise ValueError("capacity_factor: the fixed exchange needs a capacity factor")
+        rows = E * expert_capacity(T_local, E, K, capacity_factor)
+    else:
+        rows = K * T_local if kept_rows is None else kept_rows
+    per = rows * D * itemsize
+    return {"per_exchange": per, "per_step": 4 * per, "per_step_to_others": 4 * per * (P - 1) // P}
 
 
 def _digest(a: np.ndarray) -> str:
@@ -350,19 +393,21 @@ class ExpertParallelMoE:
         return {n: self.params[n] for n in EXPERT_PARAMS}
 
     def gather_stats(self) -> dict[str, np.ndarray]:
-        """Collective: the P x P matrices [sender, receiver] of rows, bytes and padding bytes of
-        the last step, summed over the four exchanges, plus each rank's control bytes `[P]` and
-        times `[P, 4]` (routing, exchange, experts, combine)."""
-        s = self.stats
-        mine = np.concatenate([sum(s.rows.values()), sum(s.bytes.values()),
-                               sum(s.padding_bytes.values()), [s.control_bytes],
+        """Collective: the last step's statistics of every rank, as arrays.
+
+        Returns rows, bytes, padding_bytes: `[4, P, P]` [exchange (DIRECTIONS order), sender,
+        receiver]; control_bytes `[P]`; times `[P, 4]` (TIME_KEYS order, seconds).
+        """
+        s, P = self.stats, self.size
+        mine = np.concatenate([*(s.rows[d] for d in DIRECTIONS), *(s.bytes[d] for d in DIRECTIONS),
+                               *(s.padding_bytes[d] for d in DIRECTIONS), [s.control_bytes],
                                [s.times.get(k, 0.0) for k in TIME_KEYS]]).astype(np.float64)
-        every = np.empty((self.size, mine.size))
+        every = np.empty((P, mine.size))
         self.comm.Allgather(mine, every)
-        P = self.size
-        return {"rows": every[:, :P].astype(np.int64), "bytes": every[:, P:2 * P].astype(np.int64),
-                "padding_bytes": every[:, 2 * P:3 * P].astype(np.int64),
-                "control_bytes": every[:, 3 * P].astype(np.int64), "times": every[:, 3 * P + 1:]}
+        n = 4 * P
 
+        def matrices(i: int) -> np.ndarray:  # [P, 4P] -> [4, P, P]
+            return every[:, i * n:(i + 1) * n].reshape(P, 4, P).transpose(1, 0, 2).astype(np.int64)
 
-TIME_KEYS = ("routing", "exchange", "experts", "combine")
+        return {"rows": matrices(0), "bytes": matrices(1), "padding_bytes": matrices(2),
+                "control_bytes": every[:, 3 * n].astype(np.int64), "times": every[:, 3 * n + 1:]}

@@ -29,9 +29,9 @@ Load statistics for the aux loss (load_stats):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -40,12 +40,17 @@ from .router import router_dtype, router_logits_backward, softmax_backward
 from .routing import Routing, route_backward
 
 LOAD_STATS = ("local", "global")
+T_ = TypeVar("T_")
 
 
 class Exchange(Protocol):
     """Moves expert rows between the groups here and the experts here (a process's view)."""
 
     num_groups: int  # G, all groups, here and elsewhere
+
+    def agree(self, step: str, problem: str | None) -> None:
+        """After a local step, before the next exchange: raise the same ValueError on every
+        side if any side had a problem (so that no process waits for one that left)."""
 
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
         """This side's groups' filled rows per expert `<int64>[E]` and capacities C_g, for this
@@ -112,6 +117,9 @@ class LocalExchange:
         self._loads: list[np.ndarray] = []
         self._capacities: list[int] = []
 
+    def agree(self, step: str, problem: str | None) -> None:
+        pass  # one process: the error is already on its way up
+
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
         self._loads, self._capacities = list(loads), list(capacities)
 
@@ -150,6 +158,17 @@ def _tick(times: dict[str, float], key: str, t0: float) -> float:
     return t
 
 
+def _together(exchange: Exchange, step: str, fn: Callable[[], T_]) -> T_:
+    """fn(), a local step; its argument errors (non-finite values, say) stop every process."""
+    try:
+        out = fn()
+    except (TypeError, ValueError) as err:
+        exchange.agree(step, f"{type(err).__name__}: {err}")
+        raise
+    exchange.agree(step, None)
+    return out
+
+
 def load_sums(routing: Routing) -> np.ndarray:
     """`[2E]` (assignments per expert before dropping, sum over tokens of probs): a group's
     share of the global load statistics, in the router dtype (counts are exact there)."""
@@ -172,7 +191,8 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
         groups of aux_g and z_g, see the module docstring).
     """
     t0 = time.perf_counter()
-    states = [GroupState(*layer._route(xb, train)) for xb in x_blocks]
+    states = _together(exchange, "routing",
+                       lambda: [GroupState(*layer._route(xb, train)) for xb in x_blocks])
     G = exchange.num_groups
     f_global, aux_terms = None, []
     if load_stats == "global" and G > 1:  # with one group, global is local (same arithmetic)
@@ -199,11 +219,18 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     t0 = _tick(times, "experts", t0)
     outs = exchange.from_experts(out)
     t0 = _tick(times, "exchange", t0)
-    ys = []
-    for s, o in zip(states, outs):
-        s.out = o
-        ys.append(layer.backend.combine(o, s.routing.expert_index, s.routing.position,
-                                        s.routing.gate.astype(layer.dtype)))  # [T_g, D]
+
+    def combine() -> list[np.ndarray]:
+        ys = []
+        for s, o in zip(states, outs):
+            s.out = o
+            ys.append(layer.backend.combine(o, s.routing.expert_index, s.routing.position,
+                                            s.routing.gate.astype(layer.dtype)))  # [T_g, D]
+            if not np.isfinite(ys[-1]).all():  # one pass, versus the experts' T*K*D*H
+                raise layer._nonfinite("the expert outputs", ("w1", "b1", "w2", "b2"), "x")
+        return ys
+
+    ys = _together(exchange, "the combine", combine)
     _tick(times, "combine", t0)
     z = float(np.mean([s.routing.z_loss for s in states]))
     return ys, GroupsCache(states, ecache, f_global, exchange), float(np.mean(aux_terms)), z
@@ -230,12 +257,17 @@ def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
     t0 = time.perf_counter()
     exchange = cache.exchange
     G = exchange.num_groups
-    d_outs, dgates = [], []
-    for dyb, s in zip(dy_blocks, cache.groups):
-        r = s.routing
-        d_outs.append(layer.backend.dispatch(dyb, r.slot_owner, layer.k,
-                                             weight=r.gate.astype(layer.dtype)))  # [E, C_g, D]
-        dgates.append(layer.backend.gate_grad(dyb, s.out, r.expert_index, r.position))  # [T_g, K]
+
+    def combine_backward() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        d_outs, dgates = [], []
+        for dyb, s in zip(dy_blocks, cache.groups):
+            r = s.routing
+            d_outs.append(layer.backend.dispatch(dyb, r.slot_owner, layer.k,
+                                                 weight=r.gate.astype(layer.dtype)))  # [E, C_g, D]
+            dgates.append(layer.backend.gate_grad(dyb, s.out, r.expert_index, r.position))
+        return d_outs, dgates  # [T_g, K] each
+
+    d_outs, dgates = _together(exchange, "the combine's backward", combine_backward)
     t0 = _tick(times, "combine", t0)
     d_packed, _ = exchange.to_experts(d_outs)
     t0 = _tick(times, "exchange", t0)
@@ -248,16 +280,21 @@ def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
     t0 = _tick(times, "exchange", t0)
     rdt = router_dtype(layer.dtype)
     w_router = layer.params["w_router"].astype(rdt, copy=False)
-    dxs, router_parts = [], []
-    for s, dgate, d_in_g in zip(cache.groups, dgates, d_ins):
-        r = s.routing
-        dx = layer.backend.combine(d_in_g, r.expert_index, r.position)  # [T_g, D]
-        dlogits = _dlogits(layer, s, dgate, cache.f_global)  # [T_g, E]
-        dx_router, dw, db = router_logits_backward(dlogits, s.x_router, w_router)
-        if s.noise is not None:
-            dx_router *= s.noise
-        dxs.append(dx + dx_router.astype(layer.dtype))
-        router_parts.append(np.concatenate([dw.ravel(), db]))
+
+    def router_backward() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        dxs, router_parts = [], []
+        for s, dgate, d_in_g in zip(cache.groups, dgates, d_ins):
+            r = s.routing
+            dx = layer.backend.combine(d_in_g, r.expert_index, r.position)  # [T_g, D]
+            dlogits = _dlogits(layer, s, dgate, cache.f_global)  # [T_g, E]
+            dx_router, dw, db = router_logits_backward(dlogits, s.x_router, w_router)
+            if s.noise is not None:
+                dx_router *= s.noise
+            dxs.append(dx + dx_router.astype(layer.dtype))
+            router_parts.append(np.concatenate([dw.ravel(), db]))
+        return dxs, router_parts
+
+    dxs, router_parts = _together(exchange, "the router's backward", router_backward)
     t0 = _tick(times, "routing", t0)
     router_sum = exchange.sum_in_group_order(router_parts)  # [D*E + E]
     t0 = _tick(times, "exchange", t0)

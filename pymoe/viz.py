@@ -331,6 +331,45 @@ def benchmark_bars(rows: Sequence[Any], path: str, *, reference: float | None = 
     return _save(fig, path)
 
 
+# ------------------------------------------------------------------ expert parallelism
+
+def send_matrices(matrices: Mapping[str, np.ndarray], path: str, *, title: str,
+                  unit: str = "KiB", scale: float = 1024.0) -> Any:
+    """P x P heatmaps [sender rank, receiver rank] side by side, one per label (bytes sent in
+    each all-to-all mode, say), every cell annotated with its value / scale in `unit`.
+
+    Text version: one table per label.
+    """
+    mats = {k: np.asarray(v, dtype=float) / scale for k, v in matrices.items()}
+    vmax = max(float(m.max(initial=0)) for m in mats.values())
+    if not have_matplotlib():
+        lines = [title]
+        for label, m in mats.items():
+            P = m.shape[0]
+            lines += [f"{label} ({unit}), row = sender, column = receiver",
+                      "      " + " ".join(f"{'to ' + str(q):>10s}" for q in range(P))]
+            lines += [f"rank {r}" + " ".join(f"{_shade(v, vmax)}{v:9.1f}" for v in m[r])
+                      for r in range(P)]
+        return _emit("\n".join(lines))
+    P = next(iter(mats.values())).shape[0]
+    fig = _figure(1.0 + 3.2 * len(mats), 3.6)
+    axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    for ax, (label, m) in zip(axes, mats.items()):
+        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=max(vmax, 1e-12))
+        for r in range(P):
+            for q in range(P):
+                ax.text(q, r, f"{m[r, q]:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if m[r, q] < 0.6 * vmax else "black")
+        ax.set_xticks(range(P))
+        ax.set_yticks(range(P))
+        ax.set_xlabel("receiving rank")
+        ax.set_ylabel("sending rank")
+        ax.set_title(label, fontsize=9)
+    fig.colorbar(im, ax=list(axes), label=unit)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------ routing variants
 
 def expert_choice_picture(routing: Routing, path: str, *, max_tokens: int = 64) -> Any:

@@ -32,8 +32,9 @@ def _mpi_setup() -> tuple[str | None, str]:
     probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True,
                            text=True, timeout=120)
     if probe.returncode != 0:
-        return None, ("mpi4py with an MPI library is not importable (pip install 'pymoe-routing[mpi]'): "
-                      + probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "")
+        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+        return None, ("mpi4py with an MPI library is not importable "
+                      f"(pip install 'pymoe-routing[mpi]'): {last}")
     if mpiexec is None:
         return None, "no mpiexec found (pip install 'pymoe-routing[mpi]' installs MPICH's)"
     return mpiexec, ""
@@ -160,6 +161,7 @@ BAD_CASES = [
     ({"mismatch_rank": 1}, "parameters differ across ranks: w1"),
     ({"empty_rank": 1}, "T_local = 0"),
     ({"num_experts_on_rank": {"1": 8}}, "settings differ across ranks"),
+    ({"overflow_rank": 1, "dtype": "float32"}, "failed on rank 1: ValueError: "),
 ]
 
 
@@ -197,3 +199,64 @@ def test_everything_dropped_exchange(mpiexec, tmp_path):
             assert res["rows"].sum() == 0
             assert (res["bytes"].sum() == 0) == (mode == "exact")
             assert res["bytes"].sum() == res["padding"].sum()
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_example_06_runs_under_mpiexec(mpiexec, tmp_path, P):
+    """The example on 4 ranks (and alone, P = 1, without mpiexec): its numbers add up."""
+    script = [sys.executable, os.path.join(REPO, "examples", "06_expert_parallel.py"), "--quick",
+              "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": REPO, "MPLBACKEND": "Agg"}
+    proc = subprocess.run(([mpiexec, "-n", str(P)] if P > 1 else []) + script, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "06_expert_parallel.json").read_text())
+    assert res["P"] == P and len(res["rows"]) == P
+    exact, fixed = res["summary"]["exact"], res["summary"]["fixed"]
+    assert exact["padding_bytes"] == 0 < fixed["padding_bytes"] < fixed["bytes"]
+    assert exact["bytes"] == fixed["bytes"] - fixed["padding_bytes"]  # the same rows travel
+    assert (exact["to_other_ranks"] > 0) == (P > 1)
+    assert res["sweep_mib"]["fixed"] == res["sweep_mib"]["fixed (formula)"]
+    assert all(a < b for a, b in zip(res["sweep_mib"]["exact"], res["sweep_mib"]["fixed"]))
+    assert "Rows each rank sends to each rank" in proc.stdout
+    from pymoe.viz import have_matplotlib
+
+    if have_matplotlib():
+        for name in ("06_bytes_heatmap.png", "06_bytes_vs_capacity.png"):
+            assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_benchmark_runs_and_counts_the_bytes(mpiexec, tmp_path):
+    """python -m pymoe.bench.expert_parallel --sizes 1 2: rows per P and mode, bytes that add up
+    (its timings are never asserted)."""
+    out = tmp_path / "ep.json"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-m", "pymoe.bench.expert_parallel", "--sizes", "1", "2",
+                           "--quick", "--json", str(out), "--markdown", str(tmp_path / "ep.md")],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["P"], r["mode"]) for r in rows] == [(1, "exact"), (1, "fixed"), (2, "exact"),
+                                                   (2, "fixed")]
+    T, D, _, E, K = 128, 32, 64, 8, 2  # the --quick shape
+    C = pymoe.capacity.expert_capacity(T, E, K, 1.25)
+    for r in rows:
+        if r["mode"] == "fixed":  # 4 exchanges x P ranks x E * C rows of D float32
+            assert r["a2a_bytes"] == 4 * r["P"] * E * C * D * 4
+        else:
+            assert r["padding_bytes"] == 0 and r["a2a_bytes"] <= 4 * r["P"] * K * T * D * 4
+        assert r["step_ms"] > 0 and r["alltoallv_alone_gbps"] > 0
+    assert "Alltoallv alone" in (tmp_path / "ep.md").read_text()
+
+
+def test_readme_snippet_runs_on_two_ranks(mpiexec, tmp_path):
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Experts on several processes", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # (the two ranks' lines may interleave in the forwarded stdout)
+    assert "range(0, 8)" in proc.stdout and "range(8, 16)" in proc.stdout

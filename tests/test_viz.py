@@ -43,6 +43,8 @@ def test_pictures_are_pngs_of_the_figure_size(tmp_path, routing, rows):
                                           xlabel="cf", ylabel="drop", reference=(0, "zero")),
         "class.png": lambda p: viz.class_expert_heatmap(np.arange(12).reshape(3, 4), p),
         "bench.png": lambda p: viz.benchmark_bars(rows, p, reference=13.0),
+        "send.png": lambda p: viz.send_matrices({"a": np.eye(4) * 2048, "b": np.ones((4, 4))},
+                                                p, title="bytes"),
     }
     for name, draw in calls.items():
         path = tmp_path / "sub" / name
@@ -85,6 +87,15 @@ def test_curves_class_and_bench_text(no_matplotlib, rows, tmp_path):
     assert "75%" in text and "100%" in text
     text = viz.benchmark_bars(rows, str(tmp_path / "b.png"), reference=13.0)
     assert "15.00 GB/s" in text and "40.0 ms" in text and "13.00 GB/s" in text
+
+
+def test_send_matrices_text(no_matplotlib, tmp_path):
+    text = viz.send_matrices({"exact": [[2048, 1024], [0, 512]]}, str(tmp_path / "s.png"),
+                             title="bytes sent")
+    lines = text.splitlines()
+    assert lines[0] == "bytes sent" and "row = sender" in lines[1]
+    numbers = [[float(w) for w in line[6:].split() if w[0].isdigit()] for line in lines[3:5]]
+    assert numbers == [[2.0, 1.0], [0.0, 0.5]]  # KiB, row = sender
 
 
 def test_env_switch_forces_text(monkeypatch):
