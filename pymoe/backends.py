@@ -6,6 +6,8 @@ against it. Expert matmuls always run in NumPy/BLAS.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .backend_api import Backend, BackendInfo
 from .numpy_backend import NumpyBackend
 
@@ -14,7 +16,9 @@ __all__ = ["BACKEND_NAMES", "Backend", "BackendInfo", "backends", "get_backend"]
 BACKEND_NAMES = ("numpy", "c", "cuda")
 
 
-def _probe(name: str) -> tuple[Backend | None, BackendInfo]:
+def _probe(name: str) -> tuple[Any, BackendInfo]:
+    """(implementation or None, info). Any: the CUDA backend works on device arrays and has its
+    own interface (cuda_backend.CudaBackend), not the host Backend protocol."""
     if name == "numpy":
         return NumpyBackend(), BackendInfo("numpy", True, "NumPy reference (always built)")
     if name == "c":  # imported on demand: loading the C core sets OMP_WAIT_POLICY

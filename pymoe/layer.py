@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,14 @@ class _ForwardCache:
     x2: np.ndarray | None = None  # [T, D] tokens in the layer dtype
     noisy: tuple | None = None  # (clean [T, E], eps [T, E], z [T, E], std [T, E]) for noisy_topk
     shared: SharedCache | None = None
-    groups: grouped.GroupsCache | None = None  # token_groups > 1: everything is in here
+
+
+@dataclass
+class _GroupsForwardCache:
+    """token_groups > 1: everything backward needs is in the per-group cache."""
+    x_shape: tuple[int, ...]
+    x_dtype: np.dtype
+    groups: grouped.GroupsCache
 
 
 class MoELayer:
@@ -212,9 +220,9 @@ class MoELayer:
         self.params = {n: p.astype(self.dtype) for n, p in self.params.items()}
         self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
         self._noise_rng = np.random.default_rng([seed, 1])
-        self._cache: _ForwardCache | None = None
+        self._cache: _ForwardCache | _GroupsForwardCache | None = None
         self._workspace: dict[str, np.ndarray] = {}  # step buffers reused by the indexed path
-        self.routing: Routing | None = None
+        self.routing: Routing | tuple[Routing, ...] | None = None  # a tuple with token_groups
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
@@ -337,7 +345,8 @@ class MoELayer:
         buf = self._workspace.get(name)
         if buf is None or buf.shape != shape or buf.dtype != x2.dtype:
             buf = self._workspace[name] = np.empty(shape, x2.dtype)
-        return self.backend.dispatch(x2, r.slot_owner, r.k, weight, out=buf)
+        c_backend: Any = self.backend  # only the C backend's dispatch takes out=
+        return c_backend.dispatch(x2, r.slot_owner, r.k, weight, out=buf)
 
     def _route(self, x2: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
         """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing)."""
@@ -391,7 +400,7 @@ class MoELayer:
         ex = grouped.LocalExchange(G)
         ys, gc, aux, z = grouped.forward_groups(self, np.split(x2, G), self._expert_params(), ex,
                                                 self.load_stats, train, {})
-        self._cache = _ForwardCache(x.shape, x.dtype, None, None, None, None, None, groups=gc)
+        self._cache = _GroupsForwardCache(x.shape, x.dtype, gc)
         self.routing = tuple(s.routing for s in gc.groups)
         self.aux_loss, self.z_loss = aux, z
         return np.concatenate(ys).reshape(x.shape)  # (forward_groups checked y is finite)
@@ -419,14 +428,15 @@ class MoELayer:
             raise ValueError("backward: called before forward(); there is no forward pass to "
                              "differentiate")
         dy = _checks.float_array("dy", dy, shape=c.x_shape)
-        p, r = self._checked_params(), c.routing
+        p = self._checked_params()
         dy2 = np.ascontiguousarray(dy.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
-        if c.groups is not None:
+        if isinstance(c, _GroupsForwardCache):
             G = self.token_groups
             dxs, grads = grouped.backward_groups(self, c.groups, np.split(dy2, G),
                                                  self._expert_params(), {})
             self.grads = {n: grads[n] for n in PARAM_NAMES}
             return np.concatenate(dxs).reshape(c.x_shape).astype(c.x_dtype, copy=False)
+        r = c.routing
         if self.formulation == "dense":
             d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
             dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
@@ -440,7 +450,7 @@ class MoELayer:
                                         self._workspace)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
         grads = dict(eg)
-        if c.shared is not None:
+        if c.shared is not None and c.x2 is not None:  # forward keeps x2 with shared experts
             dx_shared, sg = shared_experts_backward(dy2, c.x2, p, c.shared)
             dx2 = dx2 + dx_shared
             grads.update(sg)

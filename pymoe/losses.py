@@ -109,6 +109,8 @@ def balance_loss(probs: np.ndarray, expert_index: np.ndarray, kind: str = "switc
     if kind == "k_scaled":
         return K * load_balancing_loss(probs, expert_index)
     if kind == "sequence":
+        if sequence_length is None:
+            raise ValueError("sequence_length: required for the per-sequence balance loss")
         S = sequence_length
         n = probs.shape[0] // S
         return float(np.mean([load_balancing_loss(probs[i * S:(i + 1) * S],
@@ -126,6 +128,8 @@ def balance_loss_backward(probs: np.ndarray, expert_index: np.ndarray, coef: flo
     if kind == "k_scaled":
         return load_balancing_loss_backward(probs, expert_index, coef * K)
     if kind == "sequence":
+        if sequence_length is None:
+            raise ValueError("sequence_length: required for the per-sequence balance loss")
         S = sequence_length
         n = probs.shape[0] // S
         d = np.zeros_like(probs)

@@ -33,7 +33,8 @@ def softplus_backward(dstd: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 def normal_cdf(z: np.ndarray) -> np.ndarray:
     """Phi(z), the standard normal CDF, elementwise (float64)."""
-    return 0.5 * (1.0 + _erf(np.asarray(z, np.float64) / math.sqrt(2.0)).astype(np.float64))
+    erf = np.asarray(_erf(np.asarray(z, np.float64) / math.sqrt(2.0)), np.float64)
+    return 0.5 * (1.0 + erf)
 
 
 def normal_pdf(z: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25, *
     """Check every routing keyword against E and each other; each error names its argument."""
     E = num_experts
     k = _checks.integer("k", k, low=1, high=E)
-    opts = dict(
+    opts: dict[str, Any] = dict(
         capacity_factor=_checks.positive_finite("capacity_factor", capacity_factor,
                                                 allow_none=True),
         min_capacity=_checks.integer("min_capacity", min_capacity, low=0),

@@ -72,7 +72,7 @@ class Routing:
     priority: str
     aux_loss: float  # load-balancing loss (losses.balance_loss)
     z_loss: float  # router z-loss (losses.router_z_loss)
-    options: RouteOptions = field(default=None, repr=False)  # every routing keyword
+    options: RouteOptions = field(repr=False)  # every routing keyword
     expert_bias: np.ndarray | None = field(default=None, repr=False)  # [E] used for selection
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
 
@@ -285,6 +285,8 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
     ranked = selection_scores(scores, expert_bias)  # [T, E]
     if opts.num_groups is not None:
+        # route_options sets topk_groups and group_score_k whenever num_groups is set
+        assert opts.topk_groups is not None and opts.group_score_k is not None
         ranked = limit_to_groups(ranked, opts.num_groups, opts.topk_groups, opts.group_score_k)
     return top_k(ranked, opts.k)
 
@@ -295,7 +297,8 @@ def _capacity(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarray |
     if opts.selection == "experts":
         if opts.capacity is not None:
             c, name = opts.capacity, "capacity"
-        else:
+        else:  # route_options refuses expert choice without a capacity or a factor
+            assert opts.capacity_factor is not None
             c = capacity_formula(T, E, opts.k, opts.capacity_factor, opts.capacity_rule)
             name = "capacity_factor"
         c = max(c, opts.min_capacity)

@@ -128,6 +128,9 @@ def second_expert_keep(probs: np.ndarray, expert_index: np.ndarray, policy: str,
     elif policy == "threshold":
         keep[:, 1] = g2 > threshold
     else:
+        if rng is None:
+            raise ValueError("rng: policy 'random' draws from a generator; pass one (or a seed "
+                             "to route())")
         u = rng.uniform(size=T)  # [T]
         keep[:, 1] = u < g2 / threshold
     return keep

@@ -426,6 +426,7 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
         raise ValueError("routing: expected a routing made with num_groups and topk_groups")
     T, E = routing.probs.shape
     n, G = min(T, max_tokens), o.num_groups
+    assert o.topk_groups is not None and o.group_score_k is not None  # set with num_groups
     ranked = selection_scores(routing.probs, routing.expert_bias)
     allowed = np.isfinite(limit_to_groups(ranked, G, o.topk_groups, o.group_score_k))  # [T, E]
     title = (f"group-limited top-{routing.k}: {G} groups of {E // G} experts\n"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import pymoe
+from helpers import assert_png_matches
 from pymoe import viz
 from pymoe.compare import REASONS
 from pymoe.compare.__main__ import main as cli
-from helpers import assert_png_matches
 
 
 def skewed(T: int = 96, E: int = 16, seed: int = 0) -> np.ndarray:
