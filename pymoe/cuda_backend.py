@@ -421,14 +421,18 @@ class CudaBackend:
         index = self._arg("expert_index", expert_index, (None, None), (INT64,))
         return [eo, index, self._arg("position", position, tuple(index[0].shape), (INT64,))]
 
+    def _pair_sizes(self, expert_out: Any, expert_index: Any, position: Any) -> tuple:
+        """_pairs plus the sizes (T, K, E, C, D) and the float dtype they imply."""
+        eo, index, pos = self._pairs(expert_out, expert_index, position)
+        E, C, D = eo[0].shape
+        T, K = index[0].shape
+        return eo, index, pos, (T, K, E, C, D), np.dtype(eo[0].dtype)
+
     def combine(self, expert_out: Any, expert_index: Any, position: Any, weight: Any = None, *,
                 out: Any = None, check: Check = True) -> Any:
         """y `[T, D]` (pymoe.indexed.combine_indexed)."""
-        (eo, p_eo), (index, p_index), (pos, p_pos) = self._pairs(expert_out, expert_index,
-                                                                 position)
-        E, C, D = eo.shape
-        T, K = index.shape
-        dt = np.dtype(eo.dtype)
+        (eo, p_eo), (index, p_index), (pos, p_pos), (T, K, E, C, D), dt = self._pair_sizes(
+            expert_out, expert_index, position)
         weight, p_w = self._optional("weight", weight, (T, K), dt)
         y, p_y = self._out("out", out, (T, D), dt)
         self._call(f"pymoe_cuda_combine_{self._suffix(dt)}", [eo, index, pos, weight, y],
@@ -439,11 +443,8 @@ class CudaBackend:
     def gate_grad(self, dy: Any, expert_out: Any, expert_index: Any, position: Any, *,
                   out: Any = None, check: Check = True) -> Any:
         """dgate `[T, K]` (pymoe.indexed.gate_grad_indexed)."""
-        (eo, p_eo), (index, p_index), (pos, p_pos) = self._pairs(expert_out, expert_index,
-                                                                 position)
-        E, C, D = eo.shape
-        T, K = index.shape
-        dt = np.dtype(eo.dtype)
+        (eo, p_eo), (index, p_index), (pos, p_pos), (T, K, E, C, D), dt = self._pair_sizes(
+            expert_out, expert_index, position)
         dy, p_dy = self._arg("dy", dy, (T, D), (dt,))
         g, p_g = self._out("out", out, (T, K), dt)
         self._call(f"pymoe_cuda_gate_grad_{self._suffix(dt)}", [dy, eo, index, pos, g],

@@ -57,6 +57,14 @@ def _shade(v: float, vmax: float) -> str:
 
 # ------------------------------------------------------------------ routing of one batch
 
+def _token_expert_axes(ax, E: int, title: str, xlabel: str) -> None:
+    """Label a tokens-down, experts-across panel (the routing pictures share this layout)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("token")
+    ax.set_xticks(range(E))
+    ax.set_title(title, fontsize=10)
+
+
 def routing_heatmap(routing: Routing, path: str, *, title: str | None = None,
                     max_tokens: int = 64) -> Any:
     """Token-by-expert router probabilities, each token's chosen experts marked with the choice
@@ -95,10 +103,7 @@ def routing_heatmap(routing: Routing, path: str, *, title: str | None = None,
                         else "black", fontweight="bold")
             else:
                 ax.plot(chosen, t, marker="x", color="red", markersize=11, mew=2.5)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("token")
-    ax.set_xticks(range(E))
-    ax.set_title(title, fontsize=10)
+    _token_expert_axes(ax, E, title, "expert")
     fig.colorbar(im, ax=ax, label="router probability")
     return _save(fig, path)
 
@@ -403,10 +408,7 @@ def expert_choice_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
     for t in range(n):
         ax.text(E - 0.35, t, str(per_token[t]), ha="left", va="center", fontsize=8)
     ax.set_xlim(-0.5, E + 0.2)
-    ax.set_xlabel("expert (dot: taken by the expert; right: experts per token)")
-    ax.set_ylabel("token")
-    ax.set_xticks(range(E))
-    ax.set_title(title, fontsize=10)
+    _token_expert_axes(ax, E, title, "expert (dot: taken by the expert; right: experts per token)")
     fig.colorbar(im, ax=ax, label="router score")
     return _save(fig, path)
 
@@ -457,10 +459,7 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
                 ax.text(e, t, mark[t, e], ha="center", va="center", fontsize=9, fontweight="bold")
     for g in range(1, G):
         ax.axvline(g * E // G - 0.5, color="black", lw=1.5)
-    ax.set_xlabel("expert (vertical lines: group boundaries)")
-    ax.set_ylabel("token")
-    ax.set_xticks(range(E))
-    ax.set_title(title, fontsize=10)
+    _token_expert_axes(ax, E, title, "expert (vertical lines: group boundaries)")
     fig.colorbar(im, ax=ax, label="router score (allowed groups)")
     return _save(fig, path)
 
