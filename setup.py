@@ -24,9 +24,10 @@ from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
 
 STATUS_FILE = "_c_build_status.txt"  # written next to the extension when its build fails
 # What `python -m pymoe.cuda_build` needs inside an installed package: the CUDA sources, their
-# build script and the two C headers they include (csrc/cuda/pymoe_cuda.cu includes ../internal.h).
+# build script and the C files they include (csrc/cuda/pymoe_cuda.cu includes ../internal.h and
+# ../errors.c, the C core's error messages).
 # They keep their csrc/ layout under pymoe/_csrc/ so that build.py's relative paths still hold.
-CUDA_SOURCES = ["internal.h", "pymoe.h", "cuda/*.py", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h",
+CUDA_SOURCES = ["internal.h", "pymoe.h", "errors.c", "cuda/*.py", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h",
                 "cuda/emu/*.h", "cuda/emu/*.cpp"]
 
 
