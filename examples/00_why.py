@@ -89,7 +89,7 @@ def billions(n: int) -> str:
     return f"{n / 1e9:.1f}B"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: "list[str] | None" = None) -> dict:  # quoted: Python 3.9
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="accepted for symmetry (it is instant)")
     ap.add_argument("--out", default="pymoe-out", help="unused (no pictures)")

@@ -48,7 +48,7 @@ def show(title: str, a: np.ndarray, legend: str, rows: list[str] | None = TOK) -
     if a.ndim == 2:
         lines = [line[2:].rstrip("]") for line in lines]
     if rows is not None and len(lines) == len(rows):
-        lines = [f"{r:>4} {line}" for r, line in zip(rows, lines, strict=True)]
+        lines = [f"{r:>4} {line}" for r, line in zip(rows, lines)]
     print("\n".join("    " + line for line in lines))
 
 
