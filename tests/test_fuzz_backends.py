@@ -144,13 +144,20 @@ def test_fuzz_dispatch(be, data, request):
             fuzz.present(data, weight, "weight")]
     shape, dtype = _result_like(lambda: REF.dispatch(*map(fuzz.canonical, args)), (E, C, D),
                                 args[0])
-    out, reject = _out_arg(data, backend, shape, dtype, {"x": args[0], "weight": args[3]})
+    _check_with_out(data, backend, be, "dispatch", ("x", "slot_owner", "k", "weight"), args,
+                    shape, dtype, {"x": args[0], "weight": args[3]})
+
+
+def _check_with_out(data, backend, be: str, op: str, names: tuple, args: list, shape, dtype,
+                    inputs: dict) -> None:
+    """The contract for an op that can write into out= (dispatch, combine): a clear error, or
+    the reference's bits, written into out when one was given (C also draws naive=)."""
+    out, reject = _out_arg(data, backend, shape, dtype, inputs)
     kw = {}
     if backend.name == "c":
         kw = {"naive": data.draw(st.booleans(), label="naive"), "out": out}
-    got = fuzz.check(f"{be}.dispatch", ("x", "slot_owner", "k", "weight", "out"),
-                     lambda: backend.dispatch(*args, **kw),
-                     lambda: REF.dispatch(*map(fuzz.canonical, args)),
+    got = fuzz.check(f"{be}.{op}", names + ("out",), lambda: getattr(backend, op)(*args, **kw),
+                     lambda: getattr(REF, op)(*map(fuzz.canonical, args)),
                      backend_limit=_c_limit, must_reject=reject)
     if got is not None and out is not None:
         assert got is out
@@ -181,16 +188,9 @@ def test_fuzz_combine(be, data, request):
     args = [fuzz.present(data, a, n) for a, n in ((eo, "expert_out"), (idx, "expert_index"),
                                                   (pos, "position"), (weight, "weight"))]
     shape, dtype = _result_like(lambda: REF.combine(*map(fuzz.canonical, args)), (T, D), args[0])
-    out, reject = _out_arg(data, backend, shape, dtype, {"expert_out": args[0], "weight": args[3]})
-    kw = {}
-    if backend.name == "c":
-        kw = {"naive": data.draw(st.booleans(), label="naive"), "out": out}
-    got = fuzz.check(f"{be}.combine", ("expert_out", "expert_index", "position", "weight", "out"),
-                     lambda: backend.combine(*args, **kw),
-                     lambda: REF.combine(*map(fuzz.canonical, args)),
-                     backend_limit=_c_limit, must_reject=reject)
-    if got is not None and out is not None:
-        assert got is out
+    _check_with_out(data, backend, be, "combine",
+                    ("expert_out", "expert_index", "position", "weight"), args, shape, dtype,
+                    {"expert_out": args[0], "weight": args[3]})
 
 
 # ------------------------------------------------------------------------------ gate_grad
