@@ -32,20 +32,29 @@ static int64_t *FN(topk_merge_sort)(REAL *key, int64_t *ix, REAL *key2, int64_t 
     return ix;
 }
 
-/* The largest of v[0..n), n >= 1; *nan |= whether any is NaN. */
+/* The largest of v[0..n), n >= 1; *nan |= whether any is NaN. Four running maxima, not one: a
+ * single chain waits out VMAX's latency at every step (max is exact, so any grouping agrees). */
 static REAL FN(row_max)(const REAL *v, int64_t n, int *nan) {
     REAL m = v[0];
     int64_t e = 0;
 #ifdef VEC
     if (n >= VLEN) {
-        VEC mv = VLOADU(v), bad = VCMPUNORD(mv, mv);
-        for (e = VLEN; e + VLEN <= n; e += VLEN) {
+        VEC m0 = VLOADU(v), m1 = m0, m2 = m0, m3 = m0, bad = VCMPUNORD(m0, m0);
+        for (e = VLEN; e + 4 * VLEN <= n; e += 4 * VLEN) {
+            VEC x0 = VLOADU(v + e), x1 = VLOADU(v + e + VLEN);
+            VEC x2 = VLOADU(v + e + 2 * VLEN), x3 = VLOADU(v + e + 3 * VLEN);
+            m0 = VMAX(m0, x0); m1 = VMAX(m1, x1); m2 = VMAX(m2, x2); m3 = VMAX(m3, x3);
+            bad = VOR(bad, VOR(VOR(VCMPUNORD(x0, x0), VCMPUNORD(x1, x1)),
+                               VOR(VCMPUNORD(x2, x2), VCMPUNORD(x3, x3))));
+        }
+        for (; e + VLEN <= n; e += VLEN) {
             VEC x = VLOADU(v + e);
-            mv = VMAX(mv, x);
+            m0 = VMAX(m0, x);
             bad = VOR(bad, VCMPUNORD(x, x));
         }
+        m0 = VMAX(VMAX(m0, m1), VMAX(m2, m3));
         REAL lanes[VLEN];
-        memcpy(lanes, &mv, sizeof(lanes));
+        memcpy(lanes, &m0, sizeof(lanes));
         m = lanes[0];
         for (int u = 1; u < VLEN; u++) m = lanes[u] > m ? lanes[u] : m;
         *nan |= VMOVEMASK(bad) != 0;
@@ -160,19 +169,21 @@ int FN(pymoe_top_k)(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum,
         for (int64_t i = 0; i < TK; i++) expert_load[expert_index[i]]++;
     }
     if (prob_sum != NULL) {
-        /* Column sums in token order, a cache line of columns per thread at a time (NumPy's probs.sum(axis=0)
-         * adds rows in the same order, so the bits agree). */
-        enum { B = 64 / sizeof(REAL) };           /* one cache line of columns per task */
-#pragma omp parallel for schedule(static) num_threads(pymoe_get_max_threads())
-        for (int64_t e0 = 0; e0 < E; e0 += B) {
-            int64_t n = E - e0 < B ? E - e0 : B;
-            REAL acc[B];
-            for (int64_t i = 0; i < n; i++) acc[i] = 0;
+        /* Column sums in token order (NumPy's probs.sum(axis=0) adds rows in the same order, so
+         * the bits agree). Each thread owns a contiguous run of whole cache lines of columns and
+         * reads its part of every row front to back, so the loads stream. */
+        enum { B = 64 / sizeof(REAL) };           /* columns per cache line */
+        int64_t lines = (E + B - 1) / B, parts = pymoe_get_max_threads();
+#pragma omp parallel for schedule(static, 1) num_threads(pymoe_get_max_threads())
+        for (int64_t part = 0; part < parts; part++) {
+            int64_t e0 = lines * part / parts * B, e1 = lines * (part + 1) / parts * B;
+            e1 = e1 < E ? e1 : E;
+            REAL *restrict acc = prob_sum + e0;
+            for (int64_t e = e0; e < e1; e++) prob_sum[e] = 0;
             for (int64_t t = 0; t < T; t++) {
-                const REAL *row = probs + t * E + e0;
-                for (int64_t i = 0; i < n; i++) acc[i] += row[i];
+                const REAL *restrict row = probs + t * E;
+                for (int64_t e = e0; e < e1; e++) acc[e - e0] += row[e];
             }
-            for (int64_t i = 0; i < n; i++) prob_sum[e0 + i] = acc[i];
         }
     }
     return PYMOE_OK;

@@ -19,6 +19,9 @@ class Backend(Protocol):
     pymoe.cuda_backend.CudaBackend.)"""
     name: str
 
+    def softmax_lse(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (probs `[T, E]`, logsumexp `[T]`), the bits of router.softmax_lse."""
+
     def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
               probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """-> (expert_index `<int64>[T, K]` of score + bias (topk.top_k), expert_load `<int64>[E]`,

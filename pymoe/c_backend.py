@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _checks, _install
 from .backend_api import BackendInfo, temporarily
+from .row_blocks import softmax_lse_threads
 
 C_DTYPES = (np.float32, np.float64)
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
@@ -113,6 +114,12 @@ class CBackend:
     # ------------------------------------------------------------ operations
     # The argument checks are pymoe._checks' (the same as the NumPy backend's), restricted to
     # float32/float64; arrays are then made C-contiguous (copied only when they are not).
+
+    def softmax_lse(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (probs `[T, E]`, logsumexp `[T]`): router.softmax_lse bit for bit, its row blocks
+        on this backend's thread count (NumPy's exp sets the bits; row_blocks says why)."""
+        logits = _checks.float_arg("router_logits", router_logits, (None, None), C_DTYPES, "C")
+        return softmax_lse_threads(np.ascontiguousarray(logits), self.get_num_threads())
 
     def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
               probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

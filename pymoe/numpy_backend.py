@@ -9,6 +9,7 @@ from .capacity import expert_load, keep_by_score, slot_owner
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from .losses import expert_prob_sum
 from .priority import position_in_expert
+from .router import softmax_lse
 from .slots import assign_slots_ordered
 from .topk import top_k
 
@@ -16,6 +17,10 @@ from .topk import top_k
 class NumpyBackend:
     """The reference: the cumsum slot assignment and the NumPy indexed formulation."""
     name = "numpy"
+
+    def softmax_lse(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (probs `[T, E]`, logsumexp `[T]`) of `[T, E]` logits (router.softmax_lse)."""
+        return softmax_lse(router_logits)
 
     def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
               probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -69,14 +69,16 @@ def softmax_backward(dprobs: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
 
 
-def softmax_lse(router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def softmax_lse(router_logits: np.ndarray,
+                out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """softmax(router_logits) `[T, E]` and logsumexp(router_logits) `[T]` from one exp pass.
 
     The same bits as the two functions (the same max, exponentials and row sums), computed in
-    place: route() needs both, and exp over [T, E] is the costliest step of routing in NumPy.
+    place (in `out` when given, `[T, E]`): route() needs both, and exp over [T, E] is the
+    costliest step of routing in NumPy. Each row depends on its own logits only.
     """
     m = router_logits.max(axis=-1, keepdims=True)  # [T, 1]
-    e = np.subtract(router_logits, m)  # [T, E], max entry 0
+    e = np.subtract(router_logits, m, out=out)  # [T, E], max entry 0
     np.exp(e, out=e)
     s = e.sum(axis=-1, keepdims=True)  # [T, 1]
     lse = m[:, 0] + np.log(s[:, 0])  # [T]

@@ -25,7 +25,7 @@ from .losses import (
 from .options import PRIORITIES, RouteOptions, expert_bias_arg, generator_arg, route_options
 from .presets import Preset, accepts_preset
 from .priority import priority_order
-from .router import router_dtype, softmax, softmax_backward, softmax_lse
+from .router import router_dtype, softmax, softmax_backward
 from .scores import selection_scores, sigmoid, sigmoid_backward
 from .sinkhorn import sinkhorn
 from .slots import assign
@@ -229,7 +229,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     if opts.sequence_length is not None and T % opts.sequence_length:
         raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
                          f"of {opts.sequence_length}")
-    probs, lse = softmax_lse(logits)  # [T, E], [T]
+    probs, lse = backend.softmax_lse(logits)  # [T, E], [T]
     scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]          step 2
     aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
     sums = None

@@ -14,10 +14,12 @@ BEFORE = "numpy top-k + C slots (route before C top-k)"
 
 
 class _NumpyTopKCSlots:
-    """The route before top-K moved to C: NumPy's argsort top-K, the C slot assignment."""
+    """The route before top-K moved to C: NumPy's softmax and argsort top-K, the C slot
+    assignment."""
     name = "numpy top-k + C slots"
 
     def __init__(self, c) -> None:
+        self.softmax_lse = NumpyBackend().softmax_lse
         self.top_k = NumpyBackend().top_k
         self.assign_slots = c.assign_slots
 
