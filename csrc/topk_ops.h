@@ -2,9 +2,12 @@
  * after they define REAL and FN(name) (see moe_ops.h). Shapes and semantics are in pymoe.h. */
 
 /* One token's top-K in three short passes, all but the last branch-free over the row:
- *  1. v = score + bias into scratch; split the E experts into K contiguous groups and take
- *     th = the smallest group maximum. Each group holds a value >= th, so the K-th best is >= th.
- *  2. Candidates: the experts with v >= th, in expert order (typically a few per K on real logits).
+ *  1. v = score + bias into scratch; a threshold th <= the K-th best value: split the E experts
+ *     into G >= K groups and take the K-th largest group maximum (the K largest maxima are K
+ *     distinct experts >= th). Groups are strided, expert e in group e % G with G = 2K rounded up
+ *     to a vector, so their maxima come from plain vector max over the row, and about 1.3 K
+ *     experts pass on normal logits (K contiguous groups, the fallback for E < 2G, pass 2.6 K).
+ *  2. Candidates: the experts with v >= th, in expert order.
  *  3. Order the candidates by (v descending, expert ascending) and keep the first K: by counting
  *     each candidate's rank when there are few, else by a stable merge sort.
  * Every expert that can be among the K best is a candidate, so the result is the exact top-K with
@@ -72,6 +75,80 @@ static REAL FN(row_max)(const REAL *v, int64_t n, int *nan) {
 static const int FN(popcount)[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
 #endif
 
+/* rank of v[i] among v[0..n) by (value descending, index ascending): #{j: v_j > v_i} +
+ * #{j < i: v_j == v_i}, a permutation of 0..n-1. v[n..np) is -inf padding to a whole vector. */
+static int64_t FN(rank_of)(const REAL *v, int64_t i, int64_t n, int64_t np) {
+    int64_t r = 0, j = 0;
+    REAL vi = v[i];
+#ifdef VEC
+    VEC b = VSET1(vi);
+    for (; j + VLEN <= i; j += VLEN)               /* j < i: greater or equal counts */
+        r += FN(popcount)[VMOVEMASK(VCMPGE(VLOADU(v + j), b))];
+    for (; j < i; j++) r += v[j] >= vi;
+    for (; j % VLEN && j < np; j++) r += v[j] > vi;
+    for (; j + VLEN <= np; j += VLEN)              /* j >= i: strictly greater counts */
+        r += FN(popcount)[VMOVEMASK(VCMPGT(VLOADU(v + j), b))];
+#else
+    (void)np;
+#endif
+    for (; j < i; j++) r += v[j] >= vi;
+    for (; j < n; j++) r += v[j] > vi;
+    return r;
+}
+
+/* Pass 1's threshold (see the top): a value <= the K-th largest of v[0..E). gmax: G REALs of
+ * scratch. *nan |= whether any v is NaN. */
+static REAL FN(topk_threshold)(const REAL *v, int64_t K, int64_t E, REAL *gmax, int *nan) {
+#ifdef VEC
+    const int64_t G = (2 * K + VLEN - 1) / VLEN * VLEN;
+#else
+    const int64_t G = 2 * K;
+#endif
+    if (E < 2 * G) {                               /* few experts: K contiguous groups */
+        REAL th = 0;
+        for (int64_t g = 0; g < K; g++) {          /* group g: experts [g*E/K, (g+1)*E/K) */
+            int64_t lo = g * E / K, hi = (g + 1) * E / K;
+            REAL m = FN(row_max)(v + lo, hi - lo, nan);
+            th = (g == 0 || m < th) ? m : th;
+        }
+        return th;
+    }
+    const int64_t R = E / G;                       /* whole rows of G experts (R >= 2) */
+    int64_t i = 0;
+    int bad = 0;
+#ifdef VEC
+    for (; i < G; i += VLEN) {                     /* a vector of groups at a time, down the rows */
+        VEC m = VLOADU(v + i), un = VCMPUNORD(m, m);
+        for (int64_t row = 1; row < R; row++) {
+            VEC x = VLOADU(v + row * G + i);
+            m = VMAX(m, x);
+            un = VOR(un, VCMPUNORD(x, x));
+        }
+        memcpy(gmax + i, &m, sizeof(m));
+        bad |= VMOVEMASK(un) != 0;
+    }
+#endif
+    for (; i < G; i++) {                           /* without vectors: one group at a time */
+        REAL m = v[i];
+        bad |= m != m;
+        for (int64_t row = 1; row < R; row++) {
+            REAL x = v[row * G + i];
+            m = x > m ? x : m;
+            bad |= x != x;
+        }
+        gmax[i] = m;
+    }
+    for (i = 0; R * G + i < E; i++) {              /* the last, partial row */
+        REAL x = v[R * G + i];
+        gmax[i] = x > gmax[i] ? x : gmax[i];
+        bad |= x != x;
+    }
+    *nan |= bad;
+    for (i = 0; i < G - 1; i++)                    /* the maximum ranked K-1 */
+        if (FN(rank_of)(gmax, i, G, G) == K - 1) break;
+    return gmax[i];
+}
+
 /* scratch: 2*E REALs and 2*E int64 (+ VLEN REALs of padding). Returns nonzero when a v is NaN
  * (idx is then unspecified, but every write stayed in bounds). */
 static int FN(topk_row)(int64_t *idx, const REAL *s, const REAL *bias, int64_t K, int64_t E,
@@ -82,12 +159,7 @@ static int FN(topk_row)(int64_t *idx, const REAL *s, const REAL *bias, int64_t K
         for (int64_t e = 0; e < E; e++) vbuf[e] = s[e] + bias[e];
         v = vbuf;
     }
-    REAL th = 0;
-    for (int64_t g = 0; g < K; g++) {              /* group g: experts [g*E/K, (g+1)*E/K) */
-        int64_t lo = g * E / K, hi = (g + 1) * E / K;
-        REAL m = FN(row_max)(v + lo, hi - lo, &nan);
-        th = (g == 0 || m < th) ? m : th;
-    }
+    REAL th = FN(topk_threshold)(v, K, E, v2, &nan);  /* v2 is free until pass 2 */
     int64_t n = 0, e = 0;
 #ifdef VEC
     VEC tv = VSET1(th);
@@ -104,25 +176,12 @@ static int FN(topk_row)(int64_t *idx, const REAL *s, const REAL *bias, int64_t K
     for (; e < E; e++)
         if (v[e] >= th) { cand[n] = e; v2[n++] = v[e]; }
     if (n <= TOPK_RANK_MAX) {
-        /* rank_i = #{j: v_j > v_i} + #{j < i: v_j == v_i}: a permutation of 0..n-1 */
         int64_t np = n;
 #ifdef VEC
         for (; np % VLEN; np++) v2[np] = -(REAL)INFINITY;  /* padding: never above, index >= n */
 #endif
         for (int64_t i = 0; i < n; i++) {
-            int64_t r = 0, j = 0;
-            REAL vi = v2[i];
-#ifdef VEC
-            VEC b = VSET1(vi);
-            for (; j + VLEN <= i; j += VLEN)       /* j < i: greater or equal counts */
-                r += FN(popcount)[VMOVEMASK(VCMPGE(VLOADU(v2 + j), b))];
-            for (; j < i; j++) r += v2[j] >= vi;
-            for (; j % VLEN && j < np; j++) r += v2[j] > vi;
-            for (; j + VLEN <= np; j += VLEN)      /* j >= i: strictly greater counts */
-                r += FN(popcount)[VMOVEMASK(VCMPGT(VLOADU(v2 + j), b))];
-#endif
-            for (; j < i; j++) r += v2[j] >= vi;
-            for (; j < n; j++) r += v2[j] > vi;
+            int64_t r = FN(rank_of)(v2, i, n, np);
             if (r < K) idx[r] = cand[i];
         }
     } else {
