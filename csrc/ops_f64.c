@@ -1,4 +1,4 @@
-/* float64 instantiation of moe_ops.h and topk_ops.h. */
+/* float64 instantiation of moe_ops.h, topk_ops.h and expert_ops.h. */
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
@@ -30,3 +30,4 @@
 
 #include "moe_ops.h"
 #include "topk_ops.h"
+#include "expert_ops.h"

@@ -123,6 +123,14 @@ int pymoe_gate_grad_f64(double *dgate, const double *dy, const double *expert_ou
                         const int64_t *expert_index, const int64_t *position,
                         int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
 
+/* The expert FFN's relu epilogues, in place on one expert's [rows, cols] block (pymoe.experts),
+ * one pass each: bias_relu: a = max(a + bias, 0) (a: the first matmul's output, bias [cols]);
+ * relu_backward: grad *= (hidden > 0), hidden = the forward's relu output. */
+int pymoe_bias_relu_f32(float *a, const float *bias, int64_t rows, int64_t cols);
+int pymoe_bias_relu_f64(double *a, const double *bias, int64_t rows, int64_t cols);
+int pymoe_relu_backward_f32(float *grad, const float *hidden, int64_t rows, int64_t cols);
+int pymoe_relu_backward_f64(double *grad, const double *hidden, int64_t rows, int64_t cols);
+
 /* The plain loops above the tuned versions are the readable spec; they are exported so that the
  * tests can hold the tuned code to them and the benchmark can show what tuning bought. */
 int pymoe_dispatch_naive_f32(float *expert_in, const float *x, const float *weight,

@@ -214,3 +214,24 @@ def pair_args(expert_out: object, expert_index: object, position: object,
     index = index_array("expert_index", expert_index, shape=(None, None), high=E)
     pos = index_array("position", position, shape=index.shape, high=C, low=-1)
     return out, index, pos
+
+
+def epilogue_args(name: str, a: object, other_name: str, other: object, other_shape: str,
+                  dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy") -> tuple[np.ndarray, np.ndarray]:
+    """The in-place expert epilogues (experts.bias_relu, experts.relu_backward): `a` a
+    writeable C-contiguous `[rows, cols]` float array, changed in place, so never copied; `other`
+    the bias `[cols]` (other_shape "bias") or the forward's hidden `[rows, cols]`, in a's dtype."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array (it is updated in place), got "
+                        f"{type(a).__name__}")
+    arr = float_arg(name, a, (None, None), dtypes, who)
+    if arr is not a or not (a.flags.c_contiguous and a.flags.writeable):
+        raise ValueError(f"{name}: expected a C-contiguous, writeable array in native byte "
+                         f"order (it is updated in place)")
+    rows, cols = a.shape
+    shape = (cols,) if other_shape == "bias" else (rows, cols)
+    b = float_arg(other_name, other, shape, dtypes, who)
+    b = np.ascontiguousarray(b, dtype=a.dtype)
+    if np.may_share_memory(a, b):
+        raise ValueError(f"{name}: shares memory with {other_name}; pass separate arrays")
+    return a, b

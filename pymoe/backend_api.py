@@ -42,6 +42,12 @@ class Backend(Protocol):
         """-> keep `<bool>[T, K]`, each expert's C best-scoring pairs of `order`
         (capacity.keep_by_score)."""
 
+    def bias_relu(self, a: np.ndarray, bias: np.ndarray) -> None:
+        """a = relu(a + bias) in place, a `[n, H]` (experts.bias_relu)."""
+
+    def relu_backward(self, grad: np.ndarray, hidden: np.ndarray) -> None:
+        """grad *= hidden > 0 in place, both `[n, H]` (experts.relu_backward)."""
+
     def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
                  weight: np.ndarray | None = None) -> np.ndarray:
         """-> expert_in `[E, C, D]` (indexed.dispatch_indexed)."""

@@ -252,6 +252,21 @@ class CBackend:
                                     self._ptr(expert_index), self._ptr(position), T, K, E, C, D))
         return dgate
 
+    def bias_relu(self, a: np.ndarray, bias: np.ndarray) -> None:
+        """a = relu(a + bias) in place, a `[n, H]`, bias `[H]`, in one pass: experts.bias_relu
+        bit for bit."""
+        a, bias = _checks.epilogue_args("a", a, "bias", bias, "bias", C_DTYPES, "C")
+        fn = getattr(self.lib, f"pymoe_bias_relu_{self._suffix(a)}")
+        self._check("bias_relu", fn(self._ptr(a), self._ptr(bias), *a.shape))
+
+    def relu_backward(self, grad: np.ndarray, hidden: np.ndarray) -> None:
+        """grad *= hidden > 0 in place, both `[n, H]`, in one pass: experts.relu_backward bit for
+        bit."""
+        grad, hidden = _checks.epilogue_args("grad", grad, "hidden", hidden, "hidden", C_DTYPES,
+                                             "C")
+        fn = getattr(self.lib, f"pymoe_relu_backward_{self._suffix(grad)}")
+        self._check("relu_backward", fn(self._ptr(grad), self._ptr(hidden), *grad.shape))
+
     # ------------------------------------------------------------ threads
     # The count is process-wide: a count set from one Python thread applies to C calls made
     # from any other (csrc/threads.c keeps it and passes it to every parallel region).

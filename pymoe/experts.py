@@ -21,7 +21,8 @@ def relu(a: np.ndarray, out: np.ndarray) -> None:
 
 
 def relu_backward(grad: np.ndarray, a: np.ndarray) -> None:
-    """grad *= relu'(a); at a == 0 the derivative is taken as 0."""
+    """grad *= relu'(a); at a == 0 the derivative is taken as 0. a may be the pre-activation or
+    relu's output (a > 0 exactly where relu(a) > 0), which is what the filled-rows path keeps."""
     np.multiply(grad, a > 0, out=grad)
 
 
@@ -36,6 +37,14 @@ def gelu_backward(grad: np.ndarray, a: np.ndarray) -> None:
     grad *= 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * a * a)
 
 
+def bias_relu(a: np.ndarray, bias: np.ndarray) -> None:
+    """a = relu(a + bias) in place: the first layer's epilogue on one expert's `[n, H]` block
+    (a: the matmul's output; bias `[H]`). The C twin (pymoe_bias_relu) makes it one pass, as
+    pymoe_relu_backward does for relu_backward."""
+    a += bias
+    np.maximum(a, 0, out=a)
+
+
 ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], None],
                              Callable[[np.ndarray, np.ndarray], None]]] = {
     "relu": (relu, relu_backward),
@@ -47,10 +56,17 @@ ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], None],
 class ExpertsCache:
     """What experts_backward needs from the forward pass."""
     expert_in: np.ndarray  # [E, C, D]
-    pre: np.ndarray  # [E, C, H] pre-activation
+    pre: np.ndarray | None  # [E, C, H] pre-activation (None for relu on filled rows: hidden says)
     hidden: np.ndarray  # [E, C, H] post-activation
     filled: np.ndarray | None  # [E] rows used per expert, or None for all C
     activation: str
+
+
+class _NumpyEpilogues:
+    """bias_relu and relu_backward without argument checks: what experts_forward and
+    experts_backward use when no backend brings its own (their arrays are their own buffers)."""
+    bias_relu = staticmethod(bias_relu)
+    relu_backward = staticmethod(relu_backward)
 
 
 def _buffer(workspace: dict | None, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -69,7 +85,8 @@ def _buffer(workspace: dict | None, name: str, shape: tuple[int, ...], dtype) ->
 
 def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
                     b2: np.ndarray, activation: str = "relu", filled: np.ndarray | None = None,
-                    workspace: dict | None = None) -> tuple[np.ndarray, ExpertsCache]:
+                    workspace: dict | None = None,
+                    backend=None) -> tuple[np.ndarray, ExpertsCache]:
     """Run every expert on its slots.
 
     Args:
@@ -80,6 +97,8 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
             the padded capacity costs no FLOPs.
         workspace: a dict the caller keeps between calls (MoELayer does) to reuse the output and
             activation buffers; the previous call's results in it are overwritten.
+        backend: whose bias_relu runs relu's epilogue on filled rows (the C backend's is one
+            pass, the same bits); None: this module's.
     Returns:
         expert_out `[E, C, D]` and the cache for experts_backward.
     """
@@ -93,8 +112,11 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
     E, C, D = expert_in.shape
     H = w1.shape[2]
     dt = np.result_type(expert_in.dtype, w1.dtype)
+    relu = activation == "relu"
+    ops = backend if relu and backend is not None else _NumpyEpilogues
     # Rows past filled[e] of pre and hidden are never read (backward reads the filled rows only).
-    pre = _buffer(workspace, "pre", (E, C, H), dt)  # [E, C, H]
+    # relu keeps no pre-activation: its derivative is read from hidden > 0.
+    pre = None if relu else _buffer(workspace, "pre", (E, C, H), dt)  # [E, C, H]
     hidden = _buffer(workspace, "hidden", (E, C, H), dt)  # [E, C, H]
     out = _buffer(workspace, "out", (E, C, D), dt)  # [E, C, D]
     for e in range(E):
@@ -102,28 +124,34 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
         out[e, n:] = 0
         if n == 0:
             continue
-        np.matmul(expert_in[e, :n], w1[e], out=pre[e, :n])  # [n, H]
-        pre[e, :n] += b1[e]
-        act(pre[e, :n], hidden[e, :n])  # [n, H]
+        if pre is None:
+            np.matmul(expert_in[e, :n], w1[e], out=hidden[e, :n])  # [n, H]
+            ops.bias_relu(hidden[e, :n], b1[e])  # [n, H]
+        else:
+            np.matmul(expert_in[e, :n], w1[e], out=pre[e, :n])  # [n, H]
+            pre[e, :n] += b1[e]
+            act(pre[e, :n], hidden[e, :n])  # [n, H]
         np.matmul(hidden[e, :n], w2[e], out=out[e, :n])  # [n, D]
         out[e, :n] += b2[e]
     return out, ExpertsCache(expert_in, pre, hidden, filled, activation)
 
 
 def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
-                     cache: ExpertsCache,
-                     workspace: dict | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     cache: ExpertsCache, workspace: dict | None = None,
+                     backend=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of experts_forward.
 
     Args:
         d_expert_out: `[E, C, D]` (rows past filled[e] are ignored).
         workspace: as for experts_forward (holds d_expert_in between calls).
+        backend: whose relu_backward runs relu's backward epilogue (as for experts_forward).
     Returns:
         d_expert_in `[E, C, D]` (0 past filled[e]) and fresh gradients {w1, b1, w2, b2} with the
         parameters' shapes.
     """
     _, act_backward = ACTIVATIONS[cache.activation]
     if cache.filled is None:
+        assert cache.pre is not None  # the dense path always keeps it
         dw2 = np.matmul(cache.hidden.transpose(0, 2, 1), d_expert_out)  # [E, H, D]
         db2 = d_expert_out.sum(axis=1)  # [E, D]
         dpre = np.matmul(d_expert_out, w2.transpose(0, 2, 1))  # [E, C, H]
@@ -135,7 +163,9 @@ def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
     E, C, D = cache.expert_in.shape
     H = w1.shape[2]
     dt = d_expert_out.dtype
+    ops = backend if cache.pre is None and backend is not None else _NumpyEpilogues
     d_in = _buffer(workspace, "d_in", (E, C, D), dt)
+    dpre_buf = _buffer(workspace, "dpre", (C, H), dt)  # one expert's, reused by the next
     dw1, db1 = np.empty((E, D, H), dtype=dt), np.empty((E, H), dtype=dt)
     dw2, db2 = np.empty((E, H, D), dtype=dt), np.empty((E, D), dtype=dt)
     for e in range(E):
@@ -147,9 +177,12 @@ def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
         dout = d_expert_out[e, :n]  # [n, D]
         np.matmul(cache.hidden[e, :n].T, dout, out=dw2[e])  # [H, D]
         db2[e] = dout.sum(axis=0)
-        dpre = dout @ w2[e].T  # [n, H]
-        act_backward(dpre, cache.pre[e, :n])
-        np.matmul(cache.expert_in[e, :n].T, dpre, out=dw1[e])  # [D, H]
+        dpre = np.matmul(dout, w2[e].T, out=dpre_buf[:n])  # [n, H]
+        if cache.pre is None:  # relu: the mask from hidden
+            ops.relu_backward(dpre, cache.hidden[e, :n])
+        else:
+            act_backward(dpre, cache.pre[e, :n])
         db1[e] = dpre.sum(axis=0)
+        np.matmul(cache.expert_in[e, :n].T, dpre, out=dw1[e])  # [D, H]
         np.matmul(dpre, w1[e].T, out=d_in[e, :n])  # [n, D]
     return d_in, {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}

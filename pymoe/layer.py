@@ -316,7 +316,7 @@ class MoELayer:
             expert_in = self._dispatch(x2, r, None, "expert_in")  # [E, C, D]
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
                                           self.activation, filled=r.expert_load_kept,
-                                          workspace=self._workspace)
+                                          workspace=self._workspace, backend=self.backend)
             y = self.backend.combine(out, r.expert_index, r.position,
                                      r.gate.astype(self.dtype))  # [T, D]
         shared = None
@@ -446,8 +446,8 @@ class MoELayer:
             gate = r.gate.astype(self.dtype)
             d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
-            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts,
-                                        self._workspace)  # [E, C, D]
+            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
+                                        self.backend)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
         grads = dict(eg)
         if c.shared is not None and c.x2 is not None:  # forward keeps x2 with shared experts

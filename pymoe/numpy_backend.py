@@ -6,6 +6,7 @@ import numpy as np
 
 from . import _checks
 from .capacity import expert_load, keep_by_score, slot_owner
+from .experts import bias_relu, relu_backward
 from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from .losses import expert_prob_sum
 from .priority import position_in_expert
@@ -19,8 +20,10 @@ class NumpyBackend:
     name = "numpy"
 
     def softmax_lse(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> (probs `[T, E]`, logsumexp `[T]`) of `[T, E]` logits (router.softmax_lse)."""
-        return softmax_lse(router_logits)
+        """-> (probs `[T, E]`, logsumexp `[T]`) of `[T, E]` logits (router.softmax_lse); on a
+        C-contiguous copy when they are not, so the row sums add in one order whatever the layout."""
+        logits = _checks.float_arg("router_logits", router_logits, (None, None))
+        return softmax_lse(np.ascontiguousarray(logits))
 
     def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
               probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -68,6 +71,14 @@ class NumpyBackend:
         if weight is not None:
             weight = _checks.float_arg("weight", weight, position.shape)
         return combine_indexed(expert_out, expert_index, position, weight)
+
+    def bias_relu(self, a: np.ndarray, bias: np.ndarray) -> None:
+        """a = relu(a + bias) in place, a `[n, H]`, bias `[H]` (experts.bias_relu)."""
+        bias_relu(*_checks.epilogue_args("a", a, "bias", bias, "bias"))
+
+    def relu_backward(self, grad: np.ndarray, hidden: np.ndarray) -> None:
+        """grad *= hidden > 0 in place, both `[n, H]` (experts.relu_backward)."""
+        relu_backward(*_checks.epilogue_args("grad", grad, "hidden", hidden, "hidden"))
 
     def gate_grad(self, dy: np.ndarray, expert_out: np.ndarray, expert_index: np.ndarray,
                   position: np.ndarray) -> np.ndarray:

@@ -190,9 +190,10 @@ def test_out_buffers_are_checked_and_used(c_backend):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("priority", ["choice", "score"])
-def test_layer_c_equals_layer_numpy(c_backend, dtype, priority):
+@pytest.mark.parametrize("activation", ["gelu", "relu"])  # relu: the C epilogues
+def test_layer_c_equals_layer_numpy(c_backend, dtype, priority, activation):
     kw = dict(d_model=24, d_hidden=40, num_experts=6, k=2, capacity_factor=0.9,
-              priority=priority, activation="gelu", aux_loss_coef=0.1, z_loss_coef=0.01,
+              priority=priority, activation=activation, aux_loss_coef=0.1, z_loss_coef=0.01,
               dtype=dtype, seed=5)
     lc, ln = pymoe.MoELayer(backend="c", **kw), pymoe.MoELayer(backend="numpy", **kw)
     assert lc.backend.name == "c" and ln.backend.name == "numpy"

@@ -1,5 +1,5 @@
-"""Property-based fuzzing of every host backend operation (top_k, assign_slots, dispatch, combine,
-gate_grad; NumPy and C, the C ones also with naive=True and out=) against the contract in fuzz.py.
+"""Property-based fuzzing of every host backend operation (softmax_lse, top_k, assign_slots,
+dispatch, combine, gate_grad, bias_relu, relu_backward; NumPy and C, the C ones also with naive=True and out=) against the contract in fuzz.py.
 CI runs this file again on the ASan + UBSan build of the C core, so an out-of-bounds access the
 checks let through aborts the run."""
 from __future__ import annotations
@@ -274,3 +274,56 @@ def test_fuzz_top_k(be, data, request):
                lambda: backend.top_k(args[0], k, *args[1:]),
                lambda: REF.top_k(fuzz.canonical(args[0]), k, *map(fuzz.canonical, args[1:])),
                backend_limit=_c_limit)
+
+
+# ------------------------------------------------------------------------------ softmax_lse
+@pytest.mark.parametrize("be", BACKENDS)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_softmax_lse(be, data, request):
+    backend = _backend(be, request)
+    T, _, E, _, _ = _sizes(data)
+    logits = fuzz.float_values(data, (T, E), fuzz.float_dtype(data, "router_logits dtype"),
+                               nonfinite=fuzz.maybe(data, "nonfinite router_logits"))
+    if fuzz.maybe(data, "spoil router_logits"):
+        logits = fuzz.spoil_array(data, logits, "router_logits")
+    arg = fuzz.present(data, logits, "router_logits")
+    fuzz.check(f"{be}.softmax_lse", ("router_logits",), lambda: backend.softmax_lse(arg),
+               lambda: REF.softmax_lse(fuzz.canonical(arg)), backend_limit=_c_limit)
+
+
+# ------------------------------------------------------------------------------ relu epilogues
+@pytest.mark.parametrize("be", BACKENDS)
+@FUZZ
+@given(data=st.data())
+def test_fuzz_relu_epilogues(be, data, request):
+    """bias_relu / relu_backward work in place: the array as the caller handed it must be a
+    writeable, C-contiguous, native float array, else a named error (a copy would be updated
+    instead of it); then its new values are the reference's on a copy."""
+    backend = _backend(be, request)
+    T, _, _, _, D = _sizes(data)
+    op, name, other_name = data.draw(st.sampled_from([("bias_relu", "a", "bias"),
+                                                      ("relu_backward", "grad", "hidden")]))
+    a = fuzz.float_values(data, (T, D), fuzz.float_dtype(data, f"{name} dtype"), nonfinite=True)
+    other = fuzz.float_values(data, (D,) if op == "bias_relu" else (T, D),
+                              fuzz.float_dtype(data, f"{other_name} dtype"), nonfinite=True)
+    if fuzz.maybe(data, f"spoil {name}"):
+        a = fuzz.spoil_array(data, a, name)
+    if fuzz.maybe(data, f"spoil {other_name}"):
+        other = fuzz.spoil_array(data, other, other_name)
+    a_arg, other_arg = fuzz.present(data, a, name), fuzz.present(data, other, other_name)
+    in_place = isinstance(a_arg, np.ndarray) and a_arg.flags.c_contiguous and \
+        a_arg.flags.writeable and a_arg.dtype.isnative
+
+    def subject():
+        getattr(backend, op)(a_arg, other_arg)
+        return a_arg
+
+    before = fuzz.canonical(a_arg)  # the subject runs first and changes a_arg
+
+    def reference():
+        getattr(REF, op)(before, fuzz.canonical(other_arg))
+        return before
+
+    fuzz.check(f"{be}.{op}", (name, other_name), subject, reference, backend_limit=_c_limit,
+               must_reject=None if in_place else f"{name}:")
