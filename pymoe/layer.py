@@ -473,7 +473,7 @@ class MoELayer:
         dx_router = dxr if dx_router is None else dx_router + dxr
         if c.noise is not None:
             dx_router *= c.noise
-        dx2 = dx2 + dx_router.astype(self.dtype)
+        dx2 += dx_router.astype(self.dtype, copy=False)  # dx2 is this step's own array
         grads.update({"w_router": dw_router, "b_router": db_router})
         for name in self.params:
             if not np.isfinite(grads[name]).all():
