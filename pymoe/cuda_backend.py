@@ -36,6 +36,7 @@ import numpy as np
 from . import _checks
 from .backend_api import BackendInfo, temporarily
 from .capacity import expert_capacity
+from .options import route_options
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
@@ -464,16 +465,15 @@ class CudaBackend:
         The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
             raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe-routing[cuda]')")
-        capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
-                                                  allow_none=True)
-        min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-        priority = _checks.choice("priority", priority, ("choice", "score", "token", "random"))
-        drop_policy = _checks.choice("drop_policy", drop_policy, ("position", "probs"))
+        logits, _ = self._arg("router_logits", router_logits, (None, None), FLOATS)
+        T, E = logits.shape
+        opts = route_options(max(E, 1), k, capacity_factor, min_capacity=min_capacity,
+                             normalize=normalize, priority=priority, drop_policy=drop_policy)
+        k, priority, drop_policy = opts.k, opts.priority, opts.drop_policy
         if priority == "random" and seed is None:
             raise ValueError("seed: priority='random' needs a seed")
         xp = self.memory.xp
-        probs, index, gate = self.softmax_top_k(router_logits, k, normalize, check="defer")
-        T, E = probs.shape
+        probs, index, gate = self.softmax_top_k(logits, k, opts.normalize, check="defer")
         order = None
         if priority == "score":  # batch-prioritised routing, as pymoe.priority.priority_order
             top1 = -probs.max(axis=1) if T else xp.zeros(0, probs.dtype)
@@ -484,14 +484,14 @@ class CudaBackend:
             order = xp.asarray(np.random.default_rng(seed).permutation(T).astype(np.int64))
         major = priority == "token"
         score = gate if drop_policy == "probs" else None
-        if capacity_factor is None:  # dropless: the largest load, known after counting
+        if opts.capacity_factor is None:  # dropless: the largest load, known after counting
             position, owner, load = self.assign_slots(index, order, E, T, token_major=major,
                                                       score=score, check="defer")
             self.check_status()
-            C = expert_capacity(T, E, k, None, min_capacity, self.memory.to_host(load))
+            C = expert_capacity(T, E, k, None, opts.min_capacity, self.memory.to_host(load))
             owner = xp.ascontiguousarray(owner[:, :C]) if C <= T else owner
         else:
-            C = expert_capacity(T, E, k, capacity_factor, min_capacity)
+            C = expert_capacity(T, E, k, opts.capacity_factor, opts.min_capacity)
             position, owner, load = self.assign_slots(index, order, E, C, token_major=major,
                                                       score=score, check="defer")
             self.check_status()
