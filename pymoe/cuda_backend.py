@@ -10,7 +10,9 @@ PYMOE_CUDA_LIB=PATH), device memory is host memory and arrays are NumPy arrays: 
 same wrapper, the same host launch code and the same kernel source, on the CPU.
 
 Each operation has the name, argument order and return value of its NumPy and C twins
-(pymoe.backends: assign_slots, top_k, dispatch, combine, gate_grad), on device arrays.
+(pymoe.backends: top_k, assign_slots, assign_slots_ordered, keep_by_score, dispatch, combine,
+gate_grad), on device arrays; route() runs the slot rules through pymoe.slots.assign, as
+pymoe.route does.
 
 Index contents are checked on the device: the kernels treat an invalid entry (an expert, position
 or slot owner out of range, a token_order that is not a permutation, a NaN score) as

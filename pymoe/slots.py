@@ -1,6 +1,7 @@
 """Steps 5-9 for every slot rule: which (token, choice) pairs get which expert slots.
 
-route() calls `assign` and nothing else for this, whichever backend does the work. A slot rule
+route() calls `assign` and nothing else for this, whichever backend does the work (NumPy, C, or
+the CUDA backend's own route() on device arrays). A slot rule
 is a priority (the order pairs claim slots in) plus a drop policy (who survives when an expert
 is over capacity); both reduce to two primitives that every backend provides with the same
 arguments and the same integers:
