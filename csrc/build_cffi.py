@@ -10,6 +10,7 @@ Environment:
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,10 +27,12 @@ HEADERS = ["pymoe.h", "internal.h", "moe_ops.h", "topk_ops.h", "expert_ops.h"]
 
 
 def header_cdef() -> str:
-    """The declarations between the cdef markers of pymoe.h: the one list of the C API."""
-    with open(os.path.join(HERE, "pymoe.h"), encoding="utf-8") as f:
-        text = f.read()
-    return text.split("/* cdef-begin */", 1)[1].split("/* cdef-end */", 1)[0]
+    """The declarations between the cdef markers of pymoe.h, its float-operation macros expanded
+    (pymoe/_cdef.py, loaded by path: the package itself is not importable while it is built)."""
+    spec = importlib.util.spec_from_file_location("pymoe_cdef", os.path.join(ROOT, "pymoe", "_cdef.py"))
+    cdef = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cdef)
+    return cdef.cdef_block(os.path.join(HERE, "pymoe.h"))
 
 
 def compiler_accepts(flag: str) -> bool:

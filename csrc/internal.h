@@ -1,6 +1,6 @@
 /* Shared helpers of the C core: size and index checks, run before any data moves.
- * check_sizes and REQUIRE look only at sizes and pointers; the CUDA host code uses them too. The
- * other checks read the index arrays, so they are for host memory only (on the GPU the kernels
+ * check_sizes, REQUIRE and check_pair_pointers look only at sizes and pointers; the CUDA host code
+ * uses them too. The other checks read the index arrays, so they are for host memory only (on the GPU the kernels
  * check indices themselves). */
 #ifndef PYMOE_INTERNAL_H
 #define PYMOE_INTERNAL_H
@@ -67,16 +67,28 @@ static inline int check_dispatch_args(moe_sizes *s, const void *expert_in, const
     return check_owners(slot_owner, s->EC, s->TK);
 }
 
-/* The same for the operations that read expert rows by (expert_index, position) into an output
- * [T, out_cols]: combine (y [T, D], out_cols = D) and the gate gradient (dgate [T, K]). */
-static inline int check_pair_args(moe_sizes *s, const void *out, int64_t out_cols,
-                                  const void *expert_out, const int64_t *expert_index,
-                                  const int64_t *position, int64_t T, int64_t K, int64_t E,
-                                  int64_t C, int64_t D) {
+/* The sizes and pointers of the operations that read expert rows by (expert_index, position)
+ * into an output [T, out_cols]: combine (y [T, D], out_cols = D) and the gate gradient
+ * (dgate [T, K]). Reads no array, so the CUDA host code uses it too. */
+static inline int check_pair_pointers(moe_sizes *s, const void *out, int64_t out_cols,
+                                      const void *expert_out, const int64_t *expert_index,
+                                      const int64_t *position, int64_t T, int64_t K, int64_t E,
+                                      int64_t C, int64_t D) {
     int err = check_sizes(s, T, K, E, C, D);
     if (err) return err;
     REQUIRE(out, out_cols == D ? s->TD : s->TK);  /* T*D and T*K: already checked to fit */
     REQUIRE(expert_out, s->ECD); REQUIRE(expert_index, s->TK); REQUIRE(position, s->TK);
+    return PYMOE_OK;
+}
+
+/* check_pair_pointers, then every index entry (host memory). */
+static inline int check_pair_args(moe_sizes *s, const void *out, int64_t out_cols,
+                                  const void *expert_out, const int64_t *expert_index,
+                                  const int64_t *position, int64_t T, int64_t K, int64_t E,
+                                  int64_t C, int64_t D) {
+    int err = check_pair_pointers(s, out, out_cols, expert_out, expert_index, position, T, K, E,
+                                  C, D);
+    if (err) return err;
     return check_pairs(expert_index, position, s->TK, E, C);
 }
 

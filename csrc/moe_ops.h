@@ -116,18 +116,6 @@ static void FN(combine_row)(REAL *y, const REAL *expert_out, const REAL *weight,
     }
 }
 
-int FN(pymoe_combine_naive)(REAL *y, const REAL *expert_out, const REAL *weight,
-                            const int64_t *expert_index, const int64_t *position,
-                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
-    moe_sizes s;
-    int err = check_pair_args(&s, y, D, expert_out, expert_index, position, T, K, E, C, D);
-    if (err) return err;
-    for (int64_t t = 0; t < T; t++)
-        FN(combine_row)(y + t * D, expert_out, weight ? weight + t * K : NULL,
-                        expert_index + t * K, position + t * K, K, C, D);
-    return PYMOE_OK;
-}
-
 /* Kept choices of one token summed in registers; a token with more takes combine_row. */
 #define COMBINE_DIRECT 8
 
@@ -174,25 +162,34 @@ static void FN(combine_row_direct)(REAL *dst, const REAL *const *src, const REAL
     }
 }
 
-int FN(pymoe_combine)(REAL *y, const REAL *expert_out, const REAL *weight,
-                      const int64_t *expert_index, const int64_t *position,
-                      int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
+/* combine_row's result, tuned: up to COMBINE_DIRECT kept rows summed in registers in one
+ * streamed pass; a token with more kept rows takes the plain combine_row. */
+static void FN(combine_row_tuned)(REAL *y, const REAL *expert_out, const REAL *weight,
+                                  const int64_t *index, const int64_t *pos, int64_t K, int64_t C,
+                                  int64_t D) {
+    const REAL *src[COMBINE_DIRECT];
+    REAL w[COMBINE_DIRECT];
+    int64_t n = FN(kept_rows)(src, w, expert_out, weight, index, pos, K, C, D);
+    if (n <= COMBINE_DIRECT) FN(combine_row_direct)(y, src, w, (int)n, D);
+    else FN(combine_row)(y, expert_out, weight, index, pos, K, C, D);
+}
+
+/* y[t, :] = row(token t) for every token; with OpenMP over tokens when `parallel` (each y row
+ * is written by one thread). */
+static int FN(combine_by)(void (*row)(REAL *, const REAL *, const REAL *, const int64_t *,
+                                      const int64_t *, int64_t, int64_t, int64_t),
+                          int parallel, REAL *y, const REAL *expert_out, const REAL *weight,
+                          const int64_t *expert_index, const int64_t *position,
+                          int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
     moe_sizes s;
     int err = check_pair_args(&s, y, D, expert_out, expert_index, position, T, K, E, C, D);
     if (err) return err;
-#pragma omp parallel num_threads(pymoe_get_max_threads())
+#pragma omp parallel if (parallel) num_threads(pymoe_get_max_threads())
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {          /* each token row written by one thread */
-            const REAL *src[COMBINE_DIRECT];
-            REAL w[COMBINE_DIRECT];
-            const REAL *wt = weight ? weight + t * K : NULL;
-            int64_t n = FN(kept_rows)(src, w, expert_out, wt, expert_index + t * K,
-                                      position + t * K, K, C, D);
-            if (n <= COMBINE_DIRECT) FN(combine_row_direct)(y + t * D, src, w, (int)n, D);
-            else FN(combine_row)(y + t * D, expert_out, wt, expert_index + t * K,
-                                 position + t * K, K, C, D);
-        }
+        for (int64_t t = 0; t < T; t++)
+            row(y + t * D, expert_out, weight ? weight + t * K : NULL, expert_index + t * K,
+                position + t * K, K, C, D);
         FN(store_fence)();
     }
     return PYMOE_OK;
@@ -239,16 +236,18 @@ static int FN(gate_grad_by)(REAL (*dot)(const REAL *, const REAL *, int64_t), in
     return PYMOE_OK;
 }
 
-int FN(pymoe_gate_grad_naive)(REAL *dgate, const REAL *dy, const REAL *expert_out,
-                              const int64_t *expert_index, const int64_t *position,
-                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
-    return FN(gate_grad_by)(FN(dot_plain), 0, dgate, dy, expert_out, expert_index, position,
-                            T, K, E, C, D);
-}
-
-int FN(pymoe_gate_grad)(REAL *dgate, const REAL *dy, const REAL *expert_out,
-                        const int64_t *expert_index, const int64_t *position,
-                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
-    return FN(gate_grad_by)(FN(dot_tree), 1, dgate, dy, expert_out, expert_index, position,
-                            T, K, E, C, D);
-}
+/* ------------------------------------------------------------------ exported pairs */
+/* pymoe.h's combine and gate_grad, each as the plain loop on one thread (NAME_naive, the spec)
+ * and the tuned version on OpenMP threads (NAME): both check and run through BY with their own
+ * row function. The two operations share one parameter shape: out, two REAL arrays, the pairs,
+ * sizes. */
+#define EXPORT_PAIR_OP(NAME, BY, ROW, PARALLEL)                                                   \
+    int FN(NAME)(REAL *out, const REAL *a, const REAL *b, const int64_t *expert_index,            \
+                 const int64_t *position, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) { \
+        return FN(BY)(FN(ROW), PARALLEL, out, a, b, expert_index, position, T, K, E, C, D);     \
+    }
+EXPORT_PAIR_OP(pymoe_combine_naive, combine_by, combine_row, 0)
+EXPORT_PAIR_OP(pymoe_combine, combine_by, combine_row_tuned, 1)
+EXPORT_PAIR_OP(pymoe_gate_grad_naive, gate_grad_by, dot_plain, 0)
+EXPORT_PAIR_OP(pymoe_gate_grad, gate_grad_by, dot_tree, 1)
+#undef EXPORT_PAIR_OP

@@ -40,24 +40,6 @@ extern "C" {
 /* The message of an error code above ("unknown error code" for any other int). */
 const char *pymoe_error_string(int code);
 
-/* Top-K selection (pymoe.topk.top_k, with the sums pymoe.losses.load_balancing_loss needs).
- * expert_index[t, :] = the K experts with the largest v[t, e] = score[t, e] + bias[e] (the sum
- * rounded in REAL; v = score when bias is NULL), in decreasing v; equal values go to the lower
- * expert index. These are the same integers as NumPy's stable argsort of -v for any
- * non-NaN input; -0.0 and 0.0 are equal; a NaN anywhere returns PYMOE_ERR_NAN.
- * expert_load[e] = how many of the T*K entries of expert_index equal e (NULL: not computed).
- * prob_sum[e] = sum over t of probs[t, e], added in REAL in token order t = 0, 1, ..., T-1 from 0
- * (bit for bit pymoe.losses.expert_prob_sum); NULL: not computed (probs may then be NULL too).
- * Out: expert_index [T, K], expert_load [E], prob_sum [E]. In: score [T, E], bias [E] or NULL,
- * probs [T, E] or NULL. 0 <= K <= E. Every output depends only on the inputs, never on the
- * thread count: one thread per token row, and each column sum in one fixed order. */
-int pymoe_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
-                    const float *score, const float *bias, const float *probs,
-                    int64_t T, int64_t K, int64_t E);
-int pymoe_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
-                    const double *score, const double *bias, const double *probs,
-                    int64_t T, int64_t K, int64_t E);
-
 /* Slot assignment with choice-major priority and capacity drop (pymoe.priority + capacity).
  * Pairs claim slots in the order: choice j = 0 of token_order[0], ..., token_order[T-1], then
  * choice j = 1 of the same tokens, and so on; the n-th pair to claim expert e gets slot n if
@@ -88,69 +70,72 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
                         const double *score, int64_t N, int64_t T, int64_t K, int64_t E,
                         int64_t C);
 
-/* Dispatch: expert_in[e, c, :] = w * x[t, :] for the pair (t, j) = slot_owner[e, c] / K, % K,
+/* The float operations are written once, in PYMOE_FLOAT_OPS(REAL, SFX) below, and declared
+ * twice: for float as name_f32 and for double as name_f64 (cffi's cdef takes no macros, so
+ * csrc/build_cffi.py expands them the same way, with pymoe/_cdef.py). Expanded, for example:
+ *   int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight,
+ *                          const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+ *                          int64_t C, int64_t D);
+ *   int pymoe_combine_f64(double *y, const double *expert_out, const double *weight,
+ *                         const int64_t *expert_index, const int64_t *position,
+ *                         int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+ *
+ * Top-K selection (pymoe.topk.top_k, with the sums pymoe.losses.load_balancing_loss needs).
+ * expert_index[t, :] = the K experts with the largest v[t, e] = score[t, e] + bias[e] (the sum
+ * rounded in REAL; v = score when bias is NULL), in decreasing v; equal values go to the lower
+ * expert index. These are the same integers as NumPy's stable argsort of -v for any
+ * non-NaN input; -0.0 and 0.0 are equal; a NaN anywhere returns PYMOE_ERR_NAN.
+ * expert_load[e] = how many of the T*K entries of expert_index equal e (NULL: not computed).
+ * prob_sum[e] = sum over t of probs[t, e], added in REAL in token order t = 0, 1, ..., T-1 from 0
+ * (bit for bit pymoe.losses.expert_prob_sum); NULL: not computed (probs may then be NULL too).
+ * Out: expert_index [T, K], expert_load [E], prob_sum [E]. In: score [T, E], bias [E] or NULL,
+ * probs [T, E] or NULL. 0 <= K <= E. Every output depends only on the inputs, never on the
+ * thread count: one thread per token row, and each column sum in one fixed order.
+ *
+ * Dispatch: expert_in[e, c, :] = w * x[t, :] for the pair (t, j) = slot_owner[e, c] / K, % K,
  * with w = weight[t, j] (or 1 when weight is NULL); empty slots are zeroed.
  * Backward: d_x = combine(d_expert_in, weight) and d_weight = gate_grad(d_expert_in, x).
  * Out: expert_in [E, C, D]. In: x [T, D], weight [T, K] or NULL, slot_owner [E, C].
- * Bytes moved: read (filled slots) * D, write E * C * D elements. One thread per slot row. */
-int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight,
-                       const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
-                       int64_t D);
-int pymoe_dispatch_f64(double *expert_in, const double *x, const double *weight,
-                       const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
-                       int64_t D);
-
-/* Combine: y[t, :] = sum over kept j, in order j = 0..K-1, of w * expert_out[e_tj, p_tj, :]
+ * Bytes moved: read (filled slots) * D, write E * C * D elements. One thread per slot row.
+ *
+ * Combine: y[t, :] = sum over kept j, in order j = 0..K-1, of w * expert_out[e_tj, p_tj, :]
  * with w = weight[t, j] (or 1 when weight is NULL); rows of fully dropped tokens are zero.
  * Backward: d_expert_out = dispatch(dy, weight) and d_weight = gate_grad(dy, expert_out).
  * Dispatch's backward is this with weight = NULL.
  * Out: y [T, D]. In: expert_out [E, C, D], weight [T, K] or NULL, expert_index [T, K],
- * position [T, K]. Bytes moved: read (kept pairs) * D, write T * D elements. One thread per token. */
-int pymoe_combine_f32(float *y, const float *expert_out, const float *weight,
-                      const int64_t *expert_index, const int64_t *position,
-                      int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_combine_f64(double *y, const double *expert_out, const double *weight,
-                      const int64_t *expert_index, const int64_t *position,
-                      int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-
-/* Gate gradient: dgate[t, j] = <dy[t, :], expert_out[e_tj, p_tj, :]> for kept pairs, 0 for
+ * position [T, K]. Bytes moved: read (kept pairs) * D, write T * D elements. One thread per token.
+ *
+ * Gate gradient: dgate[t, j] = <dy[t, :], expert_out[e_tj, p_tj, :]> for kept pairs, 0 for
  * dropped ones. Out: dgate [T, K]. In: dy [T, D], expert_out [E, C, D], expert_index, position.
- * One thread per token; each dot product sums in a fixed order. */
-int pymoe_gate_grad_f32(float *dgate, const float *dy, const float *expert_out,
-                        const int64_t *expert_index, const int64_t *position,
-                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_gate_grad_f64(double *dgate, const double *dy, const double *expert_out,
-                        const int64_t *expert_index, const int64_t *position,
-                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-
-/* The expert FFN's relu epilogues, in place on one expert's [rows, cols] block (pymoe.experts),
+ * One thread per token; each dot product sums in a fixed order.
+ *
+ * Each of the three row operations also comes as name_naive_f32 / _f64 with the same
+ * signature: the plain loops the tuned versions are held to, exported so that the tests can
+ * hold the tuned code to them and the benchmark can show what tuning bought.
+ *
+ * The expert FFN's relu epilogues (pymoe.experts), in place on one expert's [rows, cols] block,
  * one pass each: bias_relu: a = max(a + bias, 0) (a: the first matmul's output, bias [cols]);
  * relu_backward: grad *= (hidden > 0), hidden = the forward's relu output. */
-int pymoe_bias_relu_f32(float *a, const float *bias, int64_t rows, int64_t cols);
-int pymoe_bias_relu_f64(double *a, const double *bias, int64_t rows, int64_t cols);
-int pymoe_relu_backward_f32(float *grad, const float *hidden, int64_t rows, int64_t cols);
-int pymoe_relu_backward_f64(double *grad, const double *hidden, int64_t rows, int64_t cols);
-
-/* The plain loops above the tuned versions are the readable spec; they are exported so that the
- * tests can hold the tuned code to them and the benchmark can show what tuning bought. */
-int pymoe_dispatch_naive_f32(float *expert_in, const float *x, const float *weight,
-                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                             int64_t C, int64_t D);
-int pymoe_dispatch_naive_f64(double *expert_in, const double *x, const double *weight,
-                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                             int64_t C, int64_t D);
-int pymoe_combine_naive_f32(float *y, const float *expert_out, const float *weight,
-                            const int64_t *expert_index, const int64_t *position,
-                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_combine_naive_f64(double *y, const double *expert_out, const double *weight,
-                            const int64_t *expert_index, const int64_t *position,
-                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_gate_grad_naive_f32(float *dgate, const float *dy, const float *expert_out,
-                              const int64_t *expert_index, const int64_t *position,
-                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_gate_grad_naive_f64(double *dgate, const double *dy, const double *expert_out,
-                              const int64_t *expert_index, const int64_t *position,
-                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+#define PYMOE_ROW_OPS(REAL, SFX) \
+    int pymoe_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight, \
+                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, \
+                            int64_t C, int64_t D); \
+    int pymoe_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight, \
+                           const int64_t *expert_index, const int64_t *position, \
+                           int64_t T, int64_t K, int64_t E, int64_t C, int64_t D); \
+    int pymoe_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out, \
+                             const int64_t *expert_index, const int64_t *position, \
+                             int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+#define PYMOE_FLOAT_OPS(REAL, SFX) \
+    int pymoe_top_k##SFX(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum, \
+                         const REAL *score, const REAL *bias, const REAL *probs, \
+                         int64_t T, int64_t K, int64_t E); \
+    PYMOE_ROW_OPS(REAL, SFX) \
+    PYMOE_ROW_OPS(REAL, _naive##SFX) \
+    int pymoe_bias_relu##SFX(REAL *a, const REAL *bias, int64_t rows, int64_t cols); \
+    int pymoe_relu_backward##SFX(REAL *grad, const REAL *hidden, int64_t rows, int64_t cols);
+PYMOE_FLOAT_OPS(float, _f32)
+PYMOE_FLOAT_OPS(double, _f64)
 
 /* Threads: 1 when built without OpenMP. The count is process-wide (not per calling thread, as
  * omp_set_num_threads is): every parallel region of the core uses pymoe_get_max_threads().

@@ -8,15 +8,16 @@
 
 #include "internal.h"
 
-/* Return PYMOE_OK iff order[0..T) is a permutation of 0..T-1. */
-static int check_order(const int64_t *order, int64_t T) {
-    unsigned char *seen = (unsigned char *)calloc((size_t)(T > 0 ? T : 1), 1);
+/* Return PYMOE_OK iff the N entries ids[0..N) are distinct and in [0, n); `code` otherwise.
+ * With N = n this says ids is a permutation of 0..n-1. */
+static int check_distinct(const int64_t *ids, int64_t N, int64_t n, int code) {
+    unsigned char *seen = (unsigned char *)calloc((size_t)(n > 0 ? n : 1), 1);
     if (seen == NULL) return PYMOE_ERR_NOMEM;
     int err = PYMOE_OK;
-    for (int64_t i = 0; i < T && err == PYMOE_OK; i++) {
-        int64_t t = order[i];
-        if (t < 0 || t >= T || seen[t]) err = PYMOE_ERR_ORDER;
-        else seen[t] = 1;
+    for (int64_t i = 0; i < N && err == PYMOE_OK; i++) {
+        int64_t id = ids[i];
+        if (id < 0 || id >= n || seen[id]) err = code;
+        else seen[id] = 1;
     }
     free(seen);
     return err;
@@ -34,7 +35,8 @@ int pymoe_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_l
     REQUIRE(expert_load, E);
     for (int64_t i = 0; i < s.TK; i++)
         if (expert_index[i] < 0 || expert_index[i] >= E) return PYMOE_ERR_EXPERT;
-    if (token_order != NULL && (err = check_order(token_order, T)) != PYMOE_OK) return err;
+    if (token_order != NULL && (err = check_distinct(token_order, T, T, PYMOE_ERR_ORDER)))
+        return err;
 
     for (int64_t e = 0; e < E; e++) expert_load[e] = 0;  /* counters: pairs seen per expert */
     for (int64_t i = 0; i < s.EC; i++) slot_owner[i] = -1;
@@ -54,21 +56,6 @@ int pymoe_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_l
     return PYMOE_OK;
 }
 
-/* Every order entry in [0, TK), no repeats, N <= TK. */
-static int check_pair_order(const int64_t *order, int64_t N, int64_t TK) {
-    if (N < 0 || N > TK) return PYMOE_ERR_PAIRS;
-    unsigned char *seen = (unsigned char *)calloc((size_t)(TK > 0 ? TK : 1), 1);
-    if (seen == NULL) return PYMOE_ERR_NOMEM;
-    int err = PYMOE_OK;
-    for (int64_t i = 0; i < N && err == PYMOE_OK; i++) {
-        int64_t p = order[i];
-        if (p < 0 || p >= TK || seen[p]) err = PYMOE_ERR_PAIRS;
-        else seen[p] = 1;
-    }
-    free(seen);
-    return err;
-}
-
 static int check_ordered_args(moe_sizes *s, const int64_t *expert_index, const int64_t *order,
                               int64_t N, int64_t T, int64_t K, int64_t E, int64_t C) {
     int err = check_sizes(s, T, K, E, C, 0);
@@ -77,7 +64,8 @@ static int check_ordered_args(moe_sizes *s, const int64_t *expert_index, const i
     REQUIRE(order, N);
     for (int64_t i = 0; i < s->TK; i++)
         if (expert_index[i] < 0 || expert_index[i] >= E) return PYMOE_ERR_EXPERT;
-    return check_pair_order(order, N, s->TK);
+    if (N < 0 || N > s->TK) return PYMOE_ERR_PAIRS;
+    return check_distinct(order, N, s->TK, PYMOE_ERR_PAIRS);  /* distinct pair ids in [0, TK) */
 }
 
 int pymoe_assign_slots_ordered(int64_t *position, int64_t *slot_owner, int64_t *expert_load,

@@ -23,6 +23,17 @@ def expert_load(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
 CAPACITY_RULES = ("k_ceil", "floor", "round", "tutel", "k_floor")
 
 
+def capacity_args(capacity_factor: object, min_capacity: object = 0, rule: object = "k_ceil",
+                  capacity: object = None) -> tuple[float | None, int, str, int | None]:
+    """The capacity settings, checked: (capacity_factor > 0 and finite or None, min_capacity >= 0,
+    rule in CAPACITY_RULES, capacity >= 0 or None). The one check of them, for expert_capacity
+    and for route()'s keywords (options.route_options), which MoELayer checks at construction."""
+    return (_checks.positive_finite("capacity_factor", capacity_factor, allow_none=True),
+            _checks.integer("min_capacity", min_capacity, low=0),
+            _checks.choice("capacity_rule", rule, CAPACITY_RULES),
+            None if capacity is None else _checks.integer("capacity", capacity, low=0))
+
+
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float | None,
                     min_capacity: int = 0, load: np.ndarray | None = None, *,
                     rule: str = "k_ceil", capacity: int | None = None) -> int:
@@ -51,11 +62,10 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     num_tokens = _checks.integer("num_tokens", num_tokens, low=0)
     num_experts = _checks.integer("num_experts", num_experts, low=1)
     k = _checks.integer("k", k, low=1, high=num_experts)
-    capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor, allow_none=True)
-    min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-    rule = _checks.choice("capacity_rule", rule, CAPACITY_RULES)
+    capacity_factor, min_capacity, rule, capacity = capacity_args(capacity_factor, min_capacity,
+                                                                  rule, capacity)
     if capacity is not None:
-        c = _checks.integer("capacity", capacity, low=0)
+        c = capacity
     elif capacity_factor is None:
         if load is None:
             raise ValueError("load: required when capacity_factor is None (dropless routing)")

@@ -10,7 +10,9 @@ PYMOE_CUDA_LIB=PATH), device memory is host memory and arrays are NumPy arrays: 
 same wrapper, the same host launch code and the same kernel source, on the CPU.
 
 Each operation has the name, argument order and return value of its NumPy and C twins
-(pymoe.backends: assign_slots, top_k, dispatch, combine, gate_grad), on device arrays.
+(pymoe.backends: top_k, assign_slots, assign_slots_ordered, keep_by_score, dispatch, combine,
+gate_grad), on device arrays; route() runs the slot rules through pymoe.slots.assign, as
+pymoe.route does.
 
 Index contents are checked on the device: the kernels treat an invalid entry (an expert, position
 or slot owner out of range, a token_order that is not a permutation, a NaN score) as
@@ -25,6 +27,7 @@ pass over the data).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -34,8 +37,11 @@ from typing import Any, Union
 import numpy as np
 
 from . import _checks
+from ._cdef import cdef_block
 from .backend_api import BackendInfo, temporarily
 from .capacity import expert_capacity
+from .options import route_options
+from .slots import assign
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
@@ -110,11 +116,6 @@ class _CupyMemory:
         return self.xp.asnumpy(a)
 
 
-def _declarations(header: str) -> str:
-    with open(header, encoding="utf-8") as f:
-        return f.read().split("/* cdef-begin */", 1)[1].split("/* cdef-end */", 1)[0]
-
-
 def load(path: str | None = None) -> tuple[CudaBackend | None, BackendInfo]:
     """The CUDA backend and its BackendInfo, or (None, why it is unavailable). Never raises."""
     path = path or library_path()
@@ -129,7 +130,7 @@ def load(path: str | None = None) -> tuple[CudaBackend | None, BackendInfo]:
         return None, BackendInfo("cuda", False, f"cffi is missing: {err}")
     try:
         ffi = cffi.FFI()
-        ffi.cdef(_declarations(header))
+        ffi.cdef(cdef_block(header))
         lib = ffi.dlopen(path)
     except (OSError, IndexError, cffi.CDefError, cffi.FFIError) as err:
         # an unreadable or malformed header, a missing marker, a file that is not a library
@@ -169,6 +170,17 @@ class DeviceRouting:
     expert_load: Any  # <int64>[E], before dropping
     token_order: Any  # <int64>[T] or None (choice priority)
     capacity: int
+
+
+class _Deferred:
+    """A CudaBackend whose calls leave the status word to be read later (check="defer"): route()
+    passes it to slots.assign and reads the status once, after the last kernel."""
+
+    def __init__(self, backend: CudaBackend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return functools.partial(getattr(self._backend, name), check="defer")
 
 
 class _Ptr(int):
@@ -367,37 +379,78 @@ class CudaBackend:
                    _Ptr(p_probs), T, k, E, check=check)
         return index, load, psum
 
-    def assign_slots(self, expert_index: Any, token_order: Any, num_experts: int,
-                     capacity: int, *, token_major: bool = False, score: Any = None,
-                     out: tuple | None = None, check: Check = True) -> tuple[Any, Any, Any]:
-        """(position `<int64>[T, K]`, slot_owner `<int64>[E, C]`, expert_load `<int64>[E]`), the
-        integers of the NumPy and C assign_slots, for any token_order (None: 0..T-1).
+    def _slot_outputs(self, out: tuple | None, T: int, K: int, E: int, C: int) -> list:
+        """[(position, ptr), (slot_owner, ptr), (expert_load, ptr)] from out or fresh arrays."""
+        o_pos, o_owner, o_load = out if out is not None else (None, None, None)
+        return [self._out("position", o_pos, (T, K), INT64),
+                self._out("slot_owner", o_owner, (E, C), INT64),
+                self._out("expert_load", o_load, (E,), INT64)]
 
-        token_major: pairs claim slots token-major (priority "token") instead of choice-major.
-        score: `[T, K]` gate values at selection: drop policy "probs" (each expert keeps its C
-            best-scoring pairs, ties to the earlier pair; with K = E and token_major, expert
-            choice). out: the three arrays to write (required with raw pointers and no CuPy)."""
+    def _pairs_in_order(self, expert_index: Any, order: Any, num_experts: int,
+                        capacity: int) -> tuple:
+        """expert_index `<int64>[T, K]`, order `<int64>[N]` (N <= T*K), E and C, checked for
+        kind, shape and size (the entries are checked on the device), with their addresses."""
         E = _checks.integer("num_experts", num_experts, low=1)
         C = _checks.integer("capacity", capacity, low=0)
-        token_major = _checks.boolean("token_major", token_major)
+        index = self._arg("expert_index", expert_index, (None, None), (INT64,))
+        pairs = self._arg("order", order, (None,), (INT64,))
+        if pairs[0].shape[0] > index[0].size:
+            raise ValueError(f"order: expected at most T*K = {index[0].size} distinct pair ids, "
+                             f"got {pairs[0].shape[0]}")
+        return index, pairs, E, C
+
+    def assign_slots(self, expert_index: Any, token_order: Any, num_experts: int,
+                     capacity: int, *, out: tuple | None = None,
+                     check: Check = True) -> tuple[Any, Any, Any]:
+        """(position `<int64>[T, K]`, slot_owner `<int64>[E, C]`, expert_load `<int64>[E]`), the
+        integers of the NumPy and C assign_slots (choice-major priority) for any token_order
+        (None: 0..T-1). out: the three arrays to write (required with raw pointers, no CuPy)."""
+        E = _checks.integer("num_experts", num_experts, low=1)
+        C = _checks.integer("capacity", capacity, low=0)
         index, p_index = self._arg("expert_index", expert_index, (None, None), (INT64,))
         T, K = index.shape
         order, p_order = self._optional("token_order", token_order, (T,), INT64)
-        o_pos, o_owner, o_load = out if out is not None else (None, None, None)
-        position, p_pos = self._out("position", o_pos, (T, K), INT64)
-        owner, p_owner = self._out("slot_owner", o_owner, (E, C), INT64)
-        load, p_load = self._out("expert_load", o_load, (E,), INT64)
-        arrays = [index, order, position]
-        if score is None:
-            self._call("pymoe_cuda_assign_slots", arrays, _Ptr(p_pos), _Ptr(p_owner),
-                       _Ptr(p_load), _Ptr(p_index), _Ptr(p_order), T, K, E, C, int(token_major),
-                       check=check)
-        else:
-            score, p_score = self._arg("score", score, (T, K), FLOATS)
-            self._call(f"pymoe_cuda_assign_slots_by_score_{self._suffix(np.dtype(score.dtype))}",
-                       arrays + [score], _Ptr(p_pos), _Ptr(p_owner), _Ptr(p_load), _Ptr(p_index),
-                       _Ptr(p_order), _Ptr(p_score), T, K, E, C, int(token_major), check=check)
+        (position, p_pos), (owner, p_owner), (load, p_load) = self._slot_outputs(out, T, K, E, C)
+        self._call("pymoe_cuda_assign_slots", [index, order, position], _Ptr(p_pos),
+                   _Ptr(p_owner), _Ptr(p_load), _Ptr(p_index), _Ptr(p_order), T, K, E, C,
+                   check=check)
         return position, owner, load
+
+    def assign_slots_ordered(self, expert_index: Any, order: Any, num_experts: int,
+                             capacity: int, *, out: tuple | None = None,
+                             check: Check = True) -> tuple[Any, Any, Any]:
+        """(position, slot_owner, expert_load) with the pairs of `order` `<int64>[N]` (distinct
+        flat ids t*K + j) claiming slots in that order; unlisted pairs get -1
+        (slots.assign_slots_ordered, C's pymoe_assign_slots_ordered)."""
+        (index, p_index), (pairs, p_pairs), E, C = self._pairs_in_order(expert_index, order,
+                                                                        num_experts, capacity)
+        T, K = index.shape
+        (position, p_pos), (owner, p_owner), (load, p_load) = self._slot_outputs(out, T, K, E, C)
+        self._call("pymoe_cuda_assign_slots_ordered", [index, pairs, position], _Ptr(p_pos),
+                   _Ptr(p_owner), _Ptr(p_load), _Ptr(p_index), _Ptr(p_pairs), pairs.shape[0],
+                   T, K, E, C, check=check)
+        return position, owner, load
+
+    def keep_by_score(self, expert_index: Any, order: Any, score: Any, num_experts: int,
+                      capacity: int, *, out: Any = None, check: Check = True) -> Any:
+        """keep `<bool>[T, K]`: each expert's C best-scoring pairs of `order`, ties to the earlier
+        pair (capacity.keep_by_score, C's pymoe_keep_by_score). score `[T, K]` is compared in
+        float64, as in C (a float32 score converts exactly; with raw pointers it must be float64).
+        out: a `<uint8>[T, K]` array to write (required with raw pointers, no CuPy)."""
+        (index, p_index), (pairs, p_pairs), E, C = self._pairs_in_order(expert_index, order,
+                                                                        num_experts, capacity)
+        T, K = index.shape
+        score, p_score = self._arg("score", score, (T, K), FLOATS)
+        if np.dtype(score.dtype) != np.float64:
+            if self.memory is None:
+                raise TypeError("score: expected float64 with raw pointers (no CuPy to cast)")
+            score = score.astype(np.float64)
+            p_score = self.memory.ptr(score)
+        keep, p_keep = self._out("keep", out, (T, K), np.dtype(np.uint8))
+        self._call("pymoe_cuda_keep_by_score", [index, pairs, score, keep], _Ptr(p_keep),
+                   _Ptr(p_index), _Ptr(p_pairs), _Ptr(p_score), pairs.shape[0], T, K, E, C,
+                   check=check)
+        return keep if isinstance(keep, DeviceArray) else keep.view(np.bool_)
 
     def dispatch(self, x: Any, slot_owner: Any, k: int, weight: Any = None, *,
                  out: Any = None, check: Check = True) -> Any:
@@ -464,16 +517,15 @@ class CudaBackend:
         The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
             raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe-routing[cuda]')")
-        capacity_factor = _checks.positive_finite("capacity_factor", capacity_factor,
-                                                  allow_none=True)
-        min_capacity = _checks.integer("min_capacity", min_capacity, low=0)
-        priority = _checks.choice("priority", priority, ("choice", "score", "token", "random"))
-        drop_policy = _checks.choice("drop_policy", drop_policy, ("position", "probs"))
+        logits, _ = self._arg("router_logits", router_logits, (None, None), FLOATS)
+        T, E = logits.shape
+        opts = route_options(max(E, 1), k, capacity_factor, min_capacity=min_capacity,
+                             normalize=normalize, priority=priority, drop_policy=drop_policy)
+        k, priority, drop_policy = opts.k, opts.priority, opts.drop_policy
         if priority == "random" and seed is None:
             raise ValueError("seed: priority='random' needs a seed")
         xp = self.memory.xp
-        probs, index, gate = self.softmax_top_k(router_logits, k, normalize, check="defer")
-        T, E = probs.shape
+        probs, index, gate = self.softmax_top_k(logits, k, opts.normalize, check="defer")
         order = None
         if priority == "score":  # batch-prioritised routing, as pymoe.priority.priority_order
             top1 = -probs.max(axis=1) if T else xp.zeros(0, probs.dtype)
@@ -482,18 +534,20 @@ class CudaBackend:
         elif priority == "random":
             seed = _checks.integer("seed", seed)
             order = xp.asarray(np.random.default_rng(seed).permutation(T).astype(np.int64))
-        major = priority == "token"
-        score = gate if drop_policy == "probs" else None
-        if capacity_factor is None:  # dropless: the largest load, known after counting
-            position, owner, load = self.assign_slots(index, order, E, T, token_major=major,
-                                                      score=score, check="defer")
+        tokens = xp.arange(T, dtype=np.int64) if order is None else order
+
+        def slots(C: int) -> tuple[Any, Any, Any]:  # steps 5-9: route()'s one slot function
+            return assign(_Deferred(self), index, tokens, E, C, priority=priority,
+                          drop_policy=drop_policy, score=gate, xp=xp)
+
+        if opts.capacity_factor is None:  # dropless: the largest load, known after counting
+            position, owner, load = slots(T)
             self.check_status()
-            C = expert_capacity(T, E, k, None, min_capacity, self.memory.to_host(load))
+            C = expert_capacity(T, E, k, None, opts.min_capacity, self.memory.to_host(load))
             owner = xp.ascontiguousarray(owner[:, :C]) if C <= T else owner
         else:
-            C = expert_capacity(T, E, k, capacity_factor, min_capacity)
-            position, owner, load = self.assign_slots(index, order, E, C, token_major=major,
-                                                      score=score, check="defer")
+            C = expert_capacity(T, E, k, opts.capacity_factor, opts.min_capacity)
+            position, owner, load = slots(C)
             self.check_status()
         gate = xp.where(position >= 0, gate, 0).astype(gate.dtype)
         return DeviceRouting(probs, index, gate, position, owner, load, order, C)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from .capacity import CAPACITY_RULES
+from .capacity import capacity_args
 from .losses import LOAD_BALANCING
 from .scores import SCORES
 from .sinkhorn import SINKHORN_ITERATIONS
@@ -67,10 +67,9 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25, *
     """Check every routing keyword against E and each other; each error names its argument."""
     E = num_experts
     k = _checks.integer("k", k, low=1, high=E)
+    cf, min_c, rule, fixed = capacity_args(capacity_factor, min_capacity, capacity_rule, capacity)
     opts: dict[str, Any] = dict(
-        capacity_factor=_checks.positive_finite("capacity_factor", capacity_factor,
-                                                allow_none=True),
-        min_capacity=_checks.integer("min_capacity", min_capacity, low=0),
+        capacity_factor=cf, min_capacity=min_c, capacity_rule=rule, capacity=fixed,
         normalize=_checks.boolean("normalize", normalize),
         priority=_checks.choice("priority", priority, PRIORITIES),
         score=_checks.choice("score", score, SCORES),
@@ -78,8 +77,6 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25, *
         drop_policy=_checks.choice("drop_policy", drop_policy, DROP_POLICIES),
         renormalize_after_drop=_checks.boolean("renormalize_after_drop", renormalize_after_drop),
         selection=_checks.choice("selection", selection, SELECTIONS),
-        capacity_rule=_checks.choice("capacity_rule", capacity_rule, CAPACITY_RULES),
-        capacity=None if capacity is None else _checks.integer("capacity", capacity, low=0),
         load_balancing=_checks.choice("load_balancing", load_balancing, LOAD_BALANCING),
         second_expert_policy=_checks.choice("second_expert_policy", second_expert_policy,
                                             SECOND_EXPERT_POLICIES),

@@ -6,6 +6,8 @@ priority order below. Every compiled path (C, CUDA) reproduces exactly these int
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import memory
@@ -52,7 +54,7 @@ def priority_order(probs: np.ndarray, priority: str,
     return np.argsort(-top1, kind="stable").astype(np.int64)  # [T], stable: ties keep token order
 
 
-def pair_order(token_order: np.ndarray, k: int, priority: str) -> np.ndarray:
+def pair_order(token_order: np.ndarray, k: int, priority: str, xp: Any = np) -> np.ndarray:
     """Step 6b': every (token, choice) pair, as flat ids t*K + j, in the order they claim slots.
 
     Args:
@@ -62,10 +64,11 @@ def pair_order(token_order: np.ndarray, k: int, priority: str) -> np.ndarray:
             token_order[1]'s, ...: HF, NLLB, MegaBlocks), so a token's second choice can beat a
             later token's first; every other priority is choice-major (all j = 0 pairs in
             token order, then all j = 1 pairs, ...: Mesh-TF, GShard, flaxformer).
+        xp: the array module of token_order (numpy, or cupy for device arrays).
     Returns:
         `<int64>[T*K]`, a permutation of 0..T*K-1.
     """
-    j = np.arange(k, dtype=np.int64)
+    j = xp.arange(k, dtype=np.int64)
     if priority == "token":
         return (token_order[:, None] * k + j[None, :]).reshape(-1)  # [T*K], token-major
     return (token_order[None, :] * k + j[:, None]).reshape(-1)  # [K*T], choice-major

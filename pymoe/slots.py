@@ -1,6 +1,7 @@
 """Steps 5-9 for every slot rule: which (token, choice) pairs get which expert slots.
 
-route() calls `assign` and nothing else for this, whichever backend does the work. A slot rule
+route() calls `assign` and nothing else for this, whichever backend does the work (NumPy, C, or
+the CUDA backend's own route() on device arrays). A slot rule
 is a priority (the order pairs claim slots in) plus a drop policy (who survives when an expert
 is over capacity); both reduce to two primitives that every backend provides with the same
 arguments and the same integers:
@@ -12,6 +13,8 @@ The classic choice-major rule is also the contract function assign_slots(expert_
 token_order, E, C), which needs no explicit order.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -41,12 +44,13 @@ def assign_slots_ordered(expert_index: np.ndarray, order: np.ndarray, num_expert
 
 def assign(backend, expert_index: np.ndarray, token_order: np.ndarray, num_experts: int,
            capacity: int, *, priority: str = "choice", drop_policy: str = "position",
-           score: np.ndarray | None = None,
-           candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           score: np.ndarray | None = None, candidates: np.ndarray | None = None,
+           xp: Any = np) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The slot rule of route(): priority order, optional pre-filter, drop policy, slots.
 
     Args:
-        backend: who computes (pymoe.backends: "numpy" or "c"); the integers are the same.
+        backend: who computes (pymoe.backends: "numpy" or "c"; the CUDA backend's route() passes
+            itself, with device arrays and xp its array module); the integers are the same.
         expert_index: `<int64>[T, K]`; token_order: `<int64>[T]` (priority.priority_order).
         priority: "token" walks pairs token-major, anything else choice-major (pair_order).
         drop_policy: "position" keeps each expert's first C pairs in priority order; "probs"
@@ -62,11 +66,11 @@ def assign(backend, expert_index: np.ndarray, token_order: np.ndarray, num_exper
     """
     if priority != "token" and drop_policy == "position" and candidates is None:
         return backend.assign_slots(expert_index, token_order, num_experts, capacity)
-    order = pair_order(token_order, expert_index.shape[1], priority)  # [T*K]
+    order = pair_order(token_order, expert_index.shape[1], priority, xp)  # [T*K]
     if candidates is not None:
         order = order[candidates.reshape(-1)[order]]  # [N] competing pairs only
     if drop_policy == "probs":
-        load = np.bincount(expert_index.reshape(-1)[order], minlength=num_experts)
+        load = xp.bincount(expert_index.reshape(-1)[order], minlength=num_experts)
         keep = backend.keep_by_score(expert_index, order, score, num_experts, capacity)
         position, owner, _ = backend.assign_slots_ordered(expert_index, order[keep.reshape(-1)[order]],
                                                           num_experts, capacity)

@@ -26,7 +26,7 @@ def test_nvcc_compiles_for_sm80_and_sm90_without_warnings_or_spills():
     assert "warning" not in output.lower(), output
     kernels = {r.kernel.split("<")[0].replace("void ", "") for r in rows}
     assert {"softmax_top_k_kernel", "top_k_kernel", "column_sum_kernel", "slots_count_kernel",
-            "slots_scan_kernel", "slots_scatter_kernel", "slots_select_kernel", "dispatch_kernel",
+            "slots_scan_kernel", "slots_scatter_kernel", "keep_by_score_kernel", "dispatch_kernel",
             "combine_kernel", "gate_grad_kernel"} <= kernels
     assert {r.arch for r in rows} == {"80", "90"}
     assert not [(r.kernel, r.arch, r.spill_bytes) for r in rows if r.spill_bytes]

@@ -10,6 +10,7 @@ import pymoe
 from helpers import REPO, cuda_build_module
 from pymoe import cuda_backend
 from pymoe.numpy_backend import NumpyBackend
+from pymoe.slots import assign
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +89,8 @@ def test_kernel_tests_catch_a_missing_barrier(tmp_path):
     calls = {
         "assign_slots": (lambda: be.assign_slots(r.expert_index, None, E, r.capacity)[0],
                          r.position),
-        "assign_slots by score": (lambda: be.assign_slots(r.expert_index, None, E, r.capacity,
-                                                          score=r.gate_before_drop)[0], None),
+        "keep_by_score": (lambda: be.keep_by_score(r.expert_index, np.arange(T * K), r.gate_before_drop,
+                                                   E, r.capacity), None),
         "combine": (lambda: be.combine(ein, r.expert_index, r.position),
                     ref.combine(ein, r.expert_index, r.position)),
         "gate_grad": (lambda: be.gate_grad(x, ein, r.expert_index, r.position),
@@ -120,7 +121,8 @@ def test_results_do_not_depend_on_the_thread_order(cuda_emulator_path, monkeypat
         monkeypatch.setenv("PYMOE_EMU_SEED", seed)
         with be.block_size(64):
             _, index, gate = be.softmax_top_k(logits, K)
-            slots = be.assign_slots(index, r.token_order, E, r.capacity, score=gate)
+            slots = assign(be, index, r.token_order, E, r.capacity, priority="score",
+                           drop_policy="probs", score=gate)
             ein = be.dispatch(x, slots[1], K, gate)
             g = be.gate_grad(x, ein, index, slots[0])
         results.append([index, gate, *slots, ein, g])

@@ -1,49 +1,35 @@
-"""The CUDA counting sort and top-K against the slot rules and the top-K contract: every priority
-order (choice-major with any token order, token-major), drop policy "probs", expert choice, and
-top_k with bias, counts and column sums; integers exact, sums bit for bit."""
+"""The CUDA counting sort and top-K against the NumPy reference (pymoe.slots, the spec of the slot
+rules) and the top-K contract: every priority order (choice-major with any token order,
+token-major, explicit pair orders and their subsets), drop policy "probs", expert choice, and top_k
+with bias, counts and column sums; integers exact, sums bit for bit."""
 import numpy as np
 import pytest
 
+from pymoe.capacity import keep_by_score
+from pymoe.numpy_backend import NumpyBackend
+from pymoe.priority import pair_order
+from pymoe.slots import assign, assign_slots_ordered
 from pymoe.topk import top_k as np_top_k
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-
-def pair_order(token_order, T, K, token_major):
-    """Every (t, j) in the order pairs claim slots: choice-major or token-major."""
-    order = np.arange(T) if token_order is None else token_order
-    if token_major:
-        return [(int(t), j) for t in order for j in range(K)]
-    return [(int(t), j) for j in range(K) for t in order]
+REF = NumpyBackend()  # the reference slot assignment (priority.py, capacity.py, slots.py)
 
 
-def ref_assign_slots(expert_index, token_order, E, C, token_major=False, score=None):
-    """A loop over the priority order: the n-th pair to claim an expert gets slot n if n < C.
-    With score (drop policy "probs"): each expert keeps its C highest-scoring pairs, ties to the
-    earlier pair, and the kept pairs fill slots in priority order."""
-    T, K = expert_index.shape
-    pairs = pair_order(token_order, T, K, token_major)
-    keep = {}
-    if score is not None:
-        for e in range(E):
-            mine = [(rank, p) for rank, p in enumerate(pairs) if expert_index[p] == e]
-            best = sorted(mine, key=lambda rp: (-score[rp[1]], rp[0]))[:C]
-            keep.update({p: True for _, p in best})
-    position = np.full((T, K), -1, np.int64)
-    owner = np.full((E, C), -1, np.int64)
-    load, filled = np.zeros(E, np.int64), np.zeros(E, np.int64)
-    for t, j in pairs:
-        e = expert_index[t, j]
-        load[e] += 1
-        if score is not None and not keep.get((t, j)):
-            continue
-        if filled[e] < C:
-            position[t, j] = filled[e]
-            owner[e, filled[e]] = t * K + j
-        filled[e] += 1
-    return position, owner, load
+def assert_same(got, want, host):
+    """(position, slot_owner, expert_load) from the device equal the reference's."""
+    assert len(got) == len(want) == 3
+    for g, w, name in zip(got, want, ("position", "slot_owner", "expert_load")):
+        np.testing.assert_array_equal(host(g), w, err_msg=name)
+
+
+def device_assign(cuda_impl, expert_index, tokens, E, C, score, **rule):
+    """pymoe.slots.assign with the CUDA backend doing the work, on device arrays."""
+    be, dev = cuda_impl.backend, cuda_impl.to_device
+    return assign(be, dev(expert_index), dev(tokens), E, C, score=dev(score), xp=be.memory.xp,
+                  **rule)
 
 
 @pytest.fixture(scope="module")
@@ -74,37 +60,68 @@ def slot_problem(draw):
 
 
 @settings(max_examples=40)
-@given(slot_problem(), st.booleans(), st.booleans())
-def test_assign_slots_every_priority_and_drop_policy(cuda_impl, case, token_major, by_score):
-    """choice (None), random (a permutation), reversed orders; choice- or token-major; drop
-    policy "position" or "probs": the same integers as the loop over the slot rules."""
+@given(slot_problem(), st.sampled_from(["choice", "token"]), st.sampled_from(["position", "probs"]))
+def test_slot_rules_match_numpy(cuda_impl, case, priority, drop_policy):
+    """choice (None), random, reversed token orders; choice- or token-major; drop policy
+    "position" or "probs": slots.assign through the CUDA functions gives the integers of
+    slots.assign on the NumPy reference; assign_slots (choice-major, token_order or None) those of
+    the reference's assign_slots."""
     expert_index, token_order, E, C, score, block = case
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
-    want = ref_assign_slots(expert_index, token_order, E, C, token_major,
-                            score if by_score else None)
+    tokens = np.arange(expert_index.shape[0]) if token_order is None else token_order
+    want = assign(REF, expert_index, tokens, E, C, priority=priority, drop_policy=drop_policy,
+                  score=score)
     with be.block_size(block):
+        got = device_assign(cuda_impl, expert_index, tokens, E, C, score, priority=priority,
+                            drop_policy=drop_policy)
+        assert_same(got, want, host)
         got = be.assign_slots(dev(expert_index), None if token_order is None else dev(token_order),
-                              E, C, token_major=token_major,
-                              score=dev(score) if by_score else None)
-    for g, w, name in zip(got, want, ("position", "slot_owner", "expert_load")):
-        np.testing.assert_array_equal(host(g), w, err_msg=name)
+                              E, C)
+    assert_same(got, REF.assign_slots(expert_index, token_order, E, C), host)
+
+
+@st.composite
+def ordered_problem(draw):
+    """An explicit pair order (token-major, choice-major or random) and a subset of it."""
+    expert_index, token_order, E, C, score, block = draw(slot_problem())
+    T, K = expert_index.shape
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    tokens = np.arange(T) if token_order is None else token_order
+    order = {"token": pair_order(tokens, K, "token"), "choice": pair_order(tokens, K, "choice"),
+             "random": rng.permutation(T * K)}[draw(st.sampled_from(["token", "choice", "random"]))]
+    order = order[np.sort(rng.permutation(T * K)[: draw(st.integers(0, T * K))])] \
+        if draw(st.booleans()) else order  # a subset: some pairs never compete
+    return expert_index, order.astype(np.int64), E, C, score, block
+
+
+@settings(max_examples=40)
+@given(ordered_problem())
+def test_assign_slots_ordered_and_keep_by_score_match_numpy(cuda_impl, case):
+    """The two primitives of pymoe.slots, over any pair order or a subset of it: the integers of
+    slots.assign_slots_ordered and capacity.keep_by_score."""
+    expert_index, order, E, C, score, block = case
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    with be.block_size(block):
+        got = be.assign_slots_ordered(dev(expert_index), dev(order), E, C)
+        keep = be.keep_by_score(dev(expert_index), dev(order), dev(score), E, C)
+    assert_same(got, assign_slots_ordered(expert_index, order, E, C), host)
+    np.testing.assert_array_equal(host(keep), keep_by_score(expert_index, order, score, E, C))
 
 
 def test_many_chunks_and_wide_experts(cuda_impl):
     """More pairs than one block's chunk (several chunks, a multi-tile scan) and E > 32."""
-    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
     rng = np.random.default_rng(7)
     T, E, K, C = 700, 45, 2, 20
     expert_index = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64)
     order = rng.permutation(T).astype(np.int64)
     score = rng.uniform(size=(T, K))
-    for token_major, s in [(False, None), (True, None), (False, score)]:
-        with be.block_size(32):  # chunk = 256 pairs: 6 chunks, 270 scan entries
-            got = be.assign_slots(dev(expert_index), dev(order), E, C, token_major=token_major,
-                                  score=None if s is None else dev(s))
-        want = ref_assign_slots(expert_index, order, E, C, token_major, s)
-        for g, w in zip(got, want):
-            np.testing.assert_array_equal(host(g), w)
+    for priority, drop_policy in [("choice", "position"), ("token", "position"),
+                                  ("choice", "probs"), ("token", "probs")]:
+        rule = dict(priority=priority, drop_policy=drop_policy)
+        with cuda_impl.backend.block_size(32):  # chunk = 256 pairs: 6 chunks, 270 scan entries
+            got = device_assign(cuda_impl, expert_index, order, E, C, score, **rule)
+        assert_same(got, assign(REF, expert_index, order, E, C, score=score, **rule),
+                    cuda_impl.to_host)
 
 
 @settings(max_examples=20)
@@ -113,8 +130,9 @@ def test_many_chunks_and_wide_experts(cuda_impl):
 def test_expert_choice(cuda_impl, T, E, seed, ties, block):
     """Expert choice (Zhou et al. 2022): K = E pairs per token (its experts
     in decreasing score, ties to the lower expert), each expert takes its top-C tokens by score,
-    ties to the lower token, and the taken tokens fill slots in token order."""
-    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    ties to the lower token, and the taken tokens fill slots in token order: the reference's
+    integers (token-major keep_by_score, then assign_slots_ordered), and the rule itself."""
+    be, host = cuda_impl.backend, cuda_impl.to_host
     rng = np.random.default_rng(seed)
     probs = rng.uniform(size=(T, E))
     if ties:
@@ -122,9 +140,12 @@ def test_expert_choice(cuda_impl, T, E, seed, ties, block):
     C = int(rng.integers(1, T + 1))
     expert_index = np.argsort(-probs, axis=1, kind="stable").astype(np.int64)  # [T, E]
     score = np.take_along_axis(probs, expert_index, axis=1)  # [T, E]
+    rule = dict(priority="token", drop_policy="probs")
+    tokens = np.arange(T)
     with be.block_size(block):
-        position, owner, load = be.assign_slots(dev(expert_index), None, E, C, token_major=True,
-                                                score=dev(score))
+        position, owner, load = device_assign(cuda_impl, expert_index, tokens, E, C, score, **rule)
+    assert_same((position, owner, load), assign(REF, expert_index, tokens, E, C, score=score, **rule),
+                host)
     position, owner = host(position), host(owner)
     for e in range(E):
         taken = sorted(np.lexsort((np.arange(T), -probs[:, e]))[:C])  # top-C, ties lower token
@@ -135,6 +156,19 @@ def test_expert_choice(cuda_impl, T, E, seed, ties, block):
             assert position[t, j] == c
     assert (position >= 0).sum() == E * C
     np.testing.assert_array_equal(host(load), np.full(E, T))
+
+
+def test_bad_pair_orders_are_refused(cuda_impl):
+    """A repeated or out-of-range pair id sets PYMOE_BAD_PAIRS (C's PYMOE_ERR_PAIRS message);
+    more ids than pairs is refused before any launch."""
+    be, dev = cuda_impl.backend, cuda_impl.to_device
+    index = dev(np.zeros((3, 2), np.int64))
+    with pytest.raises(ValueError, match="order has an entry"):
+        be.assign_slots_ordered(index, dev(np.array([0, 0])), 1, 2)
+    with pytest.raises(ValueError, match="order has an entry"):
+        be.keep_by_score(index, dev(np.array([6])), dev(np.zeros((3, 2))), 1, 2)
+    with pytest.raises(ValueError, match="order: expected at most T"):
+        be.assign_slots_ordered(index, dev(np.arange(7)), 1, 2)
 
 
 @settings(max_examples=30)
@@ -220,10 +254,10 @@ def test_device_route_slot_rules(cuda_impl, priority, drop_policy):
         order = pymoe.route(logits, K, 0.6, priority="score").token_order
         np.testing.assert_array_equal(host(d.token_order), order)
     gate = host(d.gate)
-    score = ref.gate_before_drop if drop_policy == "probs" else None
-    want = ref_assign_slots(ref.expert_index, order, E, d.capacity, priority == "token", score)
-    for g, w in zip((d.position, d.slot_owner, d.expert_load), want):
-        np.testing.assert_array_equal(host(g), w)
+    tokens = np.arange(T) if order is None else order
+    want = assign(REF, ref.expert_index, tokens, E, d.capacity, priority=priority,
+                  drop_policy=drop_policy, score=ref.gate_before_drop)
+    assert_same((d.position, d.slot_owner, d.expert_load), want, host)
     kept = host(d.position) >= 0
     assert np.all(gate[~kept] == 0)
     np.testing.assert_allclose(gate[kept], ref.gate_before_drop[kept], rtol=1e-12)

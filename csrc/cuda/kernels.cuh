@@ -151,6 +151,21 @@ __device__ __forceinline__ void load_row(REAL (&v)[NPL], const REAL *__restrict_
     if (__any_sync(PYMOE_FULL, nan) && lane == 0) flag(status, PYMOE_BAD_NAN);
 }
 
+// One warp per token, grid-stride over the T tokens: fn(t, v) with token t's row
+// rows[t, 0..E) (+ bias) in the lanes' registers (load_row). The loop of both router kernels.
+template <typename REAL, int NPL, typename F>
+__device__ __forceinline__ void for_each_token_row(const REAL *__restrict__ rows,
+                                                   const REAL *__restrict__ bias, int64_t T,
+                                                   int64_t E, int *status, F fn) {
+    const int64_t warps = (int64_t)blockDim.x / 32;
+    for (int64_t t = (int64_t)blockIdx.x * warps + threadIdx.x / 32; t < T;
+         t += (int64_t)gridDim.x * warps) {
+        REAL v[NPL];
+        load_row<REAL, NPL>(v, rows + t * E, bias, E, status);
+        fn(t, v);
+    }
+}
+
 // softmax_top_k_kernel: per token, softmax over the E experts and the top-K experts by logit
 // (ties to the lower expert index, as pymoe.topk.top_k), with raw or renormalised gates
 // (pymoe.topk.gates): steps 2-4 of pymoe.route fused.
@@ -170,11 +185,8 @@ softmax_top_k_kernel(REAL *__restrict__ probs, int64_t *__restrict__ expert_inde
                      REAL *__restrict__ gate, const REAL *__restrict__ router_logits, int64_t T,
                      int64_t K, int64_t E, int normalize, int *status) {
     const int lane = threadIdx.x % 32;
-    const int64_t warps = (int64_t)blockDim.x / 32;
-    for (int64_t t = (int64_t)blockIdx.x * warps + threadIdx.x / 32; t < T;
-         t += (int64_t)gridDim.x * warps) {
-        REAL v[NPL];
-        load_row<REAL, NPL>(v, router_logits + t * E, nullptr, E, status);
+    for_each_token_row<REAL, NPL>(router_logits, nullptr, T, E, status, [&](int64_t t,
+                                                                           REAL(&v)[NPL]) {
         REAL m = v[0];
 #pragma unroll
         for (int i = 1; i < NPL; i++) m = v[i] > m ? v[i] : m;
@@ -201,7 +213,7 @@ softmax_top_k_kernel(REAL *__restrict__ probs, int64_t *__restrict__ expert_inde
         });
         if (normalize)
             for (int64_t j = lane; j < K; j += 32) gate[t * K + j] = gate[t * K + j] / sel;
-    }
+    });
 }
 
 // top_k_kernel: the CUDA twin of C's pymoe_top_k: expert_index[t] = the K largest
@@ -215,18 +227,14 @@ top_k_kernel(int64_t *__restrict__ expert_index, unsigned long long *__restrict_
              const REAL *__restrict__ score, const REAL *__restrict__ bias, int64_t T, int64_t K,
              int64_t E, int *status) {
     const int lane = threadIdx.x % 32;
-    const int64_t warps = (int64_t)blockDim.x / 32;
-    for (int64_t t = (int64_t)blockIdx.x * warps + threadIdx.x / 32; t < T;
-         t += (int64_t)gridDim.x * warps) {
-        REAL v[NPL];
-        load_row<REAL, NPL>(v, score + t * E, bias, E, status);
+    for_each_token_row<REAL, NPL>(score, bias, T, E, status, [&](int64_t t, REAL(&v)[NPL]) {
         warp_top_k<REAL, NPL>(v, E, K, [&](int64_t j, int64_t e, REAL) {
             if (lane == j % 32) {
                 expert_index[t * K + j] = e;
                 if (expert_load) atomicAdd(expert_load + e, 1ull);
             }
         });
-    }
+    });
 }
 
 // column_sum_kernel: prob_sum[e] = sum over t = 0, 1, ..., T-1 of probs[t, e], from 0, in that
@@ -245,12 +253,12 @@ __global__ void column_sum_kernel(REAL *__restrict__ prob_sum, const REAL *__res
 }
 
 // ---------------------------------------------------------------------------------------------
-// Slot assignment as a deterministic counting sort (pymoe.priority + pymoe.capacity, and C's
-// pymoe_assign_slots). The T*K pairs are numbered in priority order s:
-//   choice-major (priority "choice", "score", "random"): s = j*T + i, token t = token_order[i];
-//   token-major  (priority "token"):                      s = i*K + j, token t = token_order[i]
-// (token_order NULL: t = i). The position of pair s in expert e is the number of earlier pairs
-// that chose e; positions >= C are dropped. Three kernels:
+// Slot assignment as a deterministic counting sort (pymoe.slots and C's pymoe_assign_slots,
+// pymoe_assign_slots_ordered, pymoe_keep_by_score). The N pairs are numbered in priority order s:
+//   choice-major (assign_slots): s = j*T + i, token t = token_order[i] (NULL: t = i), N = T*K;
+//   explicit (assign_slots_ordered, keep_by_score): pair order[s] = t*K + j, N <= T*K
+// (token-major and every other slot rule is an explicit order). The position of pair s in expert
+// e is the number of earlier pairs that chose e; positions >= C are dropped. Three kernels:
 //   1. slots_count: block b takes chunk b (B * PYMOE_SLOT_ROUNDS consecutive pairs) and writes
 //      its expert histogram hist[e * chunks + b]; each warp counts 32 pairs per round with
 //      __match_any_sync (lanes with the same expert find each other; the lowest adds __popc).
@@ -259,32 +267,42 @@ __global__ void column_sum_kernel(REAL *__restrict__ prob_sum, const REAL *__res
 //   3. slots_scatter: recounts its chunk, turns the per-warp histograms into per-warp starting
 //      offsets, and gives each pair offset + rank among its warp's earlier lanes with the same
 //      expert (__popc of the lower lanes of its __match_any_sync group). No atomic decides an
-//      order, so the integers are the reference's for any token order, run after run.
-// Work O(T*K + E*chunks); all SMs busy once T*K > 132 * chunk. Shared memory: one int counter per
+//      order, so the integers are the reference's for any order, run after run.
+// Work O(N + E*chunks); all SMs busy once N > 132 * chunk. Shared memory: one int counter per
 // (warp, expert), W*E*4 bytes (dynamic; the host shrinks the block until it fits 48 KB).
-// Validation rides along: a bad expert or token_order entry is flagged and the pair skipped; a
-// repeated token is caught by counting each token's j = 0 pair in `seen` [T] (zeroed).
+// Validation rides along: a bad expert, token_order or order entry is flagged and the pair
+// skipped; a repeat is caught by counting in `seen` (zeroed): each token's j = 0 pair [T]
+// (choice-major), or each listed pair [T*K] (explicit).
 struct PairOrder {
-    const int64_t *expert_index, *token_order;
-    int64_t T, K, E;
-    int token_major;
+    const int64_t *expert_index, *token_order, *order;  // order NULL: choice-major
+    int64_t N, T, K, E;
 
-    // (t, j, e) of pair s, with e = -1 for a pair to skip (past the end or invalid).
-    __device__ __forceinline__ void at(int64_t s, int64_t N, int64_t *t, int64_t *j, int64_t *e,
+    // Pair s's flat id t*K + j and expert e, with e = -1 for a pair to skip (past the end or
+    // invalid); *seen_id = the entry of `seen` it counts in (-1: none).
+    __device__ __forceinline__ void at(int64_t s, int64_t *pair, int64_t *e, int64_t *seen_id,
                                        int *status) const {
-        *t = -1;
-        *j = 0;
+        *pair = -1;
         *e = -1;
+        *seen_id = -1;
         if (s >= N) return;
-        const int64_t i = token_major ? s / K : s % T;
-        *j = token_major ? s % K : s / T;
-        *t = token_order ? __ldg(token_order + i) : i;
-        if (*t < 0 || *t >= T) {
-            flag(status, PYMOE_BAD_ORDER);
-            *t = -1;
-            return;
+        if (order) {
+            *pair = __ldg(order + s);
+            if (*pair < 0 || *pair >= T * K) {
+                flag(status, PYMOE_BAD_PAIRS);
+                return;
+            }
+            *seen_id = *pair;
+        } else {
+            const int64_t i = s % T, j = s / T;
+            const int64_t t = token_order ? __ldg(token_order + i) : i;
+            if (t < 0 || t >= T) {
+                flag(status, PYMOE_BAD_ORDER);
+                return;
+            }
+            *pair = t * K + j;
+            *seen_id = j == 0 ? t : -1;
         }
-        *e = __ldg(expert_index + *t * K + *j);
+        *e = __ldg(expert_index + *pair);
         if (*e < 0 || *e >= E) {
             flag(status, PYMOE_BAD_EXPERT);
             *e = -1;
@@ -293,16 +311,15 @@ struct PairOrder {
 };
 
 // One warp's rounds over its 32 * PYMOE_SLOT_ROUNDS pairs: counts[w*E + e] += pairs of e, and
-// fn(t, j, e, rank) for each valid pair with rank = counts[w*E + e] before it (the pairs of e
-// that came earlier in this warp, plus the starting value of the counter).
+// fn(pair, e, seen_id, rank) for each valid pair with rank = counts[w*E + e] before it (the pairs
+// of e that came earlier in this warp, plus the starting value of the counter).
 template <typename Counts, typename F>
 __device__ __forceinline__ void warp_rounds(const PairOrder &po, Counts &counts, int64_t first,
                                             int *status, F fn) {
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    const int64_t N = po.T * po.K;
     for (int r = 0; r < PYMOE_SLOT_ROUNDS; r++) {
-        int64_t t, j, e;
-        po.at(first + r * 32 + lane, N, &t, &j, &e, status);
+        int64_t pair, e, seen_id;
+        po.at(first + r * 32 + lane, &pair, &e, &seen_id, status);
         const unsigned peers = __match_any_sync(PYMOE_FULL, e);
         const int leader = __ffs(peers) - 1;
         int base = 0;
@@ -311,7 +328,7 @@ __device__ __forceinline__ void warp_rounds(const PairOrder &po, Counts &counts,
             counts[w * po.E + e] = base + __popc(peers);
         }
         base = __shfl_sync(peers, base, leader);  // within the group of lanes with this e
-        if (e >= 0) fn(t, j, e, base + __popc(peers & ((1u << lane) - 1u)));
+        if (e >= 0) fn(pair, e, seen_id, base + __popc(peers & ((1u << lane) - 1u)));
         __syncwarp();  // the next round's leader may be another lane
     }
 }
@@ -332,8 +349,9 @@ __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
 slots_count_kernel(int64_t *__restrict__ hist, int *__restrict__ seen, PairOrder po,
                    int64_t chunks, int *status) {
     PYMOE_SHARED_DYN(int, counts);
-    count_chunk(po, counts, status, [&](int64_t t, int64_t j, int64_t, int) {
-        if (j == 0 && atomicAdd(seen + t, 1) != 0) flag(status, PYMOE_BAD_ORDER);
+    count_chunk(po, counts, status, [&](int64_t, int64_t, int64_t seen_id, int) {
+        if (seen_id >= 0 && atomicAdd(seen + seen_id, 1) != 0)
+            flag(status, po.order ? PYMOE_BAD_PAIRS : PYMOE_BAD_ORDER);
     });
     const int64_t W = blockDim.x / 32;
     for (int64_t e = threadIdx.x; e < po.E; e += blockDim.x) {
@@ -389,8 +407,8 @@ slots_scan_kernel(int64_t *__restrict__ offset, int64_t *__restrict__ expert_loa
 }
 
 // Launch: grid = chunks, block = B (as slots_count). position and slot_owner are -1 beforehand.
-// sorted != NULL (drop policy "probs"): instead of positions, sorted[offset] = t*K + j lists
-// each expert's pairs contiguously, in priority order, for slots_select_kernel.
+// sorted != NULL (keep_by_score): instead of positions, sorted[offset] = t*K + j lists each
+// expert's pairs contiguously, in priority order, for keep_by_score_kernel.
 __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
 slots_scatter_kernel(int64_t *__restrict__ position, int64_t *__restrict__ slot_owner,
                      int64_t *__restrict__ sorted, const int64_t *__restrict__ offset,
@@ -402,49 +420,38 @@ slots_scatter_kernel(int64_t *__restrict__ position, int64_t *__restrict__ slot_
         int64_t run = offset[e * chunks + blockIdx.x] - (sorted ? 0 : offset[e * chunks]);
         for (int64_t w = 0; w < W; w++) {
             const int n = counts[w * po.E + e];
-            counts[w * po.E + e] = (int)run;  // < B * PYMOE_SLOT_ROUNDS + T*K: fits (host checks)
+            counts[w * po.E + e] = (int)run;  // < B * PYMOE_SLOT_ROUNDS + N: fits (host checks)
             run += n;
         }
     }
     __syncthreads();
     const int64_t first = ((int64_t)blockIdx.x * W + threadIdx.x / 32) * 32 * PYMOE_SLOT_ROUNDS;
-    warp_rounds(po, counts, first, nullptr, [&](int64_t t, int64_t j, int64_t e, int p) {
+    warp_rounds(po, counts, first, nullptr, [&](int64_t pair, int64_t e, int64_t, int p) {
         if (sorted) {
-            sorted[p] = t * po.K + j;
+            sorted[p] = pair;
         } else if (p < C) {
-            position[t * po.K + j] = p;
-            slot_owner[e * C + p] = t * po.K + j;
+            position[pair] = p;
+            slot_owner[e * C + p] = pair;
         }  // else dropped: position stays -1
     });
 }
 
 // ---------------------------------------------------------------------------------------------
-// slots_select_kernel: drop policy "probs" (Megatron) and expert choice. Expert e keeps the C
-// pairs with the highest score (the gate at selection), ties to the pair earlier in priority
-// order; its kept pairs fill slots 0.. in priority order. Block e reads its pairs from sorted
-// (already in priority order): a bitwise binary search finds the C-th largest score tau
-// (32 or 64 block-wide counts over the pairs), then one ordered pass keeps every pair above tau
-// and the first C - count(score > tau) pairs equal to tau, numbering the kept ones with a block
-// scan (__ballot_sync + __popc per warp). Work O(bits * T*K); one block per expert.
-// Launch: grid = E, block = B.
-template <typename REAL> struct OrderedBits;
-template <> struct OrderedBits<float> {
-    typedef uint32_t type;
-    static constexpr int bits = 32;
-};
-template <> struct OrderedBits<double> {
-    typedef unsigned long long type;
-    static constexpr int bits = 64;
-};
+// keep_by_score_kernel: drop policy "probs" (Megatron) and expert choice, C's
+// pymoe_keep_by_score. Expert e keeps the C of its listed pairs with the highest score (the gate
+// at selection), ties to the pair listed earlier: keep[pair] = 1 (keep is zeroed beforehand).
+// Block e reads its pairs from sorted (already in priority order): a bitwise binary search finds
+// the C-th largest score tau (64 block-wide counts over the pairs), then one ordered pass keeps
+// every pair above tau and the first C - count(score > tau) pairs equal to tau, ranking the ties
+// with a block scan (__ballot_sync + __popc per warp). Work O(64 * N); one block per expert.
+// Scores are doubles, as in C (a float32 score converts exactly). Launch: grid = E, block = B.
 
-// An unsigned key with the order of the floats (-0.0 as 0.0; NaN is flagged by the caller).
-template <typename REAL>
-__device__ __forceinline__ typename OrderedBits<REAL>::type ordered_key(REAL v) {
-    typedef typename OrderedBits<REAL>::type U;
+// An unsigned key with the order of the doubles (-0.0 as 0.0; NaN is flagged by the caller).
+__device__ __forceinline__ unsigned long long ordered_key(double v) {
     if (v == 0) v = 0;
-    U b;
+    unsigned long long b;
     memcpy(&b, &v, sizeof b);
-    const U sign = (U)1 << (OrderedBits<REAL>::bits - 1);
+    const unsigned long long sign = 1ull << 63;
     return (b & sign) ? ~b : (b | sign);
 }
 
@@ -478,27 +485,25 @@ __device__ __forceinline__ int64_t block_rank(bool p, int64_t *total) {
     return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-template <typename REAL>
 __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
-slots_select_kernel(int64_t *__restrict__ position, int64_t *__restrict__ slot_owner,
-                    const int64_t *__restrict__ sorted, const int64_t *__restrict__ offset,
-                    const int64_t *__restrict__ expert_load, const REAL *__restrict__ score,
-                    int64_t E, int64_t C, int64_t chunks, int *status) {
-    typedef typename OrderedBits<REAL>::type U;
+keep_by_score_kernel(uint8_t *__restrict__ keep, const int64_t *__restrict__ sorted,
+                     const int64_t *__restrict__ offset, const int64_t *__restrict__ expert_load,
+                     const double *__restrict__ score, int64_t E, int64_t C, int64_t chunks,
+                     int *status) {
     for (int64_t e = blockIdx.x; e < E; e += gridDim.x) {
         const int64_t *pairs = sorted + offset[e * chunks];
         const int64_t n = expert_load[e];
-        U tau = 0;  // the C-th largest key (0 when everything is kept)
+        unsigned long long tau = 0;  // the C-th largest key (0 when everything is kept)
         int64_t above = 0;
         if (n > C) {
             bool nan = false;
             for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-                const REAL v = score[pairs[i]];
+                const double v = score[pairs[i]];
                 nan |= v != v;
             }
             if (nan) flag(status, PYMOE_BAD_NAN);
-            for (int b = OrderedBits<REAL>::bits - 1; b >= 0 && C > 0; b--) {
-                const U cand = tau | ((U)1 << b);
+            for (int b = 63; b >= 0 && C > 0; b--) {
+                const unsigned long long cand = tau | (1ull << b);
                 int64_t mine = 0;
                 for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
                     mine += ordered_key(score[pairs[i]]) >= cand;
@@ -509,26 +514,19 @@ slots_select_kernel(int64_t *__restrict__ position, int64_t *__restrict__ slot_o
                 mine += ordered_key(score[pairs[i]]) > tau;
             above = C > 0 ? block_count(mine) : n;
         }
-        int64_t kept = 0, ties = 0;  // kept so far; pairs equal to tau so far
+        int64_t ties = 0;  // pairs equal to tau so far, in priority order
         for (int64_t base = 0; base < n; base += blockDim.x) {
             const int64_t i = base + threadIdx.x;
-            const int64_t pair = i < n ? pairs[i] : -1;
-            bool keep = i < n;
+            bool keep_it = i < n;
             if (n > C) {
-                const U key = i < n ? ordered_key(score[pair]) : 0;
-                int64_t tile_ties;
+                const unsigned long long key = i < n ? ordered_key(score[pairs[i]]) : 0;
                 const bool tie = i < n && C > 0 && key == tau;
+                int64_t tile_ties;
                 const int64_t tie_rank = ties + block_rank(tie, &tile_ties);
                 ties += tile_ties;
-                keep = i < n && C > 0 && (key > tau || (tie && tie_rank < C - above));
+                keep_it = i < n && C > 0 && (key > tau || (tie && tie_rank < C - above));
             }
-            int64_t tile_kept;
-            const int64_t p = kept + block_rank(keep, &tile_kept);
-            kept += tile_kept;
-            if (keep) {
-                position[pair] = p;
-                slot_owner[e * C + p] = pair;
-            }
+            if (keep_it) keep[pairs[i]] = 1;
         }
     }
 }

@@ -130,55 +130,68 @@ struct Scratch {
     }
 };
 
-template <typename REAL>
-int assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
-                 const int64_t *expert_index, const int64_t *token_order, const REAL *score,
-                 int64_t T, int64_t K, int64_t E, int64_t C, int token_major, int *status,
-                 void *stream) {
-    moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, 0);
-    if (err) return err;
-    REQUIRE(position, s.TK); REQUIRE(expert_index, s.TK);
-    REQUIRE(slot_owner, s.EC); REQUIRE(expert_load, E);
+// The counting sort of po's N pairs by expert (kernels.cuh). keep == NULL: the pairs get slots
+// (position and slot_owner are set to -1 first; expert_load = pairs per expert). keep != NULL:
+// each expert's pairs are listed in priority order and keep_by_score_kernel marks its C best
+// by score (keep is zeroed first; position, slot_owner and expert_load are not touched). The
+// caller has checked the sizes and pointers.
+int sort_pairs(const PairOrder &po, int64_t C, int64_t *position, int64_t *slot_owner,
+               int64_t *expert_load, uint8_t *keep, const double *score, int *status,
+               void *stream) {
+    const int64_t TK = po.T * po.K, E = po.E, N = po.N;
     const int block = slot_block(E);
     const int64_t chunk = (int64_t)block * PYMOE_SLOT_ROUNDS;
-    // counters are int: every rank is below T*K + one chunk
-    if (block == 0 || s.TK > INT_MAX - chunk) return PYMOE_ERR_SIZE;
-    const int64_t chunks = (s.TK + chunk - 1) / chunk;
+    // counters are int: every rank is below N + one chunk <= T*K + one chunk
+    if (block == 0 || TK > INT_MAX - chunk) return PYMOE_ERR_SIZE;
+    const int64_t chunks = (N + chunk - 1) / chunk;
     cudaStream_t st = (cudaStream_t)stream;
     cudaError_t e = cudaSuccess;
-    if (s.TK > 0) e = cudaMemsetAsync(position, 0xff, (size_t)s.TK * sizeof(int64_t), st);
-    if (e == cudaSuccess && s.EC > 0)
-        e = cudaMemsetAsync(slot_owner, 0xff, (size_t)s.EC * sizeof(int64_t), st);
-    if (e == cudaSuccess && E > 0 && s.TK == 0)
-        e = cudaMemsetAsync(expert_load, 0, (size_t)E * sizeof(int64_t), st);
-    if (e != cudaSuccess || s.TK == 0 || E == 0) return (int)e;
-    // scratch: hist and offset [E x chunks], seen [T], sorted [T*K] for drop policy "probs"
-    const size_t n_hist = (size_t)(E * chunks), n_sorted = score ? (size_t)s.TK : 0;
-    const size_t bytes = 2 * n_hist * sizeof(int64_t) + n_sorted * sizeof(int64_t) +
-                         (size_t)T * sizeof(int);
+    if (keep != NULL) {
+        if (TK > 0) e = cudaMemsetAsync(keep, 0, (size_t)TK, st);
+    } else {
+        if (TK > 0) e = cudaMemsetAsync(position, 0xff, (size_t)TK * sizeof(int64_t), st);
+        if (e == cudaSuccess && E * C > 0)
+            e = cudaMemsetAsync(slot_owner, 0xff, (size_t)(E * C) * sizeof(int64_t), st);
+        if (e == cudaSuccess && E > 0 && N == 0)
+            e = cudaMemsetAsync(expert_load, 0, (size_t)E * sizeof(int64_t), st);
+    }
+    if (e != cudaSuccess || N == 0 || E == 0) return (int)e;
+    // scratch: hist and offset [E x chunks]; with keep also sorted [N] and the load [E]; seen
+    // [T] (choice-major: a token per j = 0 pair) or [T*K] (explicit order: a pair each)
+    const size_t n_hist = (size_t)(E * chunks), n_sorted = keep ? (size_t)(N + E) : 0;
+    const size_t n_seen = (size_t)(po.order ? TK : po.T);
     Scratch scratch{st};
-    e = cudaMallocAsync(&scratch.p, bytes, st);
+    e = cudaMallocAsync(&scratch.p, (2 * n_hist + n_sorted) * sizeof(int64_t) +
+                                        n_seen * sizeof(int), st);
     if (e != cudaSuccess) return (int)e;
     int64_t *hist = (int64_t *)scratch.p, *offset = hist + n_hist, *sorted = offset + n_hist;
+    int64_t *load = keep ? sorted + N : expert_load;
     int *seen = (int *)(sorted + n_sorted);
-    e = cudaMemsetAsync(seen, 0, (size_t)T * sizeof(int), st);
-    const PairOrder po{expert_index, token_order, T, K, E, token_major};
+    e = cudaMemsetAsync(seen, 0, n_seen * sizeof(int), st);
     const size_t smem = (size_t)(block / 32) * (size_t)E * sizeof(int);
     if (e == cudaSuccess)
         e = PYMOE_LAUNCH_SYNC(slots_count_kernel, (unsigned)chunks, block, smem, st, hist, seen,
                               po, chunks, status);
     if (e == cudaSuccess)
-        e = PYMOE_LAUNCH_SYNC(slots_scan_kernel, 1, t_block, 0, st, offset, expert_load, hist, E,
+        e = PYMOE_LAUNCH_SYNC(slots_scan_kernel, 1, t_block, 0, st, offset, load, hist, E,
                               chunks);
     if (e == cudaSuccess)
         e = PYMOE_LAUNCH_SYNC(slots_scatter_kernel, (unsigned)chunks, block, smem, st, position,
-                              slot_owner, score ? sorted : nullptr, offset, po, C, chunks);
-    if (e == cudaSuccess && score)
-        e = PYMOE_LAUNCH_SYNC(slots_select_kernel<REAL>, grid_for(E), t_block, 0, st, position,
-                              slot_owner, sorted, offset, expert_load, score, E, C, chunks,
-                              status);
+                              slot_owner, keep ? sorted : nullptr, offset, po, C, chunks);
+    if (e == cudaSuccess && keep)
+        e = PYMOE_LAUNCH_SYNC(keep_by_score_kernel, grid_for(E), t_block, 0, st, keep, sorted,
+                              offset, load, score, E, C, chunks, status);
     return (int)e;
+}
+
+// The checks of the two functions over an explicit pair order: sizes and pointers, and
+// N <= T*K (C's check_ordered_args; the index contents are checked by the kernels).
+int check_ordered(moe_sizes *s, const int64_t *expert_index, const int64_t *order, int64_t N,
+                  int64_t T, int64_t K, int64_t E, int64_t C) {
+    int err = check_sizes(s, T, K, E, C, 0);
+    if (err) return err;
+    REQUIRE(expert_index, s->TK); REQUIRE(order, N);
+    return N < 0 || N > s->TK ? PYMOE_ERR_PAIRS : 0;
 }
 
 // Threads per row group for the row kernels: enough for one vector per thread per unrolled step
@@ -206,37 +219,46 @@ int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *
                         group, status);
 }
 
+// The host side shared by combine and gate_grad, the kernels that read expert rows by
+// (expert_index, position): the C core's size and pointer checks (internal.h; the kernels check
+// the index entries) and the kernels' limit K <= PYMOE_MAX_K, then launch(sizes) unless there
+// are no tokens. out [T, out_cols] is the operation's output.
+template <typename Launch>
+int pair_kernel(const void *out, int64_t out_cols, const void *expert_out,
+                const int64_t *expert_index, const int64_t *position, int64_t T, int64_t K,
+                int64_t E, int64_t C, int64_t D, Launch launch) {
+    moe_sizes s;
+    int err = check_pair_pointers(&s, out, out_cols, expert_out, expert_index, position, T, K, E,
+                                  C, D);
+    if (err) return err;
+    if (K > PYMOE_MAX_K) return PYMOE_ERR_SIZE;
+    return T == 0 ? 0 : launch(s);
+}
+
 template <typename REAL>
 int combine(REAL *y, const REAL *expert_out, const REAL *weight, const int64_t *expert_index,
             const int64_t *position, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D,
             int *status, void *stream) {
-    moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
-    if (err) return err;
-    if (K > PYMOE_MAX_K) return PYMOE_ERR_SIZE;
-    REQUIRE(y, s.TD); REQUIRE(expert_out, s.ECD);
-    REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
-    if (T == 0) return 0;
-    const int group = row_group<REAL>(D, K, t_block), rows = t_block / group;
-    return PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for((T + rows - 1) / rows), t_block, 0,
-                             (cudaStream_t)stream, y, expert_out, weight, expert_index, position,
-                             T, K, E, C, D, group, status);
+    return pair_kernel(y, D, expert_out, expert_index, position, T, K, E, C, D,
+                       [&](const moe_sizes &) {
+        const int group = row_group<REAL>(D, K, t_block), rows = t_block / group;
+        return (int)PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for((T + rows - 1) / rows),
+                                      t_block, 0, (cudaStream_t)stream, y, expert_out, weight,
+                                      expert_index, position, T, K, E, C, D, group, status);
+    });
 }
 
 template <typename REAL>
 int gate_grad(REAL *dgate, const REAL *dy, const REAL *expert_out, const int64_t *expert_index,
               const int64_t *position, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D,
               int *status, void *stream) {
-    moe_sizes s;
-    int err = check_sizes(&s, T, K, E, C, D);
-    if (err) return err;
-    if (K > PYMOE_MAX_K) return PYMOE_ERR_SIZE;
-    REQUIRE(dgate, s.TK); REQUIRE(dy, s.TD); REQUIRE(expert_out, s.ECD);
-    REQUIRE(expert_index, s.TK); REQUIRE(position, s.TK);
-    if (s.TK == 0) return 0;
-    return PYMOE_LAUNCH_SYNC(gate_grad_kernel<REAL>, grid_for(T), t_block, 0,
-                             (cudaStream_t)stream, dgate, dy, expert_out, expert_index, position,
-                             T, K, E, C, D, status);
+    return pair_kernel(dgate, K, expert_out, expert_index, position, T, K, E, C, D,
+                       [&](const moe_sizes &s) {
+        REQUIRE(dy, s.TD);
+        return (int)PYMOE_LAUNCH_SYNC(gate_grad_kernel<REAL>, grid_for(T), t_block, 0,
+                                      (cudaStream_t)stream, dgate, dy, expert_out, expert_index,
+                                      position, T, K, E, C, D, status);
+    });
 }
 
 // One status word per (device, stream): a kernel only ever writes the word of the device it
@@ -273,6 +295,7 @@ const char *pymoe_cuda_error_name(int code) {
         case PYMOE_ERR_ORDER: return "PYMOE_ERR_ORDER";
         case PYMOE_ERR_NOMEM: return "PYMOE_ERR_NOMEM";
         case PYMOE_ERR_NAN: return "PYMOE_ERR_NAN";
+        case PYMOE_ERR_PAIRS: return "PYMOE_ERR_PAIRS";
         default: return code < 0 ? "PYMOE_ERR_UNKNOWN" : cudaGetErrorName((cudaError_t)code);
     }
 }
@@ -294,6 +317,7 @@ int pymoe_cuda_status_code(int bit) {
         case PYMOE_BAD_OWNER: return PYMOE_ERR_OWNER;
         case PYMOE_BAD_ORDER: return PYMOE_ERR_ORDER;
         case PYMOE_BAD_NAN: return PYMOE_ERR_NAN;
+        case PYMOE_BAD_PAIRS: return PYMOE_ERR_PAIRS;
         default: return 0;
     }
 }
@@ -351,96 +375,77 @@ int pymoe_cuda_set_block_size(int threads) {
 
 int pymoe_cuda_get_block_size(void) { return t_block; }
 
-int pymoe_cuda_softmax_top_k_f32(float *probs, int64_t *expert_index, float *gate,
-                                 const float *router_logits, int64_t T, int64_t K, int64_t E,
-                                 int normalize, int *status, void *stream) {
-    return softmax_top_k<float>(probs, expert_index, gate, router_logits, T, K, E, normalize,
-                                status, stream);
-}
-int pymoe_cuda_softmax_top_k_f64(double *probs, int64_t *expert_index, double *gate,
-                                 const double *router_logits, int64_t T, int64_t K, int64_t E,
-                                 int normalize, int *status, void *stream) {
-    return softmax_top_k<double>(probs, expert_index, gate, router_logits, T, K, E, normalize,
-                                 status, stream);
-}
-
-int pymoe_cuda_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
-                         const float *score, const float *bias, const float *probs, int64_t T,
-                         int64_t K, int64_t E, int *status, void *stream) {
-    return top_k<float>(expert_index, expert_load, prob_sum, score, bias, probs, T, K, E, status,
-                        stream);
-}
-int pymoe_cuda_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
-                         const double *score, const double *bias, const double *probs, int64_t T,
-                         int64_t K, int64_t E, int *status, void *stream) {
-    return top_k<double>(expert_index, expert_load, prob_sum, score, bias, probs, T, K, E, status,
-                         stream);
-}
-
 int pymoe_cuda_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
                             const int64_t *expert_index, const int64_t *token_order, int64_t T,
-                            int64_t K, int64_t E, int64_t C, int token_major, int *status,
-                            void *stream) {
-    return assign_slots<float>(position, slot_owner, expert_load, expert_index, token_order,
-                               NULL, T, K, E, C, token_major, status, stream);
+                            int64_t K, int64_t E, int64_t C, int *status, void *stream) {
+    moe_sizes s;
+    int err = check_sizes(&s, T, K, E, C, 0);
+    if (err) return err;
+    REQUIRE(position, s.TK); REQUIRE(expert_index, s.TK);
+    REQUIRE(slot_owner, s.EC); REQUIRE(expert_load, E);
+    const PairOrder po{expert_index, token_order, nullptr, s.TK, T, K, E};
+    return sort_pairs(po, C, position, slot_owner, expert_load, nullptr, nullptr, status, stream);
 }
 
-int pymoe_cuda_assign_slots_by_score_f32(int64_t *position, int64_t *slot_owner,
-                                         int64_t *expert_load, const int64_t *expert_index,
-                                         const int64_t *token_order, const float *score,
-                                         int64_t T, int64_t K, int64_t E, int64_t C,
-                                         int token_major, int *status, void *stream) {
-    if (score == NULL && T * K > 0) return PYMOE_ERR_NULL;
-    return assign_slots<float>(position, slot_owner, expert_load, expert_index, token_order,
-                               score, T, K, E, C, token_major, status, stream);
-}
-int pymoe_cuda_assign_slots_by_score_f64(int64_t *position, int64_t *slot_owner,
-                                         int64_t *expert_load, const int64_t *expert_index,
-                                         const int64_t *token_order, const double *score,
-                                         int64_t T, int64_t K, int64_t E, int64_t C,
-                                         int token_major, int *status, void *stream) {
-    if (score == NULL && T * K > 0) return PYMOE_ERR_NULL;
-    return assign_slots<double>(position, slot_owner, expert_load, expert_index, token_order,
-                                score, T, K, E, C, token_major, status, stream);
+int pymoe_cuda_assign_slots_ordered(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
+                                    const int64_t *expert_index, const int64_t *order, int64_t N,
+                                    int64_t T, int64_t K, int64_t E, int64_t C, int *status,
+                                    void *stream) {
+    moe_sizes s;
+    int err = check_ordered(&s, expert_index, order, N, T, K, E, C);
+    if (err) return err;
+    REQUIRE(position, s.TK); REQUIRE(slot_owner, s.EC); REQUIRE(expert_load, E);
+    const PairOrder po{expert_index, nullptr, order, N, T, K, E};
+    return sort_pairs(po, C, position, slot_owner, expert_load, nullptr, nullptr, status, stream);
 }
 
-int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
-                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
-                            int64_t D, int *status, void *stream) {
-    return dispatch<float>(expert_in, x, weight, slot_owner, T, K, E, C, D, status, stream);
-}
-int pymoe_cuda_dispatch_f64(double *expert_in, const double *x, const double *weight,
-                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
-                            int64_t D, int *status, void *stream) {
-    return dispatch<double>(expert_in, x, weight, slot_owner, T, K, E, C, D, status, stream);
-}
-
-int pymoe_cuda_combine_f32(float *y, const float *expert_out, const float *weight,
-                           const int64_t *expert_index, const int64_t *position, int64_t T,
-                           int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream) {
-    return combine<float>(y, expert_out, weight, expert_index, position, T, K, E, C, D, status,
-                          stream);
-}
-int pymoe_cuda_combine_f64(double *y, const double *expert_out, const double *weight,
-                           const int64_t *expert_index, const int64_t *position, int64_t T,
-                           int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream) {
-    return combine<double>(y, expert_out, weight, expert_index, position, T, K, E, C, D, status,
-                           stream);
+int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_t *order,
+                             const double *score, int64_t N, int64_t T, int64_t K, int64_t E,
+                             int64_t C, int *status, void *stream) {
+    moe_sizes s;
+    int err = check_ordered(&s, expert_index, order, N, T, K, E, C);
+    if (err) return err;
+    REQUIRE(keep, s.TK); REQUIRE(score, s.TK);
+    const PairOrder po{expert_index, nullptr, order, N, T, K, E};
+    return sort_pairs(po, C, nullptr, nullptr, nullptr, keep, score, status, stream);
 }
 
-int pymoe_cuda_gate_grad_f32(float *dgate, const float *dy, const float *expert_out,
-                             const int64_t *expert_index, const int64_t *position, int64_t T,
-                             int64_t K, int64_t E, int64_t C, int64_t D, int *status,
-                             void *stream) {
-    return gate_grad<float>(dgate, dy, expert_out, expert_index, position, T, K, E, C, D, status,
-                            stream);
-}
-int pymoe_cuda_gate_grad_f64(double *dgate, const double *dy, const double *expert_out,
-                             const int64_t *expert_index, const int64_t *position, int64_t T,
-                             int64_t K, int64_t E, int64_t C, int64_t D, int *status,
-                             void *stream) {
-    return gate_grad<double>(dgate, dy, expert_out, expert_index, position, T, K, E, C, D, status,
-                             stream);
-}
+// The float operations of pymoe_cuda.h, for float (_f32) and double (_f64): each a call of its
+// template above with the header's parameters.
+#define PYMOE_CUDA_DEFINE_FLOAT_OPS(REAL, SFX)                                                     \
+    int pymoe_cuda_softmax_top_k##SFX(REAL *probs, int64_t *expert_index, REAL *gate,              \
+                                      const REAL *router_logits, int64_t T, int64_t K, int64_t E,  \
+                                      int normalize, int *status, void *stream) {                  \
+        return softmax_top_k<REAL>(probs, expert_index, gate, router_logits, T, K, E, normalize,   \
+                                   status, stream);                                                \
+    }                                                                                              \
+    int pymoe_cuda_top_k##SFX(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum,         \
+                              const REAL *score, const REAL *bias, const REAL *probs, int64_t T,   \
+                              int64_t K, int64_t E, int *status, void *stream) {                   \
+        return top_k<REAL>(expert_index, expert_load, prob_sum, score, bias, probs, T, K, E,       \
+                           status, stream);                                                        \
+    }                                                                                              \
+    int pymoe_cuda_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight,               \
+                                 const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,       \
+                                 int64_t C, int64_t D, int *status, void *stream) {                \
+        return dispatch<REAL>(expert_in, x, weight, slot_owner, T, K, E, C, D, status, stream);    \
+    }                                                                                              \
+    int pymoe_cuda_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight,               \
+                                const int64_t *expert_index, const int64_t *position, int64_t T,   \
+                                int64_t K, int64_t E, int64_t C, int64_t D, int *status,           \
+                                void *stream) {                                                    \
+        return combine<REAL>(y, expert_out, weight, expert_index, position, T, K, E, C, D, status, \
+                             stream);                                                              \
+    }                                                                                              \
+    int pymoe_cuda_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out,             \
+                                  const int64_t *expert_index, const int64_t *position, int64_t T, \
+                                  int64_t K, int64_t E, int64_t C, int64_t D, int *status,         \
+                                  void *stream) {                                                  \
+        return gate_grad<REAL>(dgate, dy, expert_out, expert_index, position, T, K, E, C, D,       \
+                               status, stream);                                                    \
+    }
+PYMOE_CUDA_DEFINE_FLOAT_OPS(float, _f32)
+PYMOE_CUDA_DEFINE_FLOAT_OPS(double, _f64)
+#undef PYMOE_CUDA_DEFINE_FLOAT_OPS
 
 }  // extern "C"

@@ -2,9 +2,10 @@
  *
  * Legend and layouts as in csrc/pymoe.h (T tokens, K choices, E experts, C capacity, D model dim;
  * sizes always in that order; row-major; int64 indices). Each function has the name, argument
- * order and meaning of its C twin (pymoe_assign_slots, pymoe_top_k, pymoe_dispatch_f32, ...) plus
- * a status word and a stream; it checks sizes and pointers on the host, launches kernels from
- * kernels.cuh on `stream` (a cudaStream_t; NULL for the default stream) and returns:
+ * order and meaning of its C twin (pymoe_assign_slots, pymoe_top_k_f32, pymoe_dispatch_f32, ...)
+ * with the prefix pymoe_cuda_, plus a status word and a stream; it checks sizes and pointers on
+ * the host, launches kernels from kernels.cuh on `stream` (a cudaStream_t; NULL for the default
+ * stream) and returns:
  *     0          launched (the work may still be running: kernels are asynchronous),
  *     < 0        PYMOE_ERR_* from csrc/pymoe.h (bad sizes or NULL pointers; nothing launched),
  *     > 0        a cudaError_t of this call's own launches (pymoe_cuda_error_name says which);
@@ -34,6 +35,7 @@ extern "C" {
 #define PYMOE_BAD_OWNER 4     /* a slot_owner entry outside [-1, T*K) */
 #define PYMOE_BAD_ORDER 8     /* token_order is not a permutation of 0..T-1 */
 #define PYMOE_BAD_NAN 16      /* a NaN score, logit or bias */
+#define PYMOE_BAD_PAIRS 32    /* a pair order entry outside [0, T*K), or a repeat */
 /* The PYMOE_ERR_* code of status bit `bit` (0 for a value that is not one status bit). */
 int pymoe_cuda_status_code(int bit);
 /* Devices: *count = visible devices (0 on error); get/set the calling thread's current device.
@@ -57,78 +59,74 @@ int pymoe_cuda_status_take(int *host_value, void *stream);
 int pymoe_cuda_set_block_size(int threads);
 int pymoe_cuda_get_block_size(void);
 
-/* Steps 2-4 of pymoe.route fused: softmax over E (pymoe.router.softmax), the top-K by logit
- * (pymoe.topk.top_k, ties to the lower expert) and the gates, raw or renormalised
- * (pymoe.topk.gates). Out: probs [T, E], expert_index [T, K], gate [T, K]. In: router_logits
- * [T, E]. 1 <= K <= E <= 512. A NaN logit sets PYMOE_BAD_NAN. */
-int pymoe_cuda_softmax_top_k_f32(float *probs, int64_t *expert_index, float *gate,
-                                 const float *router_logits, int64_t T, int64_t K, int64_t E,
-                                 int normalize, int *status, void *stream);
-int pymoe_cuda_softmax_top_k_f64(double *probs, int64_t *expert_index, double *gate,
-                                 const double *router_logits, int64_t T, int64_t K, int64_t E,
-                                 int normalize, int *status, void *stream);
-
-/* Top-K selection, the twin of C's pymoe_top_k: expert_index[t] = the K largest
- * v[t, e] = score[t, e] + bias[e] (bias NULL: v = score), ties to the lower expert;
- * expert_load[e] = picks of e (NULL: not computed); prob_sum[e] = sum over t = 0..T-1 of
- * probs[t, e] in that order (NULL: not computed). 0 <= K <= E <= 512. NaN: PYMOE_BAD_NAN. */
-int pymoe_cuda_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
-                         const float *score, const float *bias, const float *probs, int64_t T,
-                         int64_t K, int64_t E, int *status, void *stream);
-int pymoe_cuda_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
-                         const double *score, const double *bias, const double *probs, int64_t T,
-                         int64_t K, int64_t E, int *status, void *stream);
-
-/* Slot assignment (pymoe_assign_slots): the n-th pair to claim expert e, in priority order, gets
- * slot n if n < C, else it is dropped. Priority order: choice-major (token_major = 0: all j = 0
- * pairs in token order, then j = 1, ...) or token-major (token_major = 1: token_order[0]'s pairs
- * j = 0..K-1, then token_order[1]'s, ...); token_order [T] or NULL for 0..T-1. A token_order that
- * is not a permutation sets PYMOE_BAD_ORDER, a bad expert PYMOE_BAD_EXPERT.
- * Out: position [T, K], slot_owner [E, C], expert_load [E] (pairs per expert before dropping).
- * In: expert_index [T, K], token_order [T] or NULL. E <= 12288. */
+/* Slot assignment, the twins of C's three slot functions (pymoe.h), with the same arguments
+ * and integers; pymoe.slots defines them. Index entries are checked on the device: a bad expert
+ * sets PYMOE_BAD_EXPERT, a token_order that is not a permutation PYMOE_BAD_ORDER, an order entry
+ * outside [0, T*K) or a repeated one PYMOE_BAD_PAIRS. E <= 12288 and T*K < 2^31 (the counting
+ * sort's shared counters); N > T*K returns PYMOE_ERR_PAIRS.
+ * assign_slots: choice-major priority (all j = 0 pairs in token_order, then j = 1, ...;
+ *   token_order [T] or NULL for 0..T-1); the n-th pair to claim expert e gets slot n if n < C,
+ *   else it is dropped. Out: position [T, K], slot_owner [E, C], expert_load [E] (pairs per
+ *   expert before dropping). In: expert_index [T, K], token_order [T] or NULL.
+ * assign_slots_ordered: the same over an explicit order of N distinct pair ids t*K + j
+ *   (token-major priority, a kept subsequence, ...); unlisted pairs get position -1 and are not
+ *   counted in expert_load. In: expert_index [T, K], order [N].
+ * keep_by_score: keep [T, K] (bytes) = 1 for the C listed pairs of each expert with the highest
+ *   score [T, K] (doubles), ties to the pair listed earlier; 0 elsewhere. A NaN score among an
+ *   over-capacity expert's pairs sets PYMOE_BAD_NAN. */
 int pymoe_cuda_assign_slots(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
                             const int64_t *expert_index, const int64_t *token_order, int64_t T,
-                            int64_t K, int64_t E, int64_t C, int token_major, int *status,
-                            void *stream);
-/* The same with drop policy "probs" (and expert choice: K = E, token-major): expert e keeps its C
- * pairs with the highest score [T, K] (ties to the pair earlier in priority order), and the kept
- * pairs fill slots 0.. in priority order. */
-int pymoe_cuda_assign_slots_by_score_f32(int64_t *position, int64_t *slot_owner,
-                                         int64_t *expert_load, const int64_t *expert_index,
-                                         const int64_t *token_order, const float *score,
-                                         int64_t T, int64_t K, int64_t E, int64_t C,
-                                         int token_major, int *status, void *stream);
-int pymoe_cuda_assign_slots_by_score_f64(int64_t *position, int64_t *slot_owner,
-                                         int64_t *expert_load, const int64_t *expert_index,
-                                         const int64_t *token_order, const double *score,
-                                         int64_t T, int64_t K, int64_t E, int64_t C,
-                                         int token_major, int *status, void *stream);
+                            int64_t K, int64_t E, int64_t C, int *status, void *stream);
+int pymoe_cuda_assign_slots_ordered(int64_t *position, int64_t *slot_owner, int64_t *expert_load,
+                                    const int64_t *expert_index, const int64_t *order, int64_t N,
+                                    int64_t T, int64_t K, int64_t E, int64_t C, int *status,
+                                    void *stream);
+int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_t *order,
+                             const double *score, int64_t N, int64_t T, int64_t K, int64_t E,
+                             int64_t C, int *status, void *stream);
 
-/* Dispatch: expert_in [E, C, D] from x [T, D], weight [T, K] or NULL, slot_owner [E, C]. */
-int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
-                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
-                            int64_t D, int *status, void *stream);
-int pymoe_cuda_dispatch_f64(double *expert_in, const double *x, const double *weight,
-                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
-                            int64_t D, int *status, void *stream);
-
-/* Combine: y [T, D] from expert_out [E, C, D], weight [T, K] or NULL, expert_index, position.
- * K <= 1024. */
-int pymoe_cuda_combine_f32(float *y, const float *expert_out, const float *weight,
-                           const int64_t *expert_index, const int64_t *position, int64_t T,
-                           int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream);
-int pymoe_cuda_combine_f64(double *y, const double *expert_out, const double *weight,
-                           const int64_t *expert_index, const int64_t *position, int64_t T,
-                           int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream);
-
-/* Gate gradient: dgate [T, K] = <dy[t], expert_out[e_tj, p_tj]> for kept pairs, 0 for dropped.
- * K <= 1024. */
-int pymoe_cuda_gate_grad_f32(float *dgate, const float *dy, const float *expert_out,
-                             const int64_t *expert_index, const int64_t *position, int64_t T,
-                             int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream);
-int pymoe_cuda_gate_grad_f64(double *dgate, const double *dy, const double *expert_out,
-                             const int64_t *expert_index, const int64_t *position, int64_t T,
-                             int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream);
+/* The float operations are written once, in PYMOE_CUDA_FLOAT_OPS(REAL, SFX) below, and declared
+ * for float as name_f32 and for double as name_f64 (the loader expands them for cffi with
+ * pymoe/_cdef.py). Expanded, for example:
+ *   int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
+ *                               const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+ *                               int64_t C, int64_t D, int *status, void *stream);
+ *
+ * softmax_top_k: steps 2-4 of pymoe.route fused: softmax over E (pymoe.router.softmax), the
+ * top-K by logit (pymoe.topk.top_k, ties to the lower expert) and the gates, raw or renormalised
+ * (pymoe.topk.gates). Out: probs [T, E], expert_index [T, K], gate [T, K]. In: router_logits
+ * [T, E]. 1 <= K <= E <= 512. A NaN logit sets PYMOE_BAD_NAN.
+ *
+ * top_k: the twin of C's pymoe_top_k: expert_index[t] = the K largest
+ * v[t, e] = score[t, e] + bias[e] (bias NULL: v = score), ties to the lower expert;
+ * expert_load[e] = picks of e (NULL: not computed); prob_sum[e] = sum over t = 0..T-1 of
+ * probs[t, e] in that order (NULL: not computed). 0 <= K <= E <= 512. NaN: PYMOE_BAD_NAN.
+ *
+ * dispatch: expert_in [E, C, D] from x [T, D], weight [T, K] or NULL, slot_owner [E, C].
+ * combine: y [T, D] from expert_out [E, C, D], weight [T, K] or NULL, expert_index, position.
+ *   K <= 1024.
+ * gate_grad: dgate [T, K] = <dy[t], expert_out[e_tj, p_tj]> for kept pairs, 0 for dropped.
+ *   K <= 1024. */
+#define PYMOE_CUDA_FLOAT_OPS(REAL, SFX) \
+    int pymoe_cuda_softmax_top_k##SFX(REAL *probs, int64_t *expert_index, REAL *gate, \
+                                      const REAL *router_logits, int64_t T, int64_t K, \
+                                      int64_t E, int normalize, int *status, void *stream); \
+    int pymoe_cuda_top_k##SFX(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum, \
+                              const REAL *score, const REAL *bias, const REAL *probs, int64_t T, \
+                              int64_t K, int64_t E, int *status, void *stream); \
+    int pymoe_cuda_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight, \
+                                 const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, \
+                                 int64_t C, int64_t D, int *status, void *stream); \
+    int pymoe_cuda_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight, \
+                                const int64_t *expert_index, const int64_t *position, int64_t T, \
+                                int64_t K, int64_t E, int64_t C, int64_t D, int *status, \
+                                void *stream); \
+    int pymoe_cuda_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out, \
+                                  const int64_t *expert_index, const int64_t *position, \
+                                  int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, \
+                                  int *status, void *stream);
+PYMOE_CUDA_FLOAT_OPS(float, _f32)
+PYMOE_CUDA_FLOAT_OPS(double, _f64)
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -46,10 +46,10 @@ __global__ void warp_ops(int *out) {
 // warp are assumed to run in lockstep. `sync` puts the __syncwarp between the steps that Volta's
 // independent thread scheduling needs.
 template <bool sync>
-__global__ void warp_smem_sum(const int *in, int *out) {
+__global__ void warp_smem_sum(int *out) {  // 1 + 2 + ... + 32 = 528
     PYMOE_SHARED(int, s, 32);
     const unsigned lane = threadIdx.x;
-    s[lane] = in[lane];
+    s[lane] = (int)lane + 1;
     if (sync) __syncwarp();
     for (unsigned half = 16; half > 0; half /= 2) {
         int v = lane < half ? (int)s[lane + half] : 0;
@@ -126,20 +126,28 @@ Result case_barrier_in_loop_mode() {
     err = PYMOE_LAUNCH(block_sum, 2, 256, 0, nullptr, in, out);
     return caught("without barrier support");
 }
-Result case_divergent_barrier() {
-    int out[64];
-    err = PYMOE_LAUNCH_SYNC(divergent, 1, 64, 0, nullptr, out);
-    return caught("divergent __syncthreads");
+// The one-block launches below: kernel(block_out) on `threads` threads, waited for.
+int block_out[1024];
+void run_block(void (*kernel)(int *), unsigned threads) {
+    err = PYMOE_LAUNCH_SYNC(kernel, 1, threads, 0, nullptr, block_out);
 }
+Result fails(void (*kernel)(int *), unsigned threads, const char *needle) {
+    run_block(kernel, threads);
+    return caught(needle);
+}
+Result works(bool right, const char *detail) {  // after run_block: no error, and right
+    return {err == cudaSuccess && right, err ? why() : detail};
+}
+
+Result case_divergent_barrier() { return fails(divergent, 64, "divergent __syncthreads"); }
 Result case_oversized_block() {
-    int in[512] = {0}, out[2];
-    err = PYMOE_LAUNCH_SYNC(block_sum, 1, 2048, 0, nullptr, in, out);
+    run_block(divergent, 2048);
     return {err == cudaErrorInvalidConfiguration, cudaGetErrorName(err)};
 }
 Result case_warp_primitives() {
-    int out[64 * 4];
-    err = PYMOE_LAUNCH_SYNC(warp_ops, 1, 64, 0, nullptr, out);
+    run_block(warp_ops, 64);
     if (err) return {false, why()};
+    const int *out = block_out;
     for (unsigned t = 0; t < 64; t++) {
         unsigned lane = t % 32, ballot = 0, match = 0;
         for (unsigned l = 0; l < 32; l++) {
@@ -154,52 +162,32 @@ Result case_warp_primitives() {
     return {true, "shuffles, ballot and match_any give the documented results"};
 }
 Result case_syncwarp_present() {
-    int in[32], out[1] = {0};
-    for (int i = 0; i < 32; i++) in[i] = i + 1;
-    err = PYMOE_LAUNCH_SYNC(warp_smem_sum<true>, 1, 32, 0, nullptr, in, out);
-    return {err == cudaSuccess && out[0] == 528, err ? why() : "with __syncwarp: sum is right"};
+    run_block(warp_smem_sum<true>, 32);
+    return works(block_out[0] == 528, "with __syncwarp: sum is right");
 }
 Result case_missing_syncwarp() {
-    int in[32], out[1] = {0};
-    for (int i = 0; i < 32; i++) in[i] = i + 1;
-    err = PYMOE_LAUNCH_SYNC(warp_smem_sum<false>, 1, 32, 0, nullptr, in, out);
-    return caught("shared-memory race on s[");
+    return fails(warp_smem_sum<false>, 32, "shared-memory race on s[");
 }
 Result case_right_shuffle_mask() {
-    int out[1] = {0};
-    err = PYMOE_LAUNCH_SYNC(half_warp_sum<false>, 1, 32, 0, nullptr, out);
-    return {err == cudaSuccess && out[0] == 120, err ? why() : "half-warp mask: sum is right"};
+    run_block(half_warp_sum<false>, 32);
+    return works(block_out[0] == 120, "half-warp mask: sum is right");
 }
 Result case_wrong_shuffle_mask() {
-    int out[1] = {0};
-    err = PYMOE_LAUNCH_SYNC(half_warp_sum<true>, 1, 32, 0, nullptr, out);
-    return caught("which is not in the mask");
+    return fails(half_warp_sum<true>, 32, "which is not in the mask");
 }
 Result case_mask_names_absent_lanes() {
-    int out[32];
-    err = PYMOE_LAUNCH_SYNC(full_mask_in_branch, 1, 32, 0, nullptr, out);
-    return caught("which has finished");
+    return fails(full_mask_in_branch, 32, "which has finished");
 }
-Result case_mask_without_caller() {
-    int out[32];
-    err = PYMOE_LAUNCH_SYNC(mask_without_me, 1, 32, 0, nullptr, out);
-    return caught("which is not in it");
-}
+Result case_mask_without_caller() { return fails(mask_without_me, 32, "which is not in it"); }
 Result case_barrier_orders_shared() {
-    int out[256];
-    err = PYMOE_LAUNCH_SYNC(neighbour<true>, 1, 256, 0, nullptr, out);
-    for (int i = 0; i < 256 && !err; i++)
-        if (out[i] != (i + 1) % 256 * 2) return {false, "wrong neighbour value"};
-    return {err == cudaSuccess, err ? why() : "with __syncthreads: no race, right values"};
+    run_block(neighbour<true>, 256);
+    bool right = true;
+    for (int i = 0; i < 256; i++) right &= block_out[i] == (i + 1) % 256 * 2;
+    return works(right, "with __syncthreads: no race, right values");
 }
-Result case_shared_race() {
-    int out[256];
-    err = PYMOE_LAUNCH_SYNC(neighbour<false>, 1, 256, 0, nullptr, out);
-    return caught("shared-memory race on s[");
-}
+Result case_shared_race() { return fails(neighbour<false>, 256, "shared-memory race on s["); }
 Result case_shared_out_of_bounds() {
-    int out[1];
-    err = PYMOE_LAUNCH(out_of_bounds, 1, 64, 0, nullptr, out);
+    err = PYMOE_LAUNCH(out_of_bounds, 1, 64, 0, nullptr, block_out);
     return caught("out of bounds [0, 32) in s");
 }
 Result case_random_order() {  // threads do not run in ascending order, and the seed fixes it
