@@ -1,7 +1,7 @@
 """Property-based fuzzing of every host backend operation (softmax_lse, top_k, assign_slots,
-dispatch, combine, gate_grad, bias_relu, relu_backward; NumPy and C, the C ones also with naive=True and out=) against the contract in fuzz.py.
-CI runs this file again on the ASan + UBSan build of the C core, so an out-of-bounds access the
-checks let through aborts the run."""
+dispatch, combine, gate_grad, bias_relu, relu_backward; NumPy and C, the C ones also with
+naive=True and out=) against the contract in fuzz.py. CI runs this file again on the ASan +
+UBSan build of the C core, so an out-of-bounds access the checks let through aborts the run."""
 from __future__ import annotations
 
 import numpy as np
