@@ -22,7 +22,17 @@ int FN(pymoe_relu_backward)(REAL *grad, const REAL *hidden, int64_t rows, int64_
     int64_t n;
     if (rows < 0 || cols < 0 || !size_mul(rows, cols, &n)) return PYMOE_ERR_SIZE;
     REQUIRE(grad, n); REQUIRE(hidden, n);
-    for (int64_t i = 0; i < n; i++)
-        grad[i] *= (REAL)(hidden[i] > 0);         /* NumPy's grad * (hidden > 0), NaN and -0 too */
+    REAL *restrict g = grad;                      /* the Python side refuses overlapping arrays */
+    const REAL *restrict h = hidden;
+    /* NumPy's grad * (hidden > 0): times 1 or 0, so NaN, inf and signed zeros come out as there.
+     * In vectors: the compiler keeps the scalar loop's unpredictable branch (half the hidden
+     * units are off), which made this pass 15x slower than NumPy's. */
+    int64_t i = 0;
+#ifdef VEC
+    const VEC zero = VZERO(), one = VSET1(1);
+    for (; i + VLEN <= n; i += VLEN)              /* the mask's bits AND 1.0: 1.0 or 0.0 */
+        VSTOREU(g + i, VMUL(VLOADU(g + i), VAND(VCMPGT(VLOADU(h + i), zero), one)));
+#endif
+    for (; i < n; i++) g[i] *= h[i] > 0 ? (REAL)1 : (REAL)0;
     return PYMOE_OK;
 }

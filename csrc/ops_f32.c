@@ -15,6 +15,7 @@
 #define VSET1 _mm_set1_ps
 #define VZERO _mm_setzero_ps
 #define VLOADU _mm_loadu_ps
+#define VSTOREU _mm_storeu_ps
 #define VMUL _mm_mul_ps
 #define VADD _mm_add_ps
 #define VSTREAM _mm_stream_ps

@@ -15,6 +15,7 @@
 #define VSET1 _mm_set1_pd
 #define VZERO _mm_setzero_pd
 #define VLOADU _mm_loadu_pd
+#define VSTOREU _mm_storeu_pd
 #define VMUL _mm_mul_pd
 #define VADD _mm_add_pd
 #define VSTREAM _mm_stream_pd
