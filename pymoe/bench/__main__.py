@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_layer:
         for shape in args.layer:
             new = bench_layer(*shape, capacity_factor=args.capacity_factor,
-                              repeats=max(3, args.repeats // 2 + 1), dense=not args.no_dense,
+                              repeats=args.repeats, dense=not args.no_dense,
                               torch=not args.no_torch)
             print(format_table(new), flush=True)
             rows += new

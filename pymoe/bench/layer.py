@@ -49,11 +49,18 @@ def expert_flops(rows: int, D: int, H: int) -> int:
     return 12 * rows * D * H
 
 
-def sgemm(T: int, D: int, H: int) -> tuple[Callable[[], None], int, str]:
-    """(one large float32 matmul [T, D] x [D, H] into a preallocated output, its FLOPs, its row
-    name): the rate the layer's expert matmuls are held to, timed in the layer's rotation."""
+def sgemm(T: int, D: int, H: int, calls: int = 1) -> tuple[Callable[[], None], int, str]:
+    """(`calls` back-to-back float32 matmuls [T, D] x [D, H] into a preallocated output, the
+    FLOPs of one, the row name): the rate the layer's expert matmuls are held to, timed in the
+    layer's rotation. Several calls per timed sample, so that the sample lasts about as long as
+    the layer's: a 10 ms sample meets a noisy neighbour for all of its length or not at all, and
+    the rate it gave swung from 85 to 123 GFLOP/s between two runs of the same benchmark."""
     rng = np.random.default_rng(1)
     a = rng.standard_normal((T, D), dtype=np.float32)
     b = rng.standard_normal((D, H), dtype=np.float32)
     out = np.empty((T, H), np.float32)
-    return (lambda: np.matmul(a, b, out=out)), 2 * T * D * H, f"one sgemm [{T}, {D}] x [{D}, {H}]"
+
+    def run() -> None:
+        for _ in range(calls):
+            np.matmul(a, b, out=out)
+    return run, 2 * T * D * H, f"one sgemm [{T}, {D}] x [{D}, {H}]"
