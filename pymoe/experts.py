@@ -5,9 +5,12 @@ expert_out[e] = act(expert_in[e] @ w1[e] + b1[e]) @ w2[e] + b2[e], batched over 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .backend_api import Backend
 
 _GELU_C = np.sqrt(2.0 / np.pi)
 
@@ -86,7 +89,7 @@ def _buffer(workspace: dict | None, name: str, shape: tuple[int, ...], dtype) ->
 def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray,
                     b2: np.ndarray, activation: str = "relu", filled: np.ndarray | None = None,
                     workspace: dict | None = None,
-                    backend=None) -> tuple[np.ndarray, ExpertsCache]:
+                    backend: Backend | None = None) -> tuple[np.ndarray, ExpertsCache]:
     """Run every expert on its slots.
 
     Args:
@@ -138,7 +141,7 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
 
 def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
                      cache: ExpertsCache, workspace: dict | None = None,
-                     backend=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     backend: Backend | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Backward of experts_forward.
 
     Args:

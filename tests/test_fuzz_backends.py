@@ -19,6 +19,11 @@ BACKENDS = ["numpy", "c"]
 FUZZ = settings(max_examples=fuzz.EXAMPLES, deadline=None)
 
 
+def backend_fuzz(test):
+    """A fuzz test of one op: run for each backend (`be`), on hypothesis' `data`."""
+    return pytest.mark.parametrize("be", BACKENDS)(FUZZ(given(data=st.data())(test)))
+
+
 def _backend(name: str, request):
     if name == "c":
         return request.getfixturevalue("c_backend")
@@ -91,9 +96,7 @@ def _out_arg(data, backend, shape, dtype, inputs: dict):
 
 
 # ------------------------------------------------------------------------------ assign_slots
-@pytest.mark.parametrize("be", BACKENDS)
-@FUZZ
-@given(data=st.data())
+@backend_fuzz
 def test_fuzz_assign_slots(be, data, request):
     backend = _backend(be, request)
     T, K, E, C, _ = _sizes(data)
@@ -119,9 +122,7 @@ def test_fuzz_assign_slots(be, data, request):
 
 
 # ------------------------------------------------------------------------------ dispatch
-@pytest.mark.parametrize("be", BACKENDS)
-@FUZZ
-@given(data=st.data())
+@backend_fuzz
 def test_fuzz_dispatch(be, data, request):
     backend = _backend(be, request)
     T, K, E, C, D = _sizes(data)
@@ -164,9 +165,7 @@ def _check_with_out(data, backend, be: str, op: str, names: tuple, args: list, s
 
 
 # ------------------------------------------------------------------------------ combine
-@pytest.mark.parametrize("be", BACKENDS)
-@FUZZ
-@given(data=st.data())
+@backend_fuzz
 def test_fuzz_combine(be, data, request):
     backend = _backend(be, request)
     T, K, E, C, D = _sizes(data)
@@ -213,9 +212,7 @@ def _close_and_layout_free(backend, args, kw):
     return same
 
 
-@pytest.mark.parametrize("be", BACKENDS)
-@FUZZ
-@given(data=st.data())
+@backend_fuzz
 def test_fuzz_gate_grad(be, data, request):
     backend = _backend(be, request)
     T, K, E, C, D = _sizes(data)
@@ -242,9 +239,7 @@ def test_fuzz_gate_grad(be, data, request):
 
 
 # ------------------------------------------------------------------------------ top_k
-@pytest.mark.parametrize("be", BACKENDS)
-@FUZZ
-@given(data=st.data())
+@backend_fuzz
 def test_fuzz_top_k(be, data, request):
     backend = _backend(be, request)
     T, K, E, _, _ = _sizes(data)
@@ -277,9 +272,7 @@ def test_fuzz_top_k(be, data, request):
 
 
 # ------------------------------------------------------------------------------ softmax_lse
-@pytest.mark.parametrize("be", BACKENDS)
-@FUZZ
-@given(data=st.data())
+@backend_fuzz
 def test_fuzz_softmax_lse(be, data, request):
     backend = _backend(be, request)
     T, _, E, _, _ = _sizes(data)
@@ -293,9 +286,7 @@ def test_fuzz_softmax_lse(be, data, request):
 
 
 # ------------------------------------------------------------------------------ relu epilogues
-@pytest.mark.parametrize("be", BACKENDS)
-@FUZZ
-@given(data=st.data())
+@backend_fuzz
 def test_fuzz_relu_epilogues(be, data, request):
     """bias_relu / relu_backward work in place: the array as the caller handed it must be a
     writeable, C-contiguous, native float array, else a named error (a copy would be updated
