@@ -13,8 +13,11 @@ try:
     from hypothesis import HealthCheck, settings
 
     # CI runs a fixed, derandomised set of examples so a run is reproducible; locally, set
-    # HYPOTHESIS_PROFILE=dev for more (and random) examples.
+    # HYPOTHESIS_PROFILE=dev for more (and random) examples. "compat": CI's runs on the other
+    # Pythons, which check that everything runs there (the main run has the depth).
     settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("compat", max_examples=20, deadline=None, derandomize=True,
                               suppress_health_check=[HealthCheck.too_slow])
     settings.register_profile("dev", max_examples=300, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow])
