@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import shutil
 import struct
 import warnings
 from decimal import Decimal
@@ -19,6 +20,14 @@ import pytest
 from pymoe import viz
 
 # ------------------------------------------------------------------------- paths and builds
+
+
+def copy_package(dst) -> None:
+    """pymoe/'s sources into dst/pymoe, without build products (compiled core, generated header,
+    build status, caches): a package as a fresh checkout has it."""
+    shutil.copytree(os.path.join(REPO, "pymoe"), os.path.join(dst, "pymoe"),
+                    ignore=shutil.ignore_patterns("*.so", "_pymoe_cuda.h", "__pycache__",
+                                                  "_c_build_status.txt"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

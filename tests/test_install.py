@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, copy_package
 
 # An editable install of pymoe in this venv (README's test command) maps pymoe._pymoe_c to its own
 # tree whatever pymoe's folder is: drop that finder so the probe sees only the copy.
@@ -20,9 +20,7 @@ PROBE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editabl
 def unbuilt_checkout(tmp_path):
     """A checkout's layout (setup.py, csrc/, pymoe/) with no compiled C core in it."""
     root = tmp_path / "checkout"
-    shutil.copytree(os.path.join(REPO, "pymoe"), root / "pymoe",
-                    ignore=shutil.ignore_patterns("*.so", "_pymoe_cuda.h", "__pycache__",
-                                                  "_c_build_status.txt"))
+    copy_package(root)
     (root / "csrc").mkdir()
     shutil.copy(os.path.join(REPO, "setup.py"), root / "setup.py")
     return root

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, copy_package
 
 
 def _missing_build_tools() -> str | None:
@@ -41,9 +41,7 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}: insta
 def source_copy(tmp_path):
     """The package sources in a scratch folder (so the in-place build here is not touched)."""
     dst = tmp_path / "src"
-    shutil.copytree(os.path.join(REPO, "pymoe"), dst / "pymoe",
-                    ignore=shutil.ignore_patterns("*.so", "_pymoe_cuda.h", "__pycache__",
-                                                  "_c_build_status.txt"))
+    copy_package(dst)
     shutil.copytree(os.path.join(REPO, "csrc"), dst / "csrc")
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(os.path.join(REPO, name), dst / name)
