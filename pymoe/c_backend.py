@@ -119,7 +119,7 @@ class CBackend:
         """-> (probs `[T, E]`, logsumexp `[T]`): router.softmax_lse bit for bit, its row blocks
         on this backend's thread count (NumPy's exp sets the bits; row_blocks says why)."""
         logits = _checks.float_arg("router_logits", router_logits, (None, None), C_DTYPES, "C")
-        return softmax_lse_threads(np.ascontiguousarray(logits), self.get_num_threads())
+        return softmax_lse_threads(logits, self.get_num_threads())  # (C-contiguous there)
 
     def top_k(self, score: np.ndarray, k: int, bias: np.ndarray | None = None,
               probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

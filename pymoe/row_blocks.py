@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _checks
 from .router import softmax_lse
 
 BLOCK_ELEMENTS = 1 << 16  # rows per block: about 256 KiB of float32, so a block stays in L2
@@ -39,6 +40,9 @@ def _rows(router_logits: np.ndarray, probs: np.ndarray, lse: np.ndarray, lo: int
 def softmax_lse_threads(router_logits: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
     """router.softmax_lse(router_logits) `([T, E], [T])`, the same bits, on up to `threads`
     threads (the calling one included)."""
+    router_logits = np.ascontiguousarray(_checks.float_arg("router_logits", router_logits,
+                                                           (None, None)))
+    threads = _checks.integer("threads", threads, low=1)
     T = router_logits.shape[0]
     n = max(1, min(threads, T // MIN_ROWS_PER_THREAD))
     probs = np.empty_like(router_logits)  # [T, E]

@@ -51,3 +51,12 @@ def test_chosen_is_take_along_axis(T, E, seed):
     probs = rng.random((T, E))
     index = np.argsort(rng.random((T, E)), axis=1)[:, :max(1, E // 3)]
     np.testing.assert_array_equal(chosen(probs, index), np.take_along_axis(probs, index, axis=1))
+
+
+def test_threaded_softmax_checks_its_arguments():
+    with pytest.raises(ValueError, match="router_logits"):
+        row_blocks.softmax_lse_threads(np.zeros(4), 2)
+    with pytest.raises(TypeError, match="router_logits"):
+        row_blocks.softmax_lse_threads("logits", 2)
+    with pytest.raises(ValueError, match="threads"):
+        row_blocks.softmax_lse_threads(np.zeros((2, 3)), 0)
