@@ -16,16 +16,17 @@ import numpy as np
 from . import _checks
 from .router import softmax_lse
 
-BLOCK_ELEMENTS = 1 << 16  # rows per block: about 256 KiB of float32, so a block stays in L2
+BLOCK_ELEMENTS = 1 << 16  # per block (rows: this / E): about 256 KiB of float32, so it stays in L2
 MIN_ROWS_PER_THREAD = 512  # below this a thread costs more than it saves
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads, made again after a fork (the child has none of the threads)."""
+    """A pool of at least `workers` threads (idle ones cost nothing), made again only when more
+    are needed or after a fork (the child has none of the parent's threads)."""
     global _pool
-    if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+    if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
         _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, "pymoe-softmax"))
     return _pool[2]
 
