@@ -12,7 +12,7 @@ import tempfile
 import numpy as np
 
 import pymoe
-from pymoe import cuda_backend
+from pymoe.backend import cuda_backend
 
 here = os.path.dirname(pymoe.__file__)
 assert "site-packages" in here, f"imported {here}, not the installed copy"

@@ -28,8 +28,9 @@ HEADERS = ["pymoe.h", "internal.h", "moe_ops.h", "topk_ops.h", "expert_ops.h"]
 
 def header_cdef() -> str:
     """The declarations between the cdef markers of pymoe.h, its float-operation macros expanded
-    (pymoe/_cdef.py, loaded by path: the package itself is not importable while it is built)."""
-    spec = importlib.util.spec_from_file_location("pymoe_cdef", os.path.join(ROOT, "pymoe", "_cdef.py"))
+    (pymoe/backend/cdef_macros.py, loaded by path: the package is not importable while it is built)."""
+    path = os.path.join(ROOT, "pymoe", "backend", "cdef_macros.py")
+    spec = importlib.util.spec_from_file_location("pymoe_cdef", path)
     cdef = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cdef)
     return cdef.cdef_block(os.path.join(HERE, "pymoe.h"))

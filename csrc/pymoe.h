@@ -72,7 +72,7 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
 
 /* The float operations are written once, in PYMOE_FLOAT_OPS(REAL, SFX) below, and declared
  * twice: for float as name_f32 and for double as name_f64 (cffi's cdef takes no macros, so
- * csrc/build_cffi.py expands them the same way, with pymoe/_cdef.py). Expanded, for example:
+ * csrc/build_cffi.py expands them the same way, with pymoe/backend/cdef_macros.py). Expanded, for example:
  *   int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight,
  *                          const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
  *                          int64_t C, int64_t D);

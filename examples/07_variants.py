@@ -20,16 +20,16 @@ import numpy as np
 import pymoe
 from pymoe import viz
 from pymoe.capacity import capacity_formula, keep_by_score
-from pymoe.expert_choice import expert_choice_keep, expert_choice_pairs
-from pymoe.groups import group_scores, limit_to_groups
 from pymoe.losses import balance_loss
-from pymoe.noisy import noise_thresholds, smooth_load, softplus
 from pymoe.priority import pair_order, position_in_pair_order, priority_order
 from pymoe.router import router_logits, softmax
-from pymoe.scores import selection_scores, sigmoid, softmax_over_top_k, update_expert_bias
-from pymoe.shared import shared_experts_forward
-from pymoe.sinkhorn import sinkhorn
 from pymoe.topk import gates, renormalize_kept, scale_gates, second_expert_keep, top_k
+from pymoe.variants.expert_choice import expert_choice_keep, expert_choice_pairs
+from pymoe.variants.group_limited import group_scores, limit_to_groups
+from pymoe.variants.noisy import noise_thresholds, smooth_load, softplus
+from pymoe.variants.scores import selection_scores, sigmoid, softmax_over_top_k, update_expert_bias
+from pymoe.variants.shared import shared_experts_forward
+from pymoe.variants.sinkhorn import sinkhorn
 
 T, D, H, E, K = 8, 6, 8, 4, 2
 CAPACITY_FACTOR = 0.75  # C = ceil(2 * 8 * 0.75 / 4) = 3, as in 01_walkthrough.py

@@ -23,14 +23,14 @@ The variants of the major MoE systems (route()/MoELayer keywords, checked in opt
     slots.py     5-9  every slot rule (priority x drop policy) through one function
     shared.py    11   shared (always-on) experts, optionally sigmoid-gated
 """
-from ._install import warn_if_core_missing
-from .backends import BackendInfo, backends, get_backend
+from .backend import BackendInfo, backends, get_backend
+from .backend.install import warn_if_core_missing
 from .compare import Comparison, compare
 from .layer import MoELayer
 from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
-from .presets import Preset, preset, presets
 from .routing import Routing, route, route_backward
-from .scores import update_expert_bias
+from .variants.presets import Preset, preset, presets
+from .variants.scores import update_expert_bias
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
            "get_backend", "BackendInfo", "MemoryBudgetError", "get_memory_budget",

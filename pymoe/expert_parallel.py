@@ -18,7 +18,7 @@ Two exchange modes move the same rows and give the same results, with different 
 Both modes exchange the row counts first (a few bytes), so that the experts run on filled rows
 only, exactly as MoELayer does.
 
-The arithmetic is pymoe.grouped's, shared with MoELayer(token_groups=P): P ranks produce, bit for
+The arithmetic is pymoe.token_groups's, shared with MoELayer(token_groups=P): P ranks produce, bit for
 bit, the outputs, input gradients and parameter gradients of that one-process layer (the
 objective and load_stats are explained there). Needs `pip install 'pymoe-routing[mpi]'` (mpi4py + MPICH);
 run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank world.
@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, grouped
+from . import _checks
+from . import token_groups as grouped
 from .capacity import expert_capacity
 from .layer import MoELayer
 from .routing import Routing
@@ -260,7 +261,7 @@ class ExpertParallelMoE:
             this rank keeps a copy of its own experts' parameters.
         comm: an mpi4py communicator (default MPI.COMM_WORLD); P = its size must divide E.
         exchange: "exact" or "fixed" (module docstring).
-        load_stats: "local" or "global" statistics for the aux loss (pymoe.grouped).
+        load_stats: "local" or "global" statistics for the aux loss (pymoe.token_groups).
 
     Attributes:
         params, grads: w_router `[D, E]` and b_router `[E]` (the layer's own router arrays,
@@ -371,7 +372,7 @@ class ExpertParallelMoE:
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """dx for this rank's tokens; fills self.grads (router: mean over ranks; experts: the
-        sum of every rank's contributions / P; pymoe.grouped). Collective."""
+        sum of every rank's contributions / P; pymoe.token_groups). Collective."""
         problem = None
         try:
             if self._cache is None:

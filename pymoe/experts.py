@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 if TYPE_CHECKING:
-    from .backend_api import Backend
+    from .backend.protocol import Backend
 
 _GELU_C = np.sqrt(2.0 / np.pi)
 

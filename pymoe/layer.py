@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, grouped
-from .backends import Backend, get_backend
+from . import _checks
+from . import token_groups as grouped
+from .backend import Backend, get_backend
 from .dense import (
     combine_dense,
     combine_dense_backward,
@@ -17,12 +18,12 @@ from .dense import (
     gate_grad_from_dense,
 )
 from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
-from .noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .options import expert_bias_arg, route_options
-from .presets import Preset, accepts_preset
 from .router import jitter, router_dtype, router_logits, router_logits_backward
 from .routing import K1_NORMALIZE_WARNING, Routing, route_backward, route_unchecked
-from .shared import SharedCache, shared_experts_backward, shared_experts_forward
+from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
+from .variants.presets import Preset, accepts_preset
+from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 
 FORMULATIONS = ("indexed", "dense")
 PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")  # always present
@@ -67,13 +68,13 @@ class MoELayer:
         aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in the objective
             that backward() differentiates (both >= 0).
         router_noise: "none"; "jitter": multiplicative router-input noise U(1-eps, 1+eps) with
-            eps = jitter_eps; "noisy_topk": Shazeer's learned Gaussian logit noise (pymoe.noisy,
+            eps = jitter_eps; "noisy_topk": Shazeer's learned Gaussian logit noise (pymoe.variants.noisy,
             parameter w_noise `[D, E]`, needs k < E) with its load loss weighted by
             load_loss_coef. Noise is applied only by forward(x, train=True) and drawn from a
             generator seeded by `seed`. None (the default) means "jitter" if jitter_eps > 0,
             else "none".
         num_shared_experts: S always-on FFNs (hidden size H) added to the routed output
-            (pymoe.shared); shared_expert_gate: gate them by sigmoid(x . w_shared_gate `[D]`).
+            (pymoe.variants.shared); shared_expert_gate: gate them by sigmoid(x . w_shared_gate `[D]`).
         formulation: "indexed" (gather/scatter; expert matmuls over filled slots only) or "dense"
             (the `[T, E, C]` einsums). Both compute the same values.
         backend: who moves the routed data in the indexed formulation: "numpy", "c", or "auto"
@@ -86,9 +87,9 @@ class MoELayer:
             route() uses for group-limited expert choice). One process then computes exactly what
             pymoe.expert_parallel computes on G ranks; gradients follow data parallelism: dx of
             each block is that of its own objective, parameter gradients are the mean over the
-            groups (pymoe.grouped explains). Indexed formulation only.
+            groups (pymoe.token_groups explains). Indexed formulation only.
         load_stats: "local" (each group's own f_e, P_e in the aux loss) or "global" (over all
-            groups); only matters with token_groups > 1 (pymoe.grouped).
+            groups); only matters with token_groups > 1 (pymoe.token_groups).
         preset: a system's name (pymoe.presets()) or a pymoe.Preset supplying every routing
             keyword (and num_shared_experts, shared_expert_gate) not passed explicitly.
 
@@ -382,7 +383,7 @@ class MoELayer:
 
     def _check_token_groups(self, router_noise, num_shared_experts, selection, score,
                             load_balancing) -> None:
-        """token_groups > 1 (pymoe.grouped) runs the router and the routed experts only."""
+        """token_groups > 1 (pymoe.token_groups) runs the router and the routed experts only."""
         if self.token_groups == 1:
             return
         if router_noise == "noisy_topk" or num_shared_experts or selection == "experts":

@@ -15,10 +15,10 @@ import numpy as np
 from . import _checks
 from .capacity import capacity_args
 from .losses import LOAD_BALANCING
-from .scores import SCORES
-from .sinkhorn import SINKHORN_ITERATIONS
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
+from .variants.scores import SCORES
+from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
 SELECTIONS = ("tokens", "experts", "sinkhorn")

@@ -8,11 +8,9 @@ from functools import cached_property
 import numpy as np
 
 from . import _checks
-from .backends import get_backend
+from .backend import get_backend
 from .capacity import capacity_formula, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
-from .expert_choice import expert_choice_keep, expert_choice_pairs
-from .groups import limit_to_groups
 from .losses import (
     aux_loss_scores,
     aux_loss_scores_backward,
@@ -23,11 +21,8 @@ from .losses import (
     router_z_loss_from_lse,
 )
 from .options import PRIORITIES, RouteOptions, expert_bias_arg, generator_arg, route_options
-from .presets import Preset, accepts_preset
 from .priority import priority_order
 from .router import router_dtype, softmax, softmax_backward
-from .scores import selection_scores, sigmoid, sigmoid_backward
-from .sinkhorn import sinkhorn
 from .slots import assign
 from .topk import (
     gates,
@@ -38,6 +33,11 @@ from .topk import (
     second_expert_keep,
     top_k,
 )
+from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
+from .variants.group_limited import limit_to_groups
+from .variants.presets import Preset, accepts_preset
+from .variants.scores import selection_scores, sigmoid, sigmoid_backward
+from .variants.sinkhorn import sinkhorn
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
            "route_unchecked", "K1_NORMALIZE_WARNING"]

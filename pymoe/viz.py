@@ -420,8 +420,8 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
     Text version: one row per token, groups separated by '|', '-' for experts of groups the token
     may not use, the choice number for chosen experts, '.' otherwise.
     """
-    from .groups import limit_to_groups
-    from .scores import selection_scores
+    from .variants.group_limited import limit_to_groups
+    from .variants.scores import selection_scores
 
     o = routing.options
     if o is None or o.num_groups is None:

@@ -35,7 +35,7 @@ def rng() -> np.random.Generator:
 def c_backend():
     """The C backend; a skip (with the reason) where it is not built, a failure under
     PYMOE_REQUIRE_C=1, which CI sets so that a broken C build cannot pass as 'skipped'."""
-    from pymoe import c_backend as cb
+    from pymoe.backend import c_backend as cb
 
     be, info = cb.load()
     if be is None:
@@ -84,7 +84,7 @@ class CudaImpl:
 @pytest.fixture(scope="session", params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
 def cuda_impl(request, tmp_path_factory) -> CudaImpl:
     """The CUDA kernels: run by the CPU emulator, or (marked gpu) on a real device."""
-    from pymoe import cuda_backend
+    from pymoe.backend import cuda_backend
 
     if request.param == "emulated":
         be, info = cuda_backend.load(request.getfixturevalue("cuda_emulator_path"))

@@ -13,7 +13,7 @@ from helpers import (
     randomize,
     rel_norm_error,
 )
-from pymoe.numpy_backend import NumpyBackend
+from pymoe.backend.numpy_backend import NumpyBackend
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given  # noqa: E402

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from pymoe import c_backend as cb
+from pymoe.backend import c_backend as cb
 
 _be, _ = cb.load()  # None when the core is not built: then every test that calls C skips
 OK, ERR_SIZE, ERR_NULL, ERR_EXPERT, ERR_POSITION, ERR_OWNER, ERR_ORDER = (
@@ -166,7 +166,7 @@ def test_asking_for_c_when_missing_says_why(monkeypatch):
 
 def test_failed_build_reason_is_reported(monkeypatch, tmp_path):
     """When the optional build failed at install time, backends() shows the recorded error."""
-    from pymoe import c_backend as cb
+    from pymoe.backend import c_backend as cb
 
     status = tmp_path / "status.txt"
     status.write_text("the C extension failed to build at install time: command 'cc' failed\n")

@@ -1,9 +1,9 @@
-"""pymoe/_cdef.py: the headers declare each float operation once, in a macro over the element type;
+"""pymoe/backend/cdef_macros.py: the headers declare each float operation once, in a macro over the element type;
 the expansion cffi reads declares it for float and double, as the headers' comments show."""
 import os
 
 from helpers import REPO
-from pymoe._cdef import cdef_block, expand
+from pymoe.backend.cdef_macros import cdef_block, expand
 
 
 def flat(text: str) -> str:

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from helpers import REPO, cuda_build_module, gpu_visible
-from pymoe import cuda_backend
+from pymoe.backend import cuda_backend
 
 NVCC = os.environ.get("NVCC", "nvcc")
 needs_nvcc = pytest.mark.skipif(shutil.which(NVCC) is None, reason=f"{NVCC} not found")

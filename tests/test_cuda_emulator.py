@@ -8,8 +8,8 @@ import pytest
 
 import pymoe
 from helpers import REPO, cuda_build_module
-from pymoe import cuda_backend
-from pymoe.numpy_backend import NumpyBackend
+from pymoe.backend import cuda_backend
+from pymoe.backend.numpy_backend import NumpyBackend
 from pymoe.slots import assign
 
 

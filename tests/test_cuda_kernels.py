@@ -8,7 +8,7 @@ import pytest
 
 import pymoe
 from helpers import GATE_RTOL, PROB_RTOL, assert_dot_close
-from pymoe.numpy_backend import NumpyBackend
+from pymoe.backend.numpy_backend import NumpyBackend
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given, settings  # noqa: E402
@@ -111,7 +111,7 @@ def check_dispatch_combine_and_backward(cuda_impl, c_core, case, weighted):
 @pytest.fixture(scope="module")
 def c_core():
     """[the C backend] when it is built, else []: the CUDA kernels must match it bit for bit."""
-    from pymoe import c_backend
+    from pymoe.backend import c_backend
 
     be, _ = c_backend.load()
     return [be] if be is not None else []
@@ -223,7 +223,7 @@ def test_wrapper_checks_kinds_shapes_and_sizes(cuda_impl):
 
 def test_raw_device_pointers(cuda_impl):
     """DeviceArray(ptr, shape, dtype): the path for device memory CuPy did not allocate."""
-    from pymoe.cuda_backend import DeviceArray
+    from pymoe.backend.cuda_backend import DeviceArray
 
     be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
     rng = np.random.default_rng(0)
@@ -260,8 +260,8 @@ def test_non_contiguous_inputs_are_copied_and_kept_alive(cuda_impl):
 def test_raw_pointers_without_cupy_still_report_bad_input(cuda_emulator_path):
     """With no array library at all (raw DeviceArray pointers only, as on a GPU machine without
     CuPy), bad indices and a repeated token_order entry are still reported."""
-    from pymoe import cuda_backend
-    from pymoe.cuda_backend import CudaBackend, DeviceArray
+    from pymoe.backend import cuda_backend
+    from pymoe.backend.cuda_backend import CudaBackend, DeviceArray
 
     loaded, _ = cuda_backend.load(cuda_emulator_path)
     be = CudaBackend(loaded.ffi, loaded.lib, memory=None, emulated=True)

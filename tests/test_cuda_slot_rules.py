@@ -5,8 +5,8 @@ with bias, counts and column sums; integers exact, sums bit for bit."""
 import numpy as np
 import pytest
 
+from pymoe.backend.numpy_backend import NumpyBackend
 from pymoe.capacity import keep_by_score
-from pymoe.numpy_backend import NumpyBackend
 from pymoe.priority import pair_order
 from pymoe.slots import assign, assign_slots_ordered
 from pymoe.topk import top_k as np_top_k
@@ -35,7 +35,7 @@ def device_assign(cuda_impl, expert_index, tokens, E, C, score, **rule):
 @pytest.fixture(scope="module")
 def c_core():
     """[the C backend] when it is built, else []: its top_k is the twin of the CUDA one."""
-    from pymoe import c_backend
+    from pymoe.backend import c_backend
 
     be, _ = c_backend.load()
     return [be] if be is not None else []

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from pymoe import cuda_backend
+from pymoe.backend import cuda_backend
 
 OWNER_BAD = np.array([[0, 6]])  # slot_owner entry 6 >= T*K = 3*2: invalid
 
@@ -123,7 +123,7 @@ def test_launches_do_not_read_the_global_last_error():
 def test_error_messages_are_the_c_cores(be):
     """Every pymoe error code reads the same from the CUDA library as from the C core
     (pymoe_error_string, written once); each status bit stands for one of those codes."""
-    from pymoe import c_backend
+    from pymoe.backend import c_backend
 
     c, info = c_backend.load()
     if c is None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from pymoe.backends import NumpyBackend
+from pymoe.backend import NumpyBackend
 from pymoe.experts import bias_relu, experts_backward, experts_forward, relu_backward
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")

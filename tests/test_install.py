@@ -72,7 +72,7 @@ def test_cuda_build_entry_builds_a_loadable_library(tmp_path):
     which needs g++ only) and the loader takes what it built."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no g++ for the CPU emulation of the CUDA kernels")
-    from pymoe import cuda_backend, cuda_build
+    from pymoe.backend import cuda_backend, cuda_build
 
     out = str(tmp_path / "emu.so")
     assert cuda_build.main(["--emulate", "-o", out]) == 0
@@ -81,7 +81,7 @@ def test_cuda_build_entry_builds_a_loadable_library(tmp_path):
 
 
 def test_cuda_build_entry_reports_a_missing_compiler(tmp_path, monkeypatch, capsys):
-    from pymoe import cuda_build
+    from pymoe.backend import cuda_build
 
     monkeypatch.setenv("NVCC", str(tmp_path / "no-nvcc"))
     assert cuda_build.main(["-o", str(tmp_path / "x.so")]) == 1

@@ -304,8 +304,8 @@ def test_route_backward_checks_a_rebound_routing():
 
 # ------------------------------------------------------------------ CUDA wrapper
 def test_cuda_null_device_pointer_names_the_argument(cuda_emulator_path):
-    from pymoe import cuda_backend
-    from pymoe.cuda_backend import DeviceArray
+    from pymoe.backend import cuda_backend
+    from pymoe.backend.cuda_backend import DeviceArray
 
     be, info = cuda_backend.load(cuda_emulator_path)
     assert be is not None, info.detail

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from pymoe.numpy_backend import NumpyBackend
+from pymoe.backend.numpy_backend import NumpyBackend
 from pymoe.priority import pair_order
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")

@@ -4,7 +4,7 @@ import pytest
 
 import pymoe
 from helpers import FD_RTOL, numerical_grad, randomize, rel_error
-from pymoe import grouped
+from pymoe import token_groups as grouped
 
 
 def _layer(G, **kw):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from pymoe.backends import NumpyBackend
+from pymoe.backend import NumpyBackend
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
 from hypothesis import given  # noqa: E402

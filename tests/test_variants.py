@@ -5,12 +5,12 @@ import pytest
 
 import pymoe
 from pymoe.capacity import expert_capacity, keep_by_score
-from pymoe.groups import group_scores, limit_to_groups
 from pymoe.losses import balance_loss, load_balancing_loss
-from pymoe.noisy import noise_thresholds
 from pymoe.priority import pair_order
-from pymoe.scores import sigmoid, softmax_over_top_k
-from pymoe.sinkhorn import sinkhorn
+from pymoe.variants.group_limited import group_scores, limit_to_groups
+from pymoe.variants.noisy import noise_thresholds
+from pymoe.variants.scores import sigmoid, softmax_over_top_k
+from pymoe.variants.sinkhorn import sinkhorn
 
 
 def logit(p):

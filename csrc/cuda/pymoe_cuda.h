@@ -17,7 +17,7 @@
  * per-thread setting and the status table is locked.
  *
  * Build: `python csrc/cuda/build.py` (nvcc; see that file), which also copies this header next to
- * the library, where the Python loader (pymoe/cuda_backend.py) reads the declarations below. */
+ * the library, where the Python loader (pymoe/backend/cuda_backend.py) reads the declarations below. */
 #ifndef PYMOE_CUDA_H
 #define PYMOE_CUDA_H
 
@@ -87,7 +87,7 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
 
 /* The float operations are written once, in PYMOE_CUDA_FLOAT_OPS(REAL, SFX) below, and declared
  * for float as name_f32 and for double as name_f64 (the loader expands them for cffi with
- * pymoe/_cdef.py). Expanded, for example:
+ * pymoe/backend/cdef_macros.py). Expanded, for example:
  *   int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
  *                               const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
  *                               int64_t C, int64_t D, int *status, void *stream);

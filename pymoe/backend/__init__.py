@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend_api import Backend, BackendInfo
 from .numpy_backend import NumpyBackend
+from .protocol import Backend, BackendInfo
 
 __all__ = ["BACKEND_NAMES", "Backend", "BackendInfo", "backends", "get_backend"]
 

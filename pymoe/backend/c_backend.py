@@ -18,14 +18,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _checks, _install
-from .backend_api import BackendInfo, temporarily
-from .row_blocks import softmax_lse_threads
+from .. import _checks
+from . import install as _install
+from .c_softmax import softmax_lse_threads
+from .protocol import BackendInfo, temporarily
 
 C_DTYPES = (np.float32, np.float64)
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
            np.dtype(np.int64): "int64_t[]"}
-_STATUS_FILE = os.path.join(os.path.dirname(__file__), "_c_build_status.txt")
+_STATUS_FILE = _install.STATUS_FILE  # next to the extension, in the package folder
 
 
 try:
@@ -56,7 +57,7 @@ def load() -> tuple[CBackend | None, BackendInfo]:
         return None, BackendInfo("c", False, "disabled by PYMOE_DISABLE_C=1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by libgomp when it loads
     try:
-        from ._pymoe_c import ffi, lib
+        from .._pymoe_c import ffi, lib
     except ImportError as err:
         return None, BackendInfo("c", False, _why_missing(err))
     be = CBackend(ffi, lib)
@@ -117,7 +118,7 @@ class CBackend:
 
     def softmax_lse(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (probs `[T, E]`, logsumexp `[T]`): router.softmax_lse bit for bit, its row blocks
-        on this backend's thread count (NumPy's exp sets the bits; row_blocks says why)."""
+        on this backend's thread count (NumPy's exp sets the bits; c_softmax says why)."""
         logits = _checks.float_arg("router_logits", router_logits, (None, None), C_DTYPES, "C")
         return softmax_lse_threads(logits, self.get_num_threads())  # (C-contiguous there)
 

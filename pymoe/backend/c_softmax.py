@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _checks
-from .router import softmax_lse
+from .. import _checks
+from ..router import softmax_lse
 
 BLOCK_ELEMENTS = 1 << 16  # per block (rows: this / E): about 256 KiB of float32, so it stays in L2
 MIN_ROWS_PER_THREAD = 512  # below this a thread costs more than it saves

@@ -36,12 +36,13 @@ from typing import Any, Union
 
 import numpy as np
 
-from . import _checks
-from ._cdef import cdef_block
-from .backend_api import BackendInfo, temporarily
-from .capacity import expert_capacity
-from .options import route_options
-from .slots import assign
+from .. import _checks
+from ..capacity import expert_capacity
+from ..options import route_options
+from ..slots import assign
+from .cdef_macros import cdef_block
+from .install import PACKAGE_DIR
+from .protocol import BackendInfo, temporarily
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
@@ -50,8 +51,7 @@ Check = Union[bool, str]  # True, False or "defer" (Union: evaluated at run time
 
 
 def library_path() -> str:
-    return os.environ.get("PYMOE_CUDA_LIB") or os.path.join(os.path.dirname(__file__),
-                                                             "_pymoe_cuda.so")
+    return os.environ.get("PYMOE_CUDA_LIB") or os.path.join(PACKAGE_DIR, "_pymoe_cuda.so")
 
 
 @dataclass(frozen=True)

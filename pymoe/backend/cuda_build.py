@@ -15,7 +15,7 @@ import os
 import sys
 from types import ModuleType
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pymoe/
 DEFAULT_OUT = os.path.join(PACKAGE_DIR, "_pymoe_cuda.so")
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pymoe/
 STATUS_FILE = os.path.join(PACKAGE_DIR, "_c_build_status.txt")  # setup.py writes it on failure
 DISTRIBUTION = "pymoe-routing"  # the name on the package index; the import name is pymoe
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
-from .capacity import expert_load, keep_by_score, slot_owner
-from .experts import bias_relu, relu_backward
-from .indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
-from .losses import expert_prob_sum
-from .priority import position_in_expert
-from .router import softmax_lse
-from .slots import assign_slots_ordered
-from .topk import top_k
+from .. import _checks
+from ..capacity import expert_load, keep_by_score, slot_owner
+from ..experts import bias_relu, relu_backward
+from ..indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
+from ..losses import expert_prob_sum
+from ..priority import position_in_expert
+from ..router import softmax_lse
+from ..slots import assign_slots_ordered
+from ..topk import top_k
 
 
 class NumpyBackend:

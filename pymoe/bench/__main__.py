@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from ..backends import backends
+from ..backend import backends
 from . import torch_peer
 from .cpu import bench_layer, bench_ops, bench_routing, copy_bandwidth
 from .report import Row, format_table, markdown_table, plot, write_json

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import backends, get_backend
+from ..backend import backends, get_backend
 from . import torch_peer
 from .layer import expert_flops, layer_contenders, sgemm
 from .ops import OPS, c_core, make_problem, numpy_dense, numpy_indexed, op_bytes

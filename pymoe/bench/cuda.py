@@ -145,7 +145,7 @@ def bench_ops(be: Any, T: int, D: int, E: int, K: int, *, capacity_factor: float
 
 
 def main(args: Any) -> int:
-    from ..cuda_backend import load
+    from ..backend.cuda_backend import load
 
     be, info = load()
     if be is None:

@@ -5,7 +5,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..backends import backends
+from ..backend import backends
 from ..layer import MoELayer
 from . import torch_peer
 

@@ -5,8 +5,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..backends import backends, get_backend
-from ..numpy_backend import NumpyBackend
+from ..backend import backends, get_backend
+from ..backend.numpy_backend import NumpyBackend
 from ..options import route_options
 from ..routing import route_unchecked
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import backends, get_backend
+from ..backend import backends, get_backend
 from .ops import c_core, make_problem, numpy_dense, numpy_indexed
 from .report import Row
 from .timing import time_round_robin

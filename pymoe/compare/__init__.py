@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..presets import Preset, preset, presets
 from ..routing import Routing, route
+from ..variants.presets import Preset, preset, presets
 
 REASONS = ("expert", "dropped", "gate")  # why a (token, choice) pair differs from the reference
 GATE_ATOL = 1e-6  # gates closer than this count as equal

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from ..presets import presets
+from ..variants.presets import presets
 from . import compare
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .capacity import keep_by_score
-from .priority import pair_order
+from ..capacity import keep_by_score
+from ..priority import pair_order
 
 
 def expert_choice_pairs(router_logits: np.ndarray) -> np.ndarray:

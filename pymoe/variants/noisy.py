@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .topk import top_k
+from ..topk import top_k
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 _CV_EPS = 1e-10  # keeps CV^2 finite if every load underflows to 0

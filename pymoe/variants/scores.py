@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
+from .. import _checks
 
 SCORES = ("softmax", "sigmoid")
 
