@@ -58,6 +58,16 @@ def gpu_visible() -> tuple[bool, str]:
 # A test needing an optional package (an extra) skips with the reason where it is missing; under
 # PYMOE_REQUIRE_OPTIONAL=1 (CI, which installs every extra) it fails instead, so that a missing or
 # broken install cannot pass as 'skipped'.
+def backend_by_name(name: str, request):
+    """The backend called `name`; "c" through the c_backend fixture (a skip with the reason where it
+    is not built, a failure under PYMOE_REQUIRE_C=1)."""
+    if name == "c":
+        return request.getfixturevalue("c_backend")
+    from pymoe import get_backend
+
+    return get_backend(name)
+
+
 REQUIRE_OPTIONAL_ENV = "PYMOE_REQUIRE_OPTIONAL"
 
 

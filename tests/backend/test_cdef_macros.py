@@ -1,5 +1,6 @@
-"""pymoe/backend/cdef_macros.py: the headers declare each float operation once, in a macro over the element type;
-the expansion cffi reads declares it for float and double, as the headers' comments show."""
+"""pymoe/backend/cdef_macros.py: the headers declare each float operation once, in a macro over the
+element type; the expansion cffi reads declares it for float and double, as the headers' comments
+show."""
 import os
 
 from helpers import REPO

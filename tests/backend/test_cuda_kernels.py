@@ -8,11 +8,8 @@ import pytest
 
 import pymoe
 from helpers import GATE_RTOL, PROB_RTOL, assert_dot_close
+from props import given, settings, st
 from pymoe.backend.numpy_backend import NumpyBackend
-
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 REF = NumpyBackend()
 

@@ -5,15 +5,12 @@ with bias, counts and column sums; integers exact, sums bit for bit."""
 import numpy as np
 import pytest
 
+from props import given, settings, st
 from pymoe.backend.numpy_backend import NumpyBackend
 from pymoe.capacity import keep_by_score
 from pymoe.priority import pair_order
 from pymoe.slots import assign, assign_slots_ordered
 from pymoe.topk import top_k as np_top_k
-
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 REF = NumpyBackend()  # the reference slot assignment (priority.py, capacity.py, slots.py)
 

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from helpers import REPO
 from pymoe.backend import cuda_backend
 
 OWNER_BAD = np.array([[0, 6]])  # slot_owner entry 6 >= T*K = 3*2: invalid
@@ -113,7 +114,7 @@ def test_a_bad_device_is_a_clear_error(be):
 def test_launches_do_not_read_the_global_last_error():
     """Launch errors come from cudaLaunchKernelEx's return value: cudaGetLastError would also
     report, and clear, an error some other library (CuPy, a framework) left pending."""
-    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "pymoe_cuda.cu")
+    path = os.path.join(REPO, "csrc", "cuda", "pymoe_cuda.cu")
     with open(path, encoding="utf-8") as f:
         src = f.read()
     assert not re.search(r"cuda(GetLast|PeekAtLast)Error\s*\(", src)

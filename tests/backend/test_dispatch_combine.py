@@ -13,11 +13,8 @@ from helpers import (
     randomize,
     rel_norm_error,
 )
+from props import given, st
 from pymoe.backend.numpy_backend import NumpyBackend
-
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 REF = NumpyBackend()
 

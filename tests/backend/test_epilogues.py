@@ -4,12 +4,9 @@ import numpy as np
 import pytest
 
 import pymoe
+from props import given, st
 from pymoe.backend import NumpyBackend
 from pymoe.experts import bias_relu, experts_backward, experts_forward, relu_backward
-
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 REF = NumpyBackend()
 

@@ -3,13 +3,10 @@ as the reference steps they stand in for."""
 import numpy as np
 import pytest
 
+from props import given, settings, st
 from pymoe.backend import c_softmax as row_blocks
 from pymoe.router import softmax, softmax_lse
 from pymoe.topk import chosen
-
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)

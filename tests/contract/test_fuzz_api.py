@@ -8,12 +8,10 @@ import warnings
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import fuzz  # noqa: E402
-import pymoe  # noqa: E402
+import fuzz
+import pymoe
+from helpers import backend_by_name
+from props import given, settings, st
 
 FUZZ = settings(max_examples=fuzz.EXAMPLES, deadline=None)
 ROUTE_ARGS = ("router_logits", "k", "capacity_factor", "min_capacity", "normalize", "priority")
@@ -104,8 +102,7 @@ LAYER_ARGS = ("x", "dy", "params", "d_model", "d_hidden", "num_experts", "k", "c
 @FUZZ
 @given(data=st.data())
 def test_fuzz_layer(backend, data, request):
-    if backend == "c":
-        request.getfixturevalue("c_backend")
+    backend_by_name(backend, request)  # "c": skips or fails where the C core is not built
     D, H = data.draw(st.integers(1, 5), label="D"), data.draw(st.integers(1, 4), label="H")
     E = data.draw(st.integers(1, 4), label="E")
     T = data.draw(st.integers(1, 6), label="T")

@@ -7,12 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import fuzz  # noqa: E402
-from pymoe import get_backend  # noqa: E402
+import fuzz
+from helpers import backend_by_name
+from props import given, settings, st
+from pymoe import get_backend
 
 REF = get_backend("numpy")
 BACKENDS = ["numpy", "c"]
@@ -22,12 +20,6 @@ FUZZ = settings(max_examples=fuzz.EXAMPLES, deadline=None)
 def backend_fuzz(test):
     """A fuzz test of one op: run for each backend (`be`), on hypothesis' `data`."""
     return pytest.mark.parametrize("be", BACKENDS)(FUZZ(given(data=st.data())(test)))
-
-
-def _backend(name: str, request):
-    if name == "c":
-        return request.getfixturevalue("c_backend")
-    return REF
 
 
 def _c_limit(err: Exception) -> bool:
@@ -98,7 +90,7 @@ def _out_arg(data, backend, shape, dtype, inputs: dict):
 # ------------------------------------------------------------------------------ assign_slots
 @backend_fuzz
 def test_fuzz_assign_slots(be, data, request):
-    backend = _backend(be, request)
+    backend = backend_by_name(be, request)
     T, K, E, C, _ = _sizes(data)
     idx, _, _ = _routing(data, T, K, E, C)
     order = None
@@ -124,7 +116,7 @@ def test_fuzz_assign_slots(be, data, request):
 # ------------------------------------------------------------------------------ dispatch
 @backend_fuzz
 def test_fuzz_dispatch(be, data, request):
-    backend = _backend(be, request)
+    backend = backend_by_name(be, request)
     T, K, E, C, D = _sizes(data)
     _, _, owner = _routing(data, T, K, E, C)
     x = fuzz.float_values(data, (T, D), fuzz.float_dtype(data, "x dtype"), nonfinite=True)
@@ -167,7 +159,7 @@ def _check_with_out(data, backend, be: str, op: str, names: tuple, args: list, s
 # ------------------------------------------------------------------------------ combine
 @backend_fuzz
 def test_fuzz_combine(be, data, request):
-    backend = _backend(be, request)
+    backend = backend_by_name(be, request)
     T, K, E, C, D = _sizes(data)
     idx, pos, _ = _routing(data, T, K, E, C)
     eo = fuzz.float_values(data, (E, C, D), fuzz.float_dtype(data, "expert_out dtype"),
@@ -214,7 +206,7 @@ def _close_and_layout_free(backend, args, kw):
 
 @backend_fuzz
 def test_fuzz_gate_grad(be, data, request):
-    backend = _backend(be, request)
+    backend = backend_by_name(be, request)
     T, K, E, C, D = _sizes(data)
     idx, pos, _ = _routing(data, T, K, E, C)
     eo = fuzz.float_values(data, (E, C, D), fuzz.float_dtype(data, "expert_out dtype"),
@@ -241,7 +233,7 @@ def test_fuzz_gate_grad(be, data, request):
 # ------------------------------------------------------------------------------ top_k
 @backend_fuzz
 def test_fuzz_top_k(be, data, request):
-    backend = _backend(be, request)
+    backend = backend_by_name(be, request)
     T, K, E, _, _ = _sizes(data)
     K = min(K, E)
     score = fuzz.float_values(data, (T, E), fuzz.float_dtype(data, "score dtype"),
@@ -274,7 +266,7 @@ def test_fuzz_top_k(be, data, request):
 # ------------------------------------------------------------------------------ softmax_lse
 @backend_fuzz
 def test_fuzz_softmax_lse(be, data, request):
-    backend = _backend(be, request)
+    backend = backend_by_name(be, request)
     T, _, E, _, _ = _sizes(data)
     logits = fuzz.float_values(data, (T, E), fuzz.float_dtype(data, "router_logits dtype"),
                                nonfinite=fuzz.maybe(data, "nonfinite router_logits"))
@@ -291,7 +283,7 @@ def test_fuzz_relu_epilogues(be, data, request):
     """bias_relu / relu_backward work in place: the array as the caller handed it must be a
     writeable, C-contiguous, native float array, else a named error (a copy would be updated
     instead of it); then its new values are the reference's on a copy."""
-    backend = _backend(be, request)
+    backend = backend_by_name(be, request)
     T, _, _, _, D = _sizes(data)
     op, name, other_name = data.draw(st.sampled_from([("bias_relu", "a", "bias"),
                                                       ("relu_backward", "grad", "hidden")]))

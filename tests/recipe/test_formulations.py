@@ -4,10 +4,7 @@ import pytest
 
 import pymoe
 from helpers import oracle_layer_forward, randomize
-
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from props import given, st
 
 # Both formulations do the same float64 arithmetic in different orders (einsum over E*C versus a
 # sum over K; BLAS over C rows versus the filled rows): the only differences are round-off.

@@ -2,12 +2,9 @@
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extra")
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import pymoe  # noqa: E402
-from helpers import oracle_route, oracle_softmax  # noqa: E402
+import pymoe
+from helpers import oracle_route, oracle_softmax
+from props import given, st
 
 
 @st.composite

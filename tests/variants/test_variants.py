@@ -17,7 +17,7 @@ def logit(p):
     return np.log(np.asarray(p, float) / (1 - np.asarray(p, float)))
 
 
-# token 0 -> [0, 1], token 1 -> [1, 0], token 2 -> [0, 2] (as tests/test_route_literals.py)
+# token 0 -> [0, 1], token 1 -> [1, 0], token 2 -> [0, 2] (as tests/recipe/test_route_literals.py)
 K2_LOGITS = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [2.5, 0.0, 1.0]])
 
 

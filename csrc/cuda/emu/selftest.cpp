@@ -1,4 +1,4 @@
-// Self-test of the CUDA emulation shim (run by tests/test_cuda_emulator.py):
+// Self-test of the CUDA emulation shim (run by tests/backend/test_cuda_emulator.py):
 //   g++ -std=c++20 -DPYMOE_EMULATE csrc/cuda/emu/selftest.cpp -o selftest && ./selftest [CASE]
 // Each case launches a small kernel and checks what the emulator must do with it: compute the
 // right answer when the kernel is right, and fail the launch, naming the reason, when it has a
