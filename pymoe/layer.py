@@ -17,17 +17,25 @@ from .dense import (
     dispatch_dense_backward,
     gate_grad_from_dense,
 )
-from .experts import ACTIVATIONS, ExpertsCache, experts_backward, experts_forward
-from .options import expert_bias_arg, route_options
+from .experts import ExpertsCache, experts_backward, experts_forward
+from .options import (
+    EXPERT_KEYWORDS,
+    ROUTE_KEYWORDS,
+    ExpertOptions,
+    RouteOptions,
+    expert_bias_arg,
+    expert_options,
+    keywords_doc,
+    route_options,
+    split_keywords,
+)
 from .router import jitter, router_dtype, router_logits, router_logits_backward
 from .routing import K1_NORMALIZE_WARNING, Routing, route_backward, route_unchecked
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 
-FORMULATIONS = ("indexed", "dense")
 PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")  # always present
-ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 
 
 @dataclass
@@ -57,41 +65,20 @@ class MoELayer:
 
     Args:
         d_model: D; d_hidden: H; num_experts: E; k: K choices per token.
-        capacity_factor, min_capacity, normalize, priority: as for pymoe.route.
-        score, expert_bias, num_groups, topk_groups, group_score_k, scaling_factor, drop_policy,
-            renormalize_after_drop, selection, capacity_rule, capacity, load_balancing,
-            sequence_length, second_expert_policy, second_expert_threshold: as for pymoe.route.
-            expert_bias `[E]` is a buffer, not a parameter: assign
+        capacity_factor: as for pymoe.route.
+        expert_bias: `[E]` selection bias, a buffer, not a parameter: assign
             `layer.expert_bias = pymoe.update_expert_bias(layer.expert_bias, load, rate)`.
-            Random slot rules draw from the layer's generator (seeded by `seed`).
-        activation: "relu" or "gelu" (tanh form).
-        aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in the objective
-            that backward() differentiates (both >= 0).
-        router_noise: "none"; "jitter": multiplicative router-input noise U(1-eps, 1+eps) with
-            eps = jitter_eps; "noisy_topk": Shazeer's learned Gaussian logit noise (pymoe.variants.noisy,
-            parameter w_noise `[D, E]`, needs k < E) with its load loss weighted by
-            load_loss_coef. Noise is applied only by forward(x, train=True) and drawn from a
-            generator seeded by `seed`. None (the default) means "jitter" if jitter_eps > 0,
-            else "none".
-        num_shared_experts: S always-on FFNs (hidden size H) added to the routed output
-            (pymoe.variants.shared); shared_expert_gate: gate them by sigmoid(x . w_shared_gate `[D]`).
-        formulation: "indexed" (gather/scatter; expert matmuls over filled slots only) or "dense"
-            (the `[T, E, C]` einsums). Both compute the same values.
         backend: who moves the routed data in the indexed formulation: "numpy", "c", or "auto"
             (C when it is built, else NumPy). The dense formulation is NumPy only.
         dtype: float16, float32 or float64 for parameters and expert math; the router always
             computes in at least float32.
-        seed: initialises the parameters and the jitter generator.
-        token_groups: G >= 1. G > 1 routes each of G equal contiguous blocks of tokens on its own,
-            with its own capacity (the GShard "group"; issue 13 called it num_groups, a name
-            route() uses for group-limited expert choice). One process then computes exactly what
-            pymoe.expert_parallel computes on G ranks; gradients follow data parallelism: dx of
-            each block is that of its own objective, parameter gradients are the mean over the
-            groups (pymoe.token_groups explains). Indexed formulation only.
-        load_stats: "local" (each group's own f_e, P_e in the aux loss) or "global" (over all
-            groups); only matters with token_groups > 1 (pymoe.token_groups).
+        seed: initialises the parameters and the noise generator (random slot rules draw from
+            it too).
         preset: a system's name (pymoe.presets()) or a pymoe.Preset supplying every routing
             keyword (and num_shared_experts, shared_expert_gate) not passed explicitly.
+        keywords: every routing keyword of pymoe.route (pymoe.options.RouteOptions) and the
+            layer's own (pymoe.options.ExpertOptions; listed below), checked there. Each one is
+            also an attribute of the layer (layer.aux_loss_coef, layer.priority, ...).
 
     Attributes:
         params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, H]`, b1 `[E, H]`,
@@ -105,69 +92,18 @@ class MoELayer:
         expert_bias: `[E]` selection bias or None (a buffer the training loop updates).
     """
 
-    @accepts_preset(skip=("seed",))  # a preset's seed is route()'s; here seed initialises
-    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,
-                 capacity_factor: float | None = 1.25, *, min_capacity: int = 0,
-                 normalize: bool = False, priority: str = "choice", score: str = "softmax",
-                 expert_bias: np.ndarray | None = None, num_groups: int | None = None,
-                 topk_groups: int | None = None, group_score_k: int | None = None,
-                 scaling_factor: float | None = None, drop_policy: str = "position",
-                 renormalize_after_drop: bool = False, selection: str = "tokens",
-                 capacity_rule: str = "k_ceil", capacity: int | None = None,
-                 load_balancing: str = "switch", sequence_length: int | None = None,
-                 second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
-                 activation: str = "relu", aux_loss_coef: float = 0.01,
-                 z_loss_coef: float = 0.0, jitter_eps: float = 0.0,
-                 router_noise: str | None = None, load_loss_coef: float = 0.01,
-                 num_shared_experts: int = 0, shared_expert_gate: bool = False,
-                 formulation: str = "indexed", backend: str = "auto",
-                 dtype: np.dtype | type = np.float32, seed: int = 0, token_groups: int = 1,
-                 load_stats: str = "local", preset: str | Preset | None = None) -> None:
+    @accepts_preset(ROUTE_KEYWORDS + EXPERT_KEYWORDS, skip=("seed",))  # a preset's seed is
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,  # route()'s
+                 capacity_factor: float | None = 1.25, *, expert_bias: np.ndarray | None = None,
+                 backend: str = "auto", dtype: np.dtype | type = np.float32, seed: int = 0,
+                 preset: str | Preset | None = None, **keywords: Any) -> None:
+        route_kw, expert_kw = split_keywords("MoELayer", keywords, RouteOptions, ExpertOptions)
         self.d_model = _checks.integer("d_model", d_model, low=1)
         self.d_hidden = _checks.integer("d_hidden", d_hidden, low=1)
         self.num_experts = _checks.integer("num_experts", num_experts, low=1)
-        self.options = route_options(
-            self.num_experts, k, capacity_factor, min_capacity=min_capacity, normalize=normalize,
-            priority=priority, score=score, num_groups=num_groups, topk_groups=topk_groups,
-            group_score_k=group_score_k, scaling_factor=scaling_factor, drop_policy=drop_policy,
-            renormalize_after_drop=renormalize_after_drop, selection=selection,
-            capacity_rule=capacity_rule, capacity=capacity, load_balancing=load_balancing,
-            sequence_length=sequence_length, second_expert_policy=second_expert_policy,
-            second_expert_threshold=second_expert_threshold)
-        o = self.options
-        self.k, self.capacity_factor, self.min_capacity = o.k, o.capacity_factor, o.min_capacity
-        self.normalize, self.priority = o.normalize, o.priority
+        self.options = route_options(self.num_experts, k, capacity_factor, **route_kw)
         self.expert_bias = expert_bias_arg(expert_bias, self.num_experts)
-        self.activation = _checks.choice("activation", activation, ACTIVATIONS)
-        self.aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
-        self.z_loss_coef = _checks.nonnegative_finite("z_loss_coef", z_loss_coef)
-        self.jitter_eps = _checks.nonnegative_finite("jitter_eps", jitter_eps)
-        if self.jitter_eps >= 1.0:
-            raise ValueError(f"jitter_eps: expected a value in [0, 1), got {self.jitter_eps}")
-        if router_noise is None:
-            router_noise = "jitter" if self.jitter_eps > 0 else "none"
-        self.router_noise = _checks.choice("router_noise", router_noise, ROUTER_NOISE)
-        if self.router_noise == "jitter" and self.jitter_eps == 0:
-            raise ValueError("jitter_eps: router_noise='jitter' needs jitter_eps > 0 (1e-2 in "
-                             "Mesh-TF and DeepSpeed)")
-        if self.router_noise == "noisy_topk" and self.k >= self.num_experts:
-            raise ValueError(f"router_noise: 'noisy_topk' needs k < E (its load estimate "
-                             f"compares with the (k+1)-th logit), got k = {self.k}, "
-                             f"E = {self.num_experts}")
-        self.load_loss_coef = _checks.nonnegative_finite("load_loss_coef", load_loss_coef)
-        self.num_shared_experts = _checks.integer("num_shared_experts", num_shared_experts,
-                                                  low=0)
-        self.shared_expert_gate = _checks.boolean("shared_expert_gate", shared_expert_gate)
-        if self.shared_expert_gate and self.num_shared_experts == 0:
-            raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
-        self.formulation = _checks.choice("formulation", formulation, FORMULATIONS)
-        self.token_groups = _checks.integer("token_groups", token_groups, low=1)
-        self.load_stats = _checks.choice("load_stats", load_stats, grouped.LOAD_STATS)
-        if self.token_groups > 1 and self.formulation != "indexed":
-            raise ValueError("token_groups: groups run in the indexed formulation only, got "
-                             f"formulation={self.formulation!r}")
-        self._check_token_groups(router_noise, num_shared_experts, selection, score,
-                                 load_balancing)
+        self.expert_options = expert_options(self.options, self.num_experts, **expert_kw)
         if dtype is None:  # np.dtype(None) is float64: a silent default nobody asked for
             raise TypeError("dtype: expected float16, float32 or float64, got None")
         try:
@@ -191,7 +127,7 @@ class MoELayer:
         numpy_only = self.formulation == "dense" or self.dtype == np.float16
         self._backend_request = "numpy" if numpy_only else backend  # re-resolved on unpickling
         self.backend: Backend = get_backend(self._backend_request)
-        if self.normalize and self.k == 1 and o.selection != "experts":
+        if self.normalize and self.k == 1 and self.selection != "experts":
             warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
@@ -227,6 +163,13 @@ class MoELayer:
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        """Every keyword reads as an attribute: layer.k, layer.priority, layer.aux_loss_coef."""
+        for options, names in (("options", ROUTE_KEYWORDS), ("expert_options", EXPERT_KEYWORDS)):
+            if name in names and options in self.__dict__:
+                return getattr(self.__dict__[options], name)
+        raise AttributeError(f"'MoELayer' object has no attribute {name!r}")
 
     # ---------------------------------------------------------------- pickling
     # A backend holds a compiled library (cffi objects do not pickle): the state keeps the name
@@ -381,18 +324,6 @@ class MoELayer:
                             backend=self.backend)  # steps 2-10, 12
         return x_router, noise, r, noisy
 
-    def _check_token_groups(self, router_noise, num_shared_experts, selection, score,
-                            load_balancing) -> None:
-        """token_groups > 1 (pymoe.token_groups) runs the router and the routed experts only."""
-        if self.token_groups == 1:
-            return
-        if router_noise == "noisy_topk" or num_shared_experts or selection == "experts":
-            raise ValueError("token_groups: groups support neither router_noise='noisy_topk', "
-                             "shared experts nor selection='experts'")
-        if self.load_stats == "global" and (score != "softmax" or load_balancing != "switch"):
-            raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
-                             f"score={score!r}, load_balancing={load_balancing!r}")
-
     def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool) -> np.ndarray:
         G, T = self.token_groups, x2.shape[0]
         if T == 0 or T % G:
@@ -483,3 +414,7 @@ class MoELayer:
             raise self._nonfinite("the gradient dx", (), "dy")
         self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in self.params}
         return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)
+
+
+MoELayer.__doc__ = (MoELayer.__doc__ or "") + (
+    "\n    Keywords of the layer (pymoe.options.ExpertOptions):\n" + keywords_doc(ExpertOptions))

@@ -1,19 +1,25 @@
-"""The routing keywords of route() and MoELayer, checked once into a RouteOptions.
+"""Every keyword of route() and MoELayer, written once: its name, default, check and doc.
 
-Every keyword is a variant of one routing step (the README's "Routing variants" lists which
-system uses which); the defaults are the original pymoe routing, so leaving them out changes
-nothing.
+RouteOptions holds the routing keywords (each one a variant of one routing step; the README's
+"Routing variants" says which system uses which), ExpertOptions MoELayer's own (experts, losses,
+noise, formulation, token groups). route(), MoELayer, the presets and compare() take these
+keywords as **keywords and pass them here, so adding a variant is one field below plus its step.
+The defaults are the original pymoe routing: leaving a keyword out changes nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from dataclasses import dataclass
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import _checks
 from .capacity import capacity_args
+from .experts import ACTIVATIONS
 from .losses import LOAD_BALANCING
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
@@ -22,31 +28,75 @@ from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
 SELECTIONS = ("tokens", "experts", "sinkhorn")
+ROUTER_NOISE = ("none", "jitter", "noisy_topk")
+FORMULATIONS = ("indexed", "dense")
+LOAD_STATS = ("local", "global")
+
+Check = Callable[[str, Any], Any]  # (keyword, value) -> the checked value, or raises naming it
+
+
+def _choice(choices: tuple[str, ...]) -> Check:
+    return lambda name, v: _checks.choice(name, v, choices)
+
+
+def _positive(allow_none: bool = False) -> Check:
+    return lambda name, v: _checks.positive_finite(name, v, allow_none=allow_none)
+
+
+def _integer(low: int) -> Check:
+    return lambda name, v: _checks.integer(name, v, low=low)
+
+
+def keyword(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A field of RouteOptions / ExpertOptions: its default, its doc and its check (None: checked
+    with the others it depends on, in route_options / expert_options)."""
+    return field(default=default, metadata={"doc": doc, "check": check})
 
 
 @dataclass(frozen=True)
 class RouteOptions:
     """Everything route() needs besides the logits, the expert bias and the random generator."""
-    k: int
-    capacity_factor: float | None = 1.25
-    min_capacity: int = 0
-    normalize: bool = False
-    priority: str = "choice"
-    score: str = "softmax"
-    num_groups: int | None = None
-    topk_groups: int | None = None
-    group_score_k: int | None = None
-    scaling_factor: float | None = None
-    drop_policy: str = "position"
-    renormalize_after_drop: bool = False
-    selection: str = "tokens"
-    capacity_rule: str = "k_ceil"
-    capacity: int | None = None
-    load_balancing: str = "switch"
-    sequence_length: int | None = None
-    second_expert_policy: str = "all"
-    second_expert_threshold: float = 0.2
-    sinkhorn_iterations: int = SINKHORN_ITERATIONS
+    k: int = keyword(1, "K choices per token, 1 <= K <= E.")
+    capacity_factor: float | None = keyword(
+        1.25, "> 0 and finite, or None for dropless routing (capacity.expert_capacity).")
+    min_capacity: int = keyword(0, "lower bound on C (>= 0).")
+    normalize: bool = keyword(False, "divide the K chosen scores by their sum (topk.gates).",
+                              _checks.boolean)
+    priority: str = keyword(
+        "choice", '"choice" (choice-major, token order), "score" (batch-prioritised), "token" '
+        '(token-major), "random" (random token order, needs seed) (priority.priority_order).',
+        _choice(PRIORITIES))
+    score: str = keyword('softmax', '"softmax" or "sigmoid" (variants.scores.sigmoid).',
+                         _choice(SCORES))
+    num_groups: int | None = keyword(
+        None, "G expert groups for group-limited top-K (variants.group_limited.limit_to_groups).")
+    topk_groups: int | None = keyword(None, "how many groups each token may use (with num_groups).")
+    group_score_k: int | None = keyword(
+        None, "experts summed per group score; None means max(1, k // topk_groups).")
+    scaling_factor: float | None = keyword(None, "multiplies the final gates (topk.scale_gates).",
+                                           _positive(allow_none=True))
+    drop_policy: str = keyword(
+        "position", '"position" (first C in priority order) or "probs" (C best gates per expert; '
+        'capacity.keep_by_score).', _choice(DROP_POLICIES))
+    renormalize_after_drop: bool = keyword(
+        False, "renormalise the surviving gates after drops (topk.renormalize_kept).",
+        _checks.boolean)
+    selection: str = keyword(
+        "tokens", '"tokens" (top-K per token), "experts" (expert choice: each expert takes its '
+        'top-C tokens, K = E pairs; variants.expert_choice), "sinkhorn" (top-K of the Sinkhorn-'
+        'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds).', _choice(SELECTIONS))
+    capacity_rule: str = keyword("k_ceil", "the capacity formula (capacity.expert_capacity).")
+    capacity: int | None = keyword(None, "a fixed C instead of any formula.")
+    load_balancing: str = keyword("switch", "which load-balancing loss (losses.balance_loss).",
+                                  _choice(LOAD_BALANCING))
+    sequence_length: int | None = keyword(
+        None, 'tokens per sequence, for load_balancing="sequence" (T a multiple of it).')
+    second_expert_policy: str = keyword(
+        "all", "GShard's top-2 second-expert policy (topk.second_expert_keep; k = 2).",
+        _choice(SECOND_EXPERT_POLICIES))
+    second_expert_threshold: float = keyword(0.2, "its threshold.", _positive())
+    sinkhorn_iterations: int = keyword(SINKHORN_ITERATIONS, "Sinkhorn rounds (>= 1).",
+                                       _integer(1))
 
     @property
     def random(self) -> bool:
@@ -54,37 +104,94 @@ class RouteOptions:
         return self.priority == "random" or self.second_expert_policy == "random"
 
 
-def route_options(num_experts: int, k: object, capacity_factor: object = 1.25, *,
-                  min_capacity: object = 0, normalize: object = False, priority: object = "choice",
-                  score: object = "softmax", num_groups: object = None,
-                  topk_groups: object = None, group_score_k: object = None,
-                  scaling_factor: object = None, drop_policy: object = "position",
-                  renormalize_after_drop: object = False, selection: object = "tokens",
-                  capacity_rule: object = "k_ceil", capacity: object = None,
-                  load_balancing: object = "switch", sequence_length: object = None,
-                  second_expert_policy: object = "all", second_expert_threshold: object = 0.2,
-                  sinkhorn_iterations: object = SINKHORN_ITERATIONS) -> RouteOptions:
+@dataclass(frozen=True)
+class ExpertOptions:
+    """MoELayer's keywords besides the routing ones (and its sizes, expert_bias, backend, dtype and
+    seed): the expert form, the loss weights, the router noise, the formulation, token groups."""
+    activation: str = keyword("relu", '"relu" or "gelu" (tanh form).', _choice(tuple(ACTIVATIONS)))
+    aux_loss_coef: float = keyword(0.01, "weight of the load-balancing loss in the objective that "
+                                   "backward() differentiates (>= 0).", _checks.nonnegative_finite)
+    z_loss_coef: float = keyword(0.0, "weight of the router z-loss (>= 0).",
+                                 _checks.nonnegative_finite)
+    jitter_eps: float = keyword(0.0, "eps of multiplicative router-input noise U(1-eps, 1+eps), "
+                                "in [0, 1).", _checks.nonnegative_finite)
+    router_noise: str | None = keyword(
+        None, '"none"; "jitter" (jitter_eps); "noisy_topk": Shazeer\'s learned Gaussian logit '
+        "noise (variants.noisy, parameter w_noise [D, E], needs k < E) with its load loss "
+        "weighted by load_loss_coef. Applied only by forward(x, train=True), drawn from a "
+        'generator seeded by seed. None means "jitter" if jitter_eps > 0, else "none".')
+    load_loss_coef: float = keyword(0.01, "weight of noisy top-K's load loss (>= 0).",
+                                    _checks.nonnegative_finite)
+    num_shared_experts: int = keyword(0, "S always-on FFNs (hidden size H) added to the routed "
+                                      "output (variants.shared).", _integer(0))
+    shared_expert_gate: bool = keyword(False, "gate the shared experts by sigmoid(x . "
+                                       "w_shared_gate [D]).", _checks.boolean)
+    formulation: str = keyword(
+        "indexed", '"indexed" (gather/scatter; expert matmuls over filled slots only) or "dense" '
+        "(the [T, E, C] einsums); both compute the same values.", _choice(FORMULATIONS))
+    token_groups: int = keyword(
+        1, "G >= 1: G > 1 routes each of G equal contiguous blocks of tokens on its own, with its "
+        "own capacity (the GShard group; pymoe.token_groups explains); indexed formulation only.",
+        _integer(1))
+    load_stats: str = keyword('local', '"local" (each group\'s own f_e, P_e in the aux loss) or '
+                              '"global" (over all groups); with token_groups > 1.',
+                              _choice(LOAD_STATS))
+
+
+ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
+EXPERT_KEYWORDS = tuple(f.name for f in dataclasses.fields(ExpertOptions))
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Each keyword of RouteOptions or ExpertOptions with its default."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def keywords_doc(cls: type, skip: tuple[str, ...] = ()) -> str:
+    """The Args lines of cls's keywords, for route()'s and MoELayer's docstrings."""
+    return "".join(textwrap.fill(f"{f.name}: {f.metadata['doc']} Default {f.default!r}.", 100,
+                                 initial_indent=" " * 8, subsequent_indent=" " * 12) + "\n"
+                   for f in dataclasses.fields(cls) if f.name not in skip)
+
+
+def split_keywords(func: str, keywords: Mapping[str, Any],
+                   *classes: type) -> tuple[dict[str, Any], ...]:
+    """keywords sorted into one dict per options class; an unknown one is a TypeError naming it, as
+    Python's own for a keyword the signature does not have."""
+    out: list[dict[str, Any]] = [{} for _ in classes]
+    names = [set(f.name for f in dataclasses.fields(c)) for c in classes]
+    for name, value in keywords.items():
+        for i, known in enumerate(names):
+            if name in known:
+                out[i][name] = value
+                break
+        else:
+            raise TypeError(f"{func}() got an unexpected keyword argument {name!r}")
+    return tuple(out)
+
+
+def _checked_fields(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every keyword of cls that has its own check, checked, in the order of the fields."""
+    return {f.name: f.metadata["check"](f.name, given.get(f.name, f.default))
+            for f in dataclasses.fields(cls) if f.metadata["check"] is not None}
+
+
+def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
+                  **keywords: Any) -> RouteOptions:
     """Check every routing keyword against E and each other; each error names its argument."""
+    (given,) = split_keywords("route_options", keywords, RouteOptions)
+    given.pop("k", None)
+    given.pop("capacity_factor", None)
+    g = {**defaults(RouteOptions), **given}
     E = num_experts
     k = _checks.integer("k", k, low=1, high=E)
-    cf, min_c, rule, fixed = capacity_args(capacity_factor, min_capacity, capacity_rule, capacity)
-    opts: dict[str, Any] = dict(
-        capacity_factor=cf, min_capacity=min_c, capacity_rule=rule, capacity=fixed,
-        normalize=_checks.boolean("normalize", normalize),
-        priority=_checks.choice("priority", priority, PRIORITIES),
-        score=_checks.choice("score", score, SCORES),
-        scaling_factor=_checks.positive_finite("scaling_factor", scaling_factor, allow_none=True),
-        drop_policy=_checks.choice("drop_policy", drop_policy, DROP_POLICIES),
-        renormalize_after_drop=_checks.boolean("renormalize_after_drop", renormalize_after_drop),
-        selection=_checks.choice("selection", selection, SELECTIONS),
-        load_balancing=_checks.choice("load_balancing", load_balancing, LOAD_BALANCING),
-        second_expert_policy=_checks.choice("second_expert_policy", second_expert_policy,
-                                            SECOND_EXPERT_POLICIES),
-        second_expert_threshold=_checks.positive_finite("second_expert_threshold",
-                                                        second_expert_threshold),
-        sinkhorn_iterations=_checks.integer("sinkhorn_iterations", sinkhorn_iterations, low=1),
-    )
-    opts.update(_group_options(E, k, num_groups, topk_groups, group_score_k))
+    cf, min_c, rule, fixed = capacity_args(capacity_factor, g["min_capacity"], g["capacity_rule"],
+                                           g["capacity"])
+    opts: dict[str, Any] = dict(capacity_factor=cf, min_capacity=min_c, capacity_rule=rule,
+                                capacity=fixed)
+    opts.update(_checked_fields(RouteOptions, g))
+    opts.update(_group_options(E, k, g["num_groups"], g["topk_groups"], g["group_score_k"]))
+    sequence_length = g["sequence_length"]
     if opts["load_balancing"] == "sequence":
         if sequence_length is None:
             raise ValueError("sequence_length: required with load_balancing='sequence' (tokens "
@@ -133,6 +240,41 @@ def _group_options(E: int, k: int, num_groups: object, topk_groups: object,
     else:
         gk = _checks.integer("group_score_k", group_score_k, low=1, high=E // G)
     return dict(num_groups=G, topk_groups=tg, group_score_k=min(gk, E // G))
+
+
+def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> ExpertOptions:
+    """Check MoELayer's own keywords (after the routing ones: some depend on them)."""
+    (given,) = split_keywords("expert_options", keywords, ExpertOptions)
+    g = {**defaults(ExpertOptions), **given}
+    o = _checked_fields(ExpertOptions, g)
+    if o["jitter_eps"] >= 1.0:
+        raise ValueError(f"jitter_eps: expected a value in [0, 1), got {o['jitter_eps']}")
+    noise = g["router_noise"]
+    if noise is None:
+        noise = "jitter" if o["jitter_eps"] > 0 else "none"
+    o["router_noise"] = _checks.choice("router_noise", noise, ROUTER_NOISE)
+    if o["router_noise"] == "jitter" and o["jitter_eps"] == 0:
+        raise ValueError("jitter_eps: router_noise='jitter' needs jitter_eps > 0 (1e-2 in "
+                         "Mesh-TF and DeepSpeed)")
+    if o["router_noise"] == "noisy_topk" and route.k >= num_experts:
+        raise ValueError(f"router_noise: 'noisy_topk' needs k < E (its load estimate "
+                         f"compares with the (k+1)-th logit), got k = {route.k}, "
+                         f"E = {num_experts}")
+    if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
+        raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
+    if o["token_groups"] > 1:
+        if o["formulation"] != "indexed":
+            raise ValueError("token_groups: groups run in the indexed formulation only, got "
+                             f"formulation={o['formulation']!r}")
+        if (o["router_noise"] == "noisy_topk" or o["num_shared_experts"]
+                or route.selection == "experts"):
+            raise ValueError("token_groups: groups support neither router_noise='noisy_topk', "
+                             "shared experts nor selection='experts'")
+        if o["load_stats"] == "global" and (route.score != "softmax"
+                                            or route.load_balancing != "switch"):
+            raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
+                             f"score={route.score!r}, load_balancing={route.load_balancing!r}")
+    return ExpertOptions(**o)
 
 
 def expert_bias_arg(expert_bias: object, num_experts: int) -> np.ndarray | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,16 @@ from .losses import (
     router_z_loss_backward,
     router_z_loss_from_lse,
 )
-from .options import PRIORITIES, RouteOptions, expert_bias_arg, generator_arg, route_options
+from .options import (
+    PRIORITIES,
+    ROUTE_KEYWORDS,
+    RouteOptions,
+    expert_bias_arg,
+    generator_arg,
+    keywords_doc,
+    route_options,
+    split_keywords,
+)
 from .priority import priority_order
 from .router import router_dtype, softmax, softmax_backward
 from .slots import assign
@@ -142,19 +152,11 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return view
 
 
-@accepts_preset()
+@accepts_preset(ROUTE_KEYWORDS)
 def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.25, *,
-          min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
-          score: str = "softmax", expert_bias: np.ndarray | None = None,
-          num_groups: int | None = None, topk_groups: int | None = None,
-          group_score_k: int | None = None, scaling_factor: float | None = None,
-          drop_policy: str = "position", renormalize_after_drop: bool = False,
-          selection: str = "tokens", seed: int | np.random.Generator | None = None,
-          capacity_rule: str = "k_ceil", capacity: int | None = None,
-          load_balancing: str = "switch", sequence_length: int | None = None,
-          second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
-          sinkhorn_iterations: int = 20, backend: str = "numpy",
-          preset: str | Preset | None = None) -> Routing:
+          expert_bias: np.ndarray | None = None, seed: int | np.random.Generator | None = None,
+          backend: str = "numpy", preset: str | Preset | None = None,
+          **keywords: Any) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
     Args (defaults reproduce the original routing; the README's "Routing variants" says who
@@ -162,52 +164,33 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         router_logits: `[T, E]` float array (computed in at least float32).
         k: K choices per token, 1 <= K <= E.
         capacity_factor: > 0 and finite, or None for dropless routing (capacity.expert_capacity).
-        min_capacity: lower bound on C (>= 0).
-        normalize: divide the K chosen scores by their sum (topk.gates).
-        priority: "choice" (choice-major, token order), "score" (batch-prioritised), "token"
-            (token-major), "random" (random token order, needs seed) (priority.priority_order).
-        score: "softmax" or "sigmoid" (scores.sigmoid).
-        expert_bias: `[E]` added to the scores for choosing only (scores.selection_scores).
-        num_groups, topk_groups, group_score_k: group-limited top-K (groups.limit_to_groups);
-            group_score_k None means max(1, k // topk_groups).
-        scaling_factor: multiplies the final gates (topk.scale_gates).
-        drop_policy: "position" (first C in priority order) or "probs" (C best gates per expert;
-            capacity.keep_by_score). renormalize_after_drop: topk.renormalize_kept.
-        selection: "tokens" (top-K per token), "experts" (expert choice: each expert takes its
-            top-C tokens, K = E pairs; expert_choice.py), "sinkhorn" (top-K of the Sinkhorn-
-            balanced scores, sinkhorn.py; sinkhorn_iterations rounds).
+        expert_bias: `[E]` added to the scores for choosing only (variants.scores.selection_scores).
         seed: an int or a numpy Generator for priority="random" / second_expert_policy="random"
             (the permutation is drawn first, then the second-expert uniforms).
-        capacity_rule, capacity: the capacity formula or a fixed C (capacity.expert_capacity).
-        load_balancing, sequence_length: which load-balancing loss (losses.balance_loss).
-        second_expert_policy, second_expert_threshold: GShard top-2 (topk.second_expert_keep).
         backend: who selects the top-K and assigns slots: "numpy" (the reference steps), "c"
             (the C core: the same integers, float results to round-off) or "auto" (C when built).
         preset: a system's name (pymoe.presets()) or a pymoe.Preset: it supplies every keyword
-            above that is not passed explicitly (docs/conventions.md); then aux_loss is that
+            that is not passed explicitly (docs/conventions.md); then aux_loss is that
             system's load-balancing loss and combine_weights its [T, E, C] combine tensor.
-    Returns:
-        a Routing; T = 0 gives empty arrays and zero losses.
+        keywords: the routing keywords of pymoe.options.RouteOptions, checked there:
     """
+    (keywords,) = split_keywords("route", keywords, RouteOptions)
     logits = _checks.float_array("router_logits", router_logits, ndim=2, shape=(None, None))
     if logits.shape[1] == 0:
         raise ValueError("router_logits: expected at least one expert (E >= 1), got shape "
                          f"{logits.shape}")
     E = logits.shape[1]
-    opts = route_options(
-        E, k, capacity_factor, min_capacity=min_capacity, normalize=normalize, priority=priority,
-        score=score, num_groups=num_groups, topk_groups=topk_groups, group_score_k=group_score_k,
-        scaling_factor=scaling_factor, drop_policy=drop_policy,
-        renormalize_after_drop=renormalize_after_drop, selection=selection,
-        capacity_rule=capacity_rule, capacity=capacity, load_balancing=load_balancing,
-        sequence_length=sequence_length, second_expert_policy=second_expert_policy,
-        second_expert_threshold=second_expert_threshold, sinkhorn_iterations=sinkhorn_iterations)
+    opts = route_options(E, k, capacity_factor, **keywords)
     bias = expert_bias_arg(expert_bias, E)
     rng = generator_arg(seed, opts.random)
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
     if opts.normalize and opts.k == 1 and opts.selection != "experts":
         warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
     return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend))
+
+
+route.__doc__ = (route.__doc__ or "") + keywords_doc(RouteOptions, skip=("k", "capacity_factor")) + (
+    "    Returns:\n        a Routing; T = 0 gives empty arrays and zero losses.\n")
 
 
 def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,

@@ -2,12 +2,11 @@
 
 `preset(name, **overrides)` returns a frozen Preset; `route(..., preset=...)` and
 `MoELayer(..., preset=...)` take a name or a Preset, and keywords passed explicitly win over the
-preset's fields. docs/conventions.md says what each system does, where in its source, and how
+preset's conventions. docs/conventions.md says what each system does, where in its source, and how
 each preset is checked against that system's own code.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import numbers
@@ -15,63 +14,57 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..options import ExpertOptions, RouteOptions, defaults
+
 F = TypeVar("F", bound=Callable[..., Any])
 
+# What a preset can set: every route() / MoELayer keyword (pymoe.options) but K, and route()'s
+# seed for random rules (None: not random). A preset's own default capacity factor is 1.0 (the
+# systems' common default); every other default is route()'s.
+CONVENTIONS: dict[str, Any] = {**{n: v for n, v in defaults(RouteOptions).items() if n != "k"},
+                               "capacity_factor": 1.0, "seed": None, **defaults(ExpertOptions)}
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class Preset:
     """A system's routing conventions, as pymoe.route / MoELayer keywords (docs/conventions.md).
 
-    Fields (each one a convention, section numbers of docs/conventions.md in brackets):
-        name: the preset's name; source: where the system implements it (file: function).
-        score: "softmax" or "sigmoid" [1].
-        normalize: renormalise the K gates at selection; None means "when K > 1" (Tutel and
-            Megatron-Core: a renormalised single gate is the constant 1 and passes no gradient) [3].
-        renormalize_after_drop: renormalise the surviving gates after capacity drops (DeepSpeed
-            top-2/top-K, NLLB) [3].
-        num_groups, topk_groups, group_score_k: group-limited top-K (DeepSeek-V3) [4].
-        scaling_factor: multiplies the final gates (DeepSeek-V3: 2.5) [3].
-        priority: "choice", "score", "token" or "random": who claims slots first [6].
-        drop_policy: "position" or "probs" [7].
-        capacity_rule: "k_ceil", "floor", "round", "tutel" or "k_floor": the capacity formula [5].
-        capacity_factor: the system's default (None: dropless) [5]; min_capacity: its lower bound on C.
-        load_balancing: "switch", "first_choice", "k_scaled" or "sequence": which f the
-            load-balancing loss counts, and so its value [8].
-        second_expert_policy, second_expert_threshold: GShard's random second expert (used when
-            K = 2) [9].
-        seed: the seed route() uses for random rules when none is passed (None: not random) [9].
-        num_shared_experts, shared_expert_gate: always-on experts, for MoELayer (Qwen2-MoE,
-            DeepSeek-V3).
+    `Preset(name, source, **conventions)`: the keywords (pymoe.options.RouteOptions and
+    ExpertOptions, and seed) the system sets; every other keyword keeps its default. Each one reads
+    as an attribute (`preset.priority`). Two need K: normalize=None means "when K > 1" (Tutel and
+    Megatron-Core: a renormalised single gate is the constant 1 and passes no gradient), and
+    GShard's second-expert policy is used only when K = 2.
     """
     name: str
-    source: str
-    score: str = "softmax"
-    normalize: bool | None = False
-    renormalize_after_drop: bool = False
-    num_groups: int | None = None
-    topk_groups: int | None = None
-    group_score_k: int | None = None
-    scaling_factor: float | None = None
-    priority: str = "choice"
-    drop_policy: str = "position"
-    capacity_rule: str = "k_ceil"
-    capacity_factor: float | None = 1.0
-    min_capacity: int = 0
-    load_balancing: str = "switch"
-    second_expert_policy: str = "all"
-    second_expert_threshold: float = 0.2
-    seed: int | None = None
-    num_shared_experts: int = 0
-    shared_expert_gate: bool = False
+    source: str  # where the system implements it (file: function)
+    conventions: dict[str, Any]  # keyword -> value, only those the system sets
+
+    def __init__(self, name: str, source: str, **conventions: Any) -> None:
+        unknown = sorted(set(conventions) - set(CONVENTIONS))
+        if unknown:
+            raise TypeError(f"preset: unknown field(s) {', '.join(unknown)}; a Preset has "
+                            f"{', '.join(sorted(CONVENTIONS))}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "conventions", dict(conventions))
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields
+        if name in CONVENTIONS and "conventions" in self.__dict__:
+            return self.__dict__["conventions"].get(name, CONVENTIONS[name])
+        raise AttributeError(f"'Preset' object has no attribute {name!r}")
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.source, tuple(sorted(self.conventions.items()))))
 
     def __str__(self) -> str:
-        rows = [f"{f.name:24s} {getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
-        return "\n".join([f"pymoe preset {self.name!r}", *rows])
+        rows = [f"{n:24s} {getattr(self, n)!r}{'' if n in self.conventions else '  (default)'}"
+                for n in CONVENTIONS]
+        return "\n".join([f"pymoe preset: {'name':18s} {self.name!r}",
+                          f"{'source':24s} {self.source}", "conventions:", *rows])
 
     def keywords(self, k: int) -> dict[str, Any]:
         """The route() / MoELayer keywords this preset stands for, for K choices per token."""
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name not in ("name", "source")}
+        kw = {n: getattr(self, n) for n in CONVENTIONS}
         if kw["normalize"] is None:
             kw["normalize"] = k > 1
         if k != 2:  # GShard's second-expert policy is a top-2 rule
@@ -141,7 +134,8 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
         name: one of presets() (switch, gshard, flaxformer, deepspeed-top1, deepspeed-top2,
             deepspeed-topk, tutel, megablocks, megatron, mixtral, qwen2-moe, qwen3-moe,
             deepseek-v3, gpt-oss, olmoe, nllb-moe), or a Preset to derive from.
-        overrides: fields to change, e.g. preset("flaxformer", priority="choice") for a decoder.
+        overrides: conventions to change, e.g. preset("flaxformer", priority="choice") for a
+            decoder.
     Returns:
         a Preset; each preset's `source` names the system's file and function it follows (the
         list below is built from the presets themselves).
@@ -155,24 +149,21 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
         base = _PRESETS[name]
     else:
         raise TypeError(f"preset: expected a name (str) or a pymoe.Preset, got {type(name).__name__}")
-    fields = {f.name for f in dataclasses.fields(Preset)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"preset: unknown field(s) {', '.join(unknown)}; a Preset has "
-                        f"{', '.join(sorted(fields))}")
-    return dataclasses.replace(base, **overrides) if overrides else base
+    return Preset(base.name, base.source, **{**base.conventions, **overrides}) if overrides else base
 
 
 preset.__doc__ = (preset.__doc__ or "") + "\n    Sources:\n" + "".join(
     f"        {p.name}: {p.source}\n" for p in _PRESETS.values())
 
 
-def accepts_preset(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+def accepts_preset(keywords: tuple[str, ...], *, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Decorator: let `func` (route, MoELayer.__init__) take preset=. The preset fills every
-    keyword of func's signature that the caller did not pass (except those in `skip`, which mean
-    something else there); keywords passed explicitly are kept as given."""
+    parameter of func and every name in `keywords` (what func's **keywords take) that the caller
+    did not pass (except those in `skip`, which mean something else there); keywords passed
+    explicitly are kept as given."""
     def decorate(func: F) -> F:
         sig = inspect.signature(func)
+        var = next(p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -184,9 +175,14 @@ def accepts_preset(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
             k = bound.arguments.get("k")
             if not isinstance(k, numbers.Integral) or isinstance(k, bool):
                 return func(*args, **kwargs)  # func names the bad (or missing) k
+            extra = bound.arguments.setdefault(var, {})
             for name, value in p.keywords(int(k)).items():
-                if name in sig.parameters and name not in bound.arguments and name not in skip:
+                if name in skip or name in bound.arguments or name in extra:
+                    continue
+                if name in sig.parameters:
                     bound.arguments[name] = value
+                elif name in keywords:
+                    extra[name] = value
             return func(*bound.args, **bound.kwargs)
 
         return wrapper  # type: ignore[return-value]
