@@ -28,7 +28,7 @@ def expert_mask(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def priority_order(probs: np.ndarray, priority: str,
-                   rng: np.random.Generator | None = None) -> np.ndarray:
+                   rng: np.random.Generator | None = None, xp: Any = np) -> np.ndarray:
     """Step 6a: the order in which tokens claim expert slots.
 
     Args:
@@ -39,19 +39,22 @@ def priority_order(probs: np.ndarray, priority: str,
             first, ties to the lower token index; "random" is DeepSpeed's random token selection
             (RTS): a uniformly random permutation drawn from `rng`.
         rng: required for "random" (same generator state, same permutation).
+        xp: the array module of `probs` (CuPy for the CUDA backend's device route).
     Returns:
         token_order `<int64>[T]`, a permutation: token_order[i] is the i-th token to claim slots.
         Whether a token's later choices wait for everyone's first choice is pair_order's job.
     """
     T = probs.shape[0]
     if priority in ("choice", "token"):
-        return np.arange(T, dtype=np.int64)  # [T]
+        return xp.arange(T, dtype=np.int64)  # [T]
     if priority == "random":
         if rng is None:
             raise ValueError("seed: priority='random' needs a seed or a numpy Generator")
-        return rng.permutation(T).astype(np.int64)  # [T]
-    top1 = probs.max(axis=-1) if probs.size else np.zeros(T, probs.dtype)  # [T]
-    return np.argsort(-top1, kind="stable").astype(np.int64)  # [T], stable: ties keep token order
+        return xp.asarray(rng.permutation(T).astype(np.int64))  # [T], drawn on the host
+    top1 = probs.max(axis=-1) if probs.size else xp.zeros(T, probs.dtype)  # [T]
+    # stable: ties keep token order (CuPy's argsort is a stable radix sort and takes no kind=)
+    order = xp.argsort(-top1, kind="stable") if xp is np else xp.argsort(-top1)  # [T]
+    return order.astype(np.int64)
 
 
 def pair_order(token_order: np.ndarray, k: int, priority: str, xp: Any = np) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _checks
 from .backend import get_backend
-from .capacity import capacity_formula, expert_capacity, expert_load, slot_owner
+from .capacity import capacity_formula, drop, expert_capacity, expert_load, slot_owner
 from .dense import dense_tensors
 from .losses import (
     aux_loss_scores,
@@ -31,8 +31,8 @@ from .options import (
     route_options,
     split_keywords,
 )
-from .priority import priority_order
-from .router import router_dtype, softmax, softmax_backward
+from .priority import position_in_expert, priority_order
+from .router import router_dtype, softmax, softmax_backward, softmax_lse
 from .slots import assign
 from .topk import (
     gates,
@@ -196,15 +196,15 @@ route.__doc__ = (route.__doc__ or "") + keywords_doc(RouteOptions, skip=("k", "c
 def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                     expert_bias: np.ndarray | None = None, rng: np.random.Generator | None = None,
                     backend=None) -> Routing:
-    """route() after its arguments have been checked (MoELayer checks them once, at construction).
+    """route() after its arguments have been checked (MoELayer checks them once, at construction):
+    the recipe's steps 2-9 and 12, in order.
 
-    backend: None or the NumPy backend runs the reference steps here; another backend (C) selects
-    the top-K, counts the load and sums the probabilities (Backend.top_k) where the selection is
-    a plain top-K, and assigns the slots: every backend through the one slot function,
-    slots.assign, with the same integers (the tests check that it does).
+    backend: None or the NumPy backend runs each step's NumPy function, as written below; a
+    compiled backend (C) runs its whole-step twins in their place: Backend.softmax_lse (step 2),
+    Backend.top_k (step 3 with step 12's load and probability sums, for a plain top-K) and
+    Backend.assign_slots (steps 5-9), held to the NumPy steps by the tests (the same integers).
     """
-    backend = get_backend("numpy") if backend is None else backend
-    fast = backend.name != "numpy"
+    twin = None if backend is None or backend.name == "numpy" else backend
     # One C-contiguous, native copy: every reduction below then sums in the same order whatever
     # the caller's layout, so the same values always give the same bits (and the same ties).
     logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
@@ -212,42 +212,43 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     if opts.sequence_length is not None and T % opts.sequence_length:
         raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
                          f"of {opts.sequence_length}")
-    probs, lse = backend.softmax_lse(logits)  # [T, E], [T]
-    scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]          step 2
+    # step 2: router scores (and the logsumexp the z-loss needs)
+    probs, lse = softmax_lse(logits) if twin is None else twin.softmax_lse(logits)  # [T, E], [T]
+    scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]
     aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
+    # step 3: choose K experts per token
     sums = None
-    if fast and opts.selection == "tokens" and opts.num_groups is None:
+    if twin is not None and opts.selection == "tokens" and opts.num_groups is None:
         ranked = logits if expert_bias is None else scores
-        expert_index, load, prob_sum = backend.top_k(ranked, opts.k, bias=expert_bias,
-                                                     probs=aux_probs)  # [T, K]         step 3
+        expert_index, load, prob_sum = twin.top_k(ranked, opts.k, bias=expert_bias,
+                                                  probs=aux_probs)  # [T, K]
         sums = (load, prob_sum)
     else:
-        expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]             step 3
-    gate = gates(scores, expert_index, opts.normalize)  # [T, K]                     step 4
-    token_order = priority_order(scores, opts.priority, rng)  # [T]                   step 6
+        expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]
+    # step 4: gates
+    gate = gates(scores, expert_index, opts.normalize)  # [T, K]
+    # step 6: the order in which tokens claim slots (and which pairs compete at all)
+    token_order = priority_order(scores, opts.priority, rng)  # [T]
     candidates = None
     if opts.second_expert_policy != "all":
         candidates = second_expert_keep(scores, expert_index, opts.second_expert_policy,
                                         opts.second_expert_threshold, rng)  # [T, K]
-    capacity = _capacity(T, E, expert_index, candidates, opts)  # step 8
-    if opts.selection == "experts":
-        kept = expert_choice_keep(scores, expert_index, capacity)  # [T, E]
-        position, owner, load = assign(backend, expert_index, token_order, E, capacity,
-                                       priority="token", candidates=kept)  # steps 5-9
-    else:
-        position, owner, load = assign(backend, expert_index, token_order, E, capacity,
-                                       priority=opts.priority, drop_policy=opts.drop_policy,
-                                       score=gate, candidates=candidates)  # steps 5-9
+    # step 8: capacity
+    capacity = _capacity(T, E, expert_index, candidates, opts)
+    # steps 5-7 and 9: positions in each expert, drops past capacity, the slot table
+    position, owner, load = _slots(twin, expert_index, token_order, capacity, gate, scores,
+                                   candidates, opts)  # [T, K], [E, C], [E]
     kept = position >= 0  # [T, K]
+    # step 9b: the gates of the kept pairs (renormalised, with that variant)
     final = renormalize_kept(gate, kept) if opts.renormalize_after_drop else \
-        np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]                         step 9b
+        np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
+    # step 12: the load-balancing loss (and the z-loss, below)
     if opts.selection == "experts":
         aux = 0.0
     elif sums is not None and opts.load_balancing == "switch":
-        aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # step 12, same bits
+        aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # the same bits
     else:
-        aux = balance_loss(aux_probs, expert_index, opts.load_balancing,
-                           opts.sequence_length)  # step 12
+        aux = balance_loss(aux_probs, expert_index, opts.load_balancing, opts.sequence_length)
     return Routing(router_logits=logits, probs=scores, expert_index=expert_index,
                    token_order=token_order, position=position,
                    gate_before_drop=scale_gates(gate, opts.scaling_factor),
@@ -255,6 +256,29 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                    expert_load=load, normalize=opts.normalize, priority=opts.priority,
                    aux_loss=aux, z_loss=router_z_loss_from_lse(lse), options=opts,
                    expert_bias=expert_bias, _slot_owner=owner)
+
+
+def _slots(twin, expert_index: np.ndarray, token_order: np.ndarray, capacity: int,
+           gate: np.ndarray, scores: np.ndarray, candidates: np.ndarray | None,
+           opts: RouteOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 5-9: (position `<int64>[T, K]`, -1 where dropped; slot_owner `<int64>[E, C]`;
+    expert_load `<int64>[E]` before dropping). The classic rule (choice-major, first C kept) is
+    the recipe's cumsum and drop, or the twin's assign_slots; every other slot rule goes through
+    slots.assign, the one function every backend shares."""
+    E = scores.shape[1]
+    backend = get_backend("numpy") if twin is None else twin
+    if opts.selection == "experts":
+        kept = expert_choice_keep(scores, expert_index, capacity)  # [T, E]
+        return assign(backend, expert_index, token_order, E, capacity, priority="token",
+                      candidates=kept)
+    if opts.priority == "token" or opts.drop_policy != "position" or candidates is not None:
+        return assign(backend, expert_index, token_order, E, capacity, priority=opts.priority,
+                      drop_policy=opts.drop_policy, score=gate, candidates=candidates)
+    if twin is not None:
+        return twin.assign_slots(expert_index, token_order, E, capacity)
+    position = position_in_expert(expert_index, E, token_order)  # [T, K]            steps 5-7
+    position, _, _ = drop(position, gate, capacity)  # [T, K], -1 past capacity       step 9
+    return position, slot_owner(expert_index, position, capacity, E), expert_load(expert_index, E)
 
 
 def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,

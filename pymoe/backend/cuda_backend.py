@@ -39,6 +39,7 @@ import numpy as np
 from .. import _checks
 from ..capacity import expert_capacity
 from ..options import route_options
+from ..priority import priority_order
 from ..slots import assign
 from .cdef_macros import cdef_block
 from .install import PACKAGE_DIR
@@ -168,7 +169,7 @@ class DeviceRouting:
     position: Any  # <int64>[T, K], -1 where dropped
     slot_owner: Any  # <int64>[E, C]
     expert_load: Any  # <int64>[E], before dropping
-    token_order: Any  # <int64>[T] or None (choice priority)
+    token_order: Any  # <int64>[T] (priority.priority_order)
     capacity: int
 
 
@@ -508,12 +509,11 @@ class CudaBackend:
     def route(self, router_logits: Any, k: int, capacity_factor: float | None = 1.25, *,
               min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
               drop_policy: str = "position", seed: int | None = None) -> DeviceRouting:
-        """pymoe.route's index form on the device: softmax_top_k, priority, slots, capacity.
-
-        priority: "choice", "score" (tokens by top-1 probability, ties to the lower token),
-            "token" (token-major) or "random" (a permutation from numpy's default_rng(seed),
-            copied to the device). drop_policy: "position" (first C pairs in priority order) or
-            "probs" (each expert keeps its C highest gates, ties to the earlier pair).
+        """pymoe.route's index form on the device, by route()'s own steps (pymoe.routing) with
+        this backend's twins: softmax_top_k (steps 2-4), priority.priority_order (6), slots.assign
+        (5-9) and capacity.expert_capacity (8). The keywords are route()'s (pymoe.options), those
+        the device path runs; seed: an int, for priority="random" (numpy's default_rng(seed), the
+        permutation copied to the device).
         The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
             raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe-routing[cuda]')")
@@ -521,33 +521,23 @@ class CudaBackend:
         T, E = logits.shape
         opts = route_options(max(E, 1), k, capacity_factor, min_capacity=min_capacity,
                              normalize=normalize, priority=priority, drop_policy=drop_policy)
-        k, priority, drop_policy = opts.k, opts.priority, opts.drop_policy
-        if priority == "random" and seed is None:
-            raise ValueError("seed: priority='random' needs a seed")
+        rng = None if seed is None else np.random.default_rng(_checks.integer("seed", seed))
         xp = self.memory.xp
-        probs, index, gate = self.softmax_top_k(logits, k, opts.normalize, check="defer")
-        order = None
-        if priority == "score":  # batch-prioritised routing, as pymoe.priority.priority_order
-            top1 = -probs.max(axis=1) if T else xp.zeros(0, probs.dtype)
-            order = (xp.argsort(top1, kind="stable") if xp is np else xp.argsort(top1))
-            order = order.astype(np.int64)
-        elif priority == "random":
-            seed = _checks.integer("seed", seed)
-            order = xp.asarray(np.random.default_rng(seed).permutation(T).astype(np.int64))
-        tokens = xp.arange(T, dtype=np.int64) if order is None else order
+        probs, index, gate = self.softmax_top_k(logits, opts.k, opts.normalize, check="defer")
+        tokens = priority_order(probs, opts.priority, rng, xp)  # [T]                       step 6
 
         def slots(C: int) -> tuple[Any, Any, Any]:  # steps 5-9: route()'s one slot function
-            return assign(_Deferred(self), index, tokens, E, C, priority=priority,
-                          drop_policy=drop_policy, score=gate, xp=xp)
+            return assign(_Deferred(self), index, tokens, E, C, priority=opts.priority,
+                          drop_policy=opts.drop_policy, score=gate, xp=xp)
 
         if opts.capacity_factor is None:  # dropless: the largest load, known after counting
             position, owner, load = slots(T)
             self.check_status()
-            C = expert_capacity(T, E, k, None, opts.min_capacity, self.memory.to_host(load))
+            C = expert_capacity(T, E, opts.k, None, opts.min_capacity, self.memory.to_host(load))
             owner = xp.ascontiguousarray(owner[:, :C]) if C <= T else owner
         else:
-            C = expert_capacity(T, E, k, opts.capacity_factor, opts.min_capacity)
+            C = expert_capacity(T, E, opts.k, opts.capacity_factor, opts.min_capacity)
             position, owner, load = slots(C)
             self.check_status()
         gate = xp.where(position >= 0, gate, 0).astype(gate.dtype)
-        return DeviceRouting(probs, index, gate, position, owner, load, order, C)
+        return DeviceRouting(probs, index, gate, position, owner, load, tokens, C)
