@@ -23,9 +23,10 @@ The variants of the major MoE systems (route()/MoELayer keywords, checked in opt
     slots.py     5-9  every slot rule (priority x drop policy) through one function
     shared.py    11   shared (always-on) experts, optionally sigmoid-gated
 """
+from . import compare  # the module, callable: pymoe.compare(logits, ...) is compare.compare
 from .backend import BackendInfo, backends, get_backend
 from .backend.install import warn_if_core_missing
-from .compare import Comparison, compare
+from .compare import Comparison
 from .layer import MoELayer
 from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .routing import Routing, route, route_backward

@@ -220,9 +220,10 @@ class MoELayer:
     def _param_names(self) -> tuple[str, ...]:
         return tuple(self._param_shapes())
 
-    def _nonfinite(self, what: str, names: tuple[str, ...], inputs: str) -> ValueError:
+    def nonfinite_error(self, what: str, names: tuple[str, ...], inputs: str) -> ValueError:
         """The error for a non-finite intermediate: the parameter that holds a NaN/inf when one
-        does, else an overflow of finite values, said in the caller's terms."""
+        does, else an overflow of finite values, said in the caller's terms (the token-group step
+        raises it too)."""
         for name in names:
             p = self.params[name]
             bad = p.size - np.count_nonzero(np.isfinite(p))
@@ -269,7 +270,7 @@ class MoELayer:
                                                       self.shared_expert_gate)  # [T, D]
             y = y + y_shared
         if not np.isfinite(y).all():  # [T, D]: one pass, versus the expert matmuls' T*K*D*H
-            raise self._nonfinite("the expert outputs", self._param_names()[2:], "x")
+            raise self.nonfinite_error("the expert outputs", self._param_names()[2:], "x")
         self.load_loss = (0.0 if noisy is None else
                           noisy_load_loss(noisy[0], r.router_logits, noisy[3], self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
@@ -292,12 +293,14 @@ class MoELayer:
         c_backend: Any = self.backend  # only the C backend's dispatch takes out=
         return c_backend.dispatch(x2, r.slot_owner, r.k, weight, out=buf)
 
-    def _route(self, x2: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
-        """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing)."""
+    def route_tokens(self, x2: np.ndarray,
+                     train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
+        """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing);
+        the token-group step (pymoe.token_groups) routes each group with it."""
         return self._route_noisy(x2, train)[:3]
 
     def _route_noisy(self, x2: np.ndarray, train: bool):
-        """_route plus the noisy top-K state (clean logits, eps, z, std), or None without it."""
+        """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it."""
         p = self._checked_params()
         rdt = router_dtype(self.dtype)
         x_router = x2.astype(rdt)  # [T, D] the router's own copy
@@ -308,7 +311,7 @@ class MoELayer:
         logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
                                p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
-            raise self._nonfinite("the router logits x @ w_router + b_router",
+            raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
         noisy = None
         if self.router_noise == "noisy_topk":
@@ -387,7 +390,7 @@ class MoELayer:
             dx2 = dx2 + dx_shared
             grads.update(sg)
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
-            raise self._nonfinite("the gate gradient <dy, expert output>", (), "dy")
+            raise self.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         rdt = router_dtype(self.dtype)
         dx_router = None
@@ -409,9 +412,9 @@ class MoELayer:
         grads.update({"w_router": dw_router, "b_router": db_router})
         for name in self.params:
             if not np.isfinite(grads[name]).all():
-                raise self._nonfinite(f"the gradient of params['{name}']", (), "dy")
+                raise self.nonfinite_error(f"the gradient of params['{name}']", (), "dy")
         if not np.isfinite(dx2).all():
-            raise self._nonfinite("the gradient dx", (), "dy")
+            raise self.nonfinite_error("the gradient dx", (), "dy")
         self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in self.params}
         return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)
 

@@ -192,7 +192,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     """
     t0 = time.perf_counter()
     states = _together(exchange, "routing",
-                       lambda: [GroupState(*layer._route(xb, train)) for xb in x_blocks])
+                       lambda: [GroupState(*layer.route_tokens(xb, train)) for xb in x_blocks])
     G = exchange.num_groups
     f_global, aux_terms = None, []
     if load_stats == "global" and G > 1:  # with one group, global is local (same arithmetic)
@@ -227,7 +227,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
             ys.append(layer.backend.combine(o, s.routing.expert_index, s.routing.position,
                                             s.routing.gate.astype(layer.dtype)))  # [T_g, D]
             if not np.isfinite(ys[-1]).all():  # one pass, versus the experts' T*K*D*H
-                raise layer._nonfinite("the expert outputs", ("w1", "b1", "w2", "b2"), "x")
+                raise layer.nonfinite_error("the expert outputs", ("w1", "b1", "w2", "b2"), "x")
         return ys
 
     ys = _together(exchange, "the combine", combine)

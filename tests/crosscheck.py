@@ -7,7 +7,7 @@ Routing is brought to the same form, and assert_same compares the two:
   - chosen experts and kept pairs: exactly;
   - gates, combine weights: max |ours - theirs| <= TOL[dtype] * max(1, max |theirs|);
   - aux loss: |ours - theirs| <= TOL[dtype] * max(1, |theirs|).
-TOL is 1e-6 in float32 and 1e-12 in float64 (issue 11). The largest differences seen are kept in
+TOL is 1e-6 in float32 and 1e-12 in float64. The largest differences seen are kept in
 MEASURED, so a run can report them (`python tests/crosscheck.py` runs every cross-check and
 prints them).
 """

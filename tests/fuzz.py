@@ -1,5 +1,5 @@
 """What the fuzz tests (test_fuzz_*.py) share: how a caller may hand over the same values, how bad
-arguments are made, and the contract every public entry point keeps (issue 8):
+arguments are made, and the contract every public entry point keeps:
 
     either a ValueError/TypeError whose message starts with the name of an argument, or a result
     equal, bit for bit, to the NumPy reference run on contiguous native-order copies.

@@ -21,14 +21,14 @@
 //  - Memory-bound kernels reach ~90% of copy bandwidth only with enough bytes in flight: Little's
 //    law, 3.35 TB/s * ~600 ns latency ~ 2 MB in flight, ~15 KB per SM. A 256-thread block moving
 //    four 16-byte vectors per thread has 16 KB in flight, so 1-2 resident blocks per SM suffice;
-//    one 16-byte load per thread (the previous kernels) left 4 KB per block in flight.
+//    one 16-byte load per thread would leave only 4 KB per block in flight.
 //  - Dispatch at T=65536, D=4096, E=64, K=2, capacity factor 1.25, float32 (C = 2560): it reads
 //    up to T*K = 131072 rows of 16 KiB (2 GiB) and writes E*C = 163840 rows (2.5 GiB): ~1.4 ms
 //    at copy speed; combine reads the kept rows and writes T rows (~3 GiB, ~1 ms). Index traffic
 //    (8 B per slot or pair) is < 0.1% of that.
 //  - Slot assignment at T*K = 131072 pairs, E=64: the counting sort reads the 1 MiB of indices
-//    twice and writes 2 MiB; ~2 us of bandwidth, so launch latency (~3 x 3 us) dominates. The
-//    previous kernel had E+1 blocks each reading all pairs: O(E*T*K) work and 8 busy SMs at E=8.
+//    twice and writes 2 MiB; ~2 us of bandwidth, so launch latency (~3 x 3 us) dominates. One
+//    block per expert, each reading all pairs, would do O(E*T*K) work with 8 busy SMs at E=8.
 #pragma once
 
 #include <stdint.h>

@@ -61,7 +61,7 @@ def load() -> tuple[CBackend | None, BackendInfo]:
     except ImportError as err:
         return None, BackendInfo("c", False, _why_missing(err))
     be = CBackend(ffi, lib)
-    return be, BackendInfo("c", True, f"C core ({be.build_config}, {be.max_threads} threads)")
+    return be, BackendInfo("c", True, f"C core ({be.build_config}, {be.default_num_threads} threads)")
 
 
 class CBackend:
@@ -72,7 +72,7 @@ class CBackend:
         self.ffi, self.lib = ffi, lib
         self.build_config = ffi.string(lib.pymoe_build_config()).decode()
         self.openmp = bool(lib.pymoe_openmp_enabled())
-        self.max_threads = int(lib.pymoe_get_max_threads())
+        self.default_num_threads = int(lib.pymoe_get_max_threads())  # OpenMP's count at load
 
     # ------------------------------------------------------------ plumbing
     def _ptr(self, a: np.ndarray | None):
@@ -281,7 +281,7 @@ class CBackend:
         """The largest count set_num_threads accepts: 4 x os.cpu_count() (at least the OpenMP
         default), never above 1024 or OMP_THREAD_LIMIT. More threads than that cannot help, and
         past what the OS grants libgomp aborts the whole process instead of raising."""
-        cap = max(4 * (os.cpu_count() or 1), self.max_threads)
+        cap = max(4 * (os.cpu_count() or 1), self.default_num_threads)
         return max(1, min(cap, int(self.lib.pymoe_thread_limit()), 1024))
 
     def set_num_threads(self, n: int) -> None:

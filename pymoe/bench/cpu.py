@@ -42,8 +42,8 @@ def bench_ops(T: int, D: int, E: int, K: int, *, capacity_factor: float = 1.25,
     if c_info.available:
         be = get_backend("c")
         contenders["C 1 thread"] = c_core(p, be, 1)
-        if be.max_threads > 1:
-            contenders[f"C {be.max_threads} threads"] = c_core(p, be, be.max_threads)
+        if be.default_num_threads > 1:
+            contenders[f"C {be.default_num_threads} threads"] = c_core(p, be, be.default_num_threads)
     else:
         skipped["C"] = c_info.detail
     torch_ok, torch_why = torch_peer.available()
@@ -113,7 +113,7 @@ def bench_routing(T: int, E: int, K: int, *, capacity_factor: float = 1.25, repe
     if backends()["c"].available and scale_D:
         be = get_backend("c")
         ops = c_core(make_problem(T, scale_D, E, K, capacity_factor, np.dtype(np.float32)), be,
-                     be.max_threads)
+                     be.default_num_threads)
         fns[f"C dispatch + combine, D={scale_D} (for scale)"] = lambda: (ops["dispatch"](),
                                                                           ops["combine"]())
     times = time_round_robin(fns, repeats)

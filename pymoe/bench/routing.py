@@ -46,6 +46,6 @@ def routing_contenders(logits: np.ndarray, k: int, capacity_factor: float
     c = get_backend("c")
     fns[BEFORE] = call(_NumpyTopKCSlots(c))
     fns["C 1 thread"] = call(c, 1)
-    if c.max_threads > 1:
-        fns[f"C {c.max_threads} threads"] = call(c, c.max_threads)
+    if c.default_num_threads > 1:
+        fns[f"C {c.default_num_threads} threads"] = call(c, c.default_num_threads)
     return fns, skipped

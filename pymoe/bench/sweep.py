@@ -23,7 +23,7 @@ def sweep_rows(Ts: tuple[int, ...], D: int, E: int, K: int, capacity_factor: flo
         p = make_problem(T, D, E, K, capacity_factor, np.dtype(np.float32))
         fns = {"numpy indexed": numpy_indexed(p)["dispatch"]}
         if c is not None:
-            fns[f"C {c.max_threads} threads"] = c_core(p, c, c.max_threads)["dispatch"]
+            fns[f"C {c.default_num_threads} threads"] = c_core(p, c, c.default_num_threads)["dispatch"]
         why = None
         if dense_last > DENSE_MAX_S:
             why = f"skipped: {dense_last:.1f} s at T={T // 2}, and it grows as T^2"

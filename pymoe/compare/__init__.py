@@ -5,6 +5,8 @@ difference the table reports.
 """
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,3 +123,15 @@ def _all() -> list[str]:
 
 
 __all__ = ["Comparison", "PresetSummary", "REASONS", "compare"]
+
+
+class _CallableModule(types.ModuleType):
+    """pymoe.compare is this module, and calling it calls compare(): `pymoe.compare(logits, ...)`
+    and `pymoe.compare.REASONS` both work, with no function shadowing the module."""
+
+    def __call__(self, router_logits: np.ndarray, presets: Sequence[str | Preset] | None = None,
+                 **shared: Any) -> Comparison:
+        return compare(router_logits, presets, **shared)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -32,10 +32,10 @@ def limit_to_groups(scores: np.ndarray, num_groups: int, topk_groups: int,
     Args:
         scores: `[T, E]` selection scores.
     Returns:
-        `[T, E]` scores with the experts of unselected groups set to -inf (Megatron-Core; HF
-        DeepSeek-V3 writes 0.0 there, which differs once biased scores go negative), so that
-        top_k only picks inside the kept groups. Groups tie to the lower group index. Which
-        groups win passes no gradient (selection is piecewise constant).
+        `[T, E]` scores with the experts of unselected groups set to -inf (as Megatron-Core and
+        HF DeepSeek-V3 in transformers 5.x do), so that top_k only picks inside the kept groups.
+        Groups tie to the lower group index. Which groups win passes no gradient (selection is
+        piecewise constant).
     """
     T, E = scores.shape
     g = group_scores(scores, num_groups, group_score_k)  # [T, G]

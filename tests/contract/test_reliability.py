@@ -1,4 +1,4 @@
-"""Regressions of issue 8: silent wrong results, a crash and confusing errors found by probing the
+"""Regressions: silent wrong results, a crash and confusing errors found by probing the
 public API. Each test failed before its fix."""
 from __future__ import annotations
 

@@ -107,3 +107,36 @@ def test_jitter_only_in_training_seeded_and_bounded():
     assert noise is not None and np.all(np.abs(noise - 1) <= 0.2) and noise.std() > 0.05
     np.testing.assert_array_equal(a._cache.x_router, x * noise)  # only the router's copy
     assert not np.array_equal(a.forward(x, train=True), ya)  # fresh noise each step
+
+
+def test_drop_keeps_the_first_capacity_positions():
+    """capacity.drop (step 9), by hand: C = 2 keeps positions 0 and 1, zeroes the rest's gates."""
+    from pymoe.capacity import drop
+
+    position = np.array([[0, 1], [2, 0], [1, 3]])
+    gate = np.array([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    kept_position, kept_gate, kept = drop(position, gate, 2)
+    np.testing.assert_array_equal(kept_position, [[0, 1], [-1, 0], [1, -1]])
+    np.testing.assert_array_equal(kept_gate, [[0.6, 0.4], [0.0, 0.3], [0.5, 0.0]])
+    np.testing.assert_array_equal(kept, kept_position >= 0)
+
+
+def test_drop_is_routes_step_9():
+    """route()'s positions are capacity.drop applied to position_in_expert's."""
+    from pymoe.capacity import drop
+    from pymoe.priority import position_in_expert
+
+    logits = np.random.default_rng(7).normal(size=(40, 6))
+    r = pymoe.route(logits, 2, 0.5)
+    full = position_in_expert(r.expert_index, 6, r.token_order)
+    np.testing.assert_array_equal(drop(full, r.gate_before_drop, r.capacity)[0], r.position)
+
+
+def test_router_z_loss_by_hand_and_as_route_computes_it():
+    """losses.router_z_loss = mean_t logsumexp(logits_t)^2: log(2)^2 for two equal logits."""
+    from pymoe.losses import router_z_loss
+
+    assert router_z_loss(np.zeros((3, 2))) == pytest.approx(np.log(2.0) ** 2, rel=1e-15)
+    assert router_z_loss(np.zeros((0, 4))) == 0.0
+    logits = np.random.default_rng(8).normal(size=(30, 5))
+    assert router_z_loss(logits) == pytest.approx(pymoe.route(logits, 2).z_loss, rel=1e-13)

@@ -1,4 +1,4 @@
-"""Routing variants (issue 10): one tiny literal case per step, checkable by hand."""
+"""Routing variants: one tiny literal case per step, checkable by hand."""
 
 import numpy as np
 import pytest
