@@ -25,6 +25,7 @@ run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank w
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
@@ -244,12 +245,11 @@ def _digest(a: np.ndarray) -> str:
 
 
 def _config(layer: MoELayer) -> dict[str, Any]:
-    names = ("d_model", "d_hidden", "num_experts", "k", "capacity_factor", "min_capacity",
-             "normalize", "priority", "activation", "aux_loss_coef", "z_loss_coef", "formulation",
-             "token_groups")
-    cfg = {n: getattr(layer, n) for n in names}
-    cfg["dtype"], cfg["backend"] = str(layer.dtype), layer.backend.name
-    return cfg
+    """Every setting the ranks must agree on: the sizes and every keyword (pymoe.options)."""
+    return {"d_model": layer.d_model, "d_hidden": layer.d_hidden,
+            "num_experts": layer.num_experts, **dataclasses.asdict(layer.options),
+            **dataclasses.asdict(layer.expert_options), "dtype": str(layer.dtype),
+            "backend": layer.backend.name}
 
 
 class ExpertParallelMoE:

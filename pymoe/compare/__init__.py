@@ -94,7 +94,7 @@ def compare(router_logits: np.ndarray, presets: Sequence[str | Preset] | None = 
         presets: names or Presets (default: every name in pymoe.presets(), "switch" first).
         shared: route() keywords applied under every preset (explicit keywords win over a
             preset's fields): k (default 2), capacity_factor (default: each preset's own; None
-            for dropless), min_capacity, ...
+            for dropless), and any other keyword of pymoe.options.RouteOptions.
     Returns:
         a Comparison: per preset the capacity, drop rate, tokens lost and aux loss, and which
         pairs differ from the first preset and why; `print(comparison)` shows the table,
