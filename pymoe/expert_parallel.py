@@ -37,12 +37,12 @@ import numpy as np
 from . import _checks
 from . import token_groups as grouped
 from .capacity import expert_capacity
+from .experts import EXPERT_PARAMS
 from .layer import MoELayer
 from .routing import Routing
 
 EXCHANGES = ("exact", "fixed")
 DIRECTIONS = ("dispatch", "combine", "grad_dispatch", "grad_combine")
-EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
 TIME_KEYS = ("routing", "exchange", "experts", "combine")
 
 

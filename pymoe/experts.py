@@ -48,6 +48,7 @@ def bias_relu(a: np.ndarray, bias: np.ndarray) -> None:
     np.maximum(a, 0, out=a)
 
 
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")  # w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D]
 ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], None],
                              Callable[[np.ndarray, np.ndarray], None]]] = {
     "relu": (relu, relu_backward),

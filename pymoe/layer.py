@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _checks
 from . import token_groups as grouped
-from .backend import Backend, get_backend
+from .backend import BACKEND_NAMES, Backend, get_backend
 from .dense import (
     combine_dense,
     combine_dense_backward,
@@ -17,7 +17,7 @@ from .dense import (
     dispatch_dense_backward,
     gate_grad_from_dense,
 )
-from .experts import ExpertsCache, experts_backward, experts_forward
+from .experts import EXPERT_PARAMS, ExpertsCache, experts_backward, experts_forward
 from .options import (
     EXPERT_KEYWORDS,
     ROUTE_KEYWORDS,
@@ -35,7 +35,7 @@ from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus,
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 
-PARAM_NAMES = ("w_router", "b_router", "w1", "b1", "w2", "b2")  # always present
+PARAM_NAMES = ("w_router", "b_router", *EXPERT_PARAMS)  # always present
 
 
 @dataclass
@@ -113,8 +113,9 @@ class MoELayer:
         if self.dtype.type not in _checks.FLOAT_DTYPES:
             raise TypeError(f"dtype: expected float16, float32 or float64, got {self.dtype}")
         seed = _checks.integer("seed", seed, low=0)
-        if backend not in ("auto", "numpy", "c", "cuda"):
-            raise ValueError(f"backend: expected one of 'auto', 'numpy', 'c', got {backend!r}")
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of 'auto', "
+                             f"{', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
         if backend == "cuda":
             raise ValueError("backend: MoELayer computes on host (NumPy) arrays; for device "
                              "arrays use the CUDA kernels directly: pymoe.get_backend('cuda')")
@@ -341,7 +342,7 @@ class MoELayer:
         return np.concatenate(ys).reshape(x.shape)  # (forward_groups checked y is finite)
 
     def _expert_params(self) -> dict[str, np.ndarray]:
-        return {n: self.params[n] for n in ("w1", "b1", "w2", "b2")}
+        return {n: self.params[n] for n in EXPERT_PARAMS}
 
     def loss_terms(self) -> float:
         """aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ load_loss_coef * load_loss with

@@ -35,7 +35,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from .experts import ExpertsCache, experts_backward, experts_forward
+from .experts import EXPERT_PARAMS, ExpertsCache, experts_backward, experts_forward
 from .router import router_dtype, router_logits_backward, softmax_backward
 from .routing import Routing, route_backward
 
@@ -227,7 +227,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
             ys.append(layer.backend.combine(o, s.routing.expert_index, s.routing.position,
                                             s.routing.gate.astype(layer.dtype)))  # [T_g, D]
             if not np.isfinite(ys[-1]).all():  # one pass, versus the experts' T*K*D*H
-                raise layer.nonfinite_error("the expert outputs", ("w1", "b1", "w2", "b2"), "x")
+                raise layer.nonfinite_error("the expert outputs", EXPERT_PARAMS, "x")
         return ys
 
     ys = _together(exchange, "the combine", combine)

@@ -13,8 +13,6 @@ import numpy as np
 from ..experts import ExpertsCache, experts_backward, experts_forward
 from .scores import sigmoid
 
-SHARED_PARAMS = ("shared_w1", "shared_b1", "shared_w2", "shared_b2")
-
 
 @dataclass
 class SharedCache:
