@@ -45,6 +45,15 @@ def c_backend():
     return be
 
 
+@pytest.fixture(scope="session")
+def c_core():
+    """[the C backend] when it is built, else []: the CUDA kernels must match its bits."""
+    from pymoe.backend import c_backend
+
+    be, _ = c_backend.load()
+    return [be] if be is not None else []
+
+
 # ------------------------------------------------------------------------------- CUDA
 def pytest_collection_modifyitems(config, items):
     gpu = [item for item in items if item.get_closest_marker("gpu")]

@@ -105,15 +105,6 @@ def check_dispatch_combine_and_backward(cuda_impl, c_core, case, weighted):
     assert np.all(host(g)[~r.kept] == 0)
 
 
-@pytest.fixture(scope="module")
-def c_core():
-    """[the C backend] when it is built, else []: the CUDA kernels must match it bit for bit."""
-    from pymoe.backend import c_backend
-
-    be, _ = c_backend.load()
-    return [be] if be is not None else []
-
-
 @settings(max_examples=40)
 @given(problem(), st.booleans())
 def test_dispatch_combine_and_backward_match_reference(cuda_impl, c_core, case, weighted):

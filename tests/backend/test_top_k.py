@@ -1,10 +1,12 @@
-"""Top-K selection in C (pymoe_top_k) against the NumPy reference, and route(backend=...)."""
+"""Top-K selection in C (pymoe_top_k) and CUDA (pymoe_cuda_top_k) against the NumPy reference and
+each other, and route(backend=...)."""
 import numpy as np
 import pytest
 
 import pymoe
-from props import given, st
+from props import given, settings, st
 from pymoe.backend import NumpyBackend
+from pymoe.topk import top_k as np_top_k
 
 REF = NumpyBackend()
 
@@ -116,3 +118,66 @@ def test_route_backend_is_checked():
     with pytest.raises(ValueError, match="backend"):
         pymoe.route(logits, 1, backend="fast")
     assert pymoe.route(logits, 1, backend="auto").expert_index.shape == (4, 1)
+
+
+# ------------------------------------------------------------------ CUDA (pymoe_cuda_top_k)
+@settings(max_examples=30)
+@given(st.integers(0, 40), st.integers(1, 70), st.integers(0, 2**31), st.booleans(),
+       st.booleans(), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from([32, 64, 256, 1024]))
+def test_top_k_matches_the_c_contract(cuda_impl, c_core, T, E, seed, ties, with_bias, dtype,
+                                      block):
+    """expert_index of score + bias (ties to the lower expert, as pymoe.topk.top_k), the counts
+    per expert, and the column sums of probs bit for bit (token order, from 0), as C's
+    pymoe_top_k computes them."""
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    rng = np.random.default_rng(seed)
+    K = int(rng.integers(1, min(E, 8) + 1))
+    score = rng.normal(size=(T, E))
+    if ties:
+        score = np.round(score)
+    score = score.astype(dtype)
+    bias = rng.normal(size=E).astype(dtype) if with_bias else None
+    probs = rng.uniform(size=(T, E)).astype(dtype)
+    with be.block_size(block):
+        index, load, psum = be.top_k(dev(score), K, None if bias is None else dev(bias),
+                                     dev(probs))
+    v = score if bias is None else score + bias  # rounded in the dtype, as the contract says
+    want = np_top_k(v, K)
+    np.testing.assert_array_equal(host(index), want)
+    np.testing.assert_array_equal(host(load), np.bincount(want.reshape(-1), minlength=E))
+    # in token order from 0: cumsum adds sequentially (probs.sum(axis=0) does too, except at
+    # E = 1 where the axis is contiguous and NumPy sums pairwise)
+    in_order = np.cumsum(probs, axis=0)[-1] if T else np.zeros(E, dtype)
+    np.testing.assert_array_equal(host(psum), in_order)
+    index2, load2, none = be.top_k(dev(score), K, None if bias is None else dev(bias))
+    assert none is None
+    np.testing.assert_array_equal(host(index2), want)
+    for c in c_core:  # the C twin, pymoe_top_k: the same integers and bits
+        c_index, c_load, c_sum = c.top_k(score, K, bias, probs)
+        np.testing.assert_array_equal(host(index), c_index)
+        np.testing.assert_array_equal(host(load), c_load)
+        np.testing.assert_array_equal(host(psum), c_sum)
+
+
+def test_top_k_treats_signed_zeros_as_equal(cuda_impl):
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    score = np.array([[0.0, -0.0, 0.0, -1.0], [-0.0, 0.0, -0.0, 2.0]])
+    index, _, _ = be.top_k(dev(score), 3)
+    np.testing.assert_array_equal(host(index), [[0, 1, 2], [3, 0, 1]])
+
+
+@pytest.mark.parametrize("E,block", [(300, 1024), (512, 64)])
+def test_wide_rows_in_the_warp_router(cuda_impl, E, block):
+    """E > 256: 16 values per lane (at most 512 threads per block there, which the host caps)."""
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    rng = np.random.default_rng(E)
+    logits = np.round(rng.normal(size=(5, E)), 1)
+    with be.block_size(block):
+        probs, index, _ = be.softmax_top_k(dev(logits), 8)
+        index2, load, _ = be.top_k(dev(logits), 8)
+    np.testing.assert_array_equal(host(index), np_top_k(logits, 8))
+    np.testing.assert_array_equal(host(index2), np_top_k(logits, 8))
+    np.testing.assert_allclose(host(probs).sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="PYMOE_ERR_SIZE"):
+        be.top_k(dev(np.zeros((2, 513))), 2)
