@@ -343,3 +343,24 @@ def assert_png_matches(path, fig) -> None:
     assert path.stat().st_size > 5_000
     assert png_size(path) == (w, h)
     assert 300 <= w <= 2600 and 200 <= h <= 2600  # readable at README size, not a poster
+
+
+# ------------------------------------------------------------------ bit-for-bit contract tests
+def bits(a: np.ndarray) -> np.ndarray:
+    """The raw bits of a float/int array in native order, for bit-for-bit comparison."""
+    a = np.asarray(a)
+    a = a.astype(a.dtype.newbyteorder("="))
+    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}") if a.dtype.kind == "f" else a
+
+
+def assert_same_bits(a, b):
+    np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def small_layer(**kw):
+    """A small MoELayer (D=6, H=5, E=4, K=2, seed 3), keywords changing it."""
+    args = dict(d_model=6, d_hidden=5, num_experts=4, k=2, seed=3)
+    args.update(kw)
+    import pymoe
+
+    return pymoe.MoELayer(**args)
