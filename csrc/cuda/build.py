@@ -144,10 +144,14 @@ def check() -> tuple[list[KernelResources], str]:
 
 
 def emulator_command(out: str, noop_barrier: bool = False) -> list[str]:
-    """g++ (C++20) with the emulation shim; -ffp-contract=off for the same rounding as NumPy."""
+    """g++ (C++20) with the emulation shim; -ffp-contract=off for the same rounding as NumPy.
+    -fno-gnu-unique: the shim's inline statics (emu::state, each kernel's __shared__ arrays) stay
+    this library's own; as STB_GNU_UNIQUE symbols, two emulations loaded in one process (the
+    tests' normal one and the no-barrier one) would share them, and each corrupt the other."""
     cxx = os.environ.get("CXX", "g++")
     cmd = [cxx, "-std=c++20", "-O1", "-g", "-shared", "-fPIC", "-Wall", "-Wextra",
-           "-Wno-unknown-pragmas", "-ffp-contract=off", "-DPYMOE_EMULATE", "-x", "c++",
+           "-Wno-unknown-pragmas", "-ffp-contract=off", "-fno-gnu-unique", "-DPYMOE_EMULATE",
+           "-x", "c++",
            f"-I{os.path.dirname(HERE)}",
            SOURCE, "-o", out]
     if noop_barrier:
