@@ -12,16 +12,16 @@ The routing recipe, one module per step:
     indexed.py   11   the same dispatch/combine by (expert, slot) gathers (what C/CUDA mirror)
     experts.py   11   E two-layer FFNs on [E, C, D]
     losses.py    12   load-balancing loss and router z-loss
-    routing.py        route(): all of the above; layer.py: MoELayer with forward/backward
-
-The variants of the major MoE systems (route()/MoELayer keywords, checked in options.py):
-    scores.py    2-3  sigmoid scores, selection-only expert bias, update_expert_bias
-    groups.py    3    group-limited top-K
-    sinkhorn.py  3    Sinkhorn-balanced selection
-    noisy.py     1-3  noisy top-K gating and its smooth load loss
-    expert_choice.py 3-9 each expert takes its top-C tokens
     slots.py     5-9  every slot rule (priority x drop policy) through one function
-    shared.py    11   shared (always-on) experts, optionally sigmoid-gated
+    routing.py        route(): the steps above written straight down; layer.py: MoELayer
+    options.py        every keyword of route() and MoELayer: its default, check and doc
+    token_groups.py   GShard token groups (MoELayer(token_groups=G), expert_parallel.py on MPI)
+
+Beside the recipe:
+    variants/    the major systems' routing variants, one module per step (scores,
+                 group_limited, sinkhorn, noisy, expert_choice, shared) and presets.py
+    backend/     the NumPy, C and CUDA tiers behind one registry (get_backend, backends())
+    viz.py, compare/, bench/   pictures, preset comparison, benchmarks
 """
 from . import compare  # the module, callable: pymoe.compare(logits, ...) is compare.compare
 from .backend import BackendInfo, backends, get_backend

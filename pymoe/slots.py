@@ -1,10 +1,10 @@
 """Steps 5-9 for every slot rule: which (token, choice) pairs get which expert slots.
 
-route() calls `assign` and nothing else for this, whichever backend does the work (NumPy, C, or
-the CUDA backend's own route() on device arrays). A slot rule
-is a priority (the order pairs claim slots in) plus a drop policy (who survives when an expert
-is over capacity); both reduce to two primitives that every backend provides with the same
-arguments and the same integers:
+route() runs the classic rule (choice-major, first C kept) as the recipe's own steps and every
+other rule through `assign`, whichever backend does the work (NumPy, C, or CUDA on device arrays,
+for CudaBackend.route). A slot rule is a priority (the order pairs claim slots in) plus a drop
+policy (who survives when an expert is over capacity); both reduce to two primitives that every
+backend provides with the same arguments and the same integers:
     assign_slots_ordered(expert_index, order, E, C) -> (position, slot_owner, expert_load)
         pairs claim slots in `order`; each expert keeps its first C (drop policy "position").
     keep_by_score(expert_index, order, score, E, C) -> keep
