@@ -24,6 +24,17 @@ from .c_softmax import softmax_lse_threads
 from .protocol import BackendInfo, temporarily
 
 C_DTYPES = (np.float32, np.float64)
+FLOAT_OPS = {  # op -> (its float entry point, its double one), as csrc/pymoe.h declares them
+    "top_k": ("pymoe_top_k_f32", "pymoe_top_k_f64"),
+    "dispatch": ("pymoe_dispatch_f32", "pymoe_dispatch_f64"),
+    "dispatch_naive": ("pymoe_dispatch_naive_f32", "pymoe_dispatch_naive_f64"),
+    "combine": ("pymoe_combine_f32", "pymoe_combine_f64"),
+    "combine_naive": ("pymoe_combine_naive_f32", "pymoe_combine_naive_f64"),
+    "gate_grad": ("pymoe_gate_grad_f32", "pymoe_gate_grad_f64"),
+    "gate_grad_naive": ("pymoe_gate_grad_naive_f32", "pymoe_gate_grad_naive_f64"),
+    "bias_relu": ("pymoe_bias_relu_f32", "pymoe_bias_relu_f64"),
+    "relu_backward": ("pymoe_relu_backward_f32", "pymoe_relu_backward_f64"),
+}
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
            np.dtype(np.int64): "int64_t[]"}
 _STATUS_FILE = _install.STATUS_FILE  # next to the extension, in the package folder
@@ -109,8 +120,9 @@ class CBackend:
                 raise ValueError(f"out: shares memory with {name}; pass a separate array")
         return out
 
-    def _suffix(self, a: np.ndarray) -> str:
-        return "f32" if a.dtype == np.float32 else "f64"
+    def _fn(self, op: str, a: np.ndarray):
+        """The entry point of `op` for a's dtype (FLOAT_OPS names each one, as csrc/pymoe.h)."""
+        return getattr(self.lib, FLOAT_OPS[op][0 if a.dtype == np.float32 else 1])
 
     # ------------------------------------------------------------ operations
     # The argument checks are pymoe._checks' (the same as the NumPy backend's), restricted to
@@ -136,7 +148,7 @@ class CBackend:
         expert_index = np.empty((T, k), np.int64)
         load = np.empty(E, np.int64)
         prob_sum = None if probs is None else np.empty(E, score.dtype)
-        fn = getattr(self.lib, f"pymoe_top_k_{self._suffix(score)}")
+        fn = self._fn("top_k", score)
         self._check("top_k", fn(self._ptr(expert_index), self._ptr(load), self._ptr(prob_sum),
                                 self._ptr(score), self._ptr(bias), self._ptr(probs), T, k, E))
         return expert_index, load, prob_sum
@@ -209,7 +221,7 @@ class CBackend:
         T, D = x.shape
         E, C = slot_owner.shape
         out = self._out(out, (E, C, D), x.dtype, inputs)
-        fn = getattr(self.lib, f"pymoe_dispatch{'_naive' if naive else ''}_{self._suffix(x)}")
+        fn = self._fn("dispatch_naive" if naive else "dispatch", x)
         self._check("dispatch", fn(self._ptr(out), self._ptr(x), self._ptr(weight),
                                    self._ptr(slot_owner), T, k, E, C, D))
         return out
@@ -234,7 +246,7 @@ class CBackend:
             weight = _checks.float_arg("weight", weight, (T, K), C_DTYPES, "C")
             weight = np.ascontiguousarray(weight, dtype=expert_out.dtype)
         y = self._out(out, (T, D), expert_out.dtype, inputs)
-        fn = getattr(self.lib, f"pymoe_combine{'_naive' if naive else ''}_{self._suffix(y)}")
+        fn = self._fn("combine_naive" if naive else "combine", y)
         self._check("combine", fn(self._ptr(y), self._ptr(expert_out), self._ptr(weight),
                                   self._ptr(expert_index), self._ptr(position), T, K, E, C, D))
         return y
@@ -248,7 +260,7 @@ class CBackend:
         dy = np.ascontiguousarray(_checks.float_arg("dy", dy, (T, D), C_DTYPES, "C"),
                                   dtype=expert_out.dtype)
         dgate = np.empty((T, K), expert_out.dtype)
-        fn = getattr(self.lib, f"pymoe_gate_grad{'_naive' if naive else ''}_{self._suffix(dy)}")
+        fn = self._fn("gate_grad_naive" if naive else "gate_grad", dy)
         self._check("gate_grad", fn(self._ptr(dgate), self._ptr(dy), self._ptr(expert_out),
                                     self._ptr(expert_index), self._ptr(position), T, K, E, C, D))
         return dgate
@@ -257,7 +269,7 @@ class CBackend:
         """a = relu(a + bias) in place, a `[n, H]`, bias `[H]`, in one pass: experts.bias_relu
         bit for bit."""
         a, bias = _checks.epilogue_args("a", a, "bias", bias, "bias", C_DTYPES, "C")
-        fn = getattr(self.lib, f"pymoe_bias_relu_{self._suffix(a)}")
+        fn = self._fn("bias_relu", a)
         self._check("bias_relu", fn(self._ptr(a), self._ptr(bias), *a.shape))
 
     def relu_backward(self, grad: np.ndarray, hidden: np.ndarray) -> None:
@@ -265,7 +277,7 @@ class CBackend:
         bit."""
         grad, hidden = _checks.epilogue_args("grad", grad, "hidden", hidden, "hidden", C_DTYPES,
                                              "C")
-        fn = getattr(self.lib, f"pymoe_relu_backward_{self._suffix(grad)}")
+        fn = self._fn("relu_backward", grad)
         self._check("relu_backward", fn(self._ptr(grad), self._ptr(hidden), *grad.shape))
 
     # ------------------------------------------------------------ threads

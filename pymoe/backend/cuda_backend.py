@@ -47,6 +47,13 @@ from .protocol import BackendInfo, temporarily
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)
+FLOAT_OPS = {  # op -> (its float entry point, its double one), as csrc/cuda/pymoe_cuda.h declares
+    "softmax_top_k": ("pymoe_cuda_softmax_top_k_f32", "pymoe_cuda_softmax_top_k_f64"),
+    "top_k": ("pymoe_cuda_top_k_f32", "pymoe_cuda_top_k_f64"),
+    "dispatch": ("pymoe_cuda_dispatch_f32", "pymoe_cuda_dispatch_f64"),
+    "combine": ("pymoe_cuda_combine_f32", "pymoe_cuda_combine_f64"),
+    "gate_grad": ("pymoe_cuda_gate_grad_f32", "pymoe_cuda_gate_grad_f64"),
+}
 Check = Union[bool, str]  # True, False or "defer" (Union: evaluated at run time on Python 3.9)
 
 
@@ -323,8 +330,9 @@ class CudaBackend:
         return (None, 0) if a is None else self._arg(name, a, shape, (dtype,))
 
     @staticmethod
-    def _suffix(dtype: np.dtype) -> str:
-        return "f32" if dtype == np.float32 else "f64"
+    def _name(op: str, dtype: np.dtype) -> str:
+        """The entry point of `op` for `dtype` (FLOAT_OPS names each one, as pymoe_cuda.h)."""
+        return FLOAT_OPS[op][0 if dtype == np.float32 else 1]
 
     # ------------------------------------------------------------ block size
     def get_block_size(self) -> int:
@@ -356,7 +364,7 @@ class CudaBackend:
         probs, p_probs = self._out("probs", o_probs, (T, E), dt)
         index, p_index = self._out("expert_index", o_index, (T, k), INT64)
         gate, p_gate = self._out("gate", o_gate, (T, k), dt)
-        self._call(f"pymoe_cuda_softmax_top_k_{self._suffix(dt)}", [logits, probs, index, gate],
+        self._call(self._name("softmax_top_k", dt), [logits, probs, index, gate],
                    _Ptr(p_probs), _Ptr(p_index), _Ptr(p_gate), _Ptr(p_logits), T, k, E,
                    int(normalize), check=check)
         return probs, index, gate
@@ -375,7 +383,7 @@ class CudaBackend:
         index, p_index = self._out("expert_index", o_index, (T, k), INT64)
         load, p_load = self._out("expert_load", o_load, (E,), INT64)
         psum, p_sum = self._out("prob_sum", o_sum, (E,), dt) if probs is not None else (None, 0)
-        self._call(f"pymoe_cuda_top_k_{self._suffix(dt)}", [score, bias, probs, index],
+        self._call(self._name("top_k", dt), [score, bias, probs, index],
                    _Ptr(p_index), _Ptr(p_load), _Ptr(p_sum), _Ptr(p_score), _Ptr(p_bias),
                    _Ptr(p_probs), T, k, E, check=check)
         return index, load, psum
@@ -464,7 +472,7 @@ class CudaBackend:
         dt = np.dtype(x.dtype)
         weight, p_w = self._optional("weight", weight, (T, k), dt)
         out, p_out = self._out("out", out, (E, C, D), dt)
-        self._call(f"pymoe_cuda_dispatch_{self._suffix(dt)}", [x, owner, weight, out],
+        self._call(self._name("dispatch", dt), [x, owner, weight, out],
                    _Ptr(p_out), _Ptr(p_x), _Ptr(p_w), _Ptr(p_owner), T, k, E, C, D, check=check)
         return out
 
@@ -489,7 +497,7 @@ class CudaBackend:
             expert_out, expert_index, position)
         weight, p_w = self._optional("weight", weight, (T, K), dt)
         y, p_y = self._out("out", out, (T, D), dt)
-        self._call(f"pymoe_cuda_combine_{self._suffix(dt)}", [eo, index, pos, weight, y],
+        self._call(self._name("combine", dt), [eo, index, pos, weight, y],
                    _Ptr(p_y), _Ptr(p_eo), _Ptr(p_w), _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D,
                    check=check)
         return y
@@ -501,7 +509,7 @@ class CudaBackend:
             expert_out, expert_index, position)
         dy, p_dy = self._arg("dy", dy, (T, D), (dt,))
         g, p_g = self._out("out", out, (T, K), dt)
-        self._call(f"pymoe_cuda_gate_grad_{self._suffix(dt)}", [dy, eo, index, pos, g],
+        self._call(self._name("gate_grad", dt), [dy, eo, index, pos, g],
                    _Ptr(p_g), _Ptr(p_dy), _Ptr(p_eo), _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D,
                    check=check)
         return g
