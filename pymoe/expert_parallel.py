@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks
-from . import token_groups as grouped
+from . import _checks, token_groups
 from .capacity import expert_capacity
 from .experts import EXPERT_PARAMS
 from .layer import MoELayer
@@ -88,7 +87,7 @@ class StepStats:
 
 
 class _MPIExchange:
-    """grouped.Exchange over MPI: this rank's one group, its E/P experts."""
+    """token_groups.Exchange over MPI: this rank's one group, its E/P experts."""
 
     def __init__(self, comm: Any, num_local: int, mode: str, stats: StepStats) -> None:
         self.comm, self.El, self.mode, self.stats = comm, num_local, mode, stats
@@ -212,7 +211,7 @@ class _MPIExchange:
         self.comm.Allgather(mine, every)
         self._mpi_time(t0)
         self.stats.control_bytes += mine.nbytes * self.P
-        return grouped.sum_in_order(list(every))
+        return token_groups.sum_in_order(list(every))
 
 
 def step_bytes(T_local: int, E: int, K: int, D: int, P: int, capacity_factor: float | None,
@@ -284,7 +283,7 @@ class ExpertParallelMoE:
             if not isinstance(layer, MoELayer):
                 raise TypeError(f"layer: expected a pymoe.MoELayer, got {type(layer).__name__}")
             self.exchange = _checks.choice("exchange", exchange, EXCHANGES)
-            self.load_stats = _checks.choice("load_stats", load_stats, grouped.LOAD_STATS)
+            self.load_stats = _checks.choice("load_stats", load_stats, token_groups.LOAD_STATS)
             if layer.token_groups != 1:
                 raise ValueError("layer: expected token_groups=1 (each rank is one group), got "
                                  f"{layer.token_groups}")
@@ -327,7 +326,7 @@ class ExpertParallelMoE:
         self.routing: Routing | None = None
         self.aux_loss = self.z_loss = 0.0
         self.stats = StepStats(rank, P, self.exchange)
-        self._cache: tuple[tuple[int, ...], np.dtype, grouped.GroupsCache] | None = None
+        self._cache: tuple[tuple[int, ...], np.dtype, token_groups.GroupsCache] | None = None
 
     def _agree(self, problem: str | None, value: Any = None) -> list[Any]:
         """Allgather (problem, value); every rank raises the same ValueError if any had one."""
@@ -362,7 +361,7 @@ class ExpertParallelMoE:
                              f"are of equal size), got {Ts} on ranks 0..{self.size - 1}")
         x2 = x.reshape(-1, L.d_model).astype(L.dtype, copy=False)  # [T_local, D]
         ex = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
-        ys, gc, aux, z = grouped.forward_groups(L, [x2], self._expert_params(), ex,
+        ys, gc, aux, z = token_groups.forward_groups(L, [x2], self._expert_params(), ex,
                                                 self.load_stats, False, self.stats.times)
         self._cache = (x.shape, x.dtype, gc)
         self.routing, self.aux_loss, self.z_loss = gc.groups[0].routing, aux, z
@@ -385,7 +384,7 @@ class ExpertParallelMoE:
         x_shape, x_dtype, gc = self._cache
         L = self.layer
         dy2 = dy.reshape(-1, L.d_model).astype(L.dtype, copy=False)
-        dxs, grads = grouped.backward_groups(L, gc, [dy2], self._expert_params(),
+        dxs, grads = token_groups.backward_groups(L, gc, [dy2], self._expert_params(),
                                              self.stats.times)
         self.grads = grads
         return dxs[0].reshape(x_shape).astype(x_dtype, copy=False)

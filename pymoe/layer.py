@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks
-from . import token_groups as grouped
+from . import _checks, token_groups
 from .backend import BACKEND_NAMES, Backend, get_backend
 from .dense import (
     combine_dense,
@@ -57,7 +56,7 @@ class _GroupsForwardCache:
     """token_groups > 1: everything backward needs is in the per-group cache."""
     x_shape: tuple[int, ...]
     x_dtype: np.dtype
-    groups: grouped.GroupsCache
+    groups: token_groups.GroupsCache
 
 
 class MoELayer:
@@ -333,8 +332,8 @@ class MoELayer:
         if T == 0 or T % G:
             raise ValueError(f"x: token_groups={G} needs a number of tokens that is a positive "
                              f"multiple of {G}, got T = {T}")
-        ex = grouped.LocalExchange(G)
-        ys, gc, aux, z = grouped.forward_groups(self, np.split(x2, G), self._expert_params(), ex,
+        ex = token_groups.LocalExchange(G)
+        ys, gc, aux, z = token_groups.forward_groups(self, np.split(x2, G), self._expert_params(), ex,
                                                 self.load_stats, train, {})
         self._cache = _GroupsForwardCache(x.shape, x.dtype, gc)
         self.routing = tuple(s.routing for s in gc.groups)
@@ -368,7 +367,7 @@ class MoELayer:
         dy2 = np.ascontiguousarray(dy.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
         if isinstance(c, _GroupsForwardCache):
             G = self.token_groups
-            dxs, grads = grouped.backward_groups(self, c.groups, np.split(dy2, G),
+            dxs, grads = token_groups.backward_groups(self, c.groups, np.split(dy2, G),
                                                  self._expert_params(), {})
             self.grads = {n: grads[n] for n in PARAM_NAMES}
             return np.concatenate(dxs).reshape(c.x_shape).astype(c.x_dtype, copy=False)
