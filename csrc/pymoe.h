@@ -70,9 +70,15 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
                         const double *score, int64_t N, int64_t T, int64_t K, int64_t E,
                         int64_t C);
 
-/* The float operations, declared below for float as name_f32 and for double as name_f64, each
- * one written out so that grep finds it (the definitions are one template per operation,
- * moe_ops.h, topk_ops.h and expert_ops.h, instantiated by ops_f32.c and ops_f64.c).
+/* The float operations are written once, in PYMOE_FLOAT_OPS(REAL, SFX) below, and declared
+ * twice: for float as name_f32 and for double as name_f64 (cffi's cdef takes no macros, so
+ * csrc/build_cffi.py expands them the same way, with pymoe/backend/cdef_macros.py). Expanded, for example:
+ *   int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight,
+ *                          const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+ *                          int64_t C, int64_t D);
+ *   int pymoe_combine_f64(double *y, const double *expert_out, const double *weight,
+ *                         const int64_t *expert_index, const int64_t *position,
+ *                         int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
  *
  * Top-K selection (pymoe.topk.top_k, with the sums pymoe.losses.load_balancing_loss needs).
  * expert_index[t, :] = the K experts with the largest v[t, e] = score[t, e] + bias[e] (the sum
@@ -110,52 +116,26 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
  * The expert FFN's relu epilogues (pymoe.experts), in place on one expert's [rows, cols] block,
  * one pass each: bias_relu: a = max(a + bias, 0) (a: the first matmul's output, bias [cols]);
  * relu_backward: grad *= (hidden > 0), hidden = the forward's relu output. */
-int pymoe_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
-                    const float *score, const float *bias, const float *probs,
-                    int64_t T, int64_t K, int64_t E);
-int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight,
-                       const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                       int64_t C, int64_t D);
-int pymoe_combine_f32(float *y, const float *expert_out, const float *weight,
-                      const int64_t *expert_index, const int64_t *position,
-                      int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_gate_grad_f32(float *dgate, const float *dy, const float *expert_out,
-                        const int64_t *expert_index, const int64_t *position,
-                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_dispatch_naive_f32(float *expert_in, const float *x, const float *weight,
-                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                             int64_t C, int64_t D);
-int pymoe_combine_naive_f32(float *y, const float *expert_out, const float *weight,
-                            const int64_t *expert_index, const int64_t *position,
-                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_gate_grad_naive_f32(float *dgate, const float *dy, const float *expert_out,
-                              const int64_t *expert_index, const int64_t *position,
-                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_bias_relu_f32(float *a, const float *bias, int64_t rows, int64_t cols);
-int pymoe_relu_backward_f32(float *grad, const float *hidden, int64_t rows, int64_t cols);
-int pymoe_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
-                    const double *score, const double *bias, const double *probs,
-                    int64_t T, int64_t K, int64_t E);
-int pymoe_dispatch_f64(double *expert_in, const double *x, const double *weight,
-                       const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                       int64_t C, int64_t D);
-int pymoe_combine_f64(double *y, const double *expert_out, const double *weight,
-                      const int64_t *expert_index, const int64_t *position,
-                      int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_gate_grad_f64(double *dgate, const double *dy, const double *expert_out,
-                        const int64_t *expert_index, const int64_t *position,
-                        int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_dispatch_naive_f64(double *expert_in, const double *x, const double *weight,
-                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                             int64_t C, int64_t D);
-int pymoe_combine_naive_f64(double *y, const double *expert_out, const double *weight,
-                            const int64_t *expert_index, const int64_t *position,
-                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_gate_grad_naive_f64(double *dgate, const double *dy, const double *expert_out,
-                              const int64_t *expert_index, const int64_t *position,
-                              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
-int pymoe_bias_relu_f64(double *a, const double *bias, int64_t rows, int64_t cols);
-int pymoe_relu_backward_f64(double *grad, const double *hidden, int64_t rows, int64_t cols);
+#define PYMOE_ROW_OPS(REAL, SFX) \
+    int pymoe_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight, \
+                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, \
+                            int64_t C, int64_t D); \
+    int pymoe_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight, \
+                           const int64_t *expert_index, const int64_t *position, \
+                           int64_t T, int64_t K, int64_t E, int64_t C, int64_t D); \
+    int pymoe_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out, \
+                             const int64_t *expert_index, const int64_t *position, \
+                             int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+#define PYMOE_FLOAT_OPS(REAL, SFX) \
+    int pymoe_top_k##SFX(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum, \
+                         const REAL *score, const REAL *bias, const REAL *probs, \
+                         int64_t T, int64_t K, int64_t E); \
+    PYMOE_ROW_OPS(REAL, SFX) \
+    PYMOE_ROW_OPS(REAL, _naive##SFX) \
+    int pymoe_bias_relu##SFX(REAL *a, const REAL *bias, int64_t rows, int64_t cols); \
+    int pymoe_relu_backward##SFX(REAL *grad, const REAL *hidden, int64_t rows, int64_t cols);
+PYMOE_FLOAT_OPS(float, _f32)
+PYMOE_FLOAT_OPS(double, _f64)
 
 /* Threads: 1 when built without OpenMP. The count is process-wide (not per calling thread, as
  * omp_set_num_threads is): every parallel region of the core uses pymoe_get_max_threads().

@@ -85,8 +85,12 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
                              const double *score, int64_t N, int64_t T, int64_t K, int64_t E,
                              int64_t C, int *status, void *stream);
 
-/* The float operations, declared below for float as name_f32 and for double as name_f64, each
- * one written out so that grep finds it (pymoe_cuda.cu defines them from one template each).
+/* The float operations are written once, in PYMOE_CUDA_FLOAT_OPS(REAL, SFX) below, and declared
+ * for float as name_f32 and for double as name_f64 (the loader expands them for cffi with
+ * pymoe/backend/cdef_macros.py). Expanded, for example:
+ *   int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
+ *                               const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+ *                               int64_t C, int64_t D, int *status, void *stream);
  *
  * softmax_top_k: steps 2-4 of pymoe.route fused: softmax over E (pymoe.router.softmax), the
  * top-K by logit (pymoe.topk.top_k, ties to the lower expert) and the gates, raw or renormalised
@@ -103,40 +107,26 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
  *   K <= 1024.
  * gate_grad: dgate [T, K] = <dy[t], expert_out[e_tj, p_tj]> for kept pairs, 0 for dropped.
  *   K <= 1024. */
-int pymoe_cuda_softmax_top_k_f32(float *probs, int64_t *expert_index, float *gate,
-                                 const float *router_logits, int64_t T, int64_t K,
-                                 int64_t E, int normalize, int *status, void *stream);
-int pymoe_cuda_top_k_f32(int64_t *expert_index, int64_t *expert_load, float *prob_sum,
-                         const float *score, const float *bias, const float *probs, int64_t T,
-                         int64_t K, int64_t E, int *status, void *stream);
-int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
-                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                            int64_t C, int64_t D, int *status, void *stream);
-int pymoe_cuda_combine_f32(float *y, const float *expert_out, const float *weight,
-                           const int64_t *expert_index, const int64_t *position, int64_t T,
-                           int64_t K, int64_t E, int64_t C, int64_t D, int *status,
-                           void *stream);
-int pymoe_cuda_gate_grad_f32(float *dgate, const float *dy, const float *expert_out,
-                             const int64_t *expert_index, const int64_t *position,
-                             int64_t T, int64_t K, int64_t E, int64_t C, int64_t D,
-                             int *status, void *stream);
-int pymoe_cuda_softmax_top_k_f64(double *probs, int64_t *expert_index, double *gate,
-                                 const double *router_logits, int64_t T, int64_t K,
-                                 int64_t E, int normalize, int *status, void *stream);
-int pymoe_cuda_top_k_f64(int64_t *expert_index, int64_t *expert_load, double *prob_sum,
-                         const double *score, const double *bias, const double *probs, int64_t T,
-                         int64_t K, int64_t E, int *status, void *stream);
-int pymoe_cuda_dispatch_f64(double *expert_in, const double *x, const double *weight,
-                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
-                            int64_t C, int64_t D, int *status, void *stream);
-int pymoe_cuda_combine_f64(double *y, const double *expert_out, const double *weight,
-                           const int64_t *expert_index, const int64_t *position, int64_t T,
-                           int64_t K, int64_t E, int64_t C, int64_t D, int *status,
-                           void *stream);
-int pymoe_cuda_gate_grad_f64(double *dgate, const double *dy, const double *expert_out,
-                             const int64_t *expert_index, const int64_t *position,
-                             int64_t T, int64_t K, int64_t E, int64_t C, int64_t D,
-                             int *status, void *stream);
+#define PYMOE_CUDA_FLOAT_OPS(REAL, SFX) \
+    int pymoe_cuda_softmax_top_k##SFX(REAL *probs, int64_t *expert_index, REAL *gate, \
+                                      const REAL *router_logits, int64_t T, int64_t K, \
+                                      int64_t E, int normalize, int *status, void *stream); \
+    int pymoe_cuda_top_k##SFX(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum, \
+                              const REAL *score, const REAL *bias, const REAL *probs, int64_t T, \
+                              int64_t K, int64_t E, int *status, void *stream); \
+    int pymoe_cuda_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight, \
+                                 const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, \
+                                 int64_t C, int64_t D, int *status, void *stream); \
+    int pymoe_cuda_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight, \
+                                const int64_t *expert_index, const int64_t *position, int64_t T, \
+                                int64_t K, int64_t E, int64_t C, int64_t D, int *status, \
+                                void *stream); \
+    int pymoe_cuda_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out, \
+                                  const int64_t *expert_index, const int64_t *position, \
+                                  int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, \
+                                  int *status, void *stream);
+PYMOE_CUDA_FLOAT_OPS(float, _f32)
+PYMOE_CUDA_FLOAT_OPS(double, _f64)
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -1,12 +1,12 @@
 """The cffi declarations of a C header: the text between its `/* cdef-begin */` and
 `/* cdef-end */` markers, with its function-like macros expanded.
 
-cffi's cdef takes no function-like macros. The headers (csrc/pymoe.h, csrc/cuda/pymoe_cuda.h)
-now write every declaration out, for float (`_f32`) and double (`_f64`), so that grep finds
-each one; this still expands any function-like macro a cdef block uses, the way the C
-preprocessor does: parameters replaced by the arguments, then `##` pasted, then the result
-rescanned. Object-like macros (`#define PYMOE_OK 0`) stay: cffi reads those itself. Used by
-csrc/build_cffi.py (C core) and pymoe.backend.cuda_backend (CUDA).
+cffi's cdef takes no macros, but the headers (csrc/pymoe.h, csrc/cuda/pymoe_cuda.h) declare each
+float operation once, in a macro over the element type and the name suffix, and instantiate it
+for float (`_f32`) and double (`_f64`). This expands those macros the way the C preprocessor
+does for the forms the headers use: parameters replaced by the arguments, then `##` pasted,
+then the result rescanned for further macros. Object-like macros (`#define PYMOE_OK 0`) stay:
+cffi reads those itself. Used by csrc/build_cffi.py (C core) and pymoe.cuda_backend (CUDA).
 """
 from __future__ import annotations
 
