@@ -79,6 +79,12 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
  *   int pymoe_combine_f64(double *y, const double *expert_out, const double *weight,
  *                         const int64_t *expert_index, const int64_t *position,
  *                         int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
+ * Every name they declare (for grep; Python's c_backend.FLOAT_OPS lists the same):
+ * pymoe_top_k_f32, pymoe_top_k_f64, pymoe_dispatch_f32, pymoe_dispatch_f64, pymoe_combine_f32,
+ * pymoe_combine_f64, pymoe_gate_grad_f32, pymoe_gate_grad_f64, pymoe_dispatch_naive_f32,
+ * pymoe_dispatch_naive_f64, pymoe_combine_naive_f32, pymoe_combine_naive_f64,
+ * pymoe_gate_grad_naive_f32, pymoe_gate_grad_naive_f64, pymoe_bias_relu_f32,
+ * pymoe_bias_relu_f64, pymoe_relu_backward_f32 and pymoe_relu_backward_f64.
  *
  * Top-K selection (pymoe.topk.top_k, with the sums pymoe.losses.load_balancing_loss needs).
  * expert_index[t, :] = the K experts with the largest v[t, e] = score[t, e] + bias[e] (the sum

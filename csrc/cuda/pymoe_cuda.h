@@ -91,6 +91,10 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
  *   int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
  *                               const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
  *                               int64_t C, int64_t D, int *status, void *stream);
+ * Every name they declare (for grep; Python's cuda_backend.FLOAT_OPS lists the same):
+ * pymoe_cuda_softmax_top_k_f32, pymoe_cuda_softmax_top_k_f64, pymoe_cuda_top_k_f32,
+ * pymoe_cuda_top_k_f64, pymoe_cuda_dispatch_f32, pymoe_cuda_dispatch_f64, pymoe_cuda_combine_f32,
+ * pymoe_cuda_combine_f64, pymoe_cuda_gate_grad_f32 and pymoe_cuda_gate_grad_f64.
  *
  * softmax_top_k: steps 2-4 of pymoe.route fused: softmax over E (pymoe.router.softmax), the
  * top-K by logit (pymoe.topk.top_k, ties to the lower expert) and the gates, raw or renormalised
