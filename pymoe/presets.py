@@ -15,6 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
+from . import _checks
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -24,6 +28,9 @@ class Preset:
 
     Fields (each one a convention, section numbers of docs/conventions.md in brackets):
         name: the preset's name; source: where the system implements it (file: function).
+        k: the K the system's gating function is written for (Switch and DeepSpeed top-1: 1;
+            GShard, DeepSpeed top-2, NLLB: 2), None where K is a configuration value; routing
+            at another K warns (the system never routes that way).
         score: "softmax" or "sigmoid" [1].
         normalize: renormalise the K gates at selection; None means "when K > 1" (Tutel and
             Megatron-Core: a renormalised single gate is the constant 1 and passes no gradient) [3].
@@ -45,6 +52,7 @@ class Preset:
     """
     name: str
     source: str
+    k: int | None = None
     score: str = "softmax"
     normalize: bool | None = False
     renormalize_after_drop: bool = False
@@ -71,7 +79,7 @@ class Preset:
     def keywords(self, k: int) -> dict[str, Any]:
         """The route() / MoELayer keywords this preset stands for, for K choices per token."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name not in ("name", "source")}
+              if f.name not in ("name", "source", "k")}
         if kw["normalize"] is None:
             kw["normalize"] = k > 1
         if k != 2:  # GShard's second-expert policy is a top-2 rule
@@ -83,20 +91,20 @@ HF = "transformers/models"
 _PRESETS = {p.name: p for p in [
     Preset("switch", "mesh_tensorflow/transformer/moe.py: _switch_gating; "
            f"{HF}/switch_transformers/modeling_switch_transformers.py: SwitchTransformersTop1Router",
-           capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
+           k=1, capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
            load_balancing="first_choice"),
     Preset("gshard", "mesh_tensorflow/transformer/moe.py: _top_2_gating",
-           normalize=None, capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
+           k=2, normalize=None, capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
            load_balancing="first_choice", second_expert_policy="random", seed=0),
     Preset("flaxformer", "flaxformer/architectures/moe/routing.py: TokensChooseMaskedRouter; "
            "moe_layers.py: MoeLayer; t5x/configs/moe/models/tokens_choose_base.gin",
            priority="score", capacity_rule="round", capacity_factor=1.25, min_capacity=4,
            load_balancing="k_scaled"),
     Preset("deepspeed-top1", "deepspeed/moe/sharded_moe.py: top1gating (use_rts=True)",
-           priority="random", min_capacity=4, load_balancing="first_choice", seed=0),
+           k=1, priority="random", min_capacity=4, load_balancing="first_choice", seed=0),
     Preset("deepspeed-top2", "deepspeed/moe/sharded_moe.py: top2gating "
            "(top2_2nd_expert_sampling=False)",
-           renormalize_after_drop=True, min_capacity=4, load_balancing="first_choice"),
+           k=2, renormalize_after_drop=True, min_capacity=4, load_balancing="first_choice"),
     Preset("deepspeed-topk", "deepspeed/moe/sharded_moe.py: topkgating (drop_policy='probs')",
            renormalize_after_drop=True, priority="token", drop_policy="probs", min_capacity=4),
     Preset("tutel", "tutel/impls/fast_dispatch.py: extract_critical; tutel/impls/losses.py: "
@@ -125,7 +133,7 @@ _PRESETS = {p.name: p for p in [
     Preset("olmoe", f"{HF}/olmoe/modeling_olmoe.py: OlmoeTopKRouter", priority="token",
            capacity_factor=None, load_balancing="k_scaled"),
     Preset("nllb-moe", f"{HF}/nllb_moe/modeling_nllb_moe.py: NllbMoeTop2Router",
-           renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled"),
+           k=2, renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled"),
 ]}
 
 
@@ -167,6 +175,33 @@ preset.__doc__ = (preset.__doc__ or "") + "\n    Sources:\n" + "".join(
     f"        {p.name}: {p.source}\n" for p in _PRESETS.values())
 
 
+def k_mismatch(p: Preset, k: int) -> str:
+    """The warning for routing at another K than the preset's gating function is written for."""
+    return (f"preset {p.name!r} is a top-{p.k} gating function ({p.source.split(';')[0]}); "
+            f"k={k} routes it in a way the system never does (pass k={p.k})")
+
+
+_GROUP_FIELDS = ("num_groups", "topk_groups", "group_score_k")
+
+
+def _preset_error(err: ValueError, p: Preset, filled: dict[str, Any],
+                  arguments: dict[str, Any]) -> ValueError:
+    """A check failed on a keyword the preset filled in, not the caller: say so, with E."""
+    arg = str(err).split(":", 1)[0]
+    if arg not in filled:
+        return err
+    related = _GROUP_FIELDS if arg in _GROUP_FIELDS else (arg,)
+    sets = ", ".join(f"{n}={filled[n]!r}" for n in related if n in filled)
+    if "num_experts" in arguments:
+        experts = f" E = {arguments['num_experts']} experts"
+    elif "router_logits" in arguments:
+        experts = f" E = {np.shape(arguments['router_logits'])[-1]} experts"
+    else:
+        experts = " these arguments"
+    return ValueError(f"preset {p.name!r} sets {sets}, which does not fit{experts} ({err}); "
+                      f"pass {arg}= to override it")
+
+
 def accepts_preset(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Decorator: let `func` (route, MoELayer.__init__) take preset=. The preset fills every
     keyword of func's signature that the caller did not pass (except those in `skip`, which mean
@@ -184,10 +219,16 @@ def accepts_preset(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
             k = bound.arguments.get("k")
             if not isinstance(k, numbers.Integral) or isinstance(k, bool):
                 return func(*args, **kwargs)  # func names the bad (or missing) k
+            if p.k is not None and k != p.k:
+                _checks.warn(k_mismatch(p, int(k)))
+            filled = {}
             for name, value in p.keywords(int(k)).items():
                 if name in sig.parameters and name not in bound.arguments and name not in skip:
-                    bound.arguments[name] = value
-            return func(*bound.args, **bound.kwargs)
+                    bound.arguments[name] = filled[name] = value
+            try:
+                return func(*bound.args, **bound.kwargs)
+            except ValueError as err:
+                raise _preset_error(err, p, filled, bound.arguments) from None
 
         return wrapper  # type: ignore[return-value]
 
