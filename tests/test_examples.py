@@ -57,6 +57,11 @@ def test_01_walkthrough(tmp_path, capsys):
     assert res["loop"]["with_capacity"] < 1e-12 and res["loop"]["dropless"] < 1e-12
     assert "numpy indexed" in res["times"]
     check_pictures(res, tmp_path, 3)
+    # The closing line names every file it wrote (issue 20: "saved under DIR/" named none).
+    line = next(line for line in out.splitlines() if line.startswith("Pictures of this routing"))
+    assert line == "Pictures of this routing: " + ", ".join(res["pictures"])
+    assert [os.path.basename(p) for p in res["pictures"]] == [
+        "01_routing_heatmap.png", "01_dispatch_combine.png", "01_expert_load.png"]
 
 
 @pytest.mark.parametrize("args", [["--k", "1"], ["--k", "3", "--normalize"]])
@@ -99,8 +104,16 @@ def test_01b_backward(k, normalize):
         assert task > 1e-3
 
 
-def test_02_capacity(tmp_path):
+def test_02_capacity(tmp_path, capsys):
     res = load("02_capacity.py").main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    # Where no token was lost whole the mean top-1 probability is '-', not 'nan / nan'.
+    assert "nan" not in out
+    sc = res["results"][("skewed", "choice")]["lost_confidence"]
+    assert not np.isfinite(sc[-1])  # this sweep reaches a factor where nothing is lost whole
+    rows = [line for line in out.splitlines() if line.startswith(f"{res['factors'][-1]:6.3f}")]
+    assert len(rows) == 1 and "|      - /      - |" in rows[0]
+    assert "(their top-1 prob: - where no token lost every choice)" in out
     r = res["results"]
     for kind in ("balanced", "skewed"):
         drops = r[(kind, "choice")]["dropped"]
@@ -173,6 +186,9 @@ def test_examples_fall_back_to_text_without_matplotlib(tmp_path, monkeypatch, ca
     assert not any(os.path.exists(p) for p in res["pictures"])
     out = capsys.readouterr().out
     assert "pip install 'pymoe-routing[viz]'" in out and "x = dropped" in out
+    # It says that it writes nothing, and names the files it would have written.
+    line = next(line for line in out.splitlines() if line.startswith("Pictures of this routing"))
+    assert "as text, no files written" in line and all(p in line for p in res["pictures"])
 
 
 def test_training_falls_back_to_synthetic_data_without_sklearn(monkeypatch, tmp_path):
