@@ -1,6 +1,6 @@
 """The routing keywords of route() and MoELayer, checked once into a RouteOptions.
 
-Every keyword is a variant of one routing step (the README's "Routing variants" lists which
+Every keyword is a variant of one routing step (docs/variants.md lists which
 system uses which); the defaults are the original pymoe routing, so leaving them out changes
 nothing.
 """

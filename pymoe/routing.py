@@ -170,7 +170,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
           preset: str | Preset | None = None) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
-    Args (defaults reproduce the original routing; the README's "Routing variants" says who
+    Args (defaults reproduce the original routing; docs/variants.md says who
     uses what):
         router_logits: `[T, E]` float array (computed in at least float32).
         k: K choices per token, 1 <= K <= E.
