@@ -151,8 +151,83 @@ def test_03_train_learns_and_the_aux_loss_evens_the_load(tmp_path):
     assert tr.capacity < tr.num_tokens
     counts = res["class_expert"]
     assert counts.sum() == len(results["MoE, aux loss 0.1"]["routing"].expert_index)
-    assert (counts.max(axis=1) / counts.sum(axis=1)).mean() > 0.5  # experts specialise
+    assert (counts.max(axis=1) / counts.sum(axis=1)).mean() == pytest.approx(res["top_share"])
+    assert res["top_share"] > 0.5  # experts specialise: most of a digit goes to one expert
+    for name, info in res["information"].items():  # far above what shuffled digits show
+        assert min(info) > 5 * res["chance_information"][name], name
+    assert all(0 <= i <= 2 for v in res["information"].values() for i in v)  # log2 E = 2 bits
     check_pictures(res, tmp_path, 4)
+
+
+def test_03_train_mutual_information():
+    mod = load("03_train.py")
+    assert mod.mutual_information(np.eye(4) * 10) == pytest.approx(2.0)  # expert = class
+    assert mod.mutual_information(np.ones((10, 4))) == pytest.approx(0.0, abs=1e-12)
+    assert mod.mutual_information(np.array([[5, 5, 0], [0, 0, 10]])) == pytest.approx(1.0)
+
+
+def test_03_train_evaluates_dropless():
+    """evaluate() routes with capacity_factor None, and gives the layer its options back."""
+    mod = load("03_train.py")
+    layer = mod.pymoe.MoELayer(8, 4, 4, 2, 0.5, dtype=np.float64, seed=0)
+    model = mod.Classifier(6, 8, 10, layer, 0)
+    x = np.random.default_rng(0).normal(size=(64, 6))
+    _, r = mod.evaluate(model, x, np.zeros(64, dtype=np.int64))
+    assert r.dropped_fraction == 0 and r.options.capacity_factor is None
+    assert layer.options.capacity_factor == 0.5
+    assert mod.routed_like_training(model, x).dropped_fraction > 0  # factor 0.5 must drop
+
+
+def test_03b_stability_and_cost(tmp_path):
+    mod = load("03b_stability_and_cost.py")
+    res = mod.main(["--quick", "--out", str(tmp_path)])
+    runs = res["stability"]["runs"]
+    low, plain = runs["lr 0.003 (03's), neither"], runs["lr 0.03, neither"]
+    zl, jit = runs["lr 0.03, z-loss 1e-3"], runs["lr 0.03, jitter 1e-2"]
+    # Ten times the learning rate drives the logits up; the z-loss holds their level down ...
+    assert plain["epoch_max"][-1] > 5 * low["epoch_max"][-1]
+    assert zl["epoch_max"][-1] < 0.75 * plain["epoch_max"][-1]
+    assert zl["routing"].z_loss < 0.5 * plain["routing"].z_loss
+    # ... but not their spread: the lowest logit falls as far as without it.
+    assert zl["routing"].router_logits.min() < 0.5 * plain["routing"].router_logits.min()
+    # Jitter moves some first choices in training, and only where it is on.
+    for name, run in runs.items():
+        assert (run["jitter_moved"] > 0) == (mod.RUNS[name][2] > 0), name
+    assert jit["jitter_moved"] < 0.05  # only the tokens near a tie
+    assert mod.bf16_step(100.0) == 0.5 and mod.bf16_step(6.0) == 2 ** -5
+    assert mod.to_bfloat16(np.array([100.3]))[0] == 100.5  # 8 significant bits
+    # (b): the all-to-all of one exchange is K*D bf16 values per token (Mixtral: 2*4096*2 B).
+    costs = res["costs"]["models"]
+    assert costs["Mixtral-8x7B"]["exchange_bytes"] == 2 * 4096 * 2
+    assert costs["DeepSeek-V3"]["exchange_bytes"] == 8 * 7168 * 2
+    bal = res["costs"]["balance"]
+    assert bal["skewed"]["dropped"] > bal["balanced"]["dropped"]
+    assert bal["skewed"]["straggle"] > bal["balanced"]["straggle"] >= 1
+    # (c): distinct experts touched grow with T from K (T=1) and reach E for Mixtral; a skewed
+    # router touches fewer; the measured iid curve follows E * (1 - (1 - K/E)^T).
+    dec = res["decode"]
+    for name, E, K in (("Mixtral-8x7B", 8, 2), ("DeepSeek-V3", 256, 8)):
+        iid, skew = dec["curves"][name]["iid"], dec["curves"][name]["skewed"]
+        assert iid[0] == K and np.all(np.diff(iid) >= 0) and np.all(skew <= iid + 1e-9)
+        for T in (4, 16, 64):
+            assert iid[T - 1] == pytest.approx(mod.expected_distinct(E, K, T), rel=0.05)
+    assert dec["curves"]["Mixtral-8x7B"]["iid"][-1] == 8  # all E experts at T = 64
+    reads = dec["reads"]["DeepSeek-V3"]
+    assert reads[64] > 10 * reads[1]  # bytes per step grow towards the total weights
+    assert dec["fewer_k"][2] < dec["fewer_k"][4] < dec["fewer_k"][8]
+    assert dec["expert_parallel"]["Mixtral-8x7B"] == (8, 1.0)  # one expert per device
+    assert dec["drops"][1][0] == 0 and dec["drops"][16][0] > 0  # a capacity drops in decode
+    check_pictures(res, tmp_path, 2)
+    from test_viz import layout_problems  # titles inside, nothing overlapping
+
+    assert all(layout_problems(fig) == [] for fig in res["pictures"].values())
+
+
+def test_every_example_run_all_runs_is_tested_here():
+    names = load("run_all.py").EXAMPLES
+    assert names.index("03b_stability_and_cost.py") == names.index("03_train.py") + 1
+    source = open(__file__, encoding="utf-8").read()
+    assert not [n for n in names if f'load("{n}")' not in source]
 
 
 def test_04_speed(tmp_path, c_backend):
