@@ -274,7 +274,7 @@ def class_expert_heatmap(counts: np.ndarray, path: str, *,
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     n_cls, E = share.shape
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_cls)]
-    title = title or "share of each class's tokens routed to each expert (first choice)"
+    title = title or "share of each class's tokens routed to each expert\n(first choice)"
     if not have_matplotlib():
         lines = [title, "class  " + " ".join(f"  e{e:<3d}" for e in range(E))]
         for c in range(n_cls):
