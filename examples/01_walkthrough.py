@@ -246,16 +246,22 @@ def loop_vs_recipe(case: dict, r: pymoe.Routing, y_recipe: np.ndarray, k: int,
     return {"with_capacity": diff, "dropless": diff_free}
 
 
+PICTURES = {"01_routing_heatmap.png": viz.routing_heatmap,
+            "01_dispatch_combine.png": viz.dispatch_combine_picture,
+            "01_expert_load.png": viz.expert_load_bars}
+
+
 def pictures(r: pymoe.Routing, out: str) -> dict:
-    """The same routing, drawn (or printed as text when matplotlib is missing): path -> Figure."""
-    print("\nPictures of this routing" + (f" (saved under {out}/)" if viz.have_matplotlib()
-                                          else " (text; pip install 'pymoe-routing[viz]' for PNGs):"))
-    return {
-        f"{out}/01_routing_heatmap.png": viz.routing_heatmap(r, f"{out}/01_routing_heatmap.png"),
-        f"{out}/01_dispatch_combine.png": viz.dispatch_combine_picture(
-            r, f"{out}/01_dispatch_combine.png"),
-        f"{out}/01_expert_load.png": viz.expert_load_bars(r, f"{out}/01_expert_load.png"),
-    }
+    """The same routing, drawn (or printed as text when matplotlib is missing): path -> Figure
+    (or -> the text printed in its place, no file written)."""
+    paths = {name: f"{out}/{name}" for name in PICTURES}
+    if viz.have_matplotlib():
+        print("\nPictures of this routing: " + ", ".join(paths.values()))
+    else:
+        print("\nPictures of this routing, as text, no files written (the PNGs need matplotlib, "
+              "pip install 'pymoe-routing[viz]', and PYMOE_VIZ_TEXT unset; they would be "
+              + ", ".join(paths.values()) + "):")
+    return {path: PICTURES[name](r, path) for name, path in paths.items()}
 
 
 def timing(quick: bool) -> dict[str, float]:

@@ -51,6 +51,11 @@ def lost_confidence(r: pymoe.Routing) -> float:
     return float(r.probs[lost].max(axis=1).mean()) if lost.any() else float("nan")
 
 
+def prob(v: float) -> str:
+    """A mean probability for the table, '-' where it is nan (no token lost every choice)."""
+    return f"{v:6.2f}" if np.isfinite(v) else f"{'-':>6s}"
+
+
 def padded_fraction(r: pymoe.Routing) -> float:
     """Share of the E*C expert slots left empty (padding that is computed or sent anyway)."""
     slots = r.num_experts * r.capacity
@@ -99,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{cf:6.3f} {C:5d} | {bc['dropped'][i]:9.1%} "
               f"{sc['dropped'][i]:9.1%} | {bc['padded'][i]:9.1%} {sc['padded'][i]:9.1%} | "
               f"{sc['tokens_dropped'][i]:7.1%} / "
-              f"{ss['tokens_dropped'][i]:6.1%} | {sc['lost_confidence'][i]:6.2f} / "
-              f"{ss['lost_confidence'][i]:6.2f} | {sc['lost_weight'][i]:6.1%} / "
+              f"{ss['tokens_dropped'][i]:6.1%} | {prob(sc['lost_confidence'][i])} / "
+              f"{prob(ss['lost_confidence'][i])} | {sc['lost_weight'][i]:6.1%} / "
               f"{ss['lost_weight'][i]:6.1%}")
+    if not np.isfinite([*sc["lost_confidence"], *ss["lost_confidence"]]).all():
+        print("(their top-1 prob: - where no token lost every choice)")
     same = all(res[(k, "choice")]["dropped"] == res[(k, "score")]["dropped"]
                for k in ("balanced", "skewed"))
     print(f"dropped pairs identical under both priorities: {same} (the order decides which, "
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         ylabel="fraction of pairs dropped / of slots empty",
         title=f"the two costs of capacity, T={T} E={E} K={K}: a larger factor drops less\n"
               "and pads more (padding is computed, and sent between devices, for nothing)",
-        reference=(0.0, "nothing dropped / padded"))
+        reference=(0.0, "nothing dropped / padded"), legend="below")
     figs[paths[1]] = viz.curves(
         factors, weight, paths[1], xlabel="capacity factor",
         ylabel="share of the total gate weight",
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         ylabel="their mean top-1 router probability",
         title="how confident were the tokens that lost every choice? BPR drops the least\n"
               f"confident (number at each point: tokens averaged; under {MIN_TOKENS} not drawn)",
-        counts=lost_counts)
+        counts=lost_counts, legend="below")
     loads = {kind: pymoe.route(logits[kind], K, 1.0) for kind in ("balanced", "skewed")}
     figs[paths[3]] = viz.expert_load_bars({f"{k}, capacity factor 1.0": r
                                            for k, r in loads.items()}, paths[3])

@@ -6,7 +6,10 @@ What it teaches:
 - The load-balancing loss matters: with coefficient 0 the router is free to crowd tokens onto a
   few experts. Switch Transformer's 0.01 evens the load a little here; this small model needs
   0.1 for a clear effect (the task loss falls to ~0.01, so a 0.01 * aux term barely registers).
-- Experts specialise: the class-by-expert heatmap shows which experts each digit is sent to.
+- Experts specialise: per digit, the share of its test tokens whose first choice is each expert
+  (the table and the class-by-expert heatmap), summed up as the mutual information between digit
+  and first-choice expert (0 bits when the expert says nothing about the digit, at most log2 E),
+  against the same measure with the digits shuffled (what a finite test set gives by chance).
 - Accuracy against a dense model of the same *active* size (one FFN with K*H hidden units: the
   compute each token gets in the MoE), as mean and spread over several seeds (each seed a new
   train/test split and initialisation): with 449 test images one seed's differences of a point
@@ -22,6 +25,7 @@ Run:  python examples/03_train.py [--quick] [--out DIR] [--seeds N]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 
@@ -163,6 +167,30 @@ def train(name: str, model: Classifier, data, epochs: int, batch: int, seed: int
     return hist
 
 
+def mutual_information(counts: np.ndarray) -> float:
+    """I(class; expert) in bits from a [classes, E] table of counts: how much a token's expert
+    tells about its class (0 when independent; at most min(log2 classes, log2 E))."""
+    p = counts / counts.sum()
+    independent = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log2(p[nz] / independent[nz])).sum())
+
+
+def class_expert_counts(y: np.ndarray, expert: np.ndarray, n_classes: int, E: int) -> np.ndarray:
+    """[classes, E]: how many tokens of each class have each expert as their first choice."""
+    counts = np.zeros((n_classes, E))
+    np.add.at(counts, (y, expert), 1)
+    return counts
+
+
+def shuffled_information(y: np.ndarray, expert: np.ndarray, E: int, rng: np.random.Generator,
+                         n: int = 20) -> float:
+    """Mean I(class; expert) with the classes shuffled n times: the chance level on len(y) tokens
+    (a finite sample shows a little information even when there is none)."""
+    return float(np.mean([mutual_information(class_expert_counts(rng.permutation(y), expert,
+                                                                 10, E)) for _ in range(n)]))
+
+
 def routed_like_training(model: Classifier, x: np.ndarray) -> pymoe.Routing:
     """The routing of x with the training capacity factor: loads, capacity and drops as a
     training batch of this size would see them (evaluation itself routes dropless)."""
@@ -171,14 +199,15 @@ def routed_like_training(model: Classifier, x: np.ndarray) -> pymoe.Routing:
 
 
 def evaluate(model: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[float, pymoe.Routing]:
-    """Test accuracy, routing dropless (no token is dropped at evaluation)."""
-    cf = model.moe.capacity_factor
-    model.moe.capacity_factor = None
+    """Test accuracy, routing dropless (no token is dropped at evaluation): the layer routes with
+    its options (pymoe.route's keywords), here those of training with capacity_factor=None."""
+    layer, options = model.moe, model.moe.options
+    layer.options = dataclasses.replace(options, capacity_factor=None)
     try:
         acc = float((model.forward(x, train=False).argmax(axis=1) == y).mean())
-        return acc, model.moe.routing
+        return acc, layer.routing
     finally:
-        model.moe.capacity_factor = cf
+        layer.options = options
 
 
 def run(seed: int, epochs: int, quiet: bool = False) -> dict:
@@ -231,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         share = results[name]["load_share"]
         cv = f"{h['load_cv'][-1]:8.3f}" if len(share) > 1 else f"{'-':>8s}"
         print(f"        {name:28s} {h['loss'][0]:10.4f} {h['loss'][-1]:10.4f} "
-              f"{results[name]['test_acc']:9.3f} {cv}  " + " ".join(f"{s:5.1%}" for s in share))
+              f"{results[name]['test_acc']:9.1%} {cv}  " + " ".join(f"{s:5.1%}" for s in share))
 
     runs = [first] + [run(seed, epochs, quiet=True) for seed in range(1, n_seeds)]
     accs = {name: [r["results"][name]["test_acc"] for r in runs] for name in hist}
@@ -250,9 +279,30 @@ def main(argv: list[str] | None = None) -> dict:
                       for k in ("MoE, aux loss 0", "MoE, aux loss 0.01", "MoE, aux loss 0.1"))
           + " (0 = perfectly even).")
 
-    r = results[aux_name]["routing"]
-    counts = np.zeros((10, E))
-    np.add.at(counts, (y_te, r.expert_index[:, 0]), 1)
+    counts = class_expert_counts(y_te, results[aux_name]["routing"].expert_index[:, 0], 10, E)
+    share = counts / counts.sum(axis=1, keepdims=True)
+    print(f"\nSpecialisation (seed 0, {aux_name}, test set): the share of each digit's tokens "
+          "whose first choice is each expert")
+    print(f"  {'digit':>5s} {'tokens':>6s}  " + " ".join(f"{'expert ' + str(e):>8s}" for e in range(E)))
+    for c in range(10):
+        print(f"  {c:5d} {int(counts[c].sum()):6d}  " + " ".join(f"{v:8.1%}" for v in share[c]))
+    top, seed0_info = share.max(axis=1).mean(), mutual_information(counts)
+    print(f"  A digit's most used expert takes {top:.1%} of its first choices on average "
+          f"({1 / E:.0%} if the router ignored the digit and loads were even); the mutual "
+          f"information of this table: {seed0_info:.2f} bits.")
+    rng = np.random.default_rng(0)
+    info = {name: [mutual_information(class_expert_counts(
+        r["y_test"], r["results"][name]["routing"].expert_index[:, 0], 10, E)) for r in runs]
+        for name in cvs}
+    chance = {name: float(np.mean([shuffled_information(
+        r["y_test"], r["results"][name]["routing"].expert_index[:, 0], E, rng) for r in runs]))
+        for name in cvs}
+    print(f"\nMutual information between digit and first-choice expert, in bits (0: the expert says "
+          f"nothing about the digit; at most log2 {E} = {np.log2(E):.0f}), mean +- standard deviation "
+          f"over {n_seeds} seeds:")
+    for name in cvs:
+        print(f"  {name:28s} {np.mean(info[name]):.2f} +- {np.std(info[name]):.2f} bits   "
+              f"(digits shuffled: {chance[name]:.2f})")
 
     out = args.out
     paths = [f"{out}/03_loss.png", f"{out}/03_balance.png", f"{out}/03_class_expert.png",
@@ -266,12 +316,14 @@ def main(argv: list[str] | None = None) -> dict:
         xlabel="epoch", ylabel="coefficient of variation", reference=(0.0, "perfectly even"),
         title="expert load imbalance during training (std / mean of the loads, seed 0)")
     figs[paths[2]] = viz.class_expert_heatmap(
-        counts, paths[2], title=f"first-choice expert of each class\n({aux_name}, test set)")
+        counts, paths[2], title=f"first-choice expert of each class\n({aux_name}, test set)\n"
+        f"mutual information {seed0_info:.2f} of {np.log2(E):.0f} bits")
     figs[paths[3]] = viz.expert_load_bars(
         {f"{k}\n(test set as one batch, capacity factor 1.25)": results[k]["train_routing"]
          for k in (aux_name, free_name)}, paths[3])
     return {"history": hist, "results": results, "class_expert": counts, "data": data_name,
-            "accuracy": accs, "load_cv": cvs, "pictures": figs}
+            "accuracy": accs, "load_cv": cvs, "information": info, "chance_information": chance,
+            "top_share": float(top), "pictures": figs}
 
 
 if __name__ == "__main__":

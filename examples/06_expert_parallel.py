@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 # P ranks share the cores: one BLAS thread per rank (set before NumPy loads its BLAS), as MPI jobs
 # usually run; otherwise P x cores threads fight over the cores and every timing is noise.
@@ -153,4 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    try:
+        ep_mod.mpi()
+    except ImportError as err:  # one line, not a traceback: the `mpi` extra is optional
+        sys.exit(f"06_expert_parallel.py: {err}")
     main()

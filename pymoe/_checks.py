@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
+from types import FrameType
 
 import numpy as np
 
@@ -18,15 +22,34 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
 def _shape_str(shape: Sequence[object]) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def _any_size(s: object) -> bool:
+    """A shape entry that matches any size: None, or a dimension's name from the legend ("T")."""
+    return s is None or isinstance(s, str)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn, attributed to the first caller outside pymoe (route() may be reached through
+    a preset wrapper, MoELayer or compare(): the user's line is what the warning should name)."""
+    level = 2  # warn's caller
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
 
 
 def float_array(name: str, a: object, *, ndim: int | None = None, min_ndim: int | None = None,
-                shape: Sequence[int | None] | None = None, finite: bool = True) -> np.ndarray:
+                shape: Sequence[int | str | None] | None = None, finite: bool = True) -> np.ndarray:
     """Return `a` as a floating ndarray after checking kind, rank, shape and finiteness.
 
-    `shape` may hold None for "any size" in that axis. Integer, bool and complex data raise
-    TypeError: silently casting them would hide a caller's bug (an index array passed as x).
+    `shape` may hold None or a dimension's name ("T") for "any size" in that axis. Integer, bool
+    and complex data raise TypeError: silently casting them would hide a caller's bug (an index
+    array passed as x).
     """
     if not isinstance(a, (np.ndarray, np.generic, list, tuple, numbers.Number)):
         raise TypeError(f"{name}: expected a floating-point numpy array, got {type(a).__name__}")
@@ -53,11 +76,11 @@ def native(arr: np.ndarray) -> np.ndarray:
     return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
-def check_shape(name: str, arr: np.ndarray, shape: Sequence[int | None]) -> None:
-    """Raise ValueError unless arr.shape matches `shape` (None matches any size)."""
-    ok = arr.ndim == len(shape) and all(s is None or s == g for s, g in zip(shape, arr.shape))
+def check_shape(name: str, arr: np.ndarray, shape: Sequence[int | str | None]) -> None:
+    """Raise ValueError unless arr.shape matches `shape` (None or a name matches any size)."""
+    ok = arr.ndim == len(shape) and all(_any_size(s) or s == g for s, g in zip(shape, arr.shape))
     if not ok:
-        want = _shape_str(["*" if s is None else s for s in shape])
+        want = _shape_str(shape)
         raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
 
 

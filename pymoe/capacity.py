@@ -39,7 +39,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
                     rule: str = "k_ceil", capacity: int | None = None) -> int:
     """Step 8: slots per expert, C.
 
-    rule (each system's formula; the README's "Routing variants" table):
+    rule (each system's formula; docs/variants.md):
         "k_ceil" (default; DeepSpeed, Megatron-Core): C = ceil(K * T * capacity_factor / E).
             The fair share of an expert is K*T/E assignments, so capacity_factor = 1 leaves no
             slack.

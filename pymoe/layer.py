@@ -1,7 +1,6 @@
 """MoELayer: router + routing + experts + combine, with a hand-written backward pass."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +127,7 @@ class MoELayer:
         self._backend_request = "numpy" if numpy_only else backend  # re-resolved on unpickling
         self.backend: Backend = get_backend(self._backend_request)
         if self.normalize and self.k == 1 and self.selection != "experts":
-            warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
+            _checks.warn(K1_NORMALIZE_WARNING)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
         rng = np.random.default_rng(seed)

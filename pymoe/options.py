@@ -1,7 +1,7 @@
 """Every keyword of route() and MoELayer, written once: its name, default, check and doc.
 
-RouteOptions holds the routing keywords (each one a variant of one routing step; the README's
-"Routing variants" says which system uses which), ExpertOptions MoELayer's own (experts, losses,
+RouteOptions holds the routing keywords (each one a variant of one routing step; docs/variants.md
+says which system uses which), ExpertOptions MoELayer's own (experts, losses,
 noise, formulation, token groups). route(), MoELayer, the presets and compare() take these
 keywords as **keywords and pass them here, so adding a variant is one field below plus its step.
 The defaults are the original pymoe routing: leaving a keyword out changes nothing.

@@ -1,7 +1,6 @@
 """route(): steps 2-10 and 12 in order, returning everything a layer, a plot or a test needs."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -91,6 +90,20 @@ class Routing:
             if isinstance(value, np.ndarray):
                 setattr(self, name, _read_only(value))
 
+    def __repr__(self) -> str:
+        """A few lines of what routing did; the arrays are the fields (r.expert_index, ...)."""
+        T, E, K = self.num_tokens, self.num_experts, self.k
+        kept = int(np.count_nonzero(self.kept))
+        load = np.array2string(np.asarray(self.expert_load), threshold=16, edgeitems=4)
+        return (f"Routing(T={T}, E={E}, K={K}, capacity C={self.capacity}, "
+                f"score={self.options.score!r}, selection={self.options.selection!r}, "
+                f"priority={self.priority!r}, normalize={self.normalize})\n"
+                f"  kept {kept} of {T * K} (token, choice) pairs ({self.dropped_fraction:.1%} "
+                f"dropped), {self.tokens_dropped_fraction:.1%} of tokens lost every choice\n"
+                f"  expert_load {load} (before dropping)\n"
+                f"  aux_loss {self.aux_loss:.6g}, z_loss {self.z_loss:.6g}; arrays: router_logits, "
+                "probs, expert_index, position, gate, kept, ... (help(pymoe.Routing))")
+
     @property
     def num_tokens(self) -> int:
         return self.probs.shape[0]
@@ -159,7 +172,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
           **keywords: Any) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
-    Args (defaults reproduce the original routing; the README's "Routing variants" says who
+    Args (defaults reproduce the original routing; docs/variants.md says who
     uses what):
         router_logits: `[T, E]` float array (computed in at least float32).
         k: K choices per token, 1 <= K <= E.
@@ -175,7 +188,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         keywords: the routing keywords of pymoe.options.RouteOptions, checked there:
     """
     (keywords,) = split_keywords("route", keywords, RouteOptions)
-    logits = _checks.float_array("router_logits", router_logits, ndim=2, shape=(None, None))
+    logits = _checks.float_array("router_logits", router_logits, ndim=2, shape=("T", "E"))
     if logits.shape[1] == 0:
         raise ValueError("router_logits: expected at least one expert (E >= 1), got shape "
                          f"{logits.shape}")
@@ -185,7 +198,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     rng = generator_arg(seed, opts.random)
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
     if opts.normalize and opts.k == 1 and opts.selection != "experts":
-        warnings.warn(K1_NORMALIZE_WARNING, UserWarning, stacklevel=2)
+        _checks.warn(K1_NORMALIZE_WARNING)
     return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend))
 
 
@@ -322,7 +335,7 @@ def _capacity(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarray |
 def _check_routing(r: Routing) -> None:
     """The arrays route_backward reads still fit together (a Routing's arrays are read-only, but
     its fields can be rebound): shapes, expert range and kept mask, O(T*K + T*E)."""
-    probs = _checks.float_array("routing.probs", r.probs, ndim=2, shape=(None, None))
+    probs = _checks.float_array("routing.probs", r.probs, ndim=2, shape=("T", "E"))
     T, E = probs.shape
     expert_index = _checks.index_array("routing.expert_index", r.expert_index,
                                        shape=(T, None), high=E)

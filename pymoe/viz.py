@@ -156,6 +156,7 @@ def dispatch_combine_picture(routing: Routing, path: str, *, max_tokens: int = 3
         flat.axvline(b * C - 0.5, color="black", lw=1)
     flat.set_xticks([e * C + (C - 1) / 2 for e in range(E)], [f"expert {e}" for e in range(E)])
     flat.set_facecolor("#f0f0f0")
+    flat.set_xlabel(f"column e*C + c: expert e, slot c (C = {C})")
     flat.set_ylabel("token")
     flat.set_title(f"the same, flat: combine_weights.reshape(T, E*C) = [{T}, {E * C}]\n"
                    "y = flat @ expert_out.reshape(E*C, D)", fontsize=10)
@@ -204,11 +205,14 @@ def expert_load_bars(routings: Routing | Mapping[str, Routing], path: str) -> An
 def curves(x: Sequence[float] | None, series: Mapping[str, Sequence[float]], path: str, *,
            title: str, xlabel: str, ylabel: str, logy: bool = False,
            reference: tuple[float, str] | None = None,
-           counts: Mapping[str, Sequence[int]] | None = None) -> Any:
+           counts: Mapping[str, Sequence[int]] | None = None, legend: str = "inside") -> Any:
     """Line plot of several series over x (or over their index when x is None): drop rate
     against capacity factor, loss against epoch, ... reference=(y, label) adds a dashed line.
     counts: for some series, how many items each point averages over; written next to each
-    point, so that a mean over two tokens does not look like a mean over two thousand.
+    point (above it for the 1st, 3rd, ... series, below it for the others, so that two series
+    meeting at a point keep their numbers apart), so that a mean over two tokens does not look
+    like a mean over two thousand. legend: "inside" (matplotlib's best spot in the axes) or
+    "below" (a row of its own under the x label, for curves that fill the axes).
 
     Text version: a table, one column per series (long series shown every few points).
     """
@@ -222,14 +226,27 @@ def curves(x: Sequence[float] | None, series: Mapping[str, Sequence[float]], pat
                                               for v in series.values())
                 for i in range(0, n, step)]
         return _emit("\n".join([f"{title} ({ylabel})", head, *rows]))
-    fig = _figure(6.4, 4.0)
-    ax = fig.add_subplot()
-    for label, v in series.items():
+    if legend not in ("inside", "below"):
+        raise ValueError(f"legend: expected 'inside' or 'below', got {legend!r}")
+    entries = len(series) + (reference is not None)
+    below = legend == "below"
+    legend_rows = -(-entries // 2)  # two entries a row
+    legend_h = 0.2 + 0.2 * legend_rows
+    fig = _figure(6.4, 4.0 + (legend_h if below else 0))
+    if below:
+        grid = fig.add_gridspec(2, 1, height_ratios=[4.0, legend_h])
+        ax, key = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+        key.axis("off")
+    else:
+        ax = fig.add_subplot()
+    for i, (label, v) in enumerate(series.items()):
         line, = ax.plot(xs[:len(v)], v, marker="o" if len(v) <= 30 else None, ms=4, label=label)
+        above = i % 2 == 0
         for xi, yi, n in zip(xs, v, (counts or {}).get(label, ())):
             if np.isfinite(yi):
-                ax.annotate(f"{n}", (xi, yi), textcoords="offset points", xytext=(0, 5),
-                            ha="center", fontsize=6, color=line.get_color())
+                ax.annotate(f"{n}", (xi, yi), textcoords="offset points",
+                            xytext=(0, 4 if above else -4), ha="center",
+                            va="bottom" if above else "top", fontsize=6, color=line.get_color())
     if reference is not None:
         ax.axhline(reference[0], color="k", ls="--", lw=1, label=reference[1])
     if logy:
@@ -238,7 +255,11 @@ def curves(x: Sequence[float] | None, series: Mapping[str, Sequence[float]], pat
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if below:
+        key.legend(*ax.get_legend_handles_labels(), loc="center", ncol=2, fontsize=8,
+                   frameon=False)
+    else:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -253,7 +274,7 @@ def class_expert_heatmap(counts: np.ndarray, path: str, *,
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     n_cls, E = share.shape
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_cls)]
-    title = title or "share of each class's tokens routed to each expert (first choice)"
+    title = title or "share of each class's tokens routed to each expert\n(first choice)"
     if not have_matplotlib():
         lines = [title, "class  " + " ".join(f"  e{e:<3d}" for e in range(E))]
         for c in range(n_cls):
@@ -390,25 +411,29 @@ def expert_choice_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
     rows = np.broadcast_to(np.arange(T)[:, None], routing.expert_index.shape)
     taken[rows[routing.kept], routing.expert_index[routing.kept]] = True
     per_token = taken.sum(axis=1)  # [T]
-    title = (f"expert choice: each of {E} experts takes its top C={routing.capacity} of {T} "
-             f"tokens\ntokens with 0 experts: {int((per_token == 0).sum())}, "
+    head = f"expert choice: each of {E} experts takes its top C={routing.capacity} of {T} tokens"
+    tally = (f"tokens with 0 experts: {int((per_token == 0).sum())}, "
              f"with 2+: {int((per_token >= 2).sum())}")
     if not have_matplotlib():
-        lines = [title.replace("\n", "; "), "token  " + " ".join(f"e{e:<2d}" for e in range(E))
+        lines = [f"{head}; {tally}", "token  " + " ".join(f"e{e:<2d}" for e in range(E))
                  + "  experts"]
         for t in range(n):
             cells = " ".join(("#" if taken[t, e] else ".") + "  " for e in range(E))
             lines.append(f"t{t:<5d}{cells}  {per_token[t]}")
         return _emit("\n".join(lines))
-    fig = _figure(max(4.2, 2.4 + 0.55 * E), 1.9 + 0.24 * n)
+    fig = _figure(max(4.8, 2.6 + 0.55 * E), 2.1 + 0.24 * n)
     ax = fig.add_subplot()
     im = ax.imshow(routing.probs[:n], aspect="auto", cmap="Greens", vmin=0)
     tt, ee = np.nonzero(taken[:n])
     ax.scatter(ee, tt, s=40, c="black", marker="o")
-    for t in range(n):
-        ax.text(E - 0.35, t, str(per_token[t]), ha="left", va="center", fontsize=8)
-    ax.set_xlim(-0.5, E + 0.2)
-    _token_expert_axes(ax, E, title, "expert (dot: taken by the expert; right: experts per token)")
+    for t in range(n):  # a column of counts right of the last expert
+        ax.text(E - 0.1, t, str(per_token[t]), ha="center", va="center", fontsize=8)
+    ax.axvline(E - 0.5, color="black", lw=1)
+    ax.set_xlim(-0.5, E + 0.3)
+    title = (f"expert choice: each of {E} experts takes its\ntop C={routing.capacity} of the {T} "
+             f"tokens (dots)\n{tally}")
+    _token_expert_axes(ax, E, title, "expert")
+    ax.set_xticks([*range(E), E - 0.1], [*map(str, range(E)), "experts\nper token"])
     fig.colorbar(im, ax=ax, label="router score")
     return _save(fig, path)
 
@@ -466,32 +491,66 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
 
 # ------------------------------------------------------------------ presets side by side
 
+def capacity_setting(routings: Mapping[str, Routing]) -> str:
+    """The capacity the routings were made with, in words: one shared capacity factor (and
+    minimum), dropless for all, or each preset's own ("capacity factor 1.0 for every preset, no
+    minimum C"). Each preset still turns a factor into C by its own rule (capacity_rule)."""
+    opts = [r.options for r in routings.values()]
+    fixed = {o.capacity for o in opts}
+    if fixed != {None}:
+        return (f"fixed C = {fixed.pop()} for every preset" if len(fixed) == 1
+                else "each preset's own fixed C")
+    factors, minima = {o.capacity_factor for o in opts}, {o.min_capacity for o in opts}
+    if factors == {None}:
+        return "dropless (no capacity limit) for every preset"
+    if len(factors) > 1:
+        return "each preset's own capacity factor (dropless where it is)"
+    words = f"capacity factor {factors.pop()} for every preset"
+    if len(minima) > 1:
+        return words + ", each its own minimum C"
+    m = minima.pop()
+    return words + (", no minimum C" if m == 0 else f", minimum C {m}")
+
+
+def _percent(v: float) -> str:
+    """A percentage for a bar label: whole numbers, one decimal below 10 (0.4%, not 0%)."""
+    return "0%" if v == 0 else f"{v:.1f}%" if v < 10 else f"{v:.0f}%"
+
+
 def preset_differences(comparison: Any, path: str, *, max_tokens: int = 48) -> Any:
     """A pymoe.compare() result: one row per preset, one column per (token, choice) pair of the
     first max_tokens tokens, coloured by why the pair differs from the first preset (another
-    expert, dropped in one routing only, another gate); beside it each preset's drop rate and
-    aux loss.
+    expert, dropped in one routing only, another gate); beside it each preset's drop rate (with
+    its C) and aux loss over all the tokens. The title names the capacity setting
+    (capacity_setting) and how many of the tokens the left panel shows.
 
     Text version: one line per preset, a character per pair ('.' same, 'E' other expert,
     'D' dropped in one only, 'G' other gate), then the table.
     """
     names = list(comparison.names)
     r0 = comparison.routings[names[0]]
-    n, K = min(r0.num_tokens, max_tokens), r0.k
+    T, n, K = r0.num_tokens, min(r0.num_tokens, max_tokens), r0.k
+    shown = f"the first {n} of {T} tokens" if n < T else f"all {T} tokens"
+    setting = capacity_setting(comparison.routings)
     codes = np.stack([comparison.reason[name][:n].reshape(-1) for name in names])  # [P, n*K]
     if not have_matplotlib():
         marks = ".EDG"
-        lines = [f"pairs (token, choice) of the first {n} tokens vs {names[0]!r}: . same, "
+        lines = [f"pairs (token, choice) of {shown} vs {names[0]!r}: . same, "
                  "E other expert, D dropped in one only, G other gate"]
         lines += [f"{name:16s} " + "".join(marks[c] for c in row) for name, row in zip(names, codes)]
-        return _emit("\n".join(lines + ["", comparison.table()]))
+        return _emit("\n".join(lines + ["", f"capacity: {setting}", comparison.table()]))
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     colours = ["#e8e8e8", "tab:red", "tab:orange", "tab:blue"]
-    fig = _figure(11.5, 1.6 + 0.34 * len(names))
-    ax, ax_drop, ax_aux = fig.subplots(1, 3, sharey=True,
-                                       gridspec_kw={"width_ratios": [5, 1.2, 1.2]})
+    height = 0.9 + 0.34 * len(names)
+    fig = _figure(11.5, height + 1.25)
+    grid = fig.add_gridspec(2, 3, width_ratios=[5, 1.3, 1.2], height_ratios=[height, 0.3])
+    ax = fig.add_subplot(grid[0, 0])
+    ax_drop = fig.add_subplot(grid[0, 1], sharey=ax)
+    ax_aux = fig.add_subplot(grid[0, 2], sharey=ax)
+    key = fig.add_subplot(grid[1, :])
+    key.axis("off")
     ax.imshow(codes, aspect="auto", cmap=ListedColormap(colours), vmin=-0.5, vmax=3.5,
               interpolation="nearest")
     ax.set_yticks(range(len(names)))
@@ -500,18 +559,25 @@ def preset_differences(comparison: Any, path: str, *, max_tokens: int = 48) -> A
     ax.set_xticks(ticks * K)
     ax.set_xticklabels([str(t) for t in ticks])
     ax.set_xlabel(f"token (its {K} choices side by side)")
-    ax.set_title(f"(token, choice) pairs vs {names[0]!r}", fontsize=10)
+    ax.set_title(f"(token, choice) pairs of {shown} vs {names[0]!r}", fontsize=10)
     labels = ["same", "other expert", "dropped in one only", "other gate"]
-    ax.legend(handles=[Patch(color=c, label=lab) for c, lab in zip(colours, labels)],
-              loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, fontsize=8)
+    key.legend(handles=[Patch(color=c, label=lab) for c, lab in zip(colours, labels)],
+               loc="center", ncol=4, fontsize=8, frameon=False)
     y = np.arange(len(names))
     rows = {row.name: row for row in comparison.rows}
-    ax_drop.barh(y, [100 * rows[name].dropped_fraction for name in names], color="tab:orange")
+    drops = [100 * rows[name].dropped_fraction for name in names]
+    bars = ax_drop.barh(y, drops, color="tab:orange")
+    ax_drop.bar_label(bars, [f"{_percent(d)}, C={rows[name].capacity}"
+                             for d, name in zip(drops, names)], fontsize=7, padding=2)
+    ax_drop.set_xlim(0, max(max(drops), 1.0) * 1.9)  # room for the labels
     ax_drop.set_xlabel("pairs dropped (%)")
-    ax_drop.set_title("drop rate", fontsize=10)
+    ax_drop.set_title("drop rate, all tokens", fontsize=10)
     ax_aux.barh(y, [rows[name].aux_loss for name in names], color="tab:green")
     ax_aux.set_xlabel("own aux-loss value")
-    ax_aux.set_title("load-balancing loss", fontsize=10)
+    ax_aux.set_title("aux loss, all tokens", fontsize=10)
     for a in (ax_drop, ax_aux):
         a.grid(axis="x", alpha=0.3)
+        a.tick_params(axis="y", labelleft=False)
+    fig.suptitle(f"{len(names)} presets on the same router logits (T={T}, E={r0.num_experts}, "
+                 f"K={K}): {setting}", fontsize=11)
     return _save(fig, path)

@@ -13,8 +13,8 @@ try:
     from hypothesis import HealthCheck, settings
 
     # CI runs a fixed, derandomised set of examples so a run is reproducible; locally, set
-    # HYPOTHESIS_PROFILE=dev for more (and random) examples. "compat": CI's runs on the other
-    # Pythons, which check that everything runs there (the main run has the depth).
+    # HYPOTHESIS_PROFILE=dev for more (and random) examples, "compat" for a quick check that
+    # everything runs (every CI run, on each Python, uses "ci").
     settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
                               suppress_health_check=[HealthCheck.too_slow])
     settings.register_profile("compat", max_examples=20, deadline=None, derandomize=True,

@@ -1,7 +1,15 @@
-"""The ratios README quotes, computed from one run's rows (so they are regenerated together)."""
+"""The ratios README quotes, computed from one run's rows (so they are regenerated together).
+
+    python -m pymoe.bench --out docs/bench --readme README.md   # measure, then write them
+    python -m pymoe.bench.summary docs/bench/cpu.json [--readme README.md]
+        # the same lines from a saved run's rows (no measuring)
+"""
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import sys
 
 from .report import Row
 from .routing import BEFORE
@@ -14,15 +22,46 @@ def _ms(rows: list[Row], section: str, op: str, impl: str) -> float | None:
                  and r.impl.startswith(impl) and r.ms is not None), None)
 
 
-def _fmt(lo: float, hi: float) -> str:
-    return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+def _fmt(lo: float, hi: float, digits: int = 2) -> str:
+    a, b = f"{lo:.{digits}f}", f"{hi:.{digits}f}"
+    return a if a == b else f"{a}-{b}"
+
+
+def _shape(section: str) -> str:
+    return section.split(": ", 1)[1].split(" capacity")[0]
+
+
+def c_vs_numpy(rows: list[Row], c_all: str) -> str | None:
+    """One line: how much faster C is than the NumPy reference at route(), at dispatch + combine
+    and at a whole layer's forward+backward, each over the shapes this run measured."""
+    route, moves, layer = [], [], []
+    for sec in dict.fromkeys(r.section for r in rows if r.op == "route"):
+        c = _ms(rows, sec, "route", c_all) or _ms(rows, sec, "route", "C 1 thread")
+        numpy = _ms(rows, sec, "route", "numpy (ref")
+        if c and numpy:
+            route.append(numpy / c)
+    for sec in dict.fromkeys(r.section for r in rows if r.op == "dispatch" and r.T is None):
+        times = [(_ms(rows, sec, op, "numpy indexed"), _ms(rows, sec, op, c_all))
+                 for op in ("dispatch", "combine")]
+        if all(n and c for n, c in times):
+            moves.append(sum(n for n, _ in times) / sum(c for _, c in times))
+    for sec in dict.fromkeys(r.section for r in rows if r.op == "fwd+bwd"):
+        c, numpy = _ms(rows, sec, "fwd+bwd", "C"), _ms(rows, sec, "fwd+bwd", "numpy indexed")
+        if c and numpy:
+            layer.append(numpy / c)
+    parts = [f"{what} {_fmt(min(v), max(v), digits)}x ({len(v)} shape{'s' * (len(v) > 1)})"
+             for what, v, digits in (("route()", route, 1), ("dispatch + combine", moves, 1),
+                                     ("a whole layer forward+backward", layer, 2)) if v]
+    if not parts:
+        return None
+    return "- C's speed-up over the NumPy reference, same run: " + ", ".join(parts)
 
 
 def summary_lines(rows: list[Row]) -> list[str]:
     """Markdown bullet lines, one per headline ratio that this run measured."""
-    out = []
     c_rows = [r for r in rows if r.impl.startswith("C ") and "threads" in r.impl]
     c_all = max((r.impl for r in c_rows), default="C 1 thread")
+    out = [line] if (line := c_vs_numpy(rows, c_all)) else []
     ops_secs = list(dict.fromkeys(r.section for r in rows if r.op in ("dispatch", "combine")
                                   and r.T is None))
     for op in ("dispatch", "combine", "dispatch_bwd", "combine_bwd"):
@@ -36,7 +75,7 @@ def summary_lines(rows: list[Row]) -> list[str]:
                 line += f", {_fmt(min(vs), max(vs))}x speed-up over torch's best form"
             out.append(line + f" (over {len(xc)} shapes)")
     for sec in dict.fromkeys(r.section for r in rows if r.op == "route"):
-        shape = sec.split(": ", 1)[1].split(" capacity")[0]
+        shape = _shape(sec)
         before, numpy = _ms(rows, sec, "route", BEFORE), _ms(rows, sec, "route", "numpy (ref")
         c = _ms(rows, sec, "route", c_all) or _ms(rows, sec, "route", "C 1 thread")
         if c is None:
@@ -51,13 +90,16 @@ def summary_lines(rows: list[Row]) -> list[str]:
             line += f"; {c / dc:.2f}x the time of C dispatch + combine of the same problem"
         out.append(line)
     for sec in dict.fromkeys(r.section for r in rows if r.op == "fwd+bwd"):
-        shape = sec.split(": ", 1)[1].split(" capacity")[0]
+        shape = _shape(sec)
         layer = next((r for r in rows if r.section == sec and r.impl == "C" and r.ms), None)
         torch = _ms(rows, sec, "fwd+bwd", "torch autograd")
+        numpy = _ms(rows, sec, "fwd+bwd", "numpy indexed")
         if layer is None:
             continue
-        line = (f"- layer forward+backward at {shape}: {layer.ms:.1f} ms, "
-                f"{layer.note.split(',')[0]} of its expert FLOPs")
+        line = f"- layer forward+backward at {shape}: {layer.ms:.1f} ms"
+        if numpy:
+            line += f", {numpy / layer.ms:.2f}x speed-up over the NumPy layer ({numpy:.1f} ms)"
+        line += f", {layer.note.split(',')[0]} of its expert FLOPs"
         if torch:
             line += f", {torch / layer.ms:.1f}x speed-up over the torch autograd layer"
         out.append(line)
@@ -82,3 +124,24 @@ def update_readme(path: str, summary: list[str]) -> None:
     text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pymoe.bench.summary",
+                                 description="the summary lines of a saved benchmark run")
+    ap.add_argument("json", help="a run's JSON (python -m pymoe.bench --json/--out), e.g. "
+                    "docs/bench/cpu.json")
+    ap.add_argument("--readme", metavar="PATH", help="also write them between this file's "
+                    f"{START} markers")
+    args = ap.parse_args(argv)
+    with open(args.json, encoding="utf-8") as f:
+        rows = [Row(**r) for r in json.load(f)["rows"]]
+    lines = summary_lines(rows)
+    print("\n".join(lines))
+    if args.readme:
+        update_readme(args.readme, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

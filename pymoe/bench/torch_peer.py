@@ -17,7 +17,7 @@ def available() -> tuple[bool, str]:
     try:
         import torch
     except ImportError:
-        return False, "torch not installed (pip install torch==2.13.0 here: a local CPU wheel)"
+        return False, "torch not installed (an optional peer: pip install torch)"
     return True, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 

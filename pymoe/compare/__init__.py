@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .. import _checks
 from ..routing import Routing, route
-from ..variants.presets import Preset, preset, presets
+from ..variants.presets import Preset, k_mismatch, preset, presets
 
 REASONS = ("expert", "dropped", "gate")  # why a (token, choice) pair differs from the reference
 GATE_ATOL = 1e-6  # gates closer than this count as equal
@@ -43,11 +45,14 @@ class Comparison:
             1 + REASONS.index(why): 1 "expert" (another expert chosen), 2 "dropped" (same expert,
             dropped in one routing only), 3 "gate" (same expert, both kept, gates differ by more
             than GATE_ATOL). "expert" wins over the others.
+        notes: what the table's reader must know, printed under it (a preset routed at a K its
+            gating function is not written for).
     """
     names: list[str]
     routings: dict[str, Routing]
     rows: list[PresetSummary]
     reason: dict[str, np.ndarray] = field(repr=False)
+    notes: list[str] = field(default_factory=list)
 
     def differences(self, name: str) -> list[tuple[int, int, str]]:
         """(token, choice, reason) for every pair of preset `name` that differs from the first."""
@@ -67,7 +72,7 @@ class Comparison:
             lines.append(f"{row.name:16s} {row.capacity:5d} {row.dropped_fraction:8.1%} "
                          f"{row.tokens_lost:11d} {row.aux_loss:9.4f} | {d['expert']:14d} "
                          f"{d['dropped']:8d} {d['gate']:6d}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
     __str__ = table
 
@@ -106,8 +111,15 @@ def compare(router_logits: np.ndarray, presets: Sequence[str | Preset] | None = 
     names = [p.name for p in chosen]
     if len(set(names)) != len(names):
         raise ValueError(f"presets: each preset once, got {names}")
-    shared.setdefault("k", 2)
-    routings = {p.name: route(router_logits, preset=p, **shared) for p in chosen}
+    k = shared.setdefault("k", 2)
+    # one warning and a note under the table, instead of one warning per top-1/top-2 preset
+    notes = [k_mismatch(p, k) for p in chosen
+             if p.k is not None and isinstance(k, int) and p.k != k]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"preset '.*' is a top-\d gating function")
+        routings = {p.name: route(router_logits, preset=p, **shared) for p in chosen}
+    if notes:
+        _checks.warn("compare: " + "; ".join(notes))
     ref = routings[names[0]]
     reason = {n: _reasons(ref, r) for n, r in routings.items()}
     rows = [PresetSummary(n, r.capacity, r.dropped_fraction,
@@ -115,7 +127,7 @@ def compare(router_logits: np.ndarray, presets: Sequence[str | Preset] | None = 
                           {why: int(np.count_nonzero(reason[n] == i + 1))
                            for i, why in enumerate(REASONS)})
             for n, r in routings.items()]
-    return Comparison(names, routings, rows, reason)
+    return Comparison(names, routings, rows, reason, notes)
 
 
 def _all() -> list[str]:

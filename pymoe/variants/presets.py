@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
+from .. import _checks
 from ..options import ExpertOptions, RouteOptions, defaults
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,19 +36,23 @@ class Preset:
     ExpertOptions, and seed) the system sets; every other keyword keeps its default. Each one reads
     as an attribute (`preset.priority`). Two need K: normalize=None means "when K > 1" (Tutel and
     Megatron-Core: a renormalised single gate is the constant 1 and passes no gradient), and
-    GShard's second-expert policy is used only when K = 2.
+    GShard's second-expert policy is used only when K = 2. `k`: the K the system's gating
+    function is written for (Switch and DeepSpeed top-1: 1; GShard, DeepSpeed top-2, NLLB: 2),
+    None where K is a configuration value; routing at another K warns (the system never does).
     """
     name: str
     source: str  # where the system implements it (file: function)
+    k: int | None  # the K its gating function is written for; None: any (a config value)
     conventions: dict[str, Any]  # keyword -> value, only those the system sets
 
-    def __init__(self, name: str, source: str, **conventions: Any) -> None:
+    def __init__(self, name: str, source: str, k: int | None = None, **conventions: Any) -> None:
         unknown = sorted(set(conventions) - set(CONVENTIONS))
         if unknown:
             raise TypeError(f"preset: unknown field(s) {', '.join(unknown)}; a Preset has "
                             f"{', '.join(sorted(CONVENTIONS))}")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "source", source)
+        object.__setattr__(self, "k", k)
         object.__setattr__(self, "conventions", dict(conventions))
 
     def __getattr__(self, name: str) -> Any:  # only for names that are not fields
@@ -54,13 +61,15 @@ class Preset:
         raise AttributeError(f"'Preset' object has no attribute {name!r}")
 
     def __hash__(self) -> int:
-        return hash((self.name, self.source, tuple(sorted(self.conventions.items()))))
+        return hash((self.name, self.source, self.k, tuple(sorted(self.conventions.items()))))
 
     def __str__(self) -> str:
         rows = [f"{n:24s} {getattr(self, n)!r}{'' if n in self.conventions else '  (default)'}"
                 for n in CONVENTIONS]
         return "\n".join([f"pymoe preset: {'name':18s} {self.name!r}",
-                          f"{'source':24s} {self.source}", "conventions:", *rows])
+                          f"{'source':24s} {self.source}",
+                          f"{'k':24s} {self.k!r}{'' if self.k else '  (any: a config value)'}",
+                          "conventions:", *rows])
 
     def keywords(self, k: int) -> dict[str, Any]:
         """The route() / MoELayer keywords this preset stands for, for K choices per token."""
@@ -76,20 +85,20 @@ HF = "transformers/models"
 _PRESETS = {p.name: p for p in [
     Preset("switch", "mesh_tensorflow/transformer/moe.py: _switch_gating; "
            f"{HF}/switch_transformers/modeling_switch_transformers.py: SwitchTransformersTop1Router",
-           capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
+           k=1, capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
            load_balancing="first_choice"),
     Preset("gshard", "mesh_tensorflow/transformer/moe.py: _top_2_gating",
-           normalize=None, capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
+           k=2, normalize=None, capacity_rule="floor", capacity_factor=1.25, min_capacity=4,
            load_balancing="first_choice", second_expert_policy="random", seed=0),
     Preset("flaxformer", "flaxformer/architectures/moe/routing.py: TokensChooseMaskedRouter; "
            "moe_layers.py: MoeLayer; t5x/configs/moe/models/tokens_choose_base.gin",
            priority="score", capacity_rule="round", capacity_factor=1.25, min_capacity=4,
            load_balancing="k_scaled"),
     Preset("deepspeed-top1", "deepspeed/moe/sharded_moe.py: top1gating (use_rts=True)",
-           priority="random", min_capacity=4, load_balancing="first_choice", seed=0),
+           k=1, priority="random", min_capacity=4, load_balancing="first_choice", seed=0),
     Preset("deepspeed-top2", "deepspeed/moe/sharded_moe.py: top2gating "
            "(top2_2nd_expert_sampling=False)",
-           renormalize_after_drop=True, min_capacity=4, load_balancing="first_choice"),
+           k=2, renormalize_after_drop=True, min_capacity=4, load_balancing="first_choice"),
     Preset("deepspeed-topk", "deepspeed/moe/sharded_moe.py: topkgating (drop_policy='probs')",
            renormalize_after_drop=True, priority="token", drop_policy="probs", min_capacity=4),
     Preset("tutel", "tutel/impls/fast_dispatch.py: extract_critical; tutel/impls/losses.py: "
@@ -118,7 +127,7 @@ _PRESETS = {p.name: p for p in [
     Preset("olmoe", f"{HF}/olmoe/modeling_olmoe.py: OlmoeTopKRouter", priority="token",
            capacity_factor=None, load_balancing="k_scaled"),
     Preset("nllb-moe", f"{HF}/nllb_moe/modeling_nllb_moe.py: NllbMoeTop2Router",
-           renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled"),
+           k=2, renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled"),
 ]}
 
 
@@ -149,11 +158,41 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
         base = _PRESETS[name]
     else:
         raise TypeError(f"preset: expected a name (str) or a pymoe.Preset, got {type(name).__name__}")
-    return Preset(base.name, base.source, **{**base.conventions, **overrides}) if overrides else base
+    if not overrides:
+        return base
+    k = overrides.pop("k", base.k)
+    return Preset(base.name, base.source, k, **{**base.conventions, **overrides})
 
 
 preset.__doc__ = (preset.__doc__ or "") + "\n    Sources:\n" + "".join(
     f"        {p.name}: {p.source}\n" for p in _PRESETS.values())
+
+
+def k_mismatch(p: Preset, k: int) -> str:
+    """The warning for routing at another K than the preset's gating function is written for."""
+    return (f"preset {p.name!r} is a top-{p.k} gating function ({p.source.split(';')[0]}); "
+            f"k={k} routes it in a way the system never does (pass k={p.k})")
+
+
+_GROUP_FIELDS = ("num_groups", "topk_groups", "group_score_k")
+
+
+def _preset_error(err: ValueError, p: Preset, filled: dict[str, Any],
+                  arguments: dict[str, Any]) -> ValueError:
+    """A check failed on a keyword the preset filled in, not the caller: say so, with E."""
+    arg = str(err).split(":", 1)[0]
+    if arg not in filled:
+        return err
+    related = _GROUP_FIELDS if arg in _GROUP_FIELDS else (arg,)
+    sets = ", ".join(f"{n}={filled[n]!r}" for n in related if n in filled)
+    if "num_experts" in arguments:
+        experts = f" E = {arguments['num_experts']} experts"
+    elif "router_logits" in arguments:
+        experts = f" E = {np.shape(arguments['router_logits'])[-1]} experts"
+    else:
+        experts = " these arguments"
+    return ValueError(f"preset {p.name!r} sets {sets}, which does not fit{experts} ({err}); "
+                      f"pass {arg}= to override it")
 
 
 def accepts_preset(keywords: tuple[str, ...], *, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
@@ -175,15 +214,21 @@ def accepts_preset(keywords: tuple[str, ...], *, skip: tuple[str, ...] = ()) -> 
             k = bound.arguments.get("k")
             if not isinstance(k, numbers.Integral) or isinstance(k, bool):
                 return func(*args, **kwargs)  # func names the bad (or missing) k
+            if p.k is not None and k != p.k:
+                _checks.warn(k_mismatch(p, int(k)))
             extra = bound.arguments.setdefault(var, {})
+            filled = {}
             for name, value in p.keywords(int(k)).items():
                 if name in skip or name in bound.arguments or name in extra:
                     continue
                 if name in sig.parameters:
-                    bound.arguments[name] = value
+                    bound.arguments[name] = filled[name] = value
                 elif name in keywords:
-                    extra[name] = value
-            return func(*bound.args, **bound.kwargs)
+                    extra[name] = filled[name] = value
+            try:
+                return func(*bound.args, **bound.kwargs)
+            except ValueError as err:
+                raise _preset_error(err, p, filled, bound.arguments) from None
 
         return wrapper  # type: ignore[return-value]
 

@@ -250,9 +250,9 @@ def test_benchmark_runs_and_counts_the_bytes(mpiexec, tmp_path):
 
 
 def test_readme_snippet_runs_on_two_ranks(mpiexec, tmp_path):
-    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    section = readme.split("## Experts on several processes", 1)[1].split("\n## ", 1)[0]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    # the usage snippet of docs/expert-parallel.md (README points there), its first python block
+    page = open(os.path.join(REPO, "docs", "expert-parallel.md"), encoding="utf-8").read()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
     script = tmp_path / "snippet.py"
     script.write_text(code)
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True,
@@ -260,3 +260,15 @@ def test_readme_snippet_runs_on_two_ranks(mpiexec, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # (the two ranks' lines may interleave in the forwarded stdout)
     assert "range(0, 8)" in proc.stdout and "range(8, 16)" in proc.stdout
+
+
+def test_example_06_without_mpi4py_says_what_to_install():
+    """Without mpi4py, example 06 prints one line naming the extra and exits non-zero."""
+    script = os.path.join(REPO, "examples", "06_expert_parallel.py")
+    hide = ("import runpy, sys; sys.modules['mpi4py'] = None; sys.argv = [sys.argv[1]]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide, script], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 1 and proc.stdout == "", proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'pymoe-routing[mpi]'" in lines[0], proc.stderr

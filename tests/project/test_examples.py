@@ -57,6 +57,11 @@ def test_01_walkthrough(tmp_path, capsys):
     assert res["loop"]["with_capacity"] < 1e-12 and res["loop"]["dropless"] < 1e-12
     assert "numpy indexed" in res["times"]
     check_pictures(res, tmp_path, 3)
+    # The closing line names every file it wrote (issue 20: "saved under DIR/" named none).
+    line = next(line for line in out.splitlines() if line.startswith("Pictures of this routing"))
+    assert line == "Pictures of this routing: " + ", ".join(res["pictures"])
+    assert [os.path.basename(p) for p in res["pictures"]] == [
+        "01_routing_heatmap.png", "01_dispatch_combine.png", "01_expert_load.png"]
 
 
 @pytest.mark.parametrize("args", [["--k", "1"], ["--k", "3", "--normalize"]])
@@ -99,8 +104,16 @@ def test_01b_backward(k, normalize):
         assert task > 1e-3
 
 
-def test_02_capacity(tmp_path):
+def test_02_capacity(tmp_path, capsys):
     res = load("02_capacity.py").main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    # Where no token was lost whole the mean top-1 probability is '-', not 'nan / nan'.
+    assert "nan" not in out
+    sc = res["results"][("skewed", "choice")]["lost_confidence"]
+    assert not np.isfinite(sc[-1])  # this sweep reaches a factor where nothing is lost whole
+    rows = [line for line in out.splitlines() if line.startswith(f"{res['factors'][-1]:6.3f}")]
+    assert len(rows) == 1 and "|      - /      - |" in rows[0]
+    assert "(their top-1 prob: - where no token lost every choice)" in out
     r = res["results"]
     for kind in ("balanced", "skewed"):
         drops = r[(kind, "choice")]["dropped"]
@@ -138,8 +151,83 @@ def test_03_train_learns_and_the_aux_loss_evens_the_load(tmp_path):
     assert tr.capacity < tr.num_tokens
     counts = res["class_expert"]
     assert counts.sum() == len(results["MoE, aux loss 0.1"]["routing"].expert_index)
-    assert (counts.max(axis=1) / counts.sum(axis=1)).mean() > 0.5  # experts specialise
+    assert (counts.max(axis=1) / counts.sum(axis=1)).mean() == pytest.approx(res["top_share"])
+    assert res["top_share"] > 0.5  # experts specialise: most of a digit goes to one expert
+    for name, info in res["information"].items():  # far above what shuffled digits show
+        assert min(info) > 5 * res["chance_information"][name], name
+    assert all(0 <= i <= 2 for v in res["information"].values() for i in v)  # log2 E = 2 bits
     check_pictures(res, tmp_path, 4)
+
+
+def test_03_train_mutual_information():
+    mod = load("03_train.py")
+    assert mod.mutual_information(np.eye(4) * 10) == pytest.approx(2.0)  # expert = class
+    assert mod.mutual_information(np.ones((10, 4))) == pytest.approx(0.0, abs=1e-12)
+    assert mod.mutual_information(np.array([[5, 5, 0], [0, 0, 10]])) == pytest.approx(1.0)
+
+
+def test_03_train_evaluates_dropless():
+    """evaluate() routes with capacity_factor None, and gives the layer its options back."""
+    mod = load("03_train.py")
+    layer = mod.pymoe.MoELayer(8, 4, 4, 2, 0.5, dtype=np.float64, seed=0)
+    model = mod.Classifier(6, 8, 10, layer, 0)
+    x = np.random.default_rng(0).normal(size=(64, 6))
+    _, r = mod.evaluate(model, x, np.zeros(64, dtype=np.int64))
+    assert r.dropped_fraction == 0 and r.options.capacity_factor is None
+    assert layer.options.capacity_factor == 0.5
+    assert mod.routed_like_training(model, x).dropped_fraction > 0  # factor 0.5 must drop
+
+
+def test_03b_stability_and_cost(tmp_path):
+    mod = load("03b_stability_and_cost.py")
+    res = mod.main(["--quick", "--out", str(tmp_path)])
+    runs = res["stability"]["runs"]
+    low, plain = runs["lr 0.003 (03's), neither"], runs["lr 0.03, neither"]
+    zl, jit = runs["lr 0.03, z-loss 1e-3"], runs["lr 0.03, jitter 1e-2"]
+    # Ten times the learning rate drives the logits up; the z-loss holds their level down ...
+    assert plain["epoch_max"][-1] > 5 * low["epoch_max"][-1]
+    assert zl["epoch_max"][-1] < 0.75 * plain["epoch_max"][-1]
+    assert zl["routing"].z_loss < 0.5 * plain["routing"].z_loss
+    # ... but not their spread: the lowest logit falls as far as without it.
+    assert zl["routing"].router_logits.min() < 0.5 * plain["routing"].router_logits.min()
+    # Jitter moves some first choices in training, and only where it is on.
+    for name, run in runs.items():
+        assert (run["jitter_moved"] > 0) == (mod.RUNS[name][2] > 0), name
+    assert jit["jitter_moved"] < 0.05  # only the tokens near a tie
+    assert mod.bf16_step(100.0) == 0.5 and mod.bf16_step(6.0) == 2 ** -5
+    assert mod.to_bfloat16(np.array([100.3]))[0] == 100.5  # 8 significant bits
+    # (b): the all-to-all of one exchange is K*D bf16 values per token (Mixtral: 2*4096*2 B).
+    costs = res["costs"]["models"]
+    assert costs["Mixtral-8x7B"]["exchange_bytes"] == 2 * 4096 * 2
+    assert costs["DeepSeek-V3"]["exchange_bytes"] == 8 * 7168 * 2
+    bal = res["costs"]["balance"]
+    assert bal["skewed"]["dropped"] > bal["balanced"]["dropped"]
+    assert bal["skewed"]["straggle"] > bal["balanced"]["straggle"] >= 1
+    # (c): distinct experts touched grow with T from K (T=1) and reach E for Mixtral; a skewed
+    # router touches fewer; the measured iid curve follows E * (1 - (1 - K/E)^T).
+    dec = res["decode"]
+    for name, E, K in (("Mixtral-8x7B", 8, 2), ("DeepSeek-V3", 256, 8)):
+        iid, skew = dec["curves"][name]["iid"], dec["curves"][name]["skewed"]
+        assert iid[0] == K and np.all(np.diff(iid) >= 0) and np.all(skew <= iid + 1e-9)
+        for T in (4, 16, 64):
+            assert iid[T - 1] == pytest.approx(mod.expected_distinct(E, K, T), rel=0.05)
+    assert dec["curves"]["Mixtral-8x7B"]["iid"][-1] == 8  # all E experts at T = 64
+    reads = dec["reads"]["DeepSeek-V3"]
+    assert reads[64] > 10 * reads[1]  # bytes per step grow towards the total weights
+    assert dec["fewer_k"][2] < dec["fewer_k"][4] < dec["fewer_k"][8]
+    assert dec["expert_parallel"]["Mixtral-8x7B"] == (8, 1.0)  # one expert per device
+    assert dec["drops"][1][0] == 0 and dec["drops"][16][0] > 0  # a capacity drops in decode
+    check_pictures(res, tmp_path, 2)
+    from test_viz import layout_problems  # titles inside, nothing overlapping
+
+    assert all(layout_problems(fig) == [] for fig in res["pictures"].values())
+
+
+def test_every_example_run_all_runs_is_tested_here():
+    names = load("run_all.py").EXAMPLES
+    assert names.index("03b_stability_and_cost.py") == names.index("03_train.py") + 1
+    source = open(__file__, encoding="utf-8").read()
+    assert not [n for n in names if f'load("{n}")' not in source]
 
 
 def test_04_speed(tmp_path, c_backend):
@@ -173,6 +261,9 @@ def test_examples_fall_back_to_text_without_matplotlib(tmp_path, monkeypatch, ca
     assert not any(os.path.exists(p) for p in res["pictures"])
     out = capsys.readouterr().out
     assert "pip install 'pymoe-routing[viz]'" in out and "x = dropped" in out
+    # It says that it writes nothing, and names the files it would have written.
+    line = next(line for line in out.splitlines() if line.startswith("Pictures of this routing"))
+    assert "as text, no files written" in line and all(p in line for p in res["pictures"])
 
 
 def test_training_falls_back_to_synthetic_data_without_sklearn(monkeypatch, tmp_path):

@@ -1,11 +1,14 @@
 """The benchmark script runs end to end and counts bytes right (its timings are never asserted)."""
 import json
+import os
 
 import numpy as np
 import pytest
 
-from pymoe.bench import ops
+from helpers import REPO
+from pymoe.bench import ops, summary
 from pymoe.bench.__main__ import main
+from pymoe.bench.report import Row
 
 
 def test_byte_counts_by_hand():
@@ -82,6 +85,44 @@ def test_out_dir_routing_sweep_and_readme_summary(c_backend, tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "route() in C at T=2048 E=256 K=8" in text
+    assert "- C's speed-up over the NumPy reference, same run: route() " in text
+    assert "dispatch + combine " in text.split("same run:", 1)[1].split("\n", 1)[0]
+    # the same lines again from the saved rows, without measuring
+    again = tmp_path / "again.md"
+    again.write_text("<!-- bench:summary -->\n<!-- /bench:summary -->\n")
+    assert summary.main([str(out / "cpu.json"), "--readme", str(again)]) == 0
+    assert again.read_text().split("\n")[1:-2] == text.split("<!-- bench:summary -->\n")[1].split(
+        "\n<!-- /bench:summary -->")[0].split("\n")
+
+
+def test_c_vs_numpy_line_by_hand():
+    rows = [Row("route(): T=8 E=4 K=2 capacity_factor=1.25", "route", "numpy (reference)", 70.0),
+            Row("route(): T=8 E=4 K=2 capacity_factor=1.25", "route", "C 2 threads", 10.0),
+            Row("T=8 D=4 E=4 K=2 capacity_factor=1.25", "dispatch", "numpy indexed", 30.0),
+            Row("T=8 D=4 E=4 K=2 capacity_factor=1.25", "combine", "numpy indexed", 20.0),
+            Row("T=8 D=4 E=4 K=2 capacity_factor=1.25", "dispatch", "C 2 threads", 6.0),
+            Row("T=8 D=4 E=4 K=2 capacity_factor=1.25", "combine", "C 2 threads", 4.0),
+            Row("layer forward+backward: T=8 D=4 H=8 E=4 K=2 capacity_factor=1.25", "fwd+bwd",
+                "numpy indexed", 1246.0),
+            Row("layer forward+backward: T=8 D=4 H=8 E=4 K=2 capacity_factor=1.25", "fwd+bwd", "C",
+                1170.0, note="1.10x the sgemm-rate time")]
+    lines = summary.summary_lines(rows)
+    assert lines[0] == ("- C's speed-up over the NumPy reference, same run: route() 7.0x (1 shape), "
+                        "dispatch + combine 5.0x (1 shape), a whole layer forward+backward 1.06x "
+                        "(1 shape)")
+    assert "1170.0 ms, 1.06x speed-up over the NumPy layer (1246.0 ms)" in lines[-1]
+
+
+def test_readme_summary_is_the_committed_runs():
+    """README's bench block is what the committed run's rows give (docs/bench/cpu.json)."""
+    with open(os.path.join(REPO, "docs", "bench", "cpu.json"), encoding="utf-8") as f:
+        rows = [Row(**r) for r in json.load(f)["rows"]]
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split(summary.START + "\n", 1)[1].split("\n" + summary.END, 1)[0]
+    assert block.split("\n") == summary.summary_lines(rows), (
+        "README's summary is not docs/bench/cpu.json's: python -m pymoe.bench.summary "
+        "docs/bench/cpu.json --readme README.md")
 
 
 def test_cuda_benchmark_script_runs_on_the_emulator(cuda_emulator_path, monkeypatch, tmp_path):

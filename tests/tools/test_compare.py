@@ -107,6 +107,15 @@ def test_picture(tmp_path):
     assert_png_matches(path, viz.preset_differences(c, str(path)))
 
 
+def test_cli_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the viz extra")
+    path = tmp_path / "cmp.png"
+    cli(["--presets", "mixtral,gshard,megatron", "--capacity-factor", "none",
+         "--plot", str(path)])
+    assert f"picture: {path}" in capsys.readouterr().out
+    assert path.stat().st_size > 5_000
+
+
 def test_picture_text(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYMOE_VIZ_TEXT", "1")
     c = pymoe.compare(skewed(T=20), ["mixtral", "megatron", "qwen2-moe"], k=2,
@@ -117,3 +126,6 @@ def test_picture_text(tmp_path, monkeypatch, capsys):
     assert lines[1] == "mixtral          " + "." * 40
     assert set(lines[3].split()[1]) <= set(".G")  # qwen2-moe: raw gates, same experts
     assert "G" in lines[3]
+    # It names the capacity the routings share and how many of the tokens it shows.
+    assert lines[0].startswith("pairs (token, choice) of all 20 tokens vs 'mixtral'")
+    assert "capacity: capacity factor 1.0 for every preset, no minimum C" in lines

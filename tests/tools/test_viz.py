@@ -53,6 +53,98 @@ def test_pictures_are_pngs_of_the_figure_size(tmp_path, routing, rows):
         assert_png_matches(path, fig)
 
 
+def layout_problems(fig) -> list[str]:
+    """What a reader would see as broken in a drawn figure: a title, axis label, legend or
+    suptitle reaching past the figure's edge (clipped), or two of them overlapping."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    named = []
+    for i, ax in enumerate(fig.axes):
+        for what, t in (("title", ax.title), ("xlabel", ax.xaxis.label),
+                        ("ylabel", ax.yaxis.label)):
+            if t.get_visible() and t.get_text():
+                named.append((f"axes {i} {what} {t.get_text()!r}", t.get_window_extent(renderer)))
+        if ax.get_legend() is not None:
+            named.append((f"axes {i} legend", ax.get_legend().get_window_extent(renderer)))
+    if fig._suptitle is not None:
+        named.append(("suptitle", fig._suptitle.get_window_extent(renderer)))
+    box, problems = fig.bbox, []
+    for name, b in named:
+        if b.x0 < box.x0 - 1 or b.y0 < box.y0 - 1 or b.x1 > box.x1 + 1 or b.y1 > box.y1 + 1:
+            problems.append(f"{name} is clipped")
+    for i, (n1, b1) in enumerate(named):
+        problems += [f"{n1} overlaps {n2}" for n2, b2 in named[i + 1:] if b1.overlaps(b2)]
+    return problems
+
+
+def test_pictures_fit_their_text(tmp_path, routing, rows, variant_routings):
+    """Titles inside the figure, legends off the axis labels (issue 20: a clipped expert-choice
+    title, the preset legend over the x label of a short comparison)."""
+    pytest.importorskip("matplotlib", reason="matplotlib is in the viz extra")
+    ec, grouped = variant_routings
+    logits = np.random.default_rng(0).normal(size=(128, 16)) - 0.15 * np.arange(16)
+    few = pymoe.compare(logits, ["mixtral", "gshard", "megatron"], capacity_factor=None)
+    every = pymoe.compare(logits, [n for n in pymoe.presets()
+                                   if n not in ("switch", "deepspeed-top1")],
+                          capacity_factor=1.0, min_capacity=0)
+    series = {f"a long series label number {i}": [0.5 - 0.1 * i, 0.2, 0.0] for i in range(4)}
+    calls = {
+        "heat": lambda p: viz.routing_heatmap(routing, p),
+        "dc": lambda p: viz.dispatch_combine_picture(routing, p),
+        "load": lambda p: viz.expert_load_bars({"a": routing, "b": routing}, p),
+        "curves": lambda p: viz.curves([0.5, 1, 2], series, p, title="t", xlabel="cf",
+                                       ylabel="drop", reference=(0, "zero")),
+        "curves below": lambda p: viz.curves([0.5, 1, 2], series, p, title="t", xlabel="cf",
+                                             ylabel="drop", reference=(0, "zero"),
+                                             legend="below", counts={k: [9, 99, 999]
+                                                                     for k in series}),
+        "class": lambda p: viz.class_expert_heatmap(np.arange(12).reshape(3, 4), p),
+        "send": lambda p: viz.send_matrices({"a": np.eye(4) * 2048, "b": np.ones((4, 4))},
+                                            p, title="bytes"),
+        "expert choice": lambda p: viz.expert_choice_picture(ec, p),
+        "groups": lambda p: viz.group_limited_picture(grouped, p),
+        "3 presets": lambda p: viz.preset_differences(few, p),
+        "14 presets": lambda p: viz.preset_differences(every, p),
+    }
+    for name, draw in calls.items():
+        path = tmp_path / f"{name}.png"
+        fig = draw(str(path))
+        assert_png_matches(path, fig)
+        assert layout_problems(fig) == [], name
+    with pytest.raises(ValueError, match="legend: expected 'inside' or 'below'"):
+        viz.curves([1], {"a": [1]}, str(tmp_path / "x.png"), title="t", xlabel="x", ylabel="y",
+                   legend="left")
+
+
+def test_preset_picture_names_its_capacity_and_tokens(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is in the viz extra")
+    logits = np.random.default_rng(0).normal(size=(100, 16))
+    c = pymoe.compare(logits, ["mixtral", "gshard"], capacity_factor=1.0, min_capacity=0)
+    fig = viz.preset_differences(c, str(tmp_path / "p.png"))
+    assert "capacity factor 1.0 for every preset, no minimum C" in fig._suptitle.get_text()
+    assert "the first 48 of 100 tokens" in fig.axes[0].get_title()
+
+
+def test_capacity_setting_in_words():
+    logits = np.random.default_rng(0).normal(size=(32, 16))
+    names = ["mixtral", "gshard"]
+    words = {
+        "capacity factor 1.0 for every preset, no minimum C": {"capacity_factor": 1.0,
+                                                               "min_capacity": 0},
+        "capacity factor 2.0 for every preset, minimum C 3": {"capacity_factor": 2.0,
+                                                              "min_capacity": 3},
+        "capacity factor 1.0 for every preset, each its own minimum C": {"capacity_factor": 1.0},
+        "dropless (no capacity limit) for every preset": {"capacity_factor": None},
+        "each preset's own capacity factor (dropless where it is)": {},
+    }
+    for expected, shared in words.items():
+        c = pymoe.compare(logits, names, **shared)
+        assert viz.capacity_setting(c.routings) == expected, shared
+
+
 def test_heatmap_text_marks_kept_and_dropped(no_matplotlib, routing, tmp_path, capsys):
     text = viz.routing_heatmap(routing, str(tmp_path / "h.png"))
     assert not (tmp_path / "h.png").exists()
