@@ -12,7 +12,7 @@ int FN(pymoe_bias_relu)(REAL *a, const REAL *bias, int64_t rows, int64_t cols) {
         REAL *row = a + i * cols;
         for (int64_t j = 0; j < cols; j++) {
             REAL x = row[j] + bias[j];
-            row[j] = (x > 0 || x != x) ? x : 0;   /* np.maximum(x, 0): NaN passes, -0.0 gives +0 */
+            row[j] = (x > 0 || x != x) ? x : 0;   /* experts.relu: NaN passes, -0.0 gives +0 */
         }
     }
     return PYMOE_OK;

@@ -20,7 +20,11 @@ _GELU_C = np.sqrt(2.0 / np.pi)
 # largest the layer touches outside the matmuls.
 
 def relu(a: np.ndarray, out: np.ndarray) -> None:
+    """out = max(a, 0), with +0.0 where a is -0.0 (the C epilogue's rule): IEEE leaves the sign of
+    max(-0, +0) open and NumPy's answer depends on its version and SIMD loop, so `+= 0.0` fixes it
+    (-0 + 0 = +0; every other value, NaN included, passes unchanged)."""
     np.maximum(a, 0, out=out)
+    out += 0.0
 
 
 def relu_backward(grad: np.ndarray, a: np.ndarray) -> None:
@@ -45,7 +49,7 @@ def bias_relu(a: np.ndarray, bias: np.ndarray) -> None:
     (a: the matmul's output; bias `[H]`). The C twin (pymoe_bias_relu) makes it one pass, as
     pymoe_relu_backward does for relu_backward."""
     a += bias
-    np.maximum(a, 0, out=a)
+    relu(a, a)
 
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")  # w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D]

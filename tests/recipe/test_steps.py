@@ -140,3 +140,17 @@ def test_router_z_loss_by_hand_and_as_route_computes_it():
     assert router_z_loss(np.zeros((0, 4))) == 0.0
     logits = np.random.default_rng(8).normal(size=(30, 5))
     assert router_z_loss(logits) == pytest.approx(pymoe.route(logits, 2).z_loss, rel=1e-13)
+
+
+def test_relu_of_negative_zero_is_positive_zero():
+    # IEEE leaves the sign of max(-0, +0) open and NumPy's answer varies by version and SIMD loop;
+    # the expert epilogues fix it to +0 (NumPy and C alike), so their outputs agree bit for bit.
+    from pymoe.experts import bias_relu, relu
+
+    a = np.array([-0.0, 0.0, -1.0, 2.0], np.float32)
+    out = np.empty_like(a)
+    relu(a, out)
+    assert not np.signbit(out).any() and out.tolist() == [0.0, 0.0, 0.0, 2.0]
+    b = np.array([[-0.0, 3.0]])
+    bias_relu(b, np.array([-0.0, -5.0]))
+    assert not np.signbit(b).any() and b.tolist() == [[0.0, 0.0]]
