@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import _checks
+
+if TYPE_CHECKING:
+    from .options import RouteOptions
 
 
 def expert_load(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
@@ -88,6 +92,38 @@ def capacity_formula(T: int, E: int, k: int, capacity_factor: float, rule: str) 
     if rule == "k_floor":
         return math.floor(k * T * cf / E)
     return k * math.floor(cf * -(-T // E))  # tutel: ceil(T / E) in integers
+
+
+def capacity_of(T: int, E: int, opts: RouteOptions, load: np.ndarray | None = None) -> int:
+    """expert_capacity with the options' capacity keywords (pymoe.options.RouteOptions)."""
+    return expert_capacity(T, E, opts.k, opts.capacity_factor, opts.min_capacity, load,
+                           rule=opts.capacity_rule, capacity=opts.capacity)
+
+
+def capacity_for(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarray | None,
+                 opts: RouteOptions) -> int:
+    """Step 8 with the options' rule. Expert choice gets an error, not a clip, above T."""
+    if opts.selection == "experts":
+        if opts.capacity is not None:
+            c, name = opts.capacity, "capacity"
+        else:  # route_options refuses expert choice without a capacity or a factor
+            assert opts.capacity_factor is not None
+            c = capacity_formula(T, E, opts.k, opts.capacity_factor, opts.capacity_rule)
+            name = "capacity_factor"
+        c = max(c, opts.min_capacity)
+        if c > T:
+            raise ValueError(f"{name}: expert choice gives each expert its top-C tokens, so C "
+                             f"must be <= T = {T}; got C = {c}")
+        return c
+    chosen = expert_index if candidates is None else expert_index[candidates]
+    return capacity_of(T, E, opts, expert_load(chosen, E))  # load: for dropless routing
+
+
+def capacity_words(opts: list[RouteOptions]) -> tuple[set, set, set]:
+    """The fixed capacities, the capacity factors and the minimum capacities of `opts`, each as
+    a set (for pymoe.viz.capacity_setting)."""
+    return ({o.capacity for o in opts}, {o.capacity_factor for o in opts},
+            {o.min_capacity for o in opts})
 
 
 def drop(position: np.ndarray, gate: np.ndarray,

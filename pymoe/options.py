@@ -47,10 +47,12 @@ def _integer(low: int) -> Check:
     return lambda name, v: _checks.integer(name, v, low=low)
 
 
-def keyword(default: Any, doc: str, check: Check | None = None) -> Any:
+def keyword(default: Any, doc: str, check: Check | None = None,
+            cli: tuple[type, str] | None = None) -> Any:
     """A field of RouteOptions / ExpertOptions: its default, its doc and its check (None: checked
-    with the others it depends on, in route_options / expert_options)."""
-    return field(default=default, metadata={"doc": doc, "check": check})
+    with the others it depends on, in route_options / expert_options); cli: (type, help) of its
+    command-line flag, for the keywords python -m pymoe.compare shares across presets."""
+    return field(default=default, metadata={"doc": doc, "check": check, "cli": cli})
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class RouteOptions:
     k: int = keyword(1, "K choices per token, 1 <= K <= E.")
     capacity_factor: float | None = keyword(
         1.25, "> 0 and finite, or None for dropless routing (capacity.expert_capacity).")
-    min_capacity: int = keyword(0, "lower bound on C (>= 0).")
+    min_capacity: int = keyword(0, "lower bound on C (>= 0).", cli=(
+        int, "shared lower bound on C (default: each preset's own)"))
     normalize: bool = keyword(False, "divide the K chosen scores by their sum (topk.gates).",
                               _checks.boolean)
     priority: str = keyword(
@@ -152,6 +155,23 @@ def keywords_doc(cls: type, skip: tuple[str, ...] = ()) -> str:
     return "".join(textwrap.fill(f"{f.name}: {f.metadata['doc']} Default {f.default!r}.", 100,
                                  initial_indent=" " * 8, subsequent_indent=" " * 12) + "\n"
                    for f in dataclasses.fields(cls) if f.name not in skip)
+
+
+def add_flags(parser: Any, cls: type) -> tuple[str, ...]:
+    """An argparse flag (--name-with-dashes) for each keyword of cls that has a cli entry; returns
+    their names."""
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.metadata["cli"] is not None:
+            kind, help_text = f.metadata["cli"]
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, help=help_text)
+            names.append(f.name)
+    return tuple(names)
+
+
+def flag_values(args: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """The flags of add_flags that were given on the command line, as keywords."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def split_keywords(func: str, keywords: Mapping[str, Any],

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _checks
 from .backend import get_backend
-from .capacity import capacity_formula, drop, expert_capacity, expert_load, slot_owner
+from .capacity import capacity_for, drop, expert_load, slot_owner
 from .dense import dense_tensors
 from .losses import (
     aux_loss_scores,
@@ -247,7 +247,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
         candidates = second_expert_keep(scores, expert_index, opts.second_expert_policy,
                                         opts.second_expert_threshold, rng)  # [T, K]
     # step 8: capacity
-    capacity = _capacity(T, E, expert_index, candidates, opts)
+    capacity = capacity_for(T, E, expert_index, candidates, opts)
     # steps 5-7 and 9: positions in each expert, drops past capacity, the slot table
     position, owner, load = _slots(twin, expert_index, token_order, capacity, gate, scores,
                                    candidates, opts)  # [T, K], [E, C], [E]
@@ -309,27 +309,6 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         assert opts.topk_groups is not None and opts.group_score_k is not None
         ranked = limit_to_groups(ranked, opts.num_groups, opts.topk_groups, opts.group_score_k)
     return top_k(ranked, opts.k)
-
-
-def _capacity(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarray | None,
-              opts: RouteOptions) -> int:
-    """Step 8 with the options' rule. Expert choice gets an error, not a clip, above T."""
-    if opts.selection == "experts":
-        if opts.capacity is not None:
-            c, name = opts.capacity, "capacity"
-        else:  # route_options refuses expert choice without a capacity or a factor
-            assert opts.capacity_factor is not None
-            c = capacity_formula(T, E, opts.k, opts.capacity_factor, opts.capacity_rule)
-            name = "capacity_factor"
-        c = max(c, opts.min_capacity)
-        if c > T:
-            raise ValueError(f"{name}: expert choice gives each expert its top-C tokens, so C "
-                             f"must be <= T = {T}; got C = {c}")
-        return c
-    chosen = expert_index if candidates is None else expert_index[candidates]
-    load = expert_load(chosen, E)  # [E], for dropless routing
-    return expert_capacity(T, E, opts.k, opts.capacity_factor, opts.min_capacity, load,
-                           rule=opts.capacity_rule, capacity=opts.capacity)
 
 
 def _check_routing(r: Routing) -> None:

@@ -494,13 +494,13 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
 def capacity_setting(routings: Mapping[str, Routing]) -> str:
     """The capacity the routings were made with, in words: one shared capacity factor (and
     minimum), dropless for all, or each preset's own ("capacity factor 1.0 for every preset, no
-    minimum C"). Each preset still turns a factor into C by its own rule (capacity_rule)."""
-    opts = [r.options for r in routings.values()]
-    fixed = {o.capacity for o in opts}
+    minimum C"). Each preset still turns a factor into C by its own rule (pymoe.options)."""
+    from .capacity import capacity_words
+
+    fixed, factors, minima = capacity_words([r.options for r in routings.values()])
     if fixed != {None}:
         return (f"fixed C = {fixed.pop()} for every preset" if len(fixed) == 1
                 else "each preset's own fixed C")
-    factors, minima = {o.capacity_factor for o in opts}, {o.min_capacity for o in opts}
     if factors == {None}:
         return "dropless (no capacity limit) for every preset"
     if len(factors) > 1:

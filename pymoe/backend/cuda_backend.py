@@ -37,7 +37,7 @@ from typing import Any, Union
 import numpy as np
 
 from .. import _checks
-from ..capacity import expert_capacity
+from ..capacity import capacity_of
 from ..options import route_options
 from ..priority import priority_order
 from ..slots import assign
@@ -519,7 +519,7 @@ class CudaBackend:
               drop_policy: str = "position", seed: int | None = None) -> DeviceRouting:
         """pymoe.route's index form on the device, by route()'s own steps (pymoe.routing) with
         this backend's twins: softmax_top_k (steps 2-4), priority.priority_order (6), slots.assign
-        (5-9) and capacity.expert_capacity (8). The keywords are route()'s (pymoe.options), those
+        (5-9) and capacity.capacity_of (8). The keywords are route()'s (pymoe.options), those
         the device path runs; seed: an int, for priority="random" (numpy's default_rng(seed), the
         permutation copied to the device).
         The status word is read once, after the last kernel (one synchronisation per route)."""
@@ -541,10 +541,10 @@ class CudaBackend:
         if opts.capacity_factor is None:  # dropless: the largest load, known after counting
             position, owner, load = slots(T)
             self.check_status()
-            C = expert_capacity(T, E, opts.k, None, opts.min_capacity, self.memory.to_host(load))
+            C = capacity_of(T, E, opts, self.memory.to_host(load))
             owner = xp.ascontiguousarray(owner[:, :C]) if C <= T else owner
         else:
-            C = expert_capacity(T, E, opts.k, opts.capacity_factor, opts.min_capacity)
+            C = capacity_of(T, E, opts)
             position, owner, load = slots(C)
             self.check_status()
         gate = xp.where(position >= 0, gate, 0).astype(gate.dtype)

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from ..options import RouteOptions, add_flags, flag_values
 from ..variants.presets import presets
 from . import compare
 
@@ -36,8 +37,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--capacity-factor",
                     help="shared capacity factor, or 'none' for dropless (default: each "
                          "preset's own)")
-    ap.add_argument("--min-capacity", type=int, help="shared lower bound on C (default: each "
-                                                     "preset's own)")
+    flags = add_flags(ap, RouteOptions)  # the shared routing keywords (pymoe.options)
     ap.add_argument("--presets", default=",".join(presets()),
                     help="comma-separated names, the first is the reference (default: all)")
     ap.add_argument("--plot", help="also draw the comparison to this PNG (pymoe.viz)")
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None):
         except ValueError:
             ap.error(f"argument --capacity-factor: expected a number or 'none', got "
                      f"{args.capacity_factor!r}")
-    if args.min_capacity is not None:
-        shared["min_capacity"] = args.min_capacity
+    shared.update(flag_values(args, flags))
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
     try:
         result = compare(logits, names, **shared)
