@@ -1,9 +1,11 @@
-"""Top-K selection in C (pymoe_top_k) and CUDA (pymoe_cuda_top_k) against the NumPy reference and
-each other, and route(backend=...)."""
+"""Top-K selection in C (pymoe_top_k) and CUDA (pymoe_cuda_top_k, and the fused softmax + top-K of
+the CUDA router) against the NumPy reference and each other, and route(backend=...)."""
 import numpy as np
 import pytest
+from cuda_problems import problem, ref_routing
 
 import pymoe
+from helpers import GATE_RTOL, PROB_RTOL
 from props import given, settings, st
 from pymoe.backend import NumpyBackend
 from pymoe.topk import top_k as np_top_k
@@ -181,3 +183,45 @@ def test_wide_rows_in_the_warp_router(cuda_impl, E, block):
     np.testing.assert_allclose(host(probs).sum(axis=1), 1.0)
     with pytest.raises(ValueError, match="PYMOE_ERR_SIZE"):
         be.top_k(dev(np.zeros((2, 513))), 2)
+
+
+# ------------------------------------------------ CUDA softmax + top-K (pymoe_cuda_softmax_top_k)
+def check_softmax_top_k(cuda_impl, case, normalize):
+    logits, K, _, _, _, block, _ = case
+    be, dev, host = cuda_impl.backend, cuda_impl.to_device, cuda_impl.to_host
+    r = ref_routing(logits, K, None, "choice", normalize)
+    with be.block_size(block):
+        probs, index, gate = be.softmax_top_k(dev(logits), K, normalize)
+    np.testing.assert_array_equal(host(index), r.expert_index)  # ranks logits: exact
+    tol = PROB_RTOL[logits.dtype]
+    np.testing.assert_allclose(host(probs), r.probs, rtol=tol, atol=tol)
+    np.testing.assert_allclose(host(gate), r.gate_before_drop, rtol=GATE_RTOL[logits.dtype],
+                               atol=tol)
+
+
+@settings(max_examples=40)
+@given(problem(), st.booleans())
+def test_softmax_top_k_matches_reference(cuda_impl, case, normalize):
+    check_softmax_top_k(cuda_impl, case, normalize)
+
+
+@settings(max_examples=4)
+@given(problem(blocks=(512, 1024)), st.booleans())
+def test_softmax_top_k_large_blocks(cuda_impl, case, normalize):
+    check_softmax_top_k(cuda_impl, case, normalize)
+
+
+def test_nan_scores_are_reported_on_the_device(cuda_impl):
+    be, dev = cuda_impl.backend, cuda_impl.to_device
+    with pytest.raises(ValueError, match="a score or bias entry is NaN"):
+        be.top_k(dev(np.array([[0.0, np.nan, 1.0]])), 2)
+    with pytest.raises(ValueError, match="a score or bias entry is NaN"):
+        be.softmax_top_k(dev(np.array([[0.0, np.nan, 1.0]])), 2)
+
+
+def test_softmax_top_k_wrapper_checks_kinds_and_sizes(cuda_impl):
+    be, dev = cuda_impl.backend, cuda_impl.to_device
+    with pytest.raises(TypeError, match="router_logits: expected dtype float32 or float64, got"):
+        be.softmax_top_k(dev(np.zeros((2, 3), np.float16)), 1)
+    with pytest.raises(ValueError, match=r"k: expected an int in \[1, 3\], got 4"):
+        be.softmax_top_k(dev(np.zeros((2, 3))), 4)
