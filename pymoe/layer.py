@@ -170,6 +170,18 @@ class MoELayer:
                 return getattr(self.__dict__[options], name)
         raise AttributeError(f"'MoELayer' object has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """The keywords are checked once, at construction, into layer.options and
+        layer.expert_options, which forward() and backward() read: assigning one would be
+        silently ignored, so it raises instead."""
+        if name in ROUTE_KEYWORDS or name in EXPERT_KEYWORDS:
+            which = "options" if name in ROUTE_KEYWORDS else "expert_options"
+            raise AttributeError(
+                f"{name}: a MoELayer's keywords are fixed at construction (checked once into "
+                f"layer.{which}); build a new layer, or replace the options object: "
+                f"layer.{which} = dataclasses.replace(layer.{which}, {name}=...)")
+        super().__setattr__(name, value)
+
     # ---------------------------------------------------------------- pickling
     # A backend holds a compiled library (cffi objects do not pickle): the state keeps the name
     # it was asked for ("auto", "numpy", "c") and loading resolves it again on that machine.

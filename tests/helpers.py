@@ -364,3 +364,30 @@ def small_layer(**kw):
     import pymoe
 
     return pymoe.MoELayer(**args)
+
+
+def layout_problems(fig) -> list[str]:
+    """What a reader would see as broken in a drawn figure: a title, axis label, legend or
+    suptitle reaching past the figure's edge (clipped), or two of them overlapping."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    named = []
+    for i, ax in enumerate(fig.axes):
+        for what, t in (("title", ax.title), ("xlabel", ax.xaxis.label),
+                        ("ylabel", ax.yaxis.label)):
+            if t.get_visible() and t.get_text():
+                named.append((f"axes {i} {what} {t.get_text()!r}", t.get_window_extent(renderer)))
+        if ax.get_legend() is not None:
+            named.append((f"axes {i} legend", ax.get_legend().get_window_extent(renderer)))
+    if fig._suptitle is not None:
+        named.append(("suptitle", fig._suptitle.get_window_extent(renderer)))
+    box, problems = fig.bbox, []
+    for name, b in named:
+        if b.x0 < box.x0 - 1 or b.y0 < box.y0 - 1 or b.x1 > box.x1 + 1 or b.y1 > box.y1 + 1:
+            problems.append(f"{name} is clipped")
+    for i, (n1, b1) in enumerate(named):
+        problems += [f"{n1} overlaps {n2}" for n2, b2 in named[i + 1:] if b1.overlaps(b2)]
+    return problems

@@ -57,3 +57,20 @@ def test_backward_overflow_names_dy_not_an_internal_argument():
 def test_layer_dtype_none_is_an_error():
     with pytest.raises(TypeError, match=r"dtype: expected float16, float32 or float64, got None"):
         layer(dtype=None)
+
+
+@pytest.mark.parametrize("name, value", [("capacity_factor", None), ("k", 1),
+                                         ("aux_loss_coef", 0.0)])
+def test_assigning_a_keyword_raises_instead_of_being_ignored(name, value):
+    """forward() reads layer.options / layer.expert_options: an assigned attribute would be
+    silently ignored (03_train's evaluation once routed with capacity 1.25 that way)."""
+    import dataclasses
+
+    import pymoe
+
+    lay = pymoe.MoELayer(4, 8, 4, 2)
+    with pytest.raises(AttributeError, match=rf"^{name}: a MoELayer's keywords are fixed"):
+        setattr(lay, name, value)
+    which = "options" if name in ("capacity_factor", "k") else "expert_options"
+    setattr(lay, which, dataclasses.replace(getattr(lay, which), **{name: value}))
+    assert getattr(lay, name) == value

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO, assert_png_matches
+from helpers import REPO, assert_png_matches, layout_problems
 from pymoe.bench.cpu import COPY
 
 EXAMPLES = os.path.join(REPO, "examples")
@@ -57,7 +57,7 @@ def test_01_walkthrough(tmp_path, capsys):
     assert res["loop"]["with_capacity"] < 1e-12 and res["loop"]["dropless"] < 1e-12
     assert "numpy indexed" in res["times"]
     check_pictures(res, tmp_path, 3)
-    # The closing line names every file it wrote (issue 20: "saved under DIR/" named none).
+    # The closing line names every file it wrote (it once said only "saved under DIR/").
     line = next(line for line in out.splitlines() if line.startswith("Pictures of this routing"))
     assert line == "Pictures of this routing: " + ", ".join(res["pictures"])
     assert [os.path.basename(p) for p in res["pictures"]] == [
@@ -218,9 +218,7 @@ def test_03b_stability_and_cost(tmp_path):
     assert dec["expert_parallel"]["Mixtral-8x7B"] == (8, 1.0)  # one expert per device
     assert dec["drops"][1][0] == 0 and dec["drops"][16][0] > 0  # a capacity drops in decode
     check_pictures(res, tmp_path, 2)
-    from test_viz import layout_problems  # titles inside, nothing overlapping
-
-    assert all(layout_problems(fig) == [] for fig in res["pictures"].values())
+    assert all(layout_problems(fig) == [] for fig in res["pictures"].values())  # text fits
 
 
 def test_every_example_run_all_runs_is_tested_here():

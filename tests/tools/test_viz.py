@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from helpers import assert_png_matches
+from helpers import assert_png_matches, layout_problems
 from pymoe import viz
 from pymoe.bench.report import Row
 
@@ -53,35 +53,8 @@ def test_pictures_are_pngs_of_the_figure_size(tmp_path, routing, rows):
         assert_png_matches(path, fig)
 
 
-def layout_problems(fig) -> list[str]:
-    """What a reader would see as broken in a drawn figure: a title, axis label, legend or
-    suptitle reaching past the figure's edge (clipped), or two of them overlapping."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    renderer = canvas.get_renderer()
-    named = []
-    for i, ax in enumerate(fig.axes):
-        for what, t in (("title", ax.title), ("xlabel", ax.xaxis.label),
-                        ("ylabel", ax.yaxis.label)):
-            if t.get_visible() and t.get_text():
-                named.append((f"axes {i} {what} {t.get_text()!r}", t.get_window_extent(renderer)))
-        if ax.get_legend() is not None:
-            named.append((f"axes {i} legend", ax.get_legend().get_window_extent(renderer)))
-    if fig._suptitle is not None:
-        named.append(("suptitle", fig._suptitle.get_window_extent(renderer)))
-    box, problems = fig.bbox, []
-    for name, b in named:
-        if b.x0 < box.x0 - 1 or b.y0 < box.y0 - 1 or b.x1 > box.x1 + 1 or b.y1 > box.y1 + 1:
-            problems.append(f"{name} is clipped")
-    for i, (n1, b1) in enumerate(named):
-        problems += [f"{n1} overlaps {n2}" for n2, b2 in named[i + 1:] if b1.overlaps(b2)]
-    return problems
-
-
 def test_pictures_fit_their_text(tmp_path, routing, rows, variant_routings):
-    """Titles inside the figure, legends off the axis labels (issue 20: a clipped expert-choice
+    """Titles inside the figure, legends off the axis labels (once broken: a clipped expert-choice
     title, the preset legend over the x label of a short comparison)."""
     pytest.importorskip("matplotlib", reason="matplotlib is in the viz extra")
     ec, grouped = variant_routings
