@@ -43,7 +43,7 @@ from .topk import (
     top_k,
 )
 from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
-from .variants.group_limited import limit_to_groups
+from .variants.group_limited import grouped, limit_for
 from .variants.presets import Preset, accepts_preset
 from .variants.scores import selection_scores, sigmoid, sigmoid_backward
 from .variants.sinkhorn import sinkhorn
@@ -231,7 +231,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
     # step 3: choose K experts per token
     sums = None
-    if twin is not None and opts.selection == "tokens" and opts.num_groups is None:
+    if twin is not None and opts.selection == "tokens" and not grouped(opts):
         ranked = logits if expert_bias is None else scores
         expert_index, load, prob_sum = twin.top_k(ranked, opts.k, bias=expert_bias,
                                                   probs=aux_probs)  # [T, K]
@@ -301,13 +301,9 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         return expert_choice_pairs(logits)  # [T, E]
     if opts.selection == "sinkhorn":
         return top_k(sinkhorn(logits, opts.sinkhorn_iterations), opts.k)
-    if expert_bias is None and opts.num_groups is None:
+    if expert_bias is None and not grouped(opts):
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
-    ranked = selection_scores(scores, expert_bias)  # [T, E]
-    if opts.num_groups is not None:
-        # route_options sets topk_groups and group_score_k whenever num_groups is set
-        assert opts.topk_groups is not None and opts.group_score_k is not None
-        ranked = limit_to_groups(ranked, opts.num_groups, opts.topk_groups, opts.group_score_k)
+    ranked = limit_for(selection_scores(scores, expert_bias), opts)  # [T, E]
     return top_k(ranked, opts.k)
 
 

@@ -439,25 +439,22 @@ def expert_choice_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
 
 
 def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) -> Any:
-    """Group-limited top-K (num_groups, topk_groups): per token, the expert groups it may use
+    """Group-limited top-K (pymoe.options' group keywords): per token, the expert groups it may use
     (shaded) and the experts it chose inside them (choice numbers, x = dropped).
 
     Text version: one row per token, groups separated by '|', '-' for experts of groups the token
     may not use, the choice number for chosen experts, '.' otherwise.
     """
-    from .variants.group_limited import limit_to_groups
+    from .variants.group_limited import group_settings, limit_to_groups
     from .variants.scores import selection_scores
 
-    o = routing.options
-    if o is None or o.num_groups is None:
-        raise ValueError("routing: expected a routing made with num_groups and topk_groups")
+    G, per_token, summed = group_settings(routing.options)
     T, E = routing.probs.shape
-    n, G = min(T, max_tokens), o.num_groups
-    assert o.topk_groups is not None and o.group_score_k is not None  # set with num_groups
+    n = min(T, max_tokens)
     ranked = selection_scores(routing.probs, routing.expert_bias)
-    allowed = np.isfinite(limit_to_groups(ranked, G, o.topk_groups, o.group_score_k))  # [T, E]
+    allowed = np.isfinite(limit_to_groups(ranked, G, per_token, summed))  # [T, E]
     title = (f"group-limited top-{routing.k}: {G} groups of {E // G} experts\n"
-             f"best {o.topk_groups} group(s) per token by the sum of its top {o.group_score_k}\n"
+             f"best {per_token} group(s) per token by the sum of its top {summed}\n"
              "grey = group not allowed, x = dropped")
     mark = np.full((T, E), "", dtype=object)
     for t in range(n):

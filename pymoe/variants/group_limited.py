@@ -6,7 +6,12 @@ top-K experts inside them, so its K experts live on at most topk_groups devices.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..options import RouteOptions
 
 
 def group_scores(scores: np.ndarray, num_groups: int, group_score_k: int) -> np.ndarray:
@@ -44,3 +49,25 @@ def limit_to_groups(scores: np.ndarray, num_groups: int, topk_groups: int,
     np.put_along_axis(keep, best_groups, True, axis=-1)
     keep_expert = np.repeat(keep, E // num_groups, axis=-1)  # [T, E]
     return np.where(keep_expert, scores, -np.inf)
+
+
+def grouped(opts: RouteOptions) -> bool:
+    """Whether the options ask for group-limited top-K."""
+    return opts.num_groups is not None
+
+
+def group_settings(opts: RouteOptions | None) -> tuple[int, int, int]:
+    """(G, groups per token, experts summed per group score) of a routing's options; a ValueError
+    for a routing made without groups (pymoe.viz.group_limited_picture)."""
+    if opts is None or opts.num_groups is None:
+        raise ValueError("routing: expected a routing made with num_groups and topk_groups")
+    # route_options sets topk_groups and group_score_k whenever num_groups is set
+    assert opts.topk_groups is not None and opts.group_score_k is not None
+    return opts.num_groups, opts.topk_groups, opts.group_score_k
+
+
+def limit_for(scores: np.ndarray, opts: RouteOptions) -> np.ndarray:
+    """limit_to_groups with the options' group keywords; the scores themselves without groups."""
+    if not grouped(opts):
+        return scores
+    return limit_to_groups(scores, *group_settings(opts))
