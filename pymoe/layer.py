@@ -28,7 +28,8 @@ from .options import (
     split_keywords,
 )
 from .router import jitter, router_dtype, router_logits, router_logits_backward
-from .routing import K1_NORMALIZE_WARNING, Routing, route_backward, route_unchecked
+from .routing import Routing, route_backward, route_unchecked
+from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
@@ -126,8 +127,7 @@ class MoELayer:
         numpy_only = self.formulation == "dense" or self.dtype == np.float16
         self._backend_request = "numpy" if numpy_only else backend  # re-resolved on unpickling
         self.backend: Backend = get_backend(self._backend_request)
-        if self.normalize and self.k == 1 and self.selection != "experts":
-            _checks.warn(K1_NORMALIZE_WARNING)
+        warn_k1_normalize(self.options)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
         rng = np.random.default_rng(seed)

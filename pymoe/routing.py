@@ -34,13 +34,15 @@ from .priority import position_in_expert, priority_order
 from .router import router_dtype, softmax, softmax_backward, softmax_lse
 from .slots import assign
 from .topk import (
-    gates,
-    gates_backward,
+    K1_NORMALIZE_WARNING,
+    gates_backward_for,
+    gates_for,
     renormalize_kept,
     renormalize_kept_backward,
-    scale_gates,
+    scale_for,
     second_expert_keep,
     top_k,
+    warn_k1_normalize,
 )
 from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
 from .variants.group_limited import grouped, limit_for
@@ -52,9 +54,6 @@ __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
            "route_unchecked", "K1_NORMALIZE_WARNING"]
 
 ROUTE_BACKENDS = ("numpy", "c", "auto")
-K1_NORMALIZE_WARNING = (
-    "normalize=True with k=1: every gate is exactly 1.0, so the router gets no gradient from the "
-    "task loss (only from the aux/z losses). Use normalize=False for Switch-style top-1 routing.")
 
 
 @dataclass(eq=False)
@@ -197,8 +196,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     bias = expert_bias_arg(expert_bias, E)
     rng = generator_arg(seed, opts.random)
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
-    if opts.normalize and opts.k == 1 and opts.selection != "experts":
-        _checks.warn(K1_NORMALIZE_WARNING)
+    warn_k1_normalize(opts)
     return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend))
 
 
@@ -239,7 +237,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     else:
         expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]
     # step 4: gates
-    gate = gates(scores, expert_index, opts.normalize)  # [T, K]
+    gate = gates_for(scores, expert_index, opts)  # [T, K]
     # step 6: the order in which tokens claim slots (and which pairs compete at all)
     token_order = priority_order(scores, opts.priority, rng)  # [T]
     candidates = None
@@ -264,8 +262,8 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
         aux = balance_loss(aux_probs, expert_index, opts.load_balancing, opts.sequence_length)
     return Routing(router_logits=logits, probs=scores, expert_index=expert_index,
                    token_order=token_order, position=position,
-                   gate_before_drop=scale_gates(gate, opts.scaling_factor),
-                   gate=scale_gates(final, opts.scaling_factor), kept=kept, capacity=capacity,
+                   gate_before_drop=scale_for(gate, opts),
+                   gate=scale_for(final, opts), kept=kept, capacity=capacity,
                    expert_load=load, normalize=opts.normalize, priority=opts.priority,
                    aux_loss=aux, z_loss=router_z_loss_from_lse(lse), options=opts,
                    expert_bias=expert_bias, _slot_owner=owner)
@@ -342,12 +340,12 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
     z_loss_coef = _checks.nonnegative_finite("z_loss_coef", z_loss_coef)
     opts, scores, index, kept = routing.options, routing.probs, routing.expert_index, routing.kept
-    dgate = scale_gates(dgate.astype(scores.dtype), opts.scaling_factor)  # [T, K]
+    dgate = scale_for(dgate.astype(scores.dtype), opts)  # [T, K]
     if opts.renormalize_after_drop:
-        dgate = renormalize_kept_backward(dgate, gates(scores, index, opts.normalize), kept)
+        dgate = renormalize_kept_backward(dgate, gates_for(scores, index, opts), kept)
     else:
         dgate = np.where(kept, dgate, 0).astype(scores.dtype)  # [T, K]
-    dscores = gates_backward(dgate, scores, index, opts.normalize)  # [T, E]
+    dscores = gates_backward_for(dgate, scores, index, opts)  # [T, E]
     if aux_loss_coef and opts.selection != "experts":
         aux_probs = aux_loss_scores(scores, opts.score)
         daux = balance_loss_backward(aux_probs, index, aux_loss_coef, opts.load_balancing,

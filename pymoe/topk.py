@@ -1,7 +1,18 @@
 """Steps 3-4 of routing: each token's top-K experts and their gate values."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from . import _checks
+
+if TYPE_CHECKING:
+    from .options import RouteOptions
+
+K1_NORMALIZE_WARNING = (
+    "normalize=True with k=1: every gate is exactly 1.0, so the router gets no gradient from the "
+    "task loss (only from the aux/z losses). Use normalize=False for Switch-style top-1 routing.")
 
 
 def top_k(router_logits: np.ndarray, k: int) -> np.ndarray:
@@ -78,6 +89,28 @@ def scale_gates(gate: np.ndarray, scaling_factor: float | None) -> np.ndarray:
     experts; the factor restores its scale. None leaves the gates as they are. The backward is the
     same multiplication."""
     return gate if scaling_factor is None else gate * scaling_factor
+
+
+def warn_k1_normalize(opts: RouteOptions) -> None:
+    """K1_NORMALIZE_WARNING when the options renormalise a single top-1 gate (route(), MoELayer)."""
+    if opts.normalize and opts.k == 1 and opts.selection != "experts":
+        _checks.warn(K1_NORMALIZE_WARNING)
+
+
+def gates_for(probs: np.ndarray, expert_index: np.ndarray, opts: RouteOptions) -> np.ndarray:
+    """gates with the options' normalisation (pymoe.options.RouteOptions)."""
+    return gates(probs, expert_index, opts.normalize)
+
+
+def gates_backward_for(dgate: np.ndarray, probs: np.ndarray, expert_index: np.ndarray,
+                       opts: RouteOptions) -> np.ndarray:
+    """gates_backward with the options' normalisation."""
+    return gates_backward(dgate, probs, expert_index, opts.normalize)
+
+
+def scale_for(gate: np.ndarray, opts: RouteOptions) -> np.ndarray:
+    """scale_gates with the options' routed scaling factor (forward and backward alike)."""
+    return scale_gates(gate, opts.scaling_factor)
 
 
 def renormalize_kept(gate: np.ndarray, kept: np.ndarray) -> np.ndarray:

@@ -74,8 +74,9 @@ def softmax_over_top_k(router_logits: np.ndarray, expert_index: np.ndarray) -> n
         router_logits: `[T, E]`; expert_index: `<int>[T, K]`.
     Returns:
         gate `[T, K]` = softmax over the K chosen logits. This equals topk.gates(softmax(logits),
-        expert_index, normalize=True): p_j / sum_i p_i = exp(l_j) / sum_i exp(l_i) because the
-        full softmax's denominator cancels (tests/variants/test_variants.py checks it).
+        expert_index, True), the gates renormalised over the K chosen: p_j / sum_i p_i =
+        exp(l_j) / sum_i exp(l_i) because the full softmax's denominator cancels
+        (tests/variants/test_variants.py checks it).
     """
     chosen = np.take_along_axis(router_logits, expert_index, axis=-1)  # [T, K]
     z = np.exp(chosen - chosen.max(axis=-1, keepdims=True))  # [T, K]
