@@ -32,7 +32,7 @@ from .options import (
 )
 from .priority import position_in_expert, priority_order
 from .router import router_dtype, softmax, softmax_backward, softmax_lse
-from .slots import assign
+from .slots import assign, assign_for, classic_rule
 from .topk import (
     K1_NORMALIZE_WARNING,
     gates_backward_for,
@@ -282,9 +282,9 @@ def _slots(twin, expert_index: np.ndarray, token_order: np.ndarray, capacity: in
         kept = expert_choice_keep(scores, expert_index, capacity)  # [T, E]
         return assign(backend, expert_index, token_order, E, capacity, priority="token",
                       candidates=kept)
-    if opts.priority == "token" or opts.drop_policy != "position" or candidates is not None:
-        return assign(backend, expert_index, token_order, E, capacity, priority=opts.priority,
-                      drop_policy=opts.drop_policy, score=gate, candidates=candidates)
+    if not classic_rule(opts, candidates):
+        return assign_for(backend, expert_index, token_order, E, capacity, opts, score=gate,
+                          candidates=candidates)
     if twin is not None:
         return twin.assign_slots(expert_index, token_order, E, capacity)
     position = position_in_expert(expert_index, E, token_order)  # [T, K]            steps 5-7

@@ -40,7 +40,7 @@ from .. import _checks
 from ..capacity import capacity_of
 from ..options import route_options
 from ..priority import priority_order
-from ..slots import assign
+from ..slots import assign_for
 from .cdef_macros import cdef_block
 from .install import PACKAGE_DIR
 from .protocol import BackendInfo, temporarily
@@ -535,8 +535,7 @@ class CudaBackend:
         tokens = priority_order(probs, opts.priority, rng, xp)  # [T]                       step 6
 
         def slots(C: int) -> tuple[Any, Any, Any]:  # steps 5-9: route()'s one slot function
-            return assign(_Deferred(self), index, tokens, E, C, priority=opts.priority,
-                          drop_policy=opts.drop_policy, score=gate, xp=xp)
+            return assign_for(_Deferred(self), index, tokens, E, C, opts, score=gate, xp=xp)
 
         if opts.capacity_factor is None:  # dropless: the largest load, known after counting
             position, owner, load = slots(T)
