@@ -446,12 +446,12 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
     may not use, the choice number for chosen experts, '.' otherwise.
     """
     from .variants.group_limited import group_settings, limit_to_groups
-    from .variants.scores import selection_scores
+    from .variants.scores import routing_selection_scores
 
     G, per_token, summed = group_settings(routing.options)
     T, E = routing.probs.shape
     n = min(T, max_tokens)
-    ranked = selection_scores(routing.probs, routing.expert_bias)
+    ranked = routing_selection_scores(routing)
     allowed = np.isfinite(limit_to_groups(ranked, G, per_token, summed))  # [T, E]
     title = (f"group-limited top-{routing.k}: {G} groups of {E // G} experts\n"
              f"best {per_token} group(s) per token by the sum of its top {summed}\n"

@@ -5,9 +5,14 @@ top-K step ranks (selection) and the gate step reads (gates), which need not be 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .. import _checks
+
+if TYPE_CHECKING:
+    from ..routing import Routing
 
 SCORES = ("softmax", "sigmoid")
 
@@ -41,6 +46,11 @@ def selection_scores(scores: np.ndarray, expert_bias: np.ndarray | None) -> np.n
         it gets no gradient: it is trained by update_expert_bias instead.
     """
     return scores if expert_bias is None else scores + expert_bias
+
+
+def routing_selection_scores(routing: Routing) -> np.ndarray:
+    """selection_scores of a Routing: `[T, E]`, its scores plus the bias it was routed with."""
+    return selection_scores(routing.probs, routing.expert_bias)
 
 
 def update_expert_bias(expert_bias: np.ndarray, expert_load: np.ndarray,
