@@ -1,5 +1,6 @@
-"""Routing problems for the CUDA kernels' sweeps (the operations' test files share them): sizes,
-priority, dtype and a block size, and the reference's routing of a problem."""
+"""Routing problems the operations' test files share: `routed` for the C core's sweeps (sizes,
+dtype, priority, ties, and the reference's routing), `problem` for the CUDA kernels' (the same,
+plus a block size)."""
 import warnings
 
 import numpy as np
@@ -31,3 +32,23 @@ def ref_routing(logits, K, cf, priority, normalize=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # normalize with K=1 warns; the values still count
         return pymoe.route(logits, K, cf, priority=priority, normalize=normalize)
+
+
+@st.composite
+def routed(draw):
+    """A routing problem: sizes, dtype, priority, and the reference's routing of it."""
+    T = draw(st.integers(0, 70))
+    E = draw(st.integers(1, 9))
+    K = draw(st.integers(1, E))
+    D = draw(st.sampled_from([1, 3, 4, 7, 16, 33, 64, 130]))  # ragged and aligned widths
+    cf = draw(st.one_of(st.none(), st.floats(0.05, 2.5)))
+    priority = draw(st.sampled_from(["choice", "score"]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(T, E))
+    if draw(st.booleans()):  # many ties: everyone likes the same experts
+        logits = np.round(logits)
+    r = pymoe.route(logits, K, cf, priority=priority)
+    x = rng.normal(size=(T, D)).astype(dtype)
+    return r, x, rng

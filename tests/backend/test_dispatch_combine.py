@@ -1,5 +1,5 @@
 """Dispatch, combine and their backward (gate_grad) in C and CUDA against the NumPy reference,
-forward and backward, and the C core's assign_slots, edge sizes and layer. CUDA: emulated on the
+forward and backward, and the C core's edge sizes and layer. CUDA: emulated on the
 CPU here, on a GPU when one is visible (the `gpu` parameter); the same sweeps as the C core:
 dispatch/combine bitwise (against NumPy and the C core), gate gradients to the tolerances stated
 in helpers.py."""
@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from cuda_problems import problem, ref_routing
+from problems import problem, ref_routing, routed
 
 import pymoe
 from helpers import (
@@ -24,43 +24,9 @@ from pymoe.backend.numpy_backend import NumpyBackend
 REF = NumpyBackend()
 
 
-@st.composite
-def routed(draw):
-    """A routing problem: sizes, dtype, priority, and the reference's routing of it."""
-    T = draw(st.integers(0, 70))
-    E = draw(st.integers(1, 9))
-    K = draw(st.integers(1, E))
-    D = draw(st.sampled_from([1, 3, 4, 7, 16, 33, 64, 130]))  # ragged and aligned widths
-    cf = draw(st.one_of(st.none(), st.floats(0.05, 2.5)))
-    priority = draw(st.sampled_from(["choice", "score"]))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    seed = draw(st.integers(0, 2**31))
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(T, E))
-    if draw(st.booleans()):  # many ties: everyone likes the same experts
-        logits = np.round(logits)
-    r = pymoe.route(logits, K, cf, priority=priority)
-    x = rng.normal(size=(T, D)).astype(dtype)
-    return r, x, rng
-
-
 def _abs_dot(dy, expert_out, r):
     """sum_d |dy[t, d] * expert_out[e, p, d]| per kept pair (the dot-product error scale)."""
     return REF.gate_grad(np.abs(dy), np.abs(expert_out), r.expert_index, r.position)
-
-
-@given(routed())
-def test_assign_slots_matches_reference(c_backend, case):
-    r, _, _ = case
-    order = r.token_order if r.priority == "score" else None
-    position, owner, load = c_backend.assign_slots(r.expert_index, order, r.num_experts,
-                                                   r.capacity)
-    np.testing.assert_array_equal(position, r.position)
-    np.testing.assert_array_equal(owner, r.slot_owner)
-    np.testing.assert_array_equal(load, r.expert_load)
-    for got, want in zip(REF.assign_slots(r.expert_index, order, r.num_experts, r.capacity),
-                         (position, owner, load)):
-        np.testing.assert_array_equal(got, want)
 
 
 @given(routed(), st.booleans())

@@ -8,7 +8,7 @@ explicit pair orders and their subsets), drop policy "probs", expert choice, and
 route(); integers exact. (CUDA's top_k is tested with C's in test_top_k.py.)"""
 import numpy as np
 import pytest
-from cuda_problems import problem, ref_routing
+from problems import problem, ref_routing, routed
 
 import pymoe
 from helpers import GATE_RTOL
@@ -19,6 +19,20 @@ from pymoe.priority import pair_order
 from pymoe.slots import assign, assign_slots_ordered
 
 REF = NumpyBackend()  # the reference slot assignment (priority.py, capacity.py, slots.py)
+
+
+@given(routed())
+def test_assign_slots_matches_reference(c_backend, case):
+    r, _, _ = case
+    order = r.token_order if r.priority == "score" else None
+    position, owner, load = c_backend.assign_slots(r.expert_index, order, r.num_experts,
+                                                   r.capacity)
+    np.testing.assert_array_equal(position, r.position)
+    np.testing.assert_array_equal(owner, r.slot_owner)
+    np.testing.assert_array_equal(load, r.expert_load)
+    for got, want in zip(REF.assign_slots(r.expert_index, order, r.num_experts, r.capacity),
+                         (position, owner, load)):
+        np.testing.assert_array_equal(got, want)
 
 
 @st.composite

@@ -2,7 +2,7 @@
 the CUDA router) against the NumPy reference and each other, and route(backend=...)."""
 import numpy as np
 import pytest
-from cuda_problems import problem, ref_routing
+from problems import problem, ref_routing
 
 import pymoe
 from helpers import GATE_RTOL, PROB_RTOL
