@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from . import _checks
 
-if TYPE_CHECKING:
-    from .options import RouteOptions
+# a pymoe.options.RouteOptions (not imported: pymoe.options imports this module)
+Options = Any
 
 
 def expert_load(expert_index: np.ndarray, num_experts: int) -> np.ndarray:
@@ -94,14 +94,14 @@ def capacity_formula(T: int, E: int, k: int, capacity_factor: float, rule: str) 
     return k * math.floor(cf * -(-T // E))  # tutel: ceil(T / E) in integers
 
 
-def capacity_of(T: int, E: int, opts: RouteOptions, load: np.ndarray | None = None) -> int:
+def capacity_of(T: int, E: int, opts: Options, load: np.ndarray | None = None) -> int:
     """expert_capacity with the options' capacity keywords (pymoe.options.RouteOptions)."""
     return expert_capacity(T, E, opts.k, opts.capacity_factor, opts.min_capacity, load,
                            rule=opts.capacity_rule, capacity=opts.capacity)
 
 
 def capacity_for(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarray | None,
-                 opts: RouteOptions) -> int:
+                 opts: Options) -> int:
     """Step 8 with the options' rule. Expert choice gets an error, not a clip, above T."""
     if opts.selection == "experts":
         if opts.capacity is not None:
@@ -119,7 +119,7 @@ def capacity_for(T: int, E: int, expert_index: np.ndarray, candidates: np.ndarra
     return capacity_of(T, E, opts, expert_load(chosen, E))  # load: for dropless routing
 
 
-def capacity_words(opts: list[RouteOptions]) -> tuple[set, set, set]:
+def capacity_words(opts: list[Options]) -> tuple[set, set, set]:
     """The fixed capacities, the capacity factors and the minimum capacities of `opts`, each as
     a set (for pymoe.viz.capacity_setting)."""
     return ({o.capacity for o in opts}, {o.capacity_factor for o in opts},

@@ -14,15 +14,15 @@ token_order, E, C), which needs no explicit order.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .capacity import slot_owner
 from .priority import pair_order, position_in_pair_order
 
-if TYPE_CHECKING:
-    from .options import RouteOptions
+# a pymoe.options.RouteOptions (not imported: pymoe.options imports this module)
+Options = Any
 
 DROP_POLICIES = ("position", "probs")
 
@@ -81,14 +81,14 @@ def assign(backend, expert_index: np.ndarray, token_order: np.ndarray, num_exper
     return backend.assign_slots_ordered(expert_index, order, num_experts, capacity)
 
 
-def classic_rule(opts: RouteOptions, candidates: np.ndarray | None) -> bool:
+def classic_rule(opts: Options, candidates: np.ndarray | None) -> bool:
     """Whether the options' slot rule is the classic one (choice-major, each expert's first C
     kept) with every pair competing: the rule assign hands to backend.assign_slots."""
     return opts.priority != "token" and opts.drop_policy == "position" and candidates is None
 
 
 def assign_for(backend, expert_index: np.ndarray, token_order: np.ndarray, num_experts: int,
-               capacity: int, opts: RouteOptions, *, score: np.ndarray | None = None,
+               capacity: int, opts: Options, *, score: np.ndarray | None = None,
                candidates: np.ndarray | None = None,
                xp: Any = np) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """assign with the options' priority and drop policy (pymoe.options.RouteOptions)."""

@@ -1,14 +1,14 @@
 """Steps 3-4 of routing: each token's top-K experts and their gate values."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from . import _checks
 
-if TYPE_CHECKING:
-    from .options import RouteOptions
+# a pymoe.options.RouteOptions (not imported: pymoe.options imports this module)
+Options = Any
 
 K1_NORMALIZE_WARNING = (
     "normalize=True with k=1: every gate is exactly 1.0, so the router gets no gradient from the "
@@ -91,24 +91,24 @@ def scale_gates(gate: np.ndarray, scaling_factor: float | None) -> np.ndarray:
     return gate if scaling_factor is None else gate * scaling_factor
 
 
-def warn_k1_normalize(opts: RouteOptions) -> None:
+def warn_k1_normalize(opts: Options) -> None:
     """K1_NORMALIZE_WARNING when the options renormalise a single top-1 gate (route(), MoELayer)."""
     if opts.normalize and opts.k == 1 and opts.selection != "experts":
         _checks.warn(K1_NORMALIZE_WARNING)
 
 
-def gates_for(probs: np.ndarray, expert_index: np.ndarray, opts: RouteOptions) -> np.ndarray:
+def gates_for(probs: np.ndarray, expert_index: np.ndarray, opts: Options) -> np.ndarray:
     """gates with the options' normalisation (pymoe.options.RouteOptions)."""
     return gates(probs, expert_index, opts.normalize)
 
 
 def gates_backward_for(dgate: np.ndarray, probs: np.ndarray, expert_index: np.ndarray,
-                       opts: RouteOptions) -> np.ndarray:
+                       opts: Options) -> np.ndarray:
     """gates_backward with the options' normalisation."""
     return gates_backward(dgate, probs, expert_index, opts.normalize)
 
 
-def scale_for(gate: np.ndarray, opts: RouteOptions) -> np.ndarray:
+def scale_for(gate: np.ndarray, opts: Options) -> np.ndarray:
     """scale_gates with the options' routed scaling factor (forward and backward alike)."""
     return scale_gates(gate, opts.scaling_factor)
 

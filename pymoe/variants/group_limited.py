@@ -6,12 +6,12 @@ top-K experts inside them, so its K experts live on at most topk_groups devices.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from ..options import RouteOptions
+# a pymoe.options.RouteOptions (not imported: pymoe.options imports this module)
+Options = Any
 
 
 def group_scores(scores: np.ndarray, num_groups: int, group_score_k: int) -> np.ndarray:
@@ -51,12 +51,12 @@ def limit_to_groups(scores: np.ndarray, num_groups: int, topk_groups: int,
     return np.where(keep_expert, scores, -np.inf)
 
 
-def grouped(opts: RouteOptions) -> bool:
+def grouped(opts: Options) -> bool:
     """Whether the options ask for group-limited top-K."""
     return opts.num_groups is not None
 
 
-def group_settings(opts: RouteOptions | None) -> tuple[int, int, int]:
+def group_settings(opts: Options | None) -> tuple[int, int, int]:
     """(G, groups per token, experts summed per group score) of a routing's options; a ValueError
     for a routing made without groups (pymoe.viz.group_limited_picture)."""
     if opts is None or opts.num_groups is None:
@@ -66,7 +66,7 @@ def group_settings(opts: RouteOptions | None) -> tuple[int, int, int]:
     return opts.num_groups, opts.topk_groups, opts.group_score_k
 
 
-def limit_for(scores: np.ndarray, opts: RouteOptions) -> np.ndarray:
+def limit_for(scores: np.ndarray, opts: Options) -> np.ndarray:
     """limit_to_groups with the options' group keywords; the scores themselves without groups."""
     if not grouped(opts):
         return scores

@@ -5,14 +5,14 @@ top-K step ranks (selection) and the gate step reads (gates), which need not be 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from .. import _checks
 
-if TYPE_CHECKING:
-    from ..routing import Routing
+# a pymoe.Routing (not imported: pymoe.routing imports this module)
+RoutingResult = Any
 
 SCORES = ("softmax", "sigmoid")
 
@@ -48,7 +48,7 @@ def selection_scores(scores: np.ndarray, expert_bias: np.ndarray | None) -> np.n
     return scores if expert_bias is None else scores + expert_bias
 
 
-def routing_selection_scores(routing: Routing) -> np.ndarray:
+def routing_selection_scores(routing: RoutingResult) -> np.ndarray:
     """selection_scores of a Routing: `[T, E]`, its scores plus the bias it was routed with."""
     return selection_scores(routing.probs, routing.expert_bias)
 
