@@ -113,7 +113,7 @@ def test_pip_built_the_cuda_library_when_asked():
     """CI installs with PYMOE_BUILD_CUDA=1: the library and its header are in the package."""
     if os.environ.get("PYMOE_BUILD_CUDA") != "1":
         pytest.skip("this install did not ask for the CUDA build (PYMOE_BUILD_CUDA=1)")
-    path = os.path.join(os.path.dirname(cuda_backend.__file__), "_pymoe_cuda.so")
+    path = os.path.join(cuda_backend.PACKAGE_DIR, "_pymoe_cuda.so")  # pymoe/, beside _pymoe_c
     assert os.path.exists(path) and os.path.exists(path[:-3] + ".h")
     be, info = cuda_backend.load(path)
     assert be is not None or "no usable GPU" in info.detail or "no CUDA device" in info.detail
