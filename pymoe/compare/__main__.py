@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None):
     shared.update(flag_values(args, flags))
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
     try:
-        result = compare(logits, names, **shared)
+        with warnings.catch_warnings():  # the table's own "note:" lines say it
+            warnings.filterwarnings("ignore", message="compare: preset ")
+            result = compare(logits, names, **shared)
     except (ValueError, TypeError) as err:
         ap.error(str(err))
     print(result.table())

@@ -2,6 +2,8 @@
 command line; the picture."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -91,8 +93,11 @@ def test_command_line(tmp_path, capsys):
                "--capacity-factor", "none", "--k", "2"])
     out = capsys.readouterr().out
     assert "megatron" in out and "tutel" in out and res.rows[0].dropped_fraction == 0
-    res = cli(["--tokens", "24", "--capacity-factor", "0.5", "--min-capacity", "1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the top-1 presets at K = 2: said under the table instead
+        res = cli(["--tokens", "24", "--capacity-factor", "0.5", "--min-capacity", "1"])
     assert res.names == pymoe.presets() and res.routings["megatron"].options.min_capacity == 1
+    assert "note: preset 'switch' is a top-1 gating function" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli(["--capacity-factor", "lots"])
     with pytest.raises(SystemExit):
