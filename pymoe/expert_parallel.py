@@ -92,7 +92,7 @@ class _MPIExchange:
     def __init__(self, comm: Any, num_local: int, mode: str, stats: StepStats) -> None:
         self.comm, self.El, self.mode, self.stats = comm, num_local, mode, stats
         self.P, self.rank = comm.Get_size(), comm.Get_rank()
-        self.num_groups = self.P
+        self.num_token_groups = self.P
         self.directions = iter(DIRECTIONS)
 
     def agree(self, step: str, problem: str | None) -> None:

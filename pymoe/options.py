@@ -48,11 +48,13 @@ def _integer(low: int) -> Check:
 
 
 def keyword(default: Any, doc: str, check: Check | None = None,
-            cli: tuple[type, str] | None = None) -> Any:
+            cli: tuple[type, str] | None = None, device: bool = False) -> Any:
     """A field of RouteOptions / ExpertOptions: its default, its doc and its check (None: checked
     with the others it depends on, in route_options / expert_options); cli: (type, help) of its
-    command-line flag, for the keywords python -m pymoe.compare shares across presets."""
-    return field(default=default, metadata={"doc": doc, "check": check, "cli": cli})
+    command-line flag, for the keywords python -m pymoe.compare shares across presets; device:
+    whether the CUDA backend's device route (CudaBackend.route) runs that variant."""
+    return field(default=default, metadata={"doc": doc, "check": check, "cli": cli,
+                                            "device": device})
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,13 @@ class RouteOptions:
     capacity_factor: float | None = keyword(
         1.25, "> 0 and finite, or None for dropless routing (capacity.expert_capacity).")
     min_capacity: int = keyword(0, "lower bound on C (>= 0).", cli=(
-        int, "shared lower bound on C (default: each preset's own)"))
+        int, "shared lower bound on C (default: each preset's own)"), device=True)
     normalize: bool = keyword(False, "divide the K chosen scores by their sum (topk.gates).",
-                              _checks.boolean)
+                              _checks.boolean, device=True)
     priority: str = keyword(
         "choice", '"choice" (choice-major, token order), "score" (batch-prioritised), "token" '
         '(token-major), "random" (random token order, needs seed) (priority.priority_order).',
-        _choice(PRIORITIES))
+        _choice(PRIORITIES), device=True)
     score: str = keyword('softmax', '"softmax" or "sigmoid" (variants.scores.sigmoid).',
                          _choice(SCORES))
     num_groups: int | None = keyword(
@@ -80,7 +82,7 @@ class RouteOptions:
                                            _positive(allow_none=True))
     drop_policy: str = keyword(
         "position", '"position" (first C in priority order) or "probs" (C best gates per expert; '
-        'capacity.keep_by_score).', _choice(DROP_POLICIES))
+        'capacity.keep_by_score).', _choice(DROP_POLICIES), device=True)
     renormalize_after_drop: bool = keyword(
         False, "renormalise the surviving gates after drops (topk.renormalize_kept).",
         _checks.boolean)
@@ -143,6 +145,20 @@ class ExpertOptions:
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
 EXPERT_KEYWORDS = tuple(f.name for f in dataclasses.fields(ExpertOptions))
+
+
+def describe_options(opts: Any) -> str:
+    """'score='sigmoid', normalize=True' for the keywords of `opts` (a RouteOptions or an
+    ExpertOptions) that differ from their defaults, 'default options' when none do; k is left out
+    (the caller says it)."""
+    changed = [f"{f.name}={getattr(opts, f.name)!r}" for f in dataclasses.fields(opts)
+               if f.name != "k" and getattr(opts, f.name) != f.default]
+    return ", ".join(changed) if changed else "default options"
+
+
+def device_keywords() -> tuple[str, ...]:
+    """The routing keywords the CUDA device route runs (besides k and capacity_factor)."""
+    return tuple(f.name for f in dataclasses.fields(RouteOptions) if f.metadata["device"])
 
 
 def defaults(cls: type) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from .options import (
     PRIORITIES,
     ROUTE_KEYWORDS,
     RouteOptions,
+    describe_options,
     expert_bias_arg,
     generator_arg,
     keywords_doc,
@@ -64,7 +65,8 @@ class Routing:
     Every array in it is read-only (writing raises ValueError): the derived views are computed
     once, on first use, and must stay consistent with the arrays they came from. With expert-choice
     selection K = E: every token lists every expert, and position is -1 where an expert did not
-    take the token.
+    take the token. Every routing keyword also reads as an attribute (r.priority is
+    r.options.priority).
     """
     router_logits: np.ndarray  # [T, E] in the router dtype (>= float32)
     probs: np.ndarray  # [T, E] router scores: softmax over experts, or sigmoid (options.score)
@@ -76,8 +78,6 @@ class Routing:
     kept: np.ndarray  # <bool>[T, K] True where the pair got a slot
     capacity: int  # C, slots per expert
     expert_load: np.ndarray  # <int64>[E] competing assignments per expert before dropping
-    normalize: bool
-    priority: str
     aux_loss: float  # load-balancing loss (losses.balance_loss)
     z_loss: float  # router z-loss (losses.router_z_loss)
     options: RouteOptions = field(repr=False)  # every routing keyword
@@ -89,14 +89,18 @@ class Routing:
             if isinstance(value, np.ndarray):
                 setattr(self, name, _read_only(value))
 
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields
+        if name in ROUTE_KEYWORDS and "options" in self.__dict__:
+            return getattr(self.__dict__["options"], name)
+        raise AttributeError(f"'Routing' object has no attribute {name!r}")
+
     def __repr__(self) -> str:
         """A few lines of what routing did; the arrays are the fields (r.expert_index, ...)."""
         T, E, K = self.num_tokens, self.num_experts, self.k
         kept = int(np.count_nonzero(self.kept))
         load = np.array2string(np.asarray(self.expert_load), threshold=16, edgeitems=4)
-        return (f"Routing(T={T}, E={E}, K={K}, capacity C={self.capacity}, "
-                f"score={self.options.score!r}, selection={self.options.selection!r}, "
-                f"priority={self.priority!r}, normalize={self.normalize})\n"
+        return (f"Routing(T={T}, E={E}, K={K}, capacity C={self.capacity}; "
+                f"{describe_options(self.options)})\n"
                 f"  kept {kept} of {T * K} (token, choice) pairs ({self.dropped_fraction:.1%} "
                 f"dropped), {self.tokens_dropped_fraction:.1%} of tokens lost every choice\n"
                 f"  expert_load {load} (before dropping)\n"
@@ -264,7 +268,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                    token_order=token_order, position=position,
                    gate_before_drop=scale_for(gate, opts),
                    gate=scale_for(final, opts), kept=kept, capacity=capacity,
-                   expert_load=load, normalize=opts.normalize, priority=opts.priority,
+                   expert_load=load,
                    aux_loss=aux, z_loss=router_z_loss_from_lse(lse), options=opts,
                    expert_bias=expert_bias, _slot_owner=owner)
 

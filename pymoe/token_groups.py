@@ -46,7 +46,7 @@ T_ = TypeVar("T_")
 class Exchange(Protocol):
     """Moves expert rows between the groups here and the experts here (a process's view)."""
 
-    num_groups: int  # G, all groups, here and elsewhere
+    num_token_groups: int  # G, all groups, here and elsewhere
 
     def agree(self, step: str, problem: str | None) -> None:
         """After a local step, before the next exchange: raise the same ValueError on every
@@ -112,8 +112,8 @@ def unpack_rows(packed: np.ndarray, loads: Sequence[np.ndarray],
 class LocalExchange:
     """All G groups and all E experts in this process: the exchange is pack_rows / unpack_rows."""
 
-    def __init__(self, num_groups: int) -> None:
-        self.num_groups = num_groups
+    def __init__(self, num_token_groups: int) -> None:
+        self.num_token_groups = num_token_groups
         self._loads: list[np.ndarray] = []
         self._capacities: list[int] = []
 
@@ -193,7 +193,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     t0 = time.perf_counter()
     states = _together(exchange, "routing",
                        lambda: [GroupState(*layer.route_tokens(xb, train)) for xb in x_blocks])
-    G = exchange.num_groups
+    G = exchange.num_token_groups
     f_global, aux_terms = None, []
     if load_stats == "global" and G > 1:  # with one group, global is local (same arithmetic)
         t0 = _tick(times, "routing", t0)
@@ -256,7 +256,7 @@ def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
     here, in the layer dtype; see the module docstring for the objective)."""
     t0 = time.perf_counter()
     exchange = cache.exchange
-    G = exchange.num_groups
+    G = exchange.num_token_groups
 
     def combine_backward() -> tuple[list[np.ndarray], list[np.ndarray]]:
         d_outs, dgates = [], []

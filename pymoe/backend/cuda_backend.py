@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import _checks
 from ..capacity import capacity_of
-from ..options import route_options
+from ..options import device_keywords, route_options
 from ..priority import priority_order
 from ..slots import assign_for
 from .cdef_macros import cdef_block
@@ -515,20 +515,23 @@ class CudaBackend:
         return g
 
     def route(self, router_logits: Any, k: int, capacity_factor: float | None = 1.25, *,
-              min_capacity: int = 0, normalize: bool = False, priority: str = "choice",
-              drop_policy: str = "position", seed: int | None = None) -> DeviceRouting:
+              seed: int | None = None, **keywords: Any) -> DeviceRouting:
         """pymoe.route's index form on the device, by route()'s own steps (pymoe.routing) with
         this backend's twins: softmax_top_k (steps 2-4), priority.priority_order (6), slots.assign
         (5-9) and capacity.capacity_of (8). The keywords are route()'s (pymoe.options), those
-        the device path runs; seed: an int, for priority="random" (numpy's default_rng(seed), the
-        permutation copied to the device).
+        the device path runs (options.device_keywords()); seed: an int, for priority="random"
+        (numpy's default_rng(seed), the permutation copied to the device).
         The status word is read once, after the last kernel (one synchronisation per route)."""
         if self.memory is None:
             raise TypeError("route: needs CuPy to allocate its outputs (pip install 'pymoe-routing[cuda]')")
         logits, _ = self._arg("router_logits", router_logits, (None, None), FLOATS)
         T, E = logits.shape
-        opts = route_options(max(E, 1), k, capacity_factor, min_capacity=min_capacity,
-                             normalize=normalize, priority=priority, drop_policy=drop_policy)
+        on_device = device_keywords()
+        for name in keywords:
+            if name not in on_device:
+                raise TypeError(f"route() got an unexpected keyword argument {name!r} (the device "
+                                f"route runs {', '.join(on_device)})")
+        opts = route_options(max(E, 1), k, capacity_factor, **keywords)
         rng = None if seed is None else np.random.default_rng(_checks.integer("seed", seed))
         xp = self.memory.xp
         probs, index, gate = self.softmax_top_k(logits, opts.k, opts.normalize, check="defer")

@@ -339,6 +339,9 @@ def test_device_route_slot_rules(cuda_impl, priority, drop_policy):
     np.testing.assert_allclose(gate[kept], ref.gate_before_drop[kept], rtol=1e-12)
     with pytest.raises(ValueError, match="seed: priority='random' needs a seed"):
         be.route(dev(logits), K, priority="random")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'score' \(the device route "
+                                        r"runs min_capacity, normalize, priority, drop_policy\)"):
+        be.route(dev(logits), K, score="sigmoid")
 
 
 @pytest.mark.parametrize("T,E,K,cf", [(0, 4, 2, 1.0), (9, 1, 1, 1.0), (9, 4, 4, 1.0),
