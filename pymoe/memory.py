@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+V = TypeVar("V")
 
 DEFAULT_BUDGET = 4 << 30  # bytes
 _budget: int | None = DEFAULT_BUDGET
@@ -40,14 +43,21 @@ def set_memory_budget(nbytes: int | None) -> None:
 
 
 @contextlib.contextmanager
-def memory_budget(nbytes: int | None) -> Iterator[None]:
-    """Run a block under another budget, then restore the previous one."""
-    before = _budget
-    set_memory_budget(nbytes)
+def temporarily(get: Callable[[], V], set_: Callable[[V], object], value: V) -> Iterator[None]:
+    """Run a block with a process-wide setting changed by set_(value) (the memory budget here;
+    a backend's thread count or block size), then restore what get() returned before, also when
+    the block raises."""
+    before = get()
+    set_(value)
     try:
         yield
     finally:
-        set_memory_budget(before)
+        set_(before)
+
+
+def memory_budget(nbytes: int | None) -> contextlib.AbstractContextManager[None]:
+    """Run a block under another budget, then restore the previous one."""
+    return temporarily(get_memory_budget, set_memory_budget, nbytes)
 
 
 def _size(n: int) -> str:

@@ -19,9 +19,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import _checks
+from ..memory import temporarily
 from . import install as _install
 from .c_softmax import softmax_lse_threads
-from .protocol import BackendInfo, temporarily
+from .protocol import BackendInfo
 
 C_DTYPES = (np.float32, np.float64)
 FLOAT_OPS = {  # op -> (its float entry point, its double one), as csrc/pymoe.h declares them

@@ -38,12 +38,13 @@ import numpy as np
 
 from .. import _checks
 from ..capacity import capacity_of
+from ..memory import temporarily
 from ..options import device_keywords, route_options
 from ..priority import priority_order
 from ..slots import assign_for
 from .cdef_macros import cdef_block
 from .install import PACKAGE_DIR
-from .protocol import BackendInfo, temporarily
+from .protocol import BackendInfo
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 INT64 = np.dtype(np.int64)

@@ -1,14 +1,12 @@
 """What a host backend is (the Backend protocol) and how the registry describes one (BackendInfo).
 
-Its own module so that the registry (backends.py) and the backends it loads (numpy_backend,
+Its own module so that the registry (backend/__init__.py) and the backends it loads (numpy_backend,
 c_backend, cuda_backend) all import it, and none of them imports another.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 
@@ -16,7 +14,7 @@ import numpy as np
 class Backend(Protocol):
     """The operations a host backend (numpy, c) provides to MoELayer, on NumPy arrays; shapes use
     the legend in router.py. (The CUDA backend works on device arrays and has its own interface,
-    pymoe.cuda_backend.CudaBackend.)"""
+    pymoe.backend.cuda_backend.CudaBackend.)"""
     name: str
 
     def softmax_lse(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,18 +69,3 @@ class BackendInfo:
     def __str__(self) -> str:
         state = "available" if self.available else "unavailable"
         return f"{self.name:6s} {state:11s} {self.detail}"
-
-
-V = TypeVar("V")
-
-
-@contextlib.contextmanager
-def temporarily(get: Callable[[], V], set_: Callable[[V], object], value: V) -> Iterator[None]:
-    """Run a block with a backend setting (thread count, block size) changed by set_(value), then
-    restore the value get() returned before, also when the block raises."""
-    before = get()
-    set_(value)
-    try:
-        yield
-    finally:
-        set_(before)
