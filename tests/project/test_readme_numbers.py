@@ -17,6 +17,7 @@ import importlib.util
 import io
 import os
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -54,22 +55,31 @@ def test_every_quoted_number_is_in_the_named_output(name, text):
     assert not missing, f"README quotes {missing} from {name}, which does not print them"
 
 
-@pytest.mark.parametrize("name", sorted(RERUN))
-def test_transcripts_are_current(name, tmp_path):
+def _printed(name: str, argv: list[str], tmp_path) -> str:
+    """What examples/NAME.py prints for main(argv + ["--out", tmp_path])."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "examples",
                                                                      name + ".py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        mod.main(RERUN[name] + ["--out", str(tmp_path)])
-    committed = transcript(name).split("\n", 1)[1]
-    differences = transcript_differences(committed, buf.getvalue())
+        mod.main(argv + ["--out", str(tmp_path)])
+    return buf.getvalue()
+
+
+def _assert_current(name: str, differences: list[str], allowed: str) -> None:
     assert not differences, (
-        f"examples/{name}.py no longer prints what docs/outputs/{name}.txt holds (beyond one unit "
-        "in a printed decimal's last digit):\n" + "\n".join(differences[:10])
+        f"examples/{name}.py no longer prints what docs/outputs/{name}.txt holds (beyond "
+        f"{allowed}):\n" + "\n".join(differences[:10])
         + "\nIf the change is intended: python examples/run_all.py --out docs/img "
         "--transcripts docs/outputs")
+
+
+@pytest.mark.parametrize("name", sorted(RERUN))
+def test_transcripts_are_current(name, tmp_path):
+    committed = transcript(name).split("\n", 1)[1]
+    differences = transcript_differences(committed, _printed(name, RERUN[name], tmp_path))
+    _assert_current(name, differences, "one unit in a printed decimal's last digit")
 
 
 def _unit(token: str) -> float:
@@ -81,23 +91,31 @@ def _unit(token: str) -> float:
     return 10.0 ** (int(exponent or 0) - len(mantissa.split(".")[1]))
 
 
-def transcript_differences(committed: str, now: str) -> list[str]:
-    """The lines of `now` that differ from `committed` in their words, in an integer, or in a
-    decimal by more than one unit in its last printed digit (see the module docstring)."""
+def _line_differences(committed: str, now: str, number: re.Pattern,
+                      same: Callable[[str, str], bool]) -> list[str]:
+    """The lines of `now` that differ from `committed` in their words (white space folded: a
+    sign that flips on a printed zero, '-0.' / '0.', moves columns) or in a number `same` refuses."""
     old, new = committed.splitlines(), now.splitlines()
     if len(old) != len(new):
         return [f"{len(new)} lines printed, {len(old)} in the transcript"]
     out = []
     for i, (a, b) in enumerate(zip(old, new), 1):
-        # white space folded: a sign that flips on a printed zero ('-0.' / '0.') moves columns
-        words_a, words_b = ([" ".join(w.split()) for w in PRINTED.split(line)] for line in (a, b))
-        nums_a, nums_b = PRINTED.findall(a), PRINTED.findall(b)
-        same = words_a == words_b and len(nums_a) == len(nums_b) and all(
-            x == y or abs(float(x) - float(y)) <= max(_unit(x), _unit(y)) * (1 + 1e-9)
-            for x, y in zip(nums_a, nums_b))
-        if not same:
+        words_a, words_b = ([" ".join(w.split()) for w in number.split(line)] for line in (a, b))
+        nums_a, nums_b = number.findall(a), number.findall(b)
+        if words_a != words_b or len(nums_a) != len(nums_b) or not all(
+                same(x, y) for x, y in zip(nums_a, nums_b)):
             out.append(f"  line {i}: transcript {a!r}\n  {' ' * len(str(i))}       now {b!r}")
     return out
+
+
+def _within_a_unit(x: str, y: str) -> bool:
+    return x == y or abs(float(x) - float(y)) <= max(_unit(x), _unit(y)) * (1 + 1e-9)
+
+
+def transcript_differences(committed: str, now: str) -> list[str]:
+    """The lines of `now` that differ from `committed` in their words, in an integer, or in a
+    decimal by more than one unit in its last printed digit (see the module docstring)."""
+    return _line_differences(committed, now, PRINTED, _within_a_unit)
 
 
 def test_transcript_comparison_allows_one_unit_in_the_last_digit_only():
@@ -125,12 +143,6 @@ TRAINED = {"03_train": [], "03b_stability_and_cost": []}
 TRAINED_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?%?")
 
 
-def _last_unit(token: str) -> float:
-    """One unit in the last printed digit ('0.0003' -> 0.0001, '2.5e-08' -> 1e-09)."""
-    mantissa, _, exponent = token.lower().partition("e")
-    return 10.0 ** (int(exponent or 0) - len(mantissa.partition(".")[2]))
-
-
 def _drift_ok(x: str, y: str) -> bool:
     if x == y:
         return True
@@ -141,41 +153,20 @@ def _drift_ok(x: str, y: str) -> bool:
     if not any(c in x + y for c in ".eE"):
         return False  # integers exactly
     fx, fy = float(x), float(y)
-    unit = max(_last_unit(x), _last_unit(y))
+    unit = max(_unit(x), _unit(y))
     return abs(fx - fy) <= max(DRIFT_REL * max(abs(fx), abs(fy)), unit * (1 + 1e-9))
 
 
 def training_differences(committed: str, now: str) -> list[str]:
     """The lines of `now` that differ from `committed` in their words, an integer, or a number by
     more than the training drift above."""
-    old, new = committed.splitlines(), now.splitlines()
-    if len(old) != len(new):
-        return [f"{len(new)} lines printed, {len(old)} in the transcript"]
-    out = []
-    for i, (a, b) in enumerate(zip(old, new), 1):
-        words_a, words_b = ([" ".join(w.split()) for w in TRAINED_NUMBER.split(line)]
-                            for line in (a, b))
-        nums_a, nums_b = TRAINED_NUMBER.findall(a), TRAINED_NUMBER.findall(b)
-        if words_a != words_b or len(nums_a) != len(nums_b) or not all(
-                _drift_ok(x, y) for x, y in zip(nums_a, nums_b)):
-            out.append(f"  line {i}: transcript {a!r}\n  {' ' * len(str(i))}       now {b!r}")
-    return out
+    return _line_differences(committed, now, TRAINED_NUMBER, _drift_ok)
 
 
 def _rerun_trained(name: str, tmp_path) -> None:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "examples",
-                                                                     name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        mod.main(TRAINED[name] + ["--out", str(tmp_path)])
-    differences = training_differences(transcript(name).split("\n", 1)[1], buf.getvalue())
-    assert not differences, (
-        f"examples/{name}.py no longer prints what docs/outputs/{name}.txt holds (beyond the "
-        "drift of training round-off):\n" + "\n".join(differences[:10])
-        + "\nIf the change is intended: python examples/run_all.py --out docs/img "
-        "--transcripts docs/outputs")
+    differences = training_differences(transcript(name).split("\n", 1)[1],
+                                       _printed(name, TRAINED[name], tmp_path))
+    _assert_current(name, differences, "the drift of training round-off")
 
 
 def test_03_train_transcript_is_current(tmp_path):
