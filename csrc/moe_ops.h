@@ -60,8 +60,8 @@ static inline void FN(store_fence)(void) {
 
 /* ------------------------------------------------------------------ dispatch */
 
-int FN(pymoe_dispatch_naive)(REAL *expert_in, const REAL *x, const REAL *weight,
-                             const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+int FN(pymoe_dispatch_naive)(REAL *expert_in, const REAL *x, const int64_t *slot_owner,
+                             const REAL *weight, int64_t T, int64_t K, int64_t E,
                              int64_t C, int64_t D) {
     moe_sizes s;
     int err = check_dispatch_args(&s, expert_in, x, slot_owner, T, K, E, C, D);
@@ -79,8 +79,8 @@ int FN(pymoe_dispatch_naive)(REAL *expert_in, const REAL *x, const REAL *weight,
     return PYMOE_OK;
 }
 
-int FN(pymoe_dispatch)(REAL *expert_in, const REAL *x, const REAL *weight,
-                       const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C,
+int FN(pymoe_dispatch)(REAL *expert_in, const REAL *x, const int64_t *slot_owner,
+                       const REAL *weight, int64_t T, int64_t K, int64_t E, int64_t C,
                        int64_t D) {
     moe_sizes s;
     int err = check_dispatch_args(&s, expert_in, x, slot_owner, T, K, E, C, D);
@@ -178,9 +178,10 @@ static void FN(combine_row_tuned)(REAL *y, const REAL *expert_out, const REAL *w
  * is written by one thread). */
 static int FN(combine_by)(void (*row)(REAL *, const REAL *, const REAL *, const int64_t *,
                                       const int64_t *, int64_t, int64_t, int64_t),
-                          int parallel, REAL *y, const REAL *expert_out, const REAL *weight,
+                          int parallel, REAL *y, const REAL *expert_out,
                           const int64_t *expert_index, const int64_t *position,
-                          int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) {
+                          const REAL *weight, int64_t T, int64_t K, int64_t E, int64_t C,
+                          int64_t D) {
     moe_sizes s;
     int err = check_pair_args(&s, y, D, expert_out, expert_index, position, T, K, E, C, D);
     if (err) return err;
@@ -239,15 +240,25 @@ static int FN(gate_grad_by)(REAL (*dot)(const REAL *, const REAL *, int64_t), in
 /* ------------------------------------------------------------------ exported pairs */
 /* pymoe.h's combine and gate_grad, each as the plain loop on one thread (NAME_naive, the spec)
  * and the tuned version on OpenMP threads (NAME): both check and run through BY with their own
- * row function. The two operations share one parameter shape: out, two REAL arrays, the pairs,
- * sizes. */
-#define EXPORT_PAIR_OP(NAME, BY, ROW, PARALLEL)                                                   \
-    int FN(NAME)(REAL *out, const REAL *a, const REAL *b, const int64_t *expert_index,            \
-                 const int64_t *position, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D) { \
-        return FN(BY)(FN(ROW), PARALLEL, out, a, b, expert_index, position, T, K, E, C, D);     \
-    }
-EXPORT_PAIR_OP(pymoe_combine_naive, combine_by, combine_row, 0)
-EXPORT_PAIR_OP(pymoe_combine, combine_by, combine_row_tuned, 1)
-EXPORT_PAIR_OP(pymoe_gate_grad_naive, gate_grad_by, dot_plain, 0)
-EXPORT_PAIR_OP(pymoe_gate_grad, gate_grad_by, dot_tree, 1)
+ * row function. PARAMS is the operation's parameter list as pymoe.h declares it (combine's weight
+ * after the pairs, gate_grad's two REAL arrays before them), ARGS its names in that order. */
+#define EXPORT_PAIR_OP(NAME, BY, ROW, PARALLEL, PARAMS, ARGS) \
+    int FN(NAME) PARAMS { return FN(BY)(FN(ROW), PARALLEL, ARGS); }
+#define PAIR_SIZES int64_t T, int64_t K, int64_t E, int64_t C, int64_t D
+#define COMBINE_PARAMS (REAL *y, const REAL *expert_out, const int64_t *expert_index, \
+                        const int64_t *position, const REAL *weight, PAIR_SIZES)
+#define COMBINE_ARGS y, expert_out, expert_index, position, weight, T, K, E, C, D
+#define GATE_GRAD_PARAMS (REAL *dgate, const REAL *dy, const REAL *expert_out, \
+                          const int64_t *expert_index, const int64_t *position, PAIR_SIZES)
+#define GATE_GRAD_ARGS dgate, dy, expert_out, expert_index, position, T, K, E, C, D
+EXPORT_PAIR_OP(pymoe_combine_naive, combine_by, combine_row, 0, COMBINE_PARAMS, COMBINE_ARGS)
+EXPORT_PAIR_OP(pymoe_combine, combine_by, combine_row_tuned, 1, COMBINE_PARAMS, COMBINE_ARGS)
+EXPORT_PAIR_OP(pymoe_gate_grad_naive, gate_grad_by, dot_plain, 0, GATE_GRAD_PARAMS,
+               GATE_GRAD_ARGS)
+EXPORT_PAIR_OP(pymoe_gate_grad, gate_grad_by, dot_tree, 1, GATE_GRAD_PARAMS, GATE_GRAD_ARGS)
 #undef EXPORT_PAIR_OP
+#undef PAIR_SIZES
+#undef COMBINE_PARAMS
+#undef COMBINE_ARGS
+#undef GATE_GRAD_PARAMS
+#undef GATE_GRAD_ARGS

@@ -73,11 +73,11 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
 /* The float operations are written once, in PYMOE_FLOAT_OPS(REAL, SFX) below, and declared
  * twice: for float as name_f32 and for double as name_f64 (cffi's cdef takes no macros, so
  * csrc/build_cffi.py expands them the same way, with pymoe/backend/cdef_macros.py). Expanded, for example:
- *   int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight,
- *                          const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+ *   int pymoe_dispatch_f32(float *expert_in, const float *x, const int64_t *slot_owner,
+ *                          const float *weight, int64_t T, int64_t K, int64_t E,
  *                          int64_t C, int64_t D);
- *   int pymoe_combine_f64(double *y, const double *expert_out, const double *weight,
- *                         const int64_t *expert_index, const int64_t *position,
+ *   int pymoe_combine_f64(double *y, const double *expert_out, const int64_t *expert_index,
+ *                         const int64_t *position, const double *weight,
  *                         int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);
  * Every name they declare (for grep; Python's c_backend.FLOAT_OPS lists the same):
  * pymoe_top_k_f32, pymoe_top_k_f64, pymoe_dispatch_f32, pymoe_dispatch_f64, pymoe_combine_f32,
@@ -101,15 +101,16 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
  * Dispatch: expert_in[e, c, :] = w * x[t, :] for the pair (t, j) = slot_owner[e, c] / K, % K,
  * with w = weight[t, j] (or 1 when weight is NULL); empty slots are zeroed.
  * Backward: d_x = combine(d_expert_in, weight) and d_weight = gate_grad(d_expert_in, x).
- * Out: expert_in [E, C, D]. In: x [T, D], weight [T, K] or NULL, slot_owner [E, C].
+ * Out: expert_in [E, C, D]. In: x [T, D], slot_owner [E, C], weight [T, K] or NULL.
  * Bytes moved: read (filled slots) * D, write E * C * D elements. One thread per slot row.
  *
  * Combine: y[t, :] = sum over kept j, in order j = 0..K-1, of w * expert_out[e_tj, p_tj, :]
  * with w = weight[t, j] (or 1 when weight is NULL); rows of fully dropped tokens are zero.
  * Backward: d_expert_out = dispatch(dy, weight) and d_weight = gate_grad(dy, expert_out).
  * Dispatch's backward is this with weight = NULL.
- * Out: y [T, D]. In: expert_out [E, C, D], weight [T, K] or NULL, expert_index [T, K],
- * position [T, K]. Bytes moved: read (kept pairs) * D, write T * D elements. One thread per token.
+ * Out: y [T, D]. In: expert_out [E, C, D], expert_index [T, K], position [T, K],
+ * weight [T, K] or NULL. Bytes moved: read (kept pairs) * D, write T * D elements.
+ * One thread per token.
  *
  * Gate gradient: dgate[t, j] = <dy[t, :], expert_out[e_tj, p_tj, :]> for kept pairs, 0 for
  * dropped ones. Out: dgate [T, K]. In: dy [T, D], expert_out [E, C, D], expert_index, position.
@@ -123,11 +124,11 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
  * one pass each: bias_relu: a = max(a + bias, 0) (a: the first matmul's output, bias [cols]);
  * relu_backward: grad *= (hidden > 0), hidden = the forward's relu output. */
 #define PYMOE_ROW_OPS(REAL, SFX) \
-    int pymoe_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight, \
-                            const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, \
+    int pymoe_dispatch##SFX(REAL *expert_in, const REAL *x, const int64_t *slot_owner, \
+                            const REAL *weight, int64_t T, int64_t K, int64_t E, \
                             int64_t C, int64_t D); \
-    int pymoe_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight, \
-                           const int64_t *expert_index, const int64_t *position, \
+    int pymoe_combine##SFX(REAL *y, const REAL *expert_out, const int64_t *expert_index, \
+                           const int64_t *position, const REAL *weight, \
                            int64_t T, int64_t K, int64_t E, int64_t C, int64_t D); \
     int pymoe_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out, \
                              const int64_t *expert_index, const int64_t *position, \

@@ -580,7 +580,7 @@ __device__ __forceinline__ void move_row(REAL *__restrict__ dst, const REAL *__r
 template <typename REAL>
 __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
 dispatch_kernel(REAL *__restrict__ expert_in, const REAL *__restrict__ x,
-                const REAL *__restrict__ weight, const int64_t *__restrict__ slot_owner,
+                const int64_t *__restrict__ slot_owner, const REAL *__restrict__ weight,
                 int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, int group,
                 int *status) {
     const int64_t EC = E * C, TK = T * K, rows = blockDim.x / group;
@@ -636,8 +636,8 @@ __device__ __forceinline__ void load_pairs(RowArray &row, WeightArray &w, int64_
 template <typename REAL>
 __global__ void __launch_bounds__(PYMOE_MAX_BLOCK)
 combine_kernel(REAL *__restrict__ y, const REAL *__restrict__ expert_out,
-               const REAL *__restrict__ weight, const int64_t *__restrict__ expert_index,
-               const int64_t *__restrict__ position, int64_t T, int64_t K, int64_t E, int64_t C,
+               const int64_t *__restrict__ expert_index, const int64_t *__restrict__ position,
+               const REAL *__restrict__ weight, int64_t T, int64_t K, int64_t E, int64_t C,
                int64_t D, int group, int *status) {
     typedef Vec<REAL> V;
     typedef typename V::type VT;

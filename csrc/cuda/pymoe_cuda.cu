@@ -206,7 +206,7 @@ int row_group(int64_t D, int64_t K, int block) {
 }
 
 template <typename REAL>
-int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *slot_owner,
+int dispatch(REAL *expert_in, const REAL *x, const int64_t *slot_owner, const REAL *weight,
              int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, int *status, void *stream) {
     moe_sizes s;
     int err = check_sizes(&s, T, K, E, C, D);
@@ -215,7 +215,7 @@ int dispatch(REAL *expert_in, const REAL *x, const REAL *weight, const int64_t *
     if (s.EC == 0) return 0;
     const int group = row_group<REAL>(D, 1, t_block), rows = t_block / group;
     return PYMOE_LAUNCH(dispatch_kernel<REAL>, grid_for((s.EC + rows - 1) / rows), t_block, 0,
-                        (cudaStream_t)stream, expert_in, x, weight, slot_owner, T, K, E, C, D,
+                        (cudaStream_t)stream, expert_in, x, slot_owner, weight, T, K, E, C, D,
                         group, status);
 }
 
@@ -236,15 +236,16 @@ int pair_kernel(const void *out, int64_t out_cols, const void *expert_out,
 }
 
 template <typename REAL>
-int combine(REAL *y, const REAL *expert_out, const REAL *weight, const int64_t *expert_index,
-            const int64_t *position, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D,
-            int *status, void *stream) {
+int combine(REAL *y, const REAL *expert_out, const int64_t *expert_index,
+            const int64_t *position, const REAL *weight, int64_t T, int64_t K, int64_t E,
+            int64_t C, int64_t D, int *status, void *stream) {
     return pair_kernel(y, D, expert_out, expert_index, position, T, K, E, C, D,
                        [&](const moe_sizes &) {
         const int group = row_group<REAL>(D, K, t_block), rows = t_block / group;
         return (int)PYMOE_LAUNCH_SYNC(combine_kernel<REAL>, grid_for((T + rows - 1) / rows),
-                                      t_block, 0, (cudaStream_t)stream, y, expert_out, weight,
-                                      expert_index, position, T, K, E, C, D, group, status);
+                                      t_block, 0, (cudaStream_t)stream, y, expert_out,
+                                      expert_index, position, weight, T, K, E, C, D, group,
+                                      status);
     });
 }
 
@@ -425,16 +426,15 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
         return top_k<REAL>(expert_index, expert_load, prob_sum, score, bias, probs, T, K, E,       \
                            status, stream);                                                        \
     }                                                                                              \
-    int pymoe_cuda_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight,               \
-                                 const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,       \
-                                 int64_t C, int64_t D, int *status, void *stream) {                \
-        return dispatch<REAL>(expert_in, x, weight, slot_owner, T, K, E, C, D, status, stream);    \
+    int pymoe_cuda_dispatch##SFX(REAL *expert_in, const REAL *x, const int64_t *slot_owner,        \
+                                 const REAL *weight, int64_t T, int64_t K, int64_t E, int64_t C,   \
+                                 int64_t D, int *status, void *stream) {                           \
+        return dispatch<REAL>(expert_in, x, slot_owner, weight, T, K, E, C, D, status, stream);    \
     }                                                                                              \
-    int pymoe_cuda_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight,               \
-                                const int64_t *expert_index, const int64_t *position, int64_t T,   \
-                                int64_t K, int64_t E, int64_t C, int64_t D, int *status,           \
-                                void *stream) {                                                    \
-        return combine<REAL>(y, expert_out, weight, expert_index, position, T, K, E, C, D, status, \
+    int pymoe_cuda_combine##SFX(REAL *y, const REAL *expert_out, const int64_t *expert_index,      \
+                                const int64_t *position, const REAL *weight, int64_t T, int64_t K, \
+                                int64_t E, int64_t C, int64_t D, int *status, void *stream) {      \
+        return combine<REAL>(y, expert_out, expert_index, position, weight, T, K, E, C, D, status, \
                              stream);                                                              \
     }                                                                                              \
     int pymoe_cuda_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out,             \

@@ -88,8 +88,8 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
 /* The float operations are written once, in PYMOE_CUDA_FLOAT_OPS(REAL, SFX) below, and declared
  * for float as name_f32 and for double as name_f64 (the loader expands them for cffi with
  * pymoe/backend/cdef_macros.py). Expanded, for example:
- *   int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight,
- *                               const int64_t *slot_owner, int64_t T, int64_t K, int64_t E,
+ *   int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const int64_t *slot_owner,
+ *                               const float *weight, int64_t T, int64_t K, int64_t E,
  *                               int64_t C, int64_t D, int *status, void *stream);
  * Every name they declare (for grep; Python's cuda_backend.FLOAT_OPS lists the same):
  * pymoe_cuda_softmax_top_k_f32, pymoe_cuda_softmax_top_k_f64, pymoe_cuda_top_k_f32,
@@ -106,8 +106,8 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
  * expert_load[e] = picks of e (NULL: not computed); prob_sum[e] = sum over t = 0..T-1 of
  * probs[t, e] in that order (NULL: not computed). 0 <= K <= E <= 512. NaN: PYMOE_BAD_NAN.
  *
- * dispatch: expert_in [E, C, D] from x [T, D], weight [T, K] or NULL, slot_owner [E, C].
- * combine: y [T, D] from expert_out [E, C, D], weight [T, K] or NULL, expert_index, position.
+ * dispatch: expert_in [E, C, D] from x [T, D], slot_owner [E, C], weight [T, K] or NULL.
+ * combine: y [T, D] from expert_out [E, C, D], expert_index, position, weight [T, K] or NULL.
  *   K <= 1024.
  * gate_grad: dgate [T, K] = <dy[t], expert_out[e_tj, p_tj]> for kept pairs, 0 for dropped.
  *   K <= 1024. */
@@ -118,11 +118,11 @@ int pymoe_cuda_keep_by_score(uint8_t *keep, const int64_t *expert_index, const i
     int pymoe_cuda_top_k##SFX(int64_t *expert_index, int64_t *expert_load, REAL *prob_sum, \
                               const REAL *score, const REAL *bias, const REAL *probs, int64_t T, \
                               int64_t K, int64_t E, int *status, void *stream); \
-    int pymoe_cuda_dispatch##SFX(REAL *expert_in, const REAL *x, const REAL *weight, \
-                                 const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, \
+    int pymoe_cuda_dispatch##SFX(REAL *expert_in, const REAL *x, const int64_t *slot_owner, \
+                                 const REAL *weight, int64_t T, int64_t K, int64_t E, \
                                  int64_t C, int64_t D, int *status, void *stream); \
-    int pymoe_cuda_combine##SFX(REAL *y, const REAL *expert_out, const REAL *weight, \
-                                const int64_t *expert_index, const int64_t *position, int64_t T, \
+    int pymoe_cuda_combine##SFX(REAL *y, const REAL *expert_out, const int64_t *expert_index, \
+                                const int64_t *position, const REAL *weight, int64_t T, \
                                 int64_t K, int64_t E, int64_t C, int64_t D, int *status, \
                                 void *stream); \
     int pymoe_cuda_gate_grad##SFX(REAL *dgate, const REAL *dy, const REAL *expert_out, \

@@ -223,8 +223,8 @@ class CBackend:
         E, C = slot_owner.shape
         out = self._out(out, (E, C, D), x.dtype, inputs)
         fn = self._fn("dispatch_naive" if naive else "dispatch", x)
-        self._check("dispatch", fn(self._ptr(out), self._ptr(x), self._ptr(weight),
-                                   self._ptr(slot_owner), T, k, E, C, D))
+        self._check("dispatch", fn(self._ptr(out), self._ptr(x), self._ptr(slot_owner),
+                                   self._ptr(weight), T, k, E, C, D))
         return out
 
     def _pairs(self, expert_out, expert_index, position):
@@ -248,8 +248,8 @@ class CBackend:
             weight = np.ascontiguousarray(weight, dtype=expert_out.dtype)
         y = self._out(out, (T, D), expert_out.dtype, inputs)
         fn = self._fn("combine_naive" if naive else "combine", y)
-        self._check("combine", fn(self._ptr(y), self._ptr(expert_out), self._ptr(weight),
-                                  self._ptr(expert_index), self._ptr(position), T, K, E, C, D))
+        self._check("combine", fn(self._ptr(y), self._ptr(expert_out), self._ptr(expert_index),
+                                  self._ptr(position), self._ptr(weight), T, K, E, C, D))
         return y
 
     def gate_grad(self, dy: np.ndarray, expert_out: np.ndarray, expert_index: np.ndarray,

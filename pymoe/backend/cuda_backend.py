@@ -474,7 +474,7 @@ class CudaBackend:
         weight, p_w = self._optional("weight", weight, (T, k), dt)
         out, p_out = self._out("out", out, (E, C, D), dt)
         self._call(self._name("dispatch", dt), [x, owner, weight, out],
-                   _Ptr(p_out), _Ptr(p_x), _Ptr(p_w), _Ptr(p_owner), T, k, E, C, D, check=check)
+                   _Ptr(p_out), _Ptr(p_x), _Ptr(p_owner), _Ptr(p_w), T, k, E, C, D, check=check)
         return out
 
     def _pairs(self, expert_out: Any, expert_index: Any, position: Any) -> list:
@@ -499,7 +499,7 @@ class CudaBackend:
         weight, p_w = self._optional("weight", weight, (T, K), dt)
         y, p_y = self._out("out", out, (T, D), dt)
         self._call(self._name("combine", dt), [eo, index, pos, weight, y],
-                   _Ptr(p_y), _Ptr(p_eo), _Ptr(p_w), _Ptr(p_index), _Ptr(p_pos), T, K, E, C, D,
+                   _Ptr(p_y), _Ptr(p_eo), _Ptr(p_index), _Ptr(p_pos), _Ptr(p_w), T, K, E, C, D,
                    check=check)
         return y
 

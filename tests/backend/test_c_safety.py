@@ -65,8 +65,8 @@ def _dispatch(raw, owner, T, K, E, C, D, weight=False):
     out = ffi.new("float[]", _n(E * C * D))
     x = ffi.new("float[]", _n(T * D))
     w = ffi.new("float[]", _n(T * K)) if weight else ffi.NULL
-    return lib.pymoe_dispatch_f32(out, x, w, buf(owner), T, K, E, C, D), \
-        lib.pymoe_dispatch_naive_f32(out, x, w, buf(owner), T, K, E, C, D)
+    return lib.pymoe_dispatch_f32(out, x, buf(owner), w, T, K, E, C, D), \
+        lib.pymoe_dispatch_naive_f32(out, x, buf(owner), w, T, K, E, C, D)
 
 
 def test_dispatch_rejects_bad_slot_owners_and_sizes(raw):
@@ -78,7 +78,7 @@ def test_dispatch_rejects_bad_slot_owners_and_sizes(raw):
     assert _dispatch(raw, [], 2, 2, 2, 2, -1) == (ERR_SIZE, ERR_SIZE)
     assert _dispatch(raw, [], 2, 2, BIG, 2, 4) == (ERR_SIZE, ERR_SIZE)  # E*C*D overflows
     ffi, lib, buf = raw
-    assert lib.pymoe_dispatch_f64(ffi.NULL, ffi.NULL, ffi.NULL, buf([-1]), 1, 1, 1, 1, 3) \
+    assert lib.pymoe_dispatch_f64(ffi.NULL, ffi.NULL, buf([-1]), ffi.NULL, 1, 1, 1, 1, 3) \
         == ERR_NULL
 
 
@@ -88,8 +88,8 @@ def _pairs_call(raw, fn, index, position, T, K, E, C, D):
     b = ffi.new("double[]", _n(E * C * D))
     o = ffi.new("double[]", _n(T * max(D, K)))
     if fn == "combine":
-        return lib.pymoe_combine_f64(o, b, ffi.NULL, buf(index), buf(position), T, K, E, C, D), \
-            lib.pymoe_combine_naive_f64(o, b, ffi.NULL, buf(index), buf(position), T, K, E, C, D)
+        return lib.pymoe_combine_f64(o, b, buf(index), buf(position), ffi.NULL, T, K, E, C, D), \
+            lib.pymoe_combine_naive_f64(o, b, buf(index), buf(position), ffi.NULL, T, K, E, C, D)
     return lib.pymoe_gate_grad_f64(o, a, b, buf(index), buf(position), T, K, E, C, D), \
         lib.pymoe_gate_grad_naive_f64(o, a, b, buf(index), buf(position), T, K, E, C, D)
 

@@ -13,12 +13,12 @@ def flat(text: str) -> str:
 
 def test_the_c_header_expands_to_the_documented_declarations():
     text = flat(cdef_block(os.path.join(REPO, "csrc", "pymoe.h")))
-    assert ("int pymoe_dispatch_f32(float *expert_in, const float *x, const float *weight, "
-            "const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);"
+    assert ("int pymoe_dispatch_f32(float *expert_in, const float *x, const int64_t *slot_owner, "
+            "const float *weight, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);"
             in text)
-    assert ("int pymoe_combine_f64(double *y, const double *expert_out, const double *weight, "
-            "const int64_t *expert_index, const int64_t *position, int64_t T, int64_t K, "
-            "int64_t E, int64_t C, int64_t D);" in text)
+    assert ("int pymoe_combine_f64(double *y, const double *expert_out, "
+            "const int64_t *expert_index, const int64_t *position, const double *weight, "
+            "int64_t T, int64_t K, int64_t E, int64_t C, int64_t D);" in text)
     for op in ("top_k", "dispatch", "combine", "gate_grad", "dispatch_naive", "combine_naive",
                "gate_grad_naive"):
         for suffix, real in (("_f32", "float"), ("_f64", "double")):
@@ -30,9 +30,9 @@ def test_the_c_header_expands_to_the_documented_declarations():
 
 def test_the_cuda_header_expands_to_the_documented_declarations():
     text = flat(cdef_block(os.path.join(REPO, "csrc", "cuda", "pymoe_cuda.h")))
-    assert ("int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, const float *weight, "
-            "const int64_t *slot_owner, int64_t T, int64_t K, int64_t E, int64_t C, int64_t D, "
-            "int *status, void *stream);" in text)
+    assert ("int pymoe_cuda_dispatch_f32(float *expert_in, const float *x, "
+            "const int64_t *slot_owner, const float *weight, int64_t T, int64_t K, int64_t E, "
+            "int64_t C, int64_t D, int *status, void *stream);" in text)
     for op in ("softmax_top_k", "top_k", "dispatch", "combine", "gate_grad"):
         assert f"int pymoe_cuda_{op}_f32(" in text and f"int pymoe_cuda_{op}_f64(" in text
     assert "##" not in text and "PYMOE_CUDA_FLOAT_OPS" not in text

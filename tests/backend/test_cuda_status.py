@@ -49,8 +49,8 @@ def test_a_status_word_of_another_device_is_caught(be):
     x, out = np.ones((3, 4)), np.empty((1, 2, 4))
     with be.device(1):
         code = lib.pymoe_cuda_dispatch_f64(ffi.cast("double *", out.ctypes.data),
-                                           ffi.cast("double *", x.ctypes.data), ffi.NULL,
-                                           ffi.cast("int64_t *", OWNER_BAD.ctypes.data),
+                                           ffi.cast("double *", x.ctypes.data),
+                                           ffi.cast("int64_t *", OWNER_BAD.ctypes.data), ffi.NULL,
                                            3, 2, 1, 2, 4, slot[0], ffi.NULL)
     assert "atomicOr on memory of device 0 by a kernel running on device 1" in be._error(code)
 
