@@ -52,7 +52,7 @@ class Preset:
                             f"{', '.join(sorted(CONVENTIONS))}")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "source", source)
-        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "k", None if k is None else _checks.integer("k", k, low=1))
         object.__setattr__(self, "conventions", dict(conventions))
 
     def __getattr__(self, name: str) -> Any:  # only for names that are not fields

@@ -38,6 +38,14 @@ def test_a_preset_at_another_k_than_its_gating_function_warns(name, k):
         pymoe.route(np.zeros((8, 4)), k, preset=name)
 
 
+@pytest.mark.parametrize("k, error", [(0, ValueError), (-1, ValueError), ("2", TypeError),
+                                      (True, TypeError)])
+def test_a_preset_k_must_be_a_positive_int_or_none(k, error):
+    with pytest.raises(error, match="^k: "):
+        pymoe.preset("switch", k=k)
+    assert pymoe.preset("switch", k=None).k is None and pymoe.preset("gshard", k=4).k == 4
+
+
 def test_a_preset_at_its_own_or_any_k_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
