@@ -1,0 +1,156 @@
+"""Tiny random HF transformers models, one per family, and the comparison of one of their MoE
+blocks with the pymoe layer pymoe.hf makes of it.
+
+Every family is built from its own config class with small sizes (D = 32, E = 8, K = 2 where
+the family allows, two layers), its first sparse layer's block is given random weights
+(router N(0, 1): routing far from uniform; a selection bias N(0, 0.3) where the family has one;
+experts N(0, 1/fan_in)) and run on random tokens, forward and backward, in float64 and float32.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from helpers import import_optional
+
+torch = import_optional("torch", "crosscheck")
+transformers = import_optional("transformers", "crosscheck")
+
+import configs_others  # noqa: E402
+import configs_sigmoid_a  # noqa: E402
+import configs_sigmoid_b  # noqa: E402
+import configs_softmax  # noqa: E402
+import pymoe.hf  # noqa: E402
+from pymoe.hf.transformers_block import _find_block  # noqa: E402
+
+GENERIC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=128, intermediate_size=64, moe_intermediate_size=32,
+               shared_expert_intermediate_size=48, num_experts=8, num_local_experts=8,
+               n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2, moe_k=2, top_k=2,
+               first_k_dense_replace=0, head_dim=8, pad_token_id=0)
+# family -> config keywords beyond GENERIC, one file per family module of pymoe/hf/families
+EXTRA: dict[str, dict[str, Any]] = {**configs_softmax.EXTRA, **configs_sigmoid_a.EXTRA,
+                                    **configs_sigmoid_b.EXTRA, **configs_others.EXTRA}
+TOL = {np.float64: (1e-10, 1e-8), np.float32: (2e-5, 2e-5)}  # (forward, gradients), relative
+
+
+def tolerances(family: str, dtype) -> tuple[float, float]:
+    """HF routers that compute in float32 in a float64 model hold float64 to float32's."""
+    if dtype == np.float64 and pymoe.hf.families()[family]["router_dtype"] == "float32":
+        return TOL[np.float32]
+    return TOL[dtype]
+
+
+def tiny_config(family: str, **overrides: Any):
+    kw = {**GENERIC, **EXTRA.get(family, {}), **overrides}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.AutoConfig.for_model(family, **kw)
+        text = cfg.get_text_config()
+        if text is not cfg:
+            cfg = type(text)(**kw)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: Any):
+    """(model, config) of a tiny random model of the family, in eval mode, with the eager
+    experts implementation (grouped_mm, the default, takes no float64)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModel.from_config(cfg, experts_implementation="eager")
+    return model.eval(), cfg
+
+
+def randomize(block, seed: int = 0) -> None:
+    """Random weights for every floating parameter and buffer of the block."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(block.named_parameters()) + list(block.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if "bias" in name and t.ndim <= 2 and ("correction" in name or "expert_bias" in name):
+                std = 0.3
+            elif t.ndim == 1:
+                std = 0.5
+            elif name.endswith(("gate.weight", "router.weight", "classifier.weight")):
+                std = 1.0
+            else:
+                std = t.shape[-1] ** -0.5
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * std)
+
+
+@dataclass
+class Comparison:
+    """Relative differences (max |ours - theirs| / max |theirs|) of one block's check."""
+    y: float
+    dx: float
+    grads: dict[str, float]
+    chosen_differ: int  # tokens whose set of chosen experts differs
+    state_exact: bool
+
+
+def rel(ours: np.ndarray, theirs: np.ndarray) -> float:
+    scale = float(np.max(np.abs(theirs))) or 1.0
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs))) / scale
+
+
+def chosen_by_hf(block, run) -> np.ndarray | None:
+    """The [T, K] expert indices the block's router returned during run(), or None when it
+    returns none (read from a forward hook on the router)."""
+    found: list[np.ndarray] = []
+    router = next((m for n, m in block.named_modules()
+                   if n.split(".")[-1] in ("gate", "router") and n.count(".") <= 1), None)
+    if router is None:
+        return run() and None
+    def hook(_m, _inp, out):
+        outs = out if isinstance(out, tuple) else (out,)
+        for o in outs:
+            if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.ndim == 2:
+                found.append(o.detach().numpy())
+    handle = router.register_forward_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return found[0] if found else None
+
+
+def compare(family: str, dtype=np.float64, T: int = 64, seed: int = 0, **overrides: Any) -> Comparison:
+    model, cfg = tiny_model(family, seed, **overrides)
+    block = _find_block(model)
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+    block = block.to(tdt)
+    randomize(block, seed)
+    rng = np.random.default_rng(seed)
+    D = cfg.hidden_size
+    x = rng.standard_normal((T, D)).astype(dtype)
+    dy = rng.standard_normal((T, D)).astype(dtype)
+    xt = torch.from_numpy(x.copy())[None].requires_grad_(True)
+    out: list[Any] = []
+    def run():
+        o = block(xt)
+        out.append(o[0] if isinstance(o, tuple) else o)
+    chosen = chosen_by_hf(block, run)
+    y_hf = out[0]
+    (y_hf * torch.from_numpy(dy)[None]).sum().backward()
+    layer = pymoe.hf.from_transformers(block, cfg)
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    grads_hf = {k: p.grad.detach().numpy() for k, p in block.named_parameters()
+                if p.grad is not None}
+    ours = pymoe.hf.grad_dict(layer)
+    assert set(ours) == set(grads_hf), (sorted(ours), sorted(grads_hf))
+    differ = 0
+    if chosen is not None:
+        mine = np.sort(layer.routing.expert_index, axis=1)
+        differ = int(np.any(mine != np.sort(chosen, axis=1), axis=1).sum())
+    sd = pymoe.hf.state_dict(layer)
+    ref = {k: v.detach().numpy() for k, v in block.state_dict().items()}
+    exact = list(sd) == list(ref) and all(np.array_equal(sd[k], ref[k]) for k in ref)
+    return Comparison(rel(y, y_hf.detach().numpy()[0]), rel(dx, xt.grad.numpy()[0]),
+                      {k: rel(ours[k], grads_hf[k]) for k in grads_hf}, differ, exact)
