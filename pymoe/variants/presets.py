@@ -128,6 +128,25 @@ _PRESETS = {p.name: p for p in [
            capacity_factor=None, load_balancing="k_scaled"),
     Preset("nllb-moe", f"{HF}/nllb_moe/modeling_nllb_moe.py: NllbMoeTop2Router",
            k=2, renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled"),
+    # The routing conventions of HF transformers' MoE families that the presets above do not
+    # cover (pymoe.hf.families() says which family routes by which); gated SwiGLU experts.
+    Preset("qwen3-next", f"{HF}/qwen3_next/modeling_qwen3_next.py: Qwen3NextTopKRouter, "
+           "Qwen3NextSparseMoeBlock", normalize=True, priority="token", capacity_factor=None,
+           load_balancing="k_scaled", num_shared_experts=1, shared_expert_gate=True,
+           activation="swiglu"),
+    Preset("glm4-moe", f"{HF}/glm4_moe/modeling_glm4_moe.py: Glm4MoeTopkRouter (the DeepSeek-V3 "
+           "router with n_group = 1)", score="sigmoid", normalize=True, scaling_factor=1.0,
+           priority="token", capacity_factor=None, num_shared_experts=1, activation="swiglu"),
+    Preset("llama4", f"{HF}/llama4/modeling_llama4.py: Llama4Router, Llama4TextMoe",
+           score="sigmoid", priority="token", capacity_factor=None, num_shared_experts=1,
+           gate_input=True, activation="swiglu"),
+    Preset("deepseek-v2", f"{HF}/deepseek_v2/modeling_deepseek_v2.py: DeepseekV2TopkRouter "
+           "(topk_method='group_limited_greedy')", num_groups=8, topk_groups=3, group_score_k=1,
+           scaling_factor=16.0, priority="token", capacity_factor=None, num_shared_experts=1,
+           activation="swiglu"),
+    Preset("ernie4.5", f"{HF}/ernie4_5_moe/modeling_ernie4_5_moe.py: Ernie4_5_MoeTopKRouter",
+           normalize=True, priority="token", capacity_factor=None, load_balancing="k_scaled",
+           num_shared_experts=1, activation="swiglu"),
 ]}
 
 
@@ -142,7 +161,8 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
     Args:
         name: one of presets() (switch, gshard, flaxformer, deepspeed-top1, deepspeed-top2,
             deepspeed-topk, tutel, megablocks, megatron, mixtral, qwen2-moe, qwen3-moe,
-            deepseek-v3, gpt-oss, olmoe, nllb-moe), or a Preset to derive from.
+            deepseek-v3, gpt-oss, olmoe, nllb-moe, qwen3-next, glm4-moe, llama4, deepseek-v2,
+            ernie4.5), or a Preset to derive from.
         overrides: conventions to change, e.g. preset("flaxformer", priority="choice") for a
             decoder.
     Returns:
