@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO, assert_png_matches, layout_problems
+from helpers import REPO, assert_png_matches, import_optional, layout_problems
 from pymoe.bench.cpu import COPY
 
 EXAMPLES = os.path.join(REPO, "examples")
@@ -320,3 +320,27 @@ def test_05_conventions(tmp_path):
     assert g["deepspeed-top2"][0] == pytest.approx(1.0) and g["gshard"][0] < 1
     assert g["flaxformer"][0] == pytest.approx(res["porting"]["probs"][0], abs=1e-3)
     check_pictures(res, tmp_path, 2)
+
+
+def test_08_hf_block(tmp_path):
+    import_optional("transformers", "crosscheck", module_level=False)
+    res = load("08_hf_block.py").main(["--quick", "--out", str(tmp_path)])
+    for family in ("mixtral", "deepseek_v3", "qwen3_moe"):
+        r = res[family]
+        assert r["state_exact"]
+        for run in (r["from_transformers"], r["load_bf16"]):
+            assert run["chosen_same"] == run["T"] == 32
+            # HF computes these routers in float32: float32 round-off is the floor
+            assert max(run["y"], run["dx"], run["grads"]) < 2e-5
+    check_pictures(res, tmp_path, 4)
+
+
+def test_08_hf_block_reads_a_checkpoint(tmp_path):
+    import_optional("transformers", "crosscheck", module_level=False)
+    ex = load("08_hf_block.py")
+    model, _, _ = ex.tiny_block("mixtral")
+    model.float().save_pretrained(tmp_path / "ckpt")
+    res = ex.main(["--checkpoint", str(tmp_path / "ckpt"), "--layer", "1", "--tokens", "16",
+                   "--out", str(tmp_path)])
+    assert res["layer"].hf.family == "mixtral"
+    assert res["compare"]["chosen_same"] == 16 and res["compare"]["y"] < 2e-5
