@@ -111,6 +111,13 @@ def load(path: str | os.PathLike, layer: int) -> MoELayer:
     prefix = prefixes[0]
     names = [k for k in files if k.startswith(prefix)]
     disk = {k[len(prefix):]: files[k].read(k) for k in names}
+    # disk_renames keys '../name': a tensor of the block kept beside it, in the decoder layer
+    # (axk1 saves mlp.post_mlp_layernorm as the layer's post_mlp_layernorm)
+    outer = prefix[:prefix.rstrip(".").rfind(".") + 1]
+    for src in family.disk_renames:
+        if src.startswith("../") and outer + src[3:] in files:
+            names.append(outer + src[3:])
+            disk[src] = files[outer + src[3:]].read(outer + src[3:])
     codes = {files[k].dtype(k) for k in names}
     state = {family.disk_renames.get(k, k): v for k, v in _fuse(disk).items()}
     dtype = np.float64 if codes == {"F64"} else np.float32

@@ -65,7 +65,8 @@ class Family:
     note: str = ""
     router_dtype: str = "float32"  # what HF computes the router in: "float32" or "model"
     disk_blocks: tuple[str, ...] = ("mlp",)  # the block's module name in checkpoint keys
-    disk_renames: Mapping[str, str] = field(default_factory=dict)  # on-disk -> in-memory
+    # on-disk -> in-memory, relative to the block; '../name': the decoder layer's tensor `name`
+    disk_renames: Mapping[str, str] = field(default_factory=dict)
 
 
 def standard(cfg: Config, shapes: Mapping[str, tuple[int, ...]], *, preset: str,
