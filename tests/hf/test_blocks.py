@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tiny import compare, tolerances
+from tiny import XFAIL, compare, tolerances
 
 import pymoe.hf
 
@@ -14,7 +14,10 @@ FAMILIES = sorted(pymoe.hf.families())
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_block_matches_hf(family, dtype):
+def test_block_matches_hf(family, dtype, request):
+    reason = XFAIL.get(family, {}).get(np.dtype(dtype).name)
+    if reason is not None:  # HF's own block cannot run there: strict, so a fix is noticed
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     c = compare(family, dtype)
     fwd, bwd = tolerances(family, dtype)
     assert c.chosen_differ == 0
