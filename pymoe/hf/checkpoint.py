@@ -69,6 +69,8 @@ def _fuse(disk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         E = max(by_expert) + 1
         if sorted(by_expert) != list(range(E)):
             raise ValueError(f"checkpoint: {experts} has experts {sorted(by_expert)}: not 0..E-1")
+        if fused == "gate_up_proj" and all(g is None for g, _ in by_expert.values()):
+            fused = "up_proj"  # non-gated experts (nemotron_h): up_proj alone, stacked as is
         rows = []
         for i in range(E):
             pieces = [p for p in by_expert[i] if p is not None]

@@ -201,8 +201,15 @@ def _step3p7(cfg: Config, layer, shapes) -> Spec:
                     **_sigmoid_bias(True, float(cfg.get("moe_router_scaling_factor"))))
 
 
+# transformers' conversion_mapping for hy_v3 (save_pretrained writes the in-memory names; the
+# Hub's checkpoints the original ones)
+_HY_V3_DISK = {"expert_bias": "e_score_correction_bias", "router.gate.weight": "gate.weight",
+               **{f"shared_mlp.{p}.weight": f"shared_experts.{p}.weight"
+                  for p in ("gate_proj", "up_proj", "down_proj")}}
+
 FAMILIES = [
     Family("hy_v3", ("HYV3MoE",), "glm4-moe", "swiglu", _hy_v3,
+           disk_renames=_HY_V3_DISK,
            note="sigmoid + block-level bias, always renormalised, router_scaling_factor; "
            "enable_moe_fp32_combine -> shared_sum_fp32 (HF's float32 combine also rounds a "
            "float64 model's output to float32)"),

@@ -1,0 +1,82 @@
+"""pymoe.hf.load for the sigmoid_b families: a tiny model saved with save_pretrained (float32,
+and bfloat16) loads as the layer from_transformers makes of the same block. nemotron_h: the
+block is `mixer`, its non-gated experts are saved per expert as `experts.{i}.up_proj`; hy_v3:
+per-expert gated experts and the selection bias on the block. Also: step3p7's per-layer SwiGLU
+limits read by layer index, and lfm2_moe's 1e-6 renormalisation epsilon as the whole of its
+difference from pymoe."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiny import compare, randomize, tiny_model
+
+import pymoe.hf
+from pymoe.hf.transformers_block import _find_block
+
+torch = pytest.importorskip("torch")
+
+LOADED = {"nemotron_h": 1, "hy_v3": 1}  # family -> the decoder layer loaded (both are MoE)
+
+
+def _layer(model, i):
+    inner = getattr(model, "model", model)
+    return inner.layers[i]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize("family", sorted(LOADED))
+def test_load_equals_from_transformers(family, bf16, tmp_path):
+    model, cfg = tiny_model(family)
+    i = LOADED[family]
+    randomize(_find_block(_layer(model, i)), seed=1)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    ours = pymoe.hf.load(tmp_path, i)
+    block = _find_block(_layer(model, i))
+    theirs = pymoe.hf.from_transformers(block.float() if bf16 else block, cfg)
+    assert ours.dtype == theirs.dtype == np.float32
+    assert ours.hf.family == family and ours.hf.layer == i
+    assert sorted(ours.params) == sorted(theirs.params)
+    for k, v in theirs.params.items():
+        assert np.array_equal(ours.params[k], v), k
+    assert np.array_equal(ours.expert_bias, theirs.expert_bias)
+    sd, ref = pymoe.hf.state_dict(ours), pymoe.hf.state_dict(theirs)
+    assert sorted(sd) == sorted(ref) and all(np.array_equal(sd[k], ref[k]) for k in ref)
+    x = np.random.default_rng(0).standard_normal((16, cfg.hidden_size)).astype(np.float32)
+    assert np.array_equal(ours.forward(x), theirs.forward(x))
+
+
+def test_step3p7_limits_by_layer():
+    """Different limits per layer: the decoder layer (its attention knows its layer_idx) gives
+    each layer its own; the bare block, which does not know its index, is refused."""
+    limits, shared = [0.5, 0.0], [0.0, 0.4]  # 0: no clamp
+    model, cfg = tiny_model("step3p7", swiglu_limits=limits, swiglu_limits_shared=shared)
+    for i in (0, 1):
+        layer = pymoe.hf.from_transformers(_layer(model, i), cfg)
+        assert layer.hf.layer == i
+        assert layer.swiglu_limit == limits[i] and layer.shared_swiglu_limit == shared[i]
+        assert layer.expert_form.args == (limits[i] or np.inf,)
+        assert layer.shared_form.args == (shared[i] or np.inf,)
+    with pytest.raises(ValueError, match="differ by layer"):
+        pymoe.hf.from_transformers(_find_block(_layer(model, 0)), cfg)
+
+
+def test_lfm2_moe_differs_by_its_epsilon_only(monkeypatch):
+    """With HF's + 1e-6 taken out of Lfm2MoeTopKRouter, float64 agrees to round-off: the
+    family's looser float64 tolerance (configs_sigmoid_b.TOL) is that epsilon's, nothing else."""
+    from transformers.models.lfm2_moe import modeling_lfm2_moe as m
+    F = torch.nn.functional
+
+    def exact(self, hidden_states, expert_bias=None):
+        logits = F.linear(hidden_states, self.weight)
+        w = logits.sigmoid()
+        _, chosen = torch.topk(w + expert_bias, k=self.top_k, dim=-1)
+        w = torch.gather(w, 1, chosen).type_as(logits)
+        return logits, w / w.sum(dim=-1, keepdim=True) * self.routed_scaling_factor, chosen
+
+    monkeypatch.setattr(m.Lfm2MoeTopKRouter, "forward", exact)
+    c = compare("lfm2_moe", np.float64)
+    assert c.chosen_differ == 0
+    assert max(c.y, c.dx, *c.grads.values()) <= 1e-12, c
