@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from tiny import compare, randomize, tiny_model
 
 import pymoe.hf
