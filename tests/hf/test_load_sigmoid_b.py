@@ -79,3 +79,18 @@ def test_lfm2_moe_differs_by_its_epsilon_only(monkeypatch):
     c = compare("lfm2_moe", np.float64)
     assert c.chosen_differ == 0
     assert max(c.y, c.dx, *c.grads.values()) <= 1e-12, c
+
+
+@pytest.mark.parametrize("family,fields,match", [
+    ("laguna", {"moe_router_logit_softcapping": 3.0}, "softcaps its logits"),
+    ("inkling2", {"scoring_func": "relu"}, "scoring_func='relu'"),
+    ("inkling2_loop", {"scoring_func": "sqrtsoftplus"}, "softmax or sigmoid only"),
+    ("nemotron_h", {"moe_latent_size": 16}, "latent space"),
+    ("nemotron_h", {"mlp_bias": True}, "shared-expert biases"),
+], ids=["laguna-softcap", "inkling2-relu", "inkling2_loop-sqrtsoftplus", "nemotron_h-latent",
+        "nemotron_h-bias"])
+def test_inexpressible_configs_are_refused(family, fields, match):
+    from pymoe.hf.convert import family_of
+    from pymoe.hf.families import Config
+    with pytest.raises(ValueError, match=match):
+        family_of(family).spec(Config(fields, family), None, {})
