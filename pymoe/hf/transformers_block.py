@@ -72,7 +72,9 @@ def from_transformers(block: Any, config: Any = None) -> MoELayer:
             if t.dtype not in (_torch().float32, _torch().float64):
                 t = t.float()  # bfloat16 / float16 blocks compute in float32 here
         state[key] = t.numpy().copy()
-    dtype = np.float64 if dtypes == {"torch.float64"} else np.float32
+    # a float64 block whose router keeps float32 weights (Switch, NLLB cast the classifier to
+    # router_dtype on every forward) is a float64 model
+    dtype = np.float64 if "torch.float64" in dtypes else np.float32
     return build(family, fields, state, _layer_index(block), dtype)
 
 
