@@ -152,7 +152,10 @@ FAMILIES = [
            note="groups scored by their top-2 sum; the router runs in the model dtype"),
     Family("mistral_large4", ("MistralLarge4TextMoE",), _C3, "swiglu", _mistral_large4,
            note="groups scored by their top-2 sum; gates always renormalised"),
-    Family("ernie4_5_moe", ("Ernie4_5_MoeSparseMoeBlock",), "ernie4.5", "swiglu", _ernie4_5_moe),
+    # on disk (the original checkpoints, and save_pretrained) the bias sits beside the gate
+    Family("ernie4_5_moe", ("Ernie4_5_MoeSparseMoeBlock",), "ernie4.5", "swiglu", _ernie4_5_moe,
+           disk_renames={"moe_statics.e_score_correction_bias":
+                         "gate.moe_statics.e_score_correction_bias"}),
     Family("ernie4_5_vl_moe", ("Ernie4_5_VLMoeMoeBlock",), "ernie4.5", "swiglu", _ernie4_5_vl_moe,
            note="text tokens only (no moe_mm_token_type_ids): text_moe + shared experts; the "
                 "vision experts are left out"),
