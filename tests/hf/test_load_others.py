@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-
 from tiny import randomize, tiny_model
 
 import pymoe.hf
