@@ -40,6 +40,10 @@ MODELS: dict[str, str] = {k: v for m in (configs_softmax, configs_sigmoid_a, con
 # family -> fn(block, xt) -> (y, chosen [T, K] or None): the reference compare() checks pymoe
 # against instead of calling the block (NLLB: HF's experts forward runs the wrong experts)
 REFERENCE: dict[str, Any] = {**getattr(configs_others, "REFERENCE", {})}
+# family -> (block, x) -> the block's MoE output, where calling the block is not that (a decoder
+# layer holding the MoE branch)
+BRANCHES: dict[str, Any] = {k: v for m in (configs_softmax, configs_sigmoid_a, configs_sigmoid_b,
+                                            configs_others) for k, v in getattr(m, "BRANCHES", {}).items()}
 TOL = {np.float64: (1e-10, 1e-8), np.float32: (2e-5, 2e-5)}  # (forward, gradients), relative
 # family -> {dtype name: (forward, gradients)}: a family's own stated tolerance (its reason is
 # written where it is set, in tests/hf/configs_<group>.py TOL)
@@ -164,7 +168,7 @@ def compare(family: str, dtype=np.float64, T: int = 64, seed: int = 0, **overrid
     xt = torch.from_numpy(x.copy())[None].requires_grad_(True)
     out: list[Any] = []
     def run():
-        o = block(xt)
+        o = BRANCHES[family](block, xt) if family in BRANCHES else block(xt)
         out.append(o[0] if isinstance(o, tuple) else o)
     if family in REFERENCE:
         y_ref, chosen = REFERENCE[family](block, xt)
