@@ -18,6 +18,7 @@ import numpy as np
 
 from ..layer import MoELayer
 from .convert import build, family_of
+from .families import FAMILIES
 from .safetensors import SafetensorsFile
 
 # per-expert names on disk -> (fused in-memory tensor, part): gate rows first, then up
@@ -100,7 +101,10 @@ def load(path: str | os.PathLike, layer: int) -> MoELayer:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise TypeError(f"layer: expected a decoder layer index >= 0, got {layer!r}")
     config = read_config(path)
-    family = family_of(str(config.get("model_type")))
+    model_type = str(config.get("model_type"))
+    if model_type.endswith("_text") and model_type not in FAMILIES:
+        model_type = model_type[:-len("_text")]  # a multimodal family's text model saved alone
+    family = family_of(model_type)
     fields = config.get("text_config") or config
     if fields is not config:  # multimodal: the text model's fields, with the top-level type
         fields = {**fields, "model_type": config.get("model_type")}
@@ -112,6 +116,9 @@ def load(path: str | os.PathLike, layer: int) -> MoELayer:
                          "layer, or out of range)")
     prefix = prefixes[0]
     names = [k for k in files if k.startswith(prefix)]
+    if family.disk_layer:  # keys relative to the decoder layer, from each of its MoE modules
+        names = [k for k in files if any(k.startswith(p) for p in prefixes)]
+        prefix = prefix[:prefix.rstrip(".").rfind(".") + 1]
     disk = {k[len(prefix):]: files[k].read(k) for k in names}
     # disk_renames keys '../name': a tensor of the block kept beside it, in the decoder layer
     # (axk1 saves mlp.post_mlp_layernorm as the layer's post_mlp_layernorm)

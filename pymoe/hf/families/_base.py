@@ -67,6 +67,9 @@ class Family:
     disk_blocks: tuple[str, ...] = ("mlp",)  # the block's module name in checkpoint keys
     # on-disk -> in-memory, relative to the block; '../name': the decoder layer's tensor `name`
     disk_renames: Mapping[str, str] = field(default_factory=dict)
+    # the block is the decoder layer (its MoE branch spans the modules named in disk_blocks):
+    # checkpoint keys are read from all of them, relative to the layer (`layers.N.`)
+    disk_layer: bool = False
 
 
 def standard(cfg: Config, shapes: Mapping[str, tuple[int, ...]], *, preset: str,

@@ -201,6 +201,13 @@ def _dbrx(cfg: Config, layer, shapes) -> Spec:
     return Spec((D, H, E, int(ffn["moe_top_k"])), kw, tensors)
 
 
+# save_pretrained's names for Granite's MoE block (transformers' conversion_mapping renames them)
+_GRANITE_DISK = {"input_linear.weight": "experts.gate_up_proj",
+                 "output_linear.weight": "experts.down_proj",
+                 "router.layer.weight": "router.weight"}
+_GRANITE_LAYER_DISK = {f"block_sparse_moe.{k}": f"block_sparse_moe.{v}"
+                       for k, v in _GRANITE_DISK.items()}
+
 FAMILIES = [
     Family("mixtral", ("MixtralSparseMoeBlock",), "mixtral", "swiglu", _mixtral,
            disk_blocks=("block_sparse_moe", "mlp")),
@@ -230,23 +237,28 @@ FAMILIES = [
     Family("lara_mini", ("LaraMiniSparseMoeBlock",), "qwen3-moe", "swiglu", _lara_mini,
            note="ungated shared expert, summed"),
     Family("aria", ("AriaTextMoELayer",), "mixtral", "swiglu", _aria, router_dtype="model",
-           note="the text model's blocks; transposed experts; router in the model dtype"),
+           note="the text model's blocks; transposed experts; router in the model dtype",
+           disk_renames={"experts.fc1.weight": "experts.gate_up_proj",
+                         "experts.fc2.weight": "experts.down_proj"}),
     Family("cohere2_moe", ("Cohere2MoeSparseMoeBlock",), "mixtral", "swiglu", _cohere2_moe,
            note="expert_selection_fn 'sigmoid': deepseek-v3 without groups, bias or scaling; "
            "shared experts summed or averaged"),
     Family("hunyuan_v1_moe", ("HunYuanMoEV1Moe",), "mixtral", "swiglu", _hunyuan_v1_moe,
            note="ungated shared MLP, summed"),
     Family("granitemoe", ("GraniteMoeMoE",), "mixtral", "swiglu", _granite,
-           disk_blocks=("block_sparse_moe",)),
+           disk_blocks=("block_sparse_moe",), disk_renames=_GRANITE_DISK),
     Family("granitemoeshared", ("GraniteMoeSharedDecoderLayer",), "mixtral", "swiglu", _granite,
            note="the decoder layer's MoE branch: block_sparse_moe + shared_mlp",
-           disk_blocks=("block_sparse_moe",)),
+           disk_blocks=("block_sparse_moe", "shared_mlp"),
+           disk_renames=_GRANITE_LAYER_DISK, disk_layer=True),
     Family("granitemoe_swa", ("GraniteMoeSWADecoderLayer",), "mixtral", "swiglu", _granite,
            note="the decoder layer's MoE branch: block_sparse_moe + shared_mlp",
-           disk_blocks=("block_sparse_moe",)),
+           disk_blocks=("block_sparse_moe", "shared_mlp"),
+           disk_renames=_GRANITE_LAYER_DISK, disk_layer=True),
     Family("granitemoehybrid", ("GraniteMoeHybridDecoderLayer",), "mixtral", "swiglu", _granite,
            note="the decoder layer's MoE branch: block_sparse_moe + shared_mlp",
-           disk_blocks=("block_sparse_moe",)),
+           disk_blocks=("block_sparse_moe", "shared_mlp"),
+           disk_renames=_GRANITE_LAYER_DISK, disk_layer=True),
     Family("jetmoe", ("JetMoeMoE",), "mixtral", "swiglu", _jetmoe,
            note="output bias; the attention experts (JetMoeMoA) are not covered"),
     Family("gpt_oss", ("GptOssMLP",), "gpt-oss", "swiglu_oai", _gpt_oss_like(True),
