@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from tiny import randomize, tiny_model, torch
+from tiny import compare, randomize, tiny_model, tolerances, torch
 
 import pymoe.hf
 from pymoe.hf.transformers_block import _find_block
@@ -37,3 +37,29 @@ def test_load_is_from_transformers(tmp_path, family, bf16):
         assert np.array_equal(ours.params[name], p), name
     x = np.random.default_rng(0).standard_normal((16, cfg.hidden_size)).astype(np.float32)
     assert np.array_equal(ours.forward(x), ref.forward(x))
+
+
+# Config variants the default tiny configs (tests/hf/configs_softmax.py) do not reach.
+_DBRX_FFN = {"ffn_hidden_size": 64, "moe_num_experts": 8, "moe_top_k": 2}
+VARIANTS = {
+    "cohere2_sigmoid": ("cohere2_moe", {"expert_selection_fn": "sigmoid", "norm_topk_prob": True}),
+    "cohere2_sigmoid_raw_sum": ("cohere2_moe", {"expert_selection_fn": "sigmoid",
+                                                "norm_topk_prob": False,
+                                                "shared_expert_combination_strategy": "sum"}),
+    "dbrx_raw": ("dbrx", {"ffn_config": {**_DBRX_FFN, "moe_normalize_expert_weights": None}}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variant_matches_hf(variant):
+    family, overrides = VARIANTS[variant]
+    c = compare(family, np.float64, **overrides)
+    fwd, bwd = tolerances(family, np.float64)
+    assert c.chosen_differ == 0 and c.state_exact
+    assert c.y <= fwd and c.dx <= bwd and max(c.grads.values()) <= bwd, c
+
+
+def test_dbrx_lp_norm_is_refused():
+    with pytest.raises(ValueError, match="L_p norm"):
+        compare("dbrx", np.float64,
+                ffn_config={**_DBRX_FFN, "moe_normalize_expert_weights": 2.0})
