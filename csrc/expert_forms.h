@@ -6,17 +6,15 @@
  * with W = 2H for the gated forms (a = [gate | up], the gate columns first) and W = H for gelu
  * and relu2. Every expression is the NumPy twin's, operation by operation, in REAL, and the build
  * has -ffp-contract=off, so the bits are the same; exp is det_exp below, not libm's (whose
- * results differ from NumPy's SIMD exp), written from IEEE-exact operations and ldexp. */
+ * results differ from NumPy's SIMD exp), written from IEEE-exact operations. */
 
 #ifdef PYMOE_F32
-#define LDEXP ldexpf
 #define EXP_DEGREE 7
 static const REAL EXP_COEF[] = {0x1.0p+0f, 0x1.0p+0f, 0x1.0p-1f, 0x1.555556p-3f, 0x1.555556p-5f,
                                 0x1.111112p-7f, 0x1.6c16c2p-10f, 0x1.a01a02p-13f};
 static const REAL EXP_LO = -0x1.ap+6f, EXP_HI = 0x1.64p+6f, EXP_LOG2E = 0x1.715476p+0f,
                   EXP_SHIFT = 0x1.8p+23f, EXP_LN2_HI = 0x1.62e4p-1f, EXP_LN2_LO = 0x1.7f7d1cp-20f;
 #else
-#define LDEXP ldexp
 #define EXP_DEGREE 13
 static const REAL EXP_COEF[] = {0x1.0p+0, 0x1.0p+0, 0x1.0p-1, 0x1.5555555555555p-3,
                                 0x1.5555555555555p-5, 0x1.1111111111111p-7, 0x1.6c16c16c16c17p-10,
@@ -32,17 +30,39 @@ static const REAL EXP_LO = -0x1.75p+9, EXP_HI = 0x1.63p+9, EXP_LOG2E = 0x1.71547
 static const REAL GELU_2C = (REAL)0x1.9884533d43651p+0, GELU_A = (REAL)0x1.6e4e26d4801f7p-5,
                   GELU_3A = (REAL)0x1.12ba9d1f60179p-3;
 
-/* expert_forms.exp: clamp to [lo, hi], n = rint(x log2 e) by the shifter, Cody-Waite r, Horner,
- * ldexp. NaN returns before the conversion to int (undefined behaviour for NaN). */
+/* 2^n for n in the normal exponent range, from its bits. */
+#ifdef PYMOE_F32
+static REAL pow2i(int n) {
+    uint32_t bits = (uint32_t)(n + 127) << 23;
+    REAL f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#else
+static REAL pow2i(int n) {
+    uint64_t bits = (uint64_t)(n + 1023) << 52;
+    REAL f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+#endif
+
+/* expert_forms.exp: clamp to [lo, hi] (NaN to 0 meanwhile: converting NaN to int is undefined
+ * behaviour), n = rint(x log2 e) by the shifter, Cody-Waite r, Horner, then p * 2^n as
+ * (p * 2^n1) * 2^n2 with n1 = floor(n / 2): both factors are normal for every n the clamp lets
+ * through, the first product is exact and the second rounds once, so the result is the correctly
+ * rounded p * 2^n, which is what NumPy's ldexp returns too (overflow to inf and the subnormals
+ * included). Branch-free, so the compiler can vectorise the loops that call it. */
 static REAL det_exp(REAL x) {
-    if (x != x) return x;
-    if (x < EXP_LO) x = EXP_LO;
-    if (x > EXP_HI) x = EXP_HI;
-    REAL n = (x * EXP_LOG2E + EXP_SHIFT) - EXP_SHIFT;
-    REAL r = (x - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    REAL xc = x < EXP_LO ? EXP_LO : (x > EXP_HI ? EXP_HI : x);
+    xc = xc != xc ? 0 : xc;
+    REAL n = (xc * EXP_LOG2E + EXP_SHIFT) - EXP_SHIFT;
+    REAL r = (xc - n * EXP_LN2_HI) - n * EXP_LN2_LO;
     REAL p = EXP_COEF[EXP_DEGREE];
     for (int k = EXP_DEGREE - 1; k >= 0; k--) p = p * r + EXP_COEF[k];
-    return LDEXP(p, (int)n);
+    int ni = (int)n, n1 = ni >> 1;
+    REAL out = (p * pow2i(n1)) * pow2i(ni - n1);
+    return x != x ? x : out;
 }
 
 static REAL sigmoid_(REAL x) { return 1 / (1 + det_exp(-x)); }

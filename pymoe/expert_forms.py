@@ -61,8 +61,9 @@ def exp(x: np.ndarray) -> np.ndarray:
     r = (xc - n * c["ln2_hi"]) - n * c["ln2_lo"]  # |r| <= ln2 / 2
     coef = c["coef"]
     p = np.full_like(r, coef[-1])
-    for ck in coef[-2::-1]:
-        p = p * r + ck
+    for ck in coef[-2::-1]:  # p = p * r + ck, in place (the same two roundings)
+        p *= r
+        p += ck
     with np.errstate(over="ignore", under="ignore"):  # inf and 0 are the answers there
         out = np.ldexp(p, n.astype(np.int32))
     return np.where(nan, x, out)

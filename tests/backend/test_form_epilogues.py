@@ -34,6 +34,7 @@ def cases(draw):
     W = 2 * H if EXPERT_FORMS[form].gated else H
     scale = draw(st.sampled_from([1.0, 4.0, 100.0, 1000.0]))
     special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, 88.7, -88.7, 709.0, -745.0,
+                        -103.0, -740.0, 710.0, -746.0,  # exp's subnormal and overflow ends
                         *[v for v in args if np.isfinite(v)], *[-v for v in args if np.isfinite(v)]])
 
     def pick(shape):
