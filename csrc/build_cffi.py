@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCES = ["errors.c", "slots.c", "threads.c", "ops_f32.c", "ops_f64.c"]
 # a change to any of these rebuilds the core
-HEADERS = ["pymoe.h", "internal.h", "moe_ops.h", "topk_ops.h", "expert_ops.h"]
+HEADERS = ["pymoe.h", "internal.h", "moe_ops.h", "topk_ops.h", "expert_ops.h", "expert_forms.h"]
 
 
 def header_cdef() -> str:

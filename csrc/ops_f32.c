@@ -1,4 +1,4 @@
-/* float32 instantiation of moe_ops.h, topk_ops.h and expert_ops.h. */
+/* float32 instantiation of moe_ops.h, topk_ops.h, expert_ops.h and expert_forms.h. */
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
@@ -32,3 +32,5 @@
 #include "moe_ops.h"
 #include "topk_ops.h"
 #include "expert_ops.h"
+#define PYMOE_F32
+#include "expert_forms.h"

@@ -84,7 +84,9 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
  * pymoe_combine_f64, pymoe_gate_grad_f32, pymoe_gate_grad_f64, pymoe_dispatch_naive_f32,
  * pymoe_dispatch_naive_f64, pymoe_combine_naive_f32, pymoe_combine_naive_f64,
  * pymoe_gate_grad_naive_f32, pymoe_gate_grad_naive_f64, pymoe_bias_relu_f32,
- * pymoe_bias_relu_f64, pymoe_relu_backward_f32 and pymoe_relu_backward_f64.
+ * pymoe_bias_relu_f64, pymoe_relu_backward_f32 and pymoe_relu_backward_f64; and for each expert
+ * form F of gelu, relu2, swiglu, geglu, swiglu_oai, swiglu_clamped, swiglu_clamp_after and
+ * swiglu_softcap: pymoe_F_f32, pymoe_F_f64, pymoe_F_backward_f32 and pymoe_F_backward_f64.
  *
  * Top-K selection (pymoe.topk.top_k, with the sums pymoe.losses.load_balancing_loss needs).
  * expert_index[t, :] = the K experts with the largest v[t, e] = score[t, e] + bias[e] (the sum
@@ -122,7 +124,33 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
  *
  * The expert FFN's relu epilogues (pymoe.experts), in place on one expert's [rows, cols] block,
  * one pass each: bias_relu: a = max(a + bias, 0) (a: the first matmul's output, bias [cols]);
- * relu_backward: grad *= (hidden > 0), hidden = the forward's relu output. */
+ * relu_backward: grad *= (hidden > 0), hidden = the forward's relu output.
+ *
+ * The expert forms (pymoe.expert_forms, the same bits), one pass each over one expert's rows:
+ * pymoe_F: out = h [rows, H] from a [rows, W]; pymoe_F_backward: out = da [rows, W] from
+ * dh [rows, H] and the forward's a [rows, W]. W = 2H for the gated forms (a = [gate | up]), H
+ * for gelu and relu2. The float arguments (limit, alpha, caps) are the form's, in REAL. */
+#define PYMOE_FORM0(REAL, SFX, NAME) \
+    int pymoe_##NAME##SFX(REAL *out, const REAL *a, int64_t rows, int64_t H); \
+    int pymoe_##NAME##_backward##SFX(REAL *out, const REAL *dh, const REAL *a, \
+                                     int64_t rows, int64_t H);
+#define PYMOE_FORM1(REAL, SFX, NAME, P1) \
+    int pymoe_##NAME##SFX(REAL *out, const REAL *a, REAL P1, int64_t rows, int64_t H); \
+    int pymoe_##NAME##_backward##SFX(REAL *out, const REAL *dh, const REAL *a, REAL P1, \
+                                     int64_t rows, int64_t H);
+#define PYMOE_FORM2(REAL, SFX, NAME, P1, P2) \
+    int pymoe_##NAME##SFX(REAL *out, const REAL *a, REAL P1, REAL P2, int64_t rows, int64_t H); \
+    int pymoe_##NAME##_backward##SFX(REAL *out, const REAL *dh, const REAL *a, REAL P1, REAL P2, \
+                                     int64_t rows, int64_t H);
+#define PYMOE_FORMS(REAL, SFX) \
+    PYMOE_FORM0(REAL, SFX, gelu) \
+    PYMOE_FORM0(REAL, SFX, relu2) \
+    PYMOE_FORM0(REAL, SFX, swiglu) \
+    PYMOE_FORM0(REAL, SFX, geglu) \
+    PYMOE_FORM2(REAL, SFX, swiglu_oai, limit, alpha) \
+    PYMOE_FORM1(REAL, SFX, swiglu_clamped, limit) \
+    PYMOE_FORM1(REAL, SFX, swiglu_clamp_after, limit) \
+    PYMOE_FORM2(REAL, SFX, swiglu_softcap, gate_cap, up_cap)
 #define PYMOE_ROW_OPS(REAL, SFX) \
     int pymoe_dispatch##SFX(REAL *expert_in, const REAL *x, const int64_t *slot_owner, \
                             const REAL *weight, int64_t T, int64_t K, int64_t E, \
@@ -140,7 +168,8 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
     PYMOE_ROW_OPS(REAL, SFX) \
     PYMOE_ROW_OPS(REAL, _naive##SFX) \
     int pymoe_bias_relu##SFX(REAL *a, const REAL *bias, int64_t rows, int64_t cols); \
-    int pymoe_relu_backward##SFX(REAL *grad, const REAL *hidden, int64_t rows, int64_t cols);
+    int pymoe_relu_backward##SFX(REAL *grad, const REAL *hidden, int64_t rows, int64_t cols); \
+    PYMOE_FORMS(REAL, SFX)
 PYMOE_FLOAT_OPS(float, _f32)
 PYMOE_FLOAT_OPS(double, _f64)
 

@@ -17,6 +17,7 @@ from types import FrameType
 import numpy as np
 
 from . import memory
+from .expert_forms import EXPERT_FORMS
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -258,3 +259,48 @@ def epilogue_args(name: str, a: object, other_name: str, other: object, other_sh
     if np.may_share_memory(a, b):
         raise ValueError(f"{name}: shares memory with {other_name}; pass separate arrays")
     return a, b
+
+
+def form_args(form: object, a: object, out: object, dh: object | None, args: tuple,
+              dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
+              ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None, tuple[float, ...]]:
+    """The expert-form epilogues (Backend.form_forward / form_backward): form one of
+    expert_forms.EXPERT_FORMS with a C function (not relu); a `[rows, W]` (W = 2H gated, H
+    plain); dh `[rows, H]` (backward) in a's dtype; out writeable, C-contiguous, in a's dtype, of
+    shape `[rows, H]` (forward) or a's (backward), sharing no memory with the inputs; args the
+    form's floats, as many as it takes, not NaN."""
+    name = choice("form", form, tuple(n for n, f in EXPERT_FORMS.items() if f.forward))
+    f = EXPERT_FORMS[name]
+    arr = float_arg("a", a, (None, None), dtypes, who)
+    arr = np.ascontiguousarray(arr)
+    rows, W = arr.shape
+    if f.gated and W % 2:
+        raise ValueError(f"a: the gated form {name!r} takes [gate | up] with an even number of "
+                         f"columns (2H), got shape {tuple(arr.shape)}")
+    H = W // 2 if f.gated else W
+    g = None
+    if dh is not None:
+        g = np.ascontiguousarray(float_arg("dh", dh, (rows, H), dtypes, who), dtype=arr.dtype)
+    shape = (rows, H) if dh is None else (rows, W)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy array (it is written in place), got "
+                        f"{type(out).__name__}")
+    if out.shape != shape or out.dtype != arr.dtype:
+        raise ValueError(f"out: expected shape {list(shape)} and dtype {arr.dtype}, got "
+                         f"{list(out.shape)} {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable and out.dtype.isnative):
+        raise ValueError("out: expected a C-contiguous, writeable array in native byte order "
+                         "(it is written in place)")
+    for other, v in (("a", arr), ("dh", g)):
+        if v is not None and np.may_share_memory(out, v):
+            raise ValueError(f"out: shares memory with {other}; pass separate arrays")
+    n = sum(2 if isinstance(d, tuple) else 1 for d in f.defaults)
+    if len(args) != n:
+        raise TypeError(f"args: the form {name!r} takes {n} float argument(s) "
+                        f"({', '.join(f.keywords) or 'none'}), got {len(args)}")
+    vals = []
+    for i, v in enumerate(args):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or v != v:
+            raise TypeError(f"args[{i}]: expected a real number (not NaN), got {v!r}")
+        vals.append(float(v))
+    return name, arr, out, g, tuple(vals)

@@ -290,6 +290,10 @@ class ExpertParallelMoE:
             if layer.formulation != "indexed":
                 raise ValueError("layer: expected formulation='indexed', got "
                                  f"{layer.formulation!r}")
+            for extra in ("gate_input", "output_bias", "post_norm"):
+                if getattr(layer, extra):
+                    raise ValueError(f"layer: expected {extra}=False (the ranks run the routed "
+                                     "experts only)")
             cfg = {**_config(layer), "exchange": exchange, "load_stats": load_stats}
             digests = {n: _digest(p) for n, p in layer.params.items()}
         except (TypeError, ValueError) as err:

@@ -15,6 +15,7 @@ from .dense import (
     dispatch_dense_backward,
     gate_grad_from_dense,
 )
+from .expert_forms import FormSpec, form_spec, hidden_width
 from .experts import EXPERT_PARAMS, ExpertsCache, experts_backward, experts_forward
 from .options import (
     EXPERT_KEYWORDS,
@@ -49,6 +50,9 @@ class _ForwardCache:
     x2: np.ndarray | None = None  # [T, D] tokens in the layer dtype
     noisy: tuple | None = None  # (clean [T, E], eps [T, E], z [T, E], std [T, E]) for noisy_topk
     shared: SharedCache | None = None
+    pre_norm: np.ndarray | None = None  # [T, D] the MoE output before post_norm, float32 or wider
+    inv_rms: np.ndarray | None = None  # [T, 1] 1 / sqrt(mean(pre_norm^2) + eps)
+    normed: np.ndarray | None = None  # [T, D] pre_norm * inv_rms in the layer dtype
 
 
 @dataclass
@@ -80,11 +84,14 @@ class MoELayer:
             also an attribute of the layer (layer.aux_loss_coef, layer.priority, ...).
 
     Attributes:
-        params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, H]`, b1 `[E, H]`,
-            w2 `[E, H, D]`, b2 `[E, D]`; with noisy top-K also w_noise `[D, E]`; with S shared
-            experts shared_w1 `[S, D, H]`, shared_b1 `[S, H]`, shared_w2 `[S, H, D]`,
-            shared_b2 `[S, D]` and, gated, w_shared_gate `[D]`. backward() overwrites grads (it
-            does not accumulate).
+        params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, W]`, b1 `[E, W]`,
+            w2 `[E, H, D]`, b2 `[E, D]`, where W = 2H for a gated form (w1's columns: the gate
+            ones, then the up ones; HF's gate_up_proj transposed) and H otherwise; with noisy
+            top-K also w_noise `[D, E]`; with S shared experts shared_w1 `[S, D, Ws]`, shared_b1
+            `[S, Ws]`, shared_w2 `[S, Hs, D]`, shared_b2 `[S, D]` (Hs = shared_d_hidden, Ws as W)
+            and, gated, w_shared_gate `[D]`; with output_bias b_out `[D]`; with post_norm
+            post_norm_weight `[D]`. backward() overwrites grads (it does not accumulate).
+        expert_form, shared_form: the routed and shared experts' FormSpec (name and arguments).
         routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
             when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
         load_loss: noisy top-K's CV(load)^2 of the last forward() (0 without it).
@@ -130,14 +137,15 @@ class MoELayer:
         warn_k1_normalize(self.options)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
+        W = hidden_width(self.activation, H)
         rng = np.random.default_rng(seed)
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
         # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
         self.params: dict[str, np.ndarray] = {
             "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, E)),
             "b_router": np.zeros(E),
-            "w1": rng.normal(0.0, np.sqrt(1.0 / D), (E, D, H)),
-            "b1": np.zeros((E, H)),
+            "w1": rng.normal(0.0, np.sqrt(1.0 / D), (E, D, W)),
+            "b1": np.zeros((E, W)),
             "w2": rng.normal(0.0, np.sqrt(1.0 / H), (E, H, D)),
             "b2": np.zeros((E, D)),
         }
@@ -145,14 +153,20 @@ class MoELayer:
             self.params["w_noise"] = rng.normal(0.0, np.sqrt(0.1 / D), (D, E))
         S = self.num_shared_experts
         if S:
+            Hs = self.shared_d_hidden or H
+            Ws = hidden_width(self.activation, Hs)
             self.params.update({
-                "shared_w1": rng.normal(0.0, np.sqrt(1.0 / D), (S, D, H)),
-                "shared_b1": np.zeros((S, H)),
-                "shared_w2": rng.normal(0.0, np.sqrt(1.0 / H), (S, H, D)),
+                "shared_w1": rng.normal(0.0, np.sqrt(1.0 / D), (S, D, Ws)),
+                "shared_b1": np.zeros((S, Ws)),
+                "shared_w2": rng.normal(0.0, np.sqrt(1.0 / Hs), (S, Hs, D)),
                 "shared_b2": np.zeros((S, D)),
             })
             if self.shared_expert_gate:
                 self.params["w_shared_gate"] = rng.normal(0.0, np.sqrt(1.0 / D), D)
+        if self.output_bias:
+            self.params["b_out"] = np.zeros(D)
+        if self.post_norm:
+            self.params["post_norm_weight"] = np.ones(D)
         self.params = {n: p.astype(self.dtype) for n, p in self.params.items()}
         self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
         self._noise_rng = np.random.default_rng([seed, 1])
@@ -162,6 +176,21 @@ class MoELayer:
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
+
+    @property
+    def expert_form(self) -> FormSpec:
+        """The routed experts' form with its arguments (from activation, swiglu_limit, ...)."""
+        o = self.expert_options
+        return form_spec(o.activation, swiglu_limit=o.swiglu_limit, swiglu_alpha=o.swiglu_alpha,
+                         swiglu_softcap=o.swiglu_softcap)
+
+    @property
+    def shared_form(self) -> FormSpec:
+        """The shared experts' form: the routed one, with shared_swiglu_limit when given."""
+        o = self.expert_options
+        limit = o.swiglu_limit if o.shared_swiglu_limit is None else o.shared_swiglu_limit
+        return form_spec(o.activation, swiglu_limit=limit, swiglu_alpha=o.swiglu_alpha,
+                         swiglu_softcap=o.swiglu_softcap)
 
     def __getattr__(self, name: str) -> Any:
         """Every keyword reads as an attribute: layer.k, layer.priority, layer.aux_loss_coef."""
@@ -217,15 +246,22 @@ class MoELayer:
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's documented shape (the variants add w_noise and the shared experts)."""
         D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
-        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, H), "b1": (E, H),
+        W = hidden_width(self.activation, H)
+        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, W), "b1": (E, W),
                   "w2": (E, H, D), "b2": (E, D)}
         if self.router_noise == "noisy_topk":
             shapes["w_noise"] = (D, E)
         if S:
-            shapes.update(shared_w1=(S, D, H), shared_b1=(S, H), shared_w2=(S, H, D),
+            Hs = self.shared_d_hidden or H
+            Ws = hidden_width(self.activation, Hs)
+            shapes.update(shared_w1=(S, D, Ws), shared_b1=(S, Ws), shared_w2=(S, Hs, D),
                           shared_b2=(S, D))
             if self.shared_expert_gate:
                 shapes["w_shared_gate"] = (D,)
+        if self.output_bias:
+            shapes["b_out"] = (D,)
+        if self.post_norm:
+            shapes["post_norm_weight"] = (D,)
         return shapes
 
     def _param_names(self) -> tuple[str, ...]:
@@ -263,29 +299,47 @@ class MoELayer:
         if self.token_groups > 1:
             return self._forward_groups(x, x2, train)
         x_router, noise, r, noisy = self._route_noisy(x2, train)
+        form, gin = self.expert_form, self.gate_input
+        # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
-            expert_in = dispatch_dense(x2, r.dispatch_mask)  # [E, C, D]           step 11
+            w_in, w_out = ((r.combine_weights, r.dispatch_mask) if gin
+                           else (r.dispatch_mask, r.combine_weights))
+            expert_in = dispatch_dense(x2, w_in)  # [E, C, D]                          step 11
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
-                                          self.activation)  # [E, C, D]
-            y = combine_dense(out, r.combine_weights)  # [T, D]
+                                          form)  # [E, C, D]
+            y = combine_dense(out, w_out)  # [T, D]
         else:
-            expert_in = self._dispatch(x2, r, None, "expert_in")  # [E, C, D]
+            gate = r.gate.astype(self.dtype)
+            expert_in = self._dispatch(x2, r, gate if gin else None, "expert_in")  # [E, C, D]
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
-                                          self.activation, filled=r.expert_load_kept,
+                                          form, filled=r.expert_load_kept,
                                           workspace=self._workspace, backend=self.backend)
             y = self.backend.combine(out, r.expert_index, r.position,
-                                     r.gate.astype(self.dtype))  # [T, D]
+                                     None if gin else gate)  # [T, D]
         shared = None
         if self.num_shared_experts:
-            y_shared, shared = shared_experts_forward(x2, p, self.activation,
+            y_shared, shared = shared_experts_forward(x2, p, self.shared_form,
                                                       self.shared_expert_gate)  # [T, D]
-            y = y + y_shared
+            wide = np.float32 if self.shared_sum_fp32 and self.dtype == np.float16 else None
+            y = y + y_shared if wide is None else y.astype(wide) + y_shared.astype(wide)
+            if self.shared_combine == "mean":
+                y = y / 2
+            y = y.astype(self.dtype, copy=False)  # [T, D]
+        if self.output_bias:
+            y = y + p["b_out"]
+        pre_norm = inv_rms = normed = None
+        if self.post_norm:  # axk1: RMSNorm in float32 (or wider), then the weight in the dtype
+            pre_norm = y.astype(np.promote_types(self.dtype, np.float32))  # [T, D]
+            inv_rms = 1.0 / np.sqrt((pre_norm * pre_norm).mean(axis=-1, keepdims=True)
+                                    + self.post_norm_eps)  # [T, 1]
+            normed = (pre_norm * inv_rms).astype(self.dtype)  # [T, D]
+            y = p["post_norm_weight"] * normed
         if not np.isfinite(y).all():  # [T, D]: one pass, versus the expert matmuls' T*K*D*H
             raise self.nonfinite_error("the expert outputs", self._param_names()[2:], "x")
         self.load_loss = (0.0 if noisy is None else
                           noisy_load_loss(noisy[0], r.router_logits, noisy[3], self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
-                                    noisy, shared)
+                                    noisy, shared, pre_norm, inv_rms, normed)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         return y.reshape(x.shape)
 
@@ -383,7 +437,33 @@ class MoELayer:
             self.grads = {n: grads[n] for n in PARAM_NAMES}
             return np.concatenate(dxs).reshape(c.x_shape).astype(c.x_dtype, copy=False)
         r = c.routing
-        if self.formulation == "dense":
+        extra: dict[str, np.ndarray] = {}
+        if c.pre_norm is not None:  # n = pre * inv_rms, y = w * n
+            assert c.inv_rms is not None and c.normed is not None
+            extra["post_norm_weight"] = (dy2 * c.normed).sum(axis=0)  # [D]
+            dn = (dy2 * p["post_norm_weight"]).astype(c.pre_norm.dtype)  # [T, D]
+            mean_dn_pre = (dn * c.pre_norm).mean(axis=-1, keepdims=True)  # [T, 1]
+            dy2 = (c.inv_rms * (dn - c.pre_norm * (c.inv_rms * c.inv_rms) * mean_dn_pre)
+                   ).astype(self.dtype)  # [T, D] d/d(MoE output before the norm)
+        if self.output_bias:
+            extra["b_out"] = dy2.sum(axis=0)  # [D]
+        if c.shared is not None and self.shared_combine == "mean":
+            dy2 = dy2 / 2  # both terms of (routed + shared) / 2
+        if self.gate_input:  # y = sum_j FFN_e(g_j x): the adjoints trade places, dgate = <x, d_in>
+            if self.formulation == "dense":
+                d_out, _ = combine_dense_backward(dy2, c.expert_out, r.dispatch_mask)
+                d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+                dx2 = dispatch_dense_backward(d_in, r.combine_weights)  # [T, D]
+                d_cw = np.einsum("td,ecd->tec", x2_of(c), d_in, optimize=True)  # [T, E, C]
+                dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
+            else:
+                gate = r.gate.astype(self.dtype)
+                d_out = self._dispatch(dy2, r, None, "d_out")  # [E, C, D]
+                d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
+                                            self.backend)  # [E, C, D]
+                dgate = self.backend.gate_grad(x2_of(c), d_in, r.expert_index, r.position)
+                dx2 = self.backend.combine(d_in, r.expert_index, r.position, gate)  # [T, D]
+        elif self.formulation == "dense":
             d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
             dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
@@ -395,7 +475,7 @@ class MoELayer:
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
                                         self.backend)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
-        grads = dict(eg)
+        grads = dict(eg, **extra)
         if c.shared is not None and c.x2 is not None:  # forward keeps x2 with shared experts
             dx_shared, sg = shared_experts_backward(dy2, c.x2, p, c.shared)
             dx2 = dx2 + dx_shared
@@ -428,6 +508,12 @@ class MoELayer:
             raise self.nonfinite_error("the gradient dx", (), "dy")
         self.grads = {n: grads[n].astype(self.dtype, copy=False) for n in self.params}
         return dx2.reshape(c.x_shape).astype(c.x_dtype, copy=False)
+
+
+def x2_of(c: _ForwardCache) -> np.ndarray:
+    """The forward's tokens `[T, D]` in the layer dtype (kept when a backward needs them)."""
+    assert c.x2 is not None
+    return c.x2
 
 
 MoELayer.__doc__ = (MoELayer.__doc__ or "") + (

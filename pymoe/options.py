@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _checks
 from .capacity import capacity_args
-from .experts import ACTIVATIONS
+from .expert_forms import EXPERT_FORMS
 from .losses import LOAD_BALANCING
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
@@ -30,6 +30,7 @@ PRIORITIES = ("choice", "score", "token", "random")
 SELECTIONS = ("tokens", "experts", "sinkhorn")
 ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 FORMULATIONS = ("indexed", "dense")
+SHARED_COMBINES = ("sum", "mean")
 LOAD_STATS = ("local", "global")
 
 Check = Callable[[str, Any], Any]  # (keyword, value) -> the checked value, or raises naming it
@@ -41,6 +42,24 @@ def _choice(choices: tuple[str, ...]) -> Check:
 
 def _positive(allow_none: bool = False) -> Check:
     return lambda name, v: _checks.positive_finite(name, v, allow_none=allow_none)
+
+
+def _positive_or_zero(name: str, v: Any) -> float | None:
+    """None, or a finite float > 0; 0 is kept (step3p7 writes 0 for no limit; the form checks)."""
+    if v is not None and not isinstance(v, (bool, np.bool_)) and isinstance(v, numbers.Real) \
+            and float(v) == 0.0:
+        return 0.0
+    return _checks.positive_finite(name, v, allow_none=True)
+
+
+def _caps(name: str, v: Any) -> tuple[float, float] | None:
+    """None or a pair of finite floats > 0."""
+    if v is None:
+        return None
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        raise TypeError(f"{name}: expected a pair (gate cap, up cap) or None, got {v!r}")
+    return (float(_checks.positive_finite(f"{name}[0]", v[0]) or 0),
+            float(_checks.positive_finite(f"{name}[1]", v[1]) or 0))
 
 
 def _integer(low: int) -> Check:
@@ -113,7 +132,21 @@ class RouteOptions:
 class ExpertOptions:
     """MoELayer's keywords besides the routing ones (and its sizes, expert_bias, backend, dtype and
     seed): the expert form, the loss weights, the router noise, the formulation, token groups."""
-    activation: str = keyword("relu", '"relu" or "gelu" (tanh form).', _choice(tuple(ACTIVATIONS)))
+    activation: str = keyword(
+        "relu", "the expert form, one of pymoe.expert_forms.EXPERT_FORMS (docs/experts.md): "
+        'plain, w1 [E, D, H]: "relu", "gelu" (tanh form), "relu2" (squared relu); gated, w1 [E, D, '
+        '2H] = [gate | up]: "swiglu", "geglu", "swiglu_oai" (gpt-oss), "swiglu_clamped", '
+        '"swiglu_clamp_after", "swiglu_softcap".', _choice(tuple(EXPERT_FORMS)))
+    swiglu_limit: float | None = keyword(
+        None, 'L of "swiglu_oai" (default 7), "swiglu_clamped" (10) and "swiglu_clamp_after" '
+        "(none; 0 also means none): a finite value > 0; None: the form's default. A ValueError "
+        "for the other forms.", _positive_or_zero)
+    swiglu_alpha: float | None = keyword(
+        None, 'alpha of "swiglu_oai" (> 0, finite; None: 1.702); a ValueError for other forms.',
+        _positive(allow_none=True))
+    swiglu_softcap: tuple[float, float] | None = keyword(
+        None, '(gate cap, up cap) of "swiglu_softcap", each > 0 and finite; None: (4.0, 25.0); '
+        "a ValueError for other forms.", _caps)
     aux_loss_coef: float = keyword(0.01, "weight of the load-balancing loss in the objective that "
                                    "backward() differentiates (>= 0).", _checks.nonnegative_finite)
     z_loss_coef: float = keyword(0.0, "weight of the router z-loss (>= 0).",
@@ -127,10 +160,36 @@ class ExpertOptions:
         'generator seeded by seed. None means "jitter" if jitter_eps > 0, else "none".')
     load_loss_coef: float = keyword(0.01, "weight of noisy top-K's load loss (>= 0).",
                                     _checks.nonnegative_finite)
-    num_shared_experts: int = keyword(0, "S always-on FFNs (hidden size H) added to the routed "
-                                      "output (variants.shared).", _integer(0))
+    num_shared_experts: int = keyword(0, "S always-on FFNs in the routed experts' form (hidden "
+                                      "size shared_d_hidden) added to the routed output "
+                                      "(variants.shared).", _integer(0))
     shared_expert_gate: bool = keyword(False, "gate the shared experts by sigmoid(x . "
                                        "w_shared_gate [D]).", _checks.boolean)
+    shared_d_hidden: int | None = keyword(
+        None, "Hs, the shared experts' hidden size (>= 1); None: d_hidden. HF fuses S DeepSeek-"
+        "style shared experts into one MLP of width S*H: num_shared_experts=1 with that width.",
+        lambda n, v: None if v is None else _checks.integer(n, v, low=1))
+    shared_swiglu_limit: float | None = keyword(
+        None, "the shared experts' swiglu_limit (step3p7 has its own); None: swiglu_limit.",
+        _positive_or_zero)
+    shared_combine: str = keyword(
+        "sum", '"sum": y = routed + shared; "mean": y = (routed + shared) / 2 (cohere2_moe\'s '
+        '"average" strategy).', _choice(SHARED_COMBINES))
+    shared_sum_fp32: bool = keyword(
+        False, "add routed and shared outputs in float32 and round once to the layer dtype "
+        "(hy_v3's enable_moe_fp32_combine). Only float16 layers are affected, and there NumPy's "
+        "own float16 add already rounds the float32 sum once: the same bits, kept so that a "
+        "loader can state the model's setting.", _checks.boolean)
+    gate_input: bool = keyword(
+        False, "Llama 4: the gate multiplies each expert's input, y = sum_j FFN_e(gate_j x), "
+        "outputs summed unweighted.", _checks.boolean)
+    output_bias: bool = keyword(False, "add a bias b_out [D] to the MoE output (JetMoE).",
+                                _checks.boolean)
+    post_norm: bool = keyword(
+        False, "an RMSNorm of the MoE output (routed + shared + b_out), weight post_norm_weight "
+        "[D] (y = w * n, initialised to ones; axk1's post_mlp_layernorm), computed in float32 or "
+        "wider.", _checks.boolean)
+    post_norm_eps: float = keyword(1e-6, "its epsilon (> 0).", _positive())
     formulation: str = keyword(
         "indexed", '"indexed" (gather/scatter; expert matmuls over filled slots only) or "dense" '
         "(the [T, E, C] einsums); both compute the same values.", _choice(FORMULATIONS))
@@ -298,6 +357,7 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                          f"E = {num_experts}")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
+    _form_options(o)
     if o["token_groups"] > 1:
         if o["formulation"] != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
@@ -306,11 +366,38 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                 or route.selection == "experts"):
             raise ValueError("token_groups: groups support neither router_noise='noisy_topk', "
                              "shared experts nor selection='experts'")
+        for extra in ("gate_input", "output_bias", "post_norm"):
+            if o[extra]:
+                raise ValueError(f"{extra}: not supported with token_groups > 1 (groups run "
+                                 "the routed experts only)")
         if o["load_stats"] == "global" and (route.score != "softmax"
                                             or route.load_balancing != "switch"):
             raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
                              f"score={route.score!r}, load_balancing={route.load_balancing!r}")
     return ExpertOptions(**o)
+
+
+def _form_options(o: dict[str, Any]) -> None:
+    """The form keywords against the form that reads them, and the shared-expert ones against
+    num_shared_experts; each error names its keyword."""
+    form = EXPERT_FORMS[o["activation"]]
+    for kw in ("swiglu_limit", "swiglu_alpha", "swiglu_softcap"):
+        if o[kw] is not None and kw not in form.keywords:
+            users = [n for n, f in EXPERT_FORMS.items() if kw in f.keywords]
+            raise ValueError(f"{kw}: the form activation={form.name!r} has no such argument "
+                             f"(it is read by {', '.join(map(repr, users))})")
+    zero_ok = form.name == "swiglu_clamp_after"
+    for kw in ("swiglu_limit", "shared_swiglu_limit"):
+        if o[kw] == 0.0 and not zero_ok:
+            raise ValueError(f"{kw}: expected a finite value > 0, got 0.0 (0 means no limit "
+                             "only for 'swiglu_clamp_after')")
+    S = o["num_shared_experts"]
+    for kw, unset in (("shared_d_hidden", None), ("shared_swiglu_limit", None),
+                      ("shared_combine", "sum"), ("shared_sum_fp32", False)):
+        if o[kw] != unset and S == 0:
+            raise ValueError(f"{kw}: needs num_shared_experts >= 1")
+    if o["shared_swiglu_limit"] is not None and "swiglu_limit" not in form.keywords:
+        raise ValueError(f"shared_swiglu_limit: the form activation={form.name!r} has no limit")
 
 
 def expert_bias_arg(expert_bias: object, num_experts: int) -> np.ndarray | None:

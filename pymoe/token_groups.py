@@ -214,7 +214,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     packed, filled = exchange.to_experts(blocks)  # [E_here, sum C_g, D]
     t0 = _tick(times, "exchange", t0)
     p = expert_params
-    out, ecache = experts_forward(packed, p["w1"], p["b1"], p["w2"], p["b2"], layer.activation,
+    out, ecache = experts_forward(packed, p["w1"], p["b1"], p["w2"], p["b2"], layer.expert_form,
                                   filled=filled)
     t0 = _tick(times, "experts", t0)
     outs = exchange.from_experts(out)

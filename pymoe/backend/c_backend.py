@@ -35,6 +35,9 @@ FLOAT_OPS = {  # op -> (its float entry point, its double one), as csrc/pymoe.h 
     "gate_grad_naive": ("pymoe_gate_grad_naive_f32", "pymoe_gate_grad_naive_f64"),
     "bias_relu": ("pymoe_bias_relu_f32", "pymoe_bias_relu_f64"),
     "relu_backward": ("pymoe_relu_backward_f32", "pymoe_relu_backward_f64"),
+    **{f"{form}{part}": (f"pymoe_{form}{part}_f32", f"pymoe_{form}{part}_f64")
+       for form in ("gelu", "relu2", "swiglu", "geglu", "swiglu_oai", "swiglu_clamped",
+                    "swiglu_clamp_after", "swiglu_softcap") for part in ("", "_backward")},
 }
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
            np.dtype(np.int64): "int64_t[]"}
@@ -280,6 +283,23 @@ class CBackend:
                                              "C")
         fn = self._fn("relu_backward", grad)
         self._check("relu_backward", fn(self._ptr(grad), self._ptr(hidden), *grad.shape))
+
+    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float) -> None:
+        """out = h `[n, H]` of expert form `form` from a `[n, W]` in one pass
+        (csrc/expert_forms.h): expert_forms.<form> bit for bit."""
+        form, a, out, _, args = _checks.form_args(form, a, out, None, args, C_DTYPES, "C")
+        fn = self._fn(form, a)
+        self._check(form, fn(self._ptr(out), self._ptr(a), *args, out.shape[0], out.shape[1]))
+
+    def form_backward(self, form: str, dh: np.ndarray, a: np.ndarray, out: np.ndarray,
+                      *args: float) -> None:
+        """out = da `[n, W]` from dh `[n, H]` and the forward's a, in one pass:
+        expert_forms.<form>_backward bit for bit."""
+        form, a, out, dh2, args = _checks.form_args(form, a, out, dh, args, C_DTYPES, "C")
+        assert dh2 is not None
+        fn = self._fn(form + "_backward", a)
+        self._check(form + "_backward", fn(self._ptr(out), self._ptr(dh2), self._ptr(a), *args,
+                                           *dh2.shape))
 
     # ------------------------------------------------------------ threads
     # The count is process-wide: a count set from one Python thread applies to C calls made

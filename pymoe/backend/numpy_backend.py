@@ -6,6 +6,7 @@ import numpy as np
 
 from .. import _checks
 from ..capacity import expert_load, keep_by_score, slot_owner
+from ..expert_forms import EXPERT_FORMS
 from ..experts import bias_relu, relu_backward
 from ..indexed import combine_indexed, dispatch_indexed, gate_grad_indexed
 from ..losses import expert_prob_sum
@@ -85,3 +86,18 @@ class NumpyBackend:
         expert_out, expert_index, position = _checks.pair_args(expert_out, expert_index, position)
         dy = _checks.float_arg("dy", dy, (position.shape[0], expert_out.shape[2]))
         return gate_grad_indexed(dy, expert_out, expert_index, position)
+
+    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float) -> None:
+        """out = h `[n, H]` of expert form `form` from a `[n, W]` (expert_forms.<form>)."""
+        form, a, out, _, args = _checks.form_args(form, a, out, None, args)
+        fwd = EXPERT_FORMS[form].forward
+        assert fwd is not None
+        fwd(a, out, *args)
+
+    def form_backward(self, form: str, dh: np.ndarray, a: np.ndarray, out: np.ndarray,
+                      *args: float) -> None:
+        """out = da `[n, W]` from dh `[n, H]` and the forward's a (expert_forms.<form>_backward)."""
+        form, a, out, dh2, args = _checks.form_args(form, a, out, dh, args)
+        bwd = EXPERT_FORMS[form].backward
+        assert bwd is not None
+        bwd(dh2, a, out, *args)

@@ -46,6 +46,13 @@ class Backend(Protocol):
     def relu_backward(self, grad: np.ndarray, hidden: np.ndarray) -> None:
         """grad *= hidden > 0 in place, both `[n, H]` (experts.relu_backward)."""
 
+    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float) -> None:
+        """out = h `[n, H]` of an expert form from a `[n, W]` (expert_forms.<form>)."""
+
+    def form_backward(self, form: str, dh: np.ndarray, a: np.ndarray, out: np.ndarray,
+                      *args: float) -> None:
+        """out = da `[n, W]` from dh `[n, H]` and a (expert_forms.<form>_backward)."""
+
     def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
                  weight: np.ndarray | None = None) -> np.ndarray:
         """-> expert_in `[E, C, D]` (indexed.dispatch_indexed)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..expert_forms import FormSpec
 from ..experts import ExpertsCache, experts_backward, experts_forward
 from .scores import sigmoid
 
@@ -21,13 +22,16 @@ class SharedCache:
     gate: np.ndarray | None  # [T] sigmoid gate, or None when ungated
 
 
-def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray], activation: str,
+def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
+                           activation: str | FormSpec,
                            gated: bool) -> tuple[np.ndarray, SharedCache]:
     """y_shared `[T, D]` = g * sum_s FFN_s(x), g = sigmoid(x @ w_shared_gate) `[T]` or 1.
 
     Args:
-        x: `[T, D]`; params: shared_w1 `[S, D, H]`, shared_b1 `[S, H]`, shared_w2 `[S, H, D]`,
-            shared_b2 `[S, D]`, and w_shared_gate `[D]` when gated.
+        x: `[T, D]`; params: shared_w1 `[S, D, Ws]`, shared_b1 `[S, Ws]`, shared_w2
+            `[S, Hs, D]`, shared_b2 `[S, D]` (Ws = 2 Hs for a gated form, else Hs), and
+            w_shared_gate `[D]` when gated.
+        activation: the form (a name or an expert_forms.FormSpec), as experts_forward's.
     """
     S = params["shared_w1"].shape[0]
     expert_in = np.broadcast_to(x, (S,) + x.shape)  # [S, T, D]: every token to every shared FFN

@@ -84,8 +84,10 @@ def equivalence_cases() -> list[dict]:
         {"E": 8, "T_local": 5, "capacity_factor": 2.0, "exchange": "fixed"},
         {"backend": _c_or_numpy(), "skew": 1.0, "dtype": "float32"},
         {"backend": _c_or_numpy(), "exchange": "fixed", "capacity_factor": 0.75},
+        {"activation": "swiglu", "skew": 2.0},  # gated forms: w1 [E, D, 2H] split by expert
+        {"activation": "swiglu_oai", "backend": _c_or_numpy(), "dtype": "float32"},
         {"E": 4, "K": 1, "skew": 8.0},  # at P=4 every rank keeps all its rows: nothing crosses
-    ]
+    ]  # (the last case stays last: the checks below read it as such)
 
 
 @pytest.mark.parametrize("P", [1, 2, 4])
