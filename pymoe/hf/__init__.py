@@ -11,8 +11,8 @@ and how each is checked against HF's own code.
 """
 from __future__ import annotations
 
-from .convert import Origin, grad_dict, state_dict
 from .checkpoint import load
+from .convert import Origin, grad_dict, state_dict
 from .families import FAMILIES
 from .loss import load_balancing_loss
 from .transformers_block import from_transformers

@@ -33,8 +33,8 @@ def _files(path: str) -> dict[str, SafetensorsFile]:
     """tensor name -> the file holding it."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
         opened: dict[str, SafetensorsFile] = {}
         for name in set(weight_map.values()):
             opened[name] = SafetensorsFile(os.path.join(path, name))
@@ -43,8 +43,8 @@ def _files(path: str) -> dict[str, SafetensorsFile]:
     if not os.path.exists(single):
         raise ValueError(f"path: {path} has neither model.safetensors nor "
                          "model.safetensors.index.json")
-    f = SafetensorsFile(single)
-    return {k: f for k in f.names()}
+    one = SafetensorsFile(single)
+    return {k: one for k in one.names()}
 
 
 def _layer_prefixes(names: list[str], layer: int) -> list[str]:

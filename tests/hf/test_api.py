@@ -9,12 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-
-from helpers import REPO
 from tiny import randomize, tiny_model
 
 import pymoe
 import pymoe.hf
+from helpers import REPO
 from pymoe.hf import safetensors as st
 from pymoe.hf.transformers_block import _find_block
 

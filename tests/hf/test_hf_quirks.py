@@ -5,9 +5,9 @@ test_hf_quirks_<group>.py."""
 from __future__ import annotations
 
 import numpy as np
+from tiny import tiny_model
 
 from helpers import import_optional
-from tiny import tiny_model
 
 torch = import_optional("torch", "crosscheck")
 transformers = import_optional("transformers", "crosscheck")

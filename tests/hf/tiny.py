@@ -23,6 +23,7 @@ import configs_others  # noqa: E402
 import configs_sigmoid_a  # noqa: E402
 import configs_sigmoid_b  # noqa: E402
 import configs_softmax  # noqa: E402
+
 import pymoe.hf  # noqa: E402
 from pymoe.hf.transformers_block import _find_block  # noqa: E402
 
