@@ -54,20 +54,21 @@ def test_load_balancing_loss_names_bad_input():
         pymoe.hf.load_balancing_loss([np.zeros((4, 4))], 4, 2, np.zeros((2, 2)))
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_safetensors_reader_is_the_packages(tmp_path, bf16):
+@pytest.mark.parametrize("half", [None, "bfloat16", "float16"])
+def test_safetensors_reader_is_the_packages(tmp_path, half):
+    """float32/float64 read as stored; bfloat16 and float16 widen to float32 exactly."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g), "b.c": torch.randn(7, generator=g) * 1e30,
                "d": torch.randn(2, 2, generator=g).double()}
-    if bf16:
-        tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    if half:
+        tensors = {k: v.to(getattr(torch, half)) for k, v in tensors.items()}
     path = tmp_path / "x.safetensors"
     safetensors_torch.save_file(tensors, str(path))
     f = st.SafetensorsFile(path)
     assert sorted(f.names()) == sorted(tensors)
     for k, v in tensors.items():
-        want = v.float().numpy() if bf16 else v.numpy()
+        want = v.float().numpy() if half else v.numpy()
         got = f.read(k)
         assert got.dtype == want.dtype and np.array_equal(got, want)
 
