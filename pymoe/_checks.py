@@ -173,7 +173,7 @@ def top_k_args(score: object, k: object, bias: object | None, probs: object | No
     T, E = score.shape
     k = integer("k", k, low=1, high=max(E, 1))
     if bias is not None:
-        bias = float_array("bias", float_arg("bias", bias, (E,), dtypes, who), ndim=1)
+        bias = float_array("bias", float_arg("bias", bias, (E,), FLOAT_DTYPES, who), ndim=1)
         bias = bias.astype(score.dtype, copy=False)
     if probs is not None:
         probs = float_arg("probs", probs, (T, E), dtypes, who).astype(score.dtype, copy=False)
