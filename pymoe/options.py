@@ -302,15 +302,23 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
         if o["formulation"] != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
                              f"formulation={o['formulation']!r}")
-        if (o["router_noise"] == "noisy_topk" or o["num_shared_experts"]
-                or route.selection == "experts"):
-            raise ValueError("token_groups: groups support neither router_noise='noisy_topk', "
-                             "shared experts nor selection='experts'")
-        if o["load_stats"] == "global" and (route.score != "softmax"
-                                            or route.load_balancing != "switch"):
-            raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
-                             f"score={route.score!r}, load_balancing={route.load_balancing!r}")
+        check_token_groups("token_groups", route, o["router_noise"], o["load_stats"])
     return ExpertOptions(**o)
+
+
+def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_stats: str) -> None:
+    """What the token-group step (pymoe.token_groups: MoELayer(token_groups > 1) and
+    ExpertParallelMoE alike) does not run, each a ValueError starting with `who`."""
+    if router_noise == "noisy_topk":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support "
+                         "router_noise='noisy_topk' (its load loss and w_noise would get no "
+                         "gradient); use 'jitter' or 'none'")
+    if route.selection == "experts":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support expert "
+                         "choice (selection='experts'); use 'tokens' or 'sinkhorn'")
+    if load_stats == "global" and (route.score != "softmax" or route.load_balancing != "switch"):
+        raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
+                         f"score={route.score!r}, load_balancing={route.load_balancing!r}")
 
 
 def expert_bias_arg(expert_bias: object, num_experts: int) -> np.ndarray | None:

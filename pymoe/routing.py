@@ -282,6 +282,17 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                    expert_bias=expert_bias, _slot_owner=owner)
 
 
+def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, groups: int) -> None:
+    """Advance rng past the random numbers route_unchecked draws for `groups` routings of T
+    tokens each (the permutation, then the second-expert uniforms): expert parallelism routes
+    rank r's group after the r groups before it, as MoELayer(token_groups=P) does in sequence."""
+    for _ in range(groups):
+        if opts.priority == "random":
+            rng.permutation(T)
+        if opts.second_expert_policy == "random":
+            rng.uniform(size=T)
+
+
 def _gates(scores: np.ndarray, logits: np.ndarray, index: np.ndarray,
            opts: RouteOptions) -> np.ndarray:
     """gates_for; normalised sigmoid gates of a token whose chosen scores all underflowed come
