@@ -49,6 +49,7 @@ from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
 from .variants.group_limited import grouped, limit_for
 from .variants.presets import Preset, accepts_preset
 from .variants.scores import (
+    log_sigmoid,
     selection_scores,
     sigmoid,
     sigmoid_backward,
@@ -239,7 +240,11 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]
     aux_probs = _aux_probs(scores, logits, opts)  # [T, E]
     if expert_bias is not None:  # one rule for every backend: the bias in the score dtype
-        expert_bias = np.asarray(expert_bias).astype(logits.dtype, copy=False)  # [E]
+        with np.errstate(over="ignore"):
+            expert_bias = np.asarray(expert_bias).astype(logits.dtype, copy=False)  # [E]
+        if not np.isfinite(expert_bias).all():
+            raise ValueError(f"expert_bias: a value overflows {logits.dtype}, the score dtype "
+                             "it is added in (docs/variants.md); keep |expert_bias| within it")
     # step 3: choose K experts per token
     sums = None
     if twin is not None and opts.selection == "tokens" and not grouped(opts):
@@ -293,45 +298,61 @@ def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, group
             rng.uniform(size=T)
 
 
+def _log_scores(logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
+    """log of the scores up to a per-token constant: the logits (softmax) or log-sigmoids."""
+    return logits if opts.score == "softmax" else log_sigmoid(logits)
+
+
 def _gates(scores: np.ndarray, logits: np.ndarray, index: np.ndarray,
            opts: RouteOptions) -> np.ndarray:
-    """gates_for; normalised sigmoid gates of a token whose chosen scores all underflowed come
-    from the log-sigmoids (variants.scores.stable_ratios), not 0 / 0."""
+    """gates_for; normalised gates of a token whose chosen scores all underflowed (sigmoid scores
+    of very negative logits, or softmax probabilities a large expert_bias chose) come from the
+    log-scores (variants.scores.stable_ratios), not 0 / 0."""
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 rows are replaced below
         gate = gates_for(scores, index, opts)  # [T, K]
-    if opts.score == "sigmoid" and opts.normalize:
+    if opts.normalize:
         gate = stable_ratios(gate, np.take_along_axis(scores, index, axis=-1),
-                             np.take_along_axis(logits, index, axis=-1))
+                             _log_scores(np.take_along_axis(logits, index, axis=-1), opts))
     return gate
 
 
 def _aux_probs(scores: np.ndarray, logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
     """aux_loss_scores, sigmoid rows that underflowed taken stably as in _gates."""
+    if opts.score == "softmax":
+        return scores
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 rows are replaced below
         aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
-    return aux_probs if opts.score == "softmax" else stable_ratios(aux_probs, scores, logits)
+    return stable_ratios(aux_probs, scores, log_sigmoid(logits))
 
 
-def _sigmoid_dlogits_stable(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None,
-                            rows: np.ndarray) -> np.ndarray:
-    """d logits `[T_rows, E]` of the sigmoid score's gate and aux terms for the given rows,
-    written with the ratios so that nothing divides by an underflowed sum: for g = s_sel / S,
-    d l_i = (1 - s_i) g_i (dg_i - sum_j dg_j g_j) (s_i / S = g_i, ds_i/dl_i = s_i (1 - s_i));
-    likewise for the aux loss's q = s / sum_e s_e."""
+def _stable_dlogits(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None,
+                    rows: np.ndarray) -> np.ndarray:
+    """d logits `[T_rows, E]` of the gate and aux terms for the given rows, written with the
+    ratios so that nothing divides by an underflowed sum. For normalised gates g = s_sel / S:
+    d l_i = g_i (dg_i - sum_j dg_j g_j) times (1 - s_i) for sigmoid scores (s_i / S = g_i,
+    ds_i/dl_i = s_i (1 - s_i)) and times 1 for softmax (g is the softmax of the chosen logits);
+    the sigmoid aux loss's q = s / sum_e s_e likewise; softmax's aux term as softmax_backward."""
     opts = routing.options
     s, logits = routing.probs[rows], routing.router_logits[rows]  # [n, E]
     index, dg = routing.expert_index[rows], dgate[rows]  # [n, K]
     s_sel = np.take_along_axis(s, index, axis=-1)  # [n, K]
+    sigmoid_score = opts.score == "sigmoid"
     if opts.normalize:
         g = _gates(s, logits, index, opts)  # [n, K]
-        d_sel = (1 - s_sel) * g * (dg - (dg * g).sum(axis=-1, keepdims=True))
+        d_sel = g * (dg - (dg * g).sum(axis=-1, keepdims=True))
+        if sigmoid_score:
+            d_sel = d_sel * (1 - s_sel)
     else:
-        d_sel = dg * s_sel * (1 - s_sel)
+        d_sel = dg * s_sel * (1 - s_sel)  # sigmoid (softmax rows are never bad unnormalised)
     out = np.zeros_like(s)  # [n, E]
     np.put_along_axis(out, index, d_sel.astype(s.dtype), axis=-1)
     if daux is not None:
-        q, da = _aux_probs(s, logits, opts), daux[rows]  # [n, E]
-        out += (1 - s) * q * (da - (da * q).sum(axis=-1, keepdims=True))
+        da = daux[rows]  # [n, E]
+        if sigmoid_score:
+            q = _aux_probs(s, logits, opts)  # [n, E]
+            out += (1 - s) * q * (da - (da * q).sum(axis=-1, keepdims=True))
+        else:
+            out += softmax_backward(da, s)
     return out
 
 
@@ -412,9 +433,11 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
                                                         opts), kept)
     else:
         dgate = np.where(kept, dgate, 0).astype(scores.dtype)  # [T, K]
-    bad = None
-    if opts.score == "sigmoid":  # tokens whose sigmoid sums underflowed: see below
-        bad = underflowed_rows(scores) | underflowed_rows(np.take_along_axis(scores, index, -1))
+    bad = np.zeros(T, dtype=bool)  # tokens whose score sums underflowed: see below
+    if opts.normalize:  # gates_backward divides by the chosen sum's square
+        bad |= underflowed_rows(np.take_along_axis(scores, index, -1), squared=True)
+    if opts.score == "sigmoid":
+        bad |= underflowed_rows(scores, squared=True)
     with np.errstate(divide="ignore", invalid="ignore"):  # bad rows are replaced below
         dscores = gates_backward_for(dgate, scores, index, opts)  # [T, E]
         daux = None
@@ -423,12 +446,12 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
             daux = balance_loss_backward(aux_probs, index, aux_loss_coef, opts.load_balancing,
                                          opts.sequence_length)  # [T, E]
             dscores += aux_loss_scores_backward(daux, scores, opts.score)
-    if opts.score == "softmax":
-        dlogits = softmax_backward(dscores, scores)  # [T, E]
-    else:
-        dlogits = sigmoid_backward(dscores, scores)  # [T, E]
-        if bad is not None and bad.any():
-            dlogits[bad] = _sigmoid_dlogits_stable(routing, dgate, daux, bad)
+        if opts.score == "softmax":
+            dlogits = softmax_backward(dscores, scores)  # [T, E]
+        else:
+            dlogits = sigmoid_backward(dscores, scores)  # [T, E]
+    if bad.any():
+        dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
     if z_loss_coef:
         dlogits += router_z_loss_backward(routing.router_logits, softmax(routing.router_logits)
                                           if opts.score != "softmax" else scores, z_loss_coef)

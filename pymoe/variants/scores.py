@@ -36,24 +36,27 @@ def log_sigmoid(router_logits: np.ndarray) -> np.ndarray:
     return np.minimum(router_logits, 0) - np.log1p(np.exp(-np.abs(router_logits)))
 
 
-def stable_ratios(ratios: np.ndarray, scores: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """ratios `[T, n]` = scores / scores.sum(-1) (sigmoid scores of logits `[T, n]`), with the rows
-    whose sum is below the dtype's smallest normal number (every score underflowed: 0 / 0) taken
-    from the log-sigmoids instead: exp(ls_i - max ls) / sum_j exp(ls_j - max ls), the same ratio
-    computed without underflow. Rows with a normal sum keep their bits."""
+def stable_ratios(ratios: np.ndarray, scores: np.ndarray, log_scores: np.ndarray) -> np.ndarray:
+    """ratios `[T, n]` = scores / scores.sum(-1), with the rows whose sum is below the dtype's
+    smallest normal number (every score underflowed: 0 / 0) taken from the scores' logarithms
+    `[T, n]` instead (the logits for softmax probabilities, log_sigmoid for sigmoid scores):
+    exp(ls_i - max ls) / sum_j exp(ls_j - max ls), the same ratio computed without underflow.
+    Rows with a normal sum keep their bits."""
     bad = underflowed_rows(scores)  # [T]
     if not bad.any():
         return ratios
-    ls = log_sigmoid(logits[bad])  # [T_bad, n]
+    ls = log_scores[bad]  # [T_bad, n]
     z = np.exp(ls - ls.max(axis=-1, keepdims=True))
     out = np.array(ratios, copy=True)
     out[bad] = (z / z.sum(axis=-1, keepdims=True)).astype(out.dtype)
     return out
 
 
-def underflowed_rows(scores: np.ndarray) -> np.ndarray:
-    """`<bool>[T]`: rows of `[T, n]` sigmoid scores whose sum is not a normal number."""
-    return ~(scores.sum(axis=-1) >= np.finfo(scores.dtype).tiny)
+def underflowed_rows(scores: np.ndarray, squared: bool = False) -> np.ndarray:
+    """`<bool>[T]`: rows of `[T, n]` scores whose sum is not a normal number (squared: whose
+    square is not, as the backward of a ratio divides by it)."""
+    tiny = np.finfo(scores.dtype).tiny
+    return ~(scores.sum(axis=-1) >= (np.sqrt(tiny) if squared else tiny))
 
 
 def sigmoid_backward(dscores: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -95,3 +95,42 @@ def test_sigmoid_layer_with_very_negative_logits_trains_finitely():
 def test_update_expert_bias_refuses_a_nonfinite_load(bad):
     with pytest.raises(ValueError, match=r"expert_load: expected finite values, got 1 NaN/inf"):
         pymoe.update_expert_bias(np.zeros(3), np.array([1.0, bad, 2.0]), 1e-3)
+
+
+@pytest.mark.filterwarnings("error")
+def test_softmax_gates_of_a_bias_chosen_underflowed_expert_are_finite():
+    """Found by the extended fuzz: a large expert_bias makes a token choose experts whose
+    softmax probabilities underflow to 0; normalised gates are then the softmax of the chosen
+    logits (the exact ratio), not 0 / 0, and route_backward matches central differences."""
+    logits = np.array([[800.0, 0.0, -1.0, 5.0]])
+    bias = np.array([0.0, 1e6, 1e6, 0.0])
+    dgate = np.array([[1.0, 0.25]])
+
+    def objective():
+        r = pymoe.route(logits, 2, None, normalize=True, expert_bias=bias)
+        return float((r.gate * dgate).sum() + 0.1 * r.aux_loss)
+
+    r = pymoe.route(logits, 2, None, normalize=True, expert_bias=bias)
+    assert r.expert_index.tolist() == [[1, 2]]
+    np.testing.assert_allclose(r.gate, [[1 / (1 + np.exp(-1.0)), 1 / (1 + np.e)]], rtol=1e-15)
+    d = pymoe.route_backward(r, dgate, 0.1)
+    assert np.isfinite(d).all()
+    np.testing.assert_allclose(d, numerical_grad(objective, logits, 1e-5), atol=1e-8)
+
+
+def test_a_bias_that_overflows_the_score_dtype_is_named():
+    with pytest.raises(ValueError, match="expert_bias: a value overflows float32"):
+        pymoe.route(np.zeros((2, 3), np.float32), 1, expert_bias=np.array([0, 1e300, 0]))
+
+
+@pytest.mark.filterwarnings("error")
+def test_route_backward_of_a_tiny_but_normal_chosen_probability_is_finite():
+    """Found by the extended fuzz: p = e^-700 is a normal float64 but p^2 is not, and the
+    ratio's backward divided by it (inf / NaN logit gradients)."""
+    logits = np.array([[0.0, 700.0, 1.0]])
+    r = pymoe.route(logits, 2, None, normalize=True, expert_bias=np.array([1e6, 0.0, 1e6]))
+    assert r.expert_index.tolist() == [[0, 2]]  # the bias ties: the lower index first
+    d = pymoe.route_backward(r, np.array([[0.0, 1.0]]), 0.0)
+    assert np.isfinite(d).all()
+    g = r.gate[0, 1]  # d/dl of g = e^1 / (e^0 + e^1): g (1 - g) at l_2, -g (1 - g) at l_0
+    np.testing.assert_allclose(d[0, [2, 0]], [g * (1 - g), -g * (1 - g)], rtol=1e-6, atol=1e-9)
