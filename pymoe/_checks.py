@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from types import FrameType
+from typing import Any
 
 import numpy as np
 
@@ -258,3 +259,42 @@ def epilogue_args(name: str, a: object, other_name: str, other: object, other_sh
     if np.may_share_memory(a, b):
         raise ValueError(f"{name}: shares memory with {other_name}; pass separate arrays")
     return a, b
+
+
+def output_path(name: str, path: object) -> str:
+    """A file path to write: its folder may be created, but no part of it may be a regular file
+    (writing f/p.png under a file f raises FileExistsError or NotADirectoryError otherwise)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise TypeError(f"{name}: expected a file path, got {path!r}")
+    p = os.path.abspath(os.fspath(path))
+    if os.path.isdir(p):
+        raise ValueError(f"{name}: {path!r} is a folder, expected a file path")
+    folder = os.path.dirname(p)
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"{name}: cannot write {path!r}: {folder!r} is a file, not a folder")
+    return os.fspath(path)
+
+
+def cli_int(low: int) -> Any:
+    """An argparse type: an int >= low (argparse turns the ValueError into a one-line error)."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < low:
+            raise ValueError(text)
+        return v
+
+    parse.__name__ = f"int >= {low}"  # argparse says "invalid int >= 1 value: '-5'"
+    return parse
+
+
+def cli_positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    v = float(text)
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(text)
+    return v
+
+
+cli_positive_float.__name__ = "positive float"
