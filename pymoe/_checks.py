@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from types import FrameType
+from typing import Any
 
 import numpy as np
 
@@ -174,7 +175,7 @@ def top_k_args(score: object, k: object, bias: object | None, probs: object | No
     T, E = score.shape
     k = integer("k", k, low=1, high=max(E, 1))
     if bias is not None:
-        bias = float_array("bias", float_arg("bias", bias, (E,), dtypes, who), ndim=1)
+        bias = float_array("bias", float_arg("bias", bias, (E,), FLOAT_DTYPES, who), ndim=1)
         bias = bias.astype(score.dtype, copy=False)
     if probs is not None:
         probs = float_arg("probs", probs, (T, E), dtypes, who).astype(score.dtype, copy=False)
@@ -304,3 +305,42 @@ def form_args(form: object, a: object, out: object, dh: object | None, args: tup
             raise TypeError(f"args[{i}]: expected a real number (not NaN), got {v!r}")
         vals.append(float(v))
     return name, arr, out, g, tuple(vals)
+
+
+def output_path(name: str, path: object) -> str:
+    """A file path to write: its folder may be created, but no part of it may be a regular file
+    (writing f/p.png under a file f raises FileExistsError or NotADirectoryError otherwise)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise TypeError(f"{name}: expected a file path, got {path!r}")
+    p = os.path.abspath(os.fspath(path))
+    if os.path.isdir(p):
+        raise ValueError(f"{name}: {path!r} is a folder, expected a file path")
+    folder = os.path.dirname(p)
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"{name}: cannot write {path!r}: {folder!r} is a file, not a folder")
+    return os.fspath(path)
+
+
+def cli_int(low: int) -> Any:
+    """An argparse type: an int >= low (argparse turns the ValueError into a one-line error)."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < low:
+            raise ValueError(text)
+        return v
+
+    parse.__name__ = f"int >= {low}"  # argparse says "invalid int >= 1 value: '-5'"
+    return parse
+
+
+def cli_positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    v = float(text)
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(text)
+    return v
+
+
+cli_positive_float.__name__ = "positive float"

@@ -21,7 +21,9 @@ only, exactly as MoELayer does.
 The arithmetic is pymoe.token_groups's, shared with MoELayer(token_groups=P): P ranks produce, bit for
 bit, the outputs, input gradients and parameter gradients of that one-process layer (the
 objective and load_stats are explained there). Needs `pip install 'pymoe-routing[mpi]'` (mpi4py + MPICH);
-run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank world.
+run with `mpiexec -n P python script.py`; without mpiexec a script is a 1-rank world. An
+exception inside a step on any rank ends the step on every rank (PeerFailed on the others), and
+one nobody catches aborts the job (an excepthook installed by ExpertParallelMoE).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from . import _checks, token_groups
 from .capacity import expert_capacity
 from .experts import EXPERT_PARAMS
 from .layer import MoELayer
-from .routing import Routing
+from .options import check_group_extras, check_token_groups
+from .routing import Routing, skip_route_draws
 
 EXCHANGES = ("exact", "fixed")
 DIRECTIONS = ("dispatch", "combine", "grad_dispatch", "grad_combine")
@@ -95,12 +98,10 @@ class _MPIExchange:
         self.num_token_groups = self.P
         self.directions = iter(DIRECTIONS)
 
-    def agree(self, step: str, problem: str | None) -> None:
-        every = self.comm.allgather(problem)
+    def agree(self, step: str, problem: str | None, fatal: bool = False) -> None:
+        every = self.comm.allgather((problem, fatal))
         self.stats.control_bytes += 8 * self.P
-        bad = [f"rank {r}: {pr}" for r, pr in enumerate(every) if pr is not None]
-        if bad:
-            raise ValueError(f"{step} failed on " + "; ".join(bad))
+        _raise_shared(f"{step} failed on ", every, fatal)
 
     # -- counts
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
@@ -237,9 +238,61 @@ def step_bytes(T_local: int, E: int, K: int, D: int, P: int, capacity_factor: fl
     return {"per_exchange": per, "per_step": 4 * per, "per_step_to_others": 4 * per * (P - 1) // P}
 
 
+PeerFailed = token_groups.PeerFailed
+
+
+def _raise_shared(prefix: str, every: Sequence[tuple[str | None, bool]], fatal: bool) -> None:
+    """Every rank's (problem, fatal) from one allgather: a rank with a fatal problem returns (it
+    re-raises its own exception); when any rank had one, the others raise PeerFailed; else any
+    problems are argument errors, the same ValueError on every rank."""
+    if fatal:
+        return
+    failed = [f"rank {r}: {pr}" for r, (pr, f) in enumerate(every) if f]
+    if failed:
+        raise PeerFailed(prefix + "; ".join(failed) + " (this rank stops too)")
+    bad = [f"rank {r}: {pr}" for r, (pr, _) in enumerate(every) if pr is not None]
+    if bad:
+        raise ValueError(prefix + "; ".join(bad))
+
+
+def _abort_on_uncaught(comm: Any) -> None:
+    """Install a sys.excepthook that prints the traceback and then calls comm.Abort(1) when the
+    world has more than one rank: under `mpiexec -n P python script.py` an exception nobody
+    catches would otherwise end one rank and leave the others waiting in a collective forever
+    (mpi4py aborts only under `python -m mpi4py`). Installed once, by ExpertParallelMoE."""
+    import sys
+
+    if getattr(sys.excepthook, "_pymoe_abort", False) or comm.Get_size() == 1:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        try:
+            previous(kind, value, tb)
+            sys.stderr.flush()
+        finally:
+            comm.Abort(1)
+
+    hook._pymoe_abort = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 def _digest(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _bias_digest(layer: MoELayer) -> str:
+    b = layer.expert_bias
+    return "none" if b is None else _digest(np.asarray(b))
+
+
+def _step_digest(layer: MoELayer) -> str:
+    """What every forward() compares across ranks: every keyword (layer.options can be replaced
+    between steps) and the expert bias (updated by the training loop)."""
+    h = hashlib.sha256(repr(sorted(_config(layer).items())).encode())
+    h.update(_bias_digest(layer).encode())
     return h.hexdigest()
 
 
@@ -279,11 +332,15 @@ class ExpertParallelMoE:
         problem: str | None = None
         cfg: dict[str, Any] = {}
         digests: dict[str, str] = {}
+        failure: BaseException | None = None
+        _abort_on_uncaught(MPI.COMM_WORLD)
         try:  # find local problems first, then decide together: nobody waits for a rank that left
             if not isinstance(layer, MoELayer):
                 raise TypeError(f"layer: expected a pymoe.MoELayer, got {type(layer).__name__}")
             self.exchange = _checks.choice("exchange", exchange, EXCHANGES)
             self.load_stats = _checks.choice("load_stats", load_stats, token_groups.LOAD_STATS)
+            check_token_groups("layer", layer.options, layer.router_noise, self.load_stats)
+            check_group_extras("layer", layer.expert_options)
             if layer.token_groups != 1:
                 raise ValueError("layer: expected token_groups=1 (each rank is one group), got "
                                  f"{layer.token_groups}")
@@ -296,25 +353,33 @@ class ExpertParallelMoE:
                                      "experts only)")
             cfg = {**_config(layer), "exchange": exchange, "load_stats": load_stats}
             digests = {n: _digest(p) for n, p in layer.params.items()}
+            digests["expert_bias"] = _bias_digest(layer)
         except (TypeError, ValueError) as err:
             problem = f"{type(err).__name__}: {err}"
-        every = self.comm.allgather((problem, cfg, digests))
-        bad = [(r, pr) for r, (pr, _, _) in enumerate(every) if pr is not None]
-        if bad:
-            raise ValueError("expert parallel setup failed on rank(s) "
-                             + "; ".join(f"{r}: {pr}" for r, pr in bad))
-        for r, (_, c, _) in enumerate(every):
-            diff = [n for n in cfg if c[n] != cfg[n]]
+        except BaseException as err:  # shared, then re-raised below: nobody waits for this rank
+            problem, failure = f"{type(err).__name__}: {err}", err
+        every = self.comm.allgather((problem, failure is not None, cfg, digests))
+        _raise_shared("expert parallel setup failed on ", [e[:2] for e in every], failure is not None)
+        if failure is not None:
+            raise failure  # after the other ranks were told
+        for r, (_, _, c, _) in enumerate(every):
+            diff = [n for n in sorted(set(cfg) | set(c)) if c.get(n) != cfg.get(n)]
             if diff:
                 raise ValueError(f"layer: settings differ across ranks: rank {r} has "
-                                 + ", ".join(f"{n}={c[n]!r}" for n in diff) + f", rank {rank} has "
-                                 + ", ".join(f"{n}={cfg[n]!r}" for n in diff))
-        for r, (_, _, d) in enumerate(every):
-            diff = [n for n in digests if d[n] != every[0][2][n]]
+                                 + ", ".join(f"{n}={c.get(n)!r}" for n in diff)
+                                 + f", rank {rank} has "
+                                 + ", ".join(f"{n}={cfg.get(n)!r}" for n in diff))
+        first = every[0][3]
+        for r, (_, _, _, d) in enumerate(every):
+            names = sorted(set(d) | set(first))
+            diff = [n for n in names if d.get(n) != first.get(n)]
             if diff:
+                missing = [n for n in diff if n not in d or n not in first]
+                what = (f" (held by only one of them: {', '.join(missing)})" if missing else "")
                 raise ValueError(f"layer: parameters differ across ranks: {', '.join(diff)} on "
-                                 f"rank {r} differ from rank 0's (build the layer with the same "
-                                 "seed everywhere, or broadcast rank 0's parameters)")
+                                 f"rank {r} differ from rank 0's{what} (build the layer with the "
+                                 "same seed and settings everywhere, or broadcast rank 0's "
+                                 "parameters and expert_bias)")
         E = layer.num_experts
         if E % P:
             raise ValueError(f"num_experts: E = {E} experts cannot be split evenly over "
@@ -325,21 +390,23 @@ class ExpertParallelMoE:
         sl = slice(self.experts.start, self.experts.stop)
         self.params: dict[str, np.ndarray] = {
             "w_router": layer.params["w_router"], "b_router": layer.params["b_router"],
-            **{n: layer.params[n][sl].copy() for n in EXPERT_PARAMS}}
+            **{n: layer.params[n][sl].copy() for n in EXPERT_PARAMS},
+            **layer.shared_params()}
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
         self.routing: Routing | None = None
         self.aux_loss = self.z_loss = 0.0
         self.stats = StepStats(rank, P, self.exchange)
-        self._cache: tuple[tuple[int, ...], np.dtype, token_groups.GroupsCache] | None = None
+        self._cache: tuple[tuple[int, ...], np.dtype, token_groups.GroupsCache,
+                           _MPIExchange] | None = None
 
-    def _agree(self, problem: str | None, value: Any = None) -> list[Any]:
-        """Allgather (problem, value); every rank raises the same ValueError if any had one."""
-        every = self.comm.allgather((problem, value))
+    def _agree(self, problem: str | None, value: Any = None, fatal: bool = False) -> list[Any]:
+        """Allgather (problem, value); every rank raises the same ValueError if any had an
+        argument error, PeerFailed where another rank had any other exception (the rank that had
+        it returns, and re-raises it)."""
+        every = self.comm.allgather((problem, fatal, value))
         self.stats.control_bytes += 8 * self.size
-        bad = [(r, pr) for r, (pr, _) in enumerate(every) if pr is not None]
-        if bad:
-            raise ValueError("; ".join(f"rank {r}: {pr}" for r, pr in bad))
-        return [v for _, v in every]
+        _raise_shared("", [e[:2] for e in every], fatal)
+        return [v for _, _, v in every]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """y `[T_local, D]` (or x's shape `[..., D]`) for this rank's tokens x.
@@ -348,7 +415,7 @@ class ExpertParallelMoE:
         """
         L = self.layer
         self.stats = StepStats(self.rank, self.size, self.exchange)
-        problem, T = None, 0
+        problem, T, failure, setting = None, 0, None, ""
         try:
             x = _checks.float_array("x", x, min_ndim=1)
             if x.shape[-1] != L.d_model:
@@ -357,17 +424,33 @@ class ExpertParallelMoE:
             T = int(np.prod(x.shape[:-1]))
             if T == 0:
                 raise ValueError("x: T_local = 0 tokens; every rank needs at least one token")
+            setting = _step_digest(L)
         except (TypeError, ValueError) as err:
             problem = str(err)
-        Ts = self._agree(problem, T)
+        except BaseException as err:  # shared, then re-raised: nobody waits for this rank
+            problem, failure = f"{type(err).__name__}: {err}", err
+        every = self._agree(problem, (T, setting), failure is not None)
+        if failure is not None:
+            raise failure
+        Ts = [t for t, _ in every]
         if len(set(Ts)) > 1:
             raise ValueError(f"x: every rank needs the same number of tokens T_local (the groups "
                              f"are of equal size), got {Ts} on ranks 0..{self.size - 1}")
+        if len({d for _, d in every}) > 1:
+            raise ValueError("layer: the routing settings or expert_bias differ across ranks "
+                             f"(digests {[d[:8] for _, d in every]} on ranks 0..{self.size - 1}); "
+                             "update expert_bias from the global load, the same on every rank, "
+                             "and change layer.options on every rank alike")
         x2 = x.reshape(-1, L.d_model).astype(L.dtype, copy=False)  # [T_local, D]
         ex = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
+        draws = L.options.random  # one generator, drawn group after group as MoELayer does
+        if draws:
+            skip_route_draws(L.options, T, L._noise_rng, self.rank)  # groups before this rank's
         ys, gc, aux, z = token_groups.forward_groups(L, [x2], self._expert_params(), ex,
                                                 self.load_stats, False, self.stats.times)
-        self._cache = (x.shape, x.dtype, gc)
+        if draws:
+            skip_route_draws(L.options, T, L._noise_rng, self.size - 1 - self.rank)  # and after
+        self._cache = (x.shape, x.dtype, gc, ex)
         self.routing, self.aux_loss, self.z_loss = gc.groups[0].routing, aux, z
         return ys[0].reshape(x.shape)
 
@@ -376,16 +459,22 @@ class ExpertParallelMoE:
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """dx for this rank's tokens; fills self.grads (router: mean over ranks; experts: the
         sum of every rank's contributions / P; pymoe.token_groups). Collective."""
-        problem = None
+        problem: str | None = None
+        failure: BaseException | None = None
         try:
             if self._cache is None:
                 raise ValueError("backward: called before forward()")
             dy = _checks.float_array("dy", dy, shape=self._cache[0])
         except (TypeError, ValueError) as err:
             problem = str(err)
-        self._agree(problem)
+        except BaseException as err:  # shared, then re-raised: nobody waits for this rank
+            problem, failure = f"{type(err).__name__}: {err}", failure or err
+        self._agree(problem, None, failure is not None)
+        if failure is not None:
+            raise failure
         assert self._cache is not None  # _agree raised on every rank otherwise
-        x_shape, x_dtype, gc = self._cache
+        x_shape, x_dtype, gc, ex = self._cache
+        ex.directions = iter(DIRECTIONS[2:])  # a second backward() records its exchanges again
         L = self.layer
         dy2 = dy.reshape(-1, L.d_model).astype(L.dtype, copy=False)
         dxs, grads = token_groups.backward_groups(L, gc, [dy2], self._expert_params(),

@@ -267,12 +267,13 @@ class MoELayer:
     def _param_names(self) -> tuple[str, ...]:
         return tuple(self._param_shapes())
 
-    def nonfinite_error(self, what: str, names: tuple[str, ...], inputs: str) -> ValueError:
+    def nonfinite_error(self, what: str, names: tuple[str, ...], inputs: str,
+                        params: dict[str, np.ndarray] | None = None) -> ValueError:
         """The error for a non-finite intermediate: the parameter that holds a NaN/inf when one
         does, else an overflow of finite values, said in the caller's terms (the token-group step
-        raises it too)."""
+        raises it too, with the parameters it computed with: an expert-parallel rank's own)."""
         for name in names:
-            p = self.params[name]
+            p = (self.params if params is None or name not in params else params)[name]
             bad = p.size - np.count_nonzero(np.isfinite(p))
             if bad:
                 return ValueError(f"params['{name}']: expected finite values, got {bad} NaN/inf "
@@ -318,8 +319,7 @@ class MoELayer:
                                      None if gin else gate)  # [T, D]
         shared = None
         if self.num_shared_experts:
-            y_shared, shared = shared_experts_forward(x2, p, self.shared_form,
-                                                      self.shared_expert_gate)  # [T, D]
+            y_shared, shared = self.shared_forward(x2, p)  # [T, D]
             wide = np.float32 if self.shared_sum_fp32 and self.dtype == np.float16 else None
             y = y + y_shared if wide is None else y.astype(wide) + y_shared.astype(wide)
             if self.shared_combine == "mean":
@@ -408,6 +408,23 @@ class MoELayer:
     def _expert_params(self) -> dict[str, np.ndarray]:
         return {n: self.params[n] for n in EXPERT_PARAMS}
 
+    # ------------------------------------------------------- shared experts
+    # The one place that calls variants.shared (the layer, its token groups, expert parallelism).
+    def shared_params(self) -> dict[str, np.ndarray]:
+        """The shared experts' parameters (shared_w1, ..., w_shared_gate), {} without them."""
+        names = [n for n in self._param_shapes() if n.startswith("shared_") or n == "w_shared_gate"]
+        return {n: self.params[n] for n in names}
+
+    def shared_forward(self, x2: np.ndarray, params: dict[str, np.ndarray]
+                       ) -> tuple[np.ndarray, SharedCache]:
+        """y_shared `[T, D]` of tokens x2 `[T, D]` and its cache (variants.shared)."""
+        return shared_experts_forward(x2, params, self.shared_form, self.shared_expert_gate)
+
+    def shared_backward(self, dy2: np.ndarray, x2: np.ndarray, params: dict[str, np.ndarray],
+                        cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(dx `[T, D]`, the shared parameters' gradients) of shared_forward."""
+        return shared_experts_backward(dy2, x2, params, cache)
+
     def loss_terms(self) -> float:
         """aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ load_loss_coef * load_loss with
         noisy top-K) of the last forward()."""
@@ -434,7 +451,7 @@ class MoELayer:
             G = self.token_groups
             dxs, grads = token_groups.backward_groups(self, c.groups, np.split(dy2, G),
                                                  self._expert_params(), {})
-            self.grads = {n: grads[n] for n in PARAM_NAMES}
+            self.grads = {n: grads[n] for n in self.params}
             return np.concatenate(dxs).reshape(c.x_shape).astype(c.x_dtype, copy=False)
         r = c.routing
         extra: dict[str, np.ndarray] = {}
@@ -477,7 +494,7 @@ class MoELayer:
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
         grads = dict(eg, **extra)
         if c.shared is not None and c.x2 is not None:  # forward keeps x2 with shared experts
-            dx_shared, sg = shared_experts_backward(dy2, c.x2, p, c.shared)
+            dx_shared, sg = self.shared_backward(dy2, c.x2, p, c.shared)
             dx2 = dx2 + dx_shared
             grads.update(sg)
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's

@@ -362,19 +362,22 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
         if o["formulation"] != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
                              f"formulation={o['formulation']!r}")
-        if (o["router_noise"] == "noisy_topk" or o["num_shared_experts"]
-                or route.selection == "experts"):
-            raise ValueError("token_groups: groups support neither router_noise='noisy_topk', "
-                             "shared experts nor selection='experts'")
-        for extra in ("gate_input", "output_bias", "post_norm"):
-            if o[extra]:
-                raise ValueError(f"{extra}: not supported with token_groups > 1 (groups run "
-                                 "the routed experts only)")
-        if o["load_stats"] == "global" and (route.score != "softmax"
-                                            or route.load_balancing != "switch"):
-            raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
-                             f"score={route.score!r}, load_balancing={route.load_balancing!r}")
+        check_token_groups("token_groups", route, o["router_noise"], o["load_stats"])
+        check_group_extras("token_groups", o)
     return ExpertOptions(**o)
+
+
+def check_group_extras(who: str, o: Any) -> None:
+    """The layer extras the token-group step (MoELayer(token_groups > 1), ExpertParallelMoE)
+    does not run: it runs the routed experts and adds the shared ones, nothing else. `o`: the
+    ExpertOptions fields as a dict, or an object with them as attributes."""
+    get = o.get if isinstance(o, dict) else lambda n: getattr(o, n)
+    for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
+                         ("shared_combine", "sum"), ("shared_sum_fp32", False)):
+        if get(extra) != unset:
+            raise ValueError(f"{who}: {extra}={get(extra)!r} is not supported with token groups "
+                             "or expert parallelism (they add the shared experts' output to the "
+                             "routed one and nothing else)")
 
 
 def _form_options(o: dict[str, Any]) -> None:
@@ -398,6 +401,21 @@ def _form_options(o: dict[str, Any]) -> None:
             raise ValueError(f"{kw}: needs num_shared_experts >= 1")
     if o["shared_swiglu_limit"] is not None and "swiglu_limit" not in form.keywords:
         raise ValueError(f"shared_swiglu_limit: the form activation={form.name!r} has no limit")
+
+
+def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_stats: str) -> None:
+    """What the token-group step (pymoe.token_groups: MoELayer(token_groups > 1) and
+    ExpertParallelMoE alike) does not run, each a ValueError starting with `who`."""
+    if router_noise == "noisy_topk":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support "
+                         "router_noise='noisy_topk' (its load loss and w_noise would get no "
+                         "gradient); use 'jitter' or 'none'")
+    if route.selection == "experts":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support expert "
+                         "choice (selection='experts'); use 'tokens' or 'sinkhorn'")
+    if load_stats == "global" and (route.score != "softmax" or route.load_balancing != "switch"):
+        raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
+                         f"score={route.score!r}, load_balancing={route.load_balancing!r}")
 
 
 def expert_bias_arg(expert_bias: object, num_experts: int) -> np.ndarray | None:

@@ -48,7 +48,14 @@ from .topk import (
 from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
 from .variants.group_limited import grouped, limit_for
 from .variants.presets import Preset, accepts_preset
-from .variants.scores import selection_scores, sigmoid, sigmoid_backward
+from .variants.scores import (
+    log_sigmoid,
+    selection_scores,
+    sigmoid,
+    sigmoid_backward,
+    stable_ratios,
+    underflowed_rows,
+)
 from .variants.sinkhorn import sinkhorn
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
@@ -180,7 +187,8 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         router_logits: `[T, E]` float array (computed in at least float32).
         k: K choices per token, 1 <= K <= E.
         capacity_factor: > 0 and finite, or None for dropless routing (capacity.expert_capacity).
-        expert_bias: `[E]` added to the scores for choosing only (variants.scores.selection_scores).
+        expert_bias: `[E]` added to the scores for choosing only (variants.scores.selection_scores),
+            cast to the score dtype first (every backend: docs/variants.md).
         seed: an int or a numpy Generator for priority="random" / second_expert_policy="random"
             (the permutation is drawn first, then the second-expert uniforms).
         backend: who selects the top-K and assigns slots: "numpy" (the reference steps), "c"
@@ -230,7 +238,13 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     # step 2: router scores (and the logsumexp the z-loss needs)
     probs, lse = softmax_lse(logits) if twin is None else twin.softmax_lse(logits)  # [T, E], [T]
     scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]
-    aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
+    aux_probs = _aux_probs(scores, logits, opts)  # [T, E]
+    if expert_bias is not None:  # one rule for every backend: the bias in the score dtype
+        with np.errstate(over="ignore"):
+            expert_bias = np.asarray(expert_bias).astype(logits.dtype, copy=False)  # [E]
+        if not np.isfinite(expert_bias).all():
+            raise ValueError(f"expert_bias: a value overflows {logits.dtype}, the score dtype "
+                             "it is added in (docs/variants.md); keep |expert_bias| within it")
     # step 3: choose K experts per token
     sums = None
     if twin is not None and opts.selection == "tokens" and not grouped(opts):
@@ -241,7 +255,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     else:
         expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]
     # step 4: gates
-    gate = gates_for(scores, expert_index, opts)  # [T, K]
+    gate = _gates(scores, logits, expert_index, opts)  # [T, K]
     # step 6: the order in which tokens claim slots (and which pairs compete at all)
     token_order = priority_order(scores, opts.priority, rng)  # [T]
     candidates = None
@@ -271,6 +285,75 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                    expert_load=load,
                    aux_loss=aux, z_loss=router_z_loss_from_lse(lse), options=opts,
                    expert_bias=expert_bias, _slot_owner=owner)
+
+
+def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, groups: int) -> None:
+    """Advance rng past the random numbers route_unchecked draws for `groups` routings of T
+    tokens each (the permutation, then the second-expert uniforms): expert parallelism routes
+    rank r's group after the r groups before it, as MoELayer(token_groups=P) does in sequence."""
+    for _ in range(groups):
+        if opts.priority == "random":
+            rng.permutation(T)
+        if opts.second_expert_policy == "random":
+            rng.uniform(size=T)
+
+
+def _log_scores(logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
+    """log of the scores up to a per-token constant: the logits (softmax) or log-sigmoids."""
+    return logits if opts.score == "softmax" else log_sigmoid(logits)
+
+
+def _gates(scores: np.ndarray, logits: np.ndarray, index: np.ndarray,
+           opts: RouteOptions) -> np.ndarray:
+    """gates_for; normalised gates of a token whose chosen scores all underflowed (sigmoid scores
+    of very negative logits, or softmax probabilities a large expert_bias chose) come from the
+    log-scores (variants.scores.stable_ratios), not 0 / 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 rows are replaced below
+        gate = gates_for(scores, index, opts)  # [T, K]
+    if opts.normalize:
+        gate = stable_ratios(gate, np.take_along_axis(scores, index, axis=-1),
+                             _log_scores(np.take_along_axis(logits, index, axis=-1), opts))
+    return gate
+
+
+def _aux_probs(scores: np.ndarray, logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
+    """aux_loss_scores, sigmoid rows that underflowed taken stably as in _gates."""
+    if opts.score == "softmax":
+        return scores
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 rows are replaced below
+        aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
+    return stable_ratios(aux_probs, scores, log_sigmoid(logits))
+
+
+def _stable_dlogits(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None,
+                    rows: np.ndarray) -> np.ndarray:
+    """d logits `[T_rows, E]` of the gate and aux terms for the given rows, written with the
+    ratios so that nothing divides by an underflowed sum. For normalised gates g = s_sel / S:
+    d l_i = g_i (dg_i - sum_j dg_j g_j) times (1 - s_i) for sigmoid scores (s_i / S = g_i,
+    ds_i/dl_i = s_i (1 - s_i)) and times 1 for softmax (g is the softmax of the chosen logits);
+    the sigmoid aux loss's q = s / sum_e s_e likewise; softmax's aux term as softmax_backward."""
+    opts = routing.options
+    s, logits = routing.probs[rows], routing.router_logits[rows]  # [n, E]
+    index, dg = routing.expert_index[rows], dgate[rows]  # [n, K]
+    s_sel = np.take_along_axis(s, index, axis=-1)  # [n, K]
+    sigmoid_score = opts.score == "sigmoid"
+    if opts.normalize:
+        g = _gates(s, logits, index, opts)  # [n, K]
+        d_sel = g * (dg - (dg * g).sum(axis=-1, keepdims=True))
+        if sigmoid_score:
+            d_sel = d_sel * (1 - s_sel)
+    else:
+        d_sel = dg * s_sel * (1 - s_sel)  # sigmoid (softmax rows are never bad unnormalised)
+    out = np.zeros_like(s)  # [n, E]
+    np.put_along_axis(out, index, d_sel.astype(s.dtype), axis=-1)
+    if daux is not None:
+        da = daux[rows]  # [n, E]
+        if sigmoid_score:
+            q = _aux_probs(s, logits, opts)  # [n, E]
+            out += (1 - s) * q * (da - (da * q).sum(axis=-1, keepdims=True))
+        else:
+            out += softmax_backward(da, s)
+    return out
 
 
 def _slots(twin, expert_index: np.ndarray, token_order: np.ndarray, capacity: int,
@@ -346,19 +429,29 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     opts, scores, index, kept = routing.options, routing.probs, routing.expert_index, routing.kept
     dgate = scale_for(dgate.astype(scores.dtype), opts)  # [T, K]
     if opts.renormalize_after_drop:
-        dgate = renormalize_kept_backward(dgate, gates_for(scores, index, opts), kept)
+        dgate = renormalize_kept_backward(dgate, _gates(scores, routing.router_logits, index,
+                                                        opts), kept)
     else:
         dgate = np.where(kept, dgate, 0).astype(scores.dtype)  # [T, K]
-    dscores = gates_backward_for(dgate, scores, index, opts)  # [T, E]
-    if aux_loss_coef and opts.selection != "experts":
-        aux_probs = aux_loss_scores(scores, opts.score)
-        daux = balance_loss_backward(aux_probs, index, aux_loss_coef, opts.load_balancing,
-                                     opts.sequence_length)  # [T, E]
-        dscores += aux_loss_scores_backward(daux, scores, opts.score)
-    if opts.score == "softmax":
-        dlogits = softmax_backward(dscores, scores)  # [T, E]
-    else:
-        dlogits = sigmoid_backward(dscores, scores)  # [T, E]
+    bad = np.zeros(T, dtype=bool)  # tokens whose score sums underflowed: see below
+    if opts.normalize:  # gates_backward divides by the chosen sum's square
+        bad |= underflowed_rows(np.take_along_axis(scores, index, -1), squared=True)
+    if opts.score == "sigmoid":
+        bad |= underflowed_rows(scores, squared=True)
+    with np.errstate(divide="ignore", invalid="ignore"):  # bad rows are replaced below
+        dscores = gates_backward_for(dgate, scores, index, opts)  # [T, E]
+        daux = None
+        if aux_loss_coef and opts.selection != "experts":
+            aux_probs = _aux_probs(scores, routing.router_logits, opts)
+            daux = balance_loss_backward(aux_probs, index, aux_loss_coef, opts.load_balancing,
+                                         opts.sequence_length)  # [T, E]
+            dscores += aux_loss_scores_backward(daux, scores, opts.score)
+        if opts.score == "softmax":
+            dlogits = softmax_backward(dscores, scores)  # [T, E]
+        else:
+            dlogits = sigmoid_backward(dscores, scores)  # [T, E]
+    if bad.any():
+        dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
     if z_loss_coef:
         dlogits += router_z_loss_backward(routing.router_logits, softmax(routing.router_logits)
                                           if opts.score != "softmax" else scores, z_loss_coef)

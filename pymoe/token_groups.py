@@ -16,7 +16,9 @@ its own objective L_g = sum(y_g * dy_g) + aux_loss_coef * aux_g + z_loss_coef * 
 dL_g/dx_g, and every parameter gradient is that of the mean (1/G) sum_g L_g: router gradients are
 the mean of the groups' router gradients (summed in group order, so the result does not depend on
 how groups are spread over processes), expert gradients are the sum of all groups' contributions
-divided by G. With G = 1 this is MoELayer's usual objective.
+divided by G. With G = 1 this is MoELayer's usual objective. Shared experts are token-local:
+each group computes its own tokens' shared output, and their parameters, replicated like the
+router's, get the mean of the groups' gradients, summed in group order with the router's.
 
 Load statistics for the aux loss (load_stats):
     "local"   each group its own f_e and P_e: aux_g = E sum_e f_e^g P_e^g (what each rank sees);
@@ -31,7 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -43,14 +45,23 @@ LOAD_STATS = ("local", "global")
 T_ = TypeVar("T_")
 
 
+class PeerFailed(RuntimeError):
+    """Raised on every other process when one process's step failed with an exception that is
+    not an argument error (ValueError/TypeError, which every process raises alike): the failing
+    process re-raises its own exception, the others stop with this one instead of waiting."""
+
+
 class Exchange(Protocol):
     """Moves expert rows between the groups here and the experts here (a process's view)."""
 
     num_token_groups: int  # G, all groups, here and elsewhere
 
-    def agree(self, step: str, problem: str | None) -> None:
+    def agree(self, step: str, problem: str | None, fatal: bool = False) -> None:
         """After a local step, before the next exchange: raise the same ValueError on every
-        side if any side had a problem (so that no process waits for one that left)."""
+        side if any side had a problem (so that no process waits for one that left). fatal:
+        the problem is an exception other than ValueError/TypeError (a MemoryError, a
+        RuntimeError, KeyboardInterrupt): the side that had it returns (its caller re-raises
+        it), every other side raises PeerFailed naming it."""
 
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
         """This side's groups' filled rows per expert `<int64>[E]` and capacities C_g, for this
@@ -117,7 +128,7 @@ class LocalExchange:
         self._loads: list[np.ndarray] = []
         self._capacities: list[int] = []
 
-    def agree(self, step: str, problem: str | None) -> None:
+    def agree(self, step: str, problem: str | None, fatal: bool = False) -> None:
         pass  # one process: the error is already on its way up
 
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
@@ -140,6 +151,8 @@ class GroupState:
     noise: np.ndarray | None  # [T_g, D] jitter multipliers, or None
     routing: Routing
     out: np.ndarray | None = None  # [E, C_g, D] expert outputs of this group's slots
+    x: np.ndarray | None = None  # [T_g, D] the group's tokens (kept with shared experts)
+    shared: Any = None  # the shared experts' cache (layer.shared_forward), or None
 
 
 @dataclass
@@ -159,11 +172,16 @@ def _tick(times: dict[str, float], key: str, t0: float) -> float:
 
 
 def _together(exchange: Exchange, step: str, fn: Callable[[], T_]) -> T_:
-    """fn(), a local step; its argument errors (non-finite values, say) stop every process."""
+    """fn(), a local step; any exception in it stops every process: argument errors (non-finite
+    values, say) as the same ValueError everywhere, any other exception (MemoryError,
+    KeyboardInterrupt, ...) re-raised here and PeerFailed on the others (Exchange.agree)."""
     try:
         out = fn()
     except (TypeError, ValueError) as err:
         exchange.agree(step, f"{type(err).__name__}: {err}")
+        raise
+    except BaseException as err:  # shared, then re-raised: no process waits for this one
+        exchange.agree(step, f"{type(err).__name__}: {err}", fatal=True)
         raise
     exchange.agree(step, None)
     return out
@@ -191,8 +209,14 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
         groups of aux_g and z_g, see the module docstring).
     """
     t0 = time.perf_counter()
-    states = _together(exchange, "routing",
-                       lambda: [GroupState(*layer.route_tokens(xb, train)) for xb in x_blocks])
+
+    def route_and_dispatch() -> tuple[list[GroupState], list[np.ndarray]]:
+        states = [GroupState(*layer.route_tokens(xb, train)) for xb in x_blocks]
+        blocks = [layer.backend.dispatch(xb, s.routing.slot_owner, layer.k)
+                  for xb, s in zip(x_blocks, states)]  # [E, C_g, D] each
+        return states, blocks
+
+    states, blocks = _together(exchange, "routing", route_and_dispatch)
     G = exchange.num_token_groups
     f_global, aux_terms = None, []
     if load_stats == "global" and G > 1:  # with one group, global is local (same arithmetic)
@@ -206,28 +230,41 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
         aux_terms = [aux] * len(states)
     else:
         aux_terms = [s.routing.aux_loss for s in states]
-    blocks = [layer.backend.dispatch(xb, s.routing.slot_owner, layer.k)
-              for xb, s in zip(x_blocks, states)]  # [E, C_g, D] each
     t0 = _tick(times, "routing", t0)
     exchange.set_loads([s.routing.expert_load_kept for s in states],
                        [s.routing.capacity for s in states])
     packed, filled = exchange.to_experts(blocks)  # [E_here, sum C_g, D]
     t0 = _tick(times, "exchange", t0)
     p = expert_params
-    out, ecache = experts_forward(packed, p["w1"], p["b1"], p["w2"], p["b2"], layer.expert_form,
-                                  filled=filled)
+    def experts() -> tuple[np.ndarray, ExpertsCache]:
+        out, ecache = experts_forward(packed, p["w1"], p["b1"], p["w2"], p["b2"],
+                                      layer.expert_form, filled=filled)  # [E_here, sum C_g, D]
+        if not np.isfinite(out).all():  # a parameter's NaN is said where the experts are;
+            bad = [n for n in EXPERT_PARAMS if not np.isfinite(p[n]).all()]  # an overflow by
+            if bad:  # the combine, on the rank of the tokens
+                raise layer.nonfinite_error("the expert outputs", tuple(bad), "x", params=p)
+        return out, ecache
+
+    out, ecache = _together(exchange, "the experts", experts)
     t0 = _tick(times, "experts", t0)
     outs = exchange.from_experts(out)
     t0 = _tick(times, "exchange", t0)
 
+    shared_params = layer.shared_params()  # {} without shared experts
+
     def combine() -> list[np.ndarray]:
         ys = []
-        for s, o in zip(states, outs):
+        for s, o, xb in zip(states, outs, x_blocks):
             s.out = o
             ys.append(layer.backend.combine(o, s.routing.expert_index, s.routing.position,
                                             s.routing.gate.astype(layer.dtype)))  # [T_g, D]
+            if shared_params:  # token-local: each group (rank) its own tokens
+                y_shared, s.shared = layer.shared_forward(xb, shared_params)  # [T_g, D]
+                s.x = xb
+                ys[-1] = ys[-1] + y_shared
             if not np.isfinite(ys[-1]).all():  # one pass, versus the experts' T*K*D*H
-                raise layer.nonfinite_error("the expert outputs", EXPERT_PARAMS, "x")
+                raise layer.nonfinite_error("the expert outputs", EXPERT_PARAMS + tuple(
+                    shared_params), "x", params={**shared_params, **expert_params})
         return ys
 
     ys = _together(exchange, "the combine", combine)
@@ -272,7 +309,8 @@ def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
     d_packed, _ = exchange.to_experts(d_outs)
     t0 = _tick(times, "exchange", t0)
     p = expert_params
-    d_in, eg = experts_backward(d_packed, p["w1"], p["w2"], cache.experts)
+    d_in, eg = _together(exchange, "the experts' backward",
+                         lambda: experts_backward(d_packed, p["w1"], p["w2"], cache.experts))
     for g in eg.values():
         g /= G  # the mean objective (1/G) sum_g L_g
     t0 = _tick(times, "experts", t0)
@@ -281,25 +319,41 @@ def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
     rdt = router_dtype(layer.dtype)
     w_router = layer.params["w_router"].astype(rdt, copy=False)
 
+    shared_params = layer.shared_params()  # {} without shared experts
+    shapes = {"w_router": w_router.shape, "b_router": w_router.shape[1:],
+              **{n: v.shape for n, v in shared_params.items()}}
+
     def router_backward() -> tuple[list[np.ndarray], list[np.ndarray]]:
         dxs, router_parts = [], []
-        for s, dgate, d_in_g in zip(cache.groups, dgates, d_ins):
+        for s, dgate, d_in_g, dyb in zip(cache.groups, dgates, d_ins, dy_blocks):
             r = s.routing
             dx = layer.backend.combine(d_in_g, r.expert_index, r.position)  # [T_g, D]
+            if not np.isfinite(dgate).all():  # said in the caller's terms, as MoELayer does
+                raise layer.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
             dlogits = _dlogits(layer, s, dgate, cache.f_global)  # [T_g, E]
             dx_router, dw, db = router_logits_backward(dlogits, s.x_router, w_router)
             if s.noise is not None:
                 dx_router *= s.noise
+            part = {"w_router": dw, "b_router": db}
+            if s.shared is not None:  # replicated parameters: summed over groups as the router's
+                dx_shared, sg = layer.shared_backward(dyb, s.x, shared_params, s.shared)
+                dx = dx + dx_shared
+                part.update(sg)
             dxs.append(dx + dx_router.astype(layer.dtype))
-            router_parts.append(np.concatenate([dw.ravel(), db]))
+            router_parts.append(np.concatenate([part[n].ravel() for n in shapes]))
         return dxs, router_parts
 
     dxs, router_parts = _together(exchange, "the router's backward", router_backward)
     t0 = _tick(times, "routing", t0)
-    router_sum = exchange.sum_in_group_order(router_parts)  # [D*E + E]
+    router_sum = exchange.sum_in_group_order(router_parts)  # [D*E + E (+ shared)]
     t0 = _tick(times, "exchange", t0)
     router_mean = router_sum / G
-    D, E = w_router.shape
-    grads = {"w_router": router_mean[:D * E].reshape(D, E), "b_router": router_mean[D * E:], **eg}
+    replicated, at = {}, 0
+    for n, shape in shapes.items():  # the replicated parameters' mean gradients
+        size = int(np.prod(shape))
+        replicated[n] = router_mean[at:at + size].reshape(shape)
+        at += size
+    grads = {"w_router": replicated.pop("w_router"), "b_router": replicated.pop("b_router"), **eg,
+             **replicated}
     _tick(times, "routing", t0)
     return dxs, {n: g.astype(layer.dtype, copy=False) for n, g in grads.items()}

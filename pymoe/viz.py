@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _checks
 from .routing import Routing
 
 DPI = 110
@@ -32,6 +33,13 @@ def have_matplotlib() -> bool:
     return True
 
 
+def no_picture_reason() -> str:
+    """Why have_matplotlib() is False, in words."""
+    if os.environ.get("PYMOE_VIZ_TEXT") == "1":
+        return "PYMOE_VIZ_TEXT=1 asks for text"
+    return "matplotlib is not installed: pip install matplotlib"
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -39,9 +47,46 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str):
+    _checks.output_path("path", path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return fig
+
+
+def _routing(name: str, r: object) -> Routing:
+    if not isinstance(r, Routing):
+        raise TypeError(f"{name}: expected a pymoe.Routing from route(), got {type(r).__name__}")
+    return r
+
+
+def _matrix(name: str, a: object) -> np.ndarray:
+    """A non-empty 2-D numeric array."""
+    try:
+        m = np.asarray(a, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name}: expected a 2-D numeric array, got {type(a).__name__}") from err
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"{name}: expected a non-empty 2-D array, got shape {m.shape}")
+    return m
+
+
+def _values(name: str, v: object) -> list[float]:
+    """A 1-D sequence of numbers, as floats."""
+    try:
+        a = np.asarray(v, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name}: expected a sequence of numbers, got {type(v).__name__}") from err
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence of numbers, got shape {a.shape}")
+    return a.tolist()
+
+
+def _mapping(name: str, m: object) -> dict:
+    if not isinstance(m, Mapping):
+        raise TypeError(f"{name}: expected a dict label -> values, got {type(m).__name__}")
+    if not m:
+        raise ValueError(f"{name}: expected at least one entry, got an empty {type(m).__name__}")
+    return dict(m)
 
 
 def _emit(text: str) -> str:
@@ -73,6 +118,7 @@ def routing_heatmap(routing: Routing, path: str, *, title: str | None = None,
     Text version: one row per token, a shade per expert (darker = more probable), and the
     choice number or 'x' (dropped) after it.
     """
+    routing = _routing("routing", routing)
     T, E = routing.probs.shape
     n = min(T, max_tokens)
     title = title or (f"routing {T} tokens to {E} experts: K={routing.k}, C={routing.capacity}\n"
@@ -117,6 +163,7 @@ def dispatch_combine_picture(routing: Routing, path: str, *, max_tokens: int = 3
 
     Text version: each expert's slots with the token and gate sitting in them.
     """
+    routing = _routing("routing", routing)
     T, E, C = routing.num_tokens, routing.num_experts, routing.capacity
     n = min(T, max_tokens)
     cw = routing.combine_weights[:n]  # [n, E, C]
@@ -172,7 +219,8 @@ def expert_load_bars(routings: Routing | Mapping[str, Routing], path: str) -> An
 
     Text version: one bar of '#' (kept) and 'x' (dropped) per expert.
     """
-    items = {"": routings} if isinstance(routings, Routing) else dict(routings)
+    items = ({"": routings} if isinstance(routings, Routing) else
+             {k: _routing(f"routings[{k!r}]", r) for k, r in _mapping("routings", routings).items()})
     if not have_matplotlib():
         lines = []
         for label, r in items.items():
@@ -216,9 +264,13 @@ def curves(x: Sequence[float] | None, series: Mapping[str, Sequence[float]], pat
 
     Text version: a table, one column per series (long series shown every few points).
     """
-    series = {k: list(map(float, v)) for k, v in series.items()}
+    series = {k: _values(f"series[{k!r}]", v) for k, v in _mapping("series", series).items()}
     n = max(len(v) for v in series.values())
+    if n == 0:
+        raise ValueError("series: every series is empty; expected at least one point")
     xs = list(x) if x is not None else list(range(1, n + 1))
+    if len(xs) < n:
+        raise ValueError(f"x: expected at least {n} values (the longest series), got {len(xs)}")
     if not have_matplotlib():
         step = max(1, n // 15)
         head = f"{xlabel:>10s} " + " ".join(f"{k[:14]:>14s}" for k in series)
@@ -270,7 +322,7 @@ def class_expert_heatmap(counts: np.ndarray, path: str, *,
 
     Text version: one row per class, a shade and a percentage per expert.
     """
-    counts = np.asarray(counts, dtype=float)
+    counts = _matrix("counts", counts)  # [classes, E]
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     n_cls, E = share.shape
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_cls)]
@@ -366,7 +418,11 @@ def send_matrices(matrices: Mapping[str, np.ndarray], path: str, *, title: str,
 
     Text version: one table per label.
     """
-    mats = {k: np.asarray(v, dtype=float) / scale for k, v in matrices.items()}
+    mats = {k: _matrix(f"matrices[{k!r}]", v) / scale for k, v in _mapping("matrices",
+                                                                            matrices).items()}
+    for k, m in mats.items():
+        if m.shape[0] != m.shape[1]:
+            raise ValueError(f"matrices[{k!r}]: expected a square [P, P] matrix, got {m.shape}")
     vmax = max(float(m.max(initial=0)) for m in mats.values())
     if not have_matplotlib():
         lines = [title]
@@ -405,6 +461,7 @@ def expert_choice_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
     each token's experts (0..E: some tokens get several, some none). Text version: one row per
     token, '#' = taken, '.' = not taken, then the count.
     """
+    routing = _routing("routing", routing)
     T, E = routing.probs.shape
     n = min(T, max_tokens)
     taken = np.zeros((T, E), dtype=bool)  # [T, E]
@@ -445,6 +502,7 @@ def group_limited_picture(routing: Routing, path: str, *, max_tokens: int = 64) 
     Text version: one row per token, groups separated by '|', '-' for experts of groups the token
     may not use, the choice number for chosen experts, '.' otherwise.
     """
+    routing = _routing("routing", routing)
     from .variants.group_limited import group_settings, limit_to_groups
     from .variants.scores import routing_selection_scores
 
@@ -524,6 +582,11 @@ def preset_differences(comparison: Any, path: str, *, max_tokens: int = 48) -> A
     Text version: one line per preset, a character per pair ('.' same, 'E' other expert,
     'D' dropped in one only, 'G' other gate), then the table.
     """
+    from .compare import Comparison
+
+    if not isinstance(comparison, Comparison):
+        raise TypeError(f"comparison: expected the result of pymoe.compare(), got "
+                        f"{type(comparison).__name__}")
     names = list(comparison.names)
     r0 = comparison.routings[names[0]]
     T, n, K = r0.num_tokens, min(r0.num_tokens, max_tokens), r0.k

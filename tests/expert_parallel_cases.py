@@ -34,7 +34,8 @@ def build_layer(case: dict, token_groups: int = 1):
                            priority=c["priority"], activation=c["activation"],
                            aux_loss_coef=c["aux_loss_coef"], z_loss_coef=c["z_loss_coef"],
                            backend=c["backend"], dtype=np.dtype(c["dtype"]), seed=c["seed"],
-                           token_groups=token_groups, load_stats=c["load_stats"])
+                           token_groups=token_groups, load_stats=c["load_stats"],
+                           **c.get("layer_kw", {}))
     if c["skew"]:
         D, E = c["D"], c["E"]
         w = np.zeros((D, E))
@@ -64,13 +65,25 @@ def run_rank(case: dict, comm) -> dict:
     P, rank = comm.Get_size(), comm.Get_rank()
     if c.get("zero_exchange"):
         return zero_exchange(c, comm)
-    layer = build_layer(case)
+    layer = build_layer({**case, "layer_kw": {**c.get("layer_kw", {}),
+                                              **c.get("layer_kw_on_rank", {}).get(str(rank), {})}})
     if c.get("mismatch_rank") == rank:  # a rank whose parameters differ
         layer.params["w1"] = layer.params["w1"] * 2
+    if c.get("extra_param_rank") == rank:  # a rank with a parameter the others lack
+        layer.params["extra"] = np.zeros(3, layer.dtype)
     if c.get("num_experts_on_rank", {}).get(str(rank)):
         import pymoe
         layer = pymoe.MoELayer(c["D"], c["H"], c["num_experts_on_rank"][str(rank)], c["K"])
+    fault = c.get("fault")
+    if fault and fault.get("at") == "setup" and fault["rank"] == rank:
+        inject(fault, layer)
     ep = ExpertParallelMoE(layer, comm, exchange=c["exchange"], load_stats=c["load_stats"])
+    if c.get("bias_drift_rank") == rank:  # a bias updated on one rank only
+        layer.expert_bias = np.full(c["E"], 1e-3)
+    if c.get("nan_param_rank") == rank:  # "update in place", with a NaN
+        ep.params["w1"][0, 0, 0] = np.nan
+    if fault and fault.get("at") not in ("setup", "backward") and fault["rank"] == rank:
+        inject(fault, layer)
     x, dy = inputs(case, P)
     sl = slice(rank * c["T_local"], (rank + 1) * c["T_local"])
     x, dy = x[sl], dy[sl]
@@ -80,7 +93,12 @@ def run_rank(case: dict, comm) -> dict:
         x = x.copy()
         x[0] = np.finfo(x.dtype).max
     y = ep.forward(x)
+    if fault and fault.get("at") == "backward" and fault["rank"] == rank:
+        ep._cache = FailingCache(ep._cache, FAULT_KINDS[fault["kind"]])  # backward()'s checks
     dx = ep.backward(dy)
+    if c.get("backward_twice"):
+        dx2 = ep.backward(dy)
+        assert np.array_equal(dx, dx2), "a second backward() differs"
     st = ep.stats
     out = {"y": y, "dx": dx, "aux": np.array(ep.aux_loss), "z": np.array(ep.z_loss),
            "capacity": np.array(ep.routing.capacity)}
@@ -89,6 +107,55 @@ def run_rank(case: dict, comm) -> dict:
         out[f"rows_{d}"], out[f"bytes_{d}"] = st.rows[d], st.bytes[d]
         out[f"padding_{d}"] = st.padding_bytes[d]
     return out
+
+
+FAULT_POINTS = ("setup", "route_tokens", "dispatch", "experts_forward", "combine", "backward",
+                "gate_grad", "experts_backward", "router_backward")
+FAULT_KINDS = {"MemoryError": MemoryError, "RuntimeError": RuntimeError,
+               "KeyboardInterrupt": KeyboardInterrupt, "ValueError": ValueError,
+               "ZeroDivisionError": ZeroDivisionError}
+
+
+class FailingCache(tuple):
+    """A forward cache whose first read raises: backward() fails in its own checks."""
+
+    def __new__(cls, items, kind):
+        self = super().__new__(cls, items)
+        self.kind = kind
+        return self
+
+    def __getitem__(self, i):
+        raise self.kind("injected at backward")
+
+
+def inject(fault: dict, layer) -> None:
+    """Make one step of this rank raise fault["kind"] at fault["at"] (FAULT_POINTS), the way an
+    out-of-memory expert matmul or a Ctrl-C would: by replacing the function called there."""
+    import pymoe.expert_parallel as ep_mod
+    import pymoe.token_groups as tg
+
+    kind = FAULT_KINDS[fault["kind"]]
+
+    def boom(*args, **kwargs):
+        raise kind(f"injected at {fault['at']}")
+
+    at = fault["at"]
+    if at == "setup":
+        ep_mod._digest = boom  # the parameter digests of the setup check
+    elif at == "route_tokens":
+        layer.route_tokens = boom
+    elif at in ("experts_forward", "experts_backward"):
+        setattr(tg, at, boom)
+    elif at == "router_backward":
+        tg.router_logits_backward = boom
+    else:  # dispatch, combine, gate_grad: the backend's own functions
+        backend = layer.backend
+
+        class Failing:
+            def __getattr__(self, name):
+                return boom if name == at else getattr(backend, name)
+
+        layer.backend = Failing()
 
 
 def zero_exchange(c: dict, comm) -> dict:
@@ -128,26 +195,49 @@ def mismatches(case: dict, ranks: list[dict]) -> list[str]:
                    if got.shape == want.shape else "shape")
             bad.append(f"{name}: differs (max abs {err})")
 
+    replicated = [n for n in ref["grads"] if n not in ("w1", "b1", "w2", "b2")]
     for r, res in enumerate(ranks):
         same(f"rank {r} y", res["y"], ref["y"][r * T:(r + 1) * T])
         same(f"rank {r} dx", res["dx"], ref["dx"][r * T:(r + 1) * T])
-        for n in ("w_router", "b_router"):
+        for n in replicated:  # the router's and the shared experts'
+            if f"grad_{n}" not in res:
+                bad.append(f"rank {r}: no gradient of {n}")
+                continue
             same(f"rank {r} grad {n}", res[f"grad_{n}"], ref["grads"][n])
         for n in ("w1", "b1", "w2", "b2"):
             same(f"rank {r} grad {n}", res[f"grad_{n}"], ref["grads"][n][r * El:(r + 1) * El])
     return bad
 
 
+def _patchable() -> dict:
+    import pymoe.expert_parallel as ep_mod
+    import pymoe.token_groups as tg
+
+    return {(m, n): getattr(m, n) for m, names in ((ep_mod, ("_digest",)), (tg, (
+        "experts_forward", "experts_backward", "router_logits_backward"))) for n in names}
+
+
+def _restore(saved: dict) -> None:
+    for (m, n), v in saved.items():
+        setattr(m, n, v)
+
+
 def main(argv: list[str]) -> int:
     from mpi4py import MPI
 
     out_dir, cases = argv[0], json.loads(argv[1])
-    catch = (ValueError, TypeError) if argv[2:] != ["--no-catch"] else ()
+    catch: tuple = (ValueError, TypeError) if argv[2:] != ["--no-catch"] else ()
+    if argv[2:] == ["--catch-all"]:  # the fault cases: every exception recorded, the job goes on
+        catch = (BaseException,)
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     for i, case in enumerate(cases):
         try:
-            res = run_rank(case, comm)
+            saved = _patchable()
+            try:
+                res = run_rank(case, comm)
+            finally:
+                _restore(saved)
             np.savez(os.path.join(out_dir, f"case{i}_rank{rank}.npz"), **res)
         except catch as err:  # a clean, collective refusal: record it, go on
             with open(os.path.join(out_dir, f"case{i}_rank{rank}.err"), "w") as f:

@@ -15,6 +15,8 @@ import os
 import sys
 from types import ModuleType
 
+from .. import _checks
+
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pymoe/
 DEFAULT_OUT = os.path.join(PACKAGE_DIR, "_pymoe_cuda.so")
 
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--emulate", action="store_true",
                     help="build the CPU emulation of the kernels with g++ (for tests, no GPU)")
     args = ap.parse_args(argv)
+    try:
+        _checks.output_path("--out", args.out)
+    except (TypeError, ValueError) as err:
+        ap.error(f"argument {err}")
     compiler = "g++ ($CXX)" if args.emulate else "nvcc ($NVCC)"
     try:
         out = build(os.path.abspath(args.out), emulate=args.emulate)

@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from .._checks import cli_int, cli_positive_float, output_path
 from ..backend import backends
 from . import torch_peer
 from .cpu import bench_layer, bench_ops, bench_routing, copy_bandwidth
@@ -29,14 +30,15 @@ from .sweep import SWEEP_T, plot_sweep, sweep_rows
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pymoe.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--T", type=int, help="tokens (default 16384; cuda 65536)")
-    ap.add_argument("--D", type=int, help="model dim (default 1024; cuda 4096)")
-    ap.add_argument("--E", type=int, nargs="+", help="experts (default 8 64; cuda 64)")
-    ap.add_argument("--K", type=int, nargs="+", help="choices (default 1 2; cuda 2)")
-    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    pos = cli_int(1)
+    ap.add_argument("--T", type=pos, help="tokens (default 16384; cuda 65536)")
+    ap.add_argument("--D", type=pos, help="model dim (default 1024; cuda 4096)")
+    ap.add_argument("--E", type=pos, nargs="+", help="experts (default 8 64; cuda 64)")
+    ap.add_argument("--K", type=pos, nargs="+", help="choices (default 1 2; cuda 2)")
+    ap.add_argument("--capacity-factor", type=cli_positive_float, default=1.25)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    ap.add_argument("--repeats", type=int, default=7, help="timed calls per row (default 7)")
-    ap.add_argument("--layer", type=int, nargs=5, action="append",
+    ap.add_argument("--repeats", type=pos, help="timed calls per row (default 7; --quick 3)")
+    ap.add_argument("--layer", type=pos, nargs=5, action="append",
                     metavar=("T", "D", "H", "E", "K"), help="a whole-layer problem, repeatable "
                     "(default 4096 512 2048 8 2 and 4096 512 256 64 8)")
     ap.add_argument("--no-routing", action="store_true", help="skip the route() rows")
@@ -54,21 +56,33 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plot", metavar="PATH", help="draw the table (needs matplotlib)")
     ap.add_argument("--backend", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: NumPy/C/torch (default); cuda: the CUDA kernels on a GPU")
-    ap.add_argument("--block-size", type=int, nargs="+", default=[256],
+    ap.add_argument("--block-size", type=pos, nargs="+", default=[256],
                     help="cuda: threads per block, one set of rows each (default 256)")
     args = ap.parse_args(argv)
     defaults = {  # (T, D, E, K); --quick: a smoke test in seconds
         ("cpu", False): (16384, 1024, [8, 64], [1, 2]), ("cpu", True): (2048, 256, [8], [2]),
         ("cuda", False): (65536, 4096, [64], [2]), ("cuda", True): (256, 64, [8], [2])}
     T, D, E, K = defaults[(args.backend, args.quick)]
-    args.T, args.D = args.T or T, args.D or D
+    args.T = T if args.T is None else args.T  # an explicit value always wins (0 is refused)
+    args.D = D if args.D is None else args.D
     args.E, args.K = args.E or E, args.K or K
+    if max(args.K) > min(args.E):
+        ap.error(f"argument --K: every K must be at most every E, got K = {args.K}, E = {args.E}")
+    for spec in args.layer or ():
+        if spec[4] > spec[3]:
+            ap.error(f"argument --layer: K = {spec[4]} exceeds E = {spec[3]} in {spec}")
+    for opt in ("json", "markdown", "plot", "readme"):
+        if getattr(args, opt):
+            try:
+                output_path(f"--{opt}", getattr(args, opt))
+            except (TypeError, ValueError) as err:
+                ap.error(f"argument {err}")
     args.layer = args.layer or ([[512, 128, 256, 4, 2], [512, 128, 64, 16, 4]] if args.quick else
                                 [[4096, 512, 2048, 8, 2], [4096, 512, 256, 64, 8]])
     args.route = [(64, 2), (256, 8)]  # (E, K): a common shape and DeepSeek-V3's experts
     args.sweep = ((256, 512, 1024), 64) if args.quick else (SWEEP_T, 256)  # (Ts, D)
-    if args.quick:
-        args.repeats = 3
+    if args.repeats is None:  # --quick's few repeats only when none were asked for
+        args.repeats = 3 if args.quick else 7
     return args
 
 

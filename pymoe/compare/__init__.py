@@ -105,6 +105,10 @@ def compare(router_logits: np.ndarray, presets: Sequence[str | Preset] | None = 
         pairs differ from the first preset and why; `print(comparison)` shows the table,
         pymoe.viz.preset_differences draws it.
     """
+    if isinstance(presets, (str, Preset)):  # iterating a str would route its letters
+        raise TypeError(f"presets: expected a list of names or Presets, got a single "
+                        f"{type(presets).__name__} {getattr(presets, 'name', presets)!r} "
+                        f"(write [{getattr(presets, 'name', presets)!r}, ...])")
     chosen = [preset(p) for p in (presets if presets is not None else _all())]
     if not chosen:
         raise ValueError("presets: expected at least one preset name")
@@ -117,7 +121,14 @@ def compare(router_logits: np.ndarray, presets: Sequence[str | Preset] | None = 
              if p.k is not None and isinstance(k, int) and p.k != k]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"preset '.*' is a top-\d gating function")
-        routings = {p.name: route(router_logits, preset=p, **shared) for p in chosen}
+        routings = {}
+        for p in chosen:
+            try:
+                routings[p.name] = route(router_logits, preset=p, **shared)
+            except (TypeError, ValueError) as err:  # which preset could not route these logits
+                if "router_logits" in str(err).split(":")[0] or repr(p.name) in str(err):
+                    raise
+                raise type(err)(f"presets: {p.name!r} cannot route these logits: {err}") from err
     if notes:
         _checks.warn("compare: " + "; ".join(notes))
     ref = routings[names[0]]

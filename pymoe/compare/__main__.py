@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 
+from .._checks import cli_int, output_path
 from ..options import RouteOptions, add_flags, flag_values
 from ..variants.presets import presets
 from . import compare
@@ -24,17 +25,33 @@ def _factor(text: str) -> float | None:
     return None if text.lower() in ("none", "dropless") else float(text)
 
 
+def _load_logits(ap: argparse.ArgumentParser, path: str) -> np.ndarray:
+    """--logits: a .npy file of a numeric [T, E] array; anything else is a one-line error. No
+    pickle is ever loaded (allow_pickle stays False: loading one would run its code)."""
+    try:
+        logits = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        ap.error(f"argument --logits: no such file {path!r}")
+    except (OSError, ValueError, EOFError) as err:  # empty, a pickle, an object array, not .npy
+        ap.error(f"argument --logits: {path!r} is not a .npy array file without pickled data "
+                 f"({err})")
+    if not isinstance(logits, np.ndarray):  # an .npz archive
+        ap.error(f"argument --logits: {path!r} holds several arrays (.npz); save one [T, E] "
+                 "array with np.save")
+    return logits
+
+
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(prog="python -m pymoe.compare",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--logits", help="a .npy file holding [T, E] router logits")
-    ap.add_argument("--tokens", type=int, default=128, help="T for random logits (default 128)")
-    ap.add_argument("--experts", type=int, default=16, help="E for random logits (default 16; "
+    ap.add_argument("--tokens", type=cli_int(1), default=128, help="T for random logits (default 128)")
+    ap.add_argument("--experts", type=cli_int(1), default=16, help="E for random logits (default 16; "
                     "deepseek-v3 needs a multiple of 8 with at least 2 experts per group)")
     ap.add_argument("--skew", type=float, default=0.15,
                     help="random logits: expert e shifted by -skew * e (default 0.15)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random logits")
-    ap.add_argument("--k", type=int, default=2, help="choices per token (default 2)")
+    ap.add_argument("--k", type=cli_int(1), default=2, help="choices per token (default 2)")
     ap.add_argument("--capacity-factor",
                     help="shared capacity factor, or 'none' for dropless (default: each "
                          "preset's own)")
@@ -43,8 +60,13 @@ def main(argv: list[str] | None = None):
                     help="comma-separated names, the first is the reference (default: all)")
     ap.add_argument("--plot", help="also draw the comparison to this PNG (pymoe.viz)")
     args = ap.parse_args(argv)
+    if args.plot:
+        try:
+            output_path("--plot", args.plot)
+        except (TypeError, ValueError) as err:
+            ap.error(f"argument {err}")
     if args.logits:
-        logits = np.load(args.logits)
+        logits = _load_logits(ap, args.logits)
     else:
         rng = np.random.default_rng(args.seed)
         logits = rng.normal(size=(args.tokens, args.experts)) - args.skew * np.arange(args.experts)
@@ -68,7 +90,11 @@ def main(argv: list[str] | None = None):
         from .. import viz
 
         viz.preset_differences(result, args.plot)
-        print(f"picture: {args.plot}")
+        if viz.have_matplotlib():
+            print(f"picture: {args.plot}")
+        else:  # viz printed the text form above instead
+            print(f"picture: none written to {args.plot} ({viz.no_picture_reason()}); its text "
+                  "form is above", file=sys.stderr)
     return result
 
 

@@ -155,7 +155,7 @@ def presets() -> list[str]:
     return list(_PRESETS)
 
 
-def preset(name: str | Preset, **overrides: Any) -> Preset:
+def preset(name: str | Preset, /, **overrides: Any) -> Preset:
     """The conventions of one system, as a frozen Preset (print it to see every field).
 
     Args:
@@ -164,7 +164,8 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
             deepseek-v3, gpt-oss, olmoe, nllb-moe, qwen3-next, glm4-moe, llama4, deepseek-v2,
             ernie4.5), or a Preset to derive from.
         overrides: conventions to change, e.g. preset("flaxformer", priority="choice") for a
-            decoder.
+            decoder; name="..." renames the result (for compare(), which tells presets apart by
+            name).
     Returns:
         a Preset; each preset's `source` names the system's file and function it follows (the
         list below is built from the presets themselves).
@@ -180,8 +181,11 @@ def preset(name: str | Preset, **overrides: Any) -> Preset:
         raise TypeError(f"preset: expected a name (str) or a pymoe.Preset, got {type(name).__name__}")
     if not overrides:
         return base
+    new_name = overrides.pop("name", base.name)
+    if not isinstance(new_name, str) or not new_name:
+        raise TypeError(f"name: expected a non-empty str, got {new_name!r}")
     k = overrides.pop("k", base.k)
-    return Preset(base.name, base.source, k, **{**base.conventions, **overrides})
+    return Preset(new_name, base.source, k, **{**base.conventions, **overrides})
 
 
 preset.__doc__ = (preset.__doc__ or "") + "\n    Sources:\n" + "".join(
@@ -211,7 +215,7 @@ def _preset_error(err: ValueError, p: Preset, filled: dict[str, Any],
         experts = f" E = {np.shape(arguments['router_logits'])[-1]} experts"
     else:
         experts = " these arguments"
-    return ValueError(f"preset {p.name!r} sets {sets}, which does not fit{experts} ({err}); "
+    return ValueError(f"preset: {p.name!r} sets {sets}, which does not fit{experts} ({err}); "
                       f"pass {arg}= to override it")
 
 

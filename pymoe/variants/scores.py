@@ -30,6 +30,35 @@ def sigmoid(router_logits: np.ndarray) -> np.ndarray:
     return np.where(router_logits >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
+def log_sigmoid(router_logits: np.ndarray) -> np.ndarray:
+    """log sigmoid(logits) `[..., n]` = min(l, 0) - log1p(exp(-|l|)): finite for every finite l,
+    where sigmoid itself underflows to 0 below about -104 (float32) or -745 (float64)."""
+    return np.minimum(router_logits, 0) - np.log1p(np.exp(-np.abs(router_logits)))
+
+
+def stable_ratios(ratios: np.ndarray, scores: np.ndarray, log_scores: np.ndarray) -> np.ndarray:
+    """ratios `[T, n]` = scores / scores.sum(-1), with the rows whose sum is below the dtype's
+    smallest normal number (every score underflowed: 0 / 0) taken from the scores' logarithms
+    `[T, n]` instead (the logits for softmax probabilities, log_sigmoid for sigmoid scores):
+    exp(ls_i - max ls) / sum_j exp(ls_j - max ls), the same ratio computed without underflow.
+    Rows with a normal sum keep their bits."""
+    bad = underflowed_rows(scores)  # [T]
+    if not bad.any():
+        return ratios
+    ls = log_scores[bad]  # [T_bad, n]
+    z = np.exp(ls - ls.max(axis=-1, keepdims=True))
+    out = np.array(ratios, copy=True)
+    out[bad] = (z / z.sum(axis=-1, keepdims=True)).astype(out.dtype)
+    return out
+
+
+def underflowed_rows(scores: np.ndarray, squared: bool = False) -> np.ndarray:
+    """`<bool>[T]`: rows of `[T, n]` scores whose sum is not a normal number (squared: whose
+    square is not, as the backward of a ratio divides by it)."""
+    tiny = np.finfo(scores.dtype).tiny
+    return ~(scores.sum(axis=-1) >= (np.sqrt(tiny) if squared else tiny))
+
+
 def sigmoid_backward(dscores: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Backward of sigmoid: d router_logits `[T, E]` = dscores * s * (1 - s)."""
     return dscores * scores * (1.0 - scores)
@@ -72,6 +101,9 @@ def update_expert_bias(expert_bias: np.ndarray, expert_load: np.ndarray,
     if load.dtype.kind not in "iuf" or load.shape != bias.shape:
         raise ValueError(f"expert_load: expected a numeric array of shape {bias.shape}, got "
                          f"{load.dtype} {load.shape}")
+    if load.dtype.kind == "f" and not np.isfinite(load).all():
+        raise ValueError(f"expert_load: expected finite values, got "
+                         f"{load.size - np.count_nonzero(np.isfinite(load))} NaN/inf entries")
     rate = _checks.nonnegative_finite("rate", rate)
     offset = load.mean() - load if load.size else load  # [E]
     return (bias + rate * np.sign(offset)).astype(bias.dtype)

@@ -67,10 +67,10 @@ def test_compare_warns_once_and_notes_the_mismatch_under_its_table():
 
 
 def test_preset_that_does_not_fit_e_names_the_preset_and_e():
-    with pytest.raises(ValueError, match=r"preset 'deepseek-v3' sets num_groups=8, topk_groups=4, "
+    with pytest.raises(ValueError, match=r"preset: 'deepseek-v3' sets num_groups=8, topk_groups=4, "
                                          r"group_score_k=2, which does not fit E = 8 experts"):
         pymoe.route(np.zeros((4, 8)), 2, preset="deepseek-v3")
-    with pytest.raises(ValueError, match=r"preset 'deepseek-v3' .* E = 8 experts"):
+    with pytest.raises(ValueError, match=r"preset: 'deepseek-v3' .* E = 8 experts"):
         pymoe.MoELayer(4, 8, 8, 2, preset="deepseek-v3")
     with pytest.raises(ValueError, match=r"^num_groups: must divide"):  # the caller's own value
         pymoe.route(np.zeros((4, 8)), 2, preset="deepseek-v3", num_groups=3)

@@ -86,6 +86,15 @@ def equivalence_cases() -> list[dict]:
         {"backend": _c_or_numpy(), "exchange": "fixed", "capacity_factor": 0.75},
         {"activation": "swiglu", "skew": 2.0},  # gated forms: w1 [E, D, 2H] split by expert
         {"activation": "swiglu_oai", "backend": _c_or_numpy(), "dtype": "float32"},
+        # issue 27: shared experts (item 4), random priorities (item 11), backward() twice
+        {"layer_kw": {"num_shared_experts": 1}},
+        {"layer_kw": {"num_shared_experts": 2, "shared_expert_gate": True}, "dtype": "float32",
+         "exchange": "fixed", "skew": 2.0, "capacity_factor": 0.5},
+        {"priority": "random", "capacity_factor": 0.5, "skew": 2.0},
+        {"layer_kw": {"second_expert_policy": "random"}, "priority": "random",
+         "capacity_factor": 0.75},
+        {"backward_twice": True},
+        {"activation": "swiglu", "layer_kw": {"num_shared_experts": 1, "shared_d_hidden": 24}},
         {"E": 4, "K": 1, "skew": 8.0},  # at P=4 every rank keeps all its rows: nothing crosses
     ]  # (the last case stays last: the checks below read it as such)
 
@@ -164,6 +173,15 @@ BAD_CASES = [
     ({"empty_rank": 1}, "T_local = 0"),
     ({"num_experts_on_rank": {"1": 8}}, "settings differ across ranks"),
     ({"overflow_rank": 1, "dtype": "float32"}, "failed on rank 1: ValueError: "),
+    # issue 27: unsupported settings refused by name, not an internal error or a wrong result
+    ({"layer_kw": {"selection": "experts"}}, "do not support expert choice"),
+    ({"layer_kw": {"router_noise": "noisy_topk"}}, "router_noise='noisy_topk'"),
+    ({"layer_kw": {"score": "sigmoid"}, "load_stats": "global"}, "load_stats: 'global'"),
+    ({"layer_kw_on_rank": {"1": {"num_shared_experts": 1}}}, "settings differ across ranks"),
+    ({"extra_param_rank": 1}, "held by only one of them: extra"),  # was a KeyError, a hang
+    ({"bias_drift_rank": 1}, "expert_bias differ across ranks"),
+    ({"nan_param_rank": 1}, "the experts failed on rank 1: ValueError: params['w1']: expected "
+                            "finite values"),
 ]
 
 
@@ -274,3 +292,115 @@ def test_example_06_without_mpi4py_says_what_to_install():
     assert proc.returncode == 1 and proc.stdout == "", proc
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'pymoe-routing[mpi]'" in lines[0], proc.stderr
+
+
+# ------------------------------------------------ faults: every rank ends (issue 27, items 1-3)
+FAULT_TIMEOUT = 120  # seconds for one launch of many fault cases; a hang fails, not blocks, CI
+
+
+def _expect_fault(case: dict, ranks: list) -> None:
+    """The failing rank re-raises its own exception; every other rank raises PeerFailed naming it
+    (or, for an argument error, the same ValueError): nobody is left waiting."""
+    f = case["fault"]
+    for r, res in enumerate(ranks):
+        assert isinstance(res, str), (case, r, res)
+        if f["kind"] == "ValueError":
+            assert res.startswith("ValueError") and f"injected at {f['at']}" in res, (case, r, res)
+        elif r == f["rank"]:
+            assert res.startswith(f"{f['kind']}: injected at {f['at']}"), (case, r, res)
+        else:
+            assert res.startswith("PeerFailed") and f"rank {f['rank']}: {f['kind']}" in res, \
+                (case, r, res)
+
+
+def _fault_launch(mpiexec, P, cases, out):
+    out.mkdir(exist_ok=True)
+    proc = subprocess.run([mpiexec, "-n", str(P), sys.executable, WORKER, str(out),
+                           json.dumps(cases), "--catch-all"], capture_output=True, text=True,
+                          timeout=FAULT_TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all((out / f"done_rank{r}").exists() for r in range(P))
+    return launch_results(out, P, len(cases))
+
+
+def launch_results(out, P, n):
+    return [[dict(np.load(out / f"case{i}_rank{r}.npz")) if (out / f"case{i}_rank{r}.npz").exists()
+             else (out / f"case{i}_rank{r}.err").read_text() for r in range(P)] for i in range(n)]
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_an_exception_of_any_kind_on_one_rank_ends_every_rank(mpiexec, tmp_path, P):
+    """Each fault point of a step, each kind of exception, on the last rank (P = 4: also rank 1
+    of the "fixed" exchange); a good case after them: the communicator is still in step."""
+    kinds = ("MemoryError", "KeyboardInterrupt", "RuntimeError", "ValueError")
+    cases = [{"fault": {"rank": P - 1, "at": at, "kind": kinds[i % len(kinds)]},
+              "layer_kw": {"num_shared_experts": 1} if i % 3 == 0 else {},
+              "exchange": "fixed" if P == 4 else "exact"}
+             for i, at in enumerate(epc.FAULT_POINTS)]
+    results = _fault_launch(mpiexec, P, cases + [{}], tmp_path / "out")
+    for case, ranks in zip(cases, results):
+        _expect_fault(case, ranks)
+    assert all(isinstance(r, dict) for r in results[-1])
+
+
+def fault_fuzz_cases(n: int, seed: int) -> list[dict]:
+    """n random cases: a random setting, a random rank, point and kind of exception."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        case = {"exchange": str(rng.choice(["exact", "fixed"])),
+                "dtype": str(rng.choice(["float32", "float64"])),
+                "capacity_factor": float(rng.choice([0.5, 1.0, 2.0])),
+                "skew": float(rng.choice([0.0, 2.0])),
+                "layer_kw": {"num_shared_experts": int(rng.integers(0, 2))},
+                "fault": {"rank": int(rng.integers(0, 2)),
+                          "at": str(rng.choice(epc.FAULT_POINTS)),
+                          "kind": str(rng.choice(sorted(epc.FAULT_KINDS)))}}
+        if rng.random() < 0.3:
+            case["load_stats"] = "global"
+        cases.append(case)
+    return cases
+
+
+FAULT_FUZZ_CASES = int(os.environ.get("PYMOE_FAULT_FUZZ_CASES", "40"))
+
+
+def test_fault_fuzz_every_rank_ends_within_the_timeout(mpiexec, tmp_path):
+    """The MPI fuzz: FAULT_FUZZ_CASES random (setting, rank, point, kind) under mpiexec -n 2, all
+    in one launch with a timeout, a good case after each: every rank ends every case."""
+    cases = []
+    for c in fault_fuzz_cases(FAULT_FUZZ_CASES, seed=27):
+        cases += [c, {}]
+    results = _fault_launch(mpiexec, 2, cases, tmp_path / "out")
+    for case, ranks in zip(cases, results):
+        if "fault" in case:
+            _expect_fault(case, ranks)
+        else:
+            assert all(isinstance(r, dict) for r in ranks), ranks
+    print(f"MPI fault fuzz: {FAULT_FUZZ_CASES} fault cases (+ {FAULT_FUZZ_CASES} good ones), "
+          "every rank ended each")
+
+
+UNCAUGHT = """
+import sys, time
+import numpy as np
+from mpi4py import MPI
+import pymoe
+from pymoe.expert_parallel import ExpertParallelMoE
+ep = ExpertParallelMoE(pymoe.MoELayer(4, 4, 4, 2, backend="numpy"))
+if MPI.COMM_WORLD.Get_rank() == 1:
+    raise RuntimeError("a bug in user code between steps")
+MPI.COMM_WORLD.Barrier()  # rank 0 would wait here forever
+"""
+
+
+def test_uncaught_exception_between_steps_ends_the_documented_launch(mpiexec, tmp_path):
+    """`mpiexec -n P python script.py` (README, docs/expert-parallel.md): pymoe.expert_parallel's
+    excepthook prints the traceback and aborts the job, instead of a hang."""
+    script = tmp_path / "uncaught.py"
+    script.write_text(UNCAUGHT)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode != 0
+    assert "RuntimeError: a bug in user code between steps" in proc.stderr

@@ -100,3 +100,21 @@ def test_bad_token_groups():
         layer.forward(np.zeros((10, 4)))
     with pytest.raises(ValueError, match="positive multiple of 3, got T = 0"):
         layer.forward(np.zeros((0, 4)))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_in_token_groups_are_the_plain_layers(gated):
+    """Shared experts are token-local: with dropless routing (capacity None, so groups route as
+    the whole batch) G groups give the plain layer's y and dx, and its gradients divided by G
+    (the mean objective of pymoe.token_groups; aux loss off, whose statistics are per group)."""
+    kw = dict(num_shared_experts=2, shared_expert_gate=gated, dtype=np.float64, backend="numpy",
+              aux_loss_coef=0.0, seed=5)
+    plain = pymoe.MoELayer(6, 5, 4, 2, None, **kw)
+    grouped = pymoe.MoELayer(6, 5, 4, 2, None, token_groups=3, **kw)
+    rng = np.random.default_rng(0)
+    x, dy = rng.normal(size=(12, 6)), rng.normal(size=(12, 6))
+    np.testing.assert_allclose(grouped.forward(x), plain.forward(x), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grouped.backward(dy), plain.backward(dy), rtol=1e-12, atol=1e-14)
+    assert set(grouped.grads) == set(plain.grads) and "shared_w1" in grouped.grads
+    for n, g in plain.grads.items():
+        np.testing.assert_allclose(grouped.grads[n] * 3, g, rtol=1e-10, atol=1e-13, err_msg=n)

@@ -287,8 +287,11 @@ def test_bad_layer_variant_arguments():
         pymoe.MoELayer(4, 5, 4, 2, jitter_eps=-0.1)  # a noise scale below 0
     with pytest.raises(ValueError, match=r"expert_bias: expected shape \[4\]"):
         pymoe.MoELayer(4, 5, 4, 2, expert_bias=np.zeros(5))
-    with pytest.raises(ValueError, match="token_groups: groups support neither"):
-        pymoe.MoELayer(4, 5, 4, 2, token_groups=2, num_shared_experts=1)
+    with pytest.raises(ValueError, match="token_groups: token groups and expert parallelism do "
+                       "not support router_noise='noisy_topk'"):
+        pymoe.MoELayer(4, 5, 4, 2, token_groups=2, router_noise="noisy_topk")
+    with pytest.raises(ValueError, match="token_groups: .* do not support expert choice"):
+        pymoe.MoELayer(4, 5, 4, 2, token_groups=2, selection="experts")
 
 
 def test_expert_bias_updates_balance_a_skewed_router():
