@@ -49,10 +49,11 @@ static REAL pow2i(int n) {
 
 /* expert_forms.exp: clamp to [lo, hi] (NaN to 0 meanwhile: converting NaN to int is undefined
  * behaviour), n = rint(x log2 e) by the shifter, Cody-Waite r, Horner, then p * 2^n as
- * (p * 2^n1) * 2^n2 with n1 = floor(n / 2): both factors are normal for every n the clamp lets
- * through, the first product is exact and the second rounds once, so the result is the correctly
- * rounded p * 2^n, which is what NumPy's ldexp returns too (overflow to inf and the subnormals
- * included). Branch-free, so the compiler can vectorise the loops that call it. */
+ * (p * 2^n1) * 2^n2 with n1 = n / 2 (truncated) and n2 = n - n1: both factors are normal for
+ * every n the clamp lets through, the first product is exact and the second rounds once, so the
+ * result is the correctly rounded p * 2^n, which is what NumPy's ldexp returns too (overflow to
+ * inf and the subnormals included). No libm call and no branch: the compiler may vectorise the
+ * loops that call it. */
 static REAL det_exp(REAL x) {
     REAL xc = x < EXP_LO ? EXP_LO : (x > EXP_HI ? EXP_HI : x);
     xc = xc != xc ? 0 : xc;
@@ -60,7 +61,7 @@ static REAL det_exp(REAL x) {
     REAL r = (xc - n * EXP_LN2_HI) - n * EXP_LN2_LO;
     REAL p = EXP_COEF[EXP_DEGREE];
     for (int k = EXP_DEGREE - 1; k >= 0; k--) p = p * r + EXP_COEF[k];
-    int ni = (int)n, n1 = ni >> 1;
+    int ni = (int)n, n1 = ni / 2;
     REAL out = (p * pow2i(n1)) * pow2i(ni - n1);
     return x != x ? x : out;
 }
