@@ -375,9 +375,9 @@ def check_group_extras(who: str, o: Any) -> None:
     for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
                          ("shared_combine", "sum"), ("shared_sum_fp32", False)):
         if get(extra) != unset:
-            raise ValueError(f"{who}: {extra}={get(extra)!r} is not supported with token groups "
-                             "or expert parallelism (they add the shared experts' output to the "
-                             "routed one and nothing else)")
+            raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
+                             f"({who}: they add the shared experts' output to the routed one and "
+                             f"nothing else), got {extra}={get(extra)!r}")
 
 
 def _form_options(o: dict[str, Any]) -> None:
