@@ -267,9 +267,20 @@ def _abort_on_uncaught(comm: Any) -> None:
     previous = sys.excepthook
 
     def hook(kind, value, tb):
+        # The traceback goes out in one write(2) before Abort: printed line by line, a rank
+        # could be killed mid-traceback by another rank's Abort, and every rank's message
+        # could end up cut off; this way the aborting rank's own message is always whole.
         try:
-            previous(kind, value, tb)
-            sys.stderr.flush()
+            if previous is sys.__excepthook__:
+                import os
+                import traceback
+                sys.stderr.flush()
+                text = "".join(traceback.format_exception(kind, value, tb)).encode()
+                while text:  # a pipe may take it in parts
+                    text = text[os.write(2, text):]
+            else:  # someone else's hook: let it print
+                previous(kind, value, tb)
+                sys.stderr.flush()
         finally:
             comm.Abort(1)
 
