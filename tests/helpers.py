@@ -391,3 +391,26 @@ def layout_problems(fig) -> list[str]:
     for i, (n1, b1) in enumerate(named):
         problems += [f"{n1} overlaps {n2}" for n2, b2 in named[i + 1:] if b1.overlaps(b2)]
     return problems
+
+
+def check_group_gradients(layer, x: np.ndarray, dy: np.ndarray) -> list:
+    """A token_groups = G layer's gradients against central differences: parameters get the
+    gradient of J = (1/G) sum_g L_g, and x that of L_g = G dJ/dx_g (each group's own loss).
+    Asserts no routing decision moved while perturbing; returns the routings of the first pass."""
+    G = layer.token_groups
+
+    def objective() -> float:
+        return float(np.sum(layer.forward(x) * dy)) / G + layer.loss_terms()
+
+    objective()
+    routings = layer.routing
+    dx = layer.backward(dy)
+    grads = {n: g.copy() for n, g in layer.grads.items()}
+    errors = {"x": rel_error(dx, G * numerical_grad(objective, x))}
+    for name, p in layer.params.items():
+        errors[name] = rel_error(grads[name], numerical_grad(objective, p))
+    objective()
+    for a, b in zip(routings, layer.routing):  # no routing decision moved while perturbing
+        np.testing.assert_array_equal(a.position, b.position)
+    assert max(errors.values()) <= FD_RTOL, errors
+    return list(routings)

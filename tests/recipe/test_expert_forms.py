@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 import pymoe
-from helpers import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
+from helpers import (
+    FD_RTOL,
+    check_group_gradients,
+    check_layer_gradients,
+    numerical_grad,
+    randomize,
+    rel_error,
+)
 from pymoe.expert_forms import _EXP, EXPERT_FORMS, exp, form_spec
 
 FORMS = list(EXPERT_FORMS)
@@ -271,25 +278,9 @@ def test_c_and_numpy_layers_agree(c_backend, name, dtype):
 def test_token_groups_run_the_forms(name):
     """G = 2 groups: parameters get the gradient of J = (1/G) sum_g L_g, x that of L_g
     (test_token_groups' objective)."""
-    G = 2
-    layer = _layer(name, token_groups=G, cf=1.0)
+    layer = _layer(name, token_groups=2, cf=1.0)
     rng = np.random.default_rng(10)
-    x, dy = rng.normal(size=(12, 4)), rng.normal(size=(12, 4))
-
-    def objective() -> float:
-        return float(np.sum(layer.forward(x) * dy)) / G + layer.loss_terms()
-
-    objective()
-    routings = layer.routing
-    dx = layer.backward(dy)
-    grads = {n: g.copy() for n, g in layer.grads.items()}
-    errors = {"x": rel_error(dx, G * numerical_grad(objective, x))}
-    for n, p in layer.params.items():
-        errors[n] = rel_error(grads[n], numerical_grad(objective, p))
-    objective()
-    for a, b in zip(routings, layer.routing):
-        np.testing.assert_array_equal(a.position, b.position)
-    assert max(errors.values()) <= FD_RTOL, errors
+    check_group_gradients(layer, rng.normal(size=(12, 4)), rng.normal(size=(12, 4)))
 
 
 def test_layer_with_forms_and_extras_pickles():
