@@ -1,10 +1,17 @@
 """Step 12: the auxiliary losses that keep the router healthy, with their gradients."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from . import _checks
 from .capacity import expert_load
-from .router import logsumexp
+from .router import logsumexp, softmax_backward
+from .variants.scores import sigmoid_backward
+
+if TYPE_CHECKING:
+    from .routing import Routing
 
 
 def load_balancing_loss(probs: np.ndarray, expert_index: np.ndarray) -> float:
@@ -161,3 +168,138 @@ def router_z_loss_backward(router_logits: np.ndarray, probs: np.ndarray,
         return np.zeros_like(router_logits)
     lse = logsumexp(router_logits)  # [T]
     return (coef * 2.0 / T) * lse[:, None] * probs  # [T, E]
+
+
+class GlobalLoadBalance:
+    """The load-balancing loss with f counted over the global batch (Qiu et al. 2025, "Demons in
+    the Detail", arXiv 2501.11873; Megatron-Core's `global_aux_loss`).
+
+    The Switch loss E * sum_e f_e P_e (load_balancing_loss) computed on one micro-batch asks
+    every micro-batch, often a few sequences of one domain, to spread its own tokens evenly
+    over the experts; that fights specialisation (a code batch may rightly prefer the code
+    experts). Qwen's global-batch balance keeps P_e local (the mean router probability over the
+    current micro-batch's tokens, which carries the gradient) but counts f_e, the share of
+    assignments to expert e, over every micro-batch of the optimizer step so far and over every
+    data-parallel rank: the loss then only asks the whole batch to be balanced. f is piecewise
+    constant, so its being global changes the value and the gradient's size, not where the
+    gradient flows.
+
+    Use, per layer: after each micro-batch's route(), `update(routing)` (counts it in), then
+    `loss(routing)` and `loss_backward(routing, coef)` (added to route_backward's d logits);
+    `reset()` after the optimizer step. After updates with micro-batches 1..m (the current one
+    included, on every rank when comm is given):
+
+        f_e = N_e / (K * N),   N_e = assignments to expert e, N = tokens, summed over 1..m;
+        loss(r) = E * sum_e f_e * P_e,   P_e = mean over r's tokens of its aux-loss scores
+        (softmax probabilities; sigmoid scores divided by their row sum, aux_loss_scores).
+
+    With one micro-batch and one rank it is load_balancing_loss (routing.aux_loss of the switch
+    form). Assignments are routing.expert_index before dropping, as routing.aux_loss counts them.
+    A routing carrying a `token_mask` (<bool>[T], True = a real token) counts and averages only
+    its real tokens.
+
+    Megatron-Core 0.16.1 (`TopKRouter._apply_global_aux_loss`) keeps the sum of the counts and
+    the number of micro-batches m, and divides the mean count by the *current* micro-batch's
+    token count T_m: f_e = (N_e / m) / (K * T_m). With micro-batches of equal size that is the f
+    above; with unequal sizes it over-weights the counts when the current micro-batch is small
+    and under-weights them when it is large (Megatron-LM #7213 calls it a bug). pymoe weights each
+    micro-batch by its tokens, so the same tokens give the same f in any split. Under data
+    parallelism Megatron divides the local probability sum by the global token count, so its
+    per-rank value is this one divided by the number of ranks (pymoe's per-rank loss is the one
+    to average over ranks like the task loss, as Qwen writes it).
+
+    Args:
+        num_experts: E. k: K, choices per token.
+        comm: an mpi4py communicator (e.g. MPI.COMM_WORLD) over the data-parallel ranks, or None
+            (one process). update() then Allreduces the integer counts (exact, any rank order);
+            every rank must call update() the same number of times.
+    """
+
+    def __init__(self, num_experts: int, k: int, comm: object | None = None) -> None:
+        self.num_experts = _checks.integer("num_experts", num_experts, low=1)
+        self.k = _checks.integer("k", k, low=1, high=self.num_experts)
+        if comm is not None and not callable(getattr(comm, "Allreduce", None)):
+            raise TypeError(f"comm: expected an mpi4py communicator (with Allreduce) or None, "
+                            f"got {type(comm).__name__}")
+        self.comm = comm
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every count (at an optimizer step)."""
+        self.tokens_per_expert = np.zeros(self.num_experts, np.int64)  # <int64>[E] N_e
+        self.num_tokens = 0  # N
+        self.micro_batches = 0  # m
+
+    def _check(self, routing: Routing) -> tuple[np.ndarray, np.ndarray]:
+        """(aux-loss scores [T_real, E], expert_index [T_real, K]) of routing's real tokens."""
+        from .routing import Routing  # routing imports this module
+
+        if not isinstance(routing, Routing):
+            raise TypeError(f"routing: expected a pymoe.Routing from route(), got "
+                            f"{type(routing).__name__}")
+        if routing.num_experts != self.num_experts or routing.k != self.k:
+            raise ValueError(f"routing: expected E={self.num_experts}, K={self.k} (this "
+                             f"GlobalLoadBalance's), got E={routing.num_experts}, K={routing.k}")
+        if routing.options.selection == "experts":
+            raise ValueError("routing: expert-choice routing (selection='experts') has no "
+                             "load-balancing loss")
+        probs = aux_loss_scores(routing.probs, routing.options.score)  # [T, E]
+        index = routing.expert_index  # [T, K]
+        mask = getattr(routing, "token_mask", None)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)  # [T]
+            probs, index = probs[mask], index[mask]
+        return probs, index
+
+    def update(self, routing: Routing) -> None:
+        """Count routing's assignments per expert and its tokens into the global batch (and,
+        with comm, every rank's: one Allreduce of E + 1 integers)."""
+        probs, index = self._check(routing)
+        local = np.empty(self.num_experts + 1, np.int64)  # [E + 1]: N_e, then T
+        local[:-1] = expert_load(index, self.num_experts)
+        local[-1] = probs.shape[0]
+        total = local
+        if self.comm is not None:
+            total = np.empty_like(local)
+            self.comm.Allreduce(local, total)  # MPI.SUM, the default op
+        self.tokens_per_expert = self.tokens_per_expert + total[:-1]
+        self.num_tokens += int(total[-1])
+        self.micro_batches += 1
+
+    @property
+    def fraction(self) -> np.ndarray:
+        """`<float64>[E]` f_e = N_e / (K N) over the global batch so far (0 before any token)."""
+        if self.num_tokens == 0:
+            return np.zeros(self.num_experts)
+        return self.tokens_per_expert / (self.k * self.num_tokens)
+
+    def loss(self, routing: Routing) -> float:
+        """E * sum_e f_e * P_e for this micro-batch's P (0.0 when it has no real token).
+        Call update(routing) first: Megatron counts the current micro-batch in, and so does this."""
+        probs, _ = self._check(routing)
+        T = probs.shape[0]
+        if T == 0:
+            return 0.0
+        return float(self.num_experts * np.dot(self.fraction, expert_prob_sum(probs) / T))
+
+    def loss_backward(self, routing: Routing, coef: float = 1.0) -> np.ndarray:
+        """d (coef * loss(routing)) / d routing.router_logits `[T, E]` (a fresh array in the
+        score dtype, 0 in padding rows); add it to route_backward's result. d loss / d P_e =
+        E f_e, so every real row of d scores is coef * E * f_e / T, then through the score."""
+        coef = _checks.nonnegative_finite("coef", coef)
+        probs, _ = self._check(routing)
+        scores, opts = np.asarray(routing.probs), routing.options  # [T_all, E]
+        T = probs.shape[0]
+        dprobs = np.zeros_like(scores)  # [T_all, E]
+        if T == 0:
+            return dprobs
+        row = ((coef * self.num_experts / T) * self.fraction).astype(scores.dtype)  # [E]
+        mask = getattr(routing, "token_mask", None)
+        if mask is None:
+            dprobs[:] = row
+        else:
+            dprobs[np.asarray(mask, dtype=bool)] = row
+        dscores = aux_loss_scores_backward(dprobs, scores, opts.score)  # [T_all, E]
+        if opts.score == "softmax":
+            return softmax_backward(dscores, scores)
+        return sigmoid_backward(dscores, scores)
