@@ -1,7 +1,7 @@
 """Step 12: the auxiliary losses that keep the router healthy, with their gradients."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -215,7 +215,7 @@ class GlobalLoadBalance:
             every rank must call update() the same number of times.
     """
 
-    def __init__(self, num_experts: int, k: int, comm: object | None = None) -> None:
+    def __init__(self, num_experts: int, k: int, comm: Any = None) -> None:
         self.num_experts = _checks.integer("num_experts", num_experts, low=1)
         self.k = _checks.integer("k", k, low=1, high=self.num_experts)
         if comm is not None and not callable(getattr(comm, "Allreduce", None)):
