@@ -11,7 +11,7 @@ The routing recipe, one module per step:
     dense.py     10-11 dispatch_mask / combine_weights [T, E, C] and their einsums
     indexed.py   11   the same dispatch/combine by (expert, slot) gathers (what C/CUDA mirror)
     experts.py   11   E two-layer FFNs on [E, C, D]
-    losses.py    12   load-balancing loss and router z-loss
+    losses.py    12   load-balancing loss and router z-loss (and the global-batch one)
     slots.py     5-9  every slot rule (priority x drop policy) through one function
     routing.py        route(): the steps above written straight down; layer.py: MoELayer
     options.py        every keyword of route() and MoELayer: its default, check and doc
@@ -22,6 +22,7 @@ Beside the recipe:
                  group_limited, sinkhorn, noisy, expert_choice, shared) and presets.py
     backend/     the NumPy, C and CUDA tiers behind one registry (get_backend, backends())
     viz.py, compare/, bench/   pictures, preset comparison, benchmarks
+    monitor.py   LoadTracker: expert loads, CV, MaxVio, dead experts per layer and step
 """
 from . import compare  # the module, callable: pymoe.compare(logits, ...) is compare.compare
 from .backend import BackendInfo, backends, get_backend

@@ -1,7 +1,7 @@
 """Step 12: the auxiliary losses that keep the router healthy, with their gradients."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -9,9 +9,6 @@ from . import _checks
 from .capacity import expert_load
 from .router import logsumexp, softmax_backward
 from .variants.scores import sigmoid_backward
-
-if TYPE_CHECKING:
-    from .routing import Routing
 
 
 def load_balancing_loss(probs: np.ndarray, expert_index: np.ndarray) -> float:
@@ -230,11 +227,10 @@ class GlobalLoadBalance:
         self.num_tokens = 0  # N
         self.micro_batches = 0  # m
 
-    def _check(self, routing: Routing) -> tuple[np.ndarray, np.ndarray]:
+    def _check(self, routing: Any) -> tuple[np.ndarray, np.ndarray]:
         """(aux-loss scores [T_real, E], expert_index [T_real, K]) of routing's real tokens."""
-        from .routing import Routing  # routing imports this module
-
-        if not isinstance(routing, Routing):
+        # routing.py imports this module, so a Routing is recognised by what it holds
+        if not all(hasattr(routing, a) for a in ("probs", "expert_index", "options")):
             raise TypeError(f"routing: expected a pymoe.Routing from route(), got "
                             f"{type(routing).__name__}")
         if routing.num_experts != self.num_experts or routing.k != self.k:
@@ -251,7 +247,7 @@ class GlobalLoadBalance:
             probs, index = probs[mask], index[mask]
         return probs, index
 
-    def update(self, routing: Routing) -> None:
+    def update(self, routing: Any) -> None:
         """Count routing's assignments per expert and its tokens into the global batch (and,
         with comm, every rank's: one Allreduce of E + 1 integers)."""
         probs, index = self._check(routing)
@@ -273,7 +269,7 @@ class GlobalLoadBalance:
             return np.zeros(self.num_experts)
         return self.tokens_per_expert / (self.k * self.num_tokens)
 
-    def loss(self, routing: Routing) -> float:
+    def loss(self, routing: Any) -> float:
         """E * sum_e f_e * P_e for this micro-batch's P (0.0 when it has no real token).
         Call update(routing) first: Megatron counts the current micro-batch in, and so does this."""
         probs, _ = self._check(routing)
@@ -282,7 +278,7 @@ class GlobalLoadBalance:
             return 0.0
         return float(self.num_experts * np.dot(self.fraction, expert_prob_sum(probs) / T))
 
-    def loss_backward(self, routing: Routing, coef: float = 1.0) -> np.ndarray:
+    def loss_backward(self, routing: Any, coef: float = 1.0) -> np.ndarray:
         """d (coef * loss(routing)) / d routing.router_logits `[T, E]` (a fresh array in the
         score dtype, 0 in padding rows); add it to route_backward's result. d loss / d P_e =
         E f_e, so every real row of d scores is coef * E * f_e / T, then through the score."""

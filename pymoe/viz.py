@@ -641,3 +641,63 @@ def preset_differences(comparison: Any, path: str, *, max_tokens: int = 48) -> A
     fig.suptitle(f"{len(names)} presets on the same router logits (T={T}, E={r0.num_experts}, "
                  f"K={K}): {setting}", fontsize=11)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------ load over training steps
+
+def load_heatmap(loads: np.ndarray | Mapping[str, np.ndarray], path: str, *,
+                 steps: Sequence[float] | None = None, title: str | None = None) -> Any:
+    """Load per expert over steps: loads `[S, E]` (monitor.LoadTracker.loads()), or a dict
+    label -> `[S, E]` for one panel each (same S). Each cell is the expert's load over the
+    step's mean load, so 1 is even and every row averages 1; steps labels the rows (default
+    1..S).
+
+    Text version: one row per step (every few steps when S > 16), a shade per expert (darker =
+    more loaded, the darkest at the largest ratio shown) and the row's max / mean.
+    """
+    items = ({"": _matrix("loads", loads)} if not isinstance(loads, Mapping) else
+             {k: _matrix(f"loads[{k!r}]", v) for k, v in _mapping("loads", loads).items()})
+    shapes = {m.shape for m in items.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"loads: expected every panel to have the same [S, E] shape, got "
+                         f"{sorted(shapes)}")
+    S, E = next(iter(shapes))
+    ys = list(steps) if steps is not None else list(range(1, S + 1))
+    if len(ys) != S:
+        raise ValueError(f"steps: expected {S} labels (one per row of loads), got {len(ys)}")
+    ratios = {}
+    for label, m in items.items():
+        if not (np.isfinite(m).all() and (m >= 0).all()):
+            raise ValueError(f"loads{'[' + repr(label) + ']' if label else ''}: expected "
+                             "finite non-negative loads")
+        mean = m.mean(axis=1, keepdims=True)  # [S, 1]
+        ratios[label] = np.divide(m, mean, out=np.zeros_like(m), where=mean > 0)  # [S, E]
+    vmax = max(2.0, max(float(r.max()) for r in ratios.values()))
+    title = title or "expert load over training (load / mean load; 1 = even)"
+    if not have_matplotlib():
+        lines = [title]
+        every = max(1, -(-S // 16))
+        for label, r in ratios.items():
+            if label:
+                lines.append(f"{label}:")
+            lines.append(f"  {'step':>6s}  " + "".join(f"{e % 10}" for e in range(E))
+                         + "  max/mean")
+            for i in list(range(0, S, every)) + ([S - 1] if (S - 1) % every else []):
+                lines.append(f"  {ys[i]!s:>6s}  " + "".join(_shade(v, vmax) for v in r[i])
+                             + f"  {r[i].max():.2f}")
+        return _emit("\n".join(lines))
+    fig = _figure(1.4 + (1.6 + 0.28 * E) * len(ratios), 1.6 + min(0.12 * S, 5.0))
+    axes = fig.subplots(1, len(ratios), squeeze=False, sharey=True)[0]
+    im = None
+    for ax, (label, r) in zip(axes, ratios.items()):
+        im = ax.imshow(r, cmap="magma_r", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(E) if E <= 16 else range(0, E, max(1, E // 8)))
+        ticks = sorted({0, S // 2, S - 1})
+        ax.set_yticks(ticks, [str(ys[i]) for i in ticks])
+        ax.set_xlabel("expert")
+        ax.set_title(label or title, fontsize=9)
+    axes[0].set_ylabel("step")
+    fig.colorbar(im, ax=list(axes), label="load / mean load")
+    if any(items):
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -359,7 +359,7 @@ def test_fuzz_compare(data):
 
 VIZ_CALLS = ("routing_heatmap", "dispatch_combine_picture", "expert_load_bars", "curves",
              "class_expert_heatmap", "send_matrices", "preset_differences",
-             "expert_choice_picture", "group_limited_picture")
+             "expert_choice_picture", "group_limited_picture", "load_heatmap")
 
 
 @FUZZ
@@ -377,7 +377,7 @@ def test_fuzz_viz_bad_input(data):
                                                  ylabel="y"),
              "send_matrices": lambda: viz_mod().send_matrices(bad, path, title="t")}
     call = calls.get(fn, lambda: getattr(viz_mod(), fn)(bad, path))
-    names = ("routing", "routings", "series", "counts", "matrices", "comparison", "x")
+    names = ("routing", "routings", "series", "counts", "matrices", "comparison", "x", "loads")
     with mock.patch.dict(os.environ, {"PYMOE_VIZ_TEXT": "1"}), contextlib.redirect_stdout(io.StringIO()):
         _, err = fuzz.run(call)
     if err is not None:

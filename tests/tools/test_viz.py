@@ -43,6 +43,8 @@ def test_pictures_are_pngs_of_the_figure_size(tmp_path, routing, rows):
                                           xlabel="cf", ylabel="drop", reference=(0, "zero")),
         "class.png": lambda p: viz.class_expert_heatmap(np.arange(12).reshape(3, 4), p),
         "bench.png": lambda p: viz.benchmark_bars(rows, p, reference=13.0),
+        "loadheat.png": lambda p: viz.load_heatmap({"a": np.arange(24).reshape(6, 4),
+                                                    "b": np.ones((6, 4))}, p, steps=range(0, 12, 2)),
         "send.png": lambda p: viz.send_matrices({"a": np.eye(4) * 2048, "b": np.ones((4, 4))},
                                                 p, title="bytes"),
     }
@@ -75,6 +77,10 @@ def test_pictures_fit_their_text(tmp_path, routing, rows, variant_routings):
                                              legend="below", counts={k: [9, 99, 999]
                                                                      for k in series}),
         "class": lambda p: viz.class_expert_heatmap(np.arange(12).reshape(3, 4), p),
+        "load heatmap": lambda p: viz.load_heatmap(np.arange(1, 161).reshape(20, 8) % 7, p),
+        "load heatmaps": lambda p: viz.load_heatmap({"aux loss 0.1": np.ones((40, 4)),
+                                                     "aux loss 0": np.eye(4)[np.arange(40) % 4],
+                                                     "aux-free bias": np.ones((40, 4))}, p),
         "send": lambda p: viz.send_matrices({"a": np.eye(4) * 2048, "b": np.ones((4, 4))},
                                             p, title="bytes"),
         "expert choice": lambda p: viz.expert_choice_picture(ec, p),
@@ -207,3 +213,23 @@ def test_group_limited_text_marks_the_allowed_groups(no_matplotlib, variant_rout
         assert "-" not in cells[chosen_group] and cells[1 - chosen_group].count("-") == 2
     with pytest.raises(ValueError, match="routing: expected a routing made with num_groups"):
         viz.group_limited_picture(variant_routings[0], str(tmp_path / "x.png"))
+
+
+def test_load_heatmap_text(no_matplotlib, tmp_path):
+    """Rows = steps, a shade per expert, the row's max / mean; every few steps past 16 rows, the
+    last one always; argument checks name the argument."""
+    loads = np.array([[4, 0, 0, 0], [1, 1, 1, 1]] * 10)  # [20, 4]
+    text = viz.load_heatmap({"skewed": loads}, str(tmp_path / "h.png"), steps=range(100, 120))
+    lines = text.splitlines()
+    assert lines[1] == "skewed:" and lines[2].split() == ["step", "0123", "max/mean"]
+    assert lines[3].endswith("4.00") and lines[3].split()[0] == "100"
+    assert lines[-1].split()[0] == "119" and lines[-1].endswith("1.00")
+    assert len(lines) == 3 + 11  # steps 100, 102, ..., 118 and the last, 119
+    with pytest.raises(ValueError, match="steps: expected 20 labels"):
+        viz.load_heatmap(loads, str(tmp_path / "h.png"), steps=range(3))
+    with pytest.raises(ValueError, match="loads: expected every panel to have the same"):
+        viz.load_heatmap({"a": loads, "b": loads[:3]}, str(tmp_path / "h.png"))
+    with pytest.raises(ValueError, match=r"loads\['a'\]: expected finite non-negative"):
+        viz.load_heatmap({"a": -loads}, str(tmp_path / "h.png"))
+    with pytest.raises(TypeError, match="loads"):
+        viz.load_heatmap("loads", str(tmp_path / "h.png"))
