@@ -6,6 +6,11 @@ What it teaches:
 - The load-balancing loss matters: with coefficient 0 the router is free to crowd tokens onto a
   few experts. Switch Transformer's 0.01 evens the load a little here; this small model needs
   0.1 for a clear effect (the task loss falls to ~0.01, so a 0.01 * aux term barely registers).
+  The aux-loss-free alternative (DeepSeek-V3; Wang et al. 2024) leaves the loss alone and nudges
+  a selection bias per expert after every step (pymoe.update_expert_bias).
+- Watching the load: a pymoe.monitor.LoadTracker records every step's expert loads and gives the
+  coefficient of variation, MaxVio (max load over mean load, minus 1) and dead experts per epoch;
+  viz.load_heatmap shows the load per expert over the epochs.
 - Experts specialise: per digit, the share of its test tokens whose first choice is each expert
   (the table and the class-by-expert heatmap), summed up as the mutual information between digit
   and first-choice expert (0 bits when the expert says nothing about the digit, at most log2 E),
@@ -31,6 +36,7 @@ import numpy as np
 
 import pymoe
 from pymoe import viz
+from pymoe.monitor import LoadTracker
 
 # ------------------------------------------------------------------------------ data
 
@@ -66,9 +72,10 @@ class Classifier:
     """x -> h = relu(x W_in + b_in) -> h + moe(h) -> h W_out + b_out, with a manual backward."""
 
     def __init__(self, d_in: int, d_model: int, n_classes: int, moe: pymoe.MoELayer,
-                 seed: int) -> None:
+                 seed: int, bias_rate: float = 0.0) -> None:
         rng = np.random.default_rng(seed)
         self.moe = moe
+        self.bias_rate = bias_rate  # > 0: aux-loss-free balancing of moe.expert_bias
         self.params = {
             "w_in": rng.normal(0, np.sqrt(2 / d_in), (d_in, d_model)), "b_in": np.zeros(d_model),
             "w_out": rng.normal(0, np.sqrt(1 / d_model), (d_model, n_classes)),
@@ -135,35 +142,34 @@ def progress(iterable, desc: str, total: int):
         return iterable
 
 
-def load_cv(load: np.ndarray) -> float:
-    """Coefficient of variation of the expert loads: 0 when perfectly even."""
-    return float(load.std() / load.mean()) if load.mean() > 0 else 0.0
-
-
 def train(name: str, model: Classifier, data, epochs: int, batch: int, seed: int,
           quiet: bool = False) -> dict:
     x_tr, y_tr, x_te, y_te = data
     opt = Adam(model.all_params())
     rng = np.random.default_rng(seed)
-    hist = {"loss": [], "test_acc": [], "load_cv": []}
+    hist: dict = {"loss": [], "test_acc": [], "load_cv": []}
+    tracker = LoadTracker(model.moe.num_experts)  # one entry per epoch: its batches add up
     bar = range(epochs) if quiet else progress(range(epochs), desc=name, total=epochs)
     for epoch in bar:
         order, losses = rng.permutation(len(x_tr)), []
-        loads = np.zeros(model.moe.num_experts)
         for i in range(0, len(order), batch):
             idx = order[i:i + batch]
             loss, dlogits = cross_entropy(model.forward(x_tr[idx], train=True), y_tr[idx])
             opt.step(model.backward(dlogits))
             losses.append(loss)
-            loads += model.moe.routing.expert_load
+            tracker.record(model.moe.routing, step=epoch)
+            if model.bias_rate:  # aux-loss-free: under-loaded experts get easier to choose
+                model.moe.expert_bias = pymoe.update_expert_bias(
+                    model.moe.expert_bias, model.moe.routing.expert_load, model.bias_rate)
         hist["loss"].append(float(np.mean(losses)))
-        hist["load_cv"].append(load_cv(loads))
+        hist["load_cv"].append(float(tracker.series("cv")[-1]))
         hist["test_acc"].append(evaluate(model, x_te, y_te)[0])
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", acc=f"{hist['test_acc'][-1]:.3f}")
         elif not quiet and (epoch % max(1, epochs // 5) == 0 or epoch == epochs - 1):
             print(f"  {name}: epoch {epoch + 1}/{epochs} loss {hist['loss'][-1]:.3f} "
                   f"test accuracy {hist['test_acc'][-1]:.3f}")
+    hist["tracker"] = tracker
     return hist
 
 
@@ -210,6 +216,9 @@ def evaluate(model: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[float, py
         layer.options = options
 
 
+BIAS_RATE = 1e-2  # the bias step u per training step; scores are softmax probabilities (~1/E)
+
+
 def run(seed: int, epochs: int, quiet: bool = False) -> dict:
     """Train the four models on one seed's split and initialisation."""
     D, H, E, K, batch = 48, 32, 4, 2, 64
@@ -220,15 +229,17 @@ def run(seed: int, epochs: int, quiet: bool = False) -> dict:
         print(f"Model: 64 -> {D} -> residual MoE (E={E} experts, K={K}, hidden {H} each, capacity "
               f"factor 1.25 in training) -> 10 classes; Adam, batch {batch}, {epochs} epochs")
 
-    def moe_model(aux: float) -> Classifier:
+    def moe_model(aux: float, bias_rate: float = 0.0) -> Classifier:
         layer = pymoe.MoELayer(D, H, E, K, 1.25, aux_loss_coef=aux, jitter_eps=0.01,
-                               dtype=np.float64, seed=seed)
-        return Classifier(64, D, 10, layer, seed)
+                               dtype=np.float64, seed=seed,
+                               expert_bias=np.zeros(E) if bias_rate else None)
+        return Classifier(64, D, 10, layer, seed, bias_rate)
 
     dense_layer = pymoe.MoELayer(D, K * H, 1, 1, None, aux_loss_coef=0.0, dtype=np.float64,
                                  seed=seed)  # E=1: the router always says 1, a plain FFN
     models = {"MoE, aux loss 0.1": moe_model(0.1), "MoE, aux loss 0.01": moe_model(0.01),
               "MoE, aux loss 0": moe_model(0.0),
+              f"MoE, aux-free bias {BIAS_RATE:g}": moe_model(0.0, BIAS_RATE),
               f"dense FFN, hidden {K * H}": Classifier(64, D, 10, dense_layer, seed)}
     hist, results = {}, {}
     for name, model in models.items():
@@ -278,6 +289,21 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{np.mean(cvs[k]):.3f} with coefficient {k.split()[-1]}"
                       for k in ("MoE, aux loss 0", "MoE, aux loss 0.01", "MoE, aux loss 0.1"))
           + " (0 = perfectly even).")
+    bias_name = f"MoE, aux-free bias {BIAS_RATE:g}"
+    print(f"Aux-loss-free balancing (no aux loss, expert bias stepped by {BIAS_RATE:g} after each "
+          f"batch): final load CV {np.mean(cvs[bias_name]):.3f}.")
+
+    print("\nLoad over training (seed 0, pymoe.monitor.LoadTracker; one entry per epoch, its "
+          "batches summed): CV and MaxVio = max load / mean load - 1, at the first epoch -> the "
+          "last, and the largest MaxVio of any epoch; drop rate of the last epoch")
+    print(f"  {'model':28s} {'CV':>15s} {'MaxVio':>15s} {'max MaxVio':>10s} {'dead':>5s} "
+          f"{'dropped':>8s}")
+    for name in cvs:
+        t = hist[name]["tracker"]
+        cv, vio = t.series("cv"), t.series("max_vio")
+        print(f"  {name:28s} {cv[0]:6.3f} -> {cv[-1]:5.3f} {vio[0]:6.3f} -> {vio[-1]:5.3f} "
+              f"{vio.max():10.3f} {int(t.series('dead').max()):5d} "
+              f"{t.series('drop_rate')[-1]:8.1%}")
 
     counts = class_expert_counts(y_te, results[aux_name]["routing"].expert_index[:, 0], 10, E)
     share = counts / counts.sum(axis=1, keepdims=True)
@@ -306,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = args.out
     paths = [f"{out}/03_loss.png", f"{out}/03_balance.png", f"{out}/03_class_expert.png",
-             f"{out}/03_expert_load.png"]
+             f"{out}/03_expert_load.png", f"{out}/03_load_steps.png"]
     figs = {}
     figs[paths[0]] = viz.curves(
         None, {k: v["loss"] for k, v in hist.items()}, paths[0], logy=True, xlabel="epoch",
@@ -321,6 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
     figs[paths[3]] = viz.expert_load_bars(
         {f"{k}\n(test set as one batch, capacity factor 1.25)": results[k]["train_routing"]
          for k in (aux_name, free_name)}, paths[3])
+    figs[paths[4]] = viz.load_heatmap(
+        {k: hist[k]["tracker"].loads() for k in (free_name, aux_name, bias_name)}, paths[4],
+        steps=range(1, epochs + 1), ylabel="epoch", title="load per expert over the epochs (load / mean load; "
+        "1 = even; seed 0, training batches summed per epoch)")
     return {"history": hist, "results": results, "class_expert": counts, "data": data_name,
             "accuracy": accs, "load_cv": cvs, "information": info, "chance_information": chance,
             "top_share": float(top), "pictures": figs}

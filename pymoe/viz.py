@@ -646,11 +646,12 @@ def preset_differences(comparison: Any, path: str, *, max_tokens: int = 48) -> A
 # ------------------------------------------------------------------ load over training steps
 
 def load_heatmap(loads: np.ndarray | Mapping[str, np.ndarray], path: str, *,
-                 steps: Sequence[float] | None = None, title: str | None = None) -> Any:
+                 steps: Sequence[float] | None = None, title: str | None = None,
+                 ylabel: str = "step") -> Any:
     """Load per expert over steps: loads `[S, E]` (monitor.LoadTracker.loads()), or a dict
     label -> `[S, E]` for one panel each (same S). Each cell is the expert's load over the
-    step's mean load, so 1 is even and every row averages 1; steps labels the rows (default
-    1..S).
+    step's mean load, so 1 is even (white; red above, blue below) and every row averages 1;
+    steps labels the rows (default 1..S), ylabel names them.
 
     Text version: one row per step (every few steps when S > 16), a shade per expert (darker =
     more loaded, the darkest at the largest ratio shown) and the row's max / mean.
@@ -680,23 +681,26 @@ def load_heatmap(loads: np.ndarray | Mapping[str, np.ndarray], path: str, *,
         for label, r in ratios.items():
             if label:
                 lines.append(f"{label}:")
-            lines.append(f"  {'step':>6s}  " + "".join(f"{e % 10}" for e in range(E))
+            lines.append(f"  {ylabel[:6]:>6s}  " + "".join(f"{e % 10}" for e in range(E))
                          + "  max/mean")
             for i in list(range(0, S, every)) + ([S - 1] if (S - 1) % every else []):
                 lines.append(f"  {ys[i]!s:>6s}  " + "".join(_shade(v, vmax) for v in r[i])
                              + f"  {r[i].max():.2f}")
         return _emit("\n".join(lines))
+    from matplotlib.colors import TwoSlopeNorm
+
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=vmax)
     fig = _figure(1.4 + (1.6 + 0.28 * E) * len(ratios), 1.6 + min(0.12 * S, 5.0))
     axes = fig.subplots(1, len(ratios), squeeze=False, sharey=True)[0]
     im = None
     for ax, (label, r) in zip(axes, ratios.items()):
-        im = ax.imshow(r, cmap="magma_r", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        im = ax.imshow(r, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(E) if E <= 16 else range(0, E, max(1, E // 8)))
         ticks = sorted({0, S // 2, S - 1})
         ax.set_yticks(ticks, [str(ys[i]) for i in ticks])
         ax.set_xlabel("expert")
         ax.set_title(label or title, fontsize=9)
-    axes[0].set_ylabel("step")
+    axes[0].set_ylabel(ylabel)
     fig.colorbar(im, ax=list(axes), label="load / mean load")
     if any(items):
         fig.suptitle(title, fontsize=10)

@@ -156,7 +156,17 @@ def test_03_train_learns_and_the_aux_loss_evens_the_load(tmp_path):
     for name, info in res["information"].items():  # far above what shuffled digits show
         assert min(info) > 5 * res["chance_information"][name], name
     assert all(0 <= i <= 2 for v in res["information"].values() for i in v)  # log2 E = 2 bits
-    check_pictures(res, tmp_path, 4)
+    # the aux-free bias evens the load without any aux loss, better than aux loss 0 does
+    free = hist["MoE, aux-free bias 0.01"]
+    assert free["load_cv"][-1] < 0.5 * without
+    # the LoadTracker: one entry per epoch, its CV the one printed, MaxVio >= 0, no dead expert
+    t = free["tracker"]
+    assert t.steps().tolist() == list(range(12)) and t.loads().shape == (12, 4)
+    n_train = t.stats(0).tokens  # every training image once an epoch, in batches of 64
+    assert t.stats(11).tokens == n_train and t.stats(0).routings == -(-n_train // 64)
+    np.testing.assert_array_equal(t.series("cv"), free["load_cv"])
+    assert (t.series("max_vio") >= 0).all() and t.series("dead").max() == 0
+    check_pictures(res, tmp_path, 5)
 
 
 def test_03_train_mutual_information():
