@@ -349,8 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
          for k in (aux_name, free_name)}, paths[3])
     figs[paths[4]] = viz.load_heatmap(
         {k: hist[k]["tracker"].loads() for k in (free_name, aux_name, bias_name)}, paths[4],
-        steps=range(1, epochs + 1), ylabel="epoch", title="load per expert over the epochs (load / mean load; "
-        "1 = even; seed 0, training batches summed per epoch)")
+        steps=range(1, epochs + 1), ylabel="epoch",
+        title="load per expert over the epochs (load / mean load; 1 = even; seed 0, training "
+        "batches summed per epoch)")
     return {"history": hist, "results": results, "class_expert": counts, "data": data_name,
             "accuracy": accs, "load_cv": cvs, "information": info, "chance_information": chance,
             "top_share": float(top), "pictures": figs}
