@@ -432,11 +432,15 @@ class MoELayer:
                 + self.load_loss_coef * self.load_loss)
 
     # --------------------------------------------------------------- backward
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, *, router_dlogits: np.ndarray | None = None) -> np.ndarray:
         """Differentiate sum(y * dy) + loss_terms().
 
         Args:
             dy: gradient with respect to the last forward's y, same shape.
+            router_dlogits: `[T, E]` or None: a further d objective / d self.routing.router_logits
+                from a loss computed outside the layer, e.g. GlobalLoadBalance.loss_backward(
+                layer.routing, coef); added to the router's own before w_router and dx (not with
+                token_groups, whose routing is per group).
         Returns:
             dx with the shape and dtype of the last forward's x. Fills self.grads (overwriting).
         """
@@ -448,6 +452,9 @@ class MoELayer:
         p = self._checked_params()
         dy2 = np.ascontiguousarray(dy.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
         if isinstance(c, _GroupsForwardCache):
+            if router_dlogits is not None:
+                raise ValueError("router_dlogits: not supported with token_groups (each group "
+                                 "routes on its own)")
             G = self.token_groups
             dxs, grads = token_groups.backward_groups(self, c.groups, np.split(dy2, G),
                                                  self._expert_params(), {})
@@ -500,6 +507,9 @@ class MoELayer:
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
             raise self.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
+        if router_dlogits is not None:
+            dlogits = dlogits + _checks.float_array("router_dlogits", router_dlogits,
+                                                    shape=dlogits.shape).astype(dlogits.dtype)
         rdt = router_dtype(self.dtype)
         dx_router = None
         if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise

@@ -136,3 +136,29 @@ def test_bad_arguments():
     r = pymoe.route(np.zeros((3, 4)), 2, None)
     with pytest.raises(ValueError, match="coef"):
         g.loss_backward(r, -1.0)
+
+
+def test_moe_layer_takes_the_gradient():
+    """MoELayer.backward(dy, router_dlogits=gb.loss_backward(layer.routing, c)) with aux_loss_coef
+    0 equals the layer with aux_loss_coef c after one micro-batch (the global loss is then the
+    local one), to round-off."""
+    x = _rng(6).normal(size=(16, 8))
+    dy = _rng(7).normal(size=(16, 8))
+    ref = pymoe.MoELayer(8, 6, 4, 2, 1.0, aux_loss_coef=0.3, dtype=np.float64, seed=1)
+    ref.forward(x)
+    dx_ref = ref.backward(dy)
+    layer = pymoe.MoELayer(8, 6, 4, 2, 1.0, aux_loss_coef=0.0, dtype=np.float64, seed=1)
+    layer.forward(x)
+    g = GlobalLoadBalance(4, 2)
+    g.update(layer.routing)
+    dx = layer.backward(dy, router_dlogits=g.loss_backward(layer.routing, 0.3))
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-14)
+    for name in ref.grads:
+        np.testing.assert_allclose(layer.grads[name], ref.grads[name], rtol=1e-12, atol=1e-14,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match="router_dlogits"):
+        layer.backward(dy, router_dlogits=np.zeros((3, 4)))
+    grouped = pymoe.MoELayer(8, 6, 4, 2, 1.0, dtype=np.float64, seed=1, token_groups=2)
+    grouped.forward(x)
+    with pytest.raises(ValueError, match="router_dlogits: not supported with token_groups"):
+        grouped.backward(dy, router_dlogits=np.zeros((16, 4)))
