@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 
 from . import _checks, token_groups
-from . import replay as _replay
 from .backend import BACKEND_NAMES, Backend, get_backend
 from .dense import (
     combine_dense,
@@ -29,6 +28,7 @@ from .options import (
     route_options,
     split_keywords,
 )
+from .replay import forced_selection, record_selection, recording
 from .router import jitter, router_dtype, router_logits, router_logits_backward
 from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
@@ -301,9 +301,9 @@ class MoELayer:
         p = self._checked_params()
         # C-contiguous in the layer dtype: the same values give the same bits whatever x's layout
         x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
-        replay = _replay.forced(self, replay)
+        replay = forced_selection(self, replay)
         if self.token_groups > 1:
-            if replay is not None or _replay.recording():
+            if replay is not None or recording():
                 raise ValueError("replay: router replay and recording run with token_groups = 1 "
                                  f"only, got token_groups = {self.token_groups}")
             return self._forward_groups(x, x2, train)
@@ -350,7 +350,7 @@ class MoELayer:
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
                                     noisy, shared, pre_norm, inv_rms, normed)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
-        _replay.recorded(self, r.expert_index)
+        record_selection(self, r.expert_index)
         return y.reshape(x.shape)
 
     __call__ = forward

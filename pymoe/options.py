@@ -21,7 +21,7 @@ from . import _checks
 from .capacity import capacity_args
 from .expert_forms import EXPERT_FORMS
 from .losses import LOAD_BALANCING
-from .precision import ROUTER_DTYPES
+from .router import ROUTER_DTYPES
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
 from .variants.scores import SCORES

@@ -7,6 +7,7 @@ tokens). Mesh-TF, flaxformer and DeepSpeed cast the router to float32 for this r
 (docs/conventions.md, section 1). This module makes the effect exact and measurable:
 
     round_to(x, "bfloat16")      float32 values rounded to bf16 (or fp16), kept as float32
+                                 (router.round_to: the router step owns its dtype)
     route(..., router_dtype=)    routing of the logits rounded to that format, scores in float32
     flip_report(logits, k, dt)   which tokens and (token, expert) pairs change between float32 and dt
 
@@ -20,65 +21,12 @@ from typing import Any
 import numpy as np
 
 from . import _checks
+from .router import ROUNDED_DTYPES, ROUTER_DTYPES, round_logits, round_to
+from .routing import route
+from .variants.scores import selection_scores
 
 __all__ = ["ROUNDED_DTYPES", "ROUTER_DTYPES", "FlipReport", "flip_report", "round_to",
            "round_logits", "top_k_margins"]
-
-ROUNDED_DTYPES = ("bfloat16", "float16")  # the formats round_to emulates
-ROUTER_DTYPES = ("float32", "float64") + ROUNDED_DTYPES  # route(..., router_dtype=)
-
-_BF16_NAN = np.uint32(0xFFFF0000)  # torch's CPU tensor cast writes every NaN as bf16 0xFFFF
-
-
-def round_to(x: Any, dtype: str) -> np.ndarray:
-    """float32 values rounded to bfloat16 or float16 and returned as float32: bit for bit what
-    torch's `x.to(dtype).float()` gives on CPU.
-
-    Round to nearest, ties to even; values past the format's largest finite number overflow to
-    +-inf; subnormals of the format are kept (float16's below 2^-24 and bf16's below 2^-133 round
-    to a signed zero); signed zeros keep their sign. NaNs come out as torch writes them: bf16
-    0xFFFF (torch's vectorised tensor cast; the scalar c10::BFloat16 would write 0x7FC0), float16
-    the quiet NaN with the input's sign and top 10 payload bits (NumPy keeps a signalling NaN
-    signalling instead, so float16 does NumPy's cast and then quiets NaNs).
-
-    Args:
-        x: an array of float16, float32 or float64 values (float64 is rounded to float32 first:
-           the same as torch's `x.float().to(dtype)`, which can differ from one direct rounding).
-        dtype: "bfloat16" or "float16".
-    Returns:
-        `<float32>` array of x's shape (a fresh array).
-    """
-    dtype = _checks.choice("dtype", dtype, ROUNDED_DTYPES)
-    a = _checks.float_array("x", x, finite=False)
-    a32 = np.ascontiguousarray(a, dtype=np.float32)  # [...]
-    u = a32.view(np.uint32)  # [...] the float32 bit patterns
-    nan = np.isnan(a32)  # [...]
-    if dtype == "bfloat16":
-        lsb = (u >> 16) & np.uint32(1)  # [...] the last bit kept: ties go to where it is 0
-        with np.errstate(over="ignore"):  # only NaN patterns can wrap, and they are replaced
-            r = ((u + np.uint32(0x7FFF) + lsb) >> 16) << 16  # [...] rounded, low 16 bits 0
-        out = np.where(nan, _BF16_NAN, r).astype(np.uint32)  # [...]
-        return out.view(np.float32)
-    with np.errstate(over="ignore"):  # overflow to inf is the intended result
-        r = a32.astype(np.float16).astype(np.float32).view(np.uint32)  # [...] NumPy's RNE
-    quiet = (u & np.uint32(0x807FE000)) | np.uint32(0x7FC00000)  # sign, quiet bit, 10 payload bits
-    return np.where(nan, quiet, r).astype(np.uint32).view(np.float32)
-
-
-def round_logits(logits: np.ndarray, router_dtype: str | None) -> np.ndarray:
-    """The router logits `[T, E]` in the dtype route() computes the scores in.
-
-    None: the logits' own dtype promoted to at least float32 (router.router_dtype); "float32",
-    "float64": cast to it; "bfloat16", "float16": rounded to that format (round_to) and kept as
-    float32, so the scores are computed in float32 from the rounded logits (what HF models do:
-    bf16 router logits, `softmax(logits, dtype=torch.float)`).
-    """
-    if router_dtype is None or logits.dtype == router_dtype:
-        return logits
-    if router_dtype in ROUNDED_DTYPES:
-        return round_to(logits, router_dtype)
-    return logits.astype(router_dtype)
-
 
 def top_k_margins(scores: np.ndarray, k: int) -> np.ndarray:
     """The gap between each token's K-th and (K+1)-th score, `[T]` (inf when K = E): how far the
@@ -168,9 +116,6 @@ def flip_report(logits: Any, k: int, dtype: str, **route_options: Any) -> FlipRe
         a FlipReport; margins are those of the float32 selection scores (the scores plus
         expert_bias when one is given, the plain scores otherwise).
     """
-    from .routing import route
-    from .variants.scores import selection_scores
-
     dtype = _checks.choice("dtype", dtype, ROUTER_DTYPES)
     if "router_dtype" in route_options:
         raise TypeError("flip_report() sets router_dtype itself (float32 against dtype); "

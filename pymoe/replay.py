@@ -123,7 +123,7 @@ class Recorder:
         return recorded[n]
 
 
-def forced(layer: Any, replay: Any) -> Any:
+def forced_selection(layer: Any, replay: Any) -> Any:
     """MoELayer.forward's replay argument: `replay` when given, else the selection an active
     Recorder replays for `layer`, else None."""
     if replay is not None:
@@ -139,7 +139,7 @@ def recording() -> bool:
     return any(rec._mode == "record" for rec in _active)
 
 
-def recorded(layer: Any, expert_index: np.ndarray) -> None:
+def record_selection(layer: Any, expert_index: np.ndarray) -> None:
     """MoELayer.forward's report of its selection to the recorders in record() blocks."""
     for rec in _active:
         if rec._mode == "record":

@@ -32,9 +32,8 @@ from .options import (
     route_options,
     split_keywords,
 )
-from .precision import round_logits
 from .priority import position_in_expert, priority_order
-from .router import router_dtype, softmax, softmax_backward, softmax_lse
+from .router import round_logits, router_dtype, softmax, softmax_backward, softmax_lse
 from .slots import assign, assign_for, classic_rule
 from .topk import (
     K1_NORMALIZE_WARNING,
@@ -249,7 +248,7 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     # One C-contiguous, native copy: every reduction below then sums in the same order whatever
     # the caller's layout, so the same values always give the same bits (and the same ties).
     logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
-    logits = round_logits(logits, opts.router_dtype)  # [T, E] (pymoe.precision)
+    logits = round_logits(logits, opts.router_dtype)  # [T, E] (router_dtype, pymoe.precision)
     T, E = logits.shape
     if opts.sequence_length is not None and T % opts.sequence_length:
         raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
