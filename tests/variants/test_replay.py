@@ -359,3 +359,30 @@ def test_options_untouched_by_replay():
     logits = np.random.default_rng(0).normal(size=(8, 4))
     r = pymoe.route(logits, 2, replay=[[0, 1]] * 8)
     assert dataclasses.asdict(r.options) == dataclasses.asdict(pymoe.route(logits, 2).options)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_layer_own_selection_same_bits(name, backend, request):
+    """MoELayer(preset=name).forward(x, replay=its own expert_index) gives the same y, routing and
+    backward bits as the plain forward (NumPy and C). A second layer built the same way replays,
+    so that random priorities draw the same permutation."""
+    backend_by_name(backend, request)
+    k = pymoe.preset(name).k or 4
+    kw = dict(num_groups=4, topk_groups=2) if name in ("deepseek-v3", "deepseek-v2") else {}
+
+    def build() -> pymoe.MoELayer:
+        return pymoe.MoELayer(8, 12, 16, k, 1.0, preset=name, backend=backend, seed=4, **kw)
+
+    layer = build()
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    dy = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    y = layer.forward(x)
+    r, dx = layer.routing, layer.backward(dy)
+    grads = {n: g.copy() for n, g in layer.grads.items()}
+    layer = build()
+    assert_same_bits(layer.forward(x, replay=r.expert_index), y)
+    assert_same_routing(layer.routing, r)
+    assert_same_bits(layer.backward(dy), dx)
+    for n, g in layer.grads.items():
+        assert_same_bits(g, grads[n])
