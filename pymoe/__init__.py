@@ -15,6 +15,7 @@ The routing recipe, one module per step:
     slots.py     5-9  every slot rule (priority x drop policy) through one function
     routing.py        route(): the steps above written straight down; layer.py: MoELayer
     options.py        every keyword of route() and MoELayer: its default, check and doc
+    precision.py      router precision (round_to bf16/fp16, flip_report); replay.py: router replay
     token_groups.py   GShard token groups (MoELayer(token_groups=G), expert_parallel.py on MPI)
 
 Beside the recipe:
@@ -24,7 +25,7 @@ Beside the recipe:
     viz.py, compare/, bench/   pictures, preset comparison, benchmarks
     monitor.py   LoadTracker: expert loads, CV, MaxVio, dead experts per layer and step
 """
-from . import compare  # the module, callable: pymoe.compare(logits, ...) is compare.compare
+from . import compare, precision, replay  # modules; pymoe.compare(...) is compare.compare
 from .backend import BackendInfo, backends, get_backend
 from .backend.install import warn_if_core_missing
 from .compare import Comparison
@@ -37,7 +38,7 @@ from .variants.scores import update_expert_bias
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
            "get_backend", "BackendInfo", "MemoryBudgetError", "get_memory_budget",
            "set_memory_budget", "memory_budget", "Preset", "preset", "presets", "compare",
-           "Comparison"]
+           "Comparison", "precision", "replay"]
 __version__ = "0.1.0"
 
 warn_if_core_missing()  # one line when the C core is not built (PYMOE_DISABLE_C=1 silences it)

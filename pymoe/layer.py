@@ -28,8 +28,9 @@ from .options import (
     route_options,
     split_keywords,
 )
+from .replay import forced_selection, record_selection, recording
 from .router import jitter, router_dtype, router_logits, router_logits_backward
-from .routing import Routing, route_backward, route_unchecked
+from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
@@ -283,11 +284,14 @@ class MoELayer:
                           f"{inputs} and every parameter are finite; scale {inputs} down{wider}")
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: np.ndarray, *, train: bool = False) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, train: bool = False,
+                replay: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
-        train=True applies router jitter when jitter_eps > 0. Returns y with x's shape, in the
-        layer dtype.
+        train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
+        to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
+        replaying supplies one, and one recording stores this forward's expert_index. Returns y
+        with x's shape, in the layer dtype.
         """
         x = _checks.float_array("x", x, min_ndim=1)
         if x.shape[-1] != self.d_model:
@@ -297,9 +301,14 @@ class MoELayer:
         p = self._checked_params()
         # C-contiguous in the layer dtype: the same values give the same bits whatever x's layout
         x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
+        replay = forced_selection(self, replay)
         if self.token_groups > 1:
+            if replay is not None or recording():
+                raise ValueError("replay: router replay and recording run with token_groups = 1 "
+                                 f"only, got token_groups = {self.token_groups}")
             return self._forward_groups(x, x2, train)
-        x_router, noise, r, noisy = self._route_noisy(x2, train)
+        replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
+        x_router, noise, r, noisy = self._route_noisy(x2, train, replay)
         form, gin = self.expert_form, self.gate_input
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
@@ -341,6 +350,7 @@ class MoELayer:
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
                                     noisy, shared, pre_norm, inv_rms, normed)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
+        record_selection(self, r.expert_index)
         return y.reshape(x.shape)
 
     __call__ = forward
@@ -364,8 +374,9 @@ class MoELayer:
         the token-group step (pymoe.token_groups) routes each group with it."""
         return self._route_noisy(x2, train)[:3]
 
-    def _route_noisy(self, x2: np.ndarray, train: bool):
-        """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it."""
+    def _route_noisy(self, x2: np.ndarray, train: bool, replay: np.ndarray | None = None):
+        """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it;
+        replay: a checked selection to force (routing.check_replay)."""
         p = self._checked_params()
         rdt = router_dtype(self.dtype)
         x_router = x2.astype(rdt)  # [T, D] the router's own copy
@@ -389,7 +400,7 @@ class MoELayer:
         bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
                                                                      self.num_experts)
         r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
-                            backend=self.backend)  # steps 2-10, 12
+                            backend=self.backend, replay=replay)  # steps 2-10, 12
         return x_router, noise, r, noisy
 
     def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool) -> np.ndarray:

@@ -21,6 +21,7 @@ from . import _checks
 from .capacity import capacity_args
 from .expert_forms import EXPERT_FORMS
 from .losses import LOAD_BALANCING
+from .router import ROUTER_DTYPES
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
 from .variants.scores import SCORES
@@ -121,6 +122,13 @@ class RouteOptions:
     second_expert_threshold: float = keyword(0.2, "its threshold.", _positive())
     sinkhorn_iterations: int = keyword(SINKHORN_ITERATIONS, "Sinkhorn rounds (>= 1).",
                                        _integer(1))
+    router_dtype: str | None = keyword(
+        None, 'the dtype of the router logits: "bfloat16" or "float16" round them to that format '
+        '(precision.round_to, what a 16-bit router computes) and the scores are computed in '
+        'float32 from the rounded logits, as HF models do; "float32" or "float64" cast them; None '
+        "keeps their dtype, promoted to at least float32. d logits pass the rounding unchanged "
+        "(a cast's gradient) (pymoe.precision).",
+        lambda n, v: None if v is None else _checks.choice(n, v, ROUTER_DTYPES))
 
     @property
     def random(self) -> bool:
@@ -423,6 +431,35 @@ def expert_bias_arg(expert_bias: object, num_experts: int) -> np.ndarray | None:
     if expert_bias is None:
         return None
     return _checks.float_array("expert_bias", expert_bias, ndim=1, shape=(num_experts,))
+
+
+def replay_arg(replay: object, num_tokens: int, k: int, num_experts: int) -> np.ndarray | None:
+    """replay: None or a `<int64>[T, K]` selection to force (a Routing's expert_index recorded
+    earlier): integers in [0, E), no expert twice in a row. Returns a fresh C-contiguous copy."""
+    if replay is None:
+        return None
+    if not isinstance(replay, (np.ndarray, list, tuple)):
+        raise TypeError(f"replay: expected an int array [T, K] (a routing's expert_index) or "
+                        f"None, got {type(replay).__name__}")
+    a = np.asarray(replay)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"replay: expected an integer array (a routing's expert_index), got "
+                        f"dtype {a.dtype}")
+    if a.shape != (num_tokens, k):
+        raise ValueError(f"replay: expected shape [T, K] = [{num_tokens}, {k}], got "
+                         f"{list(a.shape)}")
+    a = np.ascontiguousarray(a, dtype=np.int64)  # [T, K]
+    if a.size and (a.min() < 0 or a.max() >= num_experts):
+        bad = np.argwhere((a < 0) | (a >= num_experts))[0]
+        raise ValueError(f"replay: expert indices must lie in [0, E) = [0, {num_experts}), got "
+                         f"{a[tuple(bad)]} at token {bad[0]}, choice {bad[1]}")
+    if k > 1 and a.size:
+        s = np.sort(a, axis=-1)  # [T, K]
+        dup = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=-1))  # tokens
+        if dup.size:
+            raise ValueError(f"replay: token {dup[0]} lists an expert twice ({a[dup[0]].tolist()}"
+                             f"); a selection names K distinct experts per token")
+    return a
 
 
 def generator_arg(seed: object, needed: bool) -> np.random.Generator | None:

@@ -5,7 +5,11 @@ Legend (shared by every module, the C core and the CUDA kernels):
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from . import _checks
 
 
 def router_dtype(dtype: np.dtype | type) -> np.dtype:
@@ -15,6 +19,62 @@ def router_dtype(dtype: np.dtype | type) -> np.dtype:
     top-k choices (docs/conventions.md, section 1); float64 stays float64.
     """
     return np.result_type(dtype, np.float32)
+
+
+ROUNDED_DTYPES = ("bfloat16", "float16")  # the formats round_to emulates
+ROUTER_DTYPES = ("float32", "float64") + ROUNDED_DTYPES  # route(..., router_dtype=)
+
+_BF16_NAN = np.uint32(0xFFFF0000)  # torch's CPU tensor cast writes every NaN as bf16 0xFFFF
+
+
+def round_to(x: Any, dtype: str) -> np.ndarray:
+    """float32 values rounded to bfloat16 or float16 and returned as float32: bit for bit what
+    torch's `x.to(dtype).float()` gives on CPU.
+
+    Round to nearest, ties to even; values past the format's largest finite number overflow to
+    +-inf; subnormals of the format are kept (float16's below 2^-24 and bf16's below 2^-133 round
+    to a signed zero); signed zeros keep their sign. NaNs come out as torch writes them: bf16
+    0xFFFF (torch's vectorised tensor cast; the scalar c10::BFloat16 would write 0x7FC0), float16
+    the quiet NaN with the input's sign and top 10 payload bits (NumPy keeps a signalling NaN
+    signalling instead, so float16 does NumPy's cast and then quiets NaNs).
+
+    Args:
+        x: an array of float16, float32 or float64 values (float64 is rounded to float32 first:
+           the same as torch's `x.float().to(dtype)`, which can differ from one direct rounding).
+        dtype: "bfloat16" or "float16".
+    Returns:
+        `<float32>` array of x's shape (a fresh array).
+    """
+    dtype = _checks.choice("dtype", dtype, ROUNDED_DTYPES)
+    a = _checks.float_array("x", x, finite=False)
+    a32 = np.ascontiguousarray(a, dtype=np.float32)  # [...]
+    u = a32.view(np.uint32)  # [...] the float32 bit patterns
+    nan = np.isnan(a32)  # [...]
+    if dtype == "bfloat16":
+        lsb = (u >> 16) & np.uint32(1)  # [...] the last bit kept: ties go to where it is 0
+        with np.errstate(over="ignore"):  # only NaN patterns can wrap, and they are replaced
+            r = ((u + np.uint32(0x7FFF) + lsb) >> 16) << 16  # [...] rounded, low 16 bits 0
+        out = np.where(nan, _BF16_NAN, r).astype(np.uint32)  # [...]
+        return out.view(np.float32)
+    with np.errstate(over="ignore"):  # overflow to inf is the intended result
+        r = a32.astype(np.float16).astype(np.float32).view(np.uint32)  # [...] NumPy's RNE
+    quiet = (u & np.uint32(0x807FE000)) | np.uint32(0x7FC00000)  # sign, quiet bit, 10 payload bits
+    return np.where(nan, quiet, r).astype(np.uint32).view(np.float32)
+
+
+def round_logits(logits: np.ndarray, router_dtype: str | None) -> np.ndarray:
+    """The router logits `[T, E]` in the dtype route() computes the scores in.
+
+    None: the logits' own dtype promoted to at least float32 (router.router_dtype); "float32",
+    "float64": cast to it; "bfloat16", "float16": rounded to that format (round_to) and kept as
+    float32, so the scores are computed in float32 from the rounded logits (what HF models do:
+    bf16 router logits, `softmax(logits, dtype=torch.float)`).
+    """
+    if router_dtype is None or logits.dtype == router_dtype:
+        return logits
+    if router_dtype in ROUNDED_DTYPES:
+        return round_to(logits, router_dtype)
+    return logits.astype(router_dtype)
 
 
 def jitter(x: np.ndarray, eps: float, rng: np.random.Generator) -> np.ndarray:

@@ -28,11 +28,12 @@ from .options import (
     expert_bias_arg,
     generator_arg,
     keywords_doc,
+    replay_arg,
     route_options,
     split_keywords,
 )
 from .priority import position_in_expert, priority_order
-from .router import router_dtype, softmax, softmax_backward, softmax_lse
+from .router import round_logits, router_dtype, softmax, softmax_backward, softmax_lse
 from .slots import assign, assign_for, classic_rule
 from .topk import (
     K1_NORMALIZE_WARNING,
@@ -179,7 +180,7 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.25, *,
           expert_bias: np.ndarray | None = None, seed: int | np.random.Generator | None = None,
           backend: str = "numpy", preset: str | Preset | None = None,
-          **keywords: Any) -> Routing:
+          replay: np.ndarray | None = None, **keywords: Any) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
     Args (defaults reproduce the original routing; docs/variants.md says who
@@ -196,6 +197,11 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         preset: a system's name (pymoe.presets()) or a pymoe.Preset: it supplies every keyword
             that is not passed explicitly (docs/conventions.md); then aux_loss is that
             system's load-balancing loss and combine_weights its [T, E, C] combine tensor.
+        replay: `<int>[T, K]` a selection recorded earlier (a Routing's expert_index) to force
+            instead of step 3 (router replay, pymoe.replay): the gates are the live scores at
+            those experts, normalised and scaled as without replay; capacity, drops and the
+            losses follow as usual (the aux loss counts the replayed experts); the selection
+            passes no gradient, the gates do. Not with selection="experts".
         keywords: the routing keywords of pymoe.options.RouteOptions, checked there:
     """
     (keywords,) = split_keywords("route", keywords, RouteOptions)
@@ -209,7 +215,17 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     rng = generator_arg(seed, opts.random)
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
     warn_k1_normalize(opts)
-    return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend))
+    forced = check_replay(replay, logits.shape[0], opts, E)
+    return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend),
+                           replay=forced)
+
+
+def check_replay(replay: object, T: int, opts: RouteOptions, E: int) -> np.ndarray | None:
+    """options.replay_arg, and the selections replay cannot stand in for."""
+    if replay is not None and opts.selection == "experts":
+        raise ValueError("replay: expert choice (selection='experts') has no per-token "
+                         "selection to replay (every token lists every expert)")
+    return replay_arg(replay, T, opts.k, E)
 
 
 route.__doc__ = (route.__doc__ or "") + keywords_doc(RouteOptions, skip=("k", "capacity_factor")) + (
@@ -218,7 +234,7 @@ route.__doc__ = (route.__doc__ or "") + keywords_doc(RouteOptions, skip=("k", "c
 
 def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                     expert_bias: np.ndarray | None = None, rng: np.random.Generator | None = None,
-                    backend=None) -> Routing:
+                    backend=None, replay: np.ndarray | None = None) -> Routing:
     """route() after its arguments have been checked (MoELayer checks them once, at construction):
     the recipe's steps 2-9 and 12, in order.
 
@@ -226,11 +242,13 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     compiled backend (C) runs its whole-step twins in their place: Backend.softmax_lse (step 2),
     Backend.top_k (step 3 with step 12's load and probability sums, for a plain top-K) and
     Backend.assign_slots (steps 5-9), held to the NumPy steps by the tests (the same integers).
+    replay: a checked `<int64>[T, K]` selection (check_replay) that replaces step 3.
     """
     twin = None if backend is None or backend.name == "numpy" else backend
     # One C-contiguous, native copy: every reduction below then sums in the same order whatever
     # the caller's layout, so the same values always give the same bits (and the same ties).
     logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
+    logits = round_logits(logits, opts.router_dtype)  # [T, E] (router_dtype, pymoe.precision)
     T, E = logits.shape
     if opts.sequence_length is not None and T % opts.sequence_length:
         raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
@@ -247,7 +265,9 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                              "it is added in (docs/variants.md); keep |expert_bias| within it")
     # step 3: choose K experts per token
     sums = None
-    if twin is not None and opts.selection == "tokens" and not grouped(opts):
+    if replay is not None:  # router replay: the recorded selection, a constant
+        expert_index = replay  # [T, K]
+    elif twin is not None and opts.selection == "tokens" and not grouped(opts):
         ranked = logits if expert_bias is None else scores
         expert_index, load, prob_sum = twin.top_k(ranked, opts.k, bias=expert_bias,
                                                   probs=aux_probs)  # [T, K]

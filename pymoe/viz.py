@@ -705,3 +705,52 @@ def load_heatmap(loads: np.ndarray | Mapping[str, np.ndarray], path: str, *,
     if any(items):
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------ router precision
+
+def flip_margins(report: Any, path: str, *, bins: int = 24) -> Any:
+    """A pymoe.precision.FlipReport: the histogram of top-K margins (the K-th minus the (K+1)-th
+    float32 score, log scale), the tokens whose experts changed in report.dtype stacked in red;
+    flips sit at the smallest margins, below the format's spacing.
+
+    Text version: one row per margin decade, '#' per token, 'x' for the flipped ones.
+    """
+    from .precision import FlipReport
+
+    if not isinstance(report, FlipReport):
+        raise TypeError(f"report: expected a pymoe.precision.FlipReport from flip_report(), got "
+                        f"{type(report).__name__}")
+    bins = _checks.integer("bins", bins, low=1)
+    m = np.asarray(report.margins, dtype=float)  # [T]
+    finite = np.isfinite(m)
+    if not finite.any():
+        raise ValueError("report: no finite margin to draw (T = 0, or K = E: nothing can flip)")
+    tiny = float(np.finfo(np.float32).tiny)
+    logm = np.log10(np.maximum(m[finite], tiny))  # [T'] ties (margin 0) at the float32 floor
+    flipped = np.asarray(report.flipped)[finite]  # [T']
+    title = (f"float32 -> {report.dtype}, K = {report.k}: {report.tokens_flipped} of "
+             f"{report.tokens} tokens ({report.token_rate:.2%}) change experts")
+    if not have_matplotlib():
+        lo, hi = int(np.floor(logm.min())), int(np.floor(logm.max()))
+        decade = np.floor(logm).astype(int)  # [T']
+        scale = max(1.0, max(int(np.count_nonzero(decade == d)) for d in range(lo, hi + 1)) / 50)
+        lines = [title, "top-K margin (K-th minus (K+1)-th score): tokens (#), flipped (x)"]
+        for d in range(lo, hi + 1):
+            n = int(np.count_nonzero(decade == d))
+            f = int(np.count_nonzero(flipped & (decade == d)))
+            lines.append(f"  1e{d:<+4d}{'x' * round(f / scale)}{'#' * round((n - f) / scale)} "
+                         f"{n} ({f} flipped)")
+        return _emit("\n".join(lines))
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    edges = np.linspace(logm.min(), logm.max() + 1e-9, bins + 1)
+    ax.hist([logm[flipped], logm[~flipped]], bins=edges, stacked=True,
+            color=["tab:red", "tab:blue"],
+            label=[f"changed experts ({int(flipped.sum())})", f"same experts ({int((~flipped).sum())})"])
+    ax.set_xlabel("log10 top-K margin (K-th minus (K+1)-th float32 score)")
+    ax.set_ylabel("tokens")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
