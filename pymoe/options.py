@@ -32,6 +32,7 @@ ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 FORMULATIONS = ("indexed", "dense")
 SHARED_COMBINES = ("sum", "mean")
 LOAD_STATS = ("local", "global")
+PADDINGS = ("absent", "routed", "counted")
 
 Check = Callable[[str, Any], Any]  # (keyword, value) -> the checked value, or raises naming it
 
@@ -121,6 +122,13 @@ class RouteOptions:
     second_expert_threshold: float = keyword(0.2, "its threshold.", _positive())
     sinkhorn_iterations: int = keyword(SINKHORN_ITERATIONS, "Sinkhorn rounds (>= 1).",
                                        _integer(1))
+    padding: str = keyword(
+        "absent", 'what route(..., token_mask=m) does with the padding rows (m False); every '
+        'statistic (aux loss, z-loss, expert_load, drop metrics) leaves them out whatever this '
+        'says: "absent" (pymoe: no slot, gate 0, capacity from the real tokens; the real rows '
+        'equal route(L[m])), "routed" (Megatron-Core: padding is routed and takes slots), '
+        '"counted" (HF NLLB-MoE: padding is not routed but counts in T for the capacity) '
+        '(docs/variants.md, "Padding").', _choice(PADDINGS))
 
     @property
     def random(self) -> bool:
@@ -303,6 +311,9 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
             raise ValueError(f"num_groups: group-limited top-K needs selection='tokens', got {sel!r}")
         if opts["second_expert_policy"] != "all":
             raise ValueError(f"second_expert_policy: needs selection='tokens', got {sel!r}")
+    if opts["selection"] == "experts" and opts["padding"] != "absent":
+        raise ValueError(f"padding: expert choice (selection='experts') takes padding as absent "
+                         f"only, got padding={opts['padding']!r}")
     if opts["selection"] == "experts":
         if opts["capacity_factor"] is None and opts["capacity"] is None:
             raise ValueError("capacity_factor: expert choice needs a capacity (each expert takes "
@@ -423,6 +434,25 @@ def expert_bias_arg(expert_bias: object, num_experts: int) -> np.ndarray | None:
     if expert_bias is None:
         return None
     return _checks.float_array("expert_bias", expert_bias, ndim=1, shape=(num_experts,))
+
+
+def token_mask_arg(token_mask: object, num_tokens: int,
+                   name: str = "token_mask") -> np.ndarray | None:
+    """token_mask: None or a bool array of shape [T] (True = a real token, the HF attention_mask
+    convention) with at least one real token."""
+    if token_mask is None:
+        return None
+    m = np.asarray(token_mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"{name}: expected a bool array (True = a real token, False = padding), "
+                        f"got dtype {m.dtype}")
+    if m.shape != (num_tokens,):
+        raise ValueError(f"{name}: expected shape ({num_tokens},) (one entry per token), got "
+                         f"{m.shape}")
+    if num_tokens and not m.any():
+        raise ValueError(f"{name}: every one of the {num_tokens} tokens is padding (all False); "
+                         "pass at least one real token")
+    return np.ascontiguousarray(m)
 
 
 def generator_arg(seed: object, needed: bool) -> np.random.Generator | None:
