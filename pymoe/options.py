@@ -436,23 +436,23 @@ def expert_bias_arg(expert_bias: object, num_experts: int) -> np.ndarray | None:
     return _checks.float_array("expert_bias", expert_bias, ndim=1, shape=(num_experts,))
 
 
-def token_mask_arg(token_mask: object, num_tokens: int,
+def token_mask_arg(token_mask: object, shape: tuple[int, ...],
                    name: str = "token_mask") -> np.ndarray | None:
-    """token_mask: None or a bool array of shape [T] (True = a real token, the HF attention_mask
-    convention) with at least one real token."""
+    """token_mask: None or a bool array of the tokens' shape (True = a real token, the HF
+    attention_mask convention) with at least one real token -> `<bool>[T]` flattened, or None."""
     if token_mask is None:
         return None
     m = np.asarray(token_mask)
     if m.dtype != np.bool_:
         raise TypeError(f"{name}: expected a bool array (True = a real token, False = padding), "
                         f"got dtype {m.dtype}")
-    if m.shape != (num_tokens,):
-        raise ValueError(f"{name}: expected shape ({num_tokens},) (one entry per token), got "
+    if m.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (one entry per token), got "
                          f"{m.shape}")
-    if num_tokens and not m.any():
-        raise ValueError(f"{name}: every one of the {num_tokens} tokens is padding (all False); "
+    if m.size and not m.any():
+        raise ValueError(f"{name}: every one of the {m.size} tokens is padding (all False); "
                          "pass at least one real token")
-    return np.ascontiguousarray(m)
+    return np.ascontiguousarray(m.reshape(-1))
 
 
 def generator_arg(seed: object, needed: bool) -> np.random.Generator | None:

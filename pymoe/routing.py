@@ -237,7 +237,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     bias = expert_bias_arg(expert_bias, E)
     rng = generator_arg(seed, opts.random)
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
-    mask = token_mask_arg(token_mask, logits.shape[0])
+    mask = token_mask_arg(token_mask, logits.shape[:1])
     warn_k1_normalize(opts)
     return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend),
                            token_mask=mask)
@@ -430,15 +430,18 @@ def _sequences(mask: np.ndarray, S: int | None) -> list[tuple[slice, np.ndarray]
     return [(rows, m) for rows, m in blocks if m.any()]
 
 
-def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, groups: int) -> None:
+def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, groups: int,
+                     sizes: list[int] | None = None) -> None:
     """Advance rng past the random numbers route_unchecked draws for `groups` routings of T
     tokens each (the permutation, then the second-expert uniforms): expert parallelism routes
-    rank r's group after the r groups before it, as MoELayer(token_groups=P) does in sequence."""
-    for _ in range(groups):
+    rank r's group after the r groups before it, as MoELayer(token_groups=P) does in sequence.
+    sizes: the tokens each routing draws for instead of T (a masked routing with padding
+    "absent" or "counted" draws for its real tokens only)."""
+    for n in ([T] * groups if sizes is None else sizes):
         if opts.priority == "random":
-            rng.permutation(T)
+            rng.permutation(n)
         if opts.second_expert_policy == "random":
-            rng.uniform(size=T)
+            rng.uniform(size=n)
 
 
 def _log_scores(logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
