@@ -26,8 +26,8 @@ from .options import (
     expert_options,
     keywords_doc,
     route_options,
-    token_mask_arg,
     split_keywords,
+    token_mask_arg,
 )
 from .router import jitter, router_dtype, router_logits, router_logits_backward
 from .routing import Routing, route_backward, route_unchecked

@@ -14,11 +14,11 @@ from .capacity import capacity_for, drop, expert_load, slot_owner
 from .dense import dense_tensors
 from .losses import (
     aux_loss_scores,
-    load_balancing_loss,
-    load_balancing_loss_backward,
     aux_loss_scores_backward,
     balance_loss,
     balance_loss_backward,
+    load_balancing_loss,
+    load_balancing_loss_backward,
     load_balancing_loss_from_sums,
     router_z_loss_backward,
     router_z_loss_from_lse,
@@ -30,10 +30,10 @@ from .options import (
     describe_options,
     expert_bias_arg,
     generator_arg,
-    token_mask_arg,
     keywords_doc,
     route_options,
     split_keywords,
+    token_mask_arg,
 )
 from .priority import position_in_expert, priority_order
 from .router import router_dtype, softmax, softmax_backward, softmax_lse
@@ -373,8 +373,9 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
 
     pad_index = _select(pad_logits, pad_scores, opts, bias).astype(np.int64)  # [T_pad, K]
     zeros = np.zeros((pad.size, K), dtype=sub.gate.dtype)  # [T_pad, K]
-    owner = sub.slot_owner  # [E, C] pairs t*K + j of the real rows
-    owner = np.where(owner >= 0, real[np.maximum(owner, 0) // K] * K + owner % K, -1)
+    owner = np.array(sub.slot_owner)  # [E, C] pairs t*K + j of the real rows, -1 when empty
+    filled = owner >= 0
+    owner[filled] = real[owner[filled] // K] * K + owner[filled] % K  # of all T rows
     aux = sub.aux_loss
     if opts.load_balancing == "sequence":
         aux = masked_balance_loss(_aux_probs(full(sub.probs, pad_scores), logits, opts),
