@@ -39,7 +39,7 @@ def test_padding_literal_five_tokens_two_experts():
     np.testing.assert_array_equal(got["counted"].position[:, 0], [-1, -1, 0, 1, 0])
     np.testing.assert_array_equal(got["routed"].position[:, 0], [0, 1, -1, -1, 0])
     probs = pymoe.route(logits, 1, None).probs
-    for p, r in got.items():  # statistics: the real rows only, in every mode
+    for r in got.values():  # statistics: the real rows only, in every mode
         np.testing.assert_array_equal(r.expert_load, [2, 1])
         assert r.aux_loss == pytest.approx(2 * (2 / 3 * probs[2:, 0].mean()
                                                 + 1 / 3 * probs[2:, 1].mean()), rel=1e-12)
