@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_expert_parallel import launch, mpiexec  # noqa: F401  (the fixture)
 
 import expert_parallel_cases as epc
-from test_expert_parallel import launch, mpiexec  # noqa: F401  (the fixture)
 
 CASES = [
     {"pad": 0.3},

@@ -17,10 +17,9 @@ import types
 import numpy as np
 import pytest
 
+import pymoe
 from crosscheck import CASES, Outcome, assert_same, outcome
 from helpers import import_optional
-
-import pymoe
 
 torch = import_optional("torch", "crosscheck")
 moe_utils = import_optional("megatron.core.transformer.moe.moe_utils", "crosscheck")
