@@ -238,7 +238,7 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
         sums = exchange.sum_in_group_order([load_sums(s.routing) for s in states])  # [2E(+1)]
         t0 = _tick(times, "exchange", t0)
         E, K = layer.num_experts, layer.k
-        T = states[0].routing.num_tokens * G  # all tokens (the groups are of equal size)
+        T: float = states[0].routing.num_tokens * G  # all tokens (the groups are of equal size)
         if masks is not None:  # the real tokens of every group
             T = real_tokens = float(sums[2 * E])
         f_global = sums[:E] / (T * K)
