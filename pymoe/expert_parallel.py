@@ -40,7 +40,7 @@ from . import _checks, token_groups
 from .capacity import expert_capacity
 from .experts import EXPERT_PARAMS
 from .layer import MoELayer
-from .options import check_group_extras, check_token_groups
+from .options import check_group_extras, check_token_groups, token_mask_arg
 from .routing import Routing, skip_route_draws
 
 EXCHANGES = ("exact", "fixed")
@@ -419,14 +419,17 @@ class ExpertParallelMoE:
         _raise_shared("", [e[:2] for e in every], fatal)
         return [v for _, _, v in every]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> np.ndarray:
         """y `[T_local, D]` (or x's shape `[..., D]`) for this rank's tokens x.
 
+        token_mask: `<bool>` of shape x.shape[:-1], True = a real token, or None: this rank's
+        part of the mask, split like x (MoELayer.forward; every rank passes one or none does).
         Collective: every rank calls it, with the same T_local > 0 (checked together).
         """
         L = self.layer
         self.stats = StepStats(self.rank, self.size, self.exchange)
         problem, T, failure, setting = None, 0, None, ""
+        mask: np.ndarray | None = None
         try:
             x = _checks.float_array("x", x, min_ndim=1)
             if x.shape[-1] != L.d_model:
@@ -435,14 +438,32 @@ class ExpertParallelMoE:
             T = int(np.prod(x.shape[:-1]))
             if T == 0:
                 raise ValueError("x: T_local = 0 tokens; every rank needs at least one token")
+            if token_mask is not None:  # a rank may hold only padding; the job may not
+                mask = np.asarray(token_mask)
+                if mask.dtype == np.bool_ and mask.shape == x.shape[:-1]:
+                    mask = np.ascontiguousarray(mask.reshape(-1))
+                else:
+                    mask = token_mask_arg(mask, x.shape[:-1])
             setting = _step_digest(L)
         except (TypeError, ValueError) as err:
             problem = str(err)
         except BaseException as err:  # shared, then re-raised: nobody waits for this rank
             problem, failure = f"{type(err).__name__}: {err}", err
-        every = self._agree(problem, (T, setting), failure is not None)
+        n_real = T if mask is None else int(np.count_nonzero(mask))
+        draw = T if mask is None or L.padding == "routed" else n_real  # what routing draws for
+        every = self._agree(problem, (T, setting, mask is not None, n_real, draw),
+                            failure is not None)
         if failure is not None:
             raise failure
+        if len({e[2] for e in every}) > 1:
+            raise ValueError("token_mask: passed on ranks "
+                             f"{[r for r, e in enumerate(every) if e[2]]} only; pass one on every "
+                             "rank (all True where a rank has no padding) or on none")
+        if mask is not None and not any(e[3] for e in every):
+            raise ValueError("token_mask: every token on every rank is padding (all False); "
+                             "pass at least one real token")
+        draw_sizes = [e[4] for e in every]  # tokens each rank's routing draws for
+        every = [e[:2] for e in every]
         Ts = [t for t, _ in every]
         if len(set(Ts)) > 1:
             raise ValueError(f"x: every rank needs the same number of tokens T_local (the groups "
@@ -455,12 +476,14 @@ class ExpertParallelMoE:
         x2 = x.reshape(-1, L.d_model).astype(L.dtype, copy=False)  # [T_local, D]
         ex = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
         draws = L.options.random  # one generator, drawn group after group as MoELayer does
-        if draws:
-            skip_route_draws(L.options, T, L._noise_rng, self.rank)  # groups before this rank's
+        if draws:  # groups before this rank's
+            skip_route_draws(L.options, T, L._noise_rng, self.rank, draw_sizes[:self.rank])
         ys, gc, aux, z = token_groups.forward_groups(L, [x2], self._expert_params(), ex,
-                                                self.load_stats, False, self.stats.times)
-        if draws:
-            skip_route_draws(L.options, T, L._noise_rng, self.size - 1 - self.rank)  # and after
+                                                self.load_stats, False, self.stats.times,
+                                                None if mask is None else [mask])
+        if draws:  # and after
+            skip_route_draws(L.options, T, L._noise_rng, self.size - 1 - self.rank,
+                             draw_sizes[self.rank + 1:])
         self._cache = (x.shape, x.dtype, gc, ex)
         self.routing, self.aux_loss, self.z_loss = gc.groups[0].routing, aux, z
         return ys[0].reshape(x.shape)

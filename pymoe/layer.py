@@ -27,6 +27,7 @@ from .options import (
     keywords_doc,
     route_options,
     split_keywords,
+    token_mask_arg,
 )
 from .replay import forced_selection, record_selection, recording
 from .router import jitter, router_dtype, router_logits, router_logits_backward
@@ -54,6 +55,7 @@ class _ForwardCache:
     pre_norm: np.ndarray | None = None  # [T, D] the MoE output before post_norm, float32 or wider
     inv_rms: np.ndarray | None = None  # [T, 1] 1 / sqrt(mean(pre_norm^2) + eps)
     normed: np.ndarray | None = None  # [T, D] pre_norm * inv_rms in the layer dtype
+    token_mask: np.ndarray | None = None  # <bool>[T] True = a real token, or None
 
 
 @dataclass
@@ -284,10 +286,16 @@ class MoELayer:
                           f"{inputs} and every parameter are finite; scale {inputs} down{wider}")
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: np.ndarray, *, train: bool = False,
-                replay: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
+                train: bool = False, replay: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
+        token_mask: `<bool>` of shape x.shape[:-1], True = a real token, False = padding (HF
+        attention_mask), or None. Padding is in no statistic (aux_loss, z_loss, load_loss,
+        routing.expert_load) and outside backward's objective (dx 0 there); with padding
+        "absent" or "counted" it gets no slot and y = 0 there (shared experts and the output
+        bias too), with "routed" it is routed and y is what the experts give
+        (docs/variants.md, "Padding").
         train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
@@ -298,6 +306,7 @@ class MoELayer:
             raise ValueError(f"x: expected shape [..., {self.d_model}] (D = d_model), "
                              f"got {tuple(x.shape)}")
         train = _checks.boolean("train", train)
+        mask = token_mask_arg(token_mask, x.shape[:-1])  # [T] or None
         p = self._checked_params()
         # C-contiguous in the layer dtype: the same values give the same bits whatever x's layout
         x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
@@ -306,9 +315,9 @@ class MoELayer:
             if replay is not None or recording():
                 raise ValueError("replay: router replay and recording run with token_groups = 1 "
                                  f"only, got token_groups = {self.token_groups}")
-            return self._forward_groups(x, x2, train)
+            return self._forward_groups(x, x2, train, mask)
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
-        x_router, noise, r, noisy = self._route_noisy(x2, train, replay)
+        x_router, noise, r, noisy = self._route_noisy(x2, train, mask, replay)
         form, gin = self.expert_form, self.gate_input
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
@@ -343,12 +352,16 @@ class MoELayer:
                                     + self.post_norm_eps)  # [T, 1]
             normed = (pre_norm * inv_rms).astype(self.dtype)  # [T, D]
             y = p["post_norm_weight"] * normed
+        if mask is not None and self.padding != "routed":
+            y = np.where(mask[:, None], y, 0).astype(self.dtype, copy=False)  # [T, D]
         if not np.isfinite(y).all():  # [T, D]: one pass, versus the expert matmuls' T*K*D*H
             raise self.nonfinite_error("the expert outputs", self._param_names()[2:], "x")
+        rows = slice(None) if mask is None else mask  # the load loss: real tokens only
         self.load_loss = (0.0 if noisy is None else
-                          noisy_load_loss(noisy[0], r.router_logits, noisy[3], self.k))
+                          noisy_load_loss(noisy[0][rows], r.router_logits[rows], noisy[3][rows],
+                                          self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
-                                    noisy, shared, pre_norm, inv_rms, normed)
+                                    noisy, shared, pre_norm, inv_rms, normed, mask)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         record_selection(self, r.expert_index)
         return y.reshape(x.shape)
@@ -368,13 +381,15 @@ class MoELayer:
         c_backend: Any = self.backend  # only the C backend's dispatch takes out=
         return c_backend.dispatch(x2, r.slot_owner, r.k, weight, out=buf)
 
-    def route_tokens(self, x2: np.ndarray,
-                     train: bool) -> tuple[np.ndarray, np.ndarray | None, Routing]:
-        """Steps 1-10 and 12 for tokens x2 `[T, D]` -> (x_router, jitter noise or None, routing);
-        the token-group step (pymoe.token_groups) routes each group with it."""
-        return self._route_noisy(x2, train)[:3]
+    def route_tokens(self, x2: np.ndarray, train: bool, token_mask: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None, Routing]:
+        """Steps 1-10 and 12 for tokens x2 `[T, D]` (token_mask: a checked `<bool>[T]` or None)
+        -> (x_router, jitter noise or None, routing); the token-group step (pymoe.token_groups)
+        routes each group with it."""
+        return self._route_noisy(x2, train, token_mask)[:3]
 
-    def _route_noisy(self, x2: np.ndarray, train: bool, replay: np.ndarray | None = None):
+    def _route_noisy(self, x2: np.ndarray, train: bool, token_mask: np.ndarray | None = None,
+                     replay: np.ndarray | None = None):
         """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it;
         replay: a checked selection to force (routing.check_replay)."""
         p = self._checked_params()
@@ -400,17 +415,20 @@ class MoELayer:
         bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
                                                                      self.num_experts)
         r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
-                            backend=self.backend, replay=replay)  # steps 2-10, 12
+                            backend=self.backend, replay=replay,
+                            token_mask=token_mask)  # steps 2-10, 12
         return x_router, noise, r, noisy
 
-    def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool) -> np.ndarray:
+    def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool,
+                        mask: np.ndarray | None = None) -> np.ndarray:
         G, T = self.token_groups, x2.shape[0]
         if T == 0 or T % G:
             raise ValueError(f"x: token_groups={G} needs a number of tokens that is a positive "
                              f"multiple of {G}, got T = {T}")
         ex = token_groups.LocalExchange(G)
+        masks = None if mask is None else np.split(mask, G)  # the mask is split like x
         ys, gc, aux, z = token_groups.forward_groups(self, np.split(x2, G), self._expert_params(), ex,
-                                                self.load_stats, train, {})
+                                                self.load_stats, train, {}, masks)
         self._cache = _GroupsForwardCache(x.shape, x.dtype, gc)
         self.routing = tuple(s.routing for s in gc.groups)
         self.aux_loss, self.z_loss = aux, z
@@ -462,6 +480,9 @@ class MoELayer:
         dy = _checks.float_array("dy", dy, shape=c.x_shape)
         p = self._checked_params()
         dy2 = np.ascontiguousarray(dy.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
+        mask = c.groups.token_mask if isinstance(c, _GroupsForwardCache) else c.token_mask
+        if mask is not None:  # padding rows are outside the objective
+            dy2 = np.where(mask[:, None], dy2, 0).astype(self.dtype, copy=False)
         if isinstance(c, _GroupsForwardCache):
             if router_dlogits is not None:
                 raise ValueError("router_dlogits: not supported with token_groups (each group "
@@ -525,8 +546,13 @@ class MoELayer:
         dx_router = None
         if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise
             clean, eps, z, std = c.noisy
-            dclean, dnoisy, dstd = noisy_load_loss_backward(clean, r.router_logits, std, self.k,
-                                                            self.load_loss_coef)
+            if mask is None:
+                dclean, dnoisy, dstd = noisy_load_loss_backward(clean, r.router_logits, std,
+                                                                self.k, self.load_loss_coef)
+            else:  # the load loss of the real tokens
+                dclean, dnoisy, dstd = (np.zeros_like(clean) for _ in range(3))
+                dclean[mask], dnoisy[mask], dstd[mask] = noisy_load_loss_backward(
+                    clean[mask], r.router_logits[mask], std[mask], self.k, self.load_loss_coef)
             dH = dlogits + dnoisy
             dz = softplus_backward(eps * dH + dstd, z)  # [T, E]
             grads["w_noise"] = c.x_router.T @ dz  # [D, E]

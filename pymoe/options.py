@@ -33,6 +33,7 @@ ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 FORMULATIONS = ("indexed", "dense")
 SHARED_COMBINES = ("sum", "mean")
 LOAD_STATS = ("local", "global")
+PADDINGS = ("absent", "routed", "counted")
 
 Check = Callable[[str, Any], Any]  # (keyword, value) -> the checked value, or raises naming it
 
@@ -129,6 +130,13 @@ class RouteOptions:
         "keeps their dtype, promoted to at least float32. d logits pass the rounding unchanged "
         "(a cast's gradient) (pymoe.precision).",
         lambda n, v: None if v is None else _checks.choice(n, v, ROUTER_DTYPES))
+    padding: str = keyword(
+        "absent", 'what route(..., token_mask=m) does with the padding rows (m False); every '
+        'statistic (aux loss, z-loss, expert_load, drop metrics) leaves them out whatever this '
+        'says: "absent" (pymoe: no slot, gate 0, capacity from the real tokens; the real rows '
+        'equal route(L[m])), "routed" (Megatron-Core: padding is routed and takes slots), '
+        '"counted" (HF NLLB-MoE: padding is not routed but counts in T for the capacity) '
+        '(docs/variants.md, "Padding").', _choice(PADDINGS))
 
     @property
     def random(self) -> bool:
@@ -311,6 +319,9 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
             raise ValueError(f"num_groups: group-limited top-K needs selection='tokens', got {sel!r}")
         if opts["second_expert_policy"] != "all":
             raise ValueError(f"second_expert_policy: needs selection='tokens', got {sel!r}")
+    if opts["selection"] == "experts" and opts["padding"] != "absent":
+        raise ValueError(f"padding: expert choice (selection='experts') takes padding as absent "
+                         f"only, got padding={opts['padding']!r}")
     if opts["selection"] == "experts":
         if opts["capacity_factor"] is None and opts["capacity"] is None:
             raise ValueError("capacity_factor: expert choice needs a capacity (each expert takes "
@@ -460,6 +471,25 @@ def replay_arg(replay: object, num_tokens: int, k: int, num_experts: int) -> np.
             raise ValueError(f"replay: token {dup[0]} lists an expert twice ({a[dup[0]].tolist()}"
                              f"); a selection names K distinct experts per token")
     return a
+
+
+def token_mask_arg(token_mask: object, shape: tuple[int, ...],
+                   name: str = "token_mask") -> np.ndarray | None:
+    """token_mask: None or a bool array of the tokens' shape (True = a real token, the HF
+    attention_mask convention) with at least one real token -> `<bool>[T]` flattened, or None."""
+    if token_mask is None:
+        return None
+    m = np.asarray(token_mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"{name}: expected a bool array (True = a real token, False = padding), "
+                        f"got dtype {m.dtype}")
+    if m.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (one entry per token), got "
+                         f"{m.shape}")
+    if m.size and not m.any():
+        raise ValueError(f"{name}: every one of the {m.size} tokens is padding (all False); "
+                         "pass at least one real token")
+    return np.ascontiguousarray(m.reshape(-1))
 
 
 def generator_arg(seed: object, needed: bool) -> np.random.Generator | None:

@@ -1,6 +1,7 @@
 """route(): steps 2-10 and 12 in order, returning everything a layer, a plot or a test needs."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -16,6 +17,8 @@ from .losses import (
     aux_loss_scores_backward,
     balance_loss,
     balance_loss_backward,
+    load_balancing_loss,
+    load_balancing_loss_backward,
     load_balancing_loss_from_sums,
     router_z_loss_backward,
     router_z_loss_from_lse,
@@ -31,6 +34,7 @@ from .options import (
     replay_arg,
     route_options,
     split_keywords,
+    token_mask_arg,
 )
 from .priority import position_in_expert, priority_order
 from .router import round_logits, router_dtype, softmax, softmax_backward, softmax_lse
@@ -90,6 +94,10 @@ class Routing:
     z_loss: float  # router z-loss (losses.router_z_loss)
     options: RouteOptions = field(repr=False)  # every routing keyword
     expert_bias: np.ndarray | None = field(default=None, repr=False)  # [E] used for selection
+    # <bool>[T] True = a real token (route(..., token_mask=)); None: every token is real. Padding
+    # rows are in no statistic (aux_loss, z_loss, expert_load, the drop fractions) and get no
+    # gradient; options.padding says whether they were routed.
+    token_mask: np.ndarray | None = field(default=None, repr=False)
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
 
     def __post_init__(self) -> None:
@@ -105,11 +113,13 @@ class Routing:
     def __repr__(self) -> str:
         """A few lines of what routing did; the arrays are the fields (r.expert_index, ...)."""
         T, E, K = self.num_tokens, self.num_experts, self.k
-        kept = int(np.count_nonzero(self.kept))
+        kept = int(np.count_nonzero(self._real_kept))
         load = np.array2string(np.asarray(self.expert_load), threshold=16, edgeitems=4)
-        return (f"Routing(T={T}, E={E}, K={K}, capacity C={self.capacity}; "
+        n = self.num_real_tokens
+        real = "" if self.token_mask is None else f", {T - n} of them padding"
+        return (f"Routing(T={T}{real}, E={E}, K={K}, capacity C={self.capacity}; "
                 f"{describe_options(self.options)})\n"
-                f"  kept {kept} of {T * K} (token, choice) pairs ({self.dropped_fraction:.1%} "
+                f"  kept {kept} of {n * K} (token, choice) pairs ({self.dropped_fraction:.1%} "
                 f"dropped), {self.tokens_dropped_fraction:.1%} of tokens lost every choice\n"
                 f"  expert_load {load} (before dropping)\n"
                 f"  aux_loss {self.aux_loss:.6g}, z_loss {self.z_loss:.6g}; arrays: router_logits, "
@@ -130,19 +140,35 @@ class Routing:
     @cached_property
     def expert_load_kept(self) -> np.ndarray:
         """`<int64>[E]` assignments per expert after dropping (= min(expert_load, C))."""
-        return _read_only(expert_load(self.expert_index[self.kept], self.num_experts))
+        return _read_only(expert_load(self.expert_index[self._real_kept], self.num_experts))
+
+    @property
+    def _real_kept(self) -> np.ndarray:
+        """`<bool>[T, K]` kept pairs of real tokens (kept itself without a token_mask)."""
+        m = self.token_mask
+        return self.kept if m is None else self.kept & m[:, None]
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens that are not padding (T without a token_mask)."""
+        m = self.token_mask
+        return self.num_tokens if m is None else int(np.count_nonzero(m))
 
     @property
     def dropped_fraction(self) -> float:
-        """Share of the T*K (token, choice) assignments that were dropped (0.0 when T = 0)."""
-        n = self.kept.size
-        return float(n - np.count_nonzero(self.kept)) / n if n else 0.0
+        """Share of the real tokens' (token, choice) assignments that were dropped (0.0 when
+        there are none); padding is left out."""
+        n = self.num_real_tokens * self.kept.shape[1]
+        return float(n - np.count_nonzero(self._real_kept)) / n if n else 0.0
 
     @property
     def tokens_dropped_fraction(self) -> float:
-        """Share of tokens that lost every choice and so get a zero MoE output (0.0 when T = 0)."""
-        T = self.num_tokens
-        return float(np.count_nonzero(~self.kept.any(axis=1))) / T if T else 0.0
+        """Share of the real tokens that lost every choice and so get a zero MoE output (0.0
+        when there are none); padding is left out."""
+        T = self.num_real_tokens
+        lost = ~self.kept.any(axis=1) if self.token_mask is None else \
+            ~self.kept.any(axis=1) & self.token_mask
+        return float(np.count_nonzero(lost)) / T if T else 0.0
 
     @property
     def slot_owner(self) -> np.ndarray:
@@ -180,7 +206,8 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.25, *,
           expert_bias: np.ndarray | None = None, seed: int | np.random.Generator | None = None,
           backend: str = "numpy", preset: str | Preset | None = None,
-          replay: np.ndarray | None = None, **keywords: Any) -> Routing:
+          replay: np.ndarray | None = None, token_mask: np.ndarray | None = None,
+          **keywords: Any) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
     Args (defaults reproduce the original routing; docs/variants.md says who
@@ -202,6 +229,9 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
             those experts, normalised and scaled as without replay; capacity, drops and the
             losses follow as usual (the aux loss counts the replayed experts); the selection
             passes no gradient, the gates do. Not with selection="experts".
+        token_mask: `<bool>[T]`, True = a real token, False = padding (HF attention_mask), or
+            None (every token real). Padding is left out of every statistic and gradient; the
+            keyword padding says whether it is routed (docs/variants.md, "Padding").
         keywords: the routing keywords of pymoe.options.RouteOptions, checked there:
     """
     (keywords,) = split_keywords("route", keywords, RouteOptions)
@@ -214,10 +244,11 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     bias = expert_bias_arg(expert_bias, E)
     rng = generator_arg(seed, opts.random)
     backend = _checks.choice("backend", backend, ROUTE_BACKENDS)
+    mask = token_mask_arg(token_mask, logits.shape[:1])
     warn_k1_normalize(opts)
     forced = check_replay(replay, logits.shape[0], opts, E)
     return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend),
-                           replay=forced)
+                           replay=forced, token_mask=mask)
 
 
 def check_replay(replay: object, T: int, opts: RouteOptions, E: int) -> np.ndarray | None:
@@ -234,9 +265,15 @@ route.__doc__ = (route.__doc__ or "") + keywords_doc(RouteOptions, skip=("k", "c
 
 def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                     expert_bias: np.ndarray | None = None, rng: np.random.Generator | None = None,
-                    backend=None, replay: np.ndarray | None = None) -> Routing:
+                    backend=None, replay: np.ndarray | None = None,
+                    token_mask: np.ndarray | None = None) -> Routing:
     """route() after its arguments have been checked (MoELayer checks them once, at construction):
     the recipe's steps 2-9 and 12, in order.
+
+    token_mask: a checked `<bool>[T]` or None. padding="absent" routes the real rows alone (so
+    they equal route_unchecked(L[m]) bit for bit) and adds the padding rows unrouted;
+    "counted" does the same with the capacity formula's T = all T rows; "routed" routes every
+    row and takes the statistics over the real rows only (_route).
 
     backend: None or the NumPy backend runs each step's NumPy function, as written below; a
     compiled backend (C) runs its whole-step twins in their place: Backend.softmax_lse (step 2),
@@ -245,6 +282,20 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     replay: a checked `<int64>[T, K]` selection (check_replay) that replaces step 3.
     """
     twin = None if backend is None or backend.name == "numpy" else backend
+    if token_mask is None:
+        return _route(router_logits, opts, expert_bias, rng, twin, replay=replay)
+    if opts.padding == "routed":
+        return _route(router_logits, opts, expert_bias, rng, twin, stats_mask=token_mask,
+                      replay=replay)
+    return _route_real_rows(router_logits, opts, expert_bias, rng, twin, token_mask, replay)
+
+
+def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarray | None,
+           rng: np.random.Generator | None, twin, capacity_tokens: int | None = None,
+           stats_mask: np.ndarray | None = None, replay: np.ndarray | None = None) -> Routing:
+    """route_unchecked's steps. capacity_tokens: the T of the capacity formula (None: T);
+    stats_mask `<bool>[T]`: take aux_loss, z_loss and expert_load over these rows only;
+    replay: the `[T, K]` selection that replaces step 3."""
     # One C-contiguous, native copy: every reduction below then sums in the same order whatever
     # the caller's layout, so the same values always give the same bits (and the same ties).
     logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
@@ -283,7 +334,8 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
         candidates = second_expert_keep(scores, expert_index, opts.second_expert_policy,
                                         opts.second_expert_threshold, rng)  # [T, K]
     # step 8: capacity
-    capacity = capacity_for(T, E, expert_index, candidates, opts)
+    capacity = capacity_for(T if capacity_tokens is None else capacity_tokens, E, expert_index,
+                            candidates, opts)
     # steps 5-7 and 9: positions in each expert, drops past capacity, the slot table
     position, owner, load = _slots(twin, expert_index, token_order, capacity, gate, scores,
                                    candidates, opts)  # [T, K], [E, C], [E]
@@ -292,7 +344,13 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
     final = renormalize_kept(gate, kept) if opts.renormalize_after_drop else \
         np.where(kept, gate, 0).astype(gate.dtype)  # [T, K]
     # step 12: the load-balancing loss (and the z-loss, below)
-    if opts.selection == "experts":
+    z_loss = router_z_loss_from_lse(lse)
+    if stats_mask is not None:  # padding="routed": statistics of the real rows only
+        listed = stats_mask[:, None] if candidates is None else candidates & stats_mask[:, None]
+        load = expert_load(expert_index[np.broadcast_to(listed, expert_index.shape)], E)  # [E]
+        aux = masked_balance_loss(aux_probs, expert_index, stats_mask, opts)
+        z_loss = router_z_loss_from_lse(lse[stats_mask])
+    elif opts.selection == "experts":
         aux = 0.0
     elif sums is not None and opts.load_balancing == "switch":
         aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # the same bits
@@ -303,19 +361,114 @@ def route_unchecked(router_logits: np.ndarray, opts: RouteOptions, *,
                    gate_before_drop=scale_for(gate, opts),
                    gate=scale_for(final, opts), kept=kept, capacity=capacity,
                    expert_load=load,
-                   aux_loss=aux, z_loss=router_z_loss_from_lse(lse), options=opts,
-                   expert_bias=expert_bias, _slot_owner=owner)
+                   aux_loss=aux, z_loss=z_loss, options=opts,
+                   expert_bias=expert_bias, token_mask=stats_mask, _slot_owner=owner)
 
 
-def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, groups: int) -> None:
+def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
+                     expert_bias: np.ndarray | None, rng: np.random.Generator | None, twin,
+                     mask: np.ndarray, replay: np.ndarray | None = None) -> Routing:
+    """padding "absent" / "counted": route the real rows L[mask] on their own (the capacity
+    formula's T is every row with "counted"), then add the padding rows unrouted: position -1,
+    gate 0, the experts they would choose alone in expert_index, after the real tokens in
+    token_order. The per-sequence loss needs the sequences' layout, so the real rows are routed
+    with the Switch loss and the sequence loss is taken over the real rows of each sequence."""
+    logits = np.ascontiguousarray(router_logits, dtype=router_dtype(router_logits.dtype))  # [T, E]
+    logits = round_logits(logits, opts.router_dtype)  # [T, E] (idempotent: _route rounds again)
+    T, E = logits.shape
+    if opts.sequence_length is not None and T % opts.sequence_length:
+        raise ValueError(f"sequence_length: the {T} tokens are not a whole number of sequences "
+                         f"of {opts.sequence_length}")
+    sub_opts = opts
+    if opts.load_balancing == "sequence":
+        sub_opts = dataclasses.replace(opts, load_balancing="switch", sequence_length=None)
+    real, pad = np.flatnonzero(mask), np.flatnonzero(~mask)  # [T_real], [T_pad]
+    sub = _route(logits[real], sub_opts, expert_bias, rng, twin,
+                 capacity_tokens=T if opts.padding == "counted" else None,
+                 replay=None if replay is None else replay[real])
+    K = sub.expert_index.shape[1]
+    pad_logits = logits[pad]  # [T_pad, E]
+    pad_scores = softmax_lse(pad_logits)[0] if opts.score == "softmax" else sigmoid(pad_logits)
+    bias = None if expert_bias is None else sub.expert_bias
+
+    def full(part: np.ndarray, pad_part: np.ndarray) -> np.ndarray:
+        out = np.empty((T,) + part.shape[1:], dtype=part.dtype)
+        out[real], out[pad] = part, pad_part
+        return out
+
+    pad_index = (_select(pad_logits, pad_scores, opts, bias) if replay is None
+                 else replay[pad]).astype(np.int64)  # [T_pad, K]
+    zeros = np.zeros((pad.size, K), dtype=sub.gate.dtype)  # [T_pad, K]
+    owner = np.array(sub.slot_owner)  # [E, C] pairs t*K + j of the real rows, -1 when empty
+    filled = owner >= 0
+    owner[filled] = real[owner[filled] // K] * K + owner[filled] % K  # of all T rows
+    aux = sub.aux_loss
+    if opts.load_balancing == "sequence":
+        aux = masked_balance_loss(_aux_probs(full(sub.probs, pad_scores), logits, opts),
+                                  full(sub.expert_index, pad_index), mask, opts)
+    return Routing(router_logits=logits, probs=full(sub.probs, pad_scores),
+                   expert_index=full(sub.expert_index, pad_index),
+                   token_order=np.concatenate([real[sub.token_order], pad]),
+                   position=full(sub.position, np.full((pad.size, K), -1, np.int64)),
+                   gate_before_drop=full(sub.gate_before_drop, zeros),
+                   gate=full(sub.gate, zeros), kept=full(sub.kept, zeros.astype(bool)),
+                   capacity=sub.capacity, expert_load=sub.expert_load, aux_loss=aux,
+                   z_loss=sub.z_loss, options=opts, expert_bias=sub.expert_bias,
+                   token_mask=mask, _slot_owner=owner.astype(np.int64))
+
+
+def masked_balance_loss(probs: np.ndarray, expert_index: np.ndarray, mask: np.ndarray,
+                        opts: RouteOptions) -> float:
+    """balance_loss over the real rows: f_e, P_e and their T from the rows where mask is True;
+    the per-sequence loss: each sequence's real rows, averaged over the sequences that have any.
+
+    Args: probs `[T, E]` (aux_loss_scores), expert_index `<int>[T, K]`, mask `<bool>[T]`."""
+    if opts.selection == "experts":
+        return 0.0
+    if opts.load_balancing != "sequence":
+        return balance_loss(probs[mask], expert_index[mask], opts.load_balancing)
+    losses = [load_balancing_loss(probs[rows][m], expert_index[rows][m])
+              for rows, m in _sequences(mask, opts.sequence_length)]
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def masked_balance_loss_backward(probs: np.ndarray, expert_index: np.ndarray,
+                                 mask: np.ndarray, coef: float,
+                                 opts: RouteOptions) -> np.ndarray:
+    """d (coef * masked_balance_loss) / d probs `[T, E]`, 0 in the padding rows."""
+    d = np.zeros_like(probs)  # [T, E]
+    if opts.load_balancing != "sequence":
+        d[mask] = balance_loss_backward(probs[mask], expert_index[mask], coef,
+                                        opts.load_balancing)
+        return d
+    seqs = _sequences(mask, opts.sequence_length)
+    for rows, m in seqs:
+        block = np.zeros_like(probs[rows])  # [S, E]
+        block[m] = load_balancing_loss_backward(probs[rows][m], expert_index[rows][m],
+                                                coef / len(seqs))
+        d[rows] = block
+    return d
+
+
+def _sequences(mask: np.ndarray, S: int | None) -> list[tuple[slice, np.ndarray]]:
+    """(rows, real-row mask `<bool>[S]`) of each sequence of S rows that holds a real token."""
+    assert S is not None  # route_options requires it with load_balancing="sequence"
+    blocks = [(slice(i, i + S), mask[i:i + S]) for i in range(0, mask.shape[0], S)]
+    return [(rows, m) for rows, m in blocks if m.any()]
+
+
+def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, groups: int,
+                     sizes: list[int] | None = None) -> None:
     """Advance rng past the random numbers route_unchecked draws for `groups` routings of T
     tokens each (the permutation, then the second-expert uniforms): expert parallelism routes
-    rank r's group after the r groups before it, as MoELayer(token_groups=P) does in sequence."""
-    for _ in range(groups):
+    rank r's group after the r groups before it, as MoELayer(token_groups=P) does in sequence.
+    sizes: the tokens each routing draws for instead of T (a masked routing with padding
+    "absent" or "counted" draws for its real tokens only)."""
+    for n in ([T] * groups if sizes is None else sizes):
         if opts.priority == "random":
-            rng.permutation(T)
+            rng.permutation(n)
         if opts.second_expert_policy == "random":
-            rng.uniform(size=T)
+            rng.uniform(size=n)
 
 
 def _log_scores(logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
@@ -424,6 +577,11 @@ def _check_routing(r: Routing) -> None:
     if kept.dtype != np.bool_ or kept.shape != expert_index.shape:
         raise ValueError(f"routing.kept: expected a bool array of shape {expert_index.shape}, "
                          f"got {kept.dtype} {kept.shape}")
+    if r.token_mask is not None:
+        mask = np.asarray(r.token_mask)
+        if mask.dtype != np.bool_ or mask.shape != (T,):
+            raise ValueError(f"routing.token_mask: expected a bool array of shape ({T},), got "
+                             f"{mask.dtype} {mask.shape}")
 
 
 def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0.0,
@@ -434,7 +592,8 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
         routing: from route().
         dgate: `[T, K]`, d objective / d gate (entries of dropped pairs are ignored: their gate is
             the constant 0, so selection, expert bias, group choice, positions and drops pass no
-            gradient).
+            gradient; so are the padding rows of a routing with a token_mask, which are outside
+            the objective and get 0: the aux and z-losses are over the real rows).
     Returns:
         d router_logits `[T, E]` in the router dtype (a fresh array).
     """
@@ -447,6 +606,10 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     aux_loss_coef = _checks.nonnegative_finite("aux_loss_coef", aux_loss_coef)
     z_loss_coef = _checks.nonnegative_finite("z_loss_coef", z_loss_coef)
     opts, scores, index, kept = routing.options, routing.probs, routing.expert_index, routing.kept
+    mask = routing.token_mask  # [T] or None
+    if mask is not None:  # padding rows: outside the objective
+        dgate = np.where(mask[:, None], dgate, 0)
+        kept = kept & mask[:, None]
     dgate = scale_for(dgate.astype(scores.dtype), opts)  # [T, K]
     if opts.renormalize_after_drop:
         dgate = renormalize_kept_backward(dgate, _gates(scores, routing.router_logits, index,
@@ -463,8 +626,11 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
         daux = None
         if aux_loss_coef and opts.selection != "experts":
             aux_probs = _aux_probs(scores, routing.router_logits, opts)
-            daux = balance_loss_backward(aux_probs, index, aux_loss_coef, opts.load_balancing,
-                                         opts.sequence_length)  # [T, E]
+            if mask is None:
+                daux = balance_loss_backward(aux_probs, index, aux_loss_coef,
+                                             opts.load_balancing, opts.sequence_length)  # [T, E]
+            else:
+                daux = masked_balance_loss_backward(aux_probs, index, mask, aux_loss_coef, opts)
             dscores += aux_loss_scores_backward(daux, scores, opts.score)
         if opts.score == "softmax":
             dlogits = softmax_backward(dscores, scores)  # [T, E]
@@ -473,6 +639,12 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     if bad.any():
         dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
     if z_loss_coef:
-        dlogits += router_z_loss_backward(routing.router_logits, softmax(routing.router_logits)
-                                          if opts.score != "softmax" else scores, z_loss_coef)
+        probs = softmax(routing.router_logits) if opts.score != "softmax" else scores  # [T, E]
+        if mask is None:
+            dlogits += router_z_loss_backward(routing.router_logits, probs, z_loss_coef)
+        else:
+            dlogits[mask] += router_z_loss_backward(routing.router_logits[mask], probs[mask],
+                                                    z_loss_coef)
+    if mask is not None:
+        dlogits[~mask] = 0  # (their rows of the gate terms are 0 already; this pins it)
     return dlogits

@@ -163,6 +163,8 @@ class GroupsCache:
     f_global: np.ndarray | None  # [E] global f_e (load_stats "global"), else None
     exchange: Exchange  # holds this step's loads for the backward exchanges
     times: dict[str, float] = field(default_factory=dict)
+    token_mask: np.ndarray | None = None  # <bool>[sum T_g] this side's groups' masks, or None
+    real_tokens: float | None = None  # real tokens of all G groups ("global" stats with masks)
 
 
 def _tick(times: dict[str, float], key: str, t0: float) -> float:
@@ -189,14 +191,21 @@ def _together(exchange: Exchange, step: str, fn: Callable[[], T_]) -> T_:
 
 def load_sums(routing: Routing) -> np.ndarray:
     """`[2E]` (assignments per expert before dropping, sum over tokens of probs): a group's
-    share of the global load statistics, in the router dtype (counts are exact there)."""
+    share of the global load statistics, in the router dtype (counts are exact there). With a
+    token_mask: `[2E + 1]`, over the real tokens, and their count last."""
+    m = routing.token_mask
+    if m is None:
+        return np.concatenate([routing.expert_load.astype(routing.probs.dtype),
+                               routing.probs.sum(axis=0)])
     return np.concatenate([routing.expert_load.astype(routing.probs.dtype),
-                           routing.probs.sum(axis=0)])
+                           routing.probs[m].sum(axis=0),
+                           np.array([np.count_nonzero(m)], dtype=routing.probs.dtype)])
 
 
 def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[str, np.ndarray],
                    exchange: Exchange, load_stats: str, train: bool,
-                   times: dict[str, float]) -> tuple[list[np.ndarray], GroupsCache, float, float]:
+                   times: dict[str, float], masks: Sequence[np.ndarray] | None = None
+                   ) -> tuple[list[np.ndarray], GroupsCache, float, float]:
     """Forward of this side's groups.
 
     Args:
@@ -204,6 +213,10 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
         x_blocks: this side's groups' tokens `[T_g, D]` in the layer dtype.
         expert_params: w1, b1, w2, b2 of the experts here (`[E_here, ...]`).
         times: accumulates seconds under "routing", "exchange", "experts", "combine".
+        masks: this side's groups' token masks `<bool>[T_g]` (True = a real token; every side
+            passes masks, or none does), or None. Each group's statistics are over its real
+            tokens (the "global" ones over all groups' real tokens); with padding "absent" or
+            "counted" y_g is 0 in the padding rows.
     Returns:
         y blocks `[T_g, D]`, the cache, and this side's aux and z loss terms (the mean over its
         groups of aux_g and z_g, see the module docstring).
@@ -211,22 +224,25 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     t0 = time.perf_counter()
 
     def route_and_dispatch() -> tuple[list[GroupState], list[np.ndarray]]:
-        states = [GroupState(*layer.route_tokens(xb, train)) for xb in x_blocks]
+        ms = [None] * len(x_blocks) if masks is None else masks
+        states = [GroupState(*layer.route_tokens(xb, train, mb)) for xb, mb in zip(x_blocks, ms)]
         blocks = [layer.backend.dispatch(xb, s.routing.slot_owner, layer.k)
                   for xb, s in zip(x_blocks, states)]  # [E, C_g, D] each
         return states, blocks
 
     states, blocks = _together(exchange, "routing", route_and_dispatch)
     G = exchange.num_token_groups
-    f_global, aux_terms = None, []
+    f_global, aux_terms, real_tokens = None, [], None
     if load_stats == "global" and G > 1:  # with one group, global is local (same arithmetic)
         t0 = _tick(times, "routing", t0)
-        sums = exchange.sum_in_group_order([load_sums(s.routing) for s in states])  # [2E]
+        sums = exchange.sum_in_group_order([load_sums(s.routing) for s in states])  # [2E(+1)]
         t0 = _tick(times, "exchange", t0)
         E, K = layer.num_experts, layer.k
-        T = states[0].routing.num_tokens * G  # all tokens (the groups are of equal size)
+        T: float = states[0].routing.num_tokens * G  # all tokens (the groups are of equal size)
+        if masks is not None:  # the real tokens of every group
+            T = real_tokens = float(sums[2 * E])
         f_global = sums[:E] / (T * K)
-        aux = float(E * np.dot(f_global, sums[E:] / T))
+        aux = float(E * np.dot(f_global, sums[E:2 * E] / T))
         aux_terms = [aux] * len(states)
     else:
         aux_terms = [s.routing.aux_loss for s in states]
@@ -262,6 +278,9 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
                 y_shared, s.shared = layer.shared_forward(xb, shared_params)  # [T_g, D]
                 s.x = xb
                 ys[-1] = ys[-1] + y_shared
+            m = s.routing.token_mask
+            if m is not None and layer.padding != "routed":
+                ys[-1] = np.where(m[:, None], ys[-1], 0).astype(layer.dtype, copy=False)
             if not np.isfinite(ys[-1]).all():  # one pass, versus the experts' T*K*D*H
                 raise layer.nonfinite_error("the expert outputs", EXPERT_PARAMS + tuple(
                     shared_params), "x", params={**shared_params, **expert_params})
@@ -270,10 +289,13 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     ys = _together(exchange, "the combine", combine)
     _tick(times, "combine", t0)
     z = float(np.mean([s.routing.z_loss for s in states]))
-    return ys, GroupsCache(states, ecache, f_global, exchange), float(np.mean(aux_terms)), z
+    mask = None if masks is None else np.concatenate(list(masks))
+    return (ys, GroupsCache(states, ecache, f_global, exchange, token_mask=mask,
+                            real_tokens=real_tokens), float(np.mean(aux_terms)), z)
 
 
-def _dlogits(layer, s: GroupState, dgate: np.ndarray, f_global: np.ndarray | None) -> np.ndarray:
+def _dlogits(layer, s: GroupState, dgate: np.ndarray, f_global: np.ndarray | None,
+             cache: GroupsCache | None = None) -> np.ndarray:
     """d L_g / d router_logits `[T_g, E]` of one group."""
     r = s.routing
     if f_global is None:
@@ -281,7 +303,13 @@ def _dlogits(layer, s: GroupState, dgate: np.ndarray, f_global: np.ndarray | Non
     dlogits = route_backward(r, dgate, 0.0, layer.z_loss_coef)
     if layer.aux_loss_coef:  # d(coef * E * sum_e f_e P_e^g)/d probs = coef * E * f_e / T_g
         T, E = r.probs.shape
-        daux = np.broadcast_to((layer.aux_loss_coef * E / T) * f_global, (T, E))
+        if r.token_mask is None:
+            daux = np.broadcast_to((layer.aux_loss_coef * E / T) * f_global, (T, E))
+        else:  # P_e over the N real tokens of all G groups; the mean over groups: times G / N
+            assert cache is not None and cache.real_tokens is not None
+            G = cache.exchange.num_token_groups
+            row = (layer.aux_loss_coef * E * G / cache.real_tokens) * f_global  # [E]
+            daux = np.where(r.token_mask[:, None], row, 0)  # [T_g, E]
         dlogits += softmax_backward(daux.astype(r.probs.dtype), r.probs)
     return dlogits
 
@@ -294,6 +322,10 @@ def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
     t0 = time.perf_counter()
     exchange = cache.exchange
     G = exchange.num_token_groups
+    if cache.token_mask is not None:  # padding rows are outside the objective
+        dy_blocks = [dyb if s.routing.token_mask is None else
+                     np.where(s.routing.token_mask[:, None], dyb, 0).astype(dyb.dtype)
+                     for dyb, s in zip(dy_blocks, cache.groups)]
 
     def combine_backward() -> tuple[list[np.ndarray], list[np.ndarray]]:
         d_outs, dgates = [], []
@@ -330,7 +362,7 @@ def backward_groups(layer, cache: GroupsCache, dy_blocks: Sequence[np.ndarray],
             dx = layer.backend.combine(d_in_g, r.expert_index, r.position)  # [T_g, D]
             if not np.isfinite(dgate).all():  # said in the caller's terms, as MoELayer does
                 raise layer.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
-            dlogits = _dlogits(layer, s, dgate, cache.f_global)  # [T_g, E]
+            dlogits = _dlogits(layer, s, dgate, cache.f_global, cache)  # [T_g, E]
             dx_router, dw, db = router_logits_backward(dlogits, s.x_router, w_router)
             if s.noise is not None:
                 dx_router *= s.noise

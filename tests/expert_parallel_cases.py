@@ -57,6 +57,21 @@ def inputs(case: dict, P: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(c["dtype"]), dy.astype(c["dtype"])
 
 
+def token_mask(case: dict, P: int) -> np.ndarray | None:
+    """`<bool>[P * T_local]` True = a real token for a case with "pad" (the share of padding
+    tokens, drawn) and "all_pad_rank" (a rank whose tokens are all padding), else None."""
+    c = full(case)
+    if "pad" not in c:
+        return None
+    T = P * c["T_local"]
+    m = np.random.default_rng(c["seed"] + 200).random(T) >= c["pad"]
+    m[0] = True  # at least one real token
+    r = c.get("all_pad_rank")
+    if r is not None and r < P and P > 1:
+        m[r * c["T_local"]:(r + 1) * c["T_local"]] = False
+    return m
+
+
 def run_rank(case: dict, comm) -> dict:
     """Forward + backward of one case on this rank; what the test compares."""
     from pymoe.expert_parallel import ExpertParallelMoE
@@ -92,7 +107,10 @@ def run_rank(case: dict, comm) -> dict:
     if c.get("overflow_rank") == rank:  # finite, but its router logits overflow
         x = x.copy()
         x[0] = np.finfo(x.dtype).max
-    y = ep.forward(x)
+    m = token_mask(case, P)
+    if m is not None and c.get("mask_rank_only", rank) != rank:
+        m = None  # a mask on one rank only
+    y = ep.forward(x) if m is None else ep.forward(x, m[sl])
     if fault and fault.get("at") == "backward" and fault["rank"] == rank:
         ep._cache = FailingCache(ep._cache, FAULT_KINDS[fault["kind"]])  # backward()'s checks
     dx = ep.backward(dy)
@@ -176,7 +194,7 @@ def reference(case: dict, P: int) -> dict:
     """What MoELayer(token_groups=P) computes in one process for all P * T_local tokens."""
     layer = build_layer(case, token_groups=P)
     x, dy = inputs(case, P)
-    y = layer.forward(x)
+    y = layer.forward(x, token_mask(case, P))
     dx = layer.backward(dy)
     return {"y": y, "dx": dx, "grads": layer.grads, "aux": layer.aux_loss, "z": layer.z_loss,
             "routing": layer.routing if P > 1 else (layer.routing,)}

@@ -393,14 +393,17 @@ def layout_problems(fig) -> list[str]:
     return problems
 
 
-def check_group_gradients(layer, x: np.ndarray, dy: np.ndarray) -> list:
+def check_group_gradients(layer, x: np.ndarray, dy: np.ndarray,
+                          token_mask: np.ndarray | None = None) -> list:
     """A token_groups = G layer's gradients against central differences: parameters get the
-    gradient of J = (1/G) sum_g L_g, and x that of L_g = G dJ/dx_g (each group's own loss).
-    Asserts no routing decision moved while perturbing; returns the routings of the first pass."""
+    gradient of J = (1/G) sum_g L_g, and x that of L_g = G dJ/dx_g (each group's own loss; with
+    a token_mask, L_g has the real rows of y only). Asserts no routing decision moved while
+    perturbing; returns the routings of the first pass."""
     G = layer.token_groups
+    real = 1.0 if token_mask is None else token_mask[..., None]
 
     def objective() -> float:
-        return float(np.sum(layer.forward(x) * dy)) / G + layer.loss_terms()
+        return float(np.sum(layer.forward(x, token_mask) * dy * real)) / G + layer.loss_terms()
 
     objective()
     routings = layer.routing

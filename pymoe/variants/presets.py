@@ -109,7 +109,7 @@ _PRESETS = {p.name: p for p in [
     Preset("megatron", "megatron/core/transformer/moe/router.py: TopKRouter; moe_utils.py: "
            "topk_routing_with_score_function, apply_router_token_dropping, "
            "switch_load_balancing_loss_func", normalize=None, priority="token",
-           drop_policy="probs", capacity_factor=None),
+           drop_policy="probs", capacity_factor=None, padding="routed"),
     Preset("mixtral", f"{HF}/mixtral/modeling_mixtral.py: MixtralTopKRouter, "
            "load_balancing_loss_func", normalize=True, priority="token", capacity_factor=None,
            load_balancing="k_scaled"),
@@ -127,7 +127,8 @@ _PRESETS = {p.name: p for p in [
     Preset("olmoe", f"{HF}/olmoe/modeling_olmoe.py: OlmoeTopKRouter", priority="token",
            capacity_factor=None, load_balancing="k_scaled"),
     Preset("nllb-moe", f"{HF}/nllb_moe/modeling_nllb_moe.py: NllbMoeTop2Router",
-           k=2, renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled"),
+           k=2, renormalize_after_drop=True, capacity_rule="tutel", load_balancing="k_scaled",
+           padding="counted"),
     # The routing conventions of HF transformers' MoE families that the presets above do not
     # cover (pymoe.hf.families() says which family routes by which); gated SwiGLU experts.
     Preset("qwen3-next", f"{HF}/qwen3_next/modeling_qwen3_next.py: Qwen3NextTopKRouter, "
