@@ -17,7 +17,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = ["00_why.py", "01_walkthrough.py", "01b_backward.py", "02_capacity.py", "03_train.py",
-            "03b_stability_and_cost.py", "04_speed.py", "05_conventions.py", "07_variants.py"]
+            "03b_stability_and_cost.py", "04_speed.py", "05_conventions.py", "07_variants.py",
+            "09_train_serve.py"]
 
 
 def load(name: str):

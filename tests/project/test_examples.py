@@ -354,3 +354,17 @@ def test_08_hf_block_reads_a_checkpoint(tmp_path):
                    "--out", str(tmp_path)])
     assert res["layer"].hf.family == "mixtral"
     assert res["compare"]["chosen_same"] == 16 and res["compare"]["y"] < 2e-5
+
+
+def test_09_train_serve(tmp_path):
+    res = load("09_train_serve.py").main(["--quick", "--out", str(tmp_path)])
+    p = res["padding"]
+    assert p["gap"] == 0.0 and p["padding_dx"] == 0  # real rows as if alone; no dx on padding
+    assert p["aux_plain"] != p["aux_masked"]
+    report = res["precision"]["report"]
+    assert 0 < report.tokens_flipped < 0.1 * report.tokens  # a few percent flip in bfloat16
+    assert report.margins[report.flipped].max() < np.median(report.margins)  # near-ties only
+    assert res["replay"]["replayed"] == [0, 0] and res["replay"]["router_grad"] > 0
+    g = res["global"]["global"]
+    assert g[-1] < min(res["global"]["local"]) and abs(g[-1] - 1) < 0.1
+    check_pictures(res, tmp_path, 1)
