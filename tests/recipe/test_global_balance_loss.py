@@ -103,24 +103,6 @@ def test_gradient_adds_to_route_backward_like_the_aux_term():
     np.testing.assert_allclose(g.loss_backward(r, 0.7), ref, rtol=1e-12, atol=1e-15)
 
 
-def test_token_mask_read_when_present():
-    """A routing carrying token_mask (the field another part of issue 25 adds) counts and averages
-    its real tokens only; emulated here by setting the attribute."""
-    logits = _rng(5).normal(size=(10, 4))
-    mask = np.array([True] * 6 + [False] * 4)
-    r = pymoe.route(logits, 2, None)
-    object.__setattr__(r, "token_mask", mask)
-    real = pymoe.route(logits[mask], 2, None)
-    g, h = GlobalLoadBalance(4, 2), GlobalLoadBalance(4, 2)
-    g.update(r)
-    h.update(real)
-    np.testing.assert_array_equal(g.tokens_per_expert, h.tokens_per_expert)
-    assert g.loss(r) == pytest.approx(h.loss(real), rel=1e-14)
-    d = g.loss_backward(r, 1.0)
-    np.testing.assert_array_equal(d[~mask], 0.0)
-    np.testing.assert_allclose(d[mask], h.loss_backward(real, 1.0), rtol=1e-12, atol=1e-15)
-
-
 def test_bad_arguments():
     with pytest.raises(TypeError, match="num_experts"):
         GlobalLoadBalance(4.0, 2)  # type: ignore[arg-type]
