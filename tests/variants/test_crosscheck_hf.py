@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import pymoe
 from crosscheck import CASES, Outcome, assert_same, combine_from_slots, ours, tied_logits
 from helpers import import_optional
 
@@ -206,3 +207,26 @@ def test_deepseek_v3(case, biased):
     bias = np.random.default_rng(5).normal(0, 0.3, E) if biased else np.zeros(E)
     mine = ours("deepseek-v3", logits, K, None, expert_bias=bias)
     assert_same(mine, hf_deepseek(logits, K, bias), np.float32, "deepseek-v3")
+
+
+@pytest.mark.parametrize("case", ["random", "skewed"])
+def test_nllb_padding_is_counted_not_routed(case):
+    """HF NllbMoeTop2Router with a padding_mask (1 = padding; router_ignore_padding_tokens False,
+    the default) zeroes padding's choices before the slot cumsum but computes the capacity from
+    every row: the `counted` padding mode the nllb-moe preset sets. Kept pairs and gates of the
+    real tokens agree; padding keeps nothing."""
+    logits = CASES[case](T, 8, np.float32)
+    mask = np.random.default_rng(7).random(T) < 0.7  # True = a real token
+    router = nllb_router(8, None)
+    with torch.no_grad():
+        _, gates, _ = router(torch.from_numpy(logits),
+                             torch.from_numpy((~mask).astype(np.int64)))
+    gate = gates.double().numpy()  # [T, E]
+    r = pymoe.route(logits, 2, 1.0, preset="nllb-moe", token_mask=mask)
+    assert r.options.padding == "counted" and r.capacity == router.expert_capacity
+    ours_gate = np.zeros_like(gate)
+    rows = np.repeat(np.arange(T), 2)
+    ours_gate[rows, r.expert_index.ravel()] = r.gate.ravel()
+    np.testing.assert_array_equal(ours_gate > 0, gate > 0)
+    np.testing.assert_allclose(ours_gate, gate, rtol=1e-6, atol=1e-7)
+    assert not gate[~mask].any()
