@@ -55,17 +55,6 @@ def stacked(param: str, key: str) -> Tensor:
                   lambda p: (p.transpose(0, 2, 1).copy(),))
 
 
-def stacked_gate_up(param: str, gate_key: str, up_key: str) -> Tensor:
-    """Separate stacked gate and up weights `[E, H, D]` each <-> w1 `[E, D, 2H]`."""
-    def to_pymoe(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-        return np.concatenate([g, u], axis=1).transpose(0, 2, 1).copy()
-
-    def to_hf(p: np.ndarray) -> tuple[np.ndarray, ...]:
-        h = p.shape[2] // 2
-        return p[:, :, :h].transpose(0, 2, 1).copy(), p[:, :, h:].transpose(0, 2, 1).copy()
-    return Tensor(param, (gate_key, up_key), to_pymoe, to_hf)
-
-
 def interleaved(param: str, key: str, biases: bool = False) -> Tensor:
     """gpt-oss: gate_up_proj `[E, D, 2H]` (or its bias `[E, 2H]`) with gate in the even and up in
     the odd columns (`[..., ::2]`, `[..., 1::2]`) <-> pymoe's gate-then-up halves."""

@@ -359,7 +359,9 @@ def test_08_hf_block_reads_a_checkpoint(tmp_path):
 def test_09_train_serve(tmp_path):
     res = load("09_train_serve.py").main(["--quick", "--out", str(tmp_path)])
     p = res["padding"]
-    assert p["gap"] == 0.0 and p["padding_dx"] == 0  # real rows as if alone; no dx on padding
+    # the real rows as if alone: the same matmul shapes, so equal here; a tolerance, because
+    # nothing in the contract fixes another BLAS kernel's rounding of the two runs
+    assert p["gap"] < 1e-12 and p["padding_dx"] == 0  # and no dx on padding
     assert p["aux_plain"] != p["aux_masked"]
     report = res["precision"]["report"]
     assert 0 < report.tokens_flipped < 0.1 * report.tokens  # a few percent flip in bfloat16
