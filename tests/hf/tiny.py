@@ -19,12 +19,10 @@ from helpers import import_optional
 torch = import_optional("torch", "crosscheck")
 transformers = import_optional("transformers", "crosscheck")
 
-import configs_others  # noqa: E402
-import configs_sigmoid_a  # noqa: E402
-import configs_sigmoid_b  # noqa: E402
-import configs_softmax  # noqa: E402
+import importlib  # noqa: E402
 
 import pymoe.hf  # noqa: E402
+from pymoe.hf.families import GROUPS  # noqa: E402
 from pymoe.hf.transformers_block import _find_block  # noqa: E402
 
 GENERIC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -32,29 +30,33 @@ GENERIC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_k
                shared_expert_intermediate_size=48, num_experts=8, num_local_experts=8,
                n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2, moe_k=2, top_k=2,
                first_k_dense_replace=0, head_dim=8, pad_token_id=0)
-# family -> config keywords beyond GENERIC, one file per family module of pymoe/hf/families
-EXTRA: dict[str, dict[str, Any]] = {**configs_softmax.EXTRA, **configs_sigmoid_a.EXTRA,
-                                    **configs_sigmoid_b.EXTRA, **configs_others.EXTRA}
+# one tests/hf/configs_<group>.py per family module pymoe/hf/families/<group>.py
+_CONFIGS = [importlib.import_module(f"configs_{g}") for g in GROUPS]
+
+
+def _merged(name: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in _CONFIGS:
+        out.update(getattr(m, name, {}))
+    return out
+
+
+# family -> config keywords beyond GENERIC (EXTRA of its configs module)
+EXTRA: dict[str, dict[str, Any]] = _merged("EXTRA")
 # family -> the transformers model class to build when AutoModel has none for its text config
-MODELS: dict[str, str] = {k: v for m in (configs_softmax, configs_sigmoid_a, configs_sigmoid_b,
-                                          configs_others) for k, v in getattr(m, "MODELS", {}).items()}
+MODELS: dict[str, str] = _merged("MODELS")
 # family -> fn(block, xt) -> (y, chosen [T, K] or None): the reference compare() checks pymoe
 # against instead of calling the block (NLLB: HF's experts forward runs the wrong experts)
-REFERENCE: dict[str, Any] = {**getattr(configs_others, "REFERENCE", {})}
+REFERENCE: dict[str, Any] = _merged("REFERENCE")
 # family -> (block, x) -> the block's MoE output, where calling the block is not that (a decoder
 # layer holding the MoE branch)
-BRANCHES: dict[str, Any] = {k: v for m in (configs_softmax, configs_sigmoid_a, configs_sigmoid_b,
-                                            configs_others) for k, v in getattr(m, "BRANCHES", {}).items()}
+BRANCHES: dict[str, Any] = _merged("BRANCHES")
 TOL = {np.float64: (1e-10, 1e-8), np.float32: (2e-5, 2e-5)}  # (forward, gradients), relative
 # family -> {dtype name: (forward, gradients)}: a family's own stated tolerance (its reason is
 # written where it is set, in tests/hf/configs_<group>.py TOL)
-FAMILY_TOL: dict[str, dict[str, tuple[float, float]]] = {
-    **getattr(configs_softmax, "TOL", {}), **getattr(configs_sigmoid_a, "TOL", {}),
-    **getattr(configs_sigmoid_b, "TOL", {}), **getattr(configs_others, "TOL", {})}
+FAMILY_TOL: dict[str, dict[str, tuple[float, float]]] = _merged("TOL")
 # family -> {dtype name: reason}: HF's block itself fails in that dtype (test_blocks xfails it)
-XFAIL: dict[str, dict[str, str]] = {
-    **getattr(configs_softmax, "XFAIL", {}), **getattr(configs_sigmoid_a, "XFAIL", {}),
-    **getattr(configs_sigmoid_b, "XFAIL", {}), **getattr(configs_others, "XFAIL", {})}
+XFAIL: dict[str, dict[str, str]] = _merged("XFAIL")
 
 
 def tolerances(family: str, dtype) -> tuple[float, float]:
