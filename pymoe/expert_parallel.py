@@ -325,18 +325,23 @@ class ExpertParallelMoE:
         comm: an mpi4py communicator (default MPI.COMM_WORLD); P = its size must divide E.
         exchange: "exact" or "fixed" (module docstring).
         load_stats: "local" or "global" statistics for the aux loss (pymoe.token_groups).
+        placement: None (expert e on rank e // (E/P)) or redundant experts: phy2log `[N]`, N a
+            multiple of P, the logical expert of each of N slots, rank r holding slots
+            [r*N/P, (r+1)*N/P) (one layer of pymoe.eplb.rebalance_experts' phy2log; rows and
+            gradients as pymoe.ep_replicas says). Needs exchange="exact".
 
     Attributes:
         params, grads: w_router `[D, E]` and b_router `[E]` (the layer's own router arrays,
             replicated) and this rank's experts: w1 `[E/P, D, H]`, b1, w2, b2. Update in place.
-        experts: range of the global expert ids held here.
+        experts: range of the global expert ids held here (with a placement: a tuple, the
+            logical expert of each slot held here, in slot order).
         routing, aux_loss, z_loss: this rank's from the last forward (aux_loss is the global aux
             loss under load_stats="global").
         stats: StepStats of the last step (reset by forward, completed by backward).
     """
 
     def __init__(self, layer: MoELayer, comm: Any = None, *, exchange: str = "exact",
-                 load_stats: str = "local") -> None:
+                 load_stats: str = "local", placement: Any = None) -> None:
         MPI = mpi()
         self.comm = MPI.COMM_WORLD if comm is None else comm
         P, rank = self.comm.Get_size(), self.comm.Get_rank()
@@ -363,6 +368,14 @@ class ExpertParallelMoE:
                     raise ValueError(f"layer: expected {extra}=False (the ranks run the routed "
                                      "experts only)")
             cfg = {**_config(layer), "exchange": exchange, "load_stats": load_stats}
+            self.placement = None
+            if placement is not None:  # redundant experts (pymoe.ep_replicas)
+                from . import ep_replicas
+                if self.exchange != "exact":
+                    raise ValueError(f"exchange: a placement needs exchange='exact', got "
+                                     f"{self.exchange!r}")
+                self.placement = ep_replicas.check_placement(placement, layer.num_experts, P)
+                cfg["placement"] = self.placement.tolist()
             digests = {n: _digest(p) for n, p in layer.params.items()}
             digests["expert_bias"] = _bias_digest(layer)
         except (TypeError, ValueError) as err:
@@ -392,13 +405,17 @@ class ExpertParallelMoE:
                                  "same seed and settings everywhere, or broadcast rank 0's "
                                  "parameters and expert_bias)")
         E = layer.num_experts
-        if E % P:
+        if E % P and self.placement is None:
             raise ValueError(f"num_experts: E = {E} experts cannot be split evenly over "
                              f"P = {P} ranks (E must be a multiple of P)")
         self.layer, self.size, self.rank = layer, P, rank
         self.num_local = E // P
         self.experts = range(rank * self.num_local, (rank + 1) * self.num_local)
-        sl = slice(self.experts.start, self.experts.stop)
+        sl: Any = slice(self.experts.start, self.experts.stop)
+        if self.placement is not None:  # this rank's slots: copies of their logical experts
+            self.num_local = len(self.placement) // P
+            sl = self.placement[rank * self.num_local:(rank + 1) * self.num_local]
+            self.experts = tuple(int(e) for e in sl)  # type: ignore[assignment]
         self.params: dict[str, np.ndarray] = {
             "w_router": layer.params["w_router"], "b_router": layer.params["b_router"],
             **{n: layer.params[n][sl].copy() for n in EXPERT_PARAMS},
@@ -474,7 +491,7 @@ class ExpertParallelMoE:
                              "update expert_bias from the global load, the same on every rank, "
                              "and change layer.options on every rank alike")
         x2 = x.reshape(-1, L.d_model).astype(L.dtype, copy=False)  # [T_local, D]
-        ex = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
+        ex = self._exchange()
         draws = L.options.random  # one generator, drawn group after group as MoELayer does
         if draws:  # groups before this rank's
             skip_route_draws(L.options, T, L._noise_rng, self.rank, draw_sizes[:self.rank])
@@ -513,8 +530,17 @@ class ExpertParallelMoE:
         dy2 = dy.reshape(-1, L.d_model).astype(L.dtype, copy=False)
         dxs, grads = token_groups.backward_groups(L, gc, [dy2], self._expert_params(),
                                              self.stats.times)
+        if self.placement is not None:  # replicas of one expert: the sum of their gradients
+            from .ep_replicas import sum_replica_grads
+            sum_replica_grads(ex, grads)  # type: ignore[arg-type]
         self.grads = grads
         return dxs[0].reshape(x_shape).astype(x_dtype, copy=False)
+
+    def _exchange(self) -> _MPIExchange:
+        if self.placement is None:
+            return _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
+        from .ep_replicas import ReplicaExchange
+        return ReplicaExchange(self.comm, self.placement, self.layer.num_experts, self.stats)
 
     def _expert_params(self) -> dict[str, np.ndarray]:
         return {n: self.params[n] for n in EXPERT_PARAMS}

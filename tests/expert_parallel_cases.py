@@ -92,7 +92,8 @@ def run_rank(case: dict, comm) -> dict:
     fault = c.get("fault")
     if fault and fault.get("at") == "setup" and fault["rank"] == rank:
         inject(fault, layer)
-    ep = ExpertParallelMoE(layer, comm, exchange=c["exchange"], load_stats=c["load_stats"])
+    ep = ExpertParallelMoE(layer, comm, exchange=c["exchange"], load_stats=c["load_stats"],
+                           **c.get("ep_kw", {}))
     if c.get("bias_drift_rank") == rank:  # a bias updated on one rank only
         layer.expert_bias = np.full(c["E"], 1e-3)
     if c.get("nan_param_rank") == rank:  # "update in place", with a NaN
@@ -129,6 +130,7 @@ def run_rank(case: dict, comm) -> dict:
 
 FAULT_POINTS = ("setup", "route_tokens", "dispatch", "experts_forward", "combine", "backward",
                 "gate_grad", "experts_backward", "router_backward")
+REPLICA_FAULT_POINTS = ("replicated_parts",)  # the replicas' gradient sum (pymoe.ep_replicas)
 FAULT_KINDS = {"MemoryError": MemoryError, "RuntimeError": RuntimeError,
                "KeyboardInterrupt": KeyboardInterrupt, "ValueError": ValueError,
                "ZeroDivisionError": ZeroDivisionError}
@@ -166,6 +168,9 @@ def inject(fault: dict, layer) -> None:
         setattr(tg, at, boom)
     elif at == "router_backward":
         tg.router_logits_backward = boom
+    elif at in REPLICA_FAULT_POINTS:
+        import pymoe.ep_replicas as rep
+        setattr(rep, at, boom)
     else:  # dispatch, combine, gate_grad: the backend's own functions
         backend = layer.backend
 
@@ -228,11 +233,13 @@ def mismatches(case: dict, ranks: list[dict]) -> list[str]:
 
 
 def _patchable() -> dict:
+    import pymoe.ep_replicas as rep
     import pymoe.expert_parallel as ep_mod
     import pymoe.token_groups as tg
 
     return {(m, n): getattr(m, n) for m, names in ((ep_mod, ("_digest",)), (tg, (
-        "experts_forward", "experts_backward", "router_logits_backward"))) for n in names}
+        "experts_forward", "experts_backward", "router_logits_backward")),
+        (rep, REPLICA_FAULT_POINTS)) for n in names}
 
 
 def _restore(saved: dict) -> None:

@@ -1,0 +1,132 @@
+"""Redundant experts (ExpertParallelMoE(placement=phy2log), pymoe.ep_replicas) under mpiexec.
+
+Against the one-process layer without replicas (MoELayer(token_groups=P)): routing, outputs and
+input gradients equal (bit for bit where noted), every replica's parameter gradient is the sum
+over the expert's replicas and equals the unreplicated gradient to rounding, replicas of one
+expert get identical gradients (bit for bit), and a placement of one slot per expert is the
+plain exchange, bit for bit in everything.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_expert_parallel import _expect_fault, _fault_launch, launch, mpiexec  # noqa: F401
+
+import expert_parallel_cases as epc
+from pymoe import eplb
+
+# y and dx are sums over K expert outputs and the router path, all float64 here unless the case
+# says float32; the replicas' rows meet the same weights, so only a BLAS that picks another
+# kernel for another row count could change a bit: 1e-12 relative (float64) / 1e-5 (float32)
+# holds that with a wide margin. Gradient sums over split rows differ by the order of addition.
+RTOL = {"float64": 1e-12, "float32": 1e-5}
+
+
+def eplb_placement(case: dict, P: int, redundant: int) -> list[int]:
+    """phy2log from pymoe.eplb on the case's own routed loads (the kept rows per expert)."""
+    ref = epc.reference(case, P)
+    load = sum(r.expert_load_kept for r in ref["routing"])  # [E]
+    phy2log, _, _ = eplb.rebalance_experts(load[None], len(load) + redundant, 1, 1, P)
+    return phy2log[0].tolist()
+
+
+def check(case: dict, ranks: list[dict]) -> dict[str, float]:
+    """Every claim of the module docstring; -> the largest differences measured."""
+    P = len(ranks)
+    ref = epc.reference(case, P)
+    c = epc.full(case)
+    T, place = c["T_local"], np.asarray(c["ep_kw"]["placement"])
+    Nl = len(place) // P
+    rtol = RTOL[c["dtype"]]
+    diffs = {"y": 0.0, "dx": 0.0, "expert_grads": 0.0}
+    for r, res in enumerate(ranks):
+        assert isinstance(res, dict), res
+        for k in ("y", "dx"):
+            want = ref[k][r * T:(r + 1) * T]
+            np.testing.assert_allclose(res[k], want, rtol=rtol, atol=rtol)
+            diffs[k] = max(diffs[k], float(np.abs(res[k] - want).max()))
+        for n in ("w_router", "b_router"):  # the router path is untouched: same bits
+            np.testing.assert_array_equal(res[f"grad_{n}"], ref["grads"][n])
+        for n in ("w1", "b1", "w2", "b2"):
+            want = ref["grads"][n][place[r * Nl:(r + 1) * Nl]]
+            np.testing.assert_allclose(res[f"grad_{n}"], want, rtol=rtol, atol=rtol)
+            diffs["expert_grads"] = max(diffs["expert_grads"],
+                                        float(np.abs(res[f"grad_{n}"] - want).max()))
+    for n in ("w1", "b1", "w2", "b2"):  # replicas of one expert: identical gradients
+        every = np.concatenate([res[f"grad_{n}"] for res in ranks])  # [N, ...]
+        for e in range(c["E"]):
+            slots = np.flatnonzero(place == e)
+            for s in slots[1:]:
+                np.testing.assert_array_equal(every[s], every[slots[0]])
+    return diffs
+
+
+def cases(P: int) -> list[dict]:
+    E = 4 if P == 2 else 8
+    skewed = {"skew": 3.0, "E": E, "T_local": 16}
+    return [
+        {**skewed, "ep_kw": {"placement": eplb_placement(skewed, P, P)}},
+        {**skewed, "dtype": "float32", "capacity_factor": None, "K": 1,
+         "ep_kw": {"placement": eplb_placement({**skewed, "capacity_factor": None, "K": 1}, P,
+                                               2 * P)}},
+        # two replicas of expert 0 on one rank, expert 0's third on another
+        {"E": E, "ep_kw": {"placement": [0, 1, 0, 0, 2, 3] if P == 2
+                           else [0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]}},
+    ]
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_replicas_match_one_process(mpiexec, tmp_path, P):  # noqa: F811
+    cs = cases(P)
+    # one slot per expert: the replica exchange must give the plain layer's bits, all of them
+    plain = [{"E": 8, "skew": 2.0, "ep_kw": {"placement": list(range(8))}},
+             {"E": 8, "skew": 2.0, "ep_kw": {"placement": [7, 3, 5, 1, 0, 2, 4, 6]}}]
+    proc, results = launch(mpiexec, P, cs + plain, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = [check(case, ranks) for case, ranks in zip(cs, results)]
+    print(f"P={P} largest |difference| to the layer without replicas: {measured}")
+    for case, ranks in zip(plain, results[len(cs):]):
+        place = np.asarray(case["ep_kw"]["placement"])
+        moved = {**case, "ep_kw": {}}
+        ref = epc.reference(moved, P)
+        T, Nl = epc.full(case)["T_local"], 8 // P
+        for r, res in enumerate(ranks):
+            assert isinstance(res, dict), res
+            np.testing.assert_array_equal(res["y"], ref["y"][r * T:(r + 1) * T])
+            np.testing.assert_array_equal(res["dx"], ref["dx"][r * T:(r + 1) * T])
+            for n in ("w1", "b1", "w2", "b2"):
+                np.testing.assert_array_equal(res[f"grad_{n}"],
+                                              ref["grads"][n][place[r * Nl:(r + 1) * Nl]])
+    # rows travel to the slots: each rank sends its kept rows, and gets back as many as it sent
+    for case, ranks in zip(cs, results):
+        ref = epc.reference(case, P)
+        for r, res in enumerate(ranks):
+            assert res["rows_dispatch"].sum() == ref["routing"][r].expert_load_kept.sum()
+        sent = np.stack([res["rows_dispatch"] for res in ranks])  # [P, P] sender, receiver
+        back = np.stack([res["rows_combine"] for res in ranks])
+        np.testing.assert_array_equal(back, sent.T)
+
+
+def test_bad_placements_fail_on_every_rank(mpiexec, tmp_path):  # noqa: F811
+    bad = [({"ep_kw": {"placement": [0, 1, 2]}}, "N = 3 slots"),
+           ({"ep_kw": {"placement": [0, 1, 2, 2]}}, "experts [3] have no slot"),
+           ({"ep_kw": {"placement": [0, 1, 2, 4]}}, "must lie in [0, 4)"),
+           ({"ep_kw": {"placement": [0, 1, 2, 3]}, "exchange": "fixed"}, "exchange"),
+           ({"ep_kw": {"placement": [[0, 1, 2, 3]]}}, "placement: expected integers")]
+    proc, results = launch(mpiexec, 2, [b for b, _ in bad], tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (_, words), ranks in zip(bad, results):
+        for res in ranks:
+            assert isinstance(res, str) and res.startswith("ValueError") and words in res, res
+
+
+def test_a_fault_in_the_replica_path_ends_every_rank(mpiexec, tmp_path):  # noqa: F811
+    place = {"ep_kw": {"placement": [0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]}, "E": 8}
+    faults = [{**place, "fault": {"rank": 2, "at": at, "kind": kind}}
+              for at, kind in (("replicated_parts", "MemoryError"),
+                               ("replicated_parts", "ValueError"),
+                               ("experts_backward", "RuntimeError"))]
+    results = _fault_launch(mpiexec, 4, faults + [place], tmp_path / "out")
+    for case, ranks in zip(faults, results):
+        _expect_fault(case, ranks)
+    assert all(isinstance(r, dict) for r in results[-1])
