@@ -13,8 +13,12 @@ What it teaches:
   saturates at K * T_local once nothing is dropped. Same results, different bytes.
 - Where a step's time goes: routing, the exchanges (waiting for the slowest rank included),
   the experts' matmuls and the local gather/scatter.
+- --eplb: redundant experts. A skewed router overloads the ranks of the popular experts;
+  DeepSeek's load balancer (pymoe.eplb) places copies of the hot experts on other ranks, the
+  rows of a copied expert are split among its copies, and the load per rank evens out, with
+  the same outputs.
 
-Run:  mpiexec -n 4 python examples/06_expert_parallel.py [--quick] [--out DIR]
+Run:  mpiexec -n 4 python examples/06_expert_parallel.py [--quick] [--out DIR] [--eplb]
       python examples/06_expert_parallel.py              (one rank: P = 1)
 Needs `pip install 'pymoe-routing[mpi]'` (mpi4py and MPICH, which brings mpiexec).
 """
@@ -37,7 +41,7 @@ from pymoe import expert_parallel as ep_mod  # noqa: E402
 from pymoe import viz  # noqa: E402
 
 
-def make_layer(D: int, H: int, E: int, K: int, cf: float, skew: float) -> pymoe.MoELayer:
+def make_layer(D: int, H: int, E: int, K: int, cf: float | None, skew: float) -> pymoe.MoELayer:
     """The same layer on every rank (same seed); the router bias makes expert e's logit
     skew * e lower, so the low-numbered experts (on the low ranks) are the popular ones."""
     layer = pymoe.MoELayer(D, H, E, K, cf, dtype=np.float32, seed=0)
@@ -59,14 +63,80 @@ def one_step(layer: pymoe.MoELayer, comm, exchange: str, x: np.ndarray, dy: np.n
     return st, ep
 
 
+def eplb_section(comm, quick: bool, out: str, say) -> dict:
+    """Load per rank before and after EPLB (pymoe.eplb + ExpertParallelMoE(placement=...)).
+
+    Dropless (no capacity), so the load of a rank is every row routed to its experts: what its
+    expert matmuls do. One redundant slot per rank: N = E + P physical experts."""
+    from pymoe import eplb
+
+    P, rank = comm.Get_size(), comm.Get_rank()
+    T_local, D, H, E, K = (128, 32, 64, 16, 2) if quick else (1024, 256, 512, 16, 2)
+    skew = 0.1
+    layer = make_layer(D, H, E, K, None, skew)  # capacity None: dropless
+    rng = np.random.default_rng(100 + rank)
+    x = rng.normal(size=(T_local, D)).astype(np.float32)
+    dy = rng.normal(size=(T_local, D)).astype(np.float32)
+    plain = ep_mod.ExpertParallelMoE(layer, comm)
+    y0, dx0 = plain.forward(x), plain.backward(dy)
+    before = plain.gather_stats()["rows"][0].sum(axis=0)  # [P] rows each rank's experts get
+    load = comm.allreduce(plain.routing.expert_load_kept)  # [E] rows per expert, all ranks
+    N = E + P
+    phy2log, _, logcnt = eplb.rebalance_experts(load[None], N, 1, 1, P)  # global policy
+    predicted = eplb.gpu_loads(load, phy2log, P)[0]  # [P] EPLB's own estimate (even split)
+    rep = ep_mod.ExpertParallelMoE(layer, comm, placement=phy2log[0])
+    y1, dx1 = rep.forward(x), rep.backward(dy)
+    after = rep.gather_stats()["rows"][0].sum(axis=0)  # [P]
+    same = comm.allreduce(int(np.array_equal(y0, y1) and np.array_equal(dx0, dx1)))  # ranks
+    dw = max(comm.allgather(max(float(np.abs(rep.grads[n] - _plain_grad(plain, rep, n, comm)).max())
+                                for n in ("w1", "b1", "w2", "b2"))))
+    say(f"\nEPLB (--eplb): P={P} ranks, E={E} experts, K={K}, T_local={T_local}, dropless, "
+        f"router bias -{skew} * e; N = E + P = {N} slots ({N // P} per rank)")
+    say(f"  rows per expert (all ranks): {load.tolist()}")
+    say(f"  replicas per expert: {logcnt[0].tolist()}")
+    say(f"  placement phy2log (slots of rank r: [{N // P}r, {N // P}(r+1))): {phy2log[0].tolist()}")
+    say(f"  {'rank':>6s} {'before':>8s} {'after':>8s} {'EPLB estimate':>14s}")
+    for r in range(P):
+        say(f"  {r:6d} {before[r]:8d} {after[r]:8d} {predicted[r]:14.1f}")
+    ratio = [float(v.max() / v.mean()) for v in (before, after)]
+    say(f"  max / mean: {ratio[0]:.3f} before, {ratio[1]:.3f} after; y and dx bit-identical on "
+        f"{same} of {P} ranks; expert gradients: largest difference {dw:.2e} (the replicas' "
+        "sum adds in another order)")
+    res = {"P": P, "E": E, "K": K, "T_local": T_local, "N": N, "expert_rows": load.tolist(),
+           "phy2log": phy2log[0].tolist(), "logcnt": logcnt[0].tolist(),
+           "rows_before": before.tolist(), "rows_after": after.tolist(),
+           "eplb_estimate": predicted.tolist(), "max_over_mean": ratio,
+           "ranks_bit_identical": same, "max_expert_grad_diff": dw, "pictures": {}}
+    if rank == 0:
+        path = f"{out}/06_eplb_load_per_rank.png"
+        res["pictures"][path] = viz.rank_load_bars(
+            {"before EPLB": before.tolist(), f"after EPLB (+{P} replicas)": after.tolist()},
+            path, title=f"rows into each rank's experts, skewed router (measured)\n"
+                        f"P={P}, E={E}, K={K}, T_local={T_local}, dropless; dashed: the mean")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "06_eplb.json"), "w") as f:
+            json.dump({k: v for k, v in res.items() if k != "pictures"}, f, indent=1)
+    return res
+
+
+def _plain_grad(plain, rep, name: str, comm) -> np.ndarray:
+    """The layer-without-replicas gradient of parameter `name` for rep's slots `[N/P, ...]`."""
+    every = np.concatenate(comm.allgather(plain.grads[name]))  # [E, ...] in expert order
+    return every[list(rep.experts)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (for CI)")
     ap.add_argument("--out", default="pymoe-out", help="where the pictures go (default pymoe-out)")
+    ap.add_argument("--eplb", action="store_true",
+                    help="only the load per rank before and after EPLB's redundant experts")
     args = ap.parse_args(argv)
     MPI = ep_mod.mpi()
     comm = MPI.COMM_WORLD
     P, rank = comm.Get_size(), comm.Get_rank()
+    if args.eplb:
+        return eplb_section(comm, args.quick, args.out, print if rank == 0 else lambda *a: None)
     T_local, D, H, E, K = (128, 64, 128, 16, 2) if args.quick else (1024, 256, 512, 16, 2)
     repeats = 3 if args.quick else 7
     cf, skew, item = 1.25, 0.05, np.dtype(np.float32).itemsize

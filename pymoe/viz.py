@@ -754,3 +754,36 @@ def flip_margins(report: Any, path: str, *, bins: int = 24) -> Any:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def rank_load_bars(loads: Mapping[str, Sequence[float]], path: str, *, title: str,
+                   ylabel: str = "rows into the rank's experts") -> Any:
+    """Load per rank side by side for several placements (a dict label -> `[P]` loads, e.g.
+    before and after EPLB), with each one's mean as a dashed line (perfect balance).
+
+    Text version: one bar of '#' per rank and placement, with the max / mean ratio.
+    """
+    items = {k: _values(f"loads[{k!r}]", v) for k, v in _mapping("loads", loads).items()}
+    P = max(len(v) for v in items.values())
+    if not have_matplotlib():
+        top = max(max(v) for v in items.values()) or 1.0
+        lines = [f"{title} ({ylabel})"]
+        for label, v in items.items():
+            mean = float(np.mean(v))
+            lines.append(f"{label}: max / mean = {max(v) / mean if mean else 0:.2f}")
+            lines += [f"  rank {r:<3d}{'#' * round(50 * x / top)} {x:g}" for r, x in enumerate(v)]
+        return _emit("\n".join(lines))
+    fig = _figure(max(5.0, 1.0 + 0.8 * P), 4.0)
+    ax = fig.add_subplot()
+    width = 0.8 / len(items)
+    for i, (label, v) in enumerate(items.items()):
+        xs = np.arange(len(v)) + (i - (len(items) - 1) / 2) * width
+        mean = float(np.mean(v))
+        bars = ax.bar(xs, v, width, label=f"{label} (max / mean {max(v) / mean if mean else 0:.2f})")
+        ax.axhline(mean, color=bars.patches[0].get_facecolor(), ls="--", lw=1)
+    ax.set_xticks(np.arange(P))
+    ax.set_xlabel("rank")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -130,3 +130,31 @@ def test_a_fault_in_the_replica_path_ends_every_rank(mpiexec, tmp_path):  # noqa
     for case, ranks in zip(faults, results):
         _expect_fault(case, ranks)
     assert all(isinstance(r, dict) for r in results[-1])
+
+
+def test_example_06_eplb(mpiexec, tmp_path):  # noqa: F811
+    """examples/06 --eplb on 4 ranks: the same rows, spread more evenly, same outputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": REPO, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([mpiexec, "-n", "4", sys.executable,
+                           os.path.join(REPO, "examples", "06_expert_parallel.py"), "--eplb",
+                           "--quick", "--out", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "06_eplb.json").read_text())
+    before, after = np.array(res["rows_before"]), np.array(res["rows_after"])
+    assert before.sum() == after.sum() == sum(res["expert_rows"])
+    assert after.max() < before.max() and res["max_over_mean"][1] < res["max_over_mean"][0]
+    assert res["ranks_bit_identical"] == 4
+    # the split rule cuts an expert's rows within one row of EPLB's even split: < 1 row per slot
+    np.testing.assert_allclose(after, res["eplb_estimate"], atol=res["N"] // res["P"])
+    from pymoe.viz import have_matplotlib
+
+    if have_matplotlib():
+        assert (tmp_path / "06_eplb_load_per_rank.png").stat().st_size > 10_000

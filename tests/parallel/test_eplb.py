@@ -174,3 +174,13 @@ def test_bad_input_helpers():
         eplb.replicate_experts(np.array([[1.0, np.nan]]), 3)
     with pytest.raises(TypeError, match="num_replicas"):
         eplb.rebalance_experts(np.ones((1, 4)), 4.0, 1, 1, 2)
+
+
+def test_rank_load_bars_text(monkeypatch):
+    from pymoe import viz
+
+    monkeypatch.setenv("PYMOE_VIZ_TEXT", "1")
+    text = viz.rank_load_bars({"before": [6, 2, 0, 0], "after": [2, 2, 2, 2]}, "unused.png",
+                              title="t")
+    assert "before: max / mean = 3.00" in text and "after: max / mean = 1.00" in text
+    assert "rank 0  " + "#" * 50 + " 6" in text
