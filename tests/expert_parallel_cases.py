@@ -93,7 +93,7 @@ def run_rank(case: dict, comm) -> dict:
     if fault and fault.get("at") == "setup" and fault["rank"] == rank:
         inject(fault, layer)
     ep = ExpertParallelMoE(layer, comm, exchange=c["exchange"], load_stats=c["load_stats"],
-                           **c.get("ep_kw", {}))
+                           **{**c.get("ep_kw", {}), **c.get("ep_kw_on_rank", {}).get(str(rank), {})})
     if c.get("bias_drift_rank") == rank:  # a bias updated on one rank only
         layer.expert_bias = np.full(c["E"], 1e-3)
     if c.get("nan_param_rank") == rank:  # "update in place", with a NaN

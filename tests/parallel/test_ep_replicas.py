@@ -38,20 +38,23 @@ def check(case: dict, ranks: list[dict]) -> dict[str, float]:
     T, place = c["T_local"], np.asarray(c["ep_kw"]["placement"])
     Nl = len(place) // P
     rtol = RTOL[c["dtype"]]
-    diffs = {"y": 0.0, "dx": 0.0, "expert_grads": 0.0}
+    diffs = {"y": 0.0, "dx": 0.0, "expert_grads": 0.0, "expert_grads_relative": 0.0}
     for r, res in enumerate(ranks):
         assert isinstance(res, dict), res
         for k in ("y", "dx"):
             want = ref[k][r * T:(r + 1) * T]
             np.testing.assert_allclose(res[k], want, rtol=rtol, atol=rtol)
             diffs[k] = max(diffs[k], float(np.abs(res[k] - want).max()))
-        for n in ("w_router", "b_router"):  # the router path is untouched: same bits
+        replicated = [n for n in ref["grads"] if n not in ("w1", "b1", "w2", "b2")]
+        for n in replicated:  # the router's and shared experts': untouched, the same bits
             np.testing.assert_array_equal(res[f"grad_{n}"], ref["grads"][n])
         for n in ("w1", "b1", "w2", "b2"):
             want = ref["grads"][n][place[r * Nl:(r + 1) * Nl]]
             np.testing.assert_allclose(res[f"grad_{n}"], want, rtol=rtol, atol=rtol)
-            diffs["expert_grads"] = max(diffs["expert_grads"],
-                                        float(np.abs(res[f"grad_{n}"] - want).max()))
+            d = float(np.abs(res[f"grad_{n}"] - want).max())
+            diffs["expert_grads"] = max(diffs["expert_grads"], d)
+            diffs["expert_grads_relative"] = max(diffs["expert_grads_relative"],
+                                                 d / float(np.abs(want).max() or 1.0))
     for n in ("w1", "b1", "w2", "b2"):  # replicas of one expert: identical gradients
         every = np.concatenate([res[f"grad_{n}"] for res in ranks])  # [N, ...]
         for e in range(c["E"]):
@@ -69,9 +72,11 @@ def cases(P: int) -> list[dict]:
         {**skewed, "dtype": "float32", "capacity_factor": None, "K": 1,
          "ep_kw": {"placement": eplb_placement({**skewed, "capacity_factor": None, "K": 1}, P,
                                                2 * P)}},
-        # two replicas of expert 0 on one rank, expert 0's third on another
-        {"E": E, "ep_kw": {"placement": [0, 1, 0, 0, 2, 3] if P == 2
-                           else [0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]}},
+        # two replicas of expert 0 on one rank, expert 0's third on another; with global load
+        # statistics, a shared expert and padding (what the exchange does not touch)
+        {"E": E, "load_stats": "global", "layer_kw": {"num_shared_experts": 1}, "pad": 0.25,
+         "ep_kw": {"placement": [0, 1, 0, 0, 2, 3] if P == 2
+                   else [0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]}},
     ]
 
 
@@ -112,7 +117,9 @@ def test_bad_placements_fail_on_every_rank(mpiexec, tmp_path):  # noqa: F811
            ({"ep_kw": {"placement": [0, 1, 2, 2]}}, "experts [3] have no slot"),
            ({"ep_kw": {"placement": [0, 1, 2, 4]}}, "must lie in [0, 4)"),
            ({"ep_kw": {"placement": [0, 1, 2, 3]}, "exchange": "fixed"}, "exchange"),
-           ({"ep_kw": {"placement": [[0, 1, 2, 3]]}}, "placement: expected integers")]
+           ({"ep_kw": {"placement": [[0, 1, 2, 3]]}}, "placement: expected integers"),
+           ({"ep_kw": {"placement": [0, 1, 2, 3]}, "ep_kw_on_rank": {"1": {"placement": [
+               3, 2, 1, 0]}}}, "settings differ across ranks")]
     proc, results = launch(mpiexec, 2, [b for b, _ in bad], tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for (_, words), ranks in zip(bad, results):
