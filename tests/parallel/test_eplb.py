@@ -184,3 +184,20 @@ def test_rank_load_bars_text(monkeypatch):
                               title="t")
     assert "before: max / mean = 3.00" in text and "after: max / mean = 1.00" in text
     assert "rank 0  " + "#" * 50 + " 6" in text
+
+
+def test_docs_snippet_runs():
+    """docs/eplb.md's first code block: EPLB's README example, with eplb.py's output."""
+    import contextlib
+    import io
+    import os
+    import re
+
+    from helpers import REPO
+
+    text = open(os.path.join(REPO, "docs", "eplb.md"), encoding="utf-8").read()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    env: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(code, "docs/eplb.md", "exec"), env)
+    np.testing.assert_array_equal(env["phy2log"], CASES["readme_hierarchical"][1])
