@@ -24,13 +24,14 @@ without replicas up to the order of addition (rounding).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import expert_parallel as _ep
 from .experts import EXPERT_PARAMS
+from .token_groups import _together
 
 
 def check_placement(placement: object, num_experts: int, P: int) -> np.ndarray:
@@ -90,16 +91,19 @@ def split_rows(counts: np.ndarray, num_replicas: np.ndarray) -> np.ndarray:
     return np.maximum(hi - lo, 0)
 
 
-class ReplicaExchange(_ep._MPIExchange):
+class ReplicaExchange:
     """The "exact" exchange with physical slots as the destinations (module docstring).
 
-    This rank's experts are its N/P slots; packed is `[N/P, sum_s C_s, D]`.
+    Wraps pymoe.expert_parallel's exchange of this rank (`base`: its communicator, agreement,
+    Alltoallv and byte records); this rank's experts are its N/P slots, and packed is
+    `[N/P, sum_s C_s, D]`.
     """
 
-    def __init__(self, comm: Any, phy2log: np.ndarray, num_experts: int,
-                 stats: _ep.StepStats) -> None:
-        P = comm.Get_size()
-        super().__init__(comm, len(phy2log) // P, "exact", stats)
+    def __init__(self, base: Any, phy2log: np.ndarray, num_experts: int) -> None:
+        self.base, self.comm, self.stats = base, base.comm, base.stats
+        self.P, self.rank = base.P, base.rank
+        self.num_token_groups = base.num_token_groups
+        self.El = len(phy2log) // self.P  # slots here
         self.phy2log, self.E = phy2log, num_experts
         self.slots = replica_slots(phy2log, num_experts)  # [E, R]
         self.cnt = np.bincount(phy2log, minlength=num_experts)  # [E]
@@ -109,13 +113,36 @@ class ReplicaExchange(_ep._MPIExchange):
             c = self.cnt[e]
             self.rep[self.slots[e, :c]] = np.arange(c)
 
+    @property
+    def directions(self) -> Iterator[str]:  # the base records the exchanges, in this order
+        return self.base.directions
+
+    @directions.setter
+    def directions(self, it: Iterator[str]) -> None:
+        self.base.directions = it
+
+    def agree(self, step: str, problem: str | None, fatal: bool = False) -> None:
+        self.base.agree(step, problem, fatal)
+
+    def sum_in_group_order(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return self.base.sum_in_group_order(parts)
+
+    def _mpi_time(self, t0: float) -> None:
+        self.base._mpi_time(t0)
+
+    def _alltoallv(self, *args: Any) -> None:
+        self.base._alltoallv(*args)
+
+    def _record(self, *args: Any) -> None:
+        self.base._record(*args)
+
     def set_loads(self, loads: Sequence[np.ndarray], capacities: Sequence[int]) -> None:
         P, rank, Nl = self.P, self.rank, self.El
         self.n = np.asarray(loads[0], dtype=np.int64)  # [E] rows I send per logical expert
         self.C = int(capacities[0])
         mine = np.concatenate([self.n, [self.C]]).astype(np.int64)
         every = np.empty((P, self.E + 1), dtype=np.int64)
-        t0 = _ep.time.perf_counter()
+        t0 = time.perf_counter()
         self.comm.Allgather(mine, every)
         self._mpi_time(t0)
         self.stats.control_bytes += mine.nbytes * P
@@ -180,11 +207,9 @@ def replicated_parts(grads: dict[str, np.ndarray], phy2log: np.ndarray, rank: in
 def sum_replica_grads(ex: ReplicaExchange, grads: dict[str, np.ndarray]) -> None:
     """Collective: every replica's expert gradients become the sum over the expert's replicas,
     added in replica order (in place). A failure in the local part ends every rank."""
-    from .token_groups import _together
-
     mine = _together(ex, "the replicas' gradient sum",
                      lambda: replicated_parts(grads, ex.phy2log, ex.rank))
-    t0 = _ep.time.perf_counter()
+    t0 = time.perf_counter()
     every = ex.comm.allgather(mine)
     ex._mpi_time(t0)
     ex.stats.control_bytes += sum(a.nbytes for a_list in mine.values() for a in a_list) * ex.P

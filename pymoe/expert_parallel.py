@@ -531,16 +531,18 @@ class ExpertParallelMoE:
         dxs, grads = token_groups.backward_groups(L, gc, [dy2], self._expert_params(),
                                              self.stats.times)
         if self.placement is not None:  # replicas of one expert: the sum of their gradients
-            from .ep_replicas import sum_replica_grads
-            sum_replica_grads(ex, grads)  # type: ignore[arg-type]
+            from .ep_replicas import ReplicaExchange, sum_replica_grads
+            assert isinstance(ex, ReplicaExchange)
+            sum_replica_grads(ex, grads)
         self.grads = grads
         return dxs[0].reshape(x_shape).astype(x_dtype, copy=False)
 
-    def _exchange(self) -> _MPIExchange:
+    def _exchange(self) -> Any:
+        base = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
         if self.placement is None:
-            return _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
+            return base
         from .ep_replicas import ReplicaExchange
-        return ReplicaExchange(self.comm, self.placement, self.layer.num_experts, self.stats)
+        return ReplicaExchange(base, self.placement, self.layer.num_experts)
 
     def _expert_params(self) -> dict[str, np.ndarray]:
         return {n: self.params[n] for n in EXPERT_PARAMS}
