@@ -322,7 +322,8 @@ class ExpertParallelMoE:
         layer: the same MoELayer on every rank (same settings and parameters: checked at start,
             every rank raising the same ValueError when they differ). Its router is used as is;
             this rank keeps a copy of its own experts' parameters.
-        comm: an mpi4py communicator (default MPI.COMM_WORLD); P = its size must divide E.
+        comm: an mpi4py communicator (default MPI.COMM_WORLD); P = its size must divide E
+            (with a placement: N).
         exchange: "exact" or "fixed" (module docstring).
         load_stats: "local" or "global" statistics for the aux loss (pymoe.token_groups).
         placement: None (expert e on rank e // (E/P)) or redundant experts: phy2log `[N]`, N a
@@ -332,7 +333,8 @@ class ExpertParallelMoE:
 
     Attributes:
         params, grads: w_router `[D, E]` and b_router `[E]` (the layer's own router arrays,
-            replicated) and this rank's experts: w1 `[E/P, D, H]`, b1, w2, b2. Update in place.
+            replicated) and this rank's experts: w1 `[E/P, D, H]`, b1, w2, b2 (with a placement:
+            its slots', `[N/P, ...]`). Update in place.
         experts: range of the global expert ids held here (with a placement: a tuple, the
             logical expert of each slot held here, in slot order).
         routing, aux_loss, z_loss: this rank's from the last forward (aux_loss is the global aux
