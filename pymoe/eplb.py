@@ -47,6 +47,8 @@ def _loads(name: str, weight: object) -> np.ndarray:
         raise TypeError(f"{name}: expected an integer or float array, got dtype {w.dtype}")
     if w.ndim != 2:
         raise ValueError(f"{name}: expected shape [L, n] (layers, items), got {w.shape}")
+    if w.size == 0:
+        raise ValueError(f"{name}: expected at least one layer and one item, got {w.shape}")
     if np.issubdtype(w.dtype, np.floating) and not np.all(np.isfinite(w)):
         raise ValueError(f"{name}: loads must be finite (got NaN or inf)")
     if np.any(w < 0):

@@ -165,3 +165,25 @@ def test_example_06_eplb(mpiexec, tmp_path):  # noqa: F811
 
     if have_matplotlib():
         assert (tmp_path / "06_eplb_load_per_rank.png").stat().st_size > 10_000
+
+
+def test_split_rule_literal_and_against_a_loop():
+    from pymoe import ep_replicas as rep
+
+    # expert 0: 5 rows (rank 0's 2, then rank 1's 3) over 2 replicas: rows [0, 2) and [2, 5)
+    m = rep.split_rows(np.array([[2, 1], [3, 0]]), np.array([2, 1]))
+    np.testing.assert_array_equal(m, [[[2, 0], [1, 0]], [[0, 3], [0, 0]]])
+    np.testing.assert_array_equal(rep.replica_slots(np.array([1, 0, 2, 0, 1]), 3),
+                                  [[1, 3], [0, 4], [2, -1]])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        P, E = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        counts, cnt = rng.integers(0, 7, (P, E)), rng.integers(1, 4, E)
+        m = rep.split_rows(counts, cnt)
+        for e in range(E):  # row by row: global row g of expert e goes to chunk j
+            n, owner = counts[:, e].sum(), np.repeat(np.arange(P), counts[:, e])
+            want = np.zeros((P, m.shape[2]), dtype=np.int64)
+            for g in range(n):
+                j = next(j for j in range(cnt[e]) if j * n // cnt[e] <= g < (j + 1) * n // cnt[e])
+                want[owner[g], j] += 1
+            np.testing.assert_array_equal(m[:, e], want)
