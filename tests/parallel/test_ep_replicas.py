@@ -187,3 +187,69 @@ def test_split_rule_literal_and_against_a_loop():
                 j = next(j for j in range(cnt[e]) if j * n // cnt[e] <= g < (j + 1) * n // cnt[e])
                 want[owner[g], j] += 1
             np.testing.assert_array_equal(m[:, e], want)
+
+
+FD_SCRIPT = r"""
+import numpy as np
+import pymoe
+from helpers import FD_RTOL, numerical_grad, randomize, rel_error
+from pymoe.expert_parallel import ExpertParallelMoE
+
+layer = pymoe.MoELayer(5, 4, 4, 2, 1.0, aux_loss_coef=0.05, z_loss_coef=0.01, seed=1,
+                       dtype=np.float64)
+randomize(layer, 1)
+place = np.array([0, 1, 0, 2, 3, 0, 1, 2])  # expert 0 three times, 1 and 2 twice, in a 1-rank world
+ep = ExpertParallelMoE(layer, placement=place)
+rng = np.random.default_rng(2)
+x, dy = rng.normal(size=(12, 5)), rng.normal(size=(12, 5))
+
+
+def objective():
+    y = ep.forward(x)
+    return float(np.sum(y * dy)) + layer.aux_loss_coef * ep.aux_loss + layer.z_loss_coef * ep.z_loss
+
+
+objective()
+dx = ep.backward(dy)
+base = ep.routing.expert_index.copy()
+errors = {"x": rel_error(dx, numerical_grad(objective, x))}
+for n in ("w1", "b1", "w2", "b2"):  # a logical parameter moves all its replicas together
+    for e in range(4):
+        slots = np.flatnonzero(place == e)
+        logical = ep.params[n][slots[0]].copy()
+
+        def f(slots=slots, logical=logical, n=n):
+            ep.params[n][slots] = logical
+            return objective()
+
+        numeric = numerical_grad(f, logical)
+        ep.params[n][slots] = logical
+        for s in slots:
+            errors[f"{n}[{e}] slot {s}"] = rel_error(ep.grads[n][s], numeric)
+for n in ("w_router", "b_router"):
+    errors[n] = rel_error(ep.grads[n], numerical_grad(objective, ep.params[n]))
+objective()
+assert (ep.routing.expert_index == base).all(), "routing moved under the finite differences"
+worst = max(errors, key=errors.get)
+assert errors[worst] < FD_RTOL, (worst, errors[worst])
+print(f"worst {worst}: {errors[worst]:.1e} over {len(errors)} gradients")
+"""
+
+
+def test_replica_gradients_against_finite_differences(tmp_path):
+    """float64, one rank (no mpiexec: a 1-rank world) with 3, 2 and 2 copies of experts 0..2: a
+    logical parameter's gradient is the derivative with all its copies moved together, and every
+    copy holds it."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, require_optional
+
+    require_optional(subprocess.run([sys.executable, "-c", "from mpi4py import MPI"],
+                                    capture_output=True).returncode == 0, "mpi4py is missing")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
+    proc = subprocess.run([sys.executable, "-c", FD_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
