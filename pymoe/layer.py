@@ -30,7 +30,14 @@ from .options import (
     token_mask_arg,
 )
 from .replay import forced_selection, record_selection, recording
-from .router import jitter, router_dtype, router_logits, router_logits_backward
+from .router import (
+    jitter,
+    router_dtype,
+    router_logits,
+    router_logits_backward,
+    softcap,
+    softcap_backward,
+)
 from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
@@ -318,6 +325,8 @@ class MoELayer:
             return self._forward_groups(x, x2, train, mask)
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
         x_router, noise, r, noisy = self._route_noisy(x2, train, mask, replay)
+        if noise is not None and self.jitter_experts:  # HF Mixtral: x *= noise, in place
+            x2 = (x2 * noise).astype(self.dtype, copy=False)  # [T, D] what the experts see
         form, gin = self.expert_form, self.gate_input
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
@@ -404,6 +413,8 @@ class MoELayer:
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
+        if self.router_softcap is not None:  # laguna: c tanh(l / c)                  step 1b
+            logits = softcap(logits, self.router_softcap)  # [T, E]
         noisy = None
         if self.router_noise == "noisy_topk":
             z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]
@@ -542,6 +553,8 @@ class MoELayer:
         if router_dlogits is not None:
             dlogits = dlogits + _checks.float_array("router_dlogits", router_dlogits,
                                                     shape=dlogits.shape).astype(dlogits.dtype)
+        if self.router_softcap is not None:  # r.router_logits are the capped logits
+            dlogits = softcap_backward(dlogits, r.router_logits, self.router_softcap)
         rdt = router_dtype(self.dtype)
         dx_router = None
         if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise
@@ -561,9 +574,11 @@ class MoELayer:
         dxr, dw_router, db_router = router_logits_backward(
             dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
         dx_router = dxr if dx_router is None else dx_router + dxr
-        if c.noise is not None:
+        if c.noise is not None and not self.jitter_experts:
             dx_router *= c.noise
         dx2 += dx_router.astype(self.dtype, copy=False)  # dx2 is this step's own array
+        if c.noise is not None and self.jitter_experts:  # every path read x * noise
+            dx2 = dx2 * c.noise.astype(self.dtype, copy=False)
         grads.update({"w_router": dw_router, "b_router": db_router})
         for name in self.params:
             if not np.isfinite(grads[name]).all():

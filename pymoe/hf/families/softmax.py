@@ -179,20 +179,20 @@ def _gpt_oss_like(interleave: bool):
 
 def _dbrx(cfg: Config, layer, shapes) -> Spec:
     """DBRX: softmax top-K in the logits dtype, gates divided by their L_p norm with
-    p = moe_normalize_expert_weights (1: renormalised; None: raw; other p: no pymoe rule);
+    p = moe_normalize_expert_weights (normalize_p; 1: renormalised; None: raw);
     experts flat w1, v1, w2 `[E*H, D]`. moe_jitter_eps (training only) is not reproduced."""
     ffn = dict(cfg.get("ffn_config"))
     p = ffn.get("moe_normalize_expert_weights", 1.0)
-    if p is not None and float(p) != 1.0:
-        raise ValueError(f"config: dbrx moe_normalize_expert_weights={p!r} divides the gates by "
-                         "their L_p norm; pymoe renormalises by the sum (p = 1) or not at all "
-                         "(None)")
+    if p is not None and not float(p) > 0:
+        raise ValueError(f"config: dbrx moe_normalize_expert_weights={p!r}: pymoe's L_p gate "
+                         "norm (normalize_p) takes p > 0 or None")
     act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
     form = Config({"hidden_act": act}, "dbrx").gated_form()
     E = int(ffn["moe_num_experts"])
     D = shapes["experts.mlp.w1"][1]
     H = shapes["experts.mlp.w1"][0] // E
     kw = {"preset": "mixtral" if p is not None else "olmoe", "normalize": p is not None,
+          "normalize_p": 1.0 if p is None else float(p),
           "capacity_factor": None, "activation": form, "aux_loss_coef": 0.0,
           "z_loss_coef": 0.0, "num_shared_experts": 0, "shared_expert_gate": False}
     tensors = (linear("w_router", "router.layer.weight"),
