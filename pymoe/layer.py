@@ -41,6 +41,7 @@ from .router import (
 from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
+from .variants.input_norm import NormCache, rms_norm, rms_norm_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 
@@ -63,6 +64,8 @@ class _ForwardCache:
     inv_rms: np.ndarray | None = None  # [T, 1] 1 / sqrt(mean(pre_norm^2) + eps)
     normed: np.ndarray | None = None  # [T, D] pre_norm * inv_rms in the layer dtype
     token_mask: np.ndarray | None = None  # <bool>[T] True = a real token, or None
+    router_norm: NormCache | None = None  # router_input_norm
+    expert_norm: NormCache | None = None  # expert_input_norm
 
 
 @dataclass
@@ -177,6 +180,12 @@ class MoELayer:
             self.params["b_out"] = np.zeros(D)
         if self.post_norm:
             self.params["post_norm_weight"] = np.ones(D)
+        if self.router_input_norm:
+            self.params["router_norm_scale"] = np.ones(D)
+        if self.expert_input_norm:
+            self.params["expert_norm_weight"] = np.ones(D)
+        if self.gate_scale:
+            self.params["gate_scale"] = np.ones(E)
         self.params = {n: p.astype(self.dtype) for n, p in self.params.items()}
         self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
         self._noise_rng = np.random.default_rng([seed, 1])
@@ -272,6 +281,12 @@ class MoELayer:
             shapes["b_out"] = (D,)
         if self.post_norm:
             shapes["post_norm_weight"] = (D,)
+        if self.router_input_norm:
+            shapes["router_norm_scale"] = (D,)
+        if self.expert_input_norm:
+            shapes["expert_norm_weight"] = (D,)
+        if self.gate_scale:
+            shapes["gate_scale"] = (E,)
         return shapes
 
     def _param_names(self) -> tuple[str, ...]:
@@ -324,9 +339,16 @@ class MoELayer:
                                  f"only, got token_groups = {self.token_groups}")
             return self._forward_groups(x, x2, train, mask)
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
-        x_router, noise, r, noisy = self._route_noisy(x2, train, mask, replay)
+        rnorm = enorm = None
+        to_route = x2
+        if self.router_input_norm:  # Gemma 4: RMSNorm(x) * scale * D^-1/2
+            to_route, rnorm = rms_norm(x2, p["router_norm_scale"], self.input_norm_eps,
+                                       self.d_model ** -0.5)  # [T, D]
+        x_router, noise, r, noisy = self._route_noisy(to_route, train, mask, replay)
         if noise is not None and self.jitter_experts:  # HF Mixtral: x *= noise, in place
             x2 = (x2 * noise).astype(self.dtype, copy=False)  # [T, D] what the experts see
+        if self.expert_input_norm:  # Gemma 4's pre_feedforward_layernorm_2
+            x2, enorm = rms_norm(x2, p["expert_norm_weight"], self.input_norm_eps)  # [T, D]
         form, gin = self.expert_form, self.gate_input
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
@@ -337,7 +359,7 @@ class MoELayer:
                                           form)  # [E, C, D]
             y = combine_dense(out, w_out)  # [T, D]
         else:
-            gate = r.gate.astype(self.dtype)
+            gate = self._gates(r, p)
             expert_in = self._dispatch(x2, r, gate if gin else None, "expert_in")  # [E, C, D]
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
                                           form, filled=r.expert_load_kept,
@@ -370,12 +392,21 @@ class MoELayer:
                           noisy_load_loss(noisy[0][rows], r.router_logits[rows], noisy[3][rows],
                                           self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
-                                    noisy, shared, pre_norm, inv_rms, normed, mask)
+                                    noisy, shared, pre_norm, inv_rms, normed, mask, rnorm,
+                                    enorm)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         record_selection(self, r.expert_index)
         return y.reshape(x.shape)
 
     __call__ = forward
+
+    def _gates(self, r: Routing, p: dict[str, np.ndarray]) -> np.ndarray:
+        """The gates `[T, K]` the experts' outputs are weighed by, in the layer dtype: the
+        routing's, times gate_scale[e] with that keyword (Gemma 4's per_expert_scale)."""
+        gate = r.gate.astype(self.dtype)
+        if self.gate_scale:
+            gate = gate * p["gate_scale"][r.expert_index]  # [T, K]
+        return gate
 
     def _dispatch(self, x2: np.ndarray, r: Routing, weight: np.ndarray | None,
                   name: str) -> np.ndarray:
@@ -536,7 +567,7 @@ class MoELayer:
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
-            gate = r.gate.astype(self.dtype)
+            gate = self._gates(r, p)
             d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
@@ -547,8 +578,15 @@ class MoELayer:
             dx_shared, sg = self.shared_backward(dy2, c.x2, p, c.shared)
             dx2 = dx2 + dx_shared
             grads.update(sg)
+        if c.expert_norm is not None:  # dx2 so far is d/d(the experts' normed input)
+            dx2, grads["expert_norm_weight"] = rms_norm_backward(dx2, c.expert_norm)
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
             raise self.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
+        if self.gate_scale:  # g' = g * s[e]: ds_e = sum of dg' * g over e's pairs
+            grads["gate_scale"] = np.bincount(
+                r.expert_index.ravel(), weights=(dgate * r.gate).ravel(),
+                minlength=self.num_experts).astype(self.dtype)  # [E]
+            dgate = dgate * p["gate_scale"][r.expert_index]  # [T, K]
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         if router_dlogits is not None:
             dlogits = dlogits + _checks.float_array("router_dlogits", router_dlogits,
@@ -576,6 +614,9 @@ class MoELayer:
         dx_router = dxr if dx_router is None else dx_router + dxr
         if c.noise is not None and not self.jitter_experts:
             dx_router *= c.noise
+        if c.router_norm is not None:  # the router read RMSNorm(x) * scale * D^-1/2
+            dx_router, grads["router_norm_scale"] = rms_norm_backward(
+                dx_router.astype(self.dtype, copy=False), c.router_norm, self.d_model ** -0.5)
         dx2 += dx_router.astype(self.dtype, copy=False)  # dx2 is this step's own array
         if c.noise is not None and self.jitter_experts:  # every path read x * noise
             dx2 = dx2 * c.noise.astype(self.dtype, copy=False)

@@ -246,6 +246,20 @@ class ExpertOptions:
         "too, x * U(1-eps, 1+eps) in the layer dtype, as HF Mixtral, MiniMax, DBRX, Switch "
         "(float32) and PhiMoE jitter their input in place; False: only the router's copy.",
         _checks.boolean)
+    # issue 23: Gemma 4's MoE branch (gemma4, diffusion_gemma; pymoe.variants.input_norm)
+    router_input_norm: bool = keyword(
+        False, "the router reads RMSNorm(x) * router_norm_scale [D] * D^-1/2 instead of x "
+        "(Gemma4TextRouter; router_norm_scale a parameter, initialised to ones).",
+        _checks.boolean)
+    expert_input_norm: bool = keyword(
+        False, "the experts (and shared experts) read RMSNorm(x) * expert_norm_weight [D] "
+        "instead of x (Gemma 4's pre_feedforward_layernorm_2; initialised to ones).",
+        _checks.boolean)
+    input_norm_eps: float = keyword(1e-6, "the epsilon of both input norms (> 0).", _positive())
+    gate_scale: bool = keyword(
+        False, "each gate times a learned per-expert scale, g_j * gate_scale[e_j] (parameter "
+        "gate_scale [E], initialised to ones; Gemma 4's per_expert_scale); indexed formulation.",
+        _checks.boolean)
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
 EXPERT_KEYWORDS = tuple(f.name for f in dataclasses.fields(ExpertOptions))
@@ -430,6 +444,12 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
             raise ValueError(f"router_softcap: route() rounds the logits it is given to "
                              f"router_dtype={route.router_dtype!r}, which would round the capped "
                              "ones; use router_dtype None, 'float32' or 'float64'")
+    for kw in ("router_input_norm", "expert_input_norm"):
+        if o[kw] and o["router_noise"] != "none":
+            raise ValueError(f"{kw}: not with router noise (got router_noise="
+                             f"{o['router_noise']!r}): Gemma 4 has none")
+    if o["gate_scale"] and (o["formulation"] != "indexed" or o["gate_input"]):
+        raise ValueError("gate_scale: runs in the indexed formulation without gate_input")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -449,7 +469,9 @@ def check_group_extras(who: str, o: Any) -> None:
     get = o.get if isinstance(o, dict) else lambda n: getattr(o, n)
     for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
                          ("shared_combine", "sum"), ("shared_sum_fp32", False),
-                         ("router_softcap", None), ("jitter_experts", False)):
+                         ("router_softcap", None), ("jitter_experts", False),
+                         ("router_input_norm", False), ("expert_input_norm", False),
+                         ("gate_scale", False)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "
