@@ -13,7 +13,7 @@ gate = p renormalised. C10 Switch and C11 NLLB: per-expert two-layer relu FFNs w
 from __future__ import annotations
 
 from ..layouts import Tensor, linear, per_expert, same
-from ._base import Config, Family, Spec, standard
+from ._base import Config, Family, Spec, jitter_keywords, standard
 
 _ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
@@ -100,9 +100,12 @@ def _switch(cfg: Config, layer, shapes) -> Spec:
     H, D = shapes["experts.expert_0.wi.weight"]
     kw = {"preset": "switch", "capacity": int(cfg.get("expert_capacity")), "min_capacity": 0,
           "activation": _activation(cfg, "dense_act_fn"), "aux_loss_coef": 0.0,
-          "z_loss_coef": 0.0}
+          "z_loss_coef": 0.0, **jitter_keywords(cfg.get("router_jitter_noise", 0.0))}
+    # the router jitters hidden_states.to(router_dtype) in place: the caller's tensor, which
+    # the experts read, only when the model computes in the router dtype already
     return Spec((D, H, E, 1), kw, tuple(_router(cfg, shapes) +
-                                         _per_expert_ffn(E, "wi", "wo", biases=False)))
+                                         _per_expert_ffn(E, "wi", "wo", biases=False)),
+                jitter_experts_dtypes=(str(cfg.get("router_dtype", "float32")),))
 
 
 def _nllb(cfg: Config, layer, shapes) -> Spec:

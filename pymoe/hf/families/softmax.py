@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..layouts import Tensor, dbrx_flat, interleaved, linear, mlp_linear, same, stacked
-from ._base import Config, Family, Spec, standard
+from ._base import Config, Family, Spec, jitter_keywords, standard
 
 
 def _mixtral(cfg: Config, layer, shapes) -> Spec:
-    return standard(cfg, shapes, preset="mixtral")
+    """MixtralSparseMoeBlock; in training mode router_jitter_noise jitters the block's input in
+    place, so the experts see it too (jitter_experts)."""
+    return standard(cfg, shapes, preset="mixtral",
+                    **jitter_keywords(cfg.get("router_jitter_noise", 0.0)))
 
 
 def _qwen2_moe(cfg: Config, layer, shapes) -> Spec:
@@ -193,6 +196,7 @@ def _dbrx(cfg: Config, layer, shapes) -> Spec:
     H = shapes["experts.mlp.w1"][0] // E
     kw = {"preset": "mixtral" if p is not None else "olmoe", "normalize": p is not None,
           "normalize_p": 1.0 if p is None else float(p),
+          **jitter_keywords(ffn.get("moe_jitter_eps")),
           "capacity_factor": None, "activation": form, "aux_loss_coef": 0.0,
           "z_loss_coef": 0.0, "num_shared_experts": 0, "shared_expert_gate": False}
     tensors = (linear("w_router", "router.layer.weight"),
@@ -220,7 +224,7 @@ FAMILIES = [
     Family("mellum", ("MellumSparseMoeBlock",), "qwen3-moe", "swiglu",
            _renormalised_by_flag("olmoe", "qwen3-moe")),
     Family("minimax", ("MiniMaxSparseMoeBlock",), "mixtral", "swiglu",
-           _always_renormalised(), note="the Mixtral block",
+           _mixtral, note="the Mixtral block",
            disk_blocks=("block_sparse_moe", "mlp")),
     Family("jamba", ("JambaSparseMoeBlock",), "olmoe", "swiglu", _never_renormalised("router.weight"),
            note="gates never renormalised", disk_blocks=("feed_forward",)),
