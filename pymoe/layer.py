@@ -309,7 +309,8 @@ class MoELayer:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
-                train: bool = False, replay: np.ndarray | None = None) -> np.ndarray:
+                train: bool = False, replay: np.ndarray | None = None,
+                token_types: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
         token_mask: `<bool>` of shape x.shape[:-1], True = a real token, False = padding (HF
@@ -321,7 +322,9 @@ class MoELayer:
         train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
-        with x's shape, in the layer dtype.
+        with x's shape, in the layer dtype. token_types: `<int>` of shape x.shape[:-1], values
+        in [0, modality_sets), the expert set each token routes among (modality_sets > 1;
+        None: every token of type 0).
         """
         x = _checks.float_array("x", x, min_ndim=1)
         if x.shape[-1] != self.d_model:
@@ -344,7 +347,8 @@ class MoELayer:
         if self.router_input_norm:  # Gemma 4: RMSNorm(x) * scale * D^-1/2
             to_route, rnorm = rms_norm(x2, p["router_norm_scale"], self.input_norm_eps,
                                        self.d_model ** -0.5)  # [T, D]
-        x_router, noise, r, noisy = self._route_noisy(to_route, train, mask, replay)
+        types = self._token_types(token_types, x.shape[:-1])  # [T] or None
+        x_router, noise, r, noisy = self._route_noisy(to_route, train, mask, replay, types)
         if noise is not None and self.jitter_experts:  # HF Mixtral: x *= noise, in place
             x2 = (x2 * noise).astype(self.dtype, copy=False)  # [T, D] what the experts see
         if self.expert_input_norm:  # Gemma 4's pre_feedforward_layernorm_2
@@ -428,8 +432,25 @@ class MoELayer:
         routes each group with it."""
         return self._route_noisy(x2, train, token_mask)[:3]
 
+    def _token_types(self, token_types: object, shape: tuple[int, ...]) -> np.ndarray | None:
+        """token_types: None or ints in [0, modality_sets) of the tokens' shape -> `<int64>[T]`
+        (None when there is one set)."""
+        M = self.modality_sets
+        if token_types is None:
+            return None if M == 1 else np.zeros(int(np.prod(shape, dtype=np.int64)), np.int64)
+        if M == 1:
+            raise ValueError("token_types: only with modality_sets > 1 (expert sets by type)")
+        a = np.asarray(token_types)
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"token_types: expected an integer array, got dtype {a.dtype}")
+        if a.shape != tuple(shape):
+            raise ValueError(f"token_types: expected shape {tuple(shape)}, got {a.shape}")
+        if a.size and (a.min() < 0 or a.max() >= M):
+            raise ValueError(f"token_types: values must lie in [0, {M}), got {a.min()}..{a.max()}")
+        return a.reshape(-1).astype(np.int64)
+
     def _route_noisy(self, x2: np.ndarray, train: bool, token_mask: np.ndarray | None = None,
-                     replay: np.ndarray | None = None):
+                     replay: np.ndarray | None = None, token_types: np.ndarray | None = None):
         """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it;
         replay: a checked selection to force (routing.check_replay)."""
         p = self._checked_params()
@@ -446,6 +467,9 @@ class MoELayer:
                                   ("w_router", "b_router"), "x")
         if self.router_softcap is not None:  # laguna: c tanh(l / c)                  step 1b
             logits = softcap(logits, self.router_softcap)  # [T, E]
+        if token_types is not None:  # ernie4_5_vl_moe: each token's own expert set only
+            sets = np.arange(self.num_experts) // (self.num_experts // self.modality_sets)  # [E]
+            logits = np.where(sets[None, :] == token_types[:, None], logits, -np.inf)  # [T, E]
         noisy = None
         if self.router_noise == "noisy_topk":
             z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]

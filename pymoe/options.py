@@ -260,6 +260,13 @@ class ExpertOptions:
         False, "each gate times a learned per-expert scale, g_j * gate_scale[e_j] (parameter "
         "gate_scale [E], initialised to ones; Gemma 4's per_expert_scale); indexed formulation.",
         _checks.boolean)
+    # issue 23: modality-isolated expert sets (ernie4_5_vl_moe)
+    modality_sets: int = keyword(
+        1, "M >= 1 expert sets of E / M experts each (set m: experts m E/M .. (m+1) E/M - 1); "
+        "M > 1: forward(x, token_types=) routes each token among its type's set only (its "
+        "logits at the other sets' experts are -inf: softmax over its own set, never chosen "
+        "whatever the bias; ernie4_5_vl_moe's text and vision experts). token_types None: every "
+        "token is of type 0. Needs K <= E / M, selection='tokens', no groups.", _integer(1))
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
 EXPERT_KEYWORDS = tuple(f.name for f in dataclasses.fields(ExpertOptions))
@@ -450,6 +457,15 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                              f"{o['router_noise']!r}): Gemma 4 has none")
     if o["gate_scale"] and (o["formulation"] != "indexed" or o["gate_input"]):
         raise ValueError("gate_scale: runs in the indexed formulation without gate_input")
+    M = o["modality_sets"]
+    if M > 1:
+        if num_experts % M or route.k > num_experts // M:
+            raise ValueError(f"modality_sets: {M} sets need E a multiple of {M} with K <= E / M, "
+                             f"got E = {num_experts}, K = {route.k}")
+        if route.selection != "tokens" or route.num_groups is not None or \
+                o["router_noise"] == "noisy_topk":
+            raise ValueError("modality_sets: needs selection='tokens', no num_groups and no "
+                             "noisy top-K")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -471,7 +487,7 @@ def check_group_extras(who: str, o: Any) -> None:
                          ("shared_combine", "sum"), ("shared_sum_fp32", False),
                          ("router_softcap", None), ("jitter_experts", False),
                          ("router_input_norm", False), ("expert_input_norm", False),
-                         ("gate_scale", False)):
+                         ("gate_scale", False), ("modality_sets", 1)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "

@@ -319,7 +319,8 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     sums = None
     if replay is not None:  # router replay: the recorded selection, a constant
         expert_index = replay  # [T, K]
-    elif twin is not None and opts.selection == "tokens" and not grouped(opts):
+    elif twin is not None and opts.selection == "tokens" and not grouped(opts) and \
+            np.isfinite(logits).all():  # (a -inf logit: an expert the token may not use)
         ranked = logits if expert_bias is None or opts.expert_bias_on == "logits" else scores
         expert_index, load, prob_sum = twin.top_k(ranked, opts.k, bias=expert_bias,
                                                   probs=aux_probs)  # [T, K]
@@ -566,7 +567,10 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
     if expert_bias is None and not grouped(opts):
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
     biased = logits if opts.expert_bias_on == "logits" else scores  # kolibri1: l + b
-    ranked = limit_for(selection_scores(biased, expert_bias), opts)  # [T, E]
+    ranked = selection_scores(biased, expert_bias)  # [T, E]
+    if not np.isfinite(logits).all():  # a -inf logit (MoELayer modality_sets): never chosen,
+        ranked = np.where(np.isneginf(logits), -np.inf, ranked)  # whatever its bias
+    ranked = limit_for(ranked, opts)  # [T, E]
     return top_k(ranked, opts.k)
 
 
@@ -577,7 +581,11 @@ def _check_routing(r: Routing) -> None:
     T, E = probs.shape
     expert_index = _checks.index_array("routing.expert_index", r.expert_index,
                                        shape=(T, None), high=E)
-    _checks.float_array("routing.router_logits", r.router_logits, ndim=2, shape=(T, E))
+    logits = _checks.float_array("routing.router_logits", r.router_logits, ndim=2, shape=(T, E),
+                                 finite=False)  # -inf: an expert the token may not use
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError("routing.router_logits: expected finite values (or -inf for an expert "
+                         "a token may not use), got NaN or +inf")
     kept = np.asarray(r.kept)
     if kept.dtype != np.bool_ or kept.shape != expert_index.shape:
         raise ValueError(f"routing.kept: expected a bool array of shape {expert_index.shape}, "

@@ -87,6 +87,39 @@ def test_jitter_experts_is_the_layer_on_jittered_x():
     assert not np.allclose(layer.forward(x, train=True), y)
 
 
+def test_modality_sets_route_inside_each_set():
+    """modality_sets=2, E = 4: experts 0-1 are set 0, 2-3 set 1. Logits [3, 2, 1, 0] for every
+    token and a bias of +5 on set 1: a type-0 token still takes experts 0, 1 (softmax over its
+    set: gates e^3 / (e^3 + e^2) = 0.7311, 0.2689); a type-1 token takes 3 (bias) then 2,
+    with the same two probabilities of its set: e^1 / (e^1 + e^0) = 0.7311 for expert 2."""
+    layer = pymoe.MoELayer(2, 3, 4, 2, capacity_factor=None, dtype=np.float64, backend="numpy",
+                           normalize=False, modality_sets=2,
+                           expert_bias=np.array([0.0, 0.0, 5.0, 5.0]))
+    layer.params["w_router"][:] = [[3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    x = np.array([[1.0, 0.0], [1.0, 0.0]])
+    layer.forward(x, token_types=np.array([0, 1]))
+    r = layer.routing
+    assert r.expert_index.tolist() == [[0, 1], [2, 3]]
+    e = np.exp(1.0)
+    np.testing.assert_allclose(r.gate, [[e / (e + 1), 1 / (e + 1)]] * 2, rtol=1e-14)
+    layer.forward(x)  # token_types None: every token of type 0
+    assert layer.routing.expert_index.tolist() == [[0, 1], [0, 1]]
+
+
+def test_modality_sets_gradients():
+    layer = pymoe.MoELayer(4, 5, 8, 2, capacity_factor=None, dtype=np.float64, seed=3,
+                           backend="numpy", preset="ernie4.5", modality_sets=2,
+                           expert_bias=np.array([0.3, -0.2, 0.1, 0.0, 2.0, 2.0, 2.0, 2.0]))
+    randomize(layer, 1)
+    rng = np.random.default_rng(0)
+    types = np.array([0, 1] * 5)
+    forward = layer.forward
+    layer.forward = lambda x, train=False: forward(x, train=train, token_types=types)
+    errors = check_layer_gradients(layer, rng.standard_normal((10, 4)),
+                                   rng.standard_normal((10, 4)))
+    assert max(errors.values()) < FD_RTOL, errors
+
+
 T, D, H, E = 10, 4, 5, 4
 GRADIENT_CASES = {
     "bias_on_logits": dict(score="sigmoid", expert_bias_on="logits",
@@ -150,7 +183,16 @@ def test_bad_route_keywords_are_named(kw, match):
     (dict(gate_scale=True, formulation="dense"), "gate_scale"),
     (dict(gate_scale=True, token_groups=2), "gate_scale"),
     (dict(input_norm_eps=0.0), "input_norm_eps"),
+    (dict(modality_sets=3), "modality_sets"),
+    (dict(modality_sets=4), "modality_sets"),  # K = 2 > E / M = 1
+    (dict(modality_sets=2, selection="experts"), "modality_sets"),
+    (dict(modality_sets=2, token_groups=2), "modality_sets"),
 ])
 def test_bad_layer_keywords_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         pymoe.MoELayer(4, 3, 4, 2, **kw)
+
+
+def test_token_types_without_sets_is_refused():
+    with pytest.raises(ValueError, match="token_types: only with modality_sets"):
+        pymoe.MoELayer(4, 3, 4, 2).forward(np.zeros((2, 4)), token_types=np.array([0, 0]))
