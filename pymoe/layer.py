@@ -40,8 +40,8 @@ from .router import (
 )
 from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
-from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.input_norm import NormCache, rms_norm, rms_norm_backward
+from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 

@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from helpers import import_optional
 
 torch = import_optional("torch", "crosscheck")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from helpers import import_optional
 
 torch = import_optional("torch", "crosscheck")

@@ -270,5 +270,6 @@ FAMILIES = [
     Family("openai_privacy_filter", ("OpenAIPrivacyFilterMLP",), "gpt-oss", "swiglu_oai",
            _gpt_oss_like(False), note="HF computes the whole block in float32"),
     Family("dbrx", ("DbrxFFN",), "mixtral", "swiglu", _dbrx, router_dtype="model",
-           note="moe_normalize_expert_weights 1 or None only", disk_blocks=("ffn",)),
+           note="moe_normalize_expert_weights p -> normalize_p (None: raw gates); moe_jitter_eps "
+           "-> jitter_eps + jitter_experts", disk_blocks=("ffn",)),
 ]
