@@ -30,9 +30,17 @@ from .options import (
     token_mask_arg,
 )
 from .replay import forced_selection, record_selection, recording
-from .router import jitter, router_dtype, router_logits, router_logits_backward
+from .router import (
+    jitter,
+    router_dtype,
+    router_logits,
+    router_logits_backward,
+    softcap,
+    softcap_backward,
+)
 from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
+from .variants.input_norm import NormCache, rms_norm, rms_norm_backward
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
@@ -56,6 +64,8 @@ class _ForwardCache:
     inv_rms: np.ndarray | None = None  # [T, 1] 1 / sqrt(mean(pre_norm^2) + eps)
     normed: np.ndarray | None = None  # [T, D] pre_norm * inv_rms in the layer dtype
     token_mask: np.ndarray | None = None  # <bool>[T] True = a real token, or None
+    router_norm: NormCache | None = None  # router_input_norm
+    expert_norm: NormCache | None = None  # expert_input_norm
 
 
 @dataclass
@@ -170,6 +180,12 @@ class MoELayer:
             self.params["b_out"] = np.zeros(D)
         if self.post_norm:
             self.params["post_norm_weight"] = np.ones(D)
+        if self.router_input_norm:
+            self.params["router_norm_scale"] = np.ones(D)
+        if self.expert_input_norm:
+            self.params["expert_norm_weight"] = np.ones(D)
+        if self.gate_scale:
+            self.params["gate_scale"] = np.ones(E)
         self.params = {n: p.astype(self.dtype) for n, p in self.params.items()}
         self.grads: dict[str, np.ndarray] = {n: np.zeros_like(p) for n, p in self.params.items()}
         self._noise_rng = np.random.default_rng([seed, 1])
@@ -265,6 +281,12 @@ class MoELayer:
             shapes["b_out"] = (D,)
         if self.post_norm:
             shapes["post_norm_weight"] = (D,)
+        if self.router_input_norm:
+            shapes["router_norm_scale"] = (D,)
+        if self.expert_input_norm:
+            shapes["expert_norm_weight"] = (D,)
+        if self.gate_scale:
+            shapes["gate_scale"] = (E,)
         return shapes
 
     def _param_names(self) -> tuple[str, ...]:
@@ -287,7 +309,8 @@ class MoELayer:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
-                train: bool = False, replay: np.ndarray | None = None) -> np.ndarray:
+                train: bool = False, replay: np.ndarray | None = None,
+                token_types: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
         token_mask: `<bool>` of shape x.shape[:-1], True = a real token, False = padding (HF
@@ -299,7 +322,9 @@ class MoELayer:
         train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
-        with x's shape, in the layer dtype.
+        with x's shape, in the layer dtype. token_types: `<int>` of shape x.shape[:-1], values
+        in [0, modality_sets), the expert set each token routes among (modality_sets > 1;
+        None: every token of type 0).
         """
         x = _checks.float_array("x", x, min_ndim=1)
         if x.shape[-1] != self.d_model:
@@ -317,7 +342,17 @@ class MoELayer:
                                  f"only, got token_groups = {self.token_groups}")
             return self._forward_groups(x, x2, train, mask)
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
-        x_router, noise, r, noisy = self._route_noisy(x2, train, mask, replay)
+        rnorm = enorm = None
+        to_route = x2
+        if self.router_input_norm:  # Gemma 4: RMSNorm(x) * scale * D^-1/2
+            to_route, rnorm = rms_norm(x2, p["router_norm_scale"], self.input_norm_eps,
+                                       self.d_model ** -0.5)  # [T, D]
+        types = self._token_types(token_types, x.shape[:-1])  # [T] or None
+        x_router, noise, r, noisy = self._route_noisy(to_route, train, mask, replay, types)
+        if noise is not None and self.jitter_experts:  # HF Mixtral: x *= noise, in place
+            x2 = (x2 * noise).astype(self.dtype, copy=False)  # [T, D] what the experts see
+        if self.expert_input_norm:  # Gemma 4's pre_feedforward_layernorm_2
+            x2, enorm = rms_norm(x2, p["expert_norm_weight"], self.input_norm_eps)  # [T, D]
         form, gin = self.expert_form, self.gate_input
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
@@ -328,7 +363,7 @@ class MoELayer:
                                           form)  # [E, C, D]
             y = combine_dense(out, w_out)  # [T, D]
         else:
-            gate = r.gate.astype(self.dtype)
+            gate = self._gates(r, p)
             expert_in = self._dispatch(x2, r, gate if gin else None, "expert_in")  # [E, C, D]
             out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
                                           form, filled=r.expert_load_kept,
@@ -361,12 +396,21 @@ class MoELayer:
                           noisy_load_loss(noisy[0][rows], r.router_logits[rows], noisy[3][rows],
                                           self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
-                                    noisy, shared, pre_norm, inv_rms, normed, mask)
+                                    noisy, shared, pre_norm, inv_rms, normed, mask, rnorm,
+                                    enorm)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         record_selection(self, r.expert_index)
         return y.reshape(x.shape)
 
     __call__ = forward
+
+    def _gates(self, r: Routing, p: dict[str, np.ndarray]) -> np.ndarray:
+        """The gates `[T, K]` the experts' outputs are weighed by, in the layer dtype: the
+        routing's, times gate_scale[e] with that keyword (Gemma 4's per_expert_scale)."""
+        gate = r.gate.astype(self.dtype)
+        if self.gate_scale:
+            gate = gate * p["gate_scale"][r.expert_index]  # [T, K]
+        return gate
 
     def _dispatch(self, x2: np.ndarray, r: Routing, weight: np.ndarray | None,
                   name: str) -> np.ndarray:
@@ -388,8 +432,25 @@ class MoELayer:
         routes each group with it."""
         return self._route_noisy(x2, train, token_mask)[:3]
 
+    def _token_types(self, token_types: object, shape: tuple[int, ...]) -> np.ndarray | None:
+        """token_types: None or ints in [0, modality_sets) of the tokens' shape -> `<int64>[T]`
+        (None when there is one set)."""
+        M = self.modality_sets
+        if token_types is None:
+            return None if M == 1 else np.zeros(int(np.prod(shape, dtype=np.int64)), np.int64)
+        if M == 1:
+            raise ValueError("token_types: only with modality_sets > 1 (expert sets by type)")
+        a = np.asarray(token_types)
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"token_types: expected an integer array, got dtype {a.dtype}")
+        if a.shape != tuple(shape):
+            raise ValueError(f"token_types: expected shape {tuple(shape)}, got {a.shape}")
+        if a.size and (a.min() < 0 or a.max() >= M):
+            raise ValueError(f"token_types: values must lie in [0, {M}), got {a.min()}..{a.max()}")
+        return a.reshape(-1).astype(np.int64)
+
     def _route_noisy(self, x2: np.ndarray, train: bool, token_mask: np.ndarray | None = None,
-                     replay: np.ndarray | None = None):
+                     replay: np.ndarray | None = None, token_types: np.ndarray | None = None):
         """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it;
         replay: a checked selection to force (routing.check_replay)."""
         p = self._checked_params()
@@ -404,6 +465,11 @@ class MoELayer:
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
+        if self.router_softcap is not None:  # laguna: c tanh(l / c)                  step 1b
+            logits = softcap(logits, self.router_softcap)  # [T, E]
+        if token_types is not None:  # ernie4_5_vl_moe: each token's own expert set only
+            sets = np.arange(self.num_experts) // (self.num_experts // self.modality_sets)  # [E]
+            logits = np.where(sets[None, :] == token_types[:, None], logits, -np.inf)  # [T, E]
         noisy = None
         if self.router_noise == "noisy_topk":
             z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]
@@ -525,7 +591,7 @@ class MoELayer:
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
-            gate = r.gate.astype(self.dtype)
+            gate = self._gates(r, p)
             d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
             d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
@@ -536,12 +602,21 @@ class MoELayer:
             dx_shared, sg = self.shared_backward(dy2, c.x2, p, c.shared)
             dx2 = dx2 + dx_shared
             grads.update(sg)
+        if c.expert_norm is not None:  # dx2 so far is d/d(the experts' normed input)
+            dx2, grads["expert_norm_weight"] = rms_norm_backward(dx2, c.expert_norm)
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
             raise self.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
+        if self.gate_scale:  # g' = g * s[e]: ds_e = sum of dg' * g over e's pairs
+            grads["gate_scale"] = np.bincount(
+                r.expert_index.ravel(), weights=(dgate * r.gate).ravel(),
+                minlength=self.num_experts).astype(self.dtype)  # [E]
+            dgate = dgate * p["gate_scale"][r.expert_index]  # [T, K]
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         if router_dlogits is not None:
             dlogits = dlogits + _checks.float_array("router_dlogits", router_dlogits,
                                                     shape=dlogits.shape).astype(dlogits.dtype)
+        if self.router_softcap is not None:  # r.router_logits are the capped logits
+            dlogits = softcap_backward(dlogits, r.router_logits, self.router_softcap)
         rdt = router_dtype(self.dtype)
         dx_router = None
         if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise
@@ -561,9 +636,14 @@ class MoELayer:
         dxr, dw_router, db_router = router_logits_backward(
             dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
         dx_router = dxr if dx_router is None else dx_router + dxr
-        if c.noise is not None:
+        if c.noise is not None and not self.jitter_experts:
             dx_router *= c.noise
+        if c.router_norm is not None:  # the router read RMSNorm(x) * scale * D^-1/2
+            dx_router, grads["router_norm_scale"] = rms_norm_backward(
+                dx_router.astype(self.dtype, copy=False), c.router_norm, self.d_model ** -0.5)
         dx2 += dx_router.astype(self.dtype, copy=False)  # dx2 is this step's own array
+        if c.noise is not None and self.jitter_experts:  # every path read x * noise
+            dx2 = dx2 * c.noise.astype(self.dtype, copy=False)
         grads.update({"w_router": dw_router, "b_router": db_router})
         for name in self.params:
             if not np.isfinite(grads[name]).all():

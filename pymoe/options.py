@@ -34,6 +34,7 @@ FORMULATIONS = ("indexed", "dense")
 SHARED_COMBINES = ("sum", "mean")
 LOAD_STATS = ("local", "global")
 PADDINGS = ("absent", "routed", "counted")
+BIAS_ON = ("scores", "logits")
 
 Check = Callable[[str, Any], Any]  # (keyword, value) -> the checked value, or raises naming it
 
@@ -138,6 +139,24 @@ class RouteOptions:
         '"counted" (HF NLLB-MoE: padding is not routed but counts in T for the capacity) '
         '(docs/variants.md, "Padding").', _choice(PADDINGS))
 
+    # issue 23, the smaller switches (kolibri1, axk2, dbrx, lfm2_moe; docs/variants.md)
+    expert_bias_on: str = keyword(
+        "scores", 'what expert_bias is added to for choosing: "scores" (DeepSeek-V3: rank s + b) '
+        'or "logits" (kolibri1: rank l + b; the gates are still the unbiased scores) '
+        '(variants.scores.selection_scores).', _choice(BIAS_ON))
+    group_fill: float = keyword(
+        float("-inf"), "the value the group limit writes over the experts of a token's dropped "
+        "groups before top-K: -inf (DeepSeek-V3, Megatron-Core: never chosen) or a finite value "
+        "(axk2: 0.0, so a dropped expert beats a kept one whose score + bias < 0) "
+        "(variants.group_limited.limit_to_groups); needs num_groups.", None)
+    normalize_p: float = keyword(
+        1.0, "with normalize: divide the K chosen scores by their L_p norm (sum s^p)^(1/p), p > 0 "
+        "and finite; 1 is the sum (DBRX's moe_normalize_expert_weights) (topk.gates).",
+        _positive())
+    normalize_eps: float = keyword(
+        0.0, "with normalize: the divisor is norm + eps, eps >= 0 (lfm2_moe: 1e-6; axk2: 1e-20) "
+        "(topk.gates).", _checks.nonnegative_finite)
+
     @property
     def random(self) -> bool:
         """Whether routing draws random numbers (and so needs a seed or a generator)."""
@@ -217,6 +236,37 @@ class ExpertOptions:
                               '"global" (over all groups); with token_groups > 1.',
                               _choice(LOAD_STATS))
 
+    # issue 23: router-input transforms and jitter that reaches the experts (docs/variants.md)
+    router_softcap: float | None = keyword(
+        None, "c > 0: the router logits are soft-capped, l -> c tanh(l / c), before routing "
+        "(laguna's moe_router_logit_softcapping); routing.router_logits are the capped ones. "
+        "None: no cap.", _positive(allow_none=True))
+    jitter_experts: bool = keyword(
+        False, "with router_noise='jitter': the experts (and shared experts) see the jittered x "
+        "too, x * U(1-eps, 1+eps) in the layer dtype, as HF Mixtral, MiniMax, DBRX, Switch "
+        "(float32) and PhiMoE jitter their input in place; False: only the router's copy.",
+        _checks.boolean)
+    # issue 23: Gemma 4's MoE branch (gemma4, diffusion_gemma; pymoe.variants.input_norm)
+    router_input_norm: bool = keyword(
+        False, "the router reads RMSNorm(x) * router_norm_scale [D] * D^-1/2 instead of x "
+        "(Gemma4TextRouter; router_norm_scale a parameter, initialised to ones).",
+        _checks.boolean)
+    expert_input_norm: bool = keyword(
+        False, "the experts (and shared experts) read RMSNorm(x) * expert_norm_weight [D] "
+        "instead of x (Gemma 4's pre_feedforward_layernorm_2; initialised to ones).",
+        _checks.boolean)
+    input_norm_eps: float = keyword(1e-6, "the epsilon of both input norms (> 0).", _positive())
+    gate_scale: bool = keyword(
+        False, "each gate times a learned per-expert scale, g_j * gate_scale[e_j] (parameter "
+        "gate_scale [E], initialised to ones; Gemma 4's per_expert_scale); indexed formulation.",
+        _checks.boolean)
+    # issue 23: modality-isolated expert sets (ernie4_5_vl_moe)
+    modality_sets: int = keyword(
+        1, "M >= 1 expert sets of E / M experts each (set m: experts m E/M .. (m+1) E/M - 1); "
+        "M > 1: forward(x, token_types=) routes each token among its type's set only (its "
+        "logits at the other sets' experts are -inf: softmax over its own set, never chosen "
+        "whatever the bias; ernie4_5_vl_moe's text and vision experts). token_types None: every "
+        "token is of type 0. Needs K <= E / M, selection='tokens', no groups.", _integer(1))
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
 EXPERT_KEYWORDS = tuple(f.name for f in dataclasses.fields(ExpertOptions))
@@ -319,6 +369,7 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
             raise ValueError(f"num_groups: group-limited top-K needs selection='tokens', got {sel!r}")
         if opts["second_expert_policy"] != "all":
             raise ValueError(f"second_expert_policy: needs selection='tokens', got {sel!r}")
+    _switch_options(opts, g["group_fill"])
     if opts["selection"] == "experts" and opts["padding"] != "absent":
         raise ValueError(f"padding: expert choice (selection='experts') takes padding as absent "
                          f"only, got padding={opts['padding']!r}")
@@ -331,6 +382,21 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
                              "(each expert's top-C tokens); leave priority and drop_policy at "
                              "their defaults")
     return RouteOptions(k=k, **opts)
+
+
+def _switch_options(opts: dict[str, Any], group_fill: object) -> None:
+    """expert_bias_on, group_fill, normalize_p, normalize_eps against the options they modify."""
+    if isinstance(group_fill, (bool, np.bool_)) or not isinstance(group_fill, numbers.Real):
+        raise TypeError(f"group_fill: expected a float (-inf or finite), got {group_fill!r}")
+    fill = float(group_fill)
+    if np.isnan(fill) or fill == float("inf"):
+        raise ValueError(f"group_fill: expected -inf or a finite value, got {fill}")
+    if fill != float("-inf") and opts.get("num_groups") is None:
+        raise ValueError("group_fill: only used with num_groups (group-limited top-K)")
+    opts["group_fill"] = fill
+    for kw, unset in (("normalize_p", 1.0), ("normalize_eps", 0.0)):
+        if opts[kw] != unset and not opts["normalize"]:
+            raise ValueError(f"{kw}: only used with normalize=True, got {kw}={opts[kw]!r}")
 
 
 def _group_options(E: int, k: int, num_groups: object, topk_groups: object,
@@ -374,6 +440,32 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
         raise ValueError(f"router_noise: 'noisy_topk' needs k < E (its load estimate "
                          f"compares with the (k+1)-th logit), got k = {route.k}, "
                          f"E = {num_experts}")
+    if o["jitter_experts"] and o["router_noise"] != "jitter":
+        raise ValueError("jitter_experts: needs router_noise='jitter' (jitter_eps > 0), got "
+                         f"router_noise={o['router_noise']!r}")
+    if o["router_softcap"] is not None:
+        if o["router_noise"] == "noisy_topk":
+            raise ValueError("router_softcap: not with router_noise='noisy_topk' (which would "
+                             "add its noise to the capped logits)")
+        if route.router_dtype in ("bfloat16", "float16"):
+            raise ValueError(f"router_softcap: route() rounds the logits it is given to "
+                             f"router_dtype={route.router_dtype!r}, which would round the capped "
+                             "ones; use router_dtype None, 'float32' or 'float64'")
+    for kw in ("router_input_norm", "expert_input_norm"):
+        if o[kw] and o["router_noise"] != "none":
+            raise ValueError(f"{kw}: not with router noise (got router_noise="
+                             f"{o['router_noise']!r}): Gemma 4 has none")
+    if o["gate_scale"] and (o["formulation"] != "indexed" or o["gate_input"]):
+        raise ValueError("gate_scale: runs in the indexed formulation without gate_input")
+    M = o["modality_sets"]
+    if M > 1:
+        if num_experts % M or route.k > num_experts // M:
+            raise ValueError(f"modality_sets: {M} sets need E a multiple of {M} with K <= E / M, "
+                             f"got E = {num_experts}, K = {route.k}")
+        if route.selection != "tokens" or route.num_groups is not None or \
+                o["router_noise"] == "noisy_topk":
+            raise ValueError("modality_sets: needs selection='tokens', no num_groups and no "
+                             "noisy top-K")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -392,7 +484,10 @@ def check_group_extras(who: str, o: Any) -> None:
     ExpertOptions fields as a dict, or an object with them as attributes."""
     get = o.get if isinstance(o, dict) else lambda n: getattr(o, n)
     for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
-                         ("shared_combine", "sum"), ("shared_sum_fp32", False)):
+                         ("shared_combine", "sum"), ("shared_sum_fp32", False),
+                         ("router_softcap", None), ("jitter_experts", False),
+                         ("router_input_norm", False), ("expert_input_norm", False),
+                         ("gate_scale", False), ("modality_sets", 1)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "

@@ -101,6 +101,18 @@ def router_logits(x: np.ndarray, w_router: np.ndarray, b_router: np.ndarray) -> 
     return x @ w_router + b_router  # [T, E]
 
 
+def softcap(router_logits: np.ndarray, cap: float) -> np.ndarray:
+    """Step 1b (laguna): soft-capped logits `[T, E]` = cap * tanh(router_logits / cap), which
+    stay inside (-cap, cap) and keep their order; ~ the logits themselves while |l| << cap."""
+    return np.tanh(router_logits / cap) * cap
+
+
+def softcap_backward(dcapped: np.ndarray, capped: np.ndarray, cap: float) -> np.ndarray:
+    """Backward of softcap: d router_logits `[T, E]` = dcapped * (1 - tanh^2), tanh = capped / cap."""
+    t = capped / cap
+    return dcapped * (1.0 - t * t)
+
+
 def router_logits_backward(drouter_logits: np.ndarray, x: np.ndarray,
                            w_router: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of step 1. Returns (dx `[T, D]`, dw_router `[D, E]`, db_router `[E]`), fresh arrays."""

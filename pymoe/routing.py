@@ -43,6 +43,7 @@ from .topk import (
     K1_NORMALIZE_WARNING,
     gates_backward_for,
     gates_for,
+    plain_normalize,
     renormalize_kept,
     renormalize_kept_backward,
     scale_for,
@@ -318,8 +319,9 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     sums = None
     if replay is not None:  # router replay: the recorded selection, a constant
         expert_index = replay  # [T, K]
-    elif twin is not None and opts.selection == "tokens" and not grouped(opts):
-        ranked = logits if expert_bias is None else scores
+    elif twin is not None and opts.selection == "tokens" and not grouped(opts) and \
+            np.isfinite(logits).all():  # (a -inf logit: an expert the token may not use)
+        ranked = logits if expert_bias is None or opts.expert_bias_on == "logits" else scores
         expert_index, load, prob_sum = twin.top_k(ranked, opts.k, bias=expert_bias,
                                                   probs=aux_probs)  # [T, K]
         sums = (load, prob_sum)
@@ -483,7 +485,7 @@ def _gates(scores: np.ndarray, logits: np.ndarray, index: np.ndarray,
     log-scores (variants.scores.stable_ratios), not 0 / 0."""
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 rows are replaced below
         gate = gates_for(scores, index, opts)  # [T, K]
-    if opts.normalize:
+    if opts.normalize and plain_normalize(opts):
         gate = stable_ratios(gate, np.take_along_axis(scores, index, axis=-1),
                              _log_scores(np.take_along_axis(logits, index, axis=-1), opts))
     return gate
@@ -510,7 +512,10 @@ def _stable_dlogits(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None
     index, dg = routing.expert_index[rows], dgate[rows]  # [n, K]
     s_sel = np.take_along_axis(s, index, axis=-1)  # [n, K]
     sigmoid_score = opts.score == "sigmoid"
-    if opts.normalize:
+    if opts.normalize and not plain_normalize(opts):  # (only sigmoid rows reach here)
+        d_sel = np.take_along_axis(gates_backward_for(dg, s, index, opts), index, -1) \
+            * s_sel * (1 - s_sel)
+    elif opts.normalize:
         g = _gates(s, logits, index, opts)  # [n, K]
         d_sel = g * (dg - (dg * g).sum(axis=-1, keepdims=True))
         if sigmoid_score:
@@ -561,7 +566,11 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         return top_k(sinkhorn(logits, opts.sinkhorn_iterations), opts.k)
     if expert_bias is None and not grouped(opts):
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
-    ranked = limit_for(selection_scores(scores, expert_bias), opts)  # [T, E]
+    biased = logits if opts.expert_bias_on == "logits" else scores  # kolibri1: l + b
+    ranked = selection_scores(biased, expert_bias)  # [T, E]
+    if not np.isfinite(logits).all():  # a -inf logit (MoELayer modality_sets): never chosen,
+        ranked = np.where(np.isneginf(logits), -np.inf, ranked)  # whatever its bias
+    ranked = limit_for(ranked, opts)  # [T, E]
     return top_k(ranked, opts.k)
 
 
@@ -572,7 +581,11 @@ def _check_routing(r: Routing) -> None:
     T, E = probs.shape
     expert_index = _checks.index_array("routing.expert_index", r.expert_index,
                                        shape=(T, None), high=E)
-    _checks.float_array("routing.router_logits", r.router_logits, ndim=2, shape=(T, E))
+    logits = _checks.float_array("routing.router_logits", r.router_logits, ndim=2, shape=(T, E),
+                                 finite=False)  # -inf: an expert the token may not use
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError("routing.router_logits: expected finite values (or -inf for an expert "
+                         "a token may not use), got NaN or +inf")
     kept = np.asarray(r.kept)
     if kept.dtype != np.bool_ or kept.shape != expert_index.shape:
         raise ValueError(f"routing.kept: expected a bool array of shape {expert_index.shape}, "
@@ -617,7 +630,7 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     else:
         dgate = np.where(kept, dgate, 0).astype(scores.dtype)  # [T, K]
     bad = np.zeros(T, dtype=bool)  # tokens whose score sums underflowed: see below
-    if opts.normalize:  # gates_backward divides by the chosen sum's square
+    if opts.normalize and plain_normalize(opts):  # gates_backward divides by the sum squared
         bad |= underflowed_rows(np.take_along_axis(scores, index, -1), squared=True)
     if opts.score == "sigmoid":
         bad |= underflowed_rows(scores, squared=True)

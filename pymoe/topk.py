@@ -97,14 +97,49 @@ def warn_k1_normalize(opts: Options) -> None:
         _checks.warn(K1_NORMALIZE_WARNING)
 
 
+def plain_normalize(opts: Options) -> bool:
+    """Whether the options renormalise by the plain sum (normalize_p 1, normalize_eps 0)."""
+    return opts.normalize_p == 1.0 and opts.normalize_eps == 0.0
+
+
+def lp_gates(probs: np.ndarray, expert_index: np.ndarray, p: float, eps: float) -> np.ndarray:
+    """Step 4 with an L_p norm: g_j = s_j / (N + eps), N = (sum_i s_i^p)^(1/p) over the K chosen
+    scores `[T, K]` of `[T, E]` probs (DBRX: p = moe_normalize_expert_weights, eps 0; lfm2_moe:
+    p = 1, eps 1e-6). p = 1, eps = 0 is gates(..., normalize=True)."""
+    s = chosen(probs, expert_index)  # [T, K]
+    n = s.sum(axis=-1, keepdims=True) if p == 1.0 else \
+        (s ** p).sum(axis=-1, keepdims=True) ** (1.0 / p)  # [T, 1]
+    return s / (n + eps)
+
+
+def lp_gates_backward(dgate: np.ndarray, probs: np.ndarray, expert_index: np.ndarray,
+                      p: float, eps: float) -> np.ndarray:
+    """Backward of lp_gates: d probs `[T, E]`. With M = N + eps and dN/ds_i = (s_i / N)^(p-1):
+    ds_i = (dg_i - (sum_j dg_j s_j / M) (s_i / N)^(p-1)) / M."""
+    s = chosen(probs, expert_index)  # [T, K]
+    n = s.sum(axis=-1, keepdims=True) if p == 1.0 else \
+        (s ** p).sum(axis=-1, keepdims=True) ** (1.0 / p)  # [T, 1]
+    m = n + eps
+    dot = (dgate * s).sum(axis=-1, keepdims=True) / m  # [T, 1]
+    ratio = np.ones_like(s) if p == 1.0 else (s / n) ** (p - 1.0)  # [T, K]
+    ds = (dgate - dot * ratio) / m  # [T, K]
+    out = np.zeros_like(probs)  # [T, E]
+    np.put_along_axis(out, expert_index, ds, axis=-1)
+    return out
+
+
 def gates_for(probs: np.ndarray, expert_index: np.ndarray, opts: Options) -> np.ndarray:
     """gates with the options' normalisation (pymoe.options.RouteOptions)."""
+    if opts.normalize and not plain_normalize(opts):
+        return lp_gates(probs, expert_index, opts.normalize_p, opts.normalize_eps)
     return gates(probs, expert_index, opts.normalize)
 
 
 def gates_backward_for(dgate: np.ndarray, probs: np.ndarray, expert_index: np.ndarray,
                        opts: Options) -> np.ndarray:
     """gates_backward with the options' normalisation."""
+    if opts.normalize and not plain_normalize(opts):
+        return lp_gates_backward(dgate, probs, expert_index, opts.normalize_p, opts.normalize_eps)
     return gates_backward(dgate, probs, expert_index, opts.normalize)
 
 

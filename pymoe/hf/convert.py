@@ -49,7 +49,10 @@ def build(family: Family, config: Mapping[str, Any], state: Mapping[str, np.ndar
     if missing:
         raise ValueError(f"block: {family.name} needs tensors {missing}, which the state dict "
                          "does not have")
-    out = MoELayer(*spec.sizes, dtype=dtype, **spec.keywords)
+    keywords = dict(spec.keywords)
+    if spec.jitter_experts_dtypes is not None and keywords.get("jitter_eps", 0.0) > 0:
+        keywords["jitter_experts"] = np.dtype(dtype).name in spec.jitter_experts_dtypes
+    out = MoELayer(*spec.sizes, dtype=dtype, **keywords)
     for t in spec.tensors:
         value = np.asarray(t.to_pymoe(*(np.asarray(state[k]) for k in t.keys)))
         if t.param == "expert_bias":

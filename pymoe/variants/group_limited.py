@@ -31,14 +31,16 @@ def group_scores(scores: np.ndarray, num_groups: int, group_score_k: int) -> np.
 
 
 def limit_to_groups(scores: np.ndarray, num_groups: int, topk_groups: int,
-                    group_score_k: int) -> np.ndarray:
+                    group_score_k: int, fill: float = -np.inf) -> np.ndarray:
     """Mask every expert outside a token's best topk_groups groups.
 
     Args:
         scores: `[T, E]` selection scores.
     Returns:
-        `[T, E]` scores with the experts of unselected groups set to -inf (as Megatron-Core and
-        HF DeepSeek-V3 in transformers 5.x do), so that top_k only picks inside the kept groups.
+        `[T, E]` scores with the experts of unselected groups set to `fill`: -inf (as
+        Megatron-Core and HF DeepSeek-V3 in transformers 5.x do), so that top_k only picks inside
+        the kept groups; axk2 fills 0.0, so a dropped expert (ties: the lowest index) still beats
+        a kept one whose score + bias is below 0.
         Groups tie to the lower group index. Which groups win passes no gradient (selection is
         piecewise constant).
     """
@@ -48,7 +50,7 @@ def limit_to_groups(scores: np.ndarray, num_groups: int, topk_groups: int,
     keep = np.zeros((T, num_groups), dtype=bool)  # [T, G]
     np.put_along_axis(keep, best_groups, True, axis=-1)
     keep_expert = np.repeat(keep, E // num_groups, axis=-1)  # [T, E]
-    return np.where(keep_expert, scores, -np.inf)
+    return np.where(keep_expert, scores, fill)
 
 
 def grouped(opts: Options) -> bool:
@@ -70,4 +72,4 @@ def limit_for(scores: np.ndarray, opts: Options) -> np.ndarray:
     """limit_to_groups with the options' group keywords; the scores themselves without groups."""
     if not grouped(opts):
         return scores
-    return limit_to_groups(scores, *group_settings(opts))
+    return limit_to_groups(scores, *group_settings(opts), fill=opts.group_fill)

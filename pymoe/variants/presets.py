@@ -148,6 +148,10 @@ _PRESETS = {p.name: p for p in [
     Preset("ernie4.5", f"{HF}/ernie4_5_moe/modeling_ernie4_5_moe.py: Ernie4_5_MoeTopKRouter",
            normalize=True, priority="token", capacity_factor=None, load_balancing="k_scaled",
            num_shared_experts=1, activation="swiglu"),
+    Preset("gemma4", f"{HF}/gemma4/modeling_gemma4.py: Gemma4TextRouter, Gemma4TextDecoderLayer "
+           "(the MoE branch)", normalize=True, priority="token", capacity_factor=None,
+           router_input_norm=True, expert_input_norm=True, gate_scale=True, post_norm=True,
+           activation="geglu"),
 ]}
 
 

@@ -35,9 +35,5 @@ XFAIL: dict[str, dict[str, str]] = {
 }
 
 # family -> (forward, gradients) relative tolerances, where a family cannot meet tiny.TOL
-TOL: dict[str, dict] = {
-    # HF renormalises the gates by (sum + 1e-6), pymoe by the sum: each gate is off by
-    # 1e-6 / sum relative (sum: the K chosen sigmoids, ~0.2..2 here), measured 1.7e-6 (y) and
-    # 5.2e-6 (router grad) in float64; float32's 2e-5 holds it
-    "lfm2_moe": {"float64": (2e-5, 2e-5)},
-}
+# (lfm2_moe's sum + 1e-6 is normalize_eps=1e-6 now: it meets the default)
+TOL: dict[str, dict] = {}

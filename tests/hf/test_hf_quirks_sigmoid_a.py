@@ -11,7 +11,7 @@ from helpers import import_optional
 
 torch = import_optional("torch", "crosscheck")
 transformers = import_optional("transformers", "crosscheck")
-from tiny import compare, tiny_model, tolerances  # noqa: E402
+from tiny import compare, randomize, tiny_model, tolerances  # noqa: E402
 from transformers.models.axk2.modeling_axk2 import AXK2TopkRouter  # noqa: E402
 
 import pymoe  # noqa: E402
@@ -46,12 +46,58 @@ def test_axk2_fills_dropped_groups_with_zero_not_minus_inf():
     assert sorted(ours.expert_index[0].tolist()) == [0, 1]  # -inf fill: group 0 only
 
 
-def test_axk2_with_groups_is_refused():
-    """pymoe.hf loads axk2 with groups off (n_group None, the default config, checked in
-    test_blocks) and refuses n_group > 1 instead of routing by -inf."""
+def test_axk2_group_fill_zero_is_hf():
+    """group_fill=0.0 routes the case above as HF does: expert 0, then the lowest-index expert of
+    the dropped group (HF's tie at 0.0 among 4..7: torch gives one of them, pymoe the lowest)."""
+    ours = pymoe.route(np.zeros((1, 8)), 2, None, expert_bias=BIAS, preset="deepseek-v3",
+                       num_groups=2, topk_groups=1, group_score_k=2, scaling_factor=1.0,
+                       group_fill=0.0)
+    assert ours.expert_index[0].tolist() == [0, 4]
+    assert ours.gate[0].tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_axk2_with_groups_matches_hf(dtype):
+    """axk2 with groups on (4 groups of 2, 2 kept): HF's 0.0 fill is group_fill=0.0. The tiny
+    model's sigmoid scores of N(0, 5) logits are often near 0 and its biases N(0, 0.3), so
+    s + b < 0 for kept experts does happen and the fill decides some tokens."""
+    c = compare("axk2", dtype, n_group=4, topk_group=2)
+    fwd, bwd = tolerances("axk2", dtype)
+    assert c.chosen_differ == 0 and c.state_exact
+    assert c.y <= fwd and c.dx <= bwd and max(c.grads.values()) <= bwd, c
+
+
+def test_axk2_fill_decides_only_through_ties():
+    """Where the 0.0 fill decides (biases shifted by -0.4 so that some kept experts have s + b
+    < 0), a token takes experts of a dropped group, which all rank at exactly 0.0: a tie, which
+    torch.topk breaks in its own order and pymoe by the lowest index. Every token agrees with HF
+    except inside such a tie, and at least one token is decided by the fill."""
     model, cfg = tiny_model("axk2", n_group=4, topk_group=2)
-    with pytest.raises(ValueError, match="0.0"):
-        pymoe.hf.from_transformers(_find_block(model), cfg)
+    block = _find_block(model).double()
+    randomize(block, 0)
+    with torch.no_grad():
+        block.gate.e_score_correction_bias -= 0.4
+    x = np.random.default_rng(0).standard_normal((64, cfg.hidden_size))
+    layer = pymoe.hf.from_transformers(block, cfg)
+    layer.forward(x)
+    r = layer.routing
+    ranked = r.probs + layer.expert_bias  # [T, E] what both rank before the group limit
+    _, _, hf = block.gate(torch.from_numpy(x)[None])
+    hf = hf.numpy()
+    by_fill = 0
+    for t in range(x.shape[0]):
+        ours, theirs = set(r.expert_index[t].tolist()), set(hf[t].tolist())
+        picked_by_fill = (ours | theirs) - _kept_experts(ranked[t], 4, 2)  # ranked 0.0
+        by_fill += bool(picked_by_fill)
+        assert ours ^ theirs <= picked_by_fill, (t, ours, theirs)
+    assert by_fill >= 1
+
+
+def _kept_experts(ranked, groups: int, keep: int) -> set[int]:
+    """The experts of a token's best `keep` groups (top-2 sums of s + b), as AXK2 keeps them."""
+    g = np.sort(ranked.reshape(groups, -1), axis=1)[:, -2:].sum(axis=1)
+    size = ranked.size // groups
+    return {int(i) * size + j for i in np.argsort(-g, kind="stable")[:keep] for j in range(size)}
 
 
 def test_dots1_default_norm_topk_prob_false():

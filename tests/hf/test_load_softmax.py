@@ -47,6 +47,8 @@ VARIANTS = {
                                                 "norm_topk_prob": False,
                                                 "shared_expert_combination_strategy": "sum"}),
     "dbrx_raw": ("dbrx", {"ffn_config": {**_DBRX_FFN, "moe_normalize_expert_weights": None}}),
+    # L2-normalised gates (normalize_p=2): g = s / ||s||_2
+    "dbrx_l2": ("dbrx", {"ffn_config": {**_DBRX_FFN, "moe_normalize_expert_weights": 2.0}}),
 }
 
 
@@ -59,7 +61,9 @@ def test_config_variant_matches_hf(variant):
     assert c.y <= fwd and c.dx <= bwd and max(c.grads.values()) <= bwd, c
 
 
-def test_dbrx_lp_norm_is_refused():
-    with pytest.raises(ValueError, match="L_p norm"):
-        compare("dbrx", np.float64,
-                ffn_config={**_DBRX_FFN, "moe_normalize_expert_weights": 2.0})
+def test_dbrx_bad_p_is_refused():
+    from pymoe.hf.convert import family_of
+    from pymoe.hf.families import Config
+    cfg = Config({"ffn_config": {**_DBRX_FFN, "moe_normalize_expert_weights": -1.0}}, "dbrx")
+    with pytest.raises(ValueError, match="p > 0"):
+        family_of("dbrx").spec(cfg, None, {})

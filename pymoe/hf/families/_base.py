@@ -44,6 +44,18 @@ class Spec:
     keywords: dict[str, Any]
     tensors: tuple[Tensor, ...]
     ignored: tuple[str, ...] = ()
+    # the layer dtypes in which HF's training-mode jitter reaches the experts (Switch: only when
+    # the model dtype is the router dtype, so that its in-place jitter hits the caller's tensor);
+    # None: as keywords["jitter_experts"] says
+    jitter_experts_dtypes: tuple[str, ...] | None = None
+
+
+def jitter_keywords(eps: Any) -> dict[str, Any]:
+    """The layer keywords of HF's in-place training-mode jitter x *= U(1 - eps, 1 + eps), which
+    the router and the experts both see (Mixtral, MiniMax, DBRX): none when eps is 0 or None."""
+    if not eps:
+        return {}
+    return {"jitter_eps": float(eps), "jitter_experts": True}
 
 
 SpecFn = Callable[[Config, "int | None", Mapping[str, tuple[int, ...]]], Spec]

@@ -12,8 +12,10 @@ gate = p renormalised. C10 Switch and C11 NLLB: per-expert two-layer relu FFNs w
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..layouts import Tensor, linear, per_expert, same
-from ._base import Config, Family, Spec, standard
+from ._base import Config, Family, Spec, jitter_keywords, standard
 
 _ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
@@ -63,10 +65,97 @@ def _ernie4_5_moe(cfg: Config, layer, shapes) -> Spec:
 
 
 def _ernie4_5_vl_moe(cfg: Config, layer, shapes) -> Spec:
-    # text-only: Ernie4_5_VLMoeMoeBlock(hidden_states) without moe_mm_token_type_ids runs
-    # text_moe + the shared experts; the vision experts are never used on that path
-    return _ernie(cfg, shapes, prefix="text_moe.",
-                  ignored=tuple(k for k in shapes if k.startswith("vision_moe.")))
+    """Ernie4_5_VLMoeMoeBlock: text_moe and vision_moe, two Ernie sparse blocks of E experts
+    each (their own router, bias and expert width moe_intermediate_size[0] / [1]), chosen by
+    moe_mm_token_type_ids (0: text, else vision), plus shared experts on every token. pymoe:
+    one layer of 2E experts in modality_sets=2 (forward(x, token_types=)); the narrower set's
+    experts are zero-padded to the wider width, which adds exactly 0 to every output and every
+    gradient (silu(0) * 0 = 0), and the padding must stay 0 to be written back."""
+    base = _ernie(cfg, shapes, prefix="text_moe.")
+    E = shapes["text_moe.experts.gate_up_proj"][0]
+    h = (shapes["text_moe.experts.down_proj"][2], shapes["vision_moe.experts.down_proj"][2])
+    H = max(h)
+    sets = ("text_moe.", "vision_moe.")
+    tensors = [_modality_router(sets), _modality_bias(sets),
+               _modality_gate_up(sets, h, H), _modality_down(sets, h, H)]
+    tensors += [t for t in base.tensors if not t.keys[0].startswith("text_moe.")]
+    D = base.sizes[0]
+    return Spec((D, H, 2 * E, base.sizes[3]), {**base.keywords, "modality_sets": 2},
+                tuple(tensors))
+
+
+def _unpadded(p: np.ndarray, keep: tuple[slice, ...], what: str) -> np.ndarray:
+    """p[keep], checking that what lies outside keep (the zero padding) is still 0."""
+    rest = p.copy()
+    rest[keep] = 0
+    if np.any(rest != 0):
+        raise ValueError(f"layer: params['{what}'] has non-zero entries in the zero padding of "
+                         "ernie4_5_vl_moe's narrower expert set; the HF block cannot hold them")
+    return p[keep]
+
+
+def _modality_router(sets) -> Tensor:
+    """Each set's router nn.Linear [E, D] -> w_router [D, 2E] (text columns, then vision)."""
+    def to_hf(p):
+        E = p.shape[1] // 2
+        return p[:, :E].T.copy(), p[:, E:].T.copy()
+    return Tensor("w_router", tuple(f"{m}gate.weight" for m in sets),
+                  lambda a, b: np.concatenate([a.T, b.T], axis=1), to_hf)
+
+
+def _modality_bias(sets) -> Tensor:
+    def to_hf(p):
+        E = p.shape[0] // 2
+        return p[:E].copy(), p[E:].copy()
+    return Tensor("expert_bias", tuple(f"{m}gate.moe_statics.e_score_correction_bias"
+                                       for m in sets),
+                  lambda a, b: np.concatenate([a.reshape(-1), b.reshape(-1)]), to_hf,
+                  buffer=True)
+
+
+def _modality_gate_up(sets, h: tuple[int, int], H: int) -> Tensor:
+    """gate_up_proj [E, 2h_m, D] of each set -> w1 [2E, D, 2H]: gate columns 0..h_m-1, up
+    columns H..H+h_m-1, zeros between."""
+    def to_pymoe(*arrays):
+        out = []
+        for a, hm in zip(arrays, h):
+            w = a.transpose(0, 2, 1)  # [E, D, 2h]
+            pad = np.zeros(w.shape[:2] + (H - hm,), w.dtype)
+            out.append(np.concatenate([w[..., :hm], pad, w[..., hm:], pad], axis=-1))
+        return np.concatenate(out, axis=0)
+
+    def to_hf(p):
+        E = p.shape[0] // 2
+        parts = []
+        for m, hm in enumerate(h):
+            mask = np.zeros(p.shape, bool)
+            mask[m * E:(m + 1) * E, :, :hm] = mask[m * E:(m + 1) * E, :, H:H + hm] = True
+            block = np.where(mask, 0, p)[m * E:(m + 1) * E]
+            if np.any(block != 0):
+                raise ValueError("layer: params['w1'] has non-zero entries in the zero padding "
+                                 "of ernie4_5_vl_moe's narrower expert set; the HF block cannot "
+                                 "hold them")
+            w = p[m * E:(m + 1) * E]
+            parts.append(np.concatenate([w[..., :hm], w[..., H:H + hm]], -1).transpose(0, 2, 1))
+        return tuple(x.copy() for x in parts)
+    return Tensor("w1", tuple(f"{m}experts.gate_up_proj" for m in sets), to_pymoe, to_hf)
+
+
+def _modality_down(sets, h: tuple[int, int], H: int) -> Tensor:
+    """down_proj [E, D, h_m] of each set -> w2 [2E, H, D], rows h_m..H-1 zero."""
+    def to_pymoe(*arrays):
+        out = []
+        for a, hm in zip(arrays, h):
+            w = a.transpose(0, 2, 1)  # [E, h, D]
+            out.append(np.concatenate([w, np.zeros((w.shape[0], H - hm, w.shape[2]), w.dtype)],
+                                      axis=1))
+        return np.concatenate(out, axis=0)
+
+    def to_hf(p):
+        E = p.shape[0] // 2
+        return tuple(_unpadded(p[m * E:(m + 1) * E], (slice(None), slice(0, hm)), "w2")
+                     .transpose(0, 2, 1).copy() for m, hm in enumerate(h))
+    return Tensor("w2", tuple(f"{m}experts.down_proj" for m in sets), to_pymoe, to_hf)
 
 
 def _activation(cfg: Config, name: str) -> str:
@@ -100,9 +189,12 @@ def _switch(cfg: Config, layer, shapes) -> Spec:
     H, D = shapes["experts.expert_0.wi.weight"]
     kw = {"preset": "switch", "capacity": int(cfg.get("expert_capacity")), "min_capacity": 0,
           "activation": _activation(cfg, "dense_act_fn"), "aux_loss_coef": 0.0,
-          "z_loss_coef": 0.0}
+          "z_loss_coef": 0.0, **jitter_keywords(cfg.get("router_jitter_noise", 0.0))}
+    # the router jitters hidden_states.to(router_dtype) in place: the caller's tensor, which
+    # the experts read, only when the model computes in the router dtype already
     return Spec((D, H, E, 1), kw, tuple(_router(cfg, shapes) +
-                                         _per_expert_ffn(E, "wi", "wo", biases=False)))
+                                         _per_expert_ffn(E, "wi", "wo", biases=False)),
+                jitter_experts_dtypes=(str(cfg.get("router_dtype", "float32")),))
 
 
 def _nllb(cfg: Config, layer, shapes) -> Spec:
@@ -157,8 +249,8 @@ FAMILIES = [
            disk_renames={"moe_statics.e_score_correction_bias":
                          "gate.moe_statics.e_score_correction_bias"}),
     Family("ernie4_5_vl_moe", ("Ernie4_5_VLMoeMoeBlock",), "ernie4.5", "swiglu", _ernie4_5_vl_moe,
-           note="text tokens only (no moe_mm_token_type_ids): text_moe + shared experts; the "
-                "vision experts are left out"),
+           note="text and vision experts: modality_sets=2, forward(x, token_types="
+                "moe_mm_token_type_ids != 0); the narrower set zero-padded to the wider width"),
     Family("switch_transformers", ("SwitchTransformersSparseMLP",), "switch", "relu", _switch,
            note="the sparse MLP's output (not SwitchTransformersLayerFF's norm + residual); one "
                 "sequence: HF's capacity counts per sequence"),

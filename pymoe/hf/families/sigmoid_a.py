@@ -60,13 +60,15 @@ def _axk1(cfg: Config, layer, shapes) -> Spec:
 
 def _axk2(cfg: Config, layer, shapes) -> Spec:
     """AXK2TopkRouter: DeepSeek-V3 without groups when n_group is None (its default). With groups
-    it fills the masked groups' s + b with 0.0, not -inf: an expert of a dropped group still wins
-    over a kept one whose s + b < 0, which pymoe's group limit (-inf) never chooses."""
-    if (cfg.get("n_group", None) or 1) > 1:
-        raise ValueError(f"config: axk2 with n_group={cfg.get('n_group')} fills the masked "
-                         "groups with 0.0 (AXK2TopkRouter.apply_group_scoring), which pymoe's "
-                         "group-limited top-K (-inf) does not compute; only n_group None or 1")
-    return _dsv3_like(cfg, shapes)
+    it fills the masked groups' s + b with 0.0, not -inf (group_fill=0.0): an expert of a dropped
+    group still wins over a kept one whose s + b < 0. It renormalises by sum + 1e-20."""
+    spec = _dsv3_like(cfg, shapes)
+    kw = dict(spec.keywords)
+    if kw["num_groups"]:
+        kw["group_fill"] = 0.0
+    if kw["normalize"]:
+        kw["normalize_eps"] = 1e-20
+    return Spec(spec.sizes, kw, spec.tensors, spec.ignored)
 
 
 def _bailing_hybrid(cfg: Config, layer, shapes) -> Spec:
@@ -109,7 +111,7 @@ FAMILIES = [
            note="post_norm: the block's post_mlp_layernorm",
            disk_renames={"../post_mlp_layernorm.weight": "post_mlp_layernorm.weight"}),
     Family("axk2", ("AXK2MoE",), "glm4-moe", "swiglu", _axk2,
-           note="groups off only (n_group None): with groups HF fills masked groups with 0.0"),
+           note="with groups HF fills masked groups with 0.0 (group_fill=0.0)"),
     Family("bailing_hybrid", ("BailingHybridMoE",), "deepseek-v3", "swiglu", _bailing_hybrid,
            disk_renames={"gate.expert_bias": "gate.e_score_correction_bias"}),
     Family("beam", ("BeamMoE",), "deepseek-v3", "swiglu", _beam,

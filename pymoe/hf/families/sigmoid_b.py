@@ -134,21 +134,21 @@ def _inkling2(cfg: Config, layer, shapes) -> Spec:
 
 def _laguna(cfg: Config, layer, shapes) -> Spec:
     cap = cfg.get("moe_router_logit_softcapping", 0.0) or 0.0
-    if cap > 0:
-        raise ValueError(f"config: laguna with moe_router_logit_softcapping={cap}: the router "
-                         "softcaps its logits (tanh(l / c) * c) before the sigmoid, which pymoe's "
-                         "router cannot do")
     if cfg.get("moe_apply_router_weight_on_input", False):
         raise ValueError("config: laguna with moe_apply_router_weight_on_input=True is not mapped")
     # the scaling multiplies the summed routed output: the same as scaling each gate
     return standard(cfg, shapes, preset="glm4-moe", shared="shared_experts",
                     bias="gate.e_score_correction_bias",
+                    router_softcap=float(cap) if cap > 0 else None,
                     **_sigmoid_bias(True, float(cfg.get("moe_routed_scaling_factor"))))
 
 
 def _lfm2_moe(cfg: Config, layer, shapes) -> Spec:
     bias = "expert_bias" if cfg.get("use_expert_bias") else None
-    kw = _sigmoid_bias(bool(cfg.get("norm_topk_prob")), float(cfg.get("routed_scaling_factor")))
+    norm = bool(cfg.get("norm_topk_prob"))
+    kw = _sigmoid_bias(norm, float(cfg.get("routed_scaling_factor")))
+    if norm:  # Lfm2MoeSparseMoeBlock.route_tokens_to_experts: / (sum + 1e-6)
+        kw["normalize_eps"] = 1e-6
     return standard(cfg, shapes, preset="glm4-moe", bias=bias, form="swiglu",
                     num_shared_experts=0, **kw)
 
@@ -224,10 +224,10 @@ FAMILIES = [
            _inkling2, note="as inkling2"),
     Family("kimi_linear", ("KimiLinearMoE",), "glm4-moe", "swiglu", _kimi_linear),
     Family("laguna", ("LagunaSparseMoeBlock",), "glm4-moe", "swiglu", _laguna,
-           note="moe_router_logit_softcapping > 0 refused; the scaling on the summed routed "
+           note="moe_router_logit_softcapping -> router_softcap; the scaling on the summed routed "
            "output is pymoe's scaling_factor"),
     Family("lfm2_moe", ("Lfm2MoeSparseMoeBlock",), "glm4-moe", "swiglu", _lfm2_moe,
-           note="HF renormalises by sum + 1e-6, pymoe exactly: ~5e-7 relative",
+           note="HF renormalises by sum + 1e-6: normalize_eps=1e-6",
            router_dtype="model", disk_blocks=("feed_forward",)),
     Family("llama4", ("Llama4TextMoe",), "llama4", "swiglu", _llama4,
            disk_blocks=("feed_forward",)),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..layouts import Tensor, dbrx_flat, interleaved, linear, mlp_linear, same, stacked
-from ._base import Config, Family, Spec, standard
+from ._base import Config, Family, Spec, jitter_keywords, standard
 
 
 def _mixtral(cfg: Config, layer, shapes) -> Spec:
-    return standard(cfg, shapes, preset="mixtral")
+    """MixtralSparseMoeBlock; in training mode router_jitter_noise jitters the block's input in
+    place, so the experts see it too (jitter_experts)."""
+    return standard(cfg, shapes, preset="mixtral",
+                    **jitter_keywords(cfg.get("router_jitter_noise", 0.0)))
 
 
 def _qwen2_moe(cfg: Config, layer, shapes) -> Spec:
@@ -179,20 +182,21 @@ def _gpt_oss_like(interleave: bool):
 
 def _dbrx(cfg: Config, layer, shapes) -> Spec:
     """DBRX: softmax top-K in the logits dtype, gates divided by their L_p norm with
-    p = moe_normalize_expert_weights (1: renormalised; None: raw; other p: no pymoe rule);
+    p = moe_normalize_expert_weights (normalize_p; 1: renormalised; None: raw);
     experts flat w1, v1, w2 `[E*H, D]`. moe_jitter_eps (training only) is not reproduced."""
     ffn = dict(cfg.get("ffn_config"))
     p = ffn.get("moe_normalize_expert_weights", 1.0)
-    if p is not None and float(p) != 1.0:
-        raise ValueError(f"config: dbrx moe_normalize_expert_weights={p!r} divides the gates by "
-                         "their L_p norm; pymoe renormalises by the sum (p = 1) or not at all "
-                         "(None)")
+    if p is not None and not float(p) > 0:
+        raise ValueError(f"config: dbrx moe_normalize_expert_weights={p!r}: pymoe's L_p gate "
+                         "norm (normalize_p) takes p > 0 or None")
     act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
     form = Config({"hidden_act": act}, "dbrx").gated_form()
     E = int(ffn["moe_num_experts"])
     D = shapes["experts.mlp.w1"][1]
     H = shapes["experts.mlp.w1"][0] // E
     kw = {"preset": "mixtral" if p is not None else "olmoe", "normalize": p is not None,
+          "normalize_p": 1.0 if p is None else float(p),
+          **jitter_keywords(ffn.get("moe_jitter_eps")),
           "capacity_factor": None, "activation": form, "aux_loss_coef": 0.0,
           "z_loss_coef": 0.0, "num_shared_experts": 0, "shared_expert_gate": False}
     tensors = (linear("w_router", "router.layer.weight"),
@@ -220,7 +224,7 @@ FAMILIES = [
     Family("mellum", ("MellumSparseMoeBlock",), "qwen3-moe", "swiglu",
            _renormalised_by_flag("olmoe", "qwen3-moe")),
     Family("minimax", ("MiniMaxSparseMoeBlock",), "mixtral", "swiglu",
-           _always_renormalised(), note="the Mixtral block",
+           _mixtral, note="the Mixtral block",
            disk_blocks=("block_sparse_moe", "mlp")),
     Family("jamba", ("JambaSparseMoeBlock",), "olmoe", "swiglu", _never_renormalised("router.weight"),
            note="gates never renormalised", disk_blocks=("feed_forward",)),
@@ -266,5 +270,6 @@ FAMILIES = [
     Family("openai_privacy_filter", ("OpenAIPrivacyFilterMLP",), "gpt-oss", "swiglu_oai",
            _gpt_oss_like(False), note="HF computes the whole block in float32"),
     Family("dbrx", ("DbrxFFN",), "mixtral", "swiglu", _dbrx, router_dtype="model",
-           note="moe_normalize_expert_weights 1 or None only", disk_blocks=("ffn",)),
+           note="moe_normalize_expert_weights p -> normalize_p (None: raw gates); moe_jitter_eps "
+           "-> jitter_eps + jitter_experts", disk_blocks=("ffn",)),
 ]
