@@ -64,6 +64,14 @@ def _caps(name: str, v: Any) -> tuple[float, float] | None:
             float(_checks.positive_finite(f"{name}[1]", v[1]) or 0))
 
 
+def _unit_interval(name: str, v: Any) -> float:
+    """A finite float in (0, 1]."""
+    p = float(_checks.positive_finite(name, v) or 0)
+    if p > 1.0:
+        raise ValueError(f"{name}: expected a probability mass in (0, 1], got {p}")
+    return p
+
+
 def _integer(low: int) -> Check:
     return lambda name, v: _checks.integer(name, v, low=low)
 
@@ -137,6 +145,12 @@ class RouteOptions:
         'equal route(L[m])), "routed" (Megatron-Core: padding is routed and takes slots), '
         '"counted" (HF NLLB-MoE: padding is not routed but counts in T for the capacity) '
         '(docs/variants.md, "Padding").', _choice(PADDINGS))
+    top_p: float | None = keyword(
+        None, "top-p (dynamic-K) routing, arXiv 2403.07652: 0 < p <= 1; each token takes its "
+        "ranked experts until their softmax mass passes p (the crossing expert included), at "
+        "most k of them (k = E: no cap, as the paper); the rest are unselected "
+        "(Routing.selected), take no slot and count in no load (variants.top_p). None: top-K.",
+        lambda n, v: None if v is None else _unit_interval(n, v))
 
     @property
     def random(self) -> bool:
@@ -213,6 +227,10 @@ class ExpertOptions:
         1, "G >= 1: G > 1 routes each of G equal contiguous blocks of tokens on its own, with its "
         "own capacity (the GShard group; pymoe.token_groups explains); indexed formulation only.",
         _integer(1))
+    dynamic_loss_coef: float = keyword(
+        0.0, "weight of top-p routing's dynamic loss, the router entropy averaged over tokens "
+        "(variants.top_p.dynamic_loss; the paper uses 1e-4), in the objective backward() "
+        "differentiates (>= 0); needs top_p.", _checks.nonnegative_finite)
     load_stats: str = keyword('local', '"local" (each group\'s own f_e, P_e in the aux loss) or '
                               '"global" (over all groups); with token_groups > 1.',
                               _choice(LOAD_STATS))
@@ -330,7 +348,26 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
             raise ValueError("priority: expert choice fills slots in token order by its own rule "
                              "(each expert's top-C tokens); leave priority and drop_policy at "
                              "their defaults")
+    _top_p_options(opts)
     return RouteOptions(k=k, **opts)
+
+
+def _top_p_options(o: dict[str, Any]) -> None:
+    """top_p against the keywords it cannot run with, each refused by name."""
+    if o["top_p"] is None:
+        return
+    for kw, unset, why in (
+            ("score", "softmax", "the mass is of softmax probabilities"),
+            ("selection", "tokens", "it picks experts per token"),
+            ("normalize", False, "its gates are the probabilities themselves (the paper's); "
+             "renormalize_after_drop=True renormalises over the taken experts"),
+            ("second_expert_policy", "all", "it decides the second expert itself"),
+            ("num_groups", None, "group-limited top-K is not part of it")):
+        if o.get(kw, unset) != unset:
+            raise ValueError(f"{kw}: top_p needs {kw}={unset!r} ({why}), got {o[kw]!r}")
+    if o["load_balancing"] not in ("switch", "first_choice"):
+        raise ValueError(f"load_balancing: top_p takes 'switch' (f over the selected pairs) or "
+                         f"'first_choice', got {o['load_balancing']!r}")
 
 
 def _group_options(E: int, k: int, num_groups: object, topk_groups: object,
@@ -374,6 +411,8 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
         raise ValueError(f"router_noise: 'noisy_topk' needs k < E (its load estimate "
                          f"compares with the (k+1)-th logit), got k = {route.k}, "
                          f"E = {num_experts}")
+    if o["dynamic_loss_coef"] and route.top_p is None:
+        raise ValueError("dynamic_loss_coef: top-p routing's dynamic loss needs top_p")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -429,6 +468,9 @@ def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_st
         raise ValueError(f"{who}: token groups and expert parallelism do not support "
                          "router_noise='noisy_topk' (its load loss and w_noise would get no "
                          "gradient); use 'jitter' or 'none'")
+    if route.top_p is not None:
+        raise ValueError(f"{who}: token groups and expert parallelism do not support top_p "
+                         "(dynamic-K routing runs in route() and MoELayer with token_groups=1)")
     if route.selection == "experts":
         raise ValueError(f"{who}: token groups and expert parallelism do not support expert "
                          "choice (selection='experts'); use 'tokens' or 'sinkhorn'")

@@ -62,6 +62,7 @@ from .variants.scores import (
     underflowed_rows,
 )
 from .variants.sinkhorn import sinkhorn
+from .variants.top_p import ragged_balance_loss, ragged_balance_loss_backward, top_p_keep
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
            "route_unchecked", "K1_NORMALIZE_WARNING"]
@@ -99,6 +100,9 @@ class Routing:
     # gradient; options.padding says whether they were routed.
     token_mask: np.ndarray | None = field(default=None, repr=False)
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
+    # <bool>[T, K] the pairs each token took when K varies per token (top_p: variants.top_p);
+    # an unselected pair has position -1 and gate 0 and is in no load. None: every pair.
+    selected: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -116,10 +120,13 @@ class Routing:
         kept = int(np.count_nonzero(self._real_kept))
         load = np.array2string(np.asarray(self.expert_load), threshold=16, edgeitems=4)
         n = self.num_real_tokens
+        sel = self.selected
+        pairs = n * K if sel is None else int(np.count_nonzero(
+            sel if self.token_mask is None else sel & self.token_mask[:, None]))
         real = "" if self.token_mask is None else f", {T - n} of them padding"
         return (f"Routing(T={T}{real}, E={E}, K={K}, capacity C={self.capacity}; "
                 f"{describe_options(self.options)})\n"
-                f"  kept {kept} of {n * K} (token, choice) pairs ({self.dropped_fraction:.1%} "
+                f"  kept {kept} of {pairs} (token, choice) pairs ({self.dropped_fraction:.1%} "
                 f"dropped), {self.tokens_dropped_fraction:.1%} of tokens lost every choice\n"
                 f"  expert_load {load} (before dropping)\n"
                 f"  aux_loss {self.aux_loss:.6g}, z_loss {self.z_loss:.6g}; arrays: router_logits, "
@@ -159,7 +166,18 @@ class Routing:
         """Share of the real tokens' (token, choice) assignments that were dropped (0.0 when
         there are none); padding is left out."""
         n = self.num_real_tokens * self.kept.shape[1]
+        if self.selected is not None:  # ragged K: of the pairs the tokens took
+            sel = self.selected if self.token_mask is None else \
+                self.selected & self.token_mask[:, None]
+            n = int(np.count_nonzero(sel))
         return float(n - np.count_nonzero(self._real_kept)) / n if n else 0.0
+
+    @property
+    def experts_per_token(self) -> np.ndarray:
+        """`<int64>[T]` the experts each token took (K everywhere unless K varies: top_p)."""
+        if self.selected is None:
+            return np.full(self.num_tokens, self.k, dtype=np.int64)
+        return np.count_nonzero(self.selected, axis=-1).astype(np.int64)
 
     @property
     def tokens_dropped_fraction(self) -> float:
@@ -256,6 +274,9 @@ def check_replay(replay: object, T: int, opts: RouteOptions, E: int) -> np.ndarr
     if replay is not None and opts.selection == "experts":
         raise ValueError("replay: expert choice (selection='experts') has no per-token "
                          "selection to replay (every token lists every expert)")
+    if replay is not None and opts.top_p is not None:
+        raise ValueError("replay: a top_p routing's K varies per token; a [T, K] selection "
+                         "does not record it")
     return replay_arg(replay, T, opts.k, E)
 
 
@@ -333,6 +354,10 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     if opts.second_expert_policy != "all":
         candidates = second_expert_keep(scores, expert_index, opts.second_expert_policy,
                                         opts.second_expert_threshold, rng)  # [T, K]
+    selected = None
+    if opts.top_p is not None:  # dynamic K: the unselected pairs never compete (variants.top_p)
+        candidates = selected = top_p_keep(probs, expert_index, opts.top_p)  # [T, K]
+        gate = np.where(selected, gate, 0).astype(gate.dtype)  # [T, K]
     # step 8: capacity
     capacity = capacity_for(T if capacity_tokens is None else capacity_tokens, E, expert_index,
                             candidates, opts)
@@ -348,10 +373,12 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     if stats_mask is not None:  # padding="routed": statistics of the real rows only
         listed = stats_mask[:, None] if candidates is None else candidates & stats_mask[:, None]
         load = expert_load(expert_index[np.broadcast_to(listed, expert_index.shape)], E)  # [E]
-        aux = masked_balance_loss(aux_probs, expert_index, stats_mask, opts)
+        aux = masked_balance_loss(aux_probs, expert_index, stats_mask, opts, selected)
         z_loss = router_z_loss_from_lse(lse[stats_mask])
     elif opts.selection == "experts":
         aux = 0.0
+    elif selected is not None and opts.load_balancing == "switch":
+        aux = ragged_balance_loss(aux_probs, expert_index, selected)
     elif sums is not None and opts.load_balancing == "switch":
         aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # the same bits
     else:
@@ -362,7 +389,8 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
                    gate=scale_for(final, opts), kept=kept, capacity=capacity,
                    expert_load=load,
                    aux_loss=aux, z_loss=z_loss, options=opts,
-                   expert_bias=expert_bias, token_mask=stats_mask, _slot_owner=owner)
+                   expert_bias=expert_bias, token_mask=stats_mask, _slot_owner=owner,
+                   selected=selected)
 
 
 def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
@@ -414,17 +442,21 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
                    gate=full(sub.gate, zeros), kept=full(sub.kept, zeros.astype(bool)),
                    capacity=sub.capacity, expert_load=sub.expert_load, aux_loss=aux,
                    z_loss=sub.z_loss, options=opts, expert_bias=sub.expert_bias,
-                   token_mask=mask, _slot_owner=owner.astype(np.int64))
+                   token_mask=mask, _slot_owner=owner.astype(np.int64),
+                   selected=None if sub.selected is None else full(sub.selected,
+                                                                   zeros.astype(bool)))
 
 
 def masked_balance_loss(probs: np.ndarray, expert_index: np.ndarray, mask: np.ndarray,
-                        opts: RouteOptions) -> float:
+                        opts: RouteOptions, selected: np.ndarray | None = None) -> float:
     """balance_loss over the real rows: f_e, P_e and their T from the rows where mask is True;
     the per-sequence loss: each sequence's real rows, averaged over the sequences that have any.
 
     Args: probs `[T, E]` (aux_loss_scores), expert_index `<int>[T, K]`, mask `<bool>[T]`."""
     if opts.selection == "experts":
         return 0.0
+    if selected is not None and opts.load_balancing == "switch":
+        return ragged_balance_loss(probs[mask], expert_index[mask], selected[mask])
     if opts.load_balancing != "sequence":
         return balance_loss(probs[mask], expert_index[mask], opts.load_balancing)
     losses = [load_balancing_loss(probs[rows][m], expert_index[rows][m])
@@ -433,10 +465,14 @@ def masked_balance_loss(probs: np.ndarray, expert_index: np.ndarray, mask: np.nd
 
 
 def masked_balance_loss_backward(probs: np.ndarray, expert_index: np.ndarray,
-                                 mask: np.ndarray, coef: float,
-                                 opts: RouteOptions) -> np.ndarray:
+                                 mask: np.ndarray, coef: float, opts: RouteOptions,
+                                 selected: np.ndarray | None = None) -> np.ndarray:
     """d (coef * masked_balance_loss) / d probs `[T, E]`, 0 in the padding rows."""
     d = np.zeros_like(probs)  # [T, E]
+    if selected is not None and opts.load_balancing == "switch":
+        d[mask] = ragged_balance_loss_backward(probs[mask], expert_index[mask], selected[mask],
+                                               coef)
+        return d
     if opts.load_balancing != "sequence":
         d[mask] = balance_loss_backward(probs[mask], expert_index[mask], coef,
                                         opts.load_balancing)
@@ -626,11 +662,15 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
         daux = None
         if aux_loss_coef and opts.selection != "experts":
             aux_probs = _aux_probs(scores, routing.router_logits, opts)
-            if mask is None:
+            if mask is not None:
+                daux = masked_balance_loss_backward(aux_probs, index, mask, aux_loss_coef, opts,
+                                                    routing.selected)
+            elif routing.selected is not None and opts.load_balancing == "switch":
+                daux = ragged_balance_loss_backward(aux_probs, index, routing.selected,
+                                                    aux_loss_coef)  # [T, E]
+            else:
                 daux = balance_loss_backward(aux_probs, index, aux_loss_coef,
                                              opts.load_balancing, opts.sequence_length)  # [T, E]
-            else:
-                daux = masked_balance_loss_backward(aux_probs, index, mask, aux_loss_coef, opts)
             dscores += aux_loss_scores_backward(daux, scores, opts.score)
         if opts.score == "softmax":
             dlogits = softmax_backward(dscores, scores)  # [T, E]
