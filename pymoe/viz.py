@@ -754,3 +754,47 @@ def flip_margins(report: Any, path: str, *, bins: int = 24) -> Any:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------ dynamic K (top_p)
+
+def experts_per_token_picture(routing: Routing, path: str, *, max_tokens: int = 64) -> Any:
+    """Top-p routing (route(..., top_p=p)): how many experts each token took. Left, one bar per
+    token (kept pairs dark, pairs taken but dropped past capacity light); right, the histogram
+    of K over all T tokens. A plain top-K routing draws K for every token.
+
+    Text version: one row per token, '#' per kept expert, 'x' per dropped one, then K.
+    """
+    routing = _routing("routing", routing)
+    max_tokens = _checks.integer("max_tokens", max_tokens, low=1)
+    T, K = routing.num_tokens, routing.k
+    taken = routing.experts_per_token  # [T]
+    kept = np.count_nonzero(routing.kept, axis=-1)  # [T]
+    n = min(T, max_tokens)
+    p = routing.options.top_p
+    head = (f"experts per token ({'top-p, p = ' + format(p, 'g') if p is not None else 'top-K'}"
+            f", at most K = {K}): mean {taken.mean() if T else 0:.2f} over {T} tokens")
+    if not have_matplotlib():
+        lines = [head + "; # kept, x dropped"]
+        for t in range(n):
+            lines.append(f"  t{t:<4d}{'#' * int(kept[t])}{'x' * int(taken[t] - kept[t])} "
+                         f"{int(taken[t])}")
+        return _emit("\n".join(lines))
+    fig = _figure(8.8, 3.8)
+    left, right = fig.subplots(1, 2, width_ratios=[2.2, 1])
+    ts = np.arange(n)
+    left.bar(ts, kept[:n], color="tab:blue", label="kept")
+    left.bar(ts, (taken - kept)[:n], bottom=kept[:n], color="tab:orange",
+             label="dropped (past capacity)")
+    left.set_xlabel("token" + (f" (first {n} of {T})" if n < T else ""))
+    left.set_ylabel("experts taken")
+    left.set_yticks(range(K + 1))
+    left.set_title(head, fontsize=10)
+    left.legend(fontsize=8, loc="upper right")
+    counts = np.bincount(taken, minlength=K + 1)  # [K + 1]
+    right.bar(np.arange(K + 1), counts, color="tab:green")
+    right.set_xticks(range(K + 1))
+    right.set_xlabel("experts per token")
+    right.set_ylabel("tokens")
+    right.set_title("histogram of K", fontsize=10)
+    return _save(fig, path)

@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 
 import pymoe
-from helpers import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
+from helpers import (
+    FD_RTOL,
+    assert_png_matches,
+    check_layer_gradients,
+    layout_problems,
+    numerical_grad,
+    randomize,
+    rel_error,
+)
+from pymoe import viz
 from pymoe.losses import load_balancing_loss
 from pymoe.variants.top_p import (
     dynamic_loss,
@@ -183,3 +192,19 @@ def test_ragged_loss_equals_switch_loss_when_full():
     index = np.argsort(-probs, axis=-1)[:, :2]
     assert ragged_balance_loss(probs, index, np.ones((8, 2), bool)) == pytest.approx(
         load_balancing_loss(probs, index), rel=1e-14)
+
+
+def test_picture(tmp_path, monkeypatch):
+    """A PNG of the figure's size with nothing clipped, and the text version's rows by hand."""
+    logits = np.log(np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.4, 0.4, 0.2]]))
+    r = pymoe.route(logits, 3, None, top_p=0.6)
+    if viz.have_matplotlib():
+        path = tmp_path / "k.png"
+        fig = viz.experts_per_token_picture(r, str(path))
+        assert_png_matches(path, fig)
+        assert layout_problems(fig) == []
+    monkeypatch.setenv("PYMOE_VIZ_TEXT", "1")
+    text = viz.experts_per_token_picture(r, str(tmp_path / "k.png"))
+    assert text.splitlines()[1:] == ["  t0   ## 2", "  t1   # 1", "  t2   ## 2"]
+    with pytest.raises(TypeError, match="routing"):
+        viz.experts_per_token_picture(logits, str(tmp_path / "k.png"))
