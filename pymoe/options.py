@@ -547,3 +547,34 @@ def generator_arg(seed: object, needed: bool) -> np.random.Generator | None:
         raise TypeError(f"seed: expected an int, a numpy Generator or None, got "
                         f"{type(seed).__name__}")
     return np.random.default_rng(_checks.integer("seed", seed, low=0))
+
+
+@dataclass(frozen=True)
+class SoftMoEOptions:
+    """pymoe.SoftMoELayer's own keywords (Puigcerver et al. 2023, "From Sparse to Soft Mixtures
+    of Experts"); its experts take ExpertOptions' form keywords (activation, swiglu_*)."""
+    num_slots: int = keyword(1, "S slots per expert (>= 1): the layer has E*S slots, each a "
+                             "softmax-over-tokens mix of every token.", _integer(1))
+    normalize: bool = keyword(
+        True, "normalise tokens and slot embeddings before their dot product (the paper's "
+        "sec. 2.3 l2 normalisation; here RMSNorm = l2norm(v) * sqrt(D) * weight, weights "
+        "norm_weight [D] and slot_norm_weight [D] initialised to ones, as soft-moe-pytorch); "
+        "False: raw dot products (the paper's Algorithm 1).", _checks.boolean)
+
+
+SOFT_MOE_KEYWORDS = tuple(f.name for f in dataclasses.fields(SoftMoEOptions))
+SOFT_MOE_FORM_KEYWORDS = ("activation", "swiglu_limit", "swiglu_alpha", "swiglu_softcap")
+
+
+def soft_moe_options(**keywords: Any) -> tuple[SoftMoEOptions, ExpertOptions]:
+    """SoftMoELayer's keywords, checked: its own, and the expert-form ones of ExpertOptions; any
+    other ExpertOptions or RouteOptions keyword is refused by name (Soft MoE has no routing)."""
+    own, form, other = split_keywords("SoftMoELayer", keywords, SoftMoEOptions, ExpertOptions,
+                                      RouteOptions)
+    for name in [*other, *(n for n in form if n not in SOFT_MOE_FORM_KEYWORDS)]:
+        raise ValueError(f"{name}: Soft MoE has no routing, capacity or routing losses (every "
+                         "token reaches every slot); it takes num_slots, normalize and the "
+                         f"expert-form keywords {', '.join(SOFT_MOE_FORM_KEYWORDS)}")
+    g = {**defaults(SoftMoEOptions), **own}
+    experts = expert_options(route_options(1, 1), 1, **form)
+    return SoftMoEOptions(**_checked_fields(SoftMoEOptions, g)), experts
