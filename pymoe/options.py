@@ -28,7 +28,7 @@ from .variants.scores import SCORES
 from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
-SELECTIONS = ("tokens", "experts", "sinkhorn")
+SELECTIONS = ("tokens", "experts", "sinkhorn", "relu")
 ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 FORMULATIONS = ("indexed", "dense")
 SHARED_COMBINES = ("sum", "mean")
@@ -118,7 +118,11 @@ class RouteOptions:
     selection: str = keyword(
         "tokens", '"tokens" (top-K per token), "experts" (expert choice: each expert takes its '
         'top-C tokens, K = E pairs; variants.expert_choice), "sinkhorn" (top-K of the Sinkhorn-'
-        'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds).', _choice(SELECTIONS))
+        'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds), "relu" (ReMoE: gates '
+        "relu(logits), each token takes its experts with a positive logit, K = E pairs listed "
+        "and the positive ones in Routing.selected; k is the target K; aux_loss is the L1 "
+        "regulariser, whose coefficient variants.relu_routing.update_l1_coef adapts).",
+        _choice(SELECTIONS))
     capacity_rule: str = keyword("k_ceil", "the capacity formula (capacity.expert_capacity).")
     capacity: int | None = keyword(None, "a fixed C instead of any formula.")
     load_balancing: str = keyword("switch", "which load-balancing loss (losses.balance_loss).",
@@ -349,7 +353,21 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
                              "(each expert's top-C tokens); leave priority and drop_policy at "
                              "their defaults")
     _top_p_options(opts)
+    _relu_options(opts)
     return RouteOptions(k=k, **opts)
+
+
+def _relu_options(o: dict[str, Any]) -> None:
+    """selection="relu" against the keywords it cannot run with, each refused by name."""
+    if o["selection"] != "relu":
+        return
+    for kw, unset, why in (
+            ("score", "softmax", "its gates are relu(logits), no score function"),
+            ("normalize", False, "its gates are relu(logits) themselves"),
+            ("load_balancing", "switch", "its regulariser is the Switch form on the relu gates")):
+        if o[kw] != unset:
+            raise ValueError(f"{kw}: selection='relu' (ReMoE) needs {kw}={unset!r} ({why}), "
+                             f"got {o[kw]!r}")
 
 
 def _top_p_options(o: dict[str, Any]) -> None:
@@ -468,9 +486,10 @@ def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_st
         raise ValueError(f"{who}: token groups and expert parallelism do not support "
                          "router_noise='noisy_topk' (its load loss and w_noise would get no "
                          "gradient); use 'jitter' or 'none'")
-    if route.top_p is not None:
-        raise ValueError(f"{who}: token groups and expert parallelism do not support top_p "
-                         "(dynamic-K routing runs in route() and MoELayer with token_groups=1)")
+    if route.top_p is not None or route.selection == "relu":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support top_p or "
+                         "selection='relu' (dynamic-K routing runs in route() and MoELayer "
+                         "with token_groups=1)")
     if route.selection == "experts":
         raise ValueError(f"{who}: token groups and expert parallelism do not support expert "
                          "choice (selection='experts'); use 'tokens' or 'sinkhorn'")

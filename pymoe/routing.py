@@ -62,6 +62,12 @@ from .variants.scores import (
     underflowed_rows,
 )
 from .variants.sinkhorn import sinkhorn
+from .variants.relu_routing import (
+    l1_balance_loss,
+    l1_balance_loss_backward,
+    relu_keep,
+    relu_scores,
+)
 from .variants.top_p import ragged_balance_loss, ragged_balance_loss_backward, top_p_keep
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
@@ -82,7 +88,8 @@ class Routing:
     r.options.priority).
     """
     router_logits: np.ndarray  # [T, E] in the router dtype (>= float32)
-    probs: np.ndarray  # [T, E] router scores: softmax over experts, or sigmoid (options.score)
+    probs: np.ndarray  # [T, E] router scores: softmax over experts, or sigmoid (options.score),
+    # or relu(logits) with selection="relu"
     expert_index: np.ndarray  # <int64>[T, K] chosen experts, best first
     token_order: np.ndarray  # <int64>[T] priority order in which tokens claim slots
     position: np.ndarray  # <int64>[T, K] slot inside the expert, -1 where dropped
@@ -274,9 +281,9 @@ def check_replay(replay: object, T: int, opts: RouteOptions, E: int) -> np.ndarr
     if replay is not None and opts.selection == "experts":
         raise ValueError("replay: expert choice (selection='experts') has no per-token "
                          "selection to replay (every token lists every expert)")
-    if replay is not None and opts.top_p is not None:
-        raise ValueError("replay: a top_p routing's K varies per token; a [T, K] selection "
-                         "does not record it")
+    if replay is not None and (opts.top_p is not None or opts.selection == "relu"):
+        raise ValueError("replay: a top_p or selection='relu' routing's K varies per token; a "
+                         "[T, K] selection does not record it")
     return replay_arg(replay, T, opts.k, E)
 
 
@@ -328,6 +335,8 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     # step 2: router scores (and the logsumexp the z-loss needs)
     probs, lse = softmax_lse(logits) if twin is None else twin.softmax_lse(logits)  # [T, E], [T]
     scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]
+    if opts.selection == "relu":  # ReMoE: the gates are relu(logits)
+        scores = relu_scores(logits)  # [T, E]
     aux_probs = _aux_probs(scores, logits, opts)  # [T, E]
     if expert_bias is not None:  # one rule for every backend: the bias in the score dtype
         with np.errstate(over="ignore"):
@@ -358,6 +367,8 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     if opts.top_p is not None:  # dynamic K: the unselected pairs never compete (variants.top_p)
         candidates = selected = top_p_keep(probs, expert_index, opts.top_p)  # [T, K]
         gate = np.where(selected, gate, 0).astype(gate.dtype)  # [T, K]
+    elif opts.selection == "relu":  # a token's experts are its positive ones (ReMoE)
+        candidates = selected = relu_keep(logits, expert_index)  # [T, K]
     # step 8: capacity
     capacity = capacity_for(T if capacity_tokens is None else capacity_tokens, E, expert_index,
                             candidates, opts)
@@ -378,7 +389,7 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     elif opts.selection == "experts":
         aux = 0.0
     elif selected is not None and opts.load_balancing == "switch":
-        aux = ragged_balance_loss(aux_probs, expert_index, selected)
+        aux = _ragged_aux(aux_probs, expert_index, selected, opts)
     elif sums is not None and opts.load_balancing == "switch":
         aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # the same bits
     else:
@@ -417,6 +428,8 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
     K = sub.expert_index.shape[1]
     pad_logits = logits[pad]  # [T_pad, E]
     pad_scores = softmax_lse(pad_logits)[0] if opts.score == "softmax" else sigmoid(pad_logits)
+    if opts.selection == "relu":
+        pad_scores = relu_scores(pad_logits)  # [T_pad, E]
     bias = None if expert_bias is None else sub.expert_bias
 
     def full(part: np.ndarray, pad_part: np.ndarray) -> np.ndarray:
@@ -447,6 +460,23 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
                                                                    zeros.astype(bool)))
 
 
+def _ragged_aux(probs: np.ndarray, expert_index: np.ndarray, selected: np.ndarray,
+                opts: RouteOptions) -> float:
+    """The Switch loss of a ragged selection: top_p's (f over the selected pairs) or ReMoE's L1
+    regulariser (f over T * target k)."""
+    if opts.selection == "relu":
+        return l1_balance_loss(probs, expert_index, selected, opts.k)
+    return ragged_balance_loss(probs, expert_index, selected)
+
+
+def _ragged_aux_backward(probs: np.ndarray, expert_index: np.ndarray, selected: np.ndarray,
+                         coef: float, opts: RouteOptions) -> np.ndarray:
+    """d (coef * _ragged_aux) / d probs `[T, E]`."""
+    if opts.selection == "relu":
+        return l1_balance_loss_backward(probs, expert_index, selected, opts.k, coef)
+    return ragged_balance_loss_backward(probs, expert_index, selected, coef)
+
+
 def masked_balance_loss(probs: np.ndarray, expert_index: np.ndarray, mask: np.ndarray,
                         opts: RouteOptions, selected: np.ndarray | None = None) -> float:
     """balance_loss over the real rows: f_e, P_e and their T from the rows where mask is True;
@@ -456,7 +486,7 @@ def masked_balance_loss(probs: np.ndarray, expert_index: np.ndarray, mask: np.nd
     if opts.selection == "experts":
         return 0.0
     if selected is not None and opts.load_balancing == "switch":
-        return ragged_balance_loss(probs[mask], expert_index[mask], selected[mask])
+        return _ragged_aux(probs[mask], expert_index[mask], selected[mask], opts)
     if opts.load_balancing != "sequence":
         return balance_loss(probs[mask], expert_index[mask], opts.load_balancing)
     losses = [load_balancing_loss(probs[rows][m], expert_index[rows][m])
@@ -470,8 +500,8 @@ def masked_balance_loss_backward(probs: np.ndarray, expert_index: np.ndarray,
     """d (coef * masked_balance_loss) / d probs `[T, E]`, 0 in the padding rows."""
     d = np.zeros_like(probs)  # [T, E]
     if selected is not None and opts.load_balancing == "switch":
-        d[mask] = ragged_balance_loss_backward(probs[mask], expert_index[mask], selected[mask],
-                                               coef)
+        d[mask] = _ragged_aux_backward(probs[mask], expert_index[mask], selected[mask], coef,
+                                       opts)
         return d
     if opts.load_balancing != "sequence":
         d[mask] = balance_loss_backward(probs[mask], expert_index[mask], coef,
@@ -595,6 +625,8 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         return expert_choice_pairs(logits)  # [T, E]
     if opts.selection == "sinkhorn":
         return top_k(sinkhorn(logits, opts.sinkhorn_iterations), opts.k)
+    if opts.selection == "relu":  # every expert listed; relu_keep marks the positive ones
+        return top_k(logits, logits.shape[1])  # [T, E]
     if expert_bias is None and not grouped(opts):
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
     ranked = limit_for(selection_scores(scores, expert_bias), opts)  # [T, E]
@@ -666,20 +698,23 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
                 daux = masked_balance_loss_backward(aux_probs, index, mask, aux_loss_coef, opts,
                                                     routing.selected)
             elif routing.selected is not None and opts.load_balancing == "switch":
-                daux = ragged_balance_loss_backward(aux_probs, index, routing.selected,
-                                                    aux_loss_coef)  # [T, E]
+                daux = _ragged_aux_backward(aux_probs, index, routing.selected, aux_loss_coef,
+                                            opts)  # [T, E]
             else:
                 daux = balance_loss_backward(aux_probs, index, aux_loss_coef,
                                              opts.load_balancing, opts.sequence_length)  # [T, E]
             dscores += aux_loss_scores_backward(daux, scores, opts.score)
-        if opts.score == "softmax":
+        if opts.selection == "relu":
+            dlogits = dscores * (routing.router_logits > 0)  # [T, E] relu' (0 at 0)
+        elif opts.score == "softmax":
             dlogits = softmax_backward(dscores, scores)  # [T, E]
         else:
             dlogits = sigmoid_backward(dscores, scores)  # [T, E]
     if bad.any():
         dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
     if z_loss_coef:
-        probs = softmax(routing.router_logits) if opts.score != "softmax" else scores  # [T, E]
+        probs = (scores if opts.score == "softmax" and opts.selection != "relu"
+                 else softmax(routing.router_logits))  # [T, E]
         if mask is None:
             dlogits += router_z_loss_backward(routing.router_logits, probs, z_loss_coef)
         else:
