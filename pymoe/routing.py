@@ -53,6 +53,12 @@ from .topk import (
 from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
 from .variants.group_limited import grouped, limit_for
 from .variants.presets import Preset, accepts_preset
+from .variants.relu_routing import (
+    l1_balance_loss,
+    l1_balance_loss_backward,
+    relu_keep,
+    relu_scores,
+)
 from .variants.scores import (
     log_sigmoid,
     selection_scores,
@@ -62,12 +68,6 @@ from .variants.scores import (
     underflowed_rows,
 )
 from .variants.sinkhorn import sinkhorn
-from .variants.relu_routing import (
-    l1_balance_loss,
-    l1_balance_loss_backward,
-    relu_keep,
-    relu_scores,
-)
 from .variants.top_p import ragged_balance_loss, ragged_balance_loss_backward, top_p_keep
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
