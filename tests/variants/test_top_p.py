@@ -15,7 +15,7 @@ from helpers import (
     rel_error,
 )
 from pymoe import viz
-from pymoe.losses import load_balancing_loss
+from pymoe.losses import GlobalLoadBalance, load_balancing_loss
 from pymoe.variants.top_p import (
     dynamic_loss,
     dynamic_loss_backward,
@@ -184,6 +184,8 @@ def test_refusals_layer_and_replay():
         pymoe.MoELayer(4, 5, 4, 2, dynamic_loss_coef=0.1)
     with pytest.raises(ValueError, match="replay"):
         pymoe.route(np.zeros((3, 4)), 2, 1.0, top_p=0.5, replay=np.zeros((3, 2), int) + [0, 1])
+    with pytest.raises(ValueError, match="ragged"):
+        GlobalLoadBalance(4, 2).update(pymoe.route(np.zeros((3, 4)), 2, 1.0, top_p=0.5))
 
 
 def test_ragged_loss_equals_switch_loss_when_full():
