@@ -99,6 +99,8 @@ class MoELayer:
         routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
             when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
         load_loss: noisy top-K's CV(load)^2 of the last forward() (0 without it).
+        dynamic_loss: top_p's router entropy of the last forward() (variants.top_p; 0 without
+            top_p), weighted by dynamic_loss_coef in loss_terms().
         expert_bias: `[E]` selection bias or None (a buffer the training loop updates).
     """
 

@@ -210,3 +210,12 @@ def test_picture(tmp_path, monkeypatch):
     assert text.splitlines()[1:] == ["  t0   ## 2", "  t1   # 1", "  t2   ## 2"]
     with pytest.raises(TypeError, match="routing"):
         viz.experts_per_token_picture(logits, str(tmp_path / "k.png"))
+
+
+def test_cuda_device_route_refuses_by_name():
+    """CudaBackend.route runs the keywords marked device=True only and refuses the others with a
+    TypeError naming them: top_p and selection (so ReMoE's "relu") are not among them."""
+    from pymoe.options import device_keywords
+
+    assert "top_p" not in device_keywords() and "selection" not in device_keywords()
+
