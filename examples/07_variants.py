@@ -5,8 +5,10 @@ variant this prints the arrays of the changed steps (with shapes), then routes w
 route()/MoELayer keyword that selects it and checks that the keyword gives exactly those numbers.
 Variants: sigmoid scores, expert bias (aux-loss-free), group-limited top-K, scaling factor, noisy
 top-K, expert choice, Sinkhorn, GShard second-expert policy, token-major and random priority,
-drop policy "probs", renormalise after drop, capacity formulas, shared experts, loss scalings.
-Pictures: an expert-choice routing and a group-limited routing.
+drop policy "probs", renormalise after drop, capacity formulas, shared experts, loss scalings;
+and from research: top-p (dynamic K), ReLU routing (ReMoE), Soft MoE.
+Pictures: an expert-choice routing, a group-limited routing, top-p's experts per token and
+Soft MoE's dispatch and combine weights.
 
 Run:  python examples/07_variants.py [--variant NAME] [--quick] [--out DIR]
 """
@@ -240,12 +242,51 @@ def losses(x, logits):
     return r
 
 
+def top_p(x, logits):
+    p = softmax(logits)
+    idx = top_k(logits, E)
+    running = np.cumsum(np.take_along_axis(p, idx, axis=-1), axis=-1)
+    show("3'. running sum of each token's sorted probabilities", running, "[T, E]")
+    taken = np.ones_like(running, dtype=bool)
+    taken[:, 1:] = running[:, :-1] <= 0.6  # up to and including the one that passes p = 0.6
+    r = pymoe.route(logits, E, CAPACITY_FACTOR, top_p=0.6)
+    np.testing.assert_array_equal(r.selected, taken)
+    print(f"   experts per token (top_p=0.6, no cap): {r.experts_per_token.tolist()}")
+    return r
+
+
+def relu_routing(x, logits):
+    g = np.maximum(logits, 0)
+    show("2'. gates = relu(router_logits): a token's experts are its positive ones", g, "[T, E]")
+    r = pymoe.route(logits, K, CAPACITY_FACTOR, selection="relu")
+    np.testing.assert_array_equal(r.experts_per_token, (logits > 0).sum(axis=1))
+    n = (logits > 0).sum(axis=0)
+    l1 = E * np.dot(n / (T * K), g.sum(axis=0) / T)
+    same(r.aux_loss, l1)
+    print(f"   experts per token: {r.experts_per_token.tolist()}; L1 regulariser "
+          f"E sum_e n_e/(T K) * mean_t relu = {l1:.4f}")
+    return r
+
+
+def soft_moe(x, logits):
+    layer = pymoe.SoftMoELayer(D, H, E, 1, normalize=False, dtype=np.float64, seed=0)
+    y = layer(x)
+    show("   dispatch weights: each slot's softmax over the tokens", layer.dispatch_weights[0],
+         "[T, E*S]")
+    show("   combine weights: each token's softmax over the slots", layer.combine_weights[0],
+         "[T, E*S]")
+    same(layer.dispatch_weights[0].sum(axis=0), np.ones(E))
+    print(f"   y {tuple(y.shape)}: every token gets an output, nothing is dropped")
+    return layer
+
+
 VARIANTS = {
     "sigmoid": sigmoid_scores, "expert_bias": expert_bias, "groups": groups, "scaling": scaling,
     "noisy_topk": noisy_topk, "expert_choice": expert_choice, "sinkhorn": sinkhorn_selection,
     "gshard": gshard, "token_priority": token_priority, "random_priority": random_priority,
     "drop_probs": drop_probs, "renormalize": renormalize, "capacity_rules": capacity_rules,
-    "shared_experts": shared_experts, "losses": losses,
+    "shared_experts": shared_experts, "losses": losses, "top_p": top_p,
+    "relu_routing": relu_routing, "soft_moe": soft_moe,
 }
 
 
@@ -257,6 +298,12 @@ def pictures(routings: dict, out: str) -> dict:
     if "groups" in routings:
         path = os.path.join(out, "07_group_limited.png")
         figs[path] = viz.group_limited_picture(routings["groups"], path)
+    if "top_p" in routings:
+        path = os.path.join(out, "top_p_k_per_token.png")
+        figs[path] = viz.experts_per_token_picture(routings["top_p"], path)
+    if "soft_moe" in routings:
+        path = os.path.join(out, "soft_moe_weights.png")
+        figs[path] = viz.soft_moe_picture(routings["soft_moe"], path)
     return figs
 
 

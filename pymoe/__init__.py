@@ -17,6 +17,7 @@ The routing recipe, one module per step:
     options.py        every keyword of route() and MoELayer: its default, check and doc
     precision.py      router precision (round_to bf16/fp16, flip_report); replay.py: router replay
     token_groups.py   GShard token groups (MoELayer(token_groups=G), expert_parallel.py on MPI)
+    soft_moe.py       Soft MoE (SoftMoELayer): slots as softmax mixes of all tokens, no routing
 
 Beside the recipe:
     variants/    the major systems' routing variants, one module per step (scores,
@@ -32,13 +33,14 @@ from .compare import Comparison
 from .layer import MoELayer
 from .memory import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .routing import Routing, route, route_backward
+from .soft_moe import SoftMoELayer
 from .variants.presets import Preset, preset, presets
 from .variants.scores import update_expert_bias
 
 __all__ = ["MoELayer", "Routing", "route", "route_backward", "update_expert_bias", "backends",
            "get_backend", "BackendInfo", "MemoryBudgetError", "get_memory_budget",
            "set_memory_budget", "memory_budget", "Preset", "preset", "presets", "compare",
-           "Comparison", "precision", "replay"]
+           "Comparison", "precision", "replay", "SoftMoELayer"]
 __version__ = "0.1.0"
 
 warn_if_core_missing()  # one line when the C core is not built (PYMOE_DISABLE_C=1 silences it)

@@ -44,6 +44,7 @@ from .variants.input_norm import NormCache, rms_norm, rms_norm_backward
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
+from .variants.top_p import dynamic_loss, dynamic_loss_backward
 
 PARAM_NAMES = ("w_router", "b_router", *EXPERT_PARAMS)  # always present
 
@@ -108,6 +109,8 @@ class MoELayer:
         routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
             when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
         load_loss: noisy top-K's CV(load)^2 of the last forward() (0 without it).
+        dynamic_loss: top_p's router entropy of the last forward() (variants.top_p; 0 without
+            top_p), weighted by dynamic_loss_coef in loss_terms().
         expert_bias: `[E]` selection bias or None (a buffer the training loop updates).
     """
 
@@ -195,6 +198,7 @@ class MoELayer:
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
+        self.dynamic_loss = 0.0  # top_p's router entropy (variants.top_p.dynamic_loss)
 
     @property
     def expert_form(self) -> FormSpec:
@@ -399,6 +403,7 @@ class MoELayer:
                                     noisy, shared, pre_norm, inv_rms, normed, mask, rnorm,
                                     enorm)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
+        self.dynamic_loss = 0.0 if self.top_p is None else dynamic_loss(r.probs[rows])
         record_selection(self, r.expert_index)
         return y.reshape(x.shape)
 
@@ -524,7 +529,8 @@ class MoELayer:
         """aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ load_loss_coef * load_loss with
         noisy top-K) of the last forward()."""
         return (self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
-                + self.load_loss_coef * self.load_loss)
+                + self.load_loss_coef * self.load_loss
+                + self.dynamic_loss_coef * self.dynamic_loss)
 
     # --------------------------------------------------------------- backward
     def backward(self, dy: np.ndarray, *, router_dlogits: np.ndarray | None = None) -> np.ndarray:
@@ -612,6 +618,9 @@ class MoELayer:
                 minlength=self.num_experts).astype(self.dtype)  # [E]
             dgate = dgate * p["gate_scale"][r.expert_index]  # [T, K]
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
+        if self.dynamic_loss_coef:  # top_p's entropy term, over the real tokens
+            rows = slice(None) if mask is None else mask
+            dlogits[rows] += dynamic_loss_backward(r.probs[rows], self.dynamic_loss_coef)
         if router_dlogits is not None:
             dlogits = dlogits + _checks.float_array("router_dlogits", router_dlogits,
                                                     shape=dlogits.shape).astype(dlogits.dtype)

@@ -239,6 +239,9 @@ class GlobalLoadBalance:
         if routing.options.selection == "experts":
             raise ValueError("routing: expert-choice routing (selection='experts') has no "
                              "load-balancing loss")
+        if getattr(routing, "selected", None) is not None:
+            raise ValueError("routing: a ragged selection (top_p, selection='relu') is not "
+                             "supported by GlobalLoadBalance (it counts all K pairs per token)")
         probs = aux_loss_scores(routing.probs, routing.options.score)  # [T, E]
         index = routing.expert_index  # [T, K]
         mask = getattr(routing, "token_mask", None)

@@ -28,7 +28,7 @@ from .variants.scores import SCORES
 from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
-SELECTIONS = ("tokens", "experts", "sinkhorn")
+SELECTIONS = ("tokens", "experts", "sinkhorn", "relu")
 ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 FORMULATIONS = ("indexed", "dense")
 SHARED_COMBINES = ("sum", "mean")
@@ -63,6 +63,14 @@ def _caps(name: str, v: Any) -> tuple[float, float] | None:
         raise TypeError(f"{name}: expected a pair (gate cap, up cap) or None, got {v!r}")
     return (float(_checks.positive_finite(f"{name}[0]", v[0]) or 0),
             float(_checks.positive_finite(f"{name}[1]", v[1]) or 0))
+
+
+def _unit_interval(name: str, v: Any) -> float:
+    """A finite float in (0, 1]."""
+    p = float(_checks.positive_finite(name, v) or 0)
+    if p > 1.0:
+        raise ValueError(f"{name}: expected a probability mass in (0, 1], got {p}")
+    return p
 
 
 def _integer(low: int) -> Check:
@@ -111,7 +119,11 @@ class RouteOptions:
     selection: str = keyword(
         "tokens", '"tokens" (top-K per token), "experts" (expert choice: each expert takes its '
         'top-C tokens, K = E pairs; variants.expert_choice), "sinkhorn" (top-K of the Sinkhorn-'
-        'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds).', _choice(SELECTIONS))
+        'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds), "relu" (ReMoE: gates '
+        "relu(logits), each token takes its experts with a positive logit, K = E pairs listed "
+        "and the positive ones in Routing.selected; k is the target K; aux_loss is the L1 "
+        "regulariser, whose coefficient variants.relu_routing.update_l1_coef adapts).",
+        _choice(SELECTIONS))
     capacity_rule: str = keyword("k_ceil", "the capacity formula (capacity.expert_capacity).")
     capacity: int | None = keyword(None, "a fixed C instead of any formula.")
     load_balancing: str = keyword("switch", "which load-balancing loss (losses.balance_loss).",
@@ -138,6 +150,12 @@ class RouteOptions:
         'equal route(L[m])), "routed" (Megatron-Core: padding is routed and takes slots), '
         '"counted" (HF NLLB-MoE: padding is not routed but counts in T for the capacity) '
         '(docs/variants.md, "Padding").', _choice(PADDINGS))
+    top_p: float | None = keyword(
+        None, "top-p (dynamic-K) routing, arXiv 2403.07652: 0 < p <= 1; each token takes its "
+        "ranked experts until their softmax mass passes p (the crossing expert included), at "
+        "most k of them (k = E: no cap, as the paper); the rest are unselected "
+        "(Routing.selected), take no slot and count in no load (variants.top_p). None: top-K.",
+        lambda n, v: None if v is None else _unit_interval(n, v))
 
     # issue 23, the smaller switches (kolibri1, axk2, dbrx, lfm2_moe; docs/variants.md)
     expert_bias_on: str = keyword(
@@ -232,6 +250,10 @@ class ExpertOptions:
         1, "G >= 1: G > 1 routes each of G equal contiguous blocks of tokens on its own, with its "
         "own capacity (the GShard group; pymoe.token_groups explains); indexed formulation only.",
         _integer(1))
+    dynamic_loss_coef: float = keyword(
+        0.0, "weight of top-p routing's dynamic loss, the router entropy averaged over tokens "
+        "(variants.top_p.dynamic_loss; the paper uses 1e-4), in the objective backward() "
+        "differentiates (>= 0); needs top_p.", _checks.nonnegative_finite)
     load_stats: str = keyword('local', '"local" (each group\'s own f_e, P_e in the aux loss) or '
                               '"global" (over all groups); with token_groups > 1.',
                               _choice(LOAD_STATS))
@@ -381,6 +403,8 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
             raise ValueError("priority: expert choice fills slots in token order by its own rule "
                              "(each expert's top-C tokens); leave priority and drop_policy at "
                              "their defaults")
+    _top_p_options(opts)
+    _relu_options(opts)
     return RouteOptions(k=k, **opts)
 
 
@@ -397,6 +421,35 @@ def _switch_options(opts: dict[str, Any], group_fill: object) -> None:
     for kw, unset in (("normalize_p", 1.0), ("normalize_eps", 0.0)):
         if opts[kw] != unset and not opts["normalize"]:
             raise ValueError(f"{kw}: only used with normalize=True, got {kw}={opts[kw]!r}")
+def _relu_options(o: dict[str, Any]) -> None:
+    """selection="relu" against the keywords it cannot run with, each refused by name."""
+    if o["selection"] != "relu":
+        return
+    for kw, unset, why in (
+            ("score", "softmax", "its gates are relu(logits), no score function"),
+            ("normalize", False, "its gates are relu(logits) themselves"),
+            ("load_balancing", "switch", "its regulariser is the Switch form on the relu gates")):
+        if o[kw] != unset:
+            raise ValueError(f"{kw}: selection='relu' (ReMoE) needs {kw}={unset!r} ({why}), "
+                             f"got {o[kw]!r}")
+
+
+def _top_p_options(o: dict[str, Any]) -> None:
+    """top_p against the keywords it cannot run with, each refused by name."""
+    if o["top_p"] is None:
+        return
+    for kw, unset, why in (
+            ("score", "softmax", "the mass is of softmax probabilities"),
+            ("selection", "tokens", "it picks experts per token"),
+            ("normalize", False, "its gates are the probabilities themselves (the paper's); "
+             "renormalize_after_drop=True renormalises over the taken experts"),
+            ("second_expert_policy", "all", "it decides the second expert itself"),
+            ("num_groups", None, "group-limited top-K is not part of it")):
+        if o.get(kw, unset) != unset:
+            raise ValueError(f"{kw}: top_p needs {kw}={unset!r} ({why}), got {o[kw]!r}")
+    if o["load_balancing"] not in ("switch", "first_choice"):
+        raise ValueError(f"load_balancing: top_p takes 'switch' (f over the selected pairs) or "
+                         f"'first_choice', got {o['load_balancing']!r}")
 
 
 def _group_options(E: int, k: int, num_groups: object, topk_groups: object,
@@ -466,6 +519,8 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                 o["router_noise"] == "noisy_topk":
             raise ValueError("modality_sets: needs selection='tokens', no num_groups and no "
                              "noisy top-K")
+    if o["dynamic_loss_coef"] and route.top_p is None:
+        raise ValueError("dynamic_loss_coef: top-p routing's dynamic loss needs top_p")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -524,6 +579,10 @@ def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_st
         raise ValueError(f"{who}: token groups and expert parallelism do not support "
                          "router_noise='noisy_topk' (its load loss and w_noise would get no "
                          "gradient); use 'jitter' or 'none'")
+    if route.top_p is not None or route.selection == "relu":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support top_p or "
+                         "selection='relu' (dynamic-K routing runs in route() and MoELayer "
+                         "with token_groups=1)")
     if route.selection == "experts":
         raise ValueError(f"{who}: token groups and expert parallelism do not support expert "
                          "choice (selection='experts'); use 'tokens' or 'sinkhorn'")
@@ -600,3 +659,34 @@ def generator_arg(seed: object, needed: bool) -> np.random.Generator | None:
         raise TypeError(f"seed: expected an int, a numpy Generator or None, got "
                         f"{type(seed).__name__}")
     return np.random.default_rng(_checks.integer("seed", seed, low=0))
+
+
+@dataclass(frozen=True)
+class SoftMoEOptions:
+    """pymoe.SoftMoELayer's own keywords (Puigcerver et al. 2023, "From Sparse to Soft Mixtures
+    of Experts"); its experts take ExpertOptions' form keywords (activation, swiglu_*)."""
+    num_slots: int = keyword(1, "S slots per expert (>= 1): the layer has E*S slots, each a "
+                             "softmax-over-tokens mix of every token.", _integer(1))
+    normalize: bool = keyword(
+        True, "normalise tokens and slot embeddings before their dot product (the paper's "
+        "sec. 2.3 l2 normalisation; here RMSNorm = l2norm(v) * sqrt(D) * weight, weights "
+        "norm_weight [D] and slot_norm_weight [D] initialised to ones, as soft-moe-pytorch); "
+        "False: raw dot products (the paper's Algorithm 1).", _checks.boolean)
+
+
+SOFT_MOE_KEYWORDS = tuple(f.name for f in dataclasses.fields(SoftMoEOptions))
+SOFT_MOE_FORM_KEYWORDS = ("activation", "swiglu_limit", "swiglu_alpha", "swiglu_softcap")
+
+
+def soft_moe_options(**keywords: Any) -> tuple[SoftMoEOptions, ExpertOptions]:
+    """SoftMoELayer's keywords, checked: its own, and the expert-form ones of ExpertOptions; any
+    other ExpertOptions or RouteOptions keyword is refused by name (Soft MoE has no routing)."""
+    own, form, other = split_keywords("SoftMoELayer", keywords, SoftMoEOptions, ExpertOptions,
+                                      RouteOptions)
+    for name in [*other, *(n for n in form if n not in SOFT_MOE_FORM_KEYWORDS)]:
+        raise ValueError(f"{name}: Soft MoE has no routing, capacity or routing losses (every "
+                         "token reaches every slot); it takes num_slots, normalize and the "
+                         f"expert-form keywords {', '.join(SOFT_MOE_FORM_KEYWORDS)}")
+    g = {**defaults(SoftMoEOptions), **own}
+    experts = expert_options(route_options(1, 1), 1, **form)
+    return SoftMoEOptions(**_checked_fields(SoftMoEOptions, g)), experts

@@ -54,6 +54,12 @@ from .topk import (
 from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
 from .variants.group_limited import grouped, limit_for
 from .variants.presets import Preset, accepts_preset
+from .variants.relu_routing import (
+    l1_balance_loss,
+    l1_balance_loss_backward,
+    relu_keep,
+    relu_scores,
+)
 from .variants.scores import (
     log_sigmoid,
     selection_scores,
@@ -63,6 +69,7 @@ from .variants.scores import (
     underflowed_rows,
 )
 from .variants.sinkhorn import sinkhorn
+from .variants.top_p import ragged_balance_loss, ragged_balance_loss_backward, top_p_keep
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
            "route_unchecked", "K1_NORMALIZE_WARNING"]
@@ -82,7 +89,8 @@ class Routing:
     r.options.priority).
     """
     router_logits: np.ndarray  # [T, E] in the router dtype (>= float32)
-    probs: np.ndarray  # [T, E] router scores: softmax over experts, or sigmoid (options.score)
+    probs: np.ndarray  # [T, E] router scores: softmax over experts, or sigmoid (options.score),
+    # or relu(logits) with selection="relu"
     expert_index: np.ndarray  # <int64>[T, K] chosen experts, best first
     token_order: np.ndarray  # <int64>[T] priority order in which tokens claim slots
     position: np.ndarray  # <int64>[T, K] slot inside the expert, -1 where dropped
@@ -100,6 +108,9 @@ class Routing:
     # gradient; options.padding says whether they were routed.
     token_mask: np.ndarray | None = field(default=None, repr=False)
     _slot_owner: np.ndarray | None = field(default=None, repr=False)  # from a backend, or lazy
+    # <bool>[T, K] the pairs each token took when K varies per token (top_p: variants.top_p);
+    # an unselected pair has position -1 and gate 0 and is in no load. None: every pair.
+    selected: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -117,10 +128,13 @@ class Routing:
         kept = int(np.count_nonzero(self._real_kept))
         load = np.array2string(np.asarray(self.expert_load), threshold=16, edgeitems=4)
         n = self.num_real_tokens
+        sel = self.selected
+        pairs = n * K if sel is None else int(np.count_nonzero(
+            sel if self.token_mask is None else sel & self.token_mask[:, None]))
         real = "" if self.token_mask is None else f", {T - n} of them padding"
         return (f"Routing(T={T}{real}, E={E}, K={K}, capacity C={self.capacity}; "
                 f"{describe_options(self.options)})\n"
-                f"  kept {kept} of {n * K} (token, choice) pairs ({self.dropped_fraction:.1%} "
+                f"  kept {kept} of {pairs} (token, choice) pairs ({self.dropped_fraction:.1%} "
                 f"dropped), {self.tokens_dropped_fraction:.1%} of tokens lost every choice\n"
                 f"  expert_load {load} (before dropping)\n"
                 f"  aux_loss {self.aux_loss:.6g}, z_loss {self.z_loss:.6g}; arrays: router_logits, "
@@ -160,7 +174,18 @@ class Routing:
         """Share of the real tokens' (token, choice) assignments that were dropped (0.0 when
         there are none); padding is left out."""
         n = self.num_real_tokens * self.kept.shape[1]
+        if self.selected is not None:  # ragged K: of the pairs the tokens took
+            sel = self.selected if self.token_mask is None else \
+                self.selected & self.token_mask[:, None]
+            n = int(np.count_nonzero(sel))
         return float(n - np.count_nonzero(self._real_kept)) / n if n else 0.0
+
+    @property
+    def experts_per_token(self) -> np.ndarray:
+        """`<int64>[T]` the experts each token took (K everywhere unless K varies: top_p)."""
+        if self.selected is None:
+            return np.full(self.num_tokens, self.k, dtype=np.int64)
+        return np.count_nonzero(self.selected, axis=-1).astype(np.int64)
 
     @property
     def tokens_dropped_fraction(self) -> float:
@@ -257,6 +282,9 @@ def check_replay(replay: object, T: int, opts: RouteOptions, E: int) -> np.ndarr
     if replay is not None and opts.selection == "experts":
         raise ValueError("replay: expert choice (selection='experts') has no per-token "
                          "selection to replay (every token lists every expert)")
+    if replay is not None and (opts.top_p is not None or opts.selection == "relu"):
+        raise ValueError("replay: a top_p or selection='relu' routing's K varies per token; a "
+                         "[T, K] selection does not record it")
     return replay_arg(replay, T, opts.k, E)
 
 
@@ -308,6 +336,8 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     # step 2: router scores (and the logsumexp the z-loss needs)
     probs, lse = softmax_lse(logits) if twin is None else twin.softmax_lse(logits)  # [T, E], [T]
     scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]
+    if opts.selection == "relu":  # ReMoE: the gates are relu(logits)
+        scores = relu_scores(logits)  # [T, E]
     aux_probs = _aux_probs(scores, logits, opts)  # [T, E]
     if expert_bias is not None:  # one rule for every backend: the bias in the score dtype
         with np.errstate(over="ignore"):
@@ -335,6 +365,12 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     if opts.second_expert_policy != "all":
         candidates = second_expert_keep(scores, expert_index, opts.second_expert_policy,
                                         opts.second_expert_threshold, rng)  # [T, K]
+    selected = None
+    if opts.top_p is not None:  # dynamic K: the unselected pairs never compete (variants.top_p)
+        candidates = selected = top_p_keep(probs, expert_index, opts.top_p)  # [T, K]
+        gate = np.where(selected, gate, 0).astype(gate.dtype)  # [T, K]
+    elif opts.selection == "relu":  # a token's experts are its positive ones (ReMoE)
+        candidates = selected = relu_keep(logits, expert_index)  # [T, K]
     # step 8: capacity
     capacity = capacity_for(T if capacity_tokens is None else capacity_tokens, E, expert_index,
                             candidates, opts)
@@ -350,10 +386,12 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     if stats_mask is not None:  # padding="routed": statistics of the real rows only
         listed = stats_mask[:, None] if candidates is None else candidates & stats_mask[:, None]
         load = expert_load(expert_index[np.broadcast_to(listed, expert_index.shape)], E)  # [E]
-        aux = masked_balance_loss(aux_probs, expert_index, stats_mask, opts)
+        aux = masked_balance_loss(aux_probs, expert_index, stats_mask, opts, selected)
         z_loss = router_z_loss_from_lse(lse[stats_mask])
     elif opts.selection == "experts":
         aux = 0.0
+    elif selected is not None and opts.load_balancing == "switch":
+        aux = _ragged_aux(aux_probs, expert_index, selected, opts)
     elif sums is not None and opts.load_balancing == "switch":
         aux = load_balancing_loss_from_sums(sums[0], sums[1], T, opts.k)  # the same bits
     else:
@@ -364,7 +402,8 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
                    gate=scale_for(final, opts), kept=kept, capacity=capacity,
                    expert_load=load,
                    aux_loss=aux, z_loss=z_loss, options=opts,
-                   expert_bias=expert_bias, token_mask=stats_mask, _slot_owner=owner)
+                   expert_bias=expert_bias, token_mask=stats_mask, _slot_owner=owner,
+                   selected=selected)
 
 
 def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
@@ -391,6 +430,8 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
     K = sub.expert_index.shape[1]
     pad_logits = logits[pad]  # [T_pad, E]
     pad_scores = softmax_lse(pad_logits)[0] if opts.score == "softmax" else sigmoid(pad_logits)
+    if opts.selection == "relu":
+        pad_scores = relu_scores(pad_logits)  # [T_pad, E]
     bias = None if expert_bias is None else sub.expert_bias
 
     def full(part: np.ndarray, pad_part: np.ndarray) -> np.ndarray:
@@ -416,17 +457,38 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
                    gate=full(sub.gate, zeros), kept=full(sub.kept, zeros.astype(bool)),
                    capacity=sub.capacity, expert_load=sub.expert_load, aux_loss=aux,
                    z_loss=sub.z_loss, options=opts, expert_bias=sub.expert_bias,
-                   token_mask=mask, _slot_owner=owner.astype(np.int64))
+                   token_mask=mask, _slot_owner=owner.astype(np.int64),
+                   selected=None if sub.selected is None else full(sub.selected,
+                                                                   zeros.astype(bool)))
+
+
+def _ragged_aux(probs: np.ndarray, expert_index: np.ndarray, selected: np.ndarray,
+                opts: RouteOptions) -> float:
+    """The Switch loss of a ragged selection: top_p's (f over the selected pairs) or ReMoE's L1
+    regulariser (f over T * target k)."""
+    if opts.selection == "relu":
+        return l1_balance_loss(probs, expert_index, selected, opts.k)
+    return ragged_balance_loss(probs, expert_index, selected)
+
+
+def _ragged_aux_backward(probs: np.ndarray, expert_index: np.ndarray, selected: np.ndarray,
+                         coef: float, opts: RouteOptions) -> np.ndarray:
+    """d (coef * _ragged_aux) / d probs `[T, E]`."""
+    if opts.selection == "relu":
+        return l1_balance_loss_backward(probs, expert_index, selected, opts.k, coef)
+    return ragged_balance_loss_backward(probs, expert_index, selected, coef)
 
 
 def masked_balance_loss(probs: np.ndarray, expert_index: np.ndarray, mask: np.ndarray,
-                        opts: RouteOptions) -> float:
+                        opts: RouteOptions, selected: np.ndarray | None = None) -> float:
     """balance_loss over the real rows: f_e, P_e and their T from the rows where mask is True;
     the per-sequence loss: each sequence's real rows, averaged over the sequences that have any.
 
     Args: probs `[T, E]` (aux_loss_scores), expert_index `<int>[T, K]`, mask `<bool>[T]`."""
     if opts.selection == "experts":
         return 0.0
+    if selected is not None and opts.load_balancing == "switch":
+        return _ragged_aux(probs[mask], expert_index[mask], selected[mask], opts)
     if opts.load_balancing != "sequence":
         return balance_loss(probs[mask], expert_index[mask], opts.load_balancing)
     losses = [load_balancing_loss(probs[rows][m], expert_index[rows][m])
@@ -435,10 +497,14 @@ def masked_balance_loss(probs: np.ndarray, expert_index: np.ndarray, mask: np.nd
 
 
 def masked_balance_loss_backward(probs: np.ndarray, expert_index: np.ndarray,
-                                 mask: np.ndarray, coef: float,
-                                 opts: RouteOptions) -> np.ndarray:
+                                 mask: np.ndarray, coef: float, opts: RouteOptions,
+                                 selected: np.ndarray | None = None) -> np.ndarray:
     """d (coef * masked_balance_loss) / d probs `[T, E]`, 0 in the padding rows."""
     d = np.zeros_like(probs)  # [T, E]
+    if selected is not None and opts.load_balancing == "switch":
+        d[mask] = _ragged_aux_backward(probs[mask], expert_index[mask], selected[mask], coef,
+                                       opts)
+        return d
     if opts.load_balancing != "sequence":
         d[mask] = balance_loss_backward(probs[mask], expert_index[mask], coef,
                                         opts.load_balancing)
@@ -564,6 +630,8 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         return expert_choice_pairs(logits)  # [T, E]
     if opts.selection == "sinkhorn":
         return top_k(sinkhorn(logits, opts.sinkhorn_iterations), opts.k)
+    if opts.selection == "relu":  # every expert listed; relu_keep marks the positive ones
+        return top_k(logits, logits.shape[1])  # [T, E]
     if expert_bias is None and not grouped(opts):
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
     biased = logits if opts.expert_bias_on == "logits" else scores  # kolibri1: l + b
@@ -639,20 +707,27 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
         daux = None
         if aux_loss_coef and opts.selection != "experts":
             aux_probs = _aux_probs(scores, routing.router_logits, opts)
-            if mask is None:
+            if mask is not None:
+                daux = masked_balance_loss_backward(aux_probs, index, mask, aux_loss_coef, opts,
+                                                    routing.selected)
+            elif routing.selected is not None and opts.load_balancing == "switch":
+                daux = _ragged_aux_backward(aux_probs, index, routing.selected, aux_loss_coef,
+                                            opts)  # [T, E]
+            else:
                 daux = balance_loss_backward(aux_probs, index, aux_loss_coef,
                                              opts.load_balancing, opts.sequence_length)  # [T, E]
-            else:
-                daux = masked_balance_loss_backward(aux_probs, index, mask, aux_loss_coef, opts)
             dscores += aux_loss_scores_backward(daux, scores, opts.score)
-        if opts.score == "softmax":
+        if opts.selection == "relu":
+            dlogits = dscores * (routing.router_logits > 0)  # [T, E] relu' (0 at 0)
+        elif opts.score == "softmax":
             dlogits = softmax_backward(dscores, scores)  # [T, E]
         else:
             dlogits = sigmoid_backward(dscores, scores)  # [T, E]
     if bad.any():
         dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
     if z_loss_coef:
-        probs = softmax(routing.router_logits) if opts.score != "softmax" else scores  # [T, E]
+        probs = (scores if opts.score == "softmax" and opts.selection != "relu"
+                 else softmax(routing.router_logits))  # [T, E]
         if mask is None:
             dlogits += router_z_loss_backward(routing.router_logits, probs, z_loss_coef)
         else:

@@ -786,4 +786,94 @@ def rank_load_bars(loads: Mapping[str, Sequence[float]], path: str, *, title: st
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+# ------------------------------------------------------------------ dynamic K (top_p)
+
+def experts_per_token_picture(routing: Routing, path: str, *, max_tokens: int = 64) -> Any:
+    """Top-p routing (route(..., top_p=p)): how many experts each token took. Left, one bar per
+    token (kept pairs dark, pairs taken but dropped past capacity light); right, the histogram
+    of K over all T tokens. A plain top-K routing draws K for every token.
+
+    Text version: one row per token, '#' per kept expert, 'x' per dropped one, then K.
+    """
+    routing = _routing("routing", routing)
+    max_tokens = _checks.integer("max_tokens", max_tokens, low=1)
+    T, K = routing.num_tokens, routing.k
+    taken = routing.experts_per_token  # [T]
+    kept = np.count_nonzero(routing.kept, axis=-1)  # [T]
+    n = min(T, max_tokens)
+    p = routing.options.top_p
+    head = (f"experts per token ({'top-p, p = ' + format(p, 'g') if p is not None else 'top-K'}"
+            f", at most K = {K}): mean {taken.mean() if T else 0:.2f} over {T} tokens")
+    if not have_matplotlib():
+        lines = [head + "; # kept, x dropped"]
+        for t in range(n):
+            lines.append(f"  t{t:<4d}{'#' * int(kept[t])}{'x' * int(taken[t] - kept[t])} "
+                         f"{int(taken[t])}")
+        return _emit("\n".join(lines))
+    fig = _figure(8.8, 3.8)
+    left, right = fig.subplots(1, 2, width_ratios=[2.2, 1])
+    ts = np.arange(n)
+    left.bar(ts, kept[:n], color="tab:blue", label="kept")
+    left.bar(ts, (taken - kept)[:n], bottom=kept[:n], color="tab:orange",
+             label="dropped (past capacity)")
+    left.set_xlabel("token" + (f" (first {n} of {T})" if n < T else ""))
+    left.set_ylabel("experts taken")
+    left.set_yticks(range(K + 1))
+    left.set_title(head, fontsize=10)
+    left.legend(fontsize=8, loc="upper right")
+    counts = np.bincount(taken, minlength=K + 1)  # [K + 1]
+    right.bar(np.arange(K + 1), counts, color="tab:green")
+    right.set_xticks(range(K + 1))
+    right.set_xlabel("experts per token")
+    right.set_ylabel("tokens")
+    right.set_title("histogram of K", fontsize=10)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ Soft MoE
+
+def soft_moe_picture(layer: Any, path: str, *, sequence: int = 0, max_tokens: int = 32) -> Any:
+    """A pymoe.SoftMoELayer's last forward: the dispatch weights (each slot's softmax over the
+    tokens: columns sum to 1) and the combine weights (each token's softmax over the E*S slots:
+    rows sum to 1) of one sequence, tokens down, slots across, grouped by expert.
+
+    Text version: both matrices, two decimals, one row per token.
+    """
+    from .soft_moe import SoftMoELayer
+
+    if not isinstance(layer, SoftMoELayer):
+        raise TypeError(f"layer: expected a pymoe.SoftMoELayer, got {type(layer).__name__}")
+    if layer.dispatch_weights is None or layer.combine_weights is None:
+        raise ValueError("layer: has no forward pass to draw yet; call layer(x) first")
+    B = layer.dispatch_weights.shape[0]
+    b = _checks.integer("sequence", sequence, low=0, high=B - 1)
+    max_tokens = _checks.integer("max_tokens", max_tokens, low=1)
+    dispatch = np.asarray(layer.dispatch_weights[b], dtype=float)  # [N, ES]
+    combine = np.asarray(layer.combine_weights[b], dtype=float)  # [N, ES]
+    N, ES = dispatch.shape
+    E, S = layer.num_experts, layer.num_slots
+    n = min(N, max_tokens)
+    labels = [f"{e}.{s}" for e in range(E) for s in range(S)]
+    if not have_matplotlib():
+        lines = []
+        for name, m in (("dispatch (columns sum to 1)", dispatch),
+                        ("combine (rows sum to 1)", combine)):
+            lines += [f"Soft MoE {name}; slots expert.slot", "token  " + " ".join(
+                f"{lab:>5s}" for lab in labels)]
+            lines += [f"t{t:<5d}" + " ".join(f"{v:5.2f}" for v in m[t]) for t in range(n)]
+        return _emit("\n".join(lines))
+    fig = _figure(2.4 + 2 * max(2.6, 0.42 * ES), 1.9 + 0.24 * n)
+    axes = fig.subplots(1, 2)
+    for ax, m, title in ((axes[0], dispatch, "dispatch: each slot's mix of\nthe tokens "
+                          "(columns sum to 1)"),
+                         (axes[1], combine, "combine: each token's mix of\nthe slots "
+                          "(rows sum to 1)")):
+        im = ax.imshow(m[:n], aspect="auto", cmap="Blues", vmin=0, vmax=max(m.max(), 1e-12))
+        for e in range(1, E):
+            ax.axvline(e * S - 0.5, color="black", lw=1)
+        ax.set_xticks(range(ES), labels, fontsize=7, rotation=90 if ES > 12 else 0)
+        ax.set_xlabel("slot (expert.slot)")
+        ax.set_ylabel("token")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.05)
     return _save(fig, path)

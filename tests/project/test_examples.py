@@ -257,7 +257,8 @@ def test_07_variants_every_variant_on_the_walkthrough_tokens(tmp_path, capsys):
         assert f"== {name} " in out
     ec = res["routings"]["expert_choice"]
     assert ec.k == 4 and (ec.expert_load_kept == ec.capacity).all()
-    check_pictures(res, tmp_path, 2)
+    assert len(set(res["routings"]["top_p"].experts_per_token.tolist())) > 1
+    check_pictures(res, tmp_path, 4)
     one = mod.main(["--variant", "sinkhorn", "--out", str(tmp_path)])  # full arrays, one variant
     assert list(one["routings"]) == ["sinkhorn"] and one["pictures"] == {}
     assert "t7" in capsys.readouterr().out
