@@ -92,7 +92,8 @@ def run_rank(case: dict, comm) -> dict:
     fault = c.get("fault")
     if fault and fault.get("at") == "setup" and fault["rank"] == rank:
         inject(fault, layer)
-    ep = ExpertParallelMoE(layer, comm, exchange=c["exchange"], load_stats=c["load_stats"])
+    ep = ExpertParallelMoE(layer, comm, exchange=c["exchange"], load_stats=c["load_stats"],
+                           **{n: c[n] for n in ("ranks_per_node", "dedup", "max_nodes") if n in c})
     if c.get("bias_drift_rank") == rank:  # a bias updated on one rank only
         layer.expert_bias = np.full(c["E"], 1e-3)
     if c.get("nan_param_rank") == rank:  # "update in place", with a NaN
@@ -124,6 +125,8 @@ def run_rank(case: dict, comm) -> dict:
     for d in st.rows:
         out[f"rows_{d}"], out[f"bytes_{d}"] = st.rows[d], st.bytes[d]
         out[f"padding_{d}"] = st.padding_bytes[d]
+        out[f"wire_rows_{d}"], out[f"wire_bytes_{d}"], out[f"wire_messages_{d}"] = st.wire(d)
+    out["meta_bytes"] = np.array(st.meta_bytes)
     return out
 
 
