@@ -117,8 +117,9 @@ def modelled_seconds(split: dict[str, dict[str, Any]], links: Links = Links()) -
 
 # ------------------------------------------------------------------------------ the exchange
 def stage_plan(exchange: str, dedup: bool) -> tuple[str, ...]:
-    """The stages of a multi-hop exchange, each "node" (inside a node) or "lane" (between nodes,
-    among the ranks with one local index); () for the flat one-stage exchanges."""
+    """The stages of one multi-hop exchange, each "node" (inside a node) or "lane" (between nodes,
+    among the ranks with one local index); () for the flat one-stage exchange. dedup: this
+    exchange sends each token once per node (the forward dispatch with dedup=True)."""
     if exchange == "hierarchical":
         return ("node", "lane", "node")
     return ("lane", "node") if dedup else ()  # DeepEP: across first, fan out inside the node

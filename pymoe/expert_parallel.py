@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -243,15 +244,26 @@ class _MPIExchange:
 
 
 class _MPINodeExchange(ep_nodes.NodeExchange, _MPIExchange):
-    """_MPIExchange with nodes: the multi-hop exact exchanges (hierarchical, dedup) of
-    pymoe.ep_nodes; the flat ones are _MPIExchange's own."""
+    """_MPIExchange with nodes: the multi-hop exchanges of pymoe.ep_nodes, all four with
+    exchange="hierarchical", the forward dispatch only with dedup=True and exchange="exact"
+    (across to the same local index, then fanned out: DeepEP's path); the flat ones are
+    _MPIExchange's own."""
 
     def __init__(self, comm: Any, num_local: int, mode: str, stats: StepStats,
                  ranks_per_node: int, dedup: bool, subcomms: dict[str, Any], k: int) -> None:
         super().__init__(comm, num_local, mode, stats)
         self.R, self.dedup, self.subcomms, self.k = ranks_per_node, dedup, subcomms, k
-        self.plan = ep_nodes.stage_plan(mode, dedup)
+        self.plan: tuple[str, ...] = ()
         self.owner: np.ndarray | None = None
+
+    def _direction(self) -> str:
+        """The next exchange's name, and its stages in self.plan (() = the flat exchange, which
+        then reads the name again: it is put back)."""
+        d = next(self.directions)
+        self.plan = ep_nodes.stage_plan(self.mode, self.dedup and d == "dispatch")
+        if not self.plan:
+            self.directions = itertools.chain([d], self.directions)
+        return d
 
     def set_slot_owners(self, owners: Sequence[np.ndarray]) -> None:
         """The routing's slot owners `<int64>[E, C]` (t * K + j, -1 empty): which slots hold the
@@ -264,9 +276,9 @@ class _MPINodeExchange(ep_nodes.NodeExchange, _MPIExchange):
         self.stats.padding_bytes[d] = np.zeros(self.P, np.int64)
 
     def to_experts(self, blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        d = self._direction()
         if not self.plan:
             return super().to_experts(blocks)
-        d = next(self.directions)
         blk = blocks[0]  # [E, C, D]
         El, R, D = self.El, self.R, blk.shape[2]
         e, c = np.nonzero(self.kept_mask)  # the kept slots, expert-major
@@ -288,9 +300,9 @@ class _MPINodeExchange(ep_nodes.NodeExchange, _MPIExchange):
         return packed, self.recv_n.sum(axis=0)
 
     def from_experts(self, packed: np.ndarray) -> list[np.ndarray]:
+        d = self._direction()
         if not self.plan:
             return super().from_experts(packed)
-        d = next(self.directions)
         El, _, D = packed.shape
         n = self.recv_n.reshape(-1)  # [P * El] rows of (source s, my expert el), s-major
         grp = np.repeat(np.arange(n.size), n)
