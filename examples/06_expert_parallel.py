@@ -181,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
             nodes["max_nodes_sweep"], series, path,
             xlabel="M: nodes each token may reach (node-limited routing)",
             ylabel="inter-node MiB per step, all ranks",
-            title=f"inter-node bytes per step (measured), {P // R} nodes x {R} ranks, E={E}, "
-                  f"K={K}\nT_local={T_local}, D={D}, float32 (the hierarchical exchange: same "
-                  "bytes, fewer messages)")
+            title=f"inter-node bytes per step (measured), {P // R} nodes x {R} ranks\nE={E}, "
+                  f"K={K}, T_local={T_local}, D={D}, float32 (hierarchical: fewer messages)")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "06_expert_parallel.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k != "pictures"}, f, indent=1)

@@ -256,6 +256,9 @@ def inter_node_arithmetic(num_experts: int = 256, k: int = 8, num_nodes: int = 8
                     ("d_model", d_model), ("itemsize", itemsize),
                     ("tokens_per_gpu", tokens_per_gpu)):
         _checks.integer(name, v, low=1)
+    if num_experts % (num_nodes * gpus_per_node):
+        raise ValueError(f"num_experts: {num_experts} experts do not split evenly over "
+                         f"{num_nodes} x {gpus_per_node} GPUs")
     if max_nodes > num_nodes:
         raise ValueError(f"max_nodes: at most num_nodes = {num_nodes}, got {max_nodes}")
     if k < max_nodes:
@@ -291,6 +294,13 @@ def _main(argv: Sequence[str] | None = None) -> None:
     print(f"inter-node messages per GPU and exchange: flat {mp['flat']}, hierarchical "
           f"{mp['hierarchical']} (the same bytes, {mp['flat'] // mp['hierarchical']}x larger "
           "messages)")
+    links = Links()
+    print(f"modelled at {links.inter_bandwidth / 1e9:.0f} GB/s and "
+          f"{links.inter_latency * 1e6:.0f} us per inter-node message per GPU (pymoe.ep_nodes.Links; "
+          "a model, not a measurement), ms per layer and step:")
+    for m, b in r["per_gpu_bytes"].items():
+        t = {w: b / links.inter_bandwidth + 4 * n * links.inter_latency for w, n in mp.items()}
+        print(f"  {m:15s} flat {1e3 * t['flat']:7.2f}  hierarchical {1e3 * t['hierarchical']:7.2f}")
 
 
 if __name__ == "__main__":

@@ -168,3 +168,11 @@ def test_inter_node_arithmetic_small_case_by_hand():
     assert v3["messages_per_gpu_exchange"] == {"flat": 56, "hierarchical": 7}
     with pytest.raises(ValueError, match="max_nodes"):
         ep_nodes.inter_node_arithmetic(max_nodes=9)
+
+
+def test_the_arithmetic_command_prints_deepseek_v3(capsys):
+    """`python -m pymoe.ep_nodes` (docs/expert-parallel.md): DeepSeek-V3's shape by default."""
+    ep_nodes._main([])
+    out = capsys.readouterr().out
+    assert "Arithmetic, not a measurement" in out and "flat 56, hierarchical 7" in out
+    assert "105.23 GB all GPUs" in out  # 4 x 64 x 4096 x 8 x 7/8 x 7168 x 2 bytes
