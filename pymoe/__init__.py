@@ -17,6 +17,7 @@ The routing recipe, one module per step:
     options.py        every keyword of route() and MoELayer: its default, check and doc
     precision.py      router precision (round_to bf16/fp16, flip_report); replay.py: router replay
     token_groups.py   GShard token groups (MoELayer(token_groups=G), expert_parallel.py on MPI)
+    ep_nodes.py       expert parallelism across nodes: hierarchical all-to-all, per-node dedup
 
 Beside the recipe:
     variants/    the major systems' routing variants, one module per step (scores,

@@ -176,3 +176,21 @@ def test_the_arithmetic_command_prints_deepseek_v3(capsys):
     out = capsys.readouterr().out
     assert "Arithmetic, not a measurement" in out and "flat 56, hierarchical 7" in out
     assert "105.23 GB all GPUs" in out  # 4 x 64 x 4096 x 8 x 7/8 x 7168 x 2 bytes
+
+
+def test_the_nodes_snippet_of_the_docs_runs_on_four_ranks(mpiexec, tmp_path):  # noqa: F811
+    """docs/expert-parallel.md's node snippet (its second python block) under mpiexec -n 4."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    page = open(os.path.join(REPO, "docs", "expert-parallel.md"), encoding="utf-8").read()
+    code = page.split("```python\n")[2].split("```", 1)[0]
+    script = tmp_path / "nodes.py"
+    script.write_text(code)
+    proc = subprocess.run([mpiexec, "-n", "4", sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "inter-node rows per exchange" in proc.stdout
