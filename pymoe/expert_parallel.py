@@ -679,3 +679,16 @@ class ExpertParallelMoE:
         out["meta_bytes"] = every[:, at + 1].astype(np.int64)
         out["times"] = every[:, at + 2:]
         return out
+
+    def gather_node_stats(self, links: ep_nodes.Links | None = None) -> dict[str, Any]:
+        """Collective: the last step's link statistics split by node (pymoe.ep_nodes.node_split:
+        "intra"/"inter" rows, bytes, messages `[4]` per exchange, all ranks; "per_rank"), with
+        "modelled_seconds" `[4]` per exchange (ep_nodes.modelled_seconds on `links`, default
+        ep_nodes.Links(): a model, not a measurement) beside "measured_seconds" `[P]`, each
+        rank's measured exchange time (packing and MPI) of the step, forward and backward."""
+        st = self.gather_stats()
+        split = ep_nodes.node_split({k: st[f"wire_{k}"] for k in ep_nodes.SPLIT_KEYS},
+                                    self.ranks_per_node)
+        split["modelled_seconds"] = ep_nodes.modelled_seconds(split, links or ep_nodes.Links())
+        split["measured_seconds"] = st["times"][:, TIME_KEYS.index("exchange")]
+        return split

@@ -30,6 +30,20 @@ def node_cases(P: int) -> list[dict]:
             {"exchange": "exact", "ranks_per_node": R, "dedup": True, "load_stats": "global",
              "capacity_factor": None, **limited},
         ]
+    rng = np.random.default_rng(24 + P)  # a few random settings on top
+    for _ in range(4):
+        R = int(rng.choice([r for r in (1, 2, 4) if P % r == 0]))
+        E, K = int(rng.choice([8, 16])), int(rng.integers(1, 4))
+        case = {"exchange": str(rng.choice(["exact", "hierarchical"])), "ranks_per_node": R,
+                "dedup": bool(rng.integers(0, 2)), "E": E, "K": K,
+                "capacity_factor": float(rng.choice([0.5, 1.0, 2.0])),
+                "skew": float(rng.choice([0.0, 2.0])), "seed": int(rng.integers(0, 99)),
+                "dtype": str(rng.choice(["float32", "float64"]))}
+        M = int(rng.integers(1, P // R + 1))
+        if M * E // (P // R) >= K:  # enough experts on M nodes for K choices
+            case.update(max_nodes=M, layer_kw={"num_groups": P // R, "topk_groups": M})
+        cases.append(case)
+    cases.append({"exchange": "fixed", "ranks_per_node": min(2, P)})  # flat accounting, padded
     return cases
 
 
@@ -75,6 +89,11 @@ def test_node_modes_match_one_process_and_count_the_links(mpiexec, tmp_path, P):
             for rt in epc.reference(case, P)["routing"]:
                 nodes = rt.expert_index // (E // (P // R))
                 assert max(len(set(t)) for t in nodes.tolist()) <= M
+        if case["exchange"] == "fixed":  # the wire is the flat exchange's, padding included
+            for r, res in enumerate(ranks):
+                want_b = res["bytes_dispatch"] * (np.arange(P) != r)
+                np.testing.assert_array_equal(res["wire_bytes_dispatch"], want_b)
+            continue
         if not case.get("dedup"):
             # flat or hierarchical: the same rows cross nodes; the hierarchical exchange in at
             # most N - 1 inter-node messages per rank and exchange, the flat one in up to P - R
@@ -94,6 +113,7 @@ def test_node_modes_match_one_process_and_count_the_links(mpiexec, tmp_path, P):
         np.testing.assert_array_equal(split["inter"]["rows"][1:], inter_rows[1:])
         assert sum(int(r["meta_bytes"]) for r in ranks) > 0  # the deliveries travel too
     if P == 4:  # the cases show the point: at R = 2 fewer inter-node messages, fewer rows
+        assert len([c for c in cases if c["ranks_per_node"] == 4]) >= 1  # one node: all intra
         flat, hier = results[6], results[7]  # exact and hierarchical at R = 2, same routing
         def msgs(rs):
             return sum(int(r[f"wire_messages_{d}"][2:].sum()) for r in rs[:2] for d in DIRECTIONS)
