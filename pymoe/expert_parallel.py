@@ -689,6 +689,6 @@ class ExpertParallelMoE:
         st = self.gather_stats()
         split = ep_nodes.node_split({k: st[f"wire_{k}"] for k in ep_nodes.SPLIT_KEYS},
                                     self.ranks_per_node)
-        split["modelled_seconds"] = ep_nodes.modelled_seconds(split, links or ep_nodes.Links())
-        split["measured_seconds"] = st["times"][:, TIME_KEYS.index("exchange")]
-        return split
+        return {**split,
+                "modelled_seconds": ep_nodes.modelled_seconds(split, links or ep_nodes.Links()),
+                "measured_seconds": st["times"][:, TIME_KEYS.index("exchange")]}
