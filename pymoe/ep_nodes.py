@@ -149,6 +149,7 @@ class NodeExchange:
     deduplicated token) is copied when its deliveries' next hops differ (the fan-out).
     """
 
+    MPI: Any  # mpi4py's MPI module (pymoe.expert_parallel.mpi())
     comm: Any
     P: int
     rank: int
@@ -169,14 +170,12 @@ class NodeExchange:
         for s, kind in enumerate(self.plan):
             comm = self.subcomms[kind]
             here = self.rank
-            if kind == "node":  # comm rank c = local index c on my node
-                world = (here // R) * R + np.arange(R)
-                to_comm = lambda q: q % R  # noqa: E731
-            else:  # comm rank c = node c, my local index
-                world = np.arange(P // R) * R + here % R
-                to_comm = lambda q: q // R  # noqa: E731
             nh = next_hop(s, self.plan, here, deliv[:, 1], lane, R)  # lane: read at stage 0 only
-            data, deliv, rows_to = self._stage(comm, to_comm(nh), data, deliv, mpi_time)
+            if kind == "node":  # comm rank c = local index c on my node
+                world, dest = (here // R) * R + np.arange(R), nh % R
+            else:  # comm rank c = node c, my local index
+                world, dest = np.arange(P // R) * R + here % R, nh // R
+            data, deliv, rows_to = self._stage(comm, dest, data, deliv, mpi_time)
             off = world != here
             np.add.at(wr, world[off], rows_to[off])
             np.add.at(wm, world[off], (rows_to[off] > 0).astype(np.int64))
@@ -188,9 +187,7 @@ class NodeExchange:
     def _stage(self, comm: Any, dest: np.ndarray, data: np.ndarray, deliv: np.ndarray,
                mpi_time: Callable[[float], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One Alltoallv stage on comm: each (row, destination) pair travels once."""
-        from .expert_parallel import mpi
-
-        MPI = mpi()
+        MPI = self.MPI
         Q, me = comm.Get_size(), comm.Get_rank()
         n, D = data.shape
         pair = dest * max(n, 1) + deliv[:, 0]  # [m] one id per (destination, row)

@@ -253,6 +253,7 @@ class _MPINodeExchange(ep_nodes.NodeExchange, _MPIExchange):
                  ranks_per_node: int, dedup: bool, subcomms: dict[str, Any], k: int) -> None:
         super().__init__(comm, num_local, mode, stats)
         self.R, self.dedup, self.subcomms, self.k = ranks_per_node, dedup, subcomms, k
+        self.MPI = mpi()
         self.plan: tuple[str, ...] = ()
         self.owner: np.ndarray | None = None
 
