@@ -18,7 +18,16 @@ What it teaches:
   rows of a copied expert are split among its copies, and the load per rank evens out, with
   the same outputs.
 
-Run:  mpiexec -n 4 python examples/06_expert_parallel.py [--quick] [--out DIR] [--eplb]
+- Nodes (--ranks-per-node R): the P ranks stand for P/R nodes. What crosses a node boundary is
+  what costs (InfiniBand is about ten times slower than NVLink): every step's rows, bytes and
+  messages split into intra- and inter-node, with a modelled time for real links beside the
+  measured one. The hierarchical exchange sends the same inter-node bytes in fewer, larger
+  messages; node-limited routing (--max-nodes M: each token's experts on at most M nodes) with
+  per-node deduplication (DeepEP: a token crosses to a node once, however many of its experts
+  live there) cuts the inter-node bytes themselves.
+
+Run:  mpiexec -n 4 python examples/06_expert_parallel.py [--quick] [--out DIR]
+          [--ranks-per-node R] [--max-nodes M] [--eplb]
       python examples/06_expert_parallel.py              (one rank: P = 1)
 Needs `pip install 'pymoe-routing[mpi]'` (mpi4py and MPICH, which brings mpiexec).
 """
@@ -37,22 +46,25 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 import pymoe  # noqa: E402
+from pymoe import ep_nodes, viz  # noqa: E402
 from pymoe import expert_parallel as ep_mod  # noqa: E402
-from pymoe import viz  # noqa: E402
 
 
-def make_layer(D: int, H: int, E: int, K: int, cf: float | None, skew: float) -> pymoe.MoELayer:
+def make_layer(D: int, H: int, E: int, K: int, cf: float | None, skew: float,
+               **routing: int) -> pymoe.MoELayer:
     """The same layer on every rank (same seed); the router bias makes expert e's logit
-    skew * e lower, so the low-numbered experts (on the low ranks) are the popular ones."""
-    layer = pymoe.MoELayer(D, H, E, K, cf, dtype=np.float32, seed=0)
+    skew * e lower, so the low-numbered experts (on the low ranks) are the popular ones.
+    routing: node-limited routing's keywords (pymoe.ep_nodes.node_limited_routing), or none."""
+    layer = pymoe.MoELayer(D, H, E, K, cf, dtype=np.float32, seed=0, **routing)
     layer.params["b_router"][:] = -skew * np.arange(E)
     return layer
 
 
 def one_step(layer: pymoe.MoELayer, comm, exchange: str, x: np.ndarray, dy: np.ndarray,
-             repeats: int = 1) -> tuple[dict[str, np.ndarray], ep_mod.ExpertParallelMoE]:
-    """Forward + backward on every rank; gathered P x P statistics (times: the median step)."""
-    ep = ep_mod.ExpertParallelMoE(layer, comm, exchange=exchange)
+             repeats: int = 1, **nodes) -> tuple[dict[str, np.ndarray], ep_mod.ExpertParallelMoE]:
+    """Forward + backward on every rank; gathered P x P statistics (times: the median step).
+    nodes: ExpertParallelMoE's ranks_per_node, dedup, max_nodes."""
+    ep = ep_mod.ExpertParallelMoE(layer, comm, exchange=exchange, **nodes)
     times = []
     for _ in range(repeats):
         ep.forward(x)
@@ -131,10 +143,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="pymoe-out", help="where the pictures go (default pymoe-out)")
     ap.add_argument("--eplb", action="store_true",
                     help="only the load per rank before and after EPLB's redundant experts")
+    ap.add_argument("--ranks-per-node", type=int, default=1,
+                    help="R: the P ranks form P/R nodes (default 1: every rank its own node)")
+    ap.add_argument("--max-nodes", type=int, default=None,
+                    help="M: node-limited routing in the nodes part, each token's experts on at "
+                         "most M nodes (default: no limit)")
     args = ap.parse_args(argv)
     MPI = ep_mod.mpi()
     comm = MPI.COMM_WORLD
     P, rank = comm.Get_size(), comm.Get_rank()
+    R = ep_nodes.check_ranks_per_node(args.ranks_per_node, P)
+    if args.max_nodes is not None:
+        ep_nodes.node_limited_routing(P, R, args.max_nodes)  # checks M <= P / R
     if args.eplb:
         return eplb_section(comm, args.quick, args.out, print if rank == 0 else lambda *a: None)
     T_local, D, H, E, K = (128, 64, 128, 16, 2) if args.quick else (1024, 256, 512, 16, 2)
@@ -181,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     say("\nTime per step, mean over ranks (ms; the exchange includes waiting for slower ranks):")
     say(f"  {'':5s}  " + " ".join(f"{k:>9s}" for k in ep_mod.TIME_KEYS))
     for mode in ep_mod.EXCHANGES:
-        say(f"  {mode:5s}  " + " ".join(f"{v:9.3f}" for v in summary[mode]["times_ms"]))
+        say(f"  {mode:5s}  " + " ".join(f"{v:9.3f}" for v in summary[mode]["times_ms"][:4]))
 
     # Bytes per step against the capacity factor, both modes
     factors = [0.5, 1.0, 1.5, 2.0] if args.quick else [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5]
@@ -198,9 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
     for i, f in enumerate(factors):
         say(f"  {f:6.2f} " + " ".join(f"{v[i]:15.3f}" for v in sweep.values()))
 
+    nodes = node_part(comm, R, args.max_nodes, D, H, E, K, cf, skew, x, dy, repeats, say)
     result = {"P": P, "T_local": T_local, "D": D, "E": E, "K": K, "capacity": C,
               "capacity_factor": cf, "dropped": drops, "rows": rows.tolist(), "summary": summary,
-              "factors": factors, "sweep_mib": sweep, "pictures": {}}
+              "factors": factors, "sweep_mib": sweep, "nodes": nodes, "pictures": {}}
     if rank == 0:
         out = args.out
         paths = [f"{out}/06_bytes_heatmap.png", f"{out}/06_bytes_vs_capacity.png"]
@@ -217,10 +238,86 @@ def main(argv: list[str] | None = None) -> dict:
             reference=(bound / 2**20, "exact, nothing dropped: 4 P K T_local D 4 bytes"),
             title=f"all-to-all bytes per step (measured; fixed = 4 P E C D 4 bytes exactly)\n"
                   f"P={P}, E={E}, K={K}, T_local={T_local}, D={D}, float32")
+        path = f"{out}/06_inter_node_bytes.png"
+        ib = nodes["inter_bytes_sweep"]
+        series = {}
+        for plain in ("", " + dedup"):  # one line where the two exchanges send the same bytes
+            f, h = ib["flat" + plain], ib["hierarchical" + plain]
+            if f == h:
+                series["flat = hierarchical" + plain] = [b / 2**20 for b in f]
+            else:
+                series["flat" + plain], series["hierarchical" + plain] = (
+                    [b / 2**20 for b in f], [b / 2**20 for b in h])
+        result["pictures"][path] = viz.curves(
+            nodes["max_nodes_sweep"], series, path,
+            xlabel="M: nodes each token may reach (node-limited routing)",
+            ylabel="inter-node MiB per step, all ranks",
+            title=f"inter-node bytes per step (measured), {P // R} nodes x {R} ranks\nE={E}, "
+                  f"K={K}, T_local={T_local}, D={D}, float32 (hierarchical: fewer messages)")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "06_expert_parallel.json"), "w") as f:
             json.dump({k: v for k, v in result.items() if k != "pictures"}, f, indent=1)
     return result
+
+
+NODE_MODES = {"flat": ("exact", False), "flat + dedup": ("exact", True),
+              "hierarchical": ("hierarchical", False),
+              "hierarchical + dedup": ("hierarchical", True)}
+
+
+def node_part(comm, R: int, max_nodes: int | None, D: int, H: int, E: int, K: int, cf: float,
+              skew: float, x: np.ndarray, dy: np.ndarray, repeats: int, say) -> dict:
+    """The four node-aware exchanges: intra/inter split, measured vs modelled time, and the
+    inter-node bytes against M (node-limited routing)."""
+    P = comm.Get_size()
+    N = P // R
+    limit = {} if max_nodes is None else ep_nodes.node_limited_routing(P, R, max_nodes)
+    say(f"\nNodes: {N} node(s) of {R} rank(s) (--ranks-per-node {R}); routing "
+        + (f"node-limited to M = {max_nodes} node(s) per token" if limit else "not node-limited")
+        + ";\nper step, all ranks; fwd = dispatch + combine, bwd = their gradients:")
+    say(f"  {'':25s} {'intra rows':>10s} {'KiB':>8s} {'msgs':>5s} {'inter rows':>10s} "
+        f"{'KiB':>8s} {'msgs':>5s} {'measured ms':>11s} {'modelled ms':>11s}")
+    table, links = {}, ep_nodes.Links()
+    layer = make_layer(D, H, E, K, cf, skew, **limit)
+    for name, (mode, dedup) in NODE_MODES.items():
+        st, _ = one_step(layer, comm, mode, x, dy, repeats, ranks_per_node=R, dedup=dedup,
+                         max_nodes=max_nodes)
+        split = ep_nodes.node_split({k: st[f"wire_{k}"] for k in ep_nodes.SPLIT_KEYS}, R)
+        modelled = ep_nodes.modelled_seconds(split, links)  # [4] per exchange
+        measured = st["times"][:, 1].mean()  # "exchange": packing + MPI, mean over ranks
+        row = {f"{w}_{k}": [int(split[w][k][:2].sum()), int(split[w][k][2:].sum())]
+               for w in ("intra", "inter") for k in ep_nodes.SPLIT_KEYS}
+        row.update(measured_exchange_ms=1e3 * float(measured),
+                   measured_mpi_ms=1e3 * float(st["times"][:, 4].mean()),
+                   modelled_ms=[1e3 * float(modelled[:2].sum()), 1e3 * float(modelled[2:].sum())],
+                   meta_bytes=int(st["meta_bytes"].sum()))
+        table[name] = row
+        for part, i in (("fwd", 0), ("bwd", 1)):
+            label = f"{name if i == 0 else '':20s} {part}"
+            say(f"  {label:25s} {row['intra_rows'][i]:10d} {row['intra_bytes'][i] / 2**10:8.1f} "
+                f"{row['intra_messages'][i]:5d} {row['inter_rows'][i]:10d} "
+                f"{row['inter_bytes'][i] / 2**10:8.1f} {row['inter_messages'][i]:5d} "
+                + (f"{row['measured_exchange_ms']:11.3f}" if i == 0 else f"{'':11s}")
+                + f" {row['modelled_ms'][i]:11.4f}")
+    say(f"  measured ms: the exchange here, forward + backward, mean over ranks (P processes on "
+        f"one machine);\n  modelled ms: a model of real links ({links.intra_bandwidth / 1e9:.0f} "
+        f"GB/s and {links.intra_latency * 1e6:.0f} us per message inside a node, "
+        f"{links.inter_bandwidth / 1e9:.0f} GB/s and {links.inter_latency * 1e6:.0f} us between "
+        "nodes;\n  pymoe.ep_nodes.Links), not a measurement")
+    sweep = list(range(1, N + 1))
+    inter: dict[str, list[int]] = {m: [] for m in NODE_MODES}
+    for M in sweep:
+        lay = make_layer(D, H, E, K, cf, skew, **ep_nodes.node_limited_routing(P, R, M))
+        for name, (mode, dedup) in NODE_MODES.items():
+            st, _ = one_step(lay, comm, mode, x, dy, ranks_per_node=R, dedup=dedup, max_nodes=M)
+            split = ep_nodes.node_split({k: st[f"wire_{k}"] for k in ep_nodes.SPLIT_KEYS}, R)
+            inter[name].append(int(split["inter"]["bytes"].sum()))
+    say("\nInter-node KiB per step (all ranks) against M, node-limited routing:")
+    say(f"  {'M':>3s} " + " ".join(f"{m:>21s}" for m in NODE_MODES))
+    for i, M in enumerate(sweep):
+        say(f"  {M:3d} " + " ".join(f"{inter[m][i] / 2**10:21.1f}" for m in NODE_MODES))
+    return {"ranks_per_node": R, "nodes": N, "max_nodes": max_nodes, "table": table,
+            "max_nodes_sweep": sweep, "inter_bytes_sweep": inter}
 
 
 if __name__ == "__main__":

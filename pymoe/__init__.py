@@ -18,6 +18,7 @@ The routing recipe, one module per step:
     precision.py      router precision (round_to bf16/fp16, flip_report); replay.py: router replay
     token_groups.py   GShard token groups (MoELayer(token_groups=G), expert_parallel.py on MPI)
     soft_moe.py       Soft MoE (SoftMoELayer): slots as softmax mixes of all tokens, no routing
+    ep_nodes.py       expert parallelism across nodes: hierarchical all-to-all, per-node dedup
 
 Beside the recipe:
     variants/    the major systems' routing variants, one module per step (scores,

@@ -15,8 +15,14 @@ Two exchange modes move the same rows and give the same results, with different 
     "exact"  only the kept rows travel (Megatron-Core's all-to-all token dispatcher);
     "fixed"  every rank sends its whole `[E/P, C, D]` capacity buffer to every rank, padding
              included (GShard, DeepSpeed, Tutel): static sizes, paid for in padding bytes.
-Both modes exchange the row counts first (a few bytes), so that the experts run on filled rows
-only, exactly as MoELayer does.
+    "hierarchical"  the exact rows, over nodes (pymoe.ep_nodes): regrouped inside each node,
+             exchanged between nodes among the ranks with the same local index, scattered
+             inside the node (Tutel's 2D-hierarchical, DeepSpeed's hierarchical all-to-all).
+All modes exchange the row counts first (a few bytes), so that the experts run on filled rows
+only, exactly as MoELayer does. ranks_per_node=R groups the ranks into P/R nodes: every step's
+accounting splits what goes on the links into intra- and inter-node rows, bytes and messages
+(StepStats.wire, pymoe.ep_nodes.node_split); dedup=True sends each token of the forward dispatch
+at most once per destination node (DeepEP) and fans it out there.
 
 The arithmetic is pymoe.token_groups's, shared with MoELayer(token_groups=P): P ranks produce, bit for
 bit, the outputs, input gradients and parameter gradients of that one-process layer (the
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,14 +43,15 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, token_groups
+from . import _checks, ep_nodes, token_groups
 from .capacity import expert_capacity
 from .experts import EXPERT_PARAMS
 from .layer import MoELayer
 from .options import check_group_extras, check_token_groups, token_mask_arg
 from .routing import Routing, skip_route_draws
 
-EXCHANGES = ("exact", "fixed")
+EXCHANGES = ("exact", "fixed")  # the flat exchanges
+ALL_EXCHANGES = EXCHANGES + ("hierarchical",)  # and the multi-hop one (pymoe.ep_nodes)
 DIRECTIONS = ("dispatch", "combine", "grad_dispatch", "grad_combine")
 TIME_KEYS = ("routing", "exchange", "experts", "combine")
 
@@ -70,6 +78,11 @@ class StepStats:
     messages and out of them, and the MPI calls), "experts", "combine" (local gather/scatter),
     forward and backward added, and "mpi": the part of "exchange" spent inside MPI calls.
     Messages to the rank itself are counted (MPI copies them locally).
+    rows and bytes are end to end (origin rank -> final rank, what the flat exchange sends);
+    wire_rows/wire_bytes/wire_messages[d][q] are what this rank put on the link to rank q, over
+    all stages of a multi-hop exchange (hierarchical, dedup), copies to itself excluded (wire());
+    meta_bytes: the delivery indices that travel with the rows in those exchanges (32 bytes per
+    delivery and hop).
     """
     rank: int
     size: int
@@ -79,6 +92,21 @@ class StepStats:
     padding_bytes: dict[str, np.ndarray] = field(default_factory=dict)
     control_bytes: int = 0
     times: dict[str, float] = field(default_factory=dict)
+    ranks_per_node: int = 1
+    wire_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    wire_bytes: dict[str, np.ndarray] = field(default_factory=dict)
+    wire_messages: dict[str, np.ndarray] = field(default_factory=dict)
+    meta_bytes: int = 0
+
+    def wire(self, d: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, bytes, messages) `[P]` this rank put on the link to each rank in exchange d: a
+        multi-hop exchange's own record, else the flat exchange's rows and bytes (one message
+        per other rank it sends anything to); 0 to itself."""
+        if d in self.wire_rows:
+            return self.wire_rows[d], self.wire_bytes[d], self.wire_messages[d]
+        other = np.arange(self.size) != self.rank
+        rows, nbytes = self.rows[d] * other, self.bytes[d] * other
+        return rows, nbytes, (nbytes > 0).astype(np.int64)
 
     def total_bytes(self, *, to_others: bool = False) -> int:
         """All row bytes sent in the step (optionally only those to other ranks)."""
@@ -215,6 +243,81 @@ class _MPIExchange:
         return token_groups.sum_in_order(list(every))
 
 
+class _MPINodeExchange(ep_nodes.NodeExchange, _MPIExchange):
+    """_MPIExchange with nodes: the multi-hop exchanges of pymoe.ep_nodes, all four with
+    exchange="hierarchical", the forward dispatch only with dedup=True and exchange="exact"
+    (across to the same local index, then fanned out: DeepEP's path); the flat ones are
+    _MPIExchange's own."""
+
+    def __init__(self, comm: Any, num_local: int, mode: str, stats: StepStats,
+                 ranks_per_node: int, dedup: bool, subcomms: dict[str, Any], k: int) -> None:
+        super().__init__(comm, num_local, mode, stats)
+        self.R, self.dedup, self.subcomms, self.k = ranks_per_node, dedup, subcomms, k
+        self.MPI = mpi()
+        self.plan: tuple[str, ...] = ()
+        self.owner: np.ndarray | None = None
+
+    def _direction(self) -> str:
+        """The next exchange's name, and its stages in self.plan (() = the flat exchange, which
+        then reads the name again: it is put back)."""
+        d = next(self.directions)
+        self.plan = ep_nodes.stage_plan(self.mode, self.dedup and d == "dispatch")
+        if not self.plan:
+            self.directions = itertools.chain([d], self.directions)
+        return d
+
+    def set_slot_owners(self, owners: Sequence[np.ndarray]) -> None:
+        """The routing's slot owners `<int64>[E, C]` (t * K + j, -1 empty): which slots hold the
+        same token, for the deduplicated dispatch."""
+        self.owner = np.asarray(owners[0])
+
+    def _logical(self, d: str, rows: np.ndarray, D: int, itemsize: int) -> None:
+        self.stats.rows[d] = rows.astype(np.int64)
+        self.stats.bytes[d] = rows.astype(np.int64) * D * itemsize
+        self.stats.padding_bytes[d] = np.zeros(self.P, np.int64)
+
+    def to_experts(self, blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        d = self._direction()
+        if not self.plan:
+            return super().to_experts(blocks)
+        blk = blocks[0]  # [E, C, D]
+        El, R, D = self.El, self.R, blk.shape[2]
+        e, c = np.nonzero(self.kept_mask)  # the kept slots, expert-major
+        final = e // El  # [m] the rank of each slot's expert
+        if self.dedup and d == "dispatch":  # one row per (token, destination node)
+            assert self.owner is not None  # token_groups.forward_groups gave the slot owners
+            key = (self.owner[e, c] // self.k) * (self.P // R) + final // R
+            _, first, item = np.unique(key, return_index=True, return_inverse=True)
+            data = blk[e[first], c[first]]  # dispatch copies x: every slot of a token, same bits
+            lane = (final // R) % R  # chosen by the node: the token's deliveries stay together
+        else:
+            data, item, lane = blk[e, c], np.arange(e.size), final % R
+        deliv = np.column_stack([item.reshape(-1), final, self.rank * El + e % El, c])
+        got, dl = self.move(d, data, deliv.astype(np.int64), lane, self._mpi_time)
+        packed = np.zeros((El, int(self.recv_C.sum()), D), dtype=blk.dtype)
+        s, el = dl[:, 2] // El, dl[:, 2] % El
+        packed[el, self.start[s, el] + dl[:, 3]] = got[dl[:, 0]]
+        self._logical(d, self.send_rows, D, blk.itemsize)
+        return packed, self.recv_n.sum(axis=0)
+
+    def from_experts(self, packed: np.ndarray) -> list[np.ndarray]:
+        d = self._direction()
+        if not self.plan:
+            return super().from_experts(packed)
+        El, _, D = packed.shape
+        n = self.recv_n.reshape(-1)  # [P * El] rows of (source s, my expert el), s-major
+        grp = np.repeat(np.arange(n.size), n)
+        c = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        s, el = grp // El, grp % El
+        data = packed[el, self.start[s, el] + c]
+        deliv = np.column_stack([np.arange(c.size), s, self.rank * El + el, c]).astype(np.int64)
+        got, dl = self.move(d, data, deliv, s % self.R, self._mpi_time)
+        out = np.zeros((El * self.P, self.C, D), dtype=packed.dtype)
+        out[dl[:, 2], dl[:, 3]] = got[dl[:, 0]]
+        self._logical(d, self.recv_rows, D, packed.itemsize)
+        return [out]
+
+
 def step_bytes(T_local: int, E: int, K: int, D: int, P: int, capacity_factor: float | None,
                itemsize: int, exchange: str, kept_rows: int | None = None) -> dict[str, int]:
     """All-to-all bytes of one training step (forward + backward: 4 exchanges), per rank.
@@ -324,12 +427,18 @@ class ExpertParallelMoE:
             this rank keeps a copy of its own experts' parameters.
         comm: an mpi4py communicator (default MPI.COMM_WORLD); P = its size must divide E
             (with a placement: N).
-        exchange: "exact" or "fixed" (module docstring).
+        exchange: "exact", "fixed" or "hierarchical" (module docstring).
         load_stats: "local" or "global" statistics for the aux loss (pymoe.token_groups).
         placement: None (expert e on rank e // (E/P)) or redundant experts: phy2log `[N]`, N a
             multiple of P, the logical expert of each of N slots, rank r holding slots
             [r*N/P, (r+1)*N/P) (one layer of pymoe.eplb.rebalance_experts' phy2log; rows and
-            gradients as pymoe.ep_replicas says). Needs exchange="exact".
+            gradients as pymoe.ep_replicas says). Needs exchange="exact" and dedup=False.
+        ranks_per_node: R, dividing P: ranks q // R form node q (pymoe.ep_nodes); only the
+            accounting and the multi-hop exchanges read it.
+        dedup: send each token of the forward dispatch at most once per destination node and
+            fan it out there (DeepEP); needs exchange "exact" or "hierarchical".
+        max_nodes: M, or None: the layer must route node-limited, each token to experts on at
+            most M nodes (built with `**pymoe.ep_nodes.node_limited_routing(P, R, M)`; checked).
 
     Attributes:
         params, grads: w_router `[D, E]` and b_router `[E]` (the layer's own router arrays,
@@ -343,7 +452,8 @@ class ExpertParallelMoE:
     """
 
     def __init__(self, layer: MoELayer, comm: Any = None, *, exchange: str = "exact",
-                 load_stats: str = "local", placement: Any = None) -> None:
+                 load_stats: str = "local", placement: Any = None, ranks_per_node: int = 1,
+                 dedup: bool = False, max_nodes: int | None = None) -> None:
         MPI = mpi()
         self.comm = MPI.COMM_WORLD if comm is None else comm
         P, rank = self.comm.Get_size(), self.comm.Get_rank()
@@ -355,7 +465,7 @@ class ExpertParallelMoE:
         try:  # find local problems first, then decide together: nobody waits for a rank that left
             if not isinstance(layer, MoELayer):
                 raise TypeError(f"layer: expected a pymoe.MoELayer, got {type(layer).__name__}")
-            self.exchange = _checks.choice("exchange", exchange, EXCHANGES)
+            self.exchange = _checks.choice("exchange", exchange, ALL_EXCHANGES)
             self.load_stats = _checks.choice("load_stats", load_stats, token_groups.LOAD_STATS)
             check_token_groups("layer", layer.options, layer.router_noise, self.load_stats)
             check_group_extras("layer", layer.expert_options)
@@ -369,13 +479,28 @@ class ExpertParallelMoE:
                 if getattr(layer, extra):
                     raise ValueError(f"layer: expected {extra}=False (the ranks run the routed "
                                      "experts only)")
-            cfg = {**_config(layer), "exchange": exchange, "load_stats": load_stats}
+            self.ranks_per_node = ep_nodes.check_ranks_per_node(ranks_per_node, P)
+            self.dedup = _checks.boolean("dedup", dedup)
+            if self.dedup and self.exchange == "fixed":
+                raise ValueError("dedup: the fixed exchange sends whole capacity buffers, one "
+                                 "row per slot; dedup=True needs exchange='exact' or "
+                                 "'hierarchical'")
+            if max_nodes is not None:
+                want = ep_nodes.node_limited_routing(P, self.ranks_per_node, max_nodes)
+                got = {n: getattr(layer.options, n) for n in want}
+                if got != want:
+                    raise ValueError(f"max_nodes: {max_nodes} needs a layer routed node-limited, "
+                                     f"{want} (MoELayer(..., **pymoe.ep_nodes.node_limited_"
+                                     f"routing(P, ranks_per_node, max_nodes))), got {got}")
+            cfg = {**_config(layer), "exchange": exchange, "load_stats": load_stats,
+                   "ranks_per_node": ranks_per_node, "dedup": dedup, "max_nodes": max_nodes}
             self.placement = None
             if placement is not None:  # redundant experts (pymoe.ep_replicas)
                 from . import ep_replicas
-                if self.exchange != "exact":
-                    raise ValueError(f"exchange: a placement needs exchange='exact', got "
-                                     f"{self.exchange!r}")
+                if self.exchange != "exact" or self.dedup:
+                    raise ValueError(f"placement: redundant experts need exchange='exact' and "
+                                     f"dedup=False, got exchange={self.exchange!r}, "
+                                     f"dedup={self.dedup}")
                 self.placement = ep_replicas.check_placement(placement, layer.num_experts, P)
                 cfg["placement"] = self.placement.tolist()
             digests = {n: _digest(p) for n, p in layer.params.items()}
@@ -425,9 +550,17 @@ class ExpertParallelMoE:
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
         self.routing: Routing | None = None
         self.aux_loss = self.z_loss = 0.0
-        self.stats = StepStats(rank, P, self.exchange)
+        R = self.ranks_per_node
+        self.subcomms: dict[str, Any] = {}
+        if ep_nodes.stage_plan(self.exchange, self.dedup):  # collective: every rank is here
+            self.subcomms = {"node": self.comm.Split(rank // R, rank % R),
+                             "lane": self.comm.Split(rank % R, rank // R)}
+        self.stats = self._new_stats()
         self._cache: tuple[tuple[int, ...], np.dtype, token_groups.GroupsCache,
                            _MPIExchange] | None = None
+
+    def _new_stats(self) -> StepStats:
+        return StepStats(self.rank, self.size, self.exchange, ranks_per_node=self.ranks_per_node)
 
     def _agree(self, problem: str | None, value: Any = None, fatal: bool = False) -> list[Any]:
         """Allgather (problem, value); every rank raises the same ValueError if any had an
@@ -446,7 +579,7 @@ class ExpertParallelMoE:
         Collective: every rank calls it, with the same T_local > 0 (checked together).
         """
         L = self.layer
-        self.stats = StepStats(self.rank, self.size, self.exchange)
+        self.stats = self._new_stats()
         problem, T, failure, setting = None, 0, None, ""
         mask: np.ndarray | None = None
         try:
@@ -540,10 +673,12 @@ class ExpertParallelMoE:
         return dxs[0].reshape(x_shape).astype(x_dtype, copy=False)
 
     def _exchange(self) -> Any:
-        base = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
         if self.placement is None:
-            return base
-        from .ep_replicas import ReplicaExchange
+            return _MPINodeExchange(self.comm, self.num_local, self.exchange, self.stats,
+                                    self.ranks_per_node, self.dedup, self.subcomms,
+                                    self.layer.k)
+        from .ep_replicas import ReplicaExchange  # the flat exact exchange, re-aimed at replicas
+        base = _MPIExchange(self.comm, self.num_local, self.exchange, self.stats)
         return ReplicaExchange(base, self.placement, self.layer.num_experts)
 
     def _expert_params(self) -> dict[str, np.ndarray]:
@@ -553,18 +688,40 @@ class ExpertParallelMoE:
         """Collective: the last step's statistics of every rank, as arrays.
 
         Returns rows, bytes, padding_bytes: `[4, P, P]` [exchange (DIRECTIONS order), sender,
-        receiver]; control_bytes `[P]`; times `[P, 4]` (TIME_KEYS order, seconds).
+        receiver], end to end; wire_rows, wire_bytes, wire_messages: `[4, P, P]`, what went on
+        each link (StepStats.wire; pymoe.ep_nodes.node_split splits them by node); control_bytes,
+        meta_bytes `[P]`; times `[P, 5]` (TIME_KEYS order and "mpi", seconds).
         """
         s, P = self.stats, self.size
+        wire = [s.wire(d) for d in DIRECTIONS]
         mine = np.concatenate([*(s.rows[d] for d in DIRECTIONS), *(s.bytes[d] for d in DIRECTIONS),
-                               *(s.padding_bytes[d] for d in DIRECTIONS), [s.control_bytes],
-                               [s.times.get(k, 0.0) for k in TIME_KEYS]]).astype(np.float64)
+                               *(s.padding_bytes[d] for d in DIRECTIONS),
+                               *(w[0] for w in wire), *(w[1] for w in wire), *(w[2] for w in wire),
+                               [s.control_bytes, s.meta_bytes],
+                               [s.times.get(k, 0.0) for k in TIME_KEYS + ("mpi",)]]
+                              ).astype(np.float64)  # byte counts < 2**53: exact in float64
         every = np.empty((P, mine.size))
         self.comm.Allgather(mine, every)
         n = 4 * P
+        names = ("rows", "bytes", "padding_bytes", "wire_rows", "wire_bytes", "wire_messages")
+        out: dict[str, np.ndarray] = {  # [P, 4P] -> [4, P, P] each
+            k: every[:, i * n:(i + 1) * n].reshape(P, 4, P).transpose(1, 0, 2).astype(np.int64)
+            for i, k in enumerate(names)}
+        at = len(names) * n
+        out["control_bytes"] = every[:, at].astype(np.int64)
+        out["meta_bytes"] = every[:, at + 1].astype(np.int64)
+        out["times"] = every[:, at + 2:]
+        return out
 
-        def matrices(i: int) -> np.ndarray:  # [P, 4P] -> [4, P, P]
-            return every[:, i * n:(i + 1) * n].reshape(P, 4, P).transpose(1, 0, 2).astype(np.int64)
-
-        return {"rows": matrices(0), "bytes": matrices(1), "padding_bytes": matrices(2),
-                "control_bytes": every[:, 3 * n].astype(np.int64), "times": every[:, 3 * n + 1:]}
+    def gather_node_stats(self, links: ep_nodes.Links | None = None) -> dict[str, Any]:
+        """Collective: the last step's link statistics split by node (pymoe.ep_nodes.node_split:
+        "intra"/"inter" rows, bytes, messages `[4]` per exchange, all ranks; "per_rank"), with
+        "modelled_seconds" `[4]` per exchange (ep_nodes.modelled_seconds on `links`, default
+        ep_nodes.Links(): a model, not a measurement) beside "measured_seconds" `[P]`, each
+        rank's measured exchange time (packing and MPI) of the step, forward and backward."""
+        st = self.gather_stats()
+        split = ep_nodes.node_split({k: st[f"wire_{k}"] for k in ep_nodes.SPLIT_KEYS},
+                                    self.ranks_per_node)
+        return {**split,
+                "modelled_seconds": ep_nodes.modelled_seconds(split, links or ep_nodes.Links()),
+                "measured_seconds": st["times"][:, TIME_KEYS.index("exchange")]}

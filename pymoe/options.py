@@ -421,6 +421,8 @@ def _switch_options(opts: dict[str, Any], group_fill: object) -> None:
     for kw, unset in (("normalize_p", 1.0), ("normalize_eps", 0.0)):
         if opts[kw] != unset and not opts["normalize"]:
             raise ValueError(f"{kw}: only used with normalize=True, got {kw}={opts[kw]!r}")
+
+
 def _relu_options(o: dict[str, Any]) -> None:
     """selection="relu" against the keywords it cannot run with, each refused by name."""
     if o["selection"] != "relu":

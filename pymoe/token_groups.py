@@ -249,6 +249,9 @@ def forward_groups(layer, x_blocks: Sequence[np.ndarray], expert_params: dict[st
     t0 = _tick(times, "routing", t0)
     exchange.set_loads([s.routing.expert_load_kept for s in states],
                        [s.routing.capacity for s in states])
+    owners = getattr(exchange, "set_slot_owners", None)
+    if owners is not None:  # an exchange that sends a token once per node (pymoe.ep_nodes)
+        owners([s.routing.slot_owner for s in states])
     packed, filled = exchange.to_experts(blocks)  # [E_here, sum C_g, D]
     t0 = _tick(times, "exchange", t0)
     p = expert_params

@@ -786,6 +786,9 @@ def rank_load_bars(loads: Mapping[str, Sequence[float]], path: str, *, title: st
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------ dynamic K (top_p)
 
 def experts_per_token_picture(routing: Routing, path: str, *, max_tokens: int = 64) -> Any:

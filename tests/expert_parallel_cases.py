@@ -93,6 +93,7 @@ def run_rank(case: dict, comm) -> dict:
     if fault and fault.get("at") == "setup" and fault["rank"] == rank:
         inject(fault, layer)
     ep = ExpertParallelMoE(layer, comm, exchange=c["exchange"], load_stats=c["load_stats"],
+                           **{n: c[n] for n in ("ranks_per_node", "dedup", "max_nodes") if n in c},
                            **{**c.get("ep_kw", {}), **c.get("ep_kw_on_rank", {}).get(str(rank), {})})
     if c.get("bias_drift_rank") == rank:  # a bias updated on one rank only
         layer.expert_bias = np.full(c["E"], 1e-3)
@@ -125,6 +126,8 @@ def run_rank(case: dict, comm) -> dict:
     for d in st.rows:
         out[f"rows_{d}"], out[f"bytes_{d}"] = st.rows[d], st.bytes[d]
         out[f"padding_{d}"] = st.padding_bytes[d]
+        out[f"wire_rows_{d}"], out[f"wire_bytes_{d}"], out[f"wire_messages_{d}"] = st.wire(d)
+    out["meta_bytes"] = np.array(st.meta_bytes)
     return out
 
 

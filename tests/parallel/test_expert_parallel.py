@@ -225,7 +225,8 @@ def test_everything_dropped_exchange(mpiexec, tmp_path):
 def test_example_06_runs_under_mpiexec(mpiexec, tmp_path, P):
     """The example on 4 ranks (and alone, P = 1, without mpiexec): its numbers add up."""
     script = [sys.executable, os.path.join(REPO, "examples", "06_expert_parallel.py"), "--quick",
-              "--out", str(tmp_path)]
+              "--out", str(tmp_path)] + (["--ranks-per-node", "2", "--max-nodes", "1"] if P == 4
+                                         else [])
     env = {**os.environ, "PYTHONPATH": REPO, "MPLBACKEND": "Agg"}
     proc = subprocess.run(([mpiexec, "-n", str(P)] if P > 1 else []) + script, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
@@ -242,8 +243,20 @@ def test_example_06_runs_under_mpiexec(mpiexec, tmp_path, P):
     from pymoe.viz import have_matplotlib
 
     if have_matplotlib():
-        for name in ("06_bytes_heatmap.png", "06_bytes_vs_capacity.png"):
+        for name in ("06_bytes_heatmap.png", "06_bytes_vs_capacity.png",
+                     "06_inter_node_bytes.png"):
             assert (tmp_path / name).stat().st_size > 10_000
+    # nodes (issue 24): at P = 4, 2 nodes of 2; the hierarchical exchange sends the same
+    # inter-node bytes as the flat one in fewer messages, dedup never more bytes
+    nodes = res["nodes"]
+    sweep = nodes["inter_bytes_sweep"]
+    assert nodes["max_nodes_sweep"] == list(range(1, P // nodes["ranks_per_node"] + 1))
+    assert sweep["flat"] == sweep["hierarchical"] and sweep["flat + dedup"] == \
+        sweep["hierarchical + dedup"]
+    assert all(d <= f for d, f in zip(sweep["flat + dedup"], sweep["flat"]))
+    t = nodes["table"]
+    assert (t["hierarchical"]["inter_messages"][0] < t["flat"]["inter_messages"][0]) == (P == 4)
+    assert "modelled ms" in proc.stdout and "not a measurement" in proc.stdout
 
 
 def test_benchmark_runs_and_counts_the_bytes(mpiexec, tmp_path):
