@@ -36,6 +36,7 @@ from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
+from .variants.zero_experts import zero_experts_backward, zero_experts_forward
 
 PARAM_NAMES = ("w_router", "b_router", *EXPERT_PARAMS)  # always present
 
@@ -140,6 +141,7 @@ class MoELayer:
         warn_k1_normalize(self.options)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
+        Er = self.real_experts  # E without the zero-computation experts (they have no weights)
         W = hidden_width(self.activation, H)
         rng = np.random.default_rng(seed)
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
@@ -147,10 +149,10 @@ class MoELayer:
         self.params: dict[str, np.ndarray] = {
             "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, E)),
             "b_router": np.zeros(E),
-            "w1": rng.normal(0.0, np.sqrt(1.0 / D), (E, D, W)),
-            "b1": np.zeros((E, W)),
-            "w2": rng.normal(0.0, np.sqrt(1.0 / H), (E, H, D)),
-            "b2": np.zeros((E, D)),
+            "w1": rng.normal(0.0, np.sqrt(1.0 / D), (Er, D, W)),
+            "b1": np.zeros((Er, W)),
+            "w2": rng.normal(0.0, np.sqrt(1.0 / H), (Er, H, D)),
+            "b2": np.zeros((Er, D)),
         }
         if self.router_noise == "noisy_topk":
             self.params["w_noise"] = rng.normal(0.0, np.sqrt(0.1 / D), (D, E))
@@ -179,6 +181,39 @@ class MoELayer:
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
+
+    @property
+    def real_experts(self) -> int:
+        """Er: the experts with parameters, E less the identity and null experts."""
+        return self.num_experts - self.identity_experts - self.null_experts
+
+    def _experts(self, expert_in: np.ndarray, p: dict[str, np.ndarray],
+                 filled: np.ndarray | None) -> tuple[np.ndarray, ExpertsCache]:
+        """Step 11b: expert_out `[E, C, D]` of expert_in `[E, C, D]` (filled: the indexed path's
+        rows per expert, None for the dense formulation); the real experts run experts_forward,
+        the zero-computation ones (variants.zero_experts) copy their input or give 0."""
+        Er = self.real_experts
+        indexed = filled is not None
+        out, cache = experts_forward(
+            expert_in[:Er], p["w1"], p["b1"], p["w2"], p["b2"], self.expert_form,
+            filled=None if filled is None else filled[:Er],
+            workspace=self._workspace if indexed else None,
+            backend=self.backend if indexed else None)  # [Er, C, D]
+        if Er == self.num_experts:
+            return out, cache
+        return zero_experts_forward(expert_in, out, self.identity_experts), cache
+
+    def _experts_backward(self, d_out: np.ndarray, p: dict[str, np.ndarray],
+                          cache: ExpertsCache, indexed: bool
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Backward of _experts: (d expert_in `[E, C, D]`, the real experts' gradients)."""
+        Er = self.real_experts
+        ws, be = (self._workspace, self.backend) if indexed else (None, None)
+        if Er == self.num_experts:
+            return experts_backward(d_out, p["w1"], p["w2"], cache, ws, be)
+        d_real, grads = experts_backward(np.ascontiguousarray(d_out[:Er]), p["w1"], p["w2"],
+                                         cache, ws, be)  # [Er, C, D]
+        return zero_experts_backward(d_out, d_real, self.identity_experts), grads
 
     @property
     def expert_form(self) -> FormSpec:
@@ -249,9 +284,10 @@ class MoELayer:
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's documented shape (the variants add w_noise and the shared experts)."""
         D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
+        Er = self.real_experts
         W = hidden_width(self.activation, H)
-        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, W), "b1": (E, W),
-                  "w2": (E, H, D), "b2": (E, D)}
+        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (Er, D, W), "b1": (Er, W),
+                  "w2": (Er, H, D), "b2": (Er, D)}
         if self.router_noise == "noisy_topk":
             shapes["w_noise"] = (D, E)
         if S:
@@ -318,21 +354,18 @@ class MoELayer:
             return self._forward_groups(x, x2, train, mask)
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
         x_router, noise, r, noisy = self._route_noisy(x2, train, mask, replay)
-        form, gin = self.expert_form, self.gate_input
+        gin = self.gate_input
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
             w_in, w_out = ((r.combine_weights, r.dispatch_mask) if gin
                            else (r.dispatch_mask, r.combine_weights))
             expert_in = dispatch_dense(x2, w_in)  # [E, C, D]                          step 11
-            out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
-                                          form)  # [E, C, D]
+            out, ecache = self._experts(expert_in, p, None)  # [E, C, D]
             y = combine_dense(out, w_out)  # [T, D]
         else:
             gate = r.gate.astype(self.dtype)
             expert_in = self._dispatch(x2, r, gate if gin else None, "expert_in")  # [E, C, D]
-            out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
-                                          form, filled=r.expert_load_kept,
-                                          workspace=self._workspace, backend=self.backend)
+            out, ecache = self._experts(expert_in, p, r.expert_load_kept)  # [E, C, D]
             y = self.backend.combine(out, r.expert_index, r.position,
                                      None if gin else gate)  # [T, D]
         shared = None
@@ -508,28 +541,26 @@ class MoELayer:
         if self.gate_input:  # y = sum_j FFN_e(g_j x): the adjoints trade places, dgate = <x, d_in>
             if self.formulation == "dense":
                 d_out, _ = combine_dense_backward(dy2, c.expert_out, r.dispatch_mask)
-                d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+                d_in, eg = self._experts_backward(d_out, p, c.experts, False)  # [E, C, D]
                 dx2 = dispatch_dense_backward(d_in, r.combine_weights)  # [T, D]
                 d_cw = np.einsum("td,ecd->tec", x2_of(c), d_in, optimize=True)  # [T, E, C]
                 dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
             else:
                 gate = r.gate.astype(self.dtype)
                 d_out = self._dispatch(dy2, r, None, "d_out")  # [E, C, D]
-                d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
-                                            self.backend)  # [E, C, D]
+                d_in, eg = self._experts_backward(d_out, p, c.experts, True)  # [E, C, D]
                 dgate = self.backend.gate_grad(x2_of(c), d_in, r.expert_index, r.position)
                 dx2 = self.backend.combine(d_in, r.expert_index, r.position, gate)  # [T, D]
         elif self.formulation == "dense":
             d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
             dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
-            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+            d_in, eg = self._experts_backward(d_out, p, c.experts, False)  # [E, C, D]
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
             gate = r.gate.astype(self.dtype)
             d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
-            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
-                                        self.backend)  # [E, C, D]
+            d_in, eg = self._experts_backward(d_out, p, c.experts, True)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
         grads = dict(eg, **extra)
         if c.shared is not None and c.x2 is not None:  # forward keeps x2 with shared experts

@@ -216,6 +216,17 @@ class ExpertOptions:
     load_stats: str = keyword('local', '"local" (each group\'s own f_e, P_e in the aux loss) or '
                               '"global" (over all groups); with token_groups > 1.',
                               _choice(LOAD_STATS))
+    identity_experts: int = keyword(
+        0, "Z zero-computation identity experts, after the real ones: expert e in [Er, Er + Z) "
+        "outputs its input, so a token adds gate * x (LongCat-Flash's zero experts, MoE++). "
+        "Er = E - Z - null_experts real experts hold the parameters (w1, b1, w2, b2 have Er "
+        "rows); the router scores all E and the zero-computation experts are chosen, "
+        "capacity-limited and counted in the loads like the others (variants.zero_experts).",
+        _integer(0))
+    null_experts: int = keyword(
+        0, "N null (skip) experts, the last N: expert e in [E - N, E) outputs 0, so choosing it "
+        "spends a choice on nothing (zaya's skip expert); routed and counted like the others.",
+        _integer(0))
 
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
@@ -377,6 +388,10 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
+    if o["identity_experts"] + o["null_experts"] >= num_experts:
+        raise ValueError(f"identity_experts: identity_experts + null_experts = "
+                         f"{o['identity_experts'] + o['null_experts']} leaves no real expert of "
+                         f"E = {num_experts}; at least one expert must have parameters")
     if o["token_groups"] > 1:
         if o["formulation"] != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
@@ -392,7 +407,8 @@ def check_group_extras(who: str, o: Any) -> None:
     ExpertOptions fields as a dict, or an object with them as attributes."""
     get = o.get if isinstance(o, dict) else lambda n: getattr(o, n)
     for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
-                         ("shared_combine", "sum"), ("shared_sum_fp32", False)):
+                         ("shared_combine", "sum"), ("shared_sum_fp32", False),
+                         ("identity_experts", 0), ("null_experts", 0)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "
