@@ -1,0 +1,53 @@
+"""Families whose routing or experts need the mechanisms of the HF-MoE issue's second half:
+zero-computation experts (LongCat-Flash), joint normalisation of routed and router-scored shared
+experts (Inkling), the latent MoE with a logit multiplier (MuseSpark), the MLP router with a
+cross-layer state and a skip expert (Zaya).
+
+LongCat-Flash (C4, X1 + X10): p = softmax over the E real and Z zero experts' logits (float32,
+the classifier's bias never used), the top K of p + b (b: e_score_correction_bias, selection
+only), gate = p * routed_scaling_factor, not renormalised; experts E .. E+Z-1 are identities
+(pymoe's identity_experts). HF allocates gate_up_proj for E + Z experts but down_proj for E, and
+the Z extra gate_up_proj rows are never read: pymoe has no parameters for them, so its state
+dict writes them as 0 (and their gradient is 0, as torch's).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..layouts import Tensor, flat, linear, stacked
+from ._base import Config, Family, Spec
+
+
+def _first_rows(param: str, key: str, real: int, extra: int) -> Tensor:
+    """gate_up_proj `[E + Z, 2H, D]` of which the first E rows are used <-> pymoe w1 `[E, D, 2H]`;
+    the Z unused rows come back as zeros (they hold nothing pymoe computes with)."""
+    def to_hf(p: np.ndarray) -> tuple[np.ndarray, ...]:
+        t = p.transpose(0, 2, 1)
+        return (np.concatenate([t, np.zeros((extra,) + t.shape[1:], t.dtype)]),)
+    return Tensor(param, (key,), lambda a: a[:real].transpose(0, 2, 1).copy(), to_hf)
+
+
+def _longcat_flash(cfg: Config, layer, shapes) -> Spec:
+    total = shapes["router.classifier.weight"][0]  # E + Z
+    E = shapes["experts.down_proj"][0]
+    Z = total - E
+    if Z != int(cfg.get("zero_expert_num") or 0):
+        raise ValueError(f"config: longcat_flash zero_expert_num={cfg.get('zero_expert_num')} "
+                         f"but the router scores {total} experts for {E} real ones")
+    D, H = shapes["experts.down_proj"][1], shapes["experts.down_proj"][2]
+    tensors = (linear("w_router", "router.classifier.weight"),
+               _first_rows("w1", "experts.gate_up_proj", E, Z),
+               stacked("w2", "experts.down_proj"),
+               flat("expert_bias", "router.e_score_correction_bias", buffer=True))
+    kw = dict(preset="olmoe", capacity_factor=None, activation=cfg.gated_form(),
+              aux_loss_coef=0.0, z_loss_coef=0.0, normalize=False,
+              scaling_factor=float(cfg.get("routed_scaling_factor")), identity_experts=Z)
+    ignored = tuple(k for k in ("router.classifier.bias",) if k in shapes)  # never read by HF
+    return Spec((D, H, total, int(cfg.get("moe_topk"))), kw, tensors, ignored)
+
+
+FAMILIES = [
+    Family("longcat_flash", ("LongcatFlashMoE",), "olmoe", "swiglu", _longcat_flash,
+           note="the shortcut MoE's output; Z identity experts after the E real ones "
+                "(identity_experts); the classifier bias is never read by HF"),
+]
