@@ -36,6 +36,8 @@ from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
+from .variants.joint_shared import JointCache, joint_gates, joint_gates_backward
+from .variants.scores import sigmoid
 from .variants.zero_experts import zero_experts_backward, zero_experts_forward
 
 PARAM_NAMES = ("w_router", "b_router", *EXPERT_PARAMS)  # always present
@@ -57,6 +59,8 @@ class _ForwardCache:
     inv_rms: np.ndarray | None = None  # [T, 1] 1 / sqrt(mean(pre_norm^2) + eps)
     normed: np.ndarray | None = None  # [T, D] pre_norm * inv_rms in the layer dtype
     token_mask: np.ndarray | None = None  # <bool>[T] True = a real token, or None
+    joint: JointCache | None = None  # shared_router_scored: the joint normalisation's state
+    gate: np.ndarray | None = None  # [T, K] the gates combine used, when not routing.gate
 
 
 @dataclass
@@ -146,9 +150,10 @@ class MoELayer:
         rng = np.random.default_rng(seed)
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
         # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
+        Er_ = E + (self.num_shared_experts if self.shared_router_scored else 0)  # router columns
         self.params: dict[str, np.ndarray] = {
-            "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, E)),
-            "b_router": np.zeros(E),
+            "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, Er_)),
+            "b_router": np.zeros(Er_),
             "w1": rng.normal(0.0, np.sqrt(1.0 / D), (Er, D, W)),
             "b1": np.zeros((Er, W)),
             "w2": rng.normal(0.0, np.sqrt(1.0 / H), (Er, H, D)),
@@ -168,6 +173,8 @@ class MoELayer:
             })
             if self.shared_expert_gate:
                 self.params["w_shared_gate"] = rng.normal(0.0, np.sqrt(1.0 / D), D)
+        if self.shared_router_scored:
+            self.params["global_scale"] = np.ones(1)
         if self.output_bias:
             self.params["b_out"] = np.zeros(D)
         if self.post_norm:
@@ -286,7 +293,8 @@ class MoELayer:
         D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
         Er = self.real_experts
         W = hidden_width(self.activation, H)
-        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (Er, D, W), "b1": (Er, W),
+        R = E + (S if self.shared_router_scored else 0)  # the router's columns
+        shapes = {"w_router": (D, R), "b_router": (R,), "w1": (Er, D, W), "b1": (Er, W),
                   "w2": (Er, H, D), "b2": (Er, D)}
         if self.router_noise == "noisy_topk":
             shapes["w_noise"] = (D, E)
@@ -297,6 +305,8 @@ class MoELayer:
                           shared_b2=(S, D))
             if self.shared_expert_gate:
                 shapes["w_shared_gate"] = (D,)
+        if self.shared_router_scored:
+            shapes["global_scale"] = (1,)
         if self.output_bias:
             shapes["b_out"] = (D,)
         if self.post_norm:
@@ -353,7 +363,7 @@ class MoELayer:
                                  f"only, got token_groups = {self.token_groups}")
             return self._forward_groups(x, x2, train, mask)
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
-        x_router, noise, r, noisy = self._route_noisy(x2, train, mask, replay)
+        x_router, noise, r, noisy, shared_logits = self._route_noisy(x2, train, mask, replay)
         gin = self.gate_input
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
@@ -363,14 +373,20 @@ class MoELayer:
             out, ecache = self._experts(expert_in, p, None)  # [E, C, D]
             y = combine_dense(out, w_out)  # [T, D]
         else:
-            gate = r.gate.astype(self.dtype)
+            gate, gamma, joint = r.gate.astype(self.dtype), None, None
+            if shared_logits is not None:  # Inkling: K routed + S shared normalised together
+                gate, gamma, joint = joint_gates(r.gate, sigmoid(shared_logits),
+                                                 self.scaling_factor or 1.0,
+                                                 float(p["global_scale"][0]))
+                gate, gamma = gate.astype(self.dtype), gamma.astype(self.dtype)
             expert_in = self._dispatch(x2, r, gate if gin else None, "expert_in")  # [E, C, D]
             out, ecache = self._experts(expert_in, p, r.expert_load_kept)  # [E, C, D]
             y = self.backend.combine(out, r.expert_index, r.position,
                                      None if gin else gate)  # [T, D]
         shared = None
         if self.num_shared_experts:
-            y_shared, shared = self.shared_forward(x2, p)  # [T, D]
+            y_shared, shared = self.shared_forward(
+                x2, p, None if self.formulation == "dense" else gamma)  # [T, D]
             wide = np.float32 if self.shared_sum_fp32 and self.dtype == np.float16 else None
             y = y + y_shared if wide is None else y.astype(wide) + y_shared.astype(wide)
             if self.shared_combine == "mean":
@@ -394,7 +410,9 @@ class MoELayer:
                           noisy_load_loss(noisy[0][rows], r.router_logits[rows], noisy[3][rows],
                                           self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
-                                    noisy, shared, pre_norm, inv_rms, normed, mask)
+                                    noisy, shared, pre_norm, inv_rms, normed, mask,
+                                    None if self.formulation == "dense" else joint,
+                                    None if self.formulation == "dense" else gate)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         record_selection(self, r.expert_index)
         return y.reshape(x.shape)
@@ -423,8 +441,9 @@ class MoELayer:
 
     def _route_noisy(self, x2: np.ndarray, train: bool, token_mask: np.ndarray | None = None,
                      replay: np.ndarray | None = None):
-        """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it;
-        replay: a checked selection to force (routing.check_replay)."""
+        """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it,
+        and the shared experts' logits `[T, S]` with shared_router_scored (else None); replay: a
+        checked selection to force (routing.check_replay)."""
         p = self._checked_params()
         rdt = router_dtype(self.dtype)
         x_router = x2.astype(rdt)  # [T, D] the router's own copy
@@ -437,6 +456,10 @@ class MoELayer:
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
+        shared_logits = None
+        if self.shared_router_scored:  # the last S columns score the shared experts
+            E = self.num_experts
+            logits, shared_logits = np.ascontiguousarray(logits[:, :E]), logits[:, E:]
         noisy = None
         if self.router_noise == "noisy_topk":
             z = x_router @ p["w_noise"].astype(rdt, copy=False)  # [T, E]
@@ -450,7 +473,7 @@ class MoELayer:
         r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
                             backend=self.backend, replay=replay,
                             token_mask=token_mask)  # steps 2-10, 12
-        return x_router, noise, r, noisy
+        return x_router, noise, r, noisy, shared_logits
 
     def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool,
                         mask: np.ndarray | None = None) -> np.ndarray:
@@ -477,10 +500,12 @@ class MoELayer:
         names = [n for n in self._param_shapes() if n.startswith("shared_") or n == "w_shared_gate"]
         return {n: self.params[n] for n in names}
 
-    def shared_forward(self, x2: np.ndarray, params: dict[str, np.ndarray]
-                       ) -> tuple[np.ndarray, SharedCache]:
-        """y_shared `[T, D]` of tokens x2 `[T, D]` and its cache (variants.shared)."""
-        return shared_experts_forward(x2, params, self.shared_form, self.shared_expert_gate)
+    def shared_forward(self, x2: np.ndarray, params: dict[str, np.ndarray],
+                       weights: np.ndarray | None = None) -> tuple[np.ndarray, SharedCache]:
+        """y_shared `[T, D]` of tokens x2 `[T, D]` and its cache (variants.shared); weights
+        `[T, S]`: each shared expert's weight per token (shared_router_scored's gammas)."""
+        return shared_experts_forward(x2, params, self.shared_form, self.shared_expert_gate,
+                                      weights)
 
     def shared_backward(self, dy2: np.ndarray, x2: np.ndarray, params: dict[str, np.ndarray],
                         cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -557,7 +582,7 @@ class MoELayer:
             d_in, eg = self._experts_backward(d_out, p, c.experts, False)  # [E, C, D]
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
-            gate = r.gate.astype(self.dtype)
+            gate = (r.gate if c.gate is None else c.gate).astype(self.dtype)
             d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
             dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
             d_in, eg = self._experts_backward(d_out, p, c.experts, True)  # [E, C, D]
@@ -567,12 +592,21 @@ class MoELayer:
             dx_shared, sg = self.shared_backward(dy2, c.x2, p, c.shared)
             dx2 = dx2 + dx_shared
             grads.update(sg)
+        d_shared_logits = None
+        if c.joint is not None:  # back through the joint normalisation and the shared sigmoid
+            dgate, d_scores, d_global = joint_gates_backward(dgate, grads.pop("shared_weights"),
+                                                             c.joint)
+            s = c.joint.shared
+            d_shared_logits = d_scores * s * (1.0 - s)  # [T, S]
+            grads["global_scale"] = np.array([d_global])
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
             raise self.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
         dlogits = route_backward(r, dgate, self.aux_loss_coef, self.z_loss_coef)  # [T, E]
         if router_dlogits is not None:
             dlogits = dlogits + _checks.float_array("router_dlogits", router_dlogits,
                                                     shape=dlogits.shape).astype(dlogits.dtype)
+        if d_shared_logits is not None:  # the router's last S columns
+            dlogits = np.concatenate([dlogits, d_shared_logits.astype(dlogits.dtype)], axis=1)
         rdt = router_dtype(self.dtype)
         dx_router = None
         if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise

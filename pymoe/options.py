@@ -227,6 +227,14 @@ class ExpertOptions:
         0, "N null (skip) experts, the last N: expert e in [E - N, E) outputs 0, so choosing it "
         "spends a choice on nothing (zaya's skip expert); routed and counted like the others.",
         _integer(0))
+    shared_router_scored: bool = keyword(
+        False, "Inkling's joint normalisation (C6): the router scores the S shared experts too "
+        "(w_router [D, E + S], b_router [E + S], the shared ones last); s = sigmoid of all E + S; "
+        "the K chosen and the S shared scores are normalised together, gate_j = c s_j / (sum_K s "
+        "+ sum_S s), gamma_s = c s_s / (the same), c = scaling_factor * global_scale (a learned "
+        "parameter [1]), and each shared expert's output is weighed by its gamma_s "
+        "(variants.joint_shared). Needs score='sigmoid', normalize=False, num_shared_experts >= "
+        "1, the indexed formulation.", _checks.boolean)
 
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
@@ -392,6 +400,8 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
         raise ValueError(f"identity_experts: identity_experts + null_experts = "
                          f"{o['identity_experts'] + o['null_experts']} leaves no real expert of "
                          f"E = {num_experts}; at least one expert must have parameters")
+    if o["shared_router_scored"]:
+        _joint_options(route, o)
     if o["token_groups"] > 1:
         if o["formulation"] != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
@@ -401,6 +411,20 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
     return ExpertOptions(**o)
 
 
+def _joint_options(route: RouteOptions, o: dict[str, Any]) -> None:
+    """shared_router_scored against what its step reads (each a ValueError naming it)."""
+    wants = {"score": (route.score, "sigmoid"), "normalize": (route.normalize, False),
+             "selection": (route.selection, "tokens"), "formulation": (o["formulation"], "indexed"),
+             "shared_expert_gate": (o["shared_expert_gate"], False),
+             "gate_input": (o["gate_input"], False), "router_noise": (o["router_noise"], "none")}
+    for name, (got, want) in wants.items():
+        if got != want:
+            raise ValueError(f"shared_router_scored: needs {name}={want!r} (the joint "
+                             f"normalisation replaces it), got {name}={got!r}")
+    if o["num_shared_experts"] == 0:
+        raise ValueError("shared_router_scored: needs num_shared_experts >= 1")
+
+
 def check_group_extras(who: str, o: Any) -> None:
     """The layer extras the token-group step (MoELayer(token_groups > 1), ExpertParallelMoE)
     does not run: it runs the routed experts and adds the shared ones, nothing else. `o`: the
@@ -408,7 +432,8 @@ def check_group_extras(who: str, o: Any) -> None:
     get = o.get if isinstance(o, dict) else lambda n: getattr(o, n)
     for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
                          ("shared_combine", "sum"), ("shared_sum_fp32", False),
-                         ("identity_experts", 0), ("null_experts", 0)):
+                         ("identity_experts", 0), ("null_experts", 0),
+                         ("shared_router_scored", False)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "

@@ -148,6 +148,9 @@ _PRESETS = {p.name: p for p in [
     Preset("ernie4.5", f"{HF}/ernie4_5_moe/modeling_ernie4_5_moe.py: Ernie4_5_MoeTopKRouter",
            normalize=True, priority="token", capacity_factor=None, load_balancing="k_scaled",
            num_shared_experts=1, activation="swiglu"),
+    Preset("inkling", f"{HF}/inkling/modeling_inkling.py: InklingTopkRouter, InklingMoE",
+           score="sigmoid", priority="token", capacity_factor=None, scaling_factor=8.0,
+           num_shared_experts=2, shared_router_scored=True, activation="swiglu"),
 ]}
 
 

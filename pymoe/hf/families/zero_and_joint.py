@@ -9,12 +9,18 @@ only), gate = p * routed_scaling_factor, not renormalised; experts E .. E+Z-1 ar
 (pymoe's identity_experts). HF allocates gate_up_proj for E + Z experts but down_proj for E, and
 the Z extra gate_up_proj rows are never read: pymoe has no parameters for them, so its state
 dict writes them as 0 (and their gradient is 0, as torch's).
+
+Inkling (C6, X1 + router-scored shared experts): gate.weight scores the E routed and S shared
+experts (`[E + S, D]`, shared last), s = sigmoid, the top K of s + b over the routed ones, the K
+chosen and S shared scores normalised together, times route_scale and the learned
+gate.global_scale (pymoe's shared_router_scored); the S shared SwiGLU experts are stacked
+`[S, H, D]` and each weighed by its normalised score. The router runs in float32.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..layouts import Tensor, flat, linear, stacked
+from ..layouts import Tensor, flat, linear, same, stacked
 from ._base import Config, Family, Spec
 
 
@@ -46,8 +52,38 @@ def _longcat_flash(cfg: Config, layer, shapes) -> Spec:
     return Spec((D, H, total, int(cfg.get("moe_topk"))), kw, tensors, ignored)
 
 
+def _stacked_gate_up(param: str, gate: str, up: str) -> Tensor:
+    """gate_proj and up_proj `[S, H, D]` each <-> shared_w1 `[S, D, 2H]` (gate columns first)."""
+    def to_hf(p: np.ndarray) -> tuple[np.ndarray, ...]:
+        h = p.shape[2] // 2
+        return p[:, :, :h].transpose(0, 2, 1).copy(), p[:, :, h:].transpose(0, 2, 1).copy()
+    return Tensor(param, (gate, up),
+                  lambda g, u: np.concatenate([g, u], axis=1).transpose(0, 2, 1).copy(), to_hf)
+
+
+def _inkling(cfg: Config, layer, shapes) -> Spec:
+    E, H2, D = shapes["experts.gate_up_proj"]
+    S = shapes["shared_experts.gate_proj"][0]
+    if shapes["gate.weight"][0] != E + S:
+        raise ValueError(f"block: inkling gate.weight scores {shapes['gate.weight'][0]} experts, "
+                         f"expected E + S = {E} + {S}")
+    tensors = (linear("w_router", "gate.weight"), same("global_scale", "gate.global_scale"),
+               flat("expert_bias", "gate.e_score_correction_bias", buffer=True),
+               stacked("w1", "experts.gate_up_proj"), stacked("w2", "experts.down_proj"),
+               _stacked_gate_up("shared_w1", "shared_experts.gate_proj", "shared_experts.up_proj"),
+               stacked("shared_w2", "shared_experts.down_proj"))
+    kw = dict(preset="inkling", capacity_factor=None, activation=cfg.gated_form(),
+              aux_loss_coef=0.0, z_loss_coef=0.0, num_shared_experts=S,
+              shared_d_hidden=shapes["shared_experts.gate_proj"][1],
+              scaling_factor=float(cfg.get("route_scale")))
+    return Spec((D, H2 // 2, E, int(cfg.get("num_experts_per_tok"))), kw, tensors)
+
+
 FAMILIES = [
     Family("longcat_flash", ("LongcatFlashMoE",), "olmoe", "swiglu", _longcat_flash,
            note="the shortcut MoE's output; Z identity experts after the E real ones "
                 "(identity_experts); the classifier bias is never read by HF"),
+    Family("inkling", ("InklingMoE",), "inkling", "swiglu", _inkling,
+           note="router-scored shared experts normalised with the K routed ones "
+                "(shared_router_scored)"),
 ]
