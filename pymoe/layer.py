@@ -36,6 +36,13 @@ from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
+from .variants.latent import (
+    NormCache,
+    centred_norm,
+    centred_norm_backward,
+    scaled_norm,
+    scaled_norm_backward,
+)
 from .variants.joint_shared import JointCache, joint_gates, joint_gates_backward
 from .variants.scores import sigmoid
 from .variants.zero_experts import zero_experts_backward, zero_experts_forward
@@ -61,6 +68,17 @@ class _ForwardCache:
     token_mask: np.ndarray | None = None  # <bool>[T] True = a real token, or None
     joint: JointCache | None = None  # shared_router_scored: the joint normalisation's state
     gate: np.ndarray | None = None  # [T, K] the gates combine used, when not routing.gate
+    latent: _Latent | None = None  # latent_dim / expert_post_norm: their state
+
+
+@dataclass
+class _Latent:
+    """What the latent MoE and the post-expert norm keep for backward (variants.latent)."""
+    x_in: np.ndarray | None = None  # [T, D] the layer's tokens (latent_dim)
+    pre: np.ndarray | None = None  # [T, Dm] x @ w_latent_in, before latent_norm
+    norm: NormCache | None = None  # latent_norm's
+    y_lat: np.ndarray | None = None  # [T, Dm] the combined expert output, before w_latent_out
+    post: NormCache | None = None  # expert_post_norm's, over [E, C, Dm]
 
 
 @dataclass
@@ -147,6 +165,7 @@ class MoELayer:
         D, H, E = self.d_model, self.d_hidden, self.num_experts
         Er = self.real_experts  # E without the zero-computation experts (they have no weights)
         W = hidden_width(self.activation, H)
+        De = self.expert_width  # D, or the latent width
         rng = np.random.default_rng(seed)
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
         # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
@@ -154,10 +173,10 @@ class MoELayer:
         self.params: dict[str, np.ndarray] = {
             "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, Er_)),
             "b_router": np.zeros(Er_),
-            "w1": rng.normal(0.0, np.sqrt(1.0 / D), (Er, D, W)),
+            "w1": rng.normal(0.0, np.sqrt(1.0 / De), (Er, De, W)),
             "b1": np.zeros((Er, W)),
-            "w2": rng.normal(0.0, np.sqrt(1.0 / H), (Er, H, D)),
-            "b2": np.zeros((Er, D)),
+            "w2": rng.normal(0.0, np.sqrt(1.0 / H), (Er, H, De)),
+            "b2": np.zeros((Er, De)),
         }
         if self.router_noise == "noisy_topk":
             self.params["w_noise"] = rng.normal(0.0, np.sqrt(0.1 / D), (D, E))
@@ -175,6 +194,13 @@ class MoELayer:
                 self.params["w_shared_gate"] = rng.normal(0.0, np.sqrt(1.0 / D), D)
         if self.shared_router_scored:
             self.params["global_scale"] = np.ones(1)
+        if self.latent_dim is not None:
+            self.params["w_latent_in"] = rng.normal(0.0, np.sqrt(1.0 / D), (D, De))
+            self.params["w_latent_out"] = rng.normal(0.0, np.sqrt(1.0 / De), (De, D))
+        if self.latent_norm:
+            self.params["latent_norm_weight"] = np.zeros(De)
+        if self.expert_post_norm:
+            self.params["expert_norm_weight"] = np.zeros(De)
         if self.output_bias:
             self.params["b_out"] = np.zeros(D)
         if self.post_norm:
@@ -188,6 +214,11 @@ class MoELayer:
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
+
+    @property
+    def expert_width(self) -> int:
+        """The width the routed experts read and write: latent_dim, else d_model."""
+        return self.d_model if self.latent_dim is None else self.latent_dim
 
     @property
     def real_experts(self) -> int:
@@ -291,11 +322,11 @@ class MoELayer:
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's documented shape (the variants add w_noise and the shared experts)."""
         D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
-        Er = self.real_experts
+        Er, De = self.real_experts, self.expert_width
         W = hidden_width(self.activation, H)
         R = E + (S if self.shared_router_scored else 0)  # the router's columns
-        shapes = {"w_router": (D, R), "b_router": (R,), "w1": (Er, D, W), "b1": (Er, W),
-                  "w2": (Er, H, D), "b2": (Er, D)}
+        shapes = {"w_router": (D, R), "b_router": (R,), "w1": (Er, De, W), "b1": (Er, W),
+                  "w2": (Er, H, De), "b2": (Er, De)}
         if self.router_noise == "noisy_topk":
             shapes["w_noise"] = (D, E)
         if S:
@@ -307,6 +338,12 @@ class MoELayer:
                 shapes["w_shared_gate"] = (D,)
         if self.shared_router_scored:
             shapes["global_scale"] = (1,)
+        if self.latent_dim is not None:
+            shapes.update(w_latent_in=(D, De), w_latent_out=(De, D))
+        if self.latent_norm:
+            shapes["latent_norm_weight"] = (De,)
+        if self.expert_post_norm:
+            shapes["expert_norm_weight"] = (De,)
         if self.output_bias:
             shapes["b_out"] = (D,)
         if self.post_norm:
@@ -365,12 +402,17 @@ class MoELayer:
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
         x_router, noise, r, noisy, shared_logits = self._route_noisy(x2, train, mask, replay)
         gin = self.gate_input
+        lat = _Latent() if self.latent_dim is not None or self.expert_post_norm else None
+        xe = x2 if lat is None else self._latent_in(x2, p, lat)  # [T, De] the experts' tokens
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
             w_in, w_out = ((r.combine_weights, r.dispatch_mask) if gin
                            else (r.dispatch_mask, r.combine_weights))
-            expert_in = dispatch_dense(x2, w_in)  # [E, C, D]                          step 11
+            expert_in = dispatch_dense(xe, w_in)  # [E, C, D]                          step 11
             out, ecache = self._experts(expert_in, p, None)  # [E, C, D]
+            if lat is not None and self.expert_post_norm:
+                out, lat.post = scaled_norm(out, p["expert_norm_weight"],
+                                            self.expert_post_norm_eps)  # [E, C, De]
             y = combine_dense(out, w_out)  # [T, D]
         else:
             gate, gamma, joint = r.gate.astype(self.dtype), None, None
@@ -379,10 +421,16 @@ class MoELayer:
                                                  self.scaling_factor or 1.0,
                                                  float(p["global_scale"][0]))
                 gate, gamma = gate.astype(self.dtype), gamma.astype(self.dtype)
-            expert_in = self._dispatch(x2, r, gate if gin else None, "expert_in")  # [E, C, D]
+            expert_in = self._dispatch(xe, r, gate if gin else None, "expert_in")  # [E, C, D]
             out, ecache = self._experts(expert_in, p, r.expert_load_kept)  # [E, C, D]
+            if lat is not None and self.expert_post_norm:  # unfilled rows are 0 and stay 0
+                out, lat.post = scaled_norm(out, p["expert_norm_weight"],
+                                            self.expert_post_norm_eps)  # [E, C, De]
             y = self.backend.combine(out, r.expert_index, r.position,
                                      None if gin else gate)  # [T, D]
+        if lat is not None and self.latent_dim is not None:  # back to the model width
+            lat.y_lat = y
+            y = y @ p["w_latent_out"]  # [T, D]
         shared = None
         if self.num_shared_experts:
             y_shared, shared = self.shared_forward(
@@ -412,12 +460,49 @@ class MoELayer:
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
                                     noisy, shared, pre_norm, inv_rms, normed, mask,
                                     None if self.formulation == "dense" else joint,
-                                    None if self.formulation == "dense" else gate)
+                                    None if self.formulation == "dense" else gate, lat)
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         record_selection(self, r.expert_index)
         return y.reshape(x.shape)
 
     __call__ = forward
+
+    # ------------------------------------------------------- latent MoE (variants.latent)
+    def _latent_in(self, x2: np.ndarray, p: dict[str, np.ndarray], lat: _Latent) -> np.ndarray:
+        """The experts' tokens `[T, De]`: x2 `[T, D]` projected to the latent width and
+        normalised (latent_dim, latent_norm), or x2 itself (expert_post_norm alone)."""
+        if self.latent_dim is None:
+            return x2
+        lat.x_in = x2
+        lat.pre = x2 @ p["w_latent_in"]  # [T, Dm]
+        if not self.latent_norm:
+            return lat.pre
+        xe, lat.norm = centred_norm(lat.pre, p["latent_norm_weight"], self.latent_norm_eps)
+        return np.ascontiguousarray(xe)
+
+    def _latent_in_backward(self, dxe: np.ndarray, lat: _Latent, p: dict[str, np.ndarray],
+                            grads: dict[str, np.ndarray]) -> np.ndarray:
+        """dx2 `[T, D]` of _latent_in for d of its output dxe `[T, De]`; fills grads."""
+        assert lat.x_in is not None
+        if lat.norm is not None:
+            dxe, grads["latent_norm_weight"] = centred_norm_backward(
+                dxe, p["latent_norm_weight"], lat.norm)
+        grads["w_latent_in"] = lat.x_in.T @ dxe  # [D, Dm]
+        return dxe @ p["w_latent_in"].T
+
+    def _post_norm_backward(self, d_out: np.ndarray, lat: _Latent | None,
+                            p: dict[str, np.ndarray], grads: dict[str, np.ndarray],
+                            filled: np.ndarray | None) -> np.ndarray:
+        """d of the experts' raw outputs `[E, C, De]` from d of their normed ones (d_out); rows
+        past filled[e] (the indexed path's empty slots) hold no token and count for nothing."""
+        if lat is None or lat.post is None:
+            return d_out
+        if filled is not None:
+            rows = np.arange(d_out.shape[1])[None, :] < filled[:, None]  # [E, C]
+            d_out = np.where(rows[..., None], d_out, 0).astype(d_out.dtype, copy=False)
+        d_raw, grads["expert_norm_weight"] = scaled_norm_backward(
+            d_out, p["expert_norm_weight"], lat.post)
+        return np.ascontiguousarray(d_raw)
 
     def _dispatch(self, x2: np.ndarray, r: Routing, weight: np.ndarray | None,
                   name: str) -> np.ndarray:
@@ -425,7 +510,7 @@ class MoELayer:
         token are r.k (E under expert choice, not self.k)."""
         if self.backend.name != "c":
             return self.backend.dispatch(x2, r.slot_owner, r.k, weight)  # r.k: E for expert choice
-        shape = (self.num_experts, r.capacity, self.d_model)
+        shape = (self.num_experts, r.capacity, x2.shape[1])
         buf = self._workspace.get(name)
         if buf is None or buf.shape != shape or buf.dtype != x2.dtype:
             buf = self._workspace[name] = np.empty(shape, x2.dtype)
@@ -456,6 +541,8 @@ class MoELayer:
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
+        if self.logit_multiplier is not None:  # MuseSpark's output_multiplier
+            logits = logits * rdt.type(self.logit_multiplier)  # [T, E]
         shared_logits = None
         if self.shared_router_scored:  # the last S columns score the shared experts
             E = self.num_experts
@@ -563,6 +650,10 @@ class MoELayer:
             extra["b_out"] = dy2.sum(axis=0)  # [D]
         if c.shared is not None and self.shared_combine == "mean":
             dy2 = dy2 / 2  # both terms of (routed + shared) / 2
+        lat, dyr = c.latent, dy2  # dyr: d of the combined routed output, [T, De]
+        if lat is not None and lat.y_lat is not None:  # y = y_lat @ w_latent_out
+            extra["w_latent_out"] = lat.y_lat.T @ dy2  # [De, D]
+            dyr = dy2 @ p["w_latent_out"].T  # [T, De]
         if self.gate_input:  # y = sum_j FFN_e(g_j x): the adjoints trade places, dgate = <x, d_in>
             if self.formulation == "dense":
                 d_out, _ = combine_dense_backward(dy2, c.expert_out, r.dispatch_mask)
@@ -577,16 +668,20 @@ class MoELayer:
                 dgate = self.backend.gate_grad(x2_of(c), d_in, r.expert_index, r.position)
                 dx2 = self.backend.combine(d_in, r.expert_index, r.position, gate)  # [T, D]
         elif self.formulation == "dense":
-            d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
+            d_out, d_cw = combine_dense_backward(dyr, c.expert_out, r.combine_weights)
             dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
+            d_out = self._post_norm_backward(d_out, lat, p, extra, None)
             d_in, eg = self._experts_backward(d_out, p, c.experts, False)  # [E, C, D]
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
             gate = (r.gate if c.gate is None else c.gate).astype(self.dtype)
-            d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
-            dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
+            d_out = self._dispatch(dyr, r, gate, "d_out")  # [E, C, D]
+            dgate = self.backend.gate_grad(dyr, c.expert_out, r.expert_index, r.position)
+            d_out = self._post_norm_backward(d_out, lat, p, extra, r.expert_load_kept)
             d_in, eg = self._experts_backward(d_out, p, c.experts, True)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
+        if lat is not None and lat.x_in is not None:  # dx2 so far: d of the experts' tokens
+            dx2 = self._latent_in_backward(dx2, lat, p, extra)  # [T, D]
         grads = dict(eg, **extra)
         if c.shared is not None and c.x2 is not None:  # forward keeps x2 with shared experts
             dx_shared, sg = self.shared_backward(dy2, c.x2, p, c.shared)
@@ -623,6 +718,8 @@ class MoELayer:
             grads["w_noise"] = c.x_router.T @ dz  # [D, E]
             dx_router = dz @ p["w_noise"].astype(rdt, copy=False).T  # [T, D]
             dlogits = dH + dclean
+        if self.logit_multiplier is not None:
+            dlogits = dlogits * rdt.type(self.logit_multiplier)
         dxr, dw_router, db_router = router_logits_backward(
             dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
         dx_router = dxr if dx_router is None else dx_router + dxr

@@ -235,6 +235,26 @@ class ExpertOptions:
         "parameter [1]), and each shared expert's output is weighed by its gamma_s "
         "(variants.joint_shared). Needs score='sigmoid', normalize=False, num_shared_experts >= "
         "1, the indexed formulation.", _checks.boolean)
+    logit_multiplier: float | None = keyword(
+        None, "multiplies the router logits before routing, logits = (x @ w_router + b_router) * "
+        "m (MuseSpark's output_multiplier, 1/sqrt(32)); routing.router_logits are the multiplied "
+        "ones. None: no multiplier.", _positive(allow_none=True))
+    latent_dim: int | None = keyword(
+        None, "Dm: a latent MoE (MuseSpark, NemotronH's moe_latent_size): the experts read "
+        "x @ w_latent_in [D, Dm] and the combined output is projected back by w_latent_out "
+        "[Dm, D]; the experts' w1 is [E, Dm, W], w2 [E, H, Dm], b2 [E, Dm]; the router and the "
+        "shared experts read x (variants.latent). None: none.",
+        lambda n, v: None if v is None else _checks.integer(n, v, low=1))
+    latent_norm: bool = keyword(
+        False, "a centred RMSNorm of the latent input, rms(x @ w_latent_in) * (1 + "
+        "latent_norm_weight [Dm]) (MuseSpark's pre_expert_norm); needs latent_dim.",
+        _checks.boolean)
+    latent_norm_eps: float = keyword(1e-5, "its epsilon (> 0).", _positive())
+    expert_post_norm: bool = keyword(
+        False, "an RMSNorm of each expert's output before its gate weighs it, rms(o * (1 + "
+        "expert_norm_weight)), one weight [D or Dm] for all experts (MuseSpark's "
+        "post_expert_norm), in float32 or wider.", _checks.boolean)
+    expert_post_norm_eps: float = keyword(1e-8, "its epsilon (> 0).", _positive())
 
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
@@ -402,6 +422,11 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                          f"E = {num_experts}; at least one expert must have parameters")
     if o["shared_router_scored"]:
         _joint_options(route, o)
+    if o["latent_dim"] is None and o["latent_norm"]:
+        raise ValueError("latent_norm: needs latent_dim (the norm is of the latent input)")
+    if (o["latent_dim"] is not None or o["expert_post_norm"]) and o["gate_input"]:
+        raise ValueError("gate_input: not supported with latent_dim or expert_post_norm (the gate "
+                         "would weigh the latent input)")
     if o["token_groups"] > 1:
         if o["formulation"] != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
@@ -433,7 +458,8 @@ def check_group_extras(who: str, o: Any) -> None:
     for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
                          ("shared_combine", "sum"), ("shared_sum_fp32", False),
                          ("identity_experts", 0), ("null_experts", 0),
-                         ("shared_router_scored", False)):
+                         ("shared_router_scored", False), ("logit_multiplier", None),
+                         ("latent_dim", None), ("expert_post_norm", False)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "

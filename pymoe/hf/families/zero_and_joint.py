@@ -15,6 +15,14 @@ experts (`[E + S, D]`, shared last), s = sigmoid, the top K of s + b over the ro
 chosen and S shared scores normalised together, times route_scale and the learned
 gate.global_scale (pymoe's shared_router_scored); the S shared SwiGLU experts are stacked
 `[S, H, D]` and each weighed by its normalised score. The router runs in float32.
+
+MuseSpark (C2 on multiplied logits, X1 in a latent space): logits = (x W) * output_multiplier,
+s = sigmoid, the top K of s + b, gates renormalised (by sum + 1e-15: 1e-15 relative, invisible)
+times routed_scaling_factor; the experts run on rms(x @ pre_expert_proj) * (1 + w) (a centred
+RMSNorm) in moe_hidden_size, each expert's output is normalised by rms(o * (1 + w')) (one w'
+for all experts) before its gate weighs it, and post_expert_proj maps the sum back. pymoe:
+logit_multiplier, latent_dim, latent_norm, expert_post_norm. HF computes both norms and the
+router in float32 even in a float64 block, so float64 agrees to float32 round-off.
 """
 from __future__ import annotations
 
@@ -79,6 +87,25 @@ def _inkling(cfg: Config, layer, shapes) -> Spec:
     return Spec((D, H2 // 2, E, int(cfg.get("num_experts_per_tok"))), kw, tensors)
 
 
+def _muse_spark(cfg: Config, layer, shapes) -> Spec:
+    E, H2, Dm = shapes["experts.gate_up_proj"]
+    D = shapes["pre_expert_proj.weight"][1]
+    tensors = (linear("w_router", "gate.weight"),
+               flat("expert_bias", "gate.e_score_correction_bias", buffer=True),
+               linear("w_latent_in", "pre_expert_proj.weight"),
+               same("latent_norm_weight", "pre_expert_norm.weight"),
+               stacked("w1", "experts.gate_up_proj"), stacked("w2", "experts.down_proj"),
+               same("expert_norm_weight", "experts.post_expert_norm.weight"),
+               linear("w_latent_out", "post_expert_proj.weight"))
+    kw = dict(preset="glm4-moe", capacity_factor=None, activation=cfg.gated_form(),
+              aux_loss_coef=0.0, z_loss_coef=0.0, num_shared_experts=0, normalize=True,
+              scaling_factor=float(cfg.get("routed_scaling_factor")),
+              logit_multiplier=float(cfg.get("output_multiplier")), latent_dim=Dm,
+              latent_norm=True, latent_norm_eps=float(cfg.get("rms_norm_eps")),
+              expert_post_norm=True, expert_post_norm_eps=float(cfg.get("post_norm_eps")))
+    return Spec((D, H2 // 2, E, int(cfg.get("num_experts_per_tok"))), kw, tensors)
+
+
 FAMILIES = [
     Family("longcat_flash", ("LongcatFlashMoE",), "olmoe", "swiglu", _longcat_flash,
            note="the shortcut MoE's output; Z identity experts after the E real ones "
@@ -86,4 +113,7 @@ FAMILIES = [
     Family("inkling", ("InklingMoE",), "inkling", "swiglu", _inkling,
            note="router-scored shared experts normalised with the K routed ones "
                 "(shared_router_scored)"),
+    Family("muse_spark", ("MuseSparkMoE",), "glm4-moe", "swiglu", _muse_spark,
+           note="latent MoE (latent_dim, latent_norm, expert_post_norm) on logits times "
+                "output_multiplier (logit_multiplier); HF's norms run in float32"),
 ]
