@@ -39,9 +39,9 @@ def test_by_hand(formulation):
     np.testing.assert_allclose(dx[2], [0.0, 0.0], atol=1e-15)
 
 
-@pytest.mark.parametrize("formulation,backend", [("indexed", "numpy"), ("indexed", "c"),
-                                                 ("dense", "numpy")])
-@pytest.mark.parametrize("gate_input", [False, True])
+@pytest.mark.parametrize("formulation,backend,gate_input", [
+    ("indexed", "numpy", False), ("indexed", "c", False), ("dense", "numpy", False),
+    ("indexed", "numpy", True), ("dense", "numpy", True)])
 def test_gradients_match_finite_differences(formulation, backend, gate_input):
     if backend == "c" and not pymoe.get_backend("auto").name == "c":
         pytest.skip("the C core is not built")
