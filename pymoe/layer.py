@@ -43,6 +43,7 @@ from .variants.latent import (
     scaled_norm,
     scaled_norm_backward,
 )
+from .variants.router_mlp import RouterMLPCache, router_mlp_backward, router_mlp_forward
 from .variants.joint_shared import JointCache, joint_gates, joint_gates_backward
 from .variants.scores import sigmoid
 from .variants.zero_experts import zero_experts_backward, zero_experts_forward
@@ -69,6 +70,7 @@ class _ForwardCache:
     joint: JointCache | None = None  # shared_router_scored: the joint normalisation's state
     gate: np.ndarray | None = None  # [T, K] the gates combine used, when not routing.gate
     latent: _Latent | None = None  # latent_dim / expert_post_norm: their state
+    router_mlp: RouterMLPCache | None = None  # router_mlp: the MLP router's state
 
 
 @dataclass
@@ -170,8 +172,9 @@ class MoELayer:
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
         # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
         Er_ = E + (self.num_shared_experts if self.shared_router_scored else 0)  # router columns
+        Dr = D if self.router_mlp is None else self.router_mlp  # what w_router reads
         self.params: dict[str, np.ndarray] = {
-            "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, Er_)),
+            "w_router": rng.normal(0.0, np.sqrt(0.1 / Dr), (Dr, Er_)),
             "b_router": np.zeros(Er_),
             "w1": rng.normal(0.0, np.sqrt(1.0 / De), (Er, De, W)),
             "b1": np.zeros((Er, W)),
@@ -194,6 +197,15 @@ class MoELayer:
                 self.params["w_shared_gate"] = rng.normal(0.0, np.sqrt(1.0 / D), D)
         if self.shared_router_scored:
             self.params["global_scale"] = np.ones(1)
+        if self.router_mlp is not None:
+            R = self.router_mlp
+            self.params.update(
+                w_router_down=rng.normal(0.0, np.sqrt(1.0 / D), (D, R)), b_router_down=np.zeros(R),
+                router_norm_weight=np.ones(R),
+                w_router_fc1=rng.normal(0.0, np.sqrt(1.0 / R), (R, R)), b_router_fc1=np.zeros(R),
+                w_router_fc2=rng.normal(0.0, np.sqrt(1.0 / R), (R, R)), b_router_fc2=np.zeros(R))
+            if self.router_state_input:
+                self.params["router_state_scale"] = np.ones(R)
         if self.latent_dim is not None:
             self.params["w_latent_in"] = rng.normal(0.0, np.sqrt(1.0 / D), (D, De))
             self.params["w_latent_out"] = rng.normal(0.0, np.sqrt(1.0 / De), (De, D))
@@ -211,6 +223,8 @@ class MoELayer:
         self._cache: _ForwardCache | _GroupsForwardCache | None = None
         self._workspace: dict[str, np.ndarray] = {}  # step buffers reused by the indexed path
         self.routing: Routing | tuple[Routing, ...] | None = None  # a tuple with token_groups
+        self.router_state: np.ndarray | None = None  # router_mlp: [T, R] for the next layer
+        self.router_state_grad: np.ndarray | None = None  # d previous layer's router_state
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
@@ -325,7 +339,8 @@ class MoELayer:
         Er, De = self.real_experts, self.expert_width
         W = hidden_width(self.activation, H)
         R = E + (S if self.shared_router_scored else 0)  # the router's columns
-        shapes = {"w_router": (D, R), "b_router": (R,), "w1": (Er, De, W), "b1": (Er, W),
+        Dr = D if self.router_mlp is None else self.router_mlp
+        shapes = {"w_router": (Dr, R), "b_router": (R,), "w1": (Er, De, W), "b1": (Er, W),
                   "w2": (Er, H, De), "b2": (Er, De)}
         if self.router_noise == "noisy_topk":
             shapes["w_noise"] = (D, E)
@@ -338,6 +353,13 @@ class MoELayer:
                 shapes["w_shared_gate"] = (D,)
         if self.shared_router_scored:
             shapes["global_scale"] = (1,)
+        if self.router_mlp is not None:
+            Rm = self.router_mlp
+            shapes.update(w_router_down=(D, Rm), b_router_down=(Rm,), router_norm_weight=(Rm,),
+                          w_router_fc1=(Rm, Rm), b_router_fc1=(Rm,), w_router_fc2=(Rm, Rm),
+                          b_router_fc2=(Rm,))
+            if self.router_state_input:
+                shapes["router_state_scale"] = (Rm,)
         if self.latent_dim is not None:
             shapes.update(w_latent_in=(D, De), w_latent_out=(De, D))
         if self.latent_norm:
@@ -370,7 +392,8 @@ class MoELayer:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
-                train: bool = False, replay: np.ndarray | None = None) -> np.ndarray:
+                train: bool = False, replay: np.ndarray | None = None,
+                router_state: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
         token_mask: `<bool>` of shape x.shape[:-1], True = a real token, False = padding (HF
@@ -400,7 +423,9 @@ class MoELayer:
                                  f"only, got token_groups = {self.token_groups}")
             return self._forward_groups(x, x2, train, mask)
         replay = check_replay(replay, x2.shape[0], self.options, self.num_experts)
-        x_router, noise, r, noisy, shared_logits = self._route_noisy(x2, train, mask, replay)
+        state = self._router_state_arg(router_state, x2.shape[0])
+        x_router, noise, r, noisy, shared_logits, rmlp = self._route_noisy(x2, train, mask, replay,
+                                                                           state)
         gin = self.gate_input
         lat = _Latent() if self.latent_dim is not None or self.expert_post_norm else None
         xe = x2 if lat is None else self._latent_in(x2, p, lat)  # [T, De] the experts' tokens
@@ -460,7 +485,8 @@ class MoELayer:
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
                                     noisy, shared, pre_norm, inv_rms, normed, mask,
                                     None if self.formulation == "dense" else joint,
-                                    None if self.formulation == "dense" else gate, lat)
+                                    None if self.formulation == "dense" else gate, lat, rmlp)
+        self.router_state = None if rmlp is None else rmlp.h  # [T, R] for the next layer
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         record_selection(self, r.expert_index)
         return y.reshape(x.shape)
@@ -524,8 +550,17 @@ class MoELayer:
         routes each group with it."""
         return self._route_noisy(x2, train, token_mask)[:3]
 
+    def _router_state_arg(self, state: object, T: int) -> np.ndarray | None:
+        """router_state: None, or `[T, R]` floats with router_state_input."""
+        if state is None:
+            return None
+        if not self.router_state_input:
+            raise ValueError("router_state: this layer reads no router state (router_mlp with "
+                             "router_state_input=True does)")
+        return _checks.float_array("router_state", state, shape=(T, self.router_mlp))
+
     def _route_noisy(self, x2: np.ndarray, train: bool, token_mask: np.ndarray | None = None,
-                     replay: np.ndarray | None = None):
+                     replay: np.ndarray | None = None, router_state: np.ndarray | None = None):
         """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it,
         and the shared experts' logits `[T, S]` with shared_router_scored (else None); replay: a
         checked selection to force (routing.check_replay)."""
@@ -536,8 +571,12 @@ class MoELayer:
         if train and self.router_noise == "jitter":
             noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
             x_router = x_router * noise
-        logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
-                               p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
+        rmlp = None
+        if self.router_mlp is not None:  # Zaya: an MLP router (variants.router_mlp)
+            logits, _, rmlp = router_mlp_forward(x_router, p, router_state, self.router_mlp_eps)
+        else:
+            logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
+                                   p["b_router"].astype(rdt, copy=False))  # [T, E]  step 1
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
@@ -560,7 +599,7 @@ class MoELayer:
         r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
                             backend=self.backend, replay=replay,
                             token_mask=token_mask)  # steps 2-10, 12
-        return x_router, noise, r, noisy, shared_logits
+        return x_router, noise, r, noisy, shared_logits, rmlp
 
     def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool,
                         mask: np.ndarray | None = None) -> np.ndarray:
@@ -606,7 +645,8 @@ class MoELayer:
                 + self.load_loss_coef * self.load_loss)
 
     # --------------------------------------------------------------- backward
-    def backward(self, dy: np.ndarray, *, router_dlogits: np.ndarray | None = None) -> np.ndarray:
+    def backward(self, dy: np.ndarray, *, router_dlogits: np.ndarray | None = None,
+                 d_router_state: np.ndarray | None = None) -> np.ndarray:
         """Differentiate sum(y * dy) + loss_terms().
 
         Args:
@@ -720,8 +760,20 @@ class MoELayer:
             dlogits = dH + dclean
         if self.logit_multiplier is not None:
             dlogits = dlogits * rdt.type(self.logit_multiplier)
-        dxr, dw_router, db_router = router_logits_backward(
-            dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
+        if c.router_mlp is not None:
+            if d_router_state is not None:
+                d_router_state = _checks.float_array("d_router_state", d_router_state,
+                                                     shape=c.router_mlp.h.shape)
+            dxr, rg, self.router_state_grad = router_mlp_backward(dlogits, c.router_mlp, p,
+                                                                  d_router_state)
+            grads.update(rg)
+            dw_router, db_router = rg["w_router"], rg["b_router"]
+        else:
+            if d_router_state is not None:
+                raise ValueError("d_router_state: this layer has no MLP router, so no router "
+                                 "state to differentiate")
+            dxr, dw_router, db_router = router_logits_backward(
+                dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
         dx_router = dxr if dx_router is None else dx_router + dxr
         if c.noise is not None:
             dx_router *= c.noise

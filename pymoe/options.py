@@ -255,6 +255,18 @@ class ExpertOptions:
         "expert_norm_weight)), one weight [D or Dm] for all experts (MuseSpark's "
         "post_expert_norm), in float32 or wider.", _checks.boolean)
     expert_post_norm_eps: float = keyword(1e-8, "its epsilon (> 0).", _positive())
+    router_mlp: int | None = keyword(
+        None, "R: Zaya's MLP router instead of x @ w_router + b_router: h = x @ w_router_down "
+        "[D, R] + b_router_down (+ the previous layer's router state * router_state_scale [R]), "
+        "an RMSNorm (router_norm_weight [R]), two Linear(R, R) + exact GELU (w_router_fc1, "
+        "w_router_fc2 and their biases), then w_router [R, E] (variants.router_mlp). h is this "
+        "layer's router state (layer.router_state). None: the linear router.",
+        lambda n, v: None if v is None else _checks.integer(n, v, low=1))
+    router_mlp_eps: float = keyword(1e-5, "its RMSNorm's epsilon (> 0).", _positive())
+    router_state_input: bool = keyword(
+        False, "the MLP router adds the previous layer's state, forward(x, router_state=s) "
+        "(Zaya's layers after the first; parameter router_state_scale [R]); needs router_mlp.",
+        _checks.boolean)
 
 
 ROUTE_KEYWORDS = tuple(f.name for f in dataclasses.fields(RouteOptions))
@@ -422,6 +434,10 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                          f"E = {num_experts}; at least one expert must have parameters")
     if o["shared_router_scored"]:
         _joint_options(route, o)
+    if o["router_mlp"] is None and o["router_state_input"]:
+        raise ValueError("router_state_input: needs router_mlp (the state enters the MLP router)")
+    if o["router_mlp"] is not None and o["router_noise"] == "noisy_topk":
+        raise ValueError("router_noise: 'noisy_topk' needs the linear router, not router_mlp")
     if o["latent_dim"] is None and o["latent_norm"]:
         raise ValueError("latent_norm: needs latent_dim (the norm is of the latent input)")
     if (o["latent_dim"] is not None or o["expert_post_norm"]) and o["gate_input"]:
@@ -459,7 +475,8 @@ def check_group_extras(who: str, o: Any) -> None:
                          ("shared_combine", "sum"), ("shared_sum_fp32", False),
                          ("identity_experts", 0), ("null_experts", 0),
                          ("shared_router_scored", False), ("logit_multiplier", None),
-                         ("latent_dim", None), ("expert_post_norm", False)):
+                         ("latent_dim", None), ("expert_post_norm", False),
+                         ("router_mlp", None)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "
