@@ -23,6 +23,14 @@ RMSNorm) in moe_hidden_size, each expert's output is normalised by rms(o * (1 + 
 for all experts) before its gate weighs it, and post_expert_proj maps the sum back. pymoe:
 logit_multiplier, latent_dim, latent_norm, expert_post_norm. HF computes both norms and the
 router in float32 even in a float64 block, so float64 agrees to float32 round-off.
+
+Zaya (C4, X1 + X11): an MLP router (pymoe's router_mlp; layers after the first add the previous
+layer's router state times gate.router_states_scale: router_state_input), p = softmax over the E
+real experts and one skip expert (the last), the top K (= 1) of p + balancing_biases, gate = p.
+HF rewrites a choice of the skip expert to expert 0 with gate 0, so expert 0 runs on it for
+nothing and counts it as load; pymoe keeps the choice as the null expert E (null_experts=1):
+the same output and gradients, the skip counted where it was chosen. The router's RMSNorm runs
+in float32 even in a float64 block.
 """
 from __future__ import annotations
 
@@ -106,6 +114,28 @@ def _muse_spark(cfg: Config, layer, shapes) -> Spec:
     return Spec((D, H2 // 2, E, int(cfg.get("num_experts_per_tok"))), kw, tensors)
 
 
+def _zaya(cfg: Config, layer, shapes) -> Spec:
+    E, H2, D = shapes["experts.gate_up_proj"]
+    R = shapes["gate.down_proj.weight"][0]
+    g = "gate.router_mlp."
+    tensors = [linear("w_router_down", "gate.down_proj.weight"),
+               same("b_router_down", "gate.down_proj.bias"),
+               same("router_norm_weight", g + "norm.weight"),
+               linear("w_router_fc1", g + "fc1.weight"), same("b_router_fc1", g + "fc1.bias"),
+               linear("w_router_fc2", g + "fc2.weight"), same("b_router_fc2", g + "fc2.bias"),
+               linear("w_router", g + "out_proj.weight"),
+               flat("expert_bias", "gate.balancing_biases", buffer=True),
+               stacked("w1", "experts.gate_up_proj"), stacked("w2", "experts.down_proj")]
+    state = "gate.router_states_scale" in shapes  # every layer but the first
+    if state:
+        tensors.append(same("router_state_scale", "gate.router_states_scale"))
+    kw = dict(preset="olmoe", capacity_factor=None, activation=cfg.gated_form(),
+              aux_loss_coef=0.0, z_loss_coef=0.0, normalize=False, null_experts=1,
+              router_mlp=R, router_mlp_eps=float(cfg.get("rms_norm_eps")),
+              router_state_input=state)
+    return Spec((D, H2 // 2, E + 1, int(cfg.get("num_experts_per_tok"))), kw, tuple(tensors))
+
+
 FAMILIES = [
     Family("longcat_flash", ("LongcatFlashMoE",), "olmoe", "swiglu", _longcat_flash,
            note="the shortcut MoE's output; Z identity experts after the E real ones "
@@ -116,4 +146,7 @@ FAMILIES = [
     Family("muse_spark", ("MuseSparkMoE",), "glm4-moe", "swiglu", _muse_spark,
            note="latent MoE (latent_dim, latent_norm, expert_post_norm) on logits times "
                 "output_multiplier (logit_multiplier); HF's norms run in float32"),
+    Family("zaya", ("ZayaSparseMoeBlock",), "olmoe", "swiglu", _zaya,
+           note="MLP router with the cross-layer router state (router_mlp, forward(x, "
+                "router_state=)); the skip expert is null expert E (HF: expert 0, gate 0)"),
 ]
