@@ -33,9 +33,7 @@ from .replay import forced_selection, record_selection, recording
 from .router import jitter, router_dtype, router_logits, router_logits_backward
 from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
-from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
-from .variants.presets import Preset, accepts_preset
-from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
+from .variants.joint_shared import JointCache, joint_gates, joint_gates_backward
 from .variants.latent import (
     NormCache,
     centred_norm,
@@ -43,9 +41,11 @@ from .variants.latent import (
     scaled_norm,
     scaled_norm_backward,
 )
+from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
+from .variants.presets import Preset, accepts_preset
 from .variants.router_mlp import RouterMLPCache, router_mlp_backward, router_mlp_forward
-from .variants.joint_shared import JointCache, joint_gates, joint_gates_backward
 from .variants.scores import sigmoid
+from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 from .variants.zero_experts import zero_experts_backward, zero_experts_forward
 
 PARAM_NAMES = ("w_router", "b_router", *EXPERT_PARAMS)  # always present

@@ -24,14 +24,19 @@ ROUTER_MLP_PARAMS = ("w_router_down", "b_router_down", "router_norm_weight", "w_
                      "b_router_fc1", "w_router_fc2", "b_router_fc2")
 
 
+def _erf(z: np.ndarray) -> np.ndarray:
+    """erf elementwise (math.erf per entry: NumPy has none; the router's arrays are [T, R])."""
+    return np.asarray(_ERF(z), dtype=z.dtype)
+
+
 def gelu_erf(z: np.ndarray) -> np.ndarray:
     """z * Phi(z), the exact GELU, elementwise."""
-    return z * 0.5 * (1.0 + _ERF(z / math.sqrt(2.0)).astype(z.dtype))
+    return z * 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
 
 
 def gelu_erf_backward(dy: np.ndarray, z: np.ndarray) -> np.ndarray:
     """dy * (Phi(z) + z phi(z)) for y = gelu_erf(z)."""
-    cdf = 0.5 * (1.0 + _ERF(z / math.sqrt(2.0)).astype(z.dtype))
+    cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
     pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
     return dy * (cdf + z * pdf)
 

@@ -3,7 +3,8 @@
 DeepSeek-V2/V3 add them plainly: y = routed(x) + sum_s FFN_s(x). Qwen1.5/2-MoE gate them per
 token with a sigmoid of a learned projection: y = routed(x) + sigmoid(x . w_gate) * FFN(x);
 Megatron-Core offers both. Inkling weighs each one by its own router score: y = routed(x) +
-sum_s gamma_s FFN_s(x) (weights, from variants.joint_shared). They carry what every token needs, so routed experts can specialise.
+sum_s gamma_s FFN_s(x) (weights, from variants.joint_shared). They carry what every token
+needs, so routed experts can specialise.
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import check_layer_gradients, randomize
 
 import pymoe
+from helpers import check_layer_gradients, randomize
 
 
 def test_by_hand():

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layouts import flat, linear, mlp_linear, stacked
+from ..layouts import Tensor, flat, linear, mlp_linear, stacked
 from ._base import Config, Family, Spec, standard
 from .sigmoid_a import dsv3_routing
 
@@ -85,11 +85,12 @@ def _nemotron_h(cfg: Config, layer, shapes) -> Spec:
     preset, kw = _dsv3(cfg)
     E, H, De = shapes["experts.up_proj"]  # De: moe_latent_size when set, else D
     Hs, D = shapes["shared_experts.up_proj.weight"]
-    tensors = (linear("w_router", "gate.weight"), stacked("w1", "experts.up_proj"),
-               stacked("w2", "experts.down_proj"),
-               mlp_linear("shared_w1", "shared_experts.up_proj.weight"),
-               mlp_linear("shared_w2", "shared_experts.down_proj.weight"),
-               flat("expert_bias", "gate.e_score_correction_bias", buffer=True))
+    tensors: tuple[Tensor, ...] = (
+        linear("w_router", "gate.weight"), stacked("w1", "experts.up_proj"),
+        stacked("w2", "experts.down_proj"),
+        mlp_linear("shared_w1", "shared_experts.up_proj.weight"),
+        mlp_linear("shared_w2", "shared_experts.down_proj.weight"),
+        flat("expert_bias", "gate.e_score_correction_bias", buffer=True))
     latent: dict[str, Any] = {}
     if cfg.get("moe_latent_size", None) is not None:  # the experts run in the latent space
         tensors += (linear("w_latent_in", "fc1_latent_proj.weight"),
