@@ -118,7 +118,15 @@ class MoELayer:
             top-K also w_noise `[D, E]`; with S shared experts shared_w1 `[S, D, Ws]`, shared_b1
             `[S, Ws]`, shared_w2 `[S, Hs, D]`, shared_b2 `[S, D]` (Hs = shared_d_hidden, Ws as W)
             and, gated, w_shared_gate `[D]`; with output_bias b_out `[D]`; with post_norm
-            post_norm_weight `[D]`. backward() overwrites grads (it does not accumulate).
+            post_norm_weight `[D]`; with identity_experts / null_experts the expert weights hold
+            the Er = E - Z - N real experts; with shared_router_scored w_router `[D, E + S]`,
+            b_router `[E + S]` and global_scale `[1]`; with latent_dim w_latent_in `[D, Dm]`,
+            w_latent_out `[Dm, D]` and the experts in Dm, latent_norm_weight and
+            expert_norm_weight `[Dm or D]`; with router_mlp `[R]`-wide router weights
+            (w_router_down `[D, R]`, ..., w_router `[R, E]`, router_state_scale `[R]`)
+            (docs/variants.md). backward() overwrites grads (it does not accumulate).
+        router_state, router_state_grad: with router_mlp, this forward's router state `[T, R]`
+            for the next layer, and after backward the gradient of the state forward read.
         expert_form, shared_form: the routed and shared experts' FormSpec (name and arguments).
         routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
             when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
@@ -402,6 +410,8 @@ class MoELayer:
         "absent" or "counted" it gets no slot and y = 0 there (shared experts and the output
         bias too), with "routed" it is routed and y is what the experts give
         (docs/variants.md, "Padding").
+        router_state: `[T, R]` the previous layer's layer.router_state (router_mlp with
+        router_state_input), or None: none added (Zaya's first layer).
         train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
@@ -655,6 +665,9 @@ class MoELayer:
                 from a loss computed outside the layer, e.g. GlobalLoadBalance.loss_backward(
                 layer.routing, coef); added to the router's own before w_router and dx (not with
                 token_groups, whose routing is per group).
+            d_router_state: `[T, R]` or None: d objective / d layer.router_state from the next
+                layer (its router_state_grad); the gradient of the state this forward read is
+                left in layer.router_state_grad.
         Returns:
             dx with the shape and dtype of the last forward's x. Fills self.grads (overwriting).
         """
