@@ -41,10 +41,16 @@ from .router import (
 from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
 from .variants.input_norm import NormCache, rms_norm, rms_norm_backward
+from .variants.joint_shared import JointCache, joint_gates, joint_gates_backward
+from .variants.latent import NormCache as LatentNormCache
+from .variants.latent import centred_norm, centred_norm_backward, scaled_norm, scaled_norm_backward
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
+from .variants.router_mlp import RouterMLPCache, router_mlp_backward, router_mlp_forward
+from .variants.scores import sigmoid
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 from .variants.top_p import dynamic_loss, dynamic_loss_backward
+from .variants.zero_experts import zero_experts_backward, zero_experts_forward
 
 PARAM_NAMES = ("w_router", "b_router", *EXPERT_PARAMS)  # always present
 
@@ -67,6 +73,20 @@ class _ForwardCache:
     token_mask: np.ndarray | None = None  # <bool>[T] True = a real token, or None
     router_norm: NormCache | None = None  # router_input_norm
     expert_norm: NormCache | None = None  # expert_input_norm
+    joint: JointCache | None = None  # shared_router_scored: the joint normalisation's state
+    gate: np.ndarray | None = None  # [T, K] the gates combine used, when not routing.gate
+    latent: _Latent | None = None  # latent_dim / expert_post_norm: their state
+    router_mlp: RouterMLPCache | None = None  # router_mlp: the MLP router's state
+
+
+@dataclass
+class _Latent:
+    """What the latent MoE and the post-expert norm keep for backward (variants.latent)."""
+    x_in: np.ndarray | None = None  # [T, D] the layer's tokens (latent_dim)
+    pre: np.ndarray | None = None  # [T, Dm] x @ w_latent_in, before latent_norm
+    norm: LatentNormCache | None = None  # latent_norm's
+    y_lat: np.ndarray | None = None  # [T, Dm] the combined expert output, before w_latent_out
+    post: LatentNormCache | None = None  # expert_post_norm's, over [E, C, Dm]
 
 
 @dataclass
@@ -104,7 +124,15 @@ class MoELayer:
             top-K also w_noise `[D, E]`; with S shared experts shared_w1 `[S, D, Ws]`, shared_b1
             `[S, Ws]`, shared_w2 `[S, Hs, D]`, shared_b2 `[S, D]` (Hs = shared_d_hidden, Ws as W)
             and, gated, w_shared_gate `[D]`; with output_bias b_out `[D]`; with post_norm
-            post_norm_weight `[D]`. backward() overwrites grads (it does not accumulate).
+            post_norm_weight `[D]`; with identity_experts / null_experts the expert weights hold
+            the Er = E - Z - N real experts; with shared_router_scored w_router `[D, E + S]`,
+            b_router `[E + S]` and global_scale `[1]`; with latent_dim w_latent_in `[D, Dm]`,
+            w_latent_out `[Dm, D]` and the experts in Dm, latent_norm_weight and
+            expert_post_norm_weight `[Dm or D]`; with router_mlp `[R]`-wide router weights
+            (w_router_down `[D, R]`, ..., w_router `[R, E]`, router_state_scale `[R]`)
+            (docs/variants.md). backward() overwrites grads (it does not accumulate).
+        router_state, router_state_grad: with router_mlp, this forward's router state `[T, R]`
+            for the next layer, and after backward the gradient of the state forward read.
         expert_form, shared_form: the routed and shared experts' FormSpec (name and arguments).
         routing, aux_loss, z_loss: from the last forward() (routing: a tuple of G Routings
             when token_groups > 1; aux_loss, z_loss: the mean over groups of each group's terms).
@@ -153,17 +181,21 @@ class MoELayer:
         warn_k1_normalize(self.options)
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
+        Er = self.real_experts  # E without the zero-computation experts (they have no weights)
         W = hidden_width(self.activation, H)
+        De = self.expert_width  # D, or the latent width
         rng = np.random.default_rng(seed)
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
         # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
+        Er_ = E + (self.num_shared_experts if self.shared_router_scored else 0)  # router columns
+        Dr = D if self.router_mlp is None else self.router_mlp  # what w_router reads
         self.params: dict[str, np.ndarray] = {
-            "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, E)),
-            "b_router": np.zeros(E),
-            "w1": rng.normal(0.0, np.sqrt(1.0 / D), (E, D, W)),
-            "b1": np.zeros((E, W)),
-            "w2": rng.normal(0.0, np.sqrt(1.0 / H), (E, H, D)),
-            "b2": np.zeros((E, D)),
+            "w_router": rng.normal(0.0, np.sqrt(0.1 / Dr), (Dr, Er_)),
+            "b_router": np.zeros(Er_),
+            "w1": rng.normal(0.0, np.sqrt(1.0 / De), (Er, De, W)),
+            "b1": np.zeros((Er, W)),
+            "w2": rng.normal(0.0, np.sqrt(1.0 / H), (Er, H, De)),
+            "b2": np.zeros((Er, De)),
         }
         if self.router_noise == "noisy_topk":
             self.params["w_noise"] = rng.normal(0.0, np.sqrt(0.1 / D), (D, E))
@@ -179,6 +211,24 @@ class MoELayer:
             })
             if self.shared_expert_gate:
                 self.params["w_shared_gate"] = rng.normal(0.0, np.sqrt(1.0 / D), D)
+        if self.shared_router_scored:
+            self.params["global_scale"] = np.ones(1)
+        if self.router_mlp is not None:
+            R = self.router_mlp
+            self.params.update(
+                w_router_down=rng.normal(0.0, np.sqrt(1.0 / D), (D, R)), b_router_down=np.zeros(R),
+                router_norm_weight=np.ones(R),
+                w_router_fc1=rng.normal(0.0, np.sqrt(1.0 / R), (R, R)), b_router_fc1=np.zeros(R),
+                w_router_fc2=rng.normal(0.0, np.sqrt(1.0 / R), (R, R)), b_router_fc2=np.zeros(R))
+            if self.router_state_input:
+                self.params["router_state_scale"] = np.ones(R)
+        if self.latent_dim is not None:
+            self.params["w_latent_in"] = rng.normal(0.0, np.sqrt(1.0 / D), (D, De))
+            self.params["w_latent_out"] = rng.normal(0.0, np.sqrt(1.0 / De), (De, D))
+        if self.latent_norm:
+            self.params["latent_norm_weight"] = np.zeros(De)
+        if self.expert_post_norm:
+            self.params["expert_post_norm_weight"] = np.zeros(De)
         if self.output_bias:
             self.params["b_out"] = np.zeros(D)
         if self.post_norm:
@@ -195,10 +245,50 @@ class MoELayer:
         self._cache: _ForwardCache | _GroupsForwardCache | None = None
         self._workspace: dict[str, np.ndarray] = {}  # step buffers reused by the indexed path
         self.routing: Routing | tuple[Routing, ...] | None = None  # a tuple with token_groups
+        self.router_state: np.ndarray | None = None  # router_mlp: [T, R] for the next layer
+        self.router_state_grad: np.ndarray | None = None  # d previous layer's router_state
         self.aux_loss = 0.0
         self.z_loss = 0.0
         self.load_loss = 0.0
         self.dynamic_loss = 0.0  # top_p's router entropy (variants.top_p.dynamic_loss)
+
+    @property
+    def expert_width(self) -> int:
+        """The width the routed experts read and write: latent_dim, else d_model."""
+        return self.d_model if self.latent_dim is None else self.latent_dim
+
+    @property
+    def real_experts(self) -> int:
+        """Er: the experts with parameters, E less the identity and null experts."""
+        return self.num_experts - self.identity_experts - self.null_experts
+
+    def _experts(self, expert_in: np.ndarray, p: dict[str, np.ndarray],
+                 filled: np.ndarray | None) -> tuple[np.ndarray, ExpertsCache]:
+        """Step 11b: expert_out `[E, C, D]` of expert_in `[E, C, D]` (filled: the indexed path's
+        rows per expert, None for the dense formulation); the real experts run experts_forward,
+        the zero-computation ones (variants.zero_experts) copy their input or give 0."""
+        Er = self.real_experts
+        indexed = filled is not None
+        out, cache = experts_forward(
+            expert_in[:Er], p["w1"], p["b1"], p["w2"], p["b2"], self.expert_form,
+            filled=None if filled is None else filled[:Er],
+            workspace=self._workspace if indexed else None,
+            backend=self.backend if indexed else None)  # [Er, C, D]
+        if Er == self.num_experts:
+            return out, cache
+        return zero_experts_forward(expert_in, out, self.identity_experts), cache
+
+    def _experts_backward(self, d_out: np.ndarray, p: dict[str, np.ndarray],
+                          cache: ExpertsCache, indexed: bool
+                          ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Backward of _experts: (d expert_in `[E, C, D]`, the real experts' gradients)."""
+        Er = self.real_experts
+        ws, be = (self._workspace, self.backend) if indexed else (None, None)
+        if Er == self.num_experts:
+            return experts_backward(d_out, p["w1"], p["w2"], cache, ws, be)
+        d_real, grads = experts_backward(np.ascontiguousarray(d_out[:Er]), p["w1"], p["w2"],
+                                         cache, ws, be)  # [Er, C, D]
+        return zero_experts_backward(d_out, d_real, self.identity_experts), grads
 
     @property
     def expert_form(self) -> FormSpec:
@@ -269,9 +359,12 @@ class MoELayer:
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's documented shape (the variants add w_noise and the shared experts)."""
         D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
+        Er, De = self.real_experts, self.expert_width
         W = hidden_width(self.activation, H)
-        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, W), "b1": (E, W),
-                  "w2": (E, H, D), "b2": (E, D)}
+        R = E + (S if self.shared_router_scored else 0)  # the router's columns
+        Dr = D if self.router_mlp is None else self.router_mlp
+        shapes = {"w_router": (Dr, R), "b_router": (R,), "w1": (Er, De, W), "b1": (Er, W),
+                  "w2": (Er, H, De), "b2": (Er, De)}
         if self.router_noise == "noisy_topk":
             shapes["w_noise"] = (D, E)
         if S:
@@ -281,6 +374,21 @@ class MoELayer:
                           shared_b2=(S, D))
             if self.shared_expert_gate:
                 shapes["w_shared_gate"] = (D,)
+        if self.shared_router_scored:
+            shapes["global_scale"] = (1,)
+        if self.router_mlp is not None:
+            Rm = self.router_mlp
+            shapes.update(w_router_down=(D, Rm), b_router_down=(Rm,), router_norm_weight=(Rm,),
+                          w_router_fc1=(Rm, Rm), b_router_fc1=(Rm,), w_router_fc2=(Rm, Rm),
+                          b_router_fc2=(Rm,))
+            if self.router_state_input:
+                shapes["router_state_scale"] = (Rm,)
+        if self.latent_dim is not None:
+            shapes.update(w_latent_in=(D, De), w_latent_out=(De, D))
+        if self.latent_norm:
+            shapes["latent_norm_weight"] = (De,)
+        if self.expert_post_norm:
+            shapes["expert_post_norm_weight"] = (De,)
         if self.output_bias:
             shapes["b_out"] = (D,)
         if self.post_norm:
@@ -314,7 +422,8 @@ class MoELayer:
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
                 train: bool = False, replay: np.ndarray | None = None,
-                token_types: np.ndarray | None = None) -> np.ndarray:
+                token_types: np.ndarray | None = None,
+                router_state: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
         token_mask: `<bool>` of shape x.shape[:-1], True = a real token, False = padding (HF
@@ -323,6 +432,8 @@ class MoELayer:
         "absent" or "counted" it gets no slot and y = 0 there (shared experts and the output
         bias too), with "routed" it is routed and y is what the experts give
         (docs/variants.md, "Padding").
+        router_state: `[T, R]` the previous layer's layer.router_state (router_mlp with
+        router_state_input), or None: none added (Zaya's first layer).
         train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
@@ -352,31 +463,47 @@ class MoELayer:
             to_route, rnorm = rms_norm(x2, p["router_norm_scale"], self.input_norm_eps,
                                        self.d_model ** -0.5)  # [T, D]
         types = self._token_types(token_types, x.shape[:-1])  # [T] or None
-        x_router, noise, r, noisy = self._route_noisy(to_route, train, mask, replay, types)
+        state = self._router_state_arg(router_state, x2.shape[0])
+        x_router, noise, r, noisy, shared_logits, rmlp = self._route_noisy(
+            to_route, train, mask, replay, types, state)
         if noise is not None and self.jitter_experts:  # HF Mixtral: x *= noise, in place
             x2 = (x2 * noise).astype(self.dtype, copy=False)  # [T, D] what the experts see
         if self.expert_input_norm:  # Gemma 4's pre_feedforward_layernorm_2
             x2, enorm = rms_norm(x2, p["expert_norm_weight"], self.input_norm_eps)  # [T, D]
-        form, gin = self.expert_form, self.gate_input
+        gin = self.gate_input
+        lat = _Latent() if self.latent_dim is not None or self.expert_post_norm else None
+        xe = x2 if lat is None else self._latent_in(x2, p, lat)  # [T, De] the experts' tokens
         # gate_input (Llama 4): the gate weighs the expert's input, the outputs add unweighted
         if self.formulation == "dense":
             w_in, w_out = ((r.combine_weights, r.dispatch_mask) if gin
                            else (r.dispatch_mask, r.combine_weights))
-            expert_in = dispatch_dense(x2, w_in)  # [E, C, D]                          step 11
-            out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
-                                          form)  # [E, C, D]
+            expert_in = dispatch_dense(xe, w_in)  # [E, C, D]                          step 11
+            out, ecache = self._experts(expert_in, p, None)  # [E, C, D]
+            if lat is not None and self.expert_post_norm:
+                out, lat.post = scaled_norm(out, p["expert_post_norm_weight"],
+                                            self.expert_post_norm_eps)  # [E, C, De]
             y = combine_dense(out, w_out)  # [T, D]
         else:
-            gate = self._gates(r, p)
-            expert_in = self._dispatch(x2, r, gate if gin else None, "expert_in")  # [E, C, D]
-            out, ecache = experts_forward(expert_in, p["w1"], p["b1"], p["w2"], p["b2"],
-                                          form, filled=r.expert_load_kept,
-                                          workspace=self._workspace, backend=self.backend)
+            gate, gamma, joint = self._gates(r, p), None, None
+            if shared_logits is not None:  # Inkling: K routed + S shared normalised together
+                gate, gamma, joint = joint_gates(r.gate, sigmoid(shared_logits),
+                                                 self.scaling_factor or 1.0,
+                                                 float(p["global_scale"][0]))
+                gate, gamma = gate.astype(self.dtype), gamma.astype(self.dtype)
+            expert_in = self._dispatch(xe, r, gate if gin else None, "expert_in")  # [E, C, D]
+            out, ecache = self._experts(expert_in, p, r.expert_load_kept)  # [E, C, D]
+            if lat is not None and self.expert_post_norm:  # unfilled rows are 0 and stay 0
+                out, lat.post = scaled_norm(out, p["expert_post_norm_weight"],
+                                            self.expert_post_norm_eps)  # [E, C, De]
             y = self.backend.combine(out, r.expert_index, r.position,
                                      None if gin else gate)  # [T, D]
+        if lat is not None and self.latent_dim is not None:  # back to the model width
+            lat.y_lat = y
+            y = y @ p["w_latent_out"]  # [T, D]
         shared = None
         if self.num_shared_experts:
-            y_shared, shared = self.shared_forward(x2, p)  # [T, D]
+            y_shared, shared = self.shared_forward(
+                x2, p, None if self.formulation == "dense" else gamma)  # [T, D]
             wide = np.float32 if self.shared_sum_fp32 and self.dtype == np.float16 else None
             y = y + y_shared if wide is None else y.astype(wide) + y_shared.astype(wide)
             if self.shared_combine == "mean":
@@ -401,7 +528,9 @@ class MoELayer:
                                           self.k))
         self._cache = _ForwardCache(x.shape, x.dtype, x_router, noise, r, ecache, out, x2,
                                     noisy, shared, pre_norm, inv_rms, normed, mask, rnorm,
-                                    enorm)
+                                    enorm, None if self.formulation == "dense" else joint,
+                                    None if self.formulation == "dense" else gate, lat, rmlp)
+        self.router_state = None if rmlp is None else rmlp.h  # [T, R] for the next layer
         self.routing, self.aux_loss, self.z_loss = r, r.aux_loss, r.z_loss
         self.dynamic_loss = 0.0 if self.top_p is None else dynamic_loss(r.probs[rows])
         record_selection(self, r.expert_index)
@@ -417,13 +546,50 @@ class MoELayer:
             gate = gate * p["gate_scale"][r.expert_index]  # [T, K]
         return gate
 
+    # ------------------------------------------------------- latent MoE (variants.latent)
+    def _latent_in(self, x2: np.ndarray, p: dict[str, np.ndarray], lat: _Latent) -> np.ndarray:
+        """The experts' tokens `[T, De]`: x2 `[T, D]` projected to the latent width and
+        normalised (latent_dim, latent_norm), or x2 itself (expert_post_norm alone)."""
+        if self.latent_dim is None:
+            return x2
+        lat.x_in = x2
+        lat.pre = x2 @ p["w_latent_in"]  # [T, Dm]
+        if not self.latent_norm:
+            return lat.pre
+        xe, lat.norm = centred_norm(lat.pre, p["latent_norm_weight"], self.latent_norm_eps)
+        return np.ascontiguousarray(xe)
+
+    def _latent_in_backward(self, dxe: np.ndarray, lat: _Latent, p: dict[str, np.ndarray],
+                            grads: dict[str, np.ndarray]) -> np.ndarray:
+        """dx2 `[T, D]` of _latent_in for d of its output dxe `[T, De]`; fills grads."""
+        assert lat.x_in is not None
+        if lat.norm is not None:
+            dxe, grads["latent_norm_weight"] = centred_norm_backward(
+                dxe, p["latent_norm_weight"], lat.norm)
+        grads["w_latent_in"] = lat.x_in.T @ dxe  # [D, Dm]
+        return dxe @ p["w_latent_in"].T
+
+    def _post_norm_backward(self, d_out: np.ndarray, lat: _Latent | None,
+                            p: dict[str, np.ndarray], grads: dict[str, np.ndarray],
+                            filled: np.ndarray | None) -> np.ndarray:
+        """d of the experts' raw outputs `[E, C, De]` from d of their normed ones (d_out); rows
+        past filled[e] (the indexed path's empty slots) hold no token and count for nothing."""
+        if lat is None or lat.post is None:
+            return d_out
+        if filled is not None:
+            rows = np.arange(d_out.shape[1])[None, :] < filled[:, None]  # [E, C]
+            d_out = np.where(rows[..., None], d_out, 0).astype(d_out.dtype, copy=False)
+        d_raw, grads["expert_post_norm_weight"] = scaled_norm_backward(
+            d_out, p["expert_post_norm_weight"], lat.post)
+        return np.ascontiguousarray(d_raw)
+
     def _dispatch(self, x2: np.ndarray, r: Routing, weight: np.ndarray | None,
                   name: str) -> np.ndarray:
         """backend.dispatch; the C backend writes into a buffer kept between steps. Pairs per
         token are r.k (E under expert choice, not self.k)."""
         if self.backend.name != "c":
             return self.backend.dispatch(x2, r.slot_owner, r.k, weight)  # r.k: E for expert choice
-        shape = (self.num_experts, r.capacity, self.d_model)
+        shape = (self.num_experts, r.capacity, x2.shape[1])
         buf = self._workspace.get(name)
         if buf is None or buf.shape != shape or buf.dtype != x2.dtype:
             buf = self._workspace[name] = np.empty(shape, x2.dtype)
@@ -454,10 +620,21 @@ class MoELayer:
             raise ValueError(f"token_types: values must lie in [0, {M}), got {a.min()}..{a.max()}")
         return a.reshape(-1).astype(np.int64)
 
+    def _router_state_arg(self, state: object, T: int) -> np.ndarray | None:
+        """router_state: None, or `[T, R]` floats with router_state_input."""
+        if state is None:
+            return None
+        if not self.router_state_input:
+            raise ValueError("router_state: this layer reads no router state (router_mlp with "
+                             "router_state_input=True does)")
+        return _checks.float_array("router_state", state, shape=(T, self.router_mlp))
+
     def _route_noisy(self, x2: np.ndarray, train: bool, token_mask: np.ndarray | None = None,
-                     replay: np.ndarray | None = None, token_types: np.ndarray | None = None):
-        """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it;
-        replay: a checked selection to force (routing.check_replay)."""
+                     replay: np.ndarray | None = None, token_types: np.ndarray | None = None,
+                     router_state: np.ndarray | None = None):
+        """route_tokens plus the noisy top-K state (clean logits, eps, z, std), or None without it,
+        and the shared experts' logits `[T, S]` with shared_router_scored (else None); replay: a
+        checked selection to force (routing.check_replay)."""
         p = self._checked_params()
         rdt = router_dtype(self.dtype)
         x_router = x2.astype(rdt)  # [T, D] the router's own copy
@@ -465,11 +642,21 @@ class MoELayer:
         if train and self.router_noise == "jitter":
             noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
             x_router = x_router * noise
-        logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
-                               p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
+        rmlp = None
+        if self.router_mlp is not None:  # Zaya: an MLP router (variants.router_mlp)
+            logits, _, rmlp = router_mlp_forward(x_router, p, router_state, self.router_mlp_eps)
+        else:
+            logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
+                                   p["b_router"].astype(rdt, copy=False))  # [T, E]  step 1
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
+        if self.logit_multiplier is not None:  # MuseSpark's output_multiplier
+            logits = logits * rdt.type(self.logit_multiplier)  # [T, E]
+        shared_logits = None
+        if self.shared_router_scored:  # the last S columns score the shared experts
+            E = self.num_experts
+            logits, shared_logits = np.ascontiguousarray(logits[:, :E]), logits[:, E:]
         if self.router_softcap is not None:  # laguna: c tanh(l / c)                  step 1b
             logits = softcap(logits, self.router_softcap)  # [T, E]
         if token_types is not None:  # ernie4_5_vl_moe: each token's own expert set only
@@ -488,7 +675,7 @@ class MoELayer:
         r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
                             backend=self.backend, replay=replay,
                             token_mask=token_mask)  # steps 2-10, 12
-        return x_router, noise, r, noisy
+        return x_router, noise, r, noisy, shared_logits, rmlp
 
     def _forward_groups(self, x: np.ndarray, x2: np.ndarray, train: bool,
                         mask: np.ndarray | None = None) -> np.ndarray:
@@ -515,10 +702,12 @@ class MoELayer:
         names = [n for n in self._param_shapes() if n.startswith("shared_") or n == "w_shared_gate"]
         return {n: self.params[n] for n in names}
 
-    def shared_forward(self, x2: np.ndarray, params: dict[str, np.ndarray]
-                       ) -> tuple[np.ndarray, SharedCache]:
-        """y_shared `[T, D]` of tokens x2 `[T, D]` and its cache (variants.shared)."""
-        return shared_experts_forward(x2, params, self.shared_form, self.shared_expert_gate)
+    def shared_forward(self, x2: np.ndarray, params: dict[str, np.ndarray],
+                       weights: np.ndarray | None = None) -> tuple[np.ndarray, SharedCache]:
+        """y_shared `[T, D]` of tokens x2 `[T, D]` and its cache (variants.shared); weights
+        `[T, S]`: each shared expert's weight per token (shared_router_scored's gammas)."""
+        return shared_experts_forward(x2, params, self.shared_form, self.shared_expert_gate,
+                                      weights)
 
     def shared_backward(self, dy2: np.ndarray, x2: np.ndarray, params: dict[str, np.ndarray],
                         cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -533,7 +722,8 @@ class MoELayer:
                 + self.dynamic_loss_coef * self.dynamic_loss)
 
     # --------------------------------------------------------------- backward
-    def backward(self, dy: np.ndarray, *, router_dlogits: np.ndarray | None = None) -> np.ndarray:
+    def backward(self, dy: np.ndarray, *, router_dlogits: np.ndarray | None = None,
+                 d_router_state: np.ndarray | None = None) -> np.ndarray:
         """Differentiate sum(y * dy) + loss_terms().
 
         Args:
@@ -542,6 +732,9 @@ class MoELayer:
                 from a loss computed outside the layer, e.g. GlobalLoadBalance.loss_backward(
                 layer.routing, coef); added to the router's own before w_router and dx (not with
                 token_groups, whose routing is per group).
+            d_router_state: `[T, R]` or None: d objective / d layer.router_state from the next
+                layer (its router_state_grad); the gradient of the state this forward read is
+                left in layer.router_state_grad.
         Returns:
             dx with the shape and dtype of the last forward's x. Fills self.grads (overwriting).
         """
@@ -577,32 +770,38 @@ class MoELayer:
             extra["b_out"] = dy2.sum(axis=0)  # [D]
         if c.shared is not None and self.shared_combine == "mean":
             dy2 = dy2 / 2  # both terms of (routed + shared) / 2
+        lat, dyr = c.latent, dy2  # dyr: d of the combined routed output, [T, De]
+        if lat is not None and lat.y_lat is not None:  # y = y_lat @ w_latent_out
+            extra["w_latent_out"] = lat.y_lat.T @ dy2  # [De, D]
+            dyr = dy2 @ p["w_latent_out"].T  # [T, De]
         if self.gate_input:  # y = sum_j FFN_e(g_j x): the adjoints trade places, dgate = <x, d_in>
             if self.formulation == "dense":
                 d_out, _ = combine_dense_backward(dy2, c.expert_out, r.dispatch_mask)
-                d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+                d_in, eg = self._experts_backward(d_out, p, c.experts, False)  # [E, C, D]
                 dx2 = dispatch_dense_backward(d_in, r.combine_weights)  # [T, D]
                 d_cw = np.einsum("td,ecd->tec", x2_of(c), d_in, optimize=True)  # [T, E, C]
                 dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
             else:
                 gate = r.gate.astype(self.dtype)
                 d_out = self._dispatch(dy2, r, None, "d_out")  # [E, C, D]
-                d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
-                                            self.backend)  # [E, C, D]
+                d_in, eg = self._experts_backward(d_out, p, c.experts, True)  # [E, C, D]
                 dgate = self.backend.gate_grad(x2_of(c), d_in, r.expert_index, r.position)
                 dx2 = self.backend.combine(d_in, r.expert_index, r.position, gate)  # [T, D]
         elif self.formulation == "dense":
-            d_out, d_cw = combine_dense_backward(dy2, c.expert_out, r.combine_weights)
+            d_out, d_cw = combine_dense_backward(dyr, c.expert_out, r.combine_weights)
             dgate = gate_grad_from_dense(d_cw, r.expert_index, r.position)  # [T, K]
-            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts)  # [E, C, D]
+            d_out = self._post_norm_backward(d_out, lat, p, extra, None)
+            d_in, eg = self._experts_backward(d_out, p, c.experts, False)  # [E, C, D]
             dx2 = dispatch_dense_backward(d_in, r.dispatch_mask)  # [T, D]
         else:
-            gate = self._gates(r, p)
-            d_out = self._dispatch(dy2, r, gate, "d_out")  # [E, C, D]
-            dgate = self.backend.gate_grad(dy2, c.expert_out, r.expert_index, r.position)
-            d_in, eg = experts_backward(d_out, p["w1"], p["w2"], c.experts, self._workspace,
-                                        self.backend)  # [E, C, D]
+            gate = (r.gate if c.gate is None else c.gate).astype(self.dtype)
+            d_out = self._dispatch(dyr, r, gate, "d_out")  # [E, C, D]
+            dgate = self.backend.gate_grad(dyr, c.expert_out, r.expert_index, r.position)
+            d_out = self._post_norm_backward(d_out, lat, p, extra, r.expert_load_kept)
+            d_in, eg = self._experts_backward(d_out, p, c.experts, True)  # [E, C, D]
             dx2 = self.backend.combine(d_in, r.expert_index, r.position)  # [T, D]
+        if lat is not None and lat.x_in is not None:  # dx2 so far: d of the experts' tokens
+            dx2 = self._latent_in_backward(dx2, lat, p, extra)  # [T, D]
         grads = dict(eg, **extra)
         if c.shared is not None and c.x2 is not None:  # forward keeps x2 with shared experts
             dx_shared, sg = self.shared_backward(dy2, c.x2, p, c.shared)
@@ -610,6 +809,13 @@ class MoELayer:
             grads.update(sg)
         if c.expert_norm is not None:  # dx2 so far is d/d(the experts' normed input)
             dx2, grads["expert_norm_weight"] = rms_norm_backward(dx2, c.expert_norm)
+        d_shared_logits = None
+        if c.joint is not None:  # back through the joint normalisation and the shared sigmoid
+            dgate, d_scores, d_global = joint_gates_backward(dgate, grads.pop("shared_weights"),
+                                                             c.joint)
+            s = c.joint.shared
+            d_shared_logits = d_scores * s * (1.0 - s)  # [T, S]
+            grads["global_scale"] = np.array([d_global])
         if not np.isfinite(dgate).all():  # said in the caller's terms, not route_backward's
             raise self.nonfinite_error("the gate gradient <dy, expert output>", (), "dy")
         if self.gate_scale:  # g' = g * s[e]: ds_e = sum of dg' * g over e's pairs
@@ -626,6 +832,8 @@ class MoELayer:
                                                     shape=dlogits.shape).astype(dlogits.dtype)
         if self.router_softcap is not None:  # r.router_logits are the capped logits
             dlogits = softcap_backward(dlogits, r.router_logits, self.router_softcap)
+        if d_shared_logits is not None:  # the router's last S columns
+            dlogits = np.concatenate([dlogits, d_shared_logits.astype(dlogits.dtype)], axis=1)
         rdt = router_dtype(self.dtype)
         dx_router = None
         if c.noisy is not None:  # H = clean + eps * softplus(z), z = x_router @ w_noise
@@ -642,8 +850,22 @@ class MoELayer:
             grads["w_noise"] = c.x_router.T @ dz  # [D, E]
             dx_router = dz @ p["w_noise"].astype(rdt, copy=False).T  # [T, D]
             dlogits = dH + dclean
-        dxr, dw_router, db_router = router_logits_backward(
-            dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
+        if self.logit_multiplier is not None:
+            dlogits = dlogits * rdt.type(self.logit_multiplier)
+        if c.router_mlp is not None:
+            if d_router_state is not None:
+                d_router_state = _checks.float_array("d_router_state", d_router_state,
+                                                     shape=c.router_mlp.h.shape)
+            dxr, rg, self.router_state_grad = router_mlp_backward(dlogits, c.router_mlp, p,
+                                                                  d_router_state)
+            grads.update(rg)
+            dw_router, db_router = rg["w_router"], rg["b_router"]
+        else:
+            if d_router_state is not None:
+                raise ValueError("d_router_state: this layer has no MLP router, so no router "
+                                 "state to differentiate")
+            dxr, dw_router, db_router = router_logits_backward(
+                dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
         dx_router = dxr if dx_router is None else dx_router + dxr
         if c.noise is not None and not self.jitter_experts:
             dx_router *= c.noise

@@ -257,6 +257,57 @@ class ExpertOptions:
     load_stats: str = keyword('local', '"local" (each group\'s own f_e, P_e in the aux loss) or '
                               '"global" (over all groups); with token_groups > 1.',
                               _choice(LOAD_STATS))
+    identity_experts: int = keyword(
+        0, "Z zero-computation identity experts, after the real ones: expert e in [Er, Er + Z) "
+        "outputs its input, so a token adds gate * x (LongCat-Flash's zero experts, MoE++). "
+        "Er = E - Z - null_experts real experts hold the parameters (w1, b1, w2, b2 have Er "
+        "rows); the router scores all E and the zero-computation experts are chosen, "
+        "capacity-limited and counted in the loads like the others (variants.zero_experts).",
+        _integer(0))
+    null_experts: int = keyword(
+        0, "N null (skip) experts, the last N: expert e in [E - N, E) outputs 0, so choosing it "
+        "spends a choice on nothing (zaya's skip expert); routed and counted like the others.",
+        _integer(0))
+    shared_router_scored: bool = keyword(
+        False, "Inkling's joint normalisation (C6): the router scores the S shared experts too "
+        "(w_router [D, E + S], b_router [E + S], the shared ones last); s = sigmoid of all E + S; "
+        "the K chosen and the S shared scores are normalised together, gate_j = c s_j / (sum_K s "
+        "+ sum_S s), gamma_s = c s_s / (the same), c = scaling_factor * global_scale (a learned "
+        "parameter [1]), and each shared expert's output is weighed by its gamma_s "
+        "(variants.joint_shared). Needs score='sigmoid', normalize=False, num_shared_experts >= "
+        "1, the indexed formulation.", _checks.boolean)
+    logit_multiplier: float | None = keyword(
+        None, "multiplies the router logits before routing, logits = (x @ w_router + b_router) * "
+        "m (MuseSpark's output_multiplier, 1/sqrt(32)); routing.router_logits are the multiplied "
+        "ones. None: no multiplier.", _positive(allow_none=True))
+    latent_dim: int | None = keyword(
+        None, "Dm: a latent MoE (MuseSpark, NemotronH's moe_latent_size): the experts read "
+        "x @ w_latent_in [D, Dm] and the combined output is projected back by w_latent_out "
+        "[Dm, D]; the experts' w1 is [E, Dm, W], w2 [E, H, Dm], b2 [E, Dm]; the router and the "
+        "shared experts read x (variants.latent). None: none.",
+        lambda n, v: None if v is None else _checks.integer(n, v, low=1))
+    latent_norm: bool = keyword(
+        False, "a centred RMSNorm of the latent input, rms(x @ w_latent_in) * (1 + "
+        "latent_norm_weight [Dm]) (MuseSpark's pre_expert_norm); needs latent_dim.",
+        _checks.boolean)
+    latent_norm_eps: float = keyword(1e-5, "its epsilon (> 0).", _positive())
+    expert_post_norm: bool = keyword(
+        False, "an RMSNorm of each expert's output before its gate weighs it, rms(o * (1 + "
+        "expert_post_norm_weight)), one weight [D or Dm] for all experts (MuseSpark's "
+        "post_expert_norm), in float32 or wider.", _checks.boolean)
+    expert_post_norm_eps: float = keyword(1e-8, "its epsilon (> 0).", _positive())
+    router_mlp: int | None = keyword(
+        None, "R: Zaya's MLP router instead of x @ w_router + b_router: h = x @ w_router_down "
+        "[D, R] + b_router_down (+ the previous layer's router state * router_state_scale [R]), "
+        "an RMSNorm (router_norm_weight [R]), two Linear(R, R) + exact GELU (w_router_fc1, "
+        "w_router_fc2 and their biases), then w_router [R, E] (variants.router_mlp). h is this "
+        "layer's router state (layer.router_state). None: the linear router.",
+        lambda n, v: None if v is None else _checks.integer(n, v, low=1))
+    router_mlp_eps: float = keyword(1e-5, "its RMSNorm's epsilon (> 0).", _positive())
+    router_state_input: bool = keyword(
+        False, "the MLP router adds the previous layer's state, forward(x, router_state=s) "
+        "(Zaya's layers after the first; parameter router_state_scale [R]); needs router_mlp.",
+        _checks.boolean)
 
     # issue 23: router-input transforms and jitter that reaches the experts (docs/variants.md)
     router_softcap: float | None = keyword(
@@ -512,6 +563,9 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                              f"{o['router_noise']!r}): Gemma 4 has none")
     if o["gate_scale"] and (o["formulation"] != "indexed" or o["gate_input"]):
         raise ValueError("gate_scale: runs in the indexed formulation without gate_input")
+    if o["gate_scale"] and o["shared_router_scored"]:
+        raise ValueError("gate_scale: not with shared_router_scored (Inkling's joint gates are "
+                         "normalised with the shared ones; no family scales them per expert)")
     M = o["modality_sets"]
     if M > 1:
         if num_experts % M or route.k > num_experts // M:
@@ -526,6 +580,21 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
+    if o["identity_experts"] + o["null_experts"] >= num_experts:
+        raise ValueError(f"identity_experts: identity_experts + null_experts = "
+                         f"{o['identity_experts'] + o['null_experts']} leaves no real expert of "
+                         f"E = {num_experts}; at least one expert must have parameters")
+    if o["shared_router_scored"]:
+        _joint_options(route, o)
+    if o["router_mlp"] is None and o["router_state_input"]:
+        raise ValueError("router_state_input: needs router_mlp (the state enters the MLP router)")
+    if o["router_mlp"] is not None and o["router_noise"] == "noisy_topk":
+        raise ValueError("router_noise: 'noisy_topk' needs the linear router, not router_mlp")
+    if o["latent_dim"] is None and o["latent_norm"]:
+        raise ValueError("latent_norm: needs latent_dim (the norm is of the latent input)")
+    if (o["latent_dim"] is not None or o["expert_post_norm"]) and o["gate_input"]:
+        raise ValueError("gate_input: not supported with latent_dim or expert_post_norm (the gate "
+                         "would weigh the latent input)")
     if o["token_groups"] > 1:
         if o["formulation"] != "indexed":
             raise ValueError("token_groups: groups run in the indexed formulation only, got "
@@ -533,6 +602,20 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
         check_token_groups("token_groups", route, o["router_noise"], o["load_stats"])
         check_group_extras("token_groups", o)
     return ExpertOptions(**o)
+
+
+def _joint_options(route: RouteOptions, o: dict[str, Any]) -> None:
+    """shared_router_scored against what its step reads (each a ValueError naming it)."""
+    wants = {"score": (route.score, "sigmoid"), "normalize": (route.normalize, False),
+             "selection": (route.selection, "tokens"), "formulation": (o["formulation"], "indexed"),
+             "shared_expert_gate": (o["shared_expert_gate"], False),
+             "gate_input": (o["gate_input"], False), "router_noise": (o["router_noise"], "none")}
+    for name, (got, want) in wants.items():
+        if got != want:
+            raise ValueError(f"shared_router_scored: needs {name}={want!r} (the joint "
+                             f"normalisation replaces it), got {name}={got!r}")
+    if o["num_shared_experts"] == 0:
+        raise ValueError("shared_router_scored: needs num_shared_experts >= 1")
 
 
 def check_group_extras(who: str, o: Any) -> None:
@@ -544,7 +627,11 @@ def check_group_extras(who: str, o: Any) -> None:
                          ("shared_combine", "sum"), ("shared_sum_fp32", False),
                          ("router_softcap", None), ("jitter_experts", False),
                          ("router_input_norm", False), ("expert_input_norm", False),
-                         ("gate_scale", False), ("modality_sets", 1)):
+                         ("gate_scale", False), ("modality_sets", 1),
+                         ("identity_experts", 0), ("null_experts", 0),
+                         ("shared_router_scored", False), ("logit_multiplier", None),
+                         ("latent_dim", None), ("expert_post_norm", False),
+                         ("router_mlp", None)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "

@@ -152,6 +152,9 @@ _PRESETS = {p.name: p for p in [
            "(the MoE branch)", normalize=True, priority="token", capacity_factor=None,
            router_input_norm=True, expert_input_norm=True, gate_scale=True, post_norm=True,
            activation="geglu"),
+    Preset("inkling", f"{HF}/inkling/modeling_inkling.py: InklingTopkRouter, InklingMoE",
+           score="sigmoid", priority="token", capacity_factor=None, scaling_factor=8.0,
+           num_shared_experts=2, shared_router_scored=True, activation="swiglu"),
 ]}
 
 

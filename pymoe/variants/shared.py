@@ -2,7 +2,9 @@
 
 DeepSeek-V2/V3 add them plainly: y = routed(x) + sum_s FFN_s(x). Qwen1.5/2-MoE gate them per
 token with a sigmoid of a learned projection: y = routed(x) + sigmoid(x . w_gate) * FFN(x);
-Megatron-Core offers both. They carry what every token needs, so routed experts can specialise.
+Megatron-Core offers both. Inkling weighs each one by its own router score: y = routed(x) +
+sum_s gamma_s FFN_s(x) (weights, from variants.joint_shared). They carry what every token
+needs, so routed experts can specialise.
 """
 from __future__ import annotations
 
@@ -20,12 +22,16 @@ class SharedCache:
     experts: ExpertsCache
     out: np.ndarray  # [T, D] sum of the shared experts' outputs, before the gate
     gate: np.ndarray | None  # [T] sigmoid gate, or None when ungated
+    outs: np.ndarray | None = None  # [S, T, D] each shared expert's output, with weights
+    weights: np.ndarray | None = None  # [T, S] each shared expert's weight per token, or None
 
 
 def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
                            activation: str | FormSpec,
-                           gated: bool) -> tuple[np.ndarray, SharedCache]:
-    """y_shared `[T, D]` = g * sum_s FFN_s(x), g = sigmoid(x @ w_shared_gate) `[T]` or 1.
+                           gated: bool, weights: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, SharedCache]:
+    """y_shared `[T, D]` = g * sum_s FFN_s(x), g = sigmoid(x @ w_shared_gate) `[T]` or 1; with
+    weights `[T, S]` (not gated): sum_s weights[:, s] * FFN_s(x).
 
     Args:
         x: `[T, D]`; params: shared_w1 `[S, D, Ws]`, shared_b1 `[S, Ws]`, shared_w2
@@ -38,6 +44,9 @@ def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
     out, cache = experts_forward(np.ascontiguousarray(expert_in), params["shared_w1"],
                                  params["shared_b1"], params["shared_w2"], params["shared_b2"],
                                  activation)  # [S, T, D]
+    if weights is not None:
+        y = np.einsum("ts,std->td", weights, out)  # [T, D]
+        return y, SharedCache(cache, y, None, out, weights)
     total = out.sum(axis=0)  # [T, D]
     gate = sigmoid(x @ params["w_shared_gate"]) if gated else None  # [T]
     y = total if gate is None else gate[:, None] * total
@@ -46,7 +55,8 @@ def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
 
 def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.ndarray],
                             cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Backward of shared_experts_forward: (dx `[T, D]`, gradients of its parameters)."""
+    """Backward of shared_experts_forward: (dx `[T, D]`, gradients of its parameters); with
+    weights, also grads["shared_weights"] `[T, S]` = <dy, FFN_s(x)>."""
     grads = {}
     dx = np.zeros_like(x)
     d_total = dy
@@ -57,7 +67,12 @@ def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.
         dx += dgate_logit[:, None] * params["w_shared_gate"][None, :]
         d_total = g[:, None] * dy
     S = params["shared_w1"].shape[0]
-    d_out = np.ascontiguousarray(np.broadcast_to(d_total, (S,) + d_total.shape))  # [S, T, D]
+    if cache.weights is not None:
+        assert cache.outs is not None
+        grads["shared_weights"] = np.einsum("td,std->ts", dy, cache.outs)  # [T, S]
+        d_out = np.ascontiguousarray(cache.weights.T[:, :, None] * dy[None])  # [S, T, D]
+    else:
+        d_out = np.ascontiguousarray(np.broadcast_to(d_total, (S,) + d_total.shape))
     d_in, eg = experts_backward(d_out, params["shared_w1"], params["shared_w2"], cache.experts)
     dx += d_in.sum(axis=0)
     grads.update({f"shared_{n}": g for n, g in eg.items()})

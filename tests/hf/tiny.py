@@ -45,6 +45,9 @@ def _merged(name: str) -> dict[str, Any]:
 EXTRA: dict[str, dict[str, Any]] = _merged("EXTRA")
 # family -> the transformers model class to build when AutoModel has none for its text config
 MODELS: dict[str, str] = _merged("MODELS")
+# family -> the model_type its tiny config is made from, where the family's name (the
+# transformers directory) is not one (inkling's text config is "inkling_text")
+MODEL_TYPES: dict[str, str] = _merged("MODEL_TYPES")
 # family -> fn(block, xt) -> (y, chosen [T, K] or None): the reference compare() checks pymoe
 # against instead of calling the block (NLLB: HF's experts forward runs the wrong experts)
 REFERENCE: dict[str, Any] = _merged("REFERENCE")
@@ -73,7 +76,7 @@ def tiny_config(family: str, **overrides: Any):
     kw = {**GENERIC, **EXTRA.get(family, {}), **overrides}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = transformers.AutoConfig.for_model(family, **kw)
+        cfg = transformers.AutoConfig.for_model(MODEL_TYPES.get(family, family), **kw)
         text = cfg.get_text_config()
         if text is not cfg:
             cfg = type(text)(**kw)

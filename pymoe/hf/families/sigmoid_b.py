@@ -5,13 +5,7 @@ routed output (laguna, minimax_m3_vl, step3p7: the same maths), the bias kept on
 (hy_v3, minimax_m2, lfm2_moe), clamped / softcapped / gpt-oss / relu^2 experts, Llama 4's gate
 on the expert input.
 
-Left out (no entry; the reasons are what pymoe's MoELayer cannot compute):
-- muse_spark: a latent MoE. The block projects x to moe_hidden_size (pre_expert_proj), applies a
-  centred RMSNorm there, runs the experts in that space with an RMSNorm of each expert's output
-  (post_expert_norm, before the gate weighs it), and projects back (post_expert_proj). pymoe's
-  experts read and write the model width and its post_norm normalises the combined output, not
-  each expert's; the router's logit multiplier could be folded into the weights, but not as a
-  permutation (its gradient would not map).
+muse_spark (a latent MoE on multiplied logits) is in zero_and_joint.py.
 """
 from __future__ import annotations
 
@@ -19,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layouts import flat, linear, mlp_linear, stacked
+from ..layouts import Tensor, flat, linear, mlp_linear, stacked
 from ._base import Config, Family, Spec, standard
 from .sigmoid_a import dsv3_routing
 
@@ -82,10 +76,6 @@ def _hy_v4(cfg: Config, layer, shapes) -> Spec:
 
 
 def _nemotron_h(cfg: Config, layer, shapes) -> Spec:
-    if cfg.get("moe_latent_size", None) is not None:
-        raise ValueError("config: nemotron_h with moe_latent_size set runs its experts in a latent "
-                         "space (fc1_latent_proj / fc2_latent_proj around them), which pymoe's "
-                         "experts cannot compute")
     if cfg.get("mlp_bias", False):
         raise ValueError("config: nemotron_h with mlp_bias=True has shared-expert biases, which "
                          "pymoe's shared experts do not have")
@@ -93,17 +83,23 @@ def _nemotron_h(cfg: Config, layer, shapes) -> Spec:
         raise ValueError(f"config: nemotron_h experts with mlp_hidden_act="
                          f"{cfg.get('mlp_hidden_act')!r}: only 'relu2' is mapped")
     preset, kw = _dsv3(cfg)
-    E, H, D = shapes["experts.up_proj"]
-    Hs = shapes["shared_experts.up_proj.weight"][0]
-    tensors = (linear("w_router", "gate.weight"), stacked("w1", "experts.up_proj"),
-               stacked("w2", "experts.down_proj"),
-               mlp_linear("shared_w1", "shared_experts.up_proj.weight"),
-               mlp_linear("shared_w2", "shared_experts.down_proj.weight"),
-               flat("expert_bias", "gate.e_score_correction_bias", buffer=True))
+    E, H, De = shapes["experts.up_proj"]  # De: moe_latent_size when set, else D
+    Hs, D = shapes["shared_experts.up_proj.weight"]
+    tensors: tuple[Tensor, ...] = (
+        linear("w_router", "gate.weight"), stacked("w1", "experts.up_proj"),
+        stacked("w2", "experts.down_proj"),
+        mlp_linear("shared_w1", "shared_experts.up_proj.weight"),
+        mlp_linear("shared_w2", "shared_experts.down_proj.weight"),
+        flat("expert_bias", "gate.e_score_correction_bias", buffer=True))
+    latent: dict[str, Any] = {}
+    if cfg.get("moe_latent_size", None) is not None:  # the experts run in the latent space
+        tensors += (linear("w_latent_in", "fc1_latent_proj.weight"),
+                    linear("w_latent_out", "fc2_latent_proj.weight"))
+        latent = {"latent_dim": De}
     return Spec((D, H, E, int(cfg.get("num_experts_per_tok"))),
                 {"preset": preset, "capacity_factor": None, "activation": "relu2",
                  "aux_loss_coef": 0.0, "z_loss_coef": 0.0, "num_shared_experts": 1,
-                 "shared_d_hidden": Hs, "shared_expert_gate": False, **kw}, tensors)
+                 "shared_d_hidden": Hs, "shared_expert_gate": False, **kw, **latent}, tensors)
 
 
 def _sigmoid_bias(normalize: bool, scaling: float | None) -> dict:
@@ -237,7 +233,7 @@ FAMILIES = [
            _minimax_m3_vl, note="gpt-oss clamped form, concatenated gate|up; the shared MLP in "
            "the same form; routed_scaling_factor on the summed routed output"),
     Family("nemotron_h", ("NemotronHMoE",), "glm4-moe", "relu2", _nemotron_h,
-           note="non-gated relu^2 experts and shared MLP; moe_latent_size refused",
+           note="non-gated relu^2 experts and shared MLP; moe_latent_size: latent_dim",
            disk_blocks=("mixer",)),
     Family("solar_open", ("SolarOpenMoE",), "glm4-moe", "swiglu", _solar_open),
     Family("step3p7", ("Step3p7SparseMoeBlock",), "glm4-moe", "swiglu_clamp_after", _step3p7,
