@@ -7,12 +7,16 @@ Megatron-Core offers both. They carry what every token needs, so routed experts 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..expert_forms import FormSpec
 from ..experts import ExpertsCache, experts_backward, experts_forward
 from .scores import sigmoid
+
+if TYPE_CHECKING:
+    from ..backend.protocol import Backend
 
 
 @dataclass
@@ -23,8 +27,8 @@ class SharedCache:
 
 
 def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
-                           activation: str | FormSpec,
-                           gated: bool) -> tuple[np.ndarray, SharedCache]:
+                           activation: str | FormSpec, gated: bool,
+                           backend: Backend | None = None) -> tuple[np.ndarray, SharedCache]:
     """y_shared `[T, D]` = g * sum_s FFN_s(x), g = sigmoid(x @ w_shared_gate) `[T]` or 1.
 
     Args:
@@ -32,12 +36,17 @@ def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
             `[S, Hs, D]`, shared_b2 `[S, D]` (Ws = 2 Hs for a gated form, else Hs), and
             w_shared_gate `[D]` when gated.
         activation: the form (a name or an expert_forms.FormSpec), as experts_forward's.
+        backend: None: the dense NumPy formulation (the reference). A backend (MoELayer passes
+            the C one): experts_forward's filled-rows path with every row filled, on a stride-0
+            view of x (no S copies of it) and with that backend's one-pass epilogues.
     """
-    S = params["shared_w1"].shape[0]
+    S, T = params["shared_w1"].shape[0], x.shape[0]
     expert_in = np.broadcast_to(x, (S,) + x.shape)  # [S, T, D]: every token to every shared FFN
-    out, cache = experts_forward(np.ascontiguousarray(expert_in), params["shared_w1"],
-                                 params["shared_b1"], params["shared_w2"], params["shared_b2"],
-                                 activation)  # [S, T, D]
+    filled = None if backend is None else np.full(S, T)
+    out, cache = experts_forward(expert_in if backend else np.ascontiguousarray(expert_in),
+                                 params["shared_w1"], params["shared_b1"], params["shared_w2"],
+                                 params["shared_b2"], activation, filled=filled,
+                                 backend=backend)  # [S, T, D]
     total = out.sum(axis=0)  # [T, D]
     gate = sigmoid(x @ params["w_shared_gate"]) if gated else None  # [T]
     y = total if gate is None else gate[:, None] * total
@@ -45,8 +54,10 @@ def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
 
 
 def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.ndarray],
-                            cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Backward of shared_experts_forward: (dx `[T, D]`, gradients of its parameters)."""
+                            cache: SharedCache, backend: Backend | None = None
+                            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backward of shared_experts_forward (backend: the one its forward had): (dx `[T, D]`,
+    gradients of its parameters)."""
     grads = {}
     dx = np.zeros_like(x)
     d_total = dy
@@ -57,8 +68,11 @@ def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.
         dx += dgate_logit[:, None] * params["w_shared_gate"][None, :]
         d_total = g[:, None] * dy
     S = params["shared_w1"].shape[0]
-    d_out = np.ascontiguousarray(np.broadcast_to(d_total, (S,) + d_total.shape))  # [S, T, D]
-    d_in, eg = experts_backward(d_out, params["shared_w1"], params["shared_w2"], cache.experts)
+    d_out = np.broadcast_to(d_total, (S,) + d_total.shape)  # [S, T, D]
+    if cache.experts.filled is None:  # the dense path's batched matmul takes a contiguous one
+        d_out = np.ascontiguousarray(d_out)
+    d_in, eg = experts_backward(d_out, params["shared_w1"], params["shared_w2"], cache.experts,
+                                backend=backend)
     dx += d_in.sum(axis=0)
     grads.update({f"shared_{n}": g for n, g in eg.items()})
     return dx, grads
