@@ -48,10 +48,15 @@ def test_quick_gated_rows_and_summary(tmp_path):
         assert {"pymoe C", "pymoe numpy", "HF block (fastest)", "torch batched autograd",
                 "sgemm (the rate)"} <= impls
         hf = [r for r in rows if r["op"] == op and r["impl"].startswith("HF ")]
-        assert len(hf) == len(gated.HF_IMPLEMENTATIONS)  # each CPU implementation timed
+        assert len(hf) == len(gated.HF_IMPLEMENTATIONS)  # each CPU implementation has its row
     sweep = [r for r in data["rows"] if r["section"].startswith("gated layer fwd+bwd vs T")]
     assert [r["T"] for r in sweep] == [256, 512]
     lines = [s for s in data["summary"] if s.startswith("- gated layer")]
     assert len(lines) == 3 and all("sgemm-rate ideal" in s for s in lines[:2])
     assert "speed-up over HF transformers' fastest CPU block" in lines[0]
     assert "per token" in lines[2]
+
+
+def test_batched_mm_is_left_out_with_the_reason_where_its_gathered_weights_are_huge():
+    T, D, H, E, K, _ = gated.SHAPES["Mixtral-like"]
+    assert gated.batched_mm_bytes(T, D, H, K) > gated.BATCHED_MM_MAX_BYTES  # 2 x 8192 x 6 MB
