@@ -53,7 +53,9 @@ def compiler_accepts(flag: str) -> bool:
 def build_flags() -> tuple[list[str], list[str], str]:
     """(compile args, link args, a one-line description of the build)."""
     # -ffp-contract=off: no fused multiply-add, so C rounds exactly like the NumPy reference.
-    cflags = ["-std=c99", "-ffp-contract=off", "-Wall", "-Wextra"]
+    # -fno-trapping-math: no FP traps are watched, so GCC may if-convert and vectorise the expert
+    # epilogues (every value stays the IEEE one; tests/backend/test_form_epilogues.py checks bits).
+    cflags = ["-std=c99", "-ffp-contract=off", "-fno-trapping-math", "-Wall", "-Wextra"]
     lflags: list[str] = []
     if os.environ.get("PYMOE_SANITIZE") == "1":
         # Python's CFLAGS contain -fwrapv, which hides signed overflow from UBSan: undo it.

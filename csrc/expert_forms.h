@@ -93,6 +93,14 @@ static int form_sizes(int64_t rows, int64_t H, int gated, int64_t *nh, int64_t *
     return PYMOE_OK;
 }
 
+/* Rows split over the core's threads once a call has FORM_PAR_MIN elements of h (below that the
+ * parallel region costs more than it saves); each element is computed alone, so the bits do not
+ * depend on the thread count. The inner loop vectorises (the build's -fno-trapping-math lets GCC
+ * turn the selects of det_exp into blends; the values are IEEE's either way). */
+#define FORM_PAR_MIN 262144
+#define FORM_ROWS_PARALLEL(nh) \
+    _Pragma("omp parallel for schedule(static) if ((nh) >= FORM_PAR_MIN) num_threads(pymoe_get_max_threads())")
+
 /* One forward and one backward per form: BODY_F sets h from g, u (u is 0 for the plain forms),
  * BODY_B sets dg and du from dh, g, u; ARGS are the form's float arguments (after a). The bodies
  * declare one variable per statement: a macro argument cannot hold a bare comma. */
@@ -102,6 +110,7 @@ int FN(pymoe_##NAME)(REAL *out, const REAL *a ARGS, int64_t rows, int64_t H) { \
     if (form_sizes(rows, H, GATED, &nh, &na)) return PYMOE_ERR_SIZE; \
     REQUIRE(out, nh); REQUIRE(a, na); \
     const int64_t W = GATED ? 2 * H : H; \
+    FORM_ROWS_PARALLEL(nh) \
     for (int64_t i = 0; i < rows; i++) \
         for (int64_t j = 0; j < H; j++) { \
             const REAL g = a[i * W + j]; \
@@ -119,6 +128,7 @@ int FN(pymoe_##NAME##_backward)(REAL *out, const REAL *dh_, const REAL *a ARGS, 
     if (form_sizes(rows, H, GATED, &nh, &na)) return PYMOE_ERR_SIZE; \
     REQUIRE(out, na); REQUIRE(dh_, nh); REQUIRE(a, na); \
     const int64_t W = GATED ? 2 * H : H; \
+    FORM_ROWS_PARALLEL(nh) \
     for (int64_t i = 0; i < rows; i++) \
         for (int64_t j = 0; j < H; j++) { \
             const REAL g = a[i * W + j]; \

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .expert_forms import FormSpec, form_spec
+from .experts_grouped import grouped_backward, grouped_forward
 
 if TYPE_CHECKING:
     from .backend.protocol import Backend
@@ -104,7 +105,9 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
         workspace: a dict the caller keeps between calls (MoELayer does) to reuse the output and
             activation buffers; the previous call's results in it are overwritten.
         backend: whose epilogue runs the form on filled rows (bias_relu for relu, form_forward
-            for the others; the C backend's are one pass, the same bits); None: NumPy's.
+            for the others; the C backend's are one pass, the same bits); None: NumPy's. A
+            backend with a grouped_gemm (the C one, when NumPy's OpenBLAS has
+            cblas_sgemm_batch) also batches the expert matmuls (pymoe.experts_grouped).
     Returns:
         expert_out `[E, C, D]` and the cache for experts_backward.
     """
@@ -128,6 +131,10 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
     pre = None if is_relu else _buffer(workspace, "pre", (E, C, W), dt)  # [E, C, W]
     hidden = _buffer(workspace, "hidden", (E, C, H), dt)  # [E, C, H]
     out = _buffer(workspace, "out", (E, C, D), dt)  # [E, C, D]
+    gg = getattr(backend, "grouped_gemm", None)  # the C backend's, when BLAS has one
+    if gg is not None:
+        grouped_forward(gg, ops, expert_in, w1, b1, w2, b2, spec, filled, pre, hidden, out)
+        return out, ExpertsCache(expert_in, pre, hidden, filled, spec)
     for e in range(E):
         n = int(filled[e])
         out[e, n:] = 0
@@ -179,10 +186,18 @@ def experts_backward(d_expert_out: np.ndarray, w1: np.ndarray, w2: np.ndarray,
     dt = d_expert_out.dtype
     ops = backend if backend is not None else _NumpyEpilogues
     d_in = _buffer(workspace, "d_in", (E, C, D), dt)
-    dh_buf = _buffer(workspace, "dpre", (C, H), dt)  # one expert's, reused by the next
-    dpre_buf = None if cache.pre is None else _buffer(workspace, "dpre_w", (C, W), dt)
     dw1, db1 = np.empty((E, D, W), dtype=dt), np.empty((E, W), dtype=dt)
     dw2, db2 = np.empty((E, H, D), dtype=dt), np.empty((E, D), dtype=dt)
+    gg = getattr(backend, "grouped_gemm", None)
+    if gg is not None:  # the phases need every expert's dh and dpre at once
+        grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+        dpre_all = None if cache.pre is None else _buffer(workspace, "dpre_all", (E, C, W), dt)
+        grouped_backward(gg, ops, d_expert_out, w1, w2, cache.expert_in, cache.pre,
+                         cache.hidden, spec, cache.filled, d_in,
+                         _buffer(workspace, "dh_all", (E, C, H), dt), dpre_all, grads)
+        return d_in, grads
+    dh_buf = _buffer(workspace, "dpre", (C, H), dt)  # one expert's, reused by the next
+    dpre_buf = None if cache.pre is None else _buffer(workspace, "dpre_w", (C, W), dt)
     for e in range(E):
         n = int(cache.filled[e])
         d_in[e, n:] = 0

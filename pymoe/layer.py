@@ -707,12 +707,16 @@ class MoELayer:
         """y_shared `[T, D]` of tokens x2 `[T, D]` and its cache (variants.shared); weights
         `[T, S]`: each shared expert's weight per token (shared_router_scored's gammas)."""
         return shared_experts_forward(x2, params, self.shared_form, self.shared_expert_gate,
-                                      weights)
+                                      weights, self._shared_backend())
 
     def shared_backward(self, dy2: np.ndarray, x2: np.ndarray, params: dict[str, np.ndarray],
                         cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(dx `[T, D]`, the shared parameters' gradients) of shared_forward."""
-        return shared_experts_backward(dy2, x2, params, cache)
+        return shared_experts_backward(dy2, x2, params, cache, self._shared_backend())
+
+    def _shared_backend(self) -> Backend | None:
+        """The C backend runs the shared experts on its epilogues; NumPy keeps the reference."""
+        return self.backend if self.backend.name == "c" else None
 
     def loss_terms(self) -> float:
         """aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ load_loss_coef * load_loss with

@@ -305,6 +305,21 @@ class CBackend:
     # The count is process-wide: a count set from one Python thread applies to C calls made
     # from any other (csrc/threads.c keeps it and passes it to every parallel region).
 
+    @property
+    def grouped_gemm(self):
+        """The grouped GEMM the experts' filled-rows path batches its matmuls with
+        (pymoe.backend.grouped_gemm), or None where NumPy's BLAS has no cblas_sgemm_batch
+        (grouped_gemm_detail says why); loaded on first use."""
+        from .grouped_gemm import load
+        return load()[0]
+
+    @property
+    def grouped_gemm_detail(self) -> str:
+        """What grouped_gemm is (its entry point and library), or why it is None."""
+        from .grouped_gemm import load
+        gg, why = load()
+        return gg.detail if gg is not None else why
+
     def get_num_threads(self) -> int:
         """Threads the next C call will use, from any Python thread (1 without OpenMP)."""
         return int(self.lib.pymoe_get_max_threads())

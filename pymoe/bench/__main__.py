@@ -23,6 +23,7 @@ from .._checks import cli_int, cli_positive_float, output_path
 from ..backend import backends
 from . import torch_peer
 from .cpu import bench_layer, bench_ops, bench_routing, copy_bandwidth
+from .gated import SHAPES, bench_gated, sweep_gated
 from .report import Row, format_table, markdown_table, plot, write_json
 from .summary import summary_lines, update_readme
 from .sweep import SWEEP_T, plot_sweep, sweep_rows
@@ -50,6 +51,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense einsum rows")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
+    ap.add_argument("--no-gated", action="store_true", help="skip the gated-layer rows (Mixtral- "
+                    "and DeepSeek-like, against HF transformers' block) and their T sweep")
+    ap.add_argument("--gated-sweep-max", type=pos, default=16384, metavar="T",
+                    help="largest T of the gated-layer sweep (default 16384; 65536 for the full "
+                    "1k-64k sweep: about a minute more and ~5 GB of buffers)")
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
     ap.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
@@ -104,7 +110,7 @@ def write_outputs(args, meta: dict, rows: list[Row], summary: list[str]) -> None
         with open(os.path.join(args.out, "cpu.txt"), "w", encoding="utf-8") as f:
             f.write(f"$ python -m pymoe.bench {' '.join(args.argv)}\n{meta}\n")
             f.write(format_table(rows) + "\n\nSummary (this run):\n" + "\n".join(summary) + "\n")
-        sweep = [r for r in rows if r.T is not None]
+        sweep = [r for r in rows if r.T is not None and r.op == "dispatch"]
         if sweep:
             print(plot_sweep(os.path.join(args.out, "sweep.png"), sweep))
     if args.json:
@@ -115,7 +121,7 @@ def write_outputs(args, meta: dict, rows: list[Row], summary: list[str]) -> None
             f.write(markdown_table(rows) + "\n")
         print(f"Markdown written to {args.markdown}")
     if args.plot:
-        bars = [r for r in rows if r.T is None and not r.section.startswith("route")]
+        bars = [r for r in rows if r.T is None and not r.section.startswith(("route", "gated"))]
         print(plot(args.plot, bars, meta["copy_gbps"]))
     if args.readme:
         update_readme(args.readme, summary)
@@ -159,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
                               torch=not args.no_torch)
             print(format_table(new), flush=True)
             rows += new
+    if not (args.no_gated or args.no_torch) and torch_peer.available()[0]:  # HF: a torch block
+        for name in (["Mixtral-like"] if args.quick else list(SHAPES)):
+            new = bench_gated(name, repeats=args.repeats, torch=not args.no_torch,
+                              small=args.quick)
+            print(format_table(new), flush=True)
+            rows += new
+        Ts = (256, 512) if args.quick else tuple(
+            t for t in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if t <= args.gated_sweep_max)
+        new = sweep_gated(Ts, repeats=min(args.repeats, 3), small=args.quick)
+        print(format_table(new), flush=True)
+        rows += new
     if not args.no_sweep:
         Ts, D = args.sweep
         new = sweep_rows(Ts, D, 8, 2, args.capacity_factor, args.repeats)

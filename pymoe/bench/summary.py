@@ -45,7 +45,8 @@ def c_vs_numpy(rows: list[Row], c_all: str) -> str | None:
                  for op in ("dispatch", "combine")]
         if all(n and c for n, c in times):
             moves.append(sum(n for n, _ in times) / sum(c for _, c in times))
-    for sec in dict.fromkeys(r.section for r in rows if r.op == "fwd+bwd"):
+    for sec in dict.fromkeys(r.section for r in rows if r.op == "fwd+bwd"
+                             and not r.section.startswith("gated")):
         c, numpy = _ms(rows, sec, "fwd+bwd", "C"), _ms(rows, sec, "fwd+bwd", "numpy indexed")
         if c and numpy:
             layer.append(numpy / c)
@@ -55,6 +56,61 @@ def c_vs_numpy(rows: list[Row], c_all: str) -> str | None:
     if not parts:
         return None
     return "- C's speed-up over the NumPy reference, same run: " + ", ".join(parts)
+
+
+# issue 26's targets: (ideal, HF) per shape name; torch batched >= 2x at E=64
+GATED_TARGETS = {"Mixtral-like": (1.15, 1.25), "DeepSeek-like": (1.3, 2.0)}
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def gated_lines(rows: list[Row]) -> list[str]:
+    """One line per gated-layer section and op: pymoe C's time, its multiple of the sgemm-rate
+    ideal, its speed-up over HF's fastest CPU block and over the batched torch layer, each with
+    the target it is held to; and the T sweep's time per token."""
+    out = []
+    for sec in dict.fromkeys(r.section for r in rows if r.section.startswith("gated layer (")):
+        name = sec.split("(", 1)[1].split(",", 1)[0]
+        t_ideal, t_hf = GATED_TARGETS.get(name, (None, None))
+        E = int(sec.split(" E=")[1].split()[0])
+        for op in ("fwd", "fwd+bwd"):
+            c = _ms(rows, sec, op, "pymoe C")
+            sg = next((r for r in rows if r.section == sec and r.op == op
+                       and r.impl.startswith("sgemm")), None)
+            hf = next((r for r in rows if r.section == sec and r.op == op
+                       and r.impl == "HF block (fastest)" and r.ms), None)
+            tb = _ms(rows, sec, op, "torch batched")
+            if not c or sg is None:
+                continue
+            ideal = float(sg.note.split("ideal ")[1].split(" ms")[0])
+            line = f"- gated layer {op}, {_shape_gated(sec)}: pymoe C {c:.1f} ms, {c / ideal:.2f}x "
+            line += "the same-run sgemm-rate ideal"
+            if t_ideal:
+                line += f" (target <= {t_ideal}x: {_verdict(c / ideal <= t_ideal)})"
+            if hf:
+                impl = hf.note.split(", ")[1] if ", " in hf.note else "?"
+                line += (f"; {hf.ms / c:.2f}x speed-up over HF transformers' fastest CPU block "
+                         f"({impl}, {hf.ms:.1f} ms)")
+                if t_hf:
+                    line += f" (target >= {t_hf}x: {_verdict(hf.ms / c >= t_hf)})"
+            if tb:
+                line += f"; {tb / c:.2f}x speed-up over the batched torch autograd layer"
+                if E >= 64:
+                    line += f" (target >= 2x: {_verdict(tb / c >= 2)})"
+            out.append(line)
+    sweep = sorted((r.T, r.ms) for r in rows if r.section.startswith("gated layer fwd+bwd vs T")
+                   and r.ms and r.T)
+    if len(sweep) >= 2:
+        per = [ms / T * 1e3 for T, ms in sweep]
+        out.append(f"- gated layer fwd+bwd vs T (pymoe C): {min(per):.1f}-{max(per):.1f} us per "
+                   f"token over T = {sweep[0][0]} to {sweep[-1][0]}")
+    return out
+
+
+def _shape_gated(section: str) -> str:
+    return section.split(": ", 1)[1].split(" float32")[0]
 
 
 def summary_lines(rows: list[Row]) -> list[str]:
@@ -89,7 +145,8 @@ def summary_lines(rows: list[Row]) -> list[str]:
         if dc:
             line += f"; {c / dc:.2f}x the time of C dispatch + combine of the same problem"
         out.append(line)
-    for sec in dict.fromkeys(r.section for r in rows if r.op == "fwd+bwd"):
+    for sec in dict.fromkeys(r.section for r in rows if r.op == "fwd+bwd"
+                             and not r.section.startswith("gated")):
         shape = _shape(sec)
         layer = next((r for r in rows if r.section == sec and r.impl == "C" and r.ms), None)
         torch = _ms(rows, sec, "fwd+bwd", "torch autograd")
@@ -103,7 +160,7 @@ def summary_lines(rows: list[Row]) -> list[str]:
         if torch:
             line += f", {torch / layer.ms:.1f}x speed-up over the torch autograd layer"
         out.append(line)
-    sweep = [r for r in rows if r.T is not None and r.ms is not None]
+    sweep = [r for r in rows if r.T is not None and r.ms is not None and r.op == "dispatch"]
     if sweep:
         for impl in dict.fromkeys(r.impl for r in sweep):
             pts = sorted((r.T, r.ms) for r in sweep if r.impl == impl)
@@ -111,7 +168,7 @@ def summary_lines(rows: list[Row]) -> list[str]:
                 (t0, m0), (t1, m1) = pts[0], pts[-1]
                 out.append(f"- dispatch, {impl}: {m0:.2f} ms at T={t0}, {m1:.1f} ms at T={t1} "
                            f"({m1 / m0:.0f}x for {t1 // t0}x the tokens)")
-    return out
+    return out + gated_lines(rows)
 
 
 def update_readme(path: str, summary: list[str]) -> None:

@@ -9,12 +9,16 @@ needs, so routed experts can specialise.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..expert_forms import FormSpec
 from ..experts import ExpertsCache, experts_backward, experts_forward
 from .scores import sigmoid
+
+if TYPE_CHECKING:
+    from ..backend.protocol import Backend
 
 
 @dataclass
@@ -27,8 +31,8 @@ class SharedCache:
 
 
 def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
-                           activation: str | FormSpec,
-                           gated: bool, weights: np.ndarray | None = None
+                           activation: str | FormSpec, gated: bool,
+                           weights: np.ndarray | None = None, backend: Backend | None = None
                            ) -> tuple[np.ndarray, SharedCache]:
     """y_shared `[T, D]` = g * sum_s FFN_s(x), g = sigmoid(x @ w_shared_gate) `[T]` or 1; with
     weights `[T, S]` (not gated): sum_s weights[:, s] * FFN_s(x).
@@ -38,12 +42,17 @@ def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
             `[S, Hs, D]`, shared_b2 `[S, D]` (Ws = 2 Hs for a gated form, else Hs), and
             w_shared_gate `[D]` when gated.
         activation: the form (a name or an expert_forms.FormSpec), as experts_forward's.
+        backend: None: the dense NumPy formulation (the reference). A backend (MoELayer passes
+            the C one): experts_forward's filled-rows path with every row filled, on a stride-0
+            view of x (no S copies of it) and with that backend's one-pass epilogues.
     """
-    S = params["shared_w1"].shape[0]
+    S, T = params["shared_w1"].shape[0], x.shape[0]
     expert_in = np.broadcast_to(x, (S,) + x.shape)  # [S, T, D]: every token to every shared FFN
-    out, cache = experts_forward(np.ascontiguousarray(expert_in), params["shared_w1"],
-                                 params["shared_b1"], params["shared_w2"], params["shared_b2"],
-                                 activation)  # [S, T, D]
+    filled = None if backend is None else np.full(S, T)
+    out, cache = experts_forward(expert_in if backend else np.ascontiguousarray(expert_in),
+                                 params["shared_w1"], params["shared_b1"], params["shared_w2"],
+                                 params["shared_b2"], activation, filled=filled,
+                                 backend=backend)  # [S, T, D]
     if weights is not None:
         y = np.einsum("ts,std->td", weights, out)  # [T, D]
         return y, SharedCache(cache, y, None, out, weights)
@@ -54,9 +63,11 @@ def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
 
 
 def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.ndarray],
-                            cache: SharedCache) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Backward of shared_experts_forward: (dx `[T, D]`, gradients of its parameters); with
-    weights, also grads["shared_weights"] `[T, S]` = <dy, FFN_s(x)>."""
+                            cache: SharedCache, backend: Backend | None = None
+                            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backward of shared_experts_forward (backend: the one its forward had): (dx `[T, D]`,
+    gradients of its parameters); with weights, also grads["shared_weights"] `[T, S]` =
+    <dy, FFN_s(x)>."""
     grads = {}
     dx = np.zeros_like(x)
     d_total = dy
@@ -72,8 +83,11 @@ def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.
         grads["shared_weights"] = np.einsum("td,std->ts", dy, cache.outs)  # [T, S]
         d_out = np.ascontiguousarray(cache.weights.T[:, :, None] * dy[None])  # [S, T, D]
     else:
-        d_out = np.ascontiguousarray(np.broadcast_to(d_total, (S,) + d_total.shape))
-    d_in, eg = experts_backward(d_out, params["shared_w1"], params["shared_w2"], cache.experts)
+        d_out = np.broadcast_to(d_total, (S,) + d_total.shape)  # [S, T, D]
+        if cache.experts.filled is None:  # the dense path's batched matmul takes a contiguous one
+            d_out = np.ascontiguousarray(d_out)
+    d_in, eg = experts_backward(d_out, params["shared_w1"], params["shared_w2"], cache.experts,
+                                backend=backend)
     dx += d_in.sum(axis=0)
     grads.update({f"shared_{n}": g for n, g in eg.items()})
     return dx, grads

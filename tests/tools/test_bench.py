@@ -33,8 +33,8 @@ def test_dense_rows_skip_with_a_reason_when_memory_is_short(monkeypatch):
 def test_quick_run_writes_a_complete_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    assert main(["--quick", "--no-routing", "--no-sweep", "--json", str(out), "--markdown",
-                 str(md)]) == 0
+    assert main(["--quick", "--no-routing", "--no-sweep", "--no-gated", "--json", str(out),
+                 "--markdown", str(md)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
     ops_seen = {(r["op"], r["impl"]) for r in rows if r["ms"] is not None}
@@ -54,7 +54,7 @@ def test_quick_run_writes_a_complete_table(tmp_path, capsys):
 def test_quick_run_includes_c_rows(c_backend, tmp_path):
     out = tmp_path / "bench.json"
     main(["--quick", "--no-dense", "--no-torch", "--no-layer", "--no-routing", "--no-sweep",
-          "--json", str(out)])
+          "--no-gated", "--json", str(out)])
     impls = {r["impl"] for r in json.loads(out.read_text())["rows"] if r["ms"] is not None}
     assert "C 1 thread" in impls
 
@@ -62,7 +62,8 @@ def test_quick_run_includes_c_rows(c_backend, tmp_path):
 def test_plot_is_drawn_when_matplotlib_is_there(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
     png = tmp_path / "bench.png"
-    main(["--quick", "--no-dense", "--no-torch", "--no-routing", "--no-sweep", "--plot", str(png)])
+    main(["--quick", "--no-dense", "--no-torch", "--no-routing", "--no-sweep", "--no-gated",
+          "--plot", str(png)])
     assert png.stat().st_size > 10_000
 
 
@@ -70,7 +71,7 @@ def test_out_dir_routing_sweep_and_readme_summary(c_backend, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:summary -->\nold\n<!-- /bench:summary -->\nrest\n")
     out = tmp_path / "bench"
-    assert main(["--quick", "--no-torch", "--no-layer", "--out", str(out),
+    assert main(["--quick", "--no-torch", "--no-layer", "--no-gated", "--out", str(out),
                  "--readme", str(readme)]) == 0
     for name in ("cpu.txt", "cpu.json", "cpu.md"):
         assert (out / name).stat().st_size > 0
