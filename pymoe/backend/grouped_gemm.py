@@ -144,12 +144,22 @@ class GroupedGemm:
 _LOADED: tuple[GroupedGemm | None, str] | None = None
 
 
-def load() -> tuple[GroupedGemm | None, str]:
-    """(the grouped GEMM, its description) or (None, why it is unavailable); loaded once.
-    PYMOE_DISABLE_GROUPED_GEMM=1 turns it off (the experts then loop over np.matmul)."""
+def load(enable: bool | None = None) -> tuple[GroupedGemm | None, str]:
+    """(the grouped GEMM, its description) or (None, why it is not used); loaded once.
+
+    Off unless PYMOE_GROUPED_GEMM=1 (or enable=True): OpenBLAS's batch entry point crashed
+    (SIGSEGV) on problems its small-matrix kernels take, and under its Haswell, Zen, Nehalem and
+    Prescott kernels (OPENBLAS_CORETYPE) its results change in the last bits with the BLAS thread
+    count (tests/backend/test_grouped_gemm.py, measured), which would break pymoe's rule that
+    the same values give the same bits whatever the thread count. Off, the experts loop over
+    np.matmul."""
     global _LOADED
-    if os.environ.get("PYMOE_DISABLE_GROUPED_GEMM") == "1":
-        return None, "disabled by PYMOE_DISABLE_GROUPED_GEMM=1"
+    if enable is None:
+        enable = os.environ.get("PYMOE_GROUPED_GEMM") == "1"
+    if not enable:
+        return None, ("off by default (PYMOE_GROUPED_GEMM=1 turns it on): OpenBLAS's batch "
+                      "call crashed on small problems and its bits depend on the BLAS thread "
+                      "count under some kernels")
     if _LOADED is None:
         _LOADED = _load()
     return _LOADED

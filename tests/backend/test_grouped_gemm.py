@@ -1,12 +1,14 @@
-"""The grouped GEMM (one cblas_?gemm_batch call for the ragged expert matmuls) against np.matmul,
-its bits across OpenBLAS thread counts, and the C layer that uses it against the NumPy layer."""
+"""The grouped GEMM (one cblas_?gemm_batch call for the ragged expert matmuls, opt-in with
+PYMOE_GROUPED_GEMM=1) against np.matmul, and the C layer that uses it against the NumPy layer.
+Its bits across BLAS thread counts are not a contract: under OpenBLAS's Haswell, Zen, Nehalem and
+Prescott kernels they change with the thread count (why it is off by default)."""
 import numpy as np
 import pytest
 
-from pymoe import MoELayer, backends
+from pymoe import MoELayer, backends, get_backend
 from pymoe.backend import grouped_gemm
 
-GG, WHY = grouped_gemm.load()
+GG, WHY = grouped_gemm.load(enable=True)
 needs_gg = pytest.mark.skipif(GG is None, reason=f"no grouped GEMM: {WHY}")
 needs_c = pytest.mark.skipif(not backends()["c"].available, reason="C core not built")
 
@@ -58,24 +60,13 @@ def test_grouped_matmul_falls_back_for_what_blas_cannot_read():
         GG.matmul([(a, b, np.empty((20, 8), np.float32))])
 
 
-@needs_gg
-def test_grouped_matmul_bits_do_not_depend_on_the_thread_count():
-    results = []
-    for n in (1, 2, 3):
-        probs = _problems(np.float32, seed=2)
-        with GG.num_threads(n):
-            assert GG.get_num_threads() == n
-            GG.matmul(probs)
-        results.append([out for _, _, out in probs])
-    for other in results[1:]:
-        for x, y in zip(results[0], other):
-            np.testing.assert_array_equal(x, y)
-
-
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("PYMOE_DISABLE_GROUPED_GEMM", "1")
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv("PYMOE_GROUPED_GEMM", raising=False)
     gg, why = grouped_gemm.load()
-    assert gg is None and "PYMOE_DISABLE_GROUPED_GEMM" in why
+    assert gg is None and "PYMOE_GROUPED_GEMM=1" in why
+    assert backends()["c"].available is False or get_backend("c").grouped_gemm is None
+    monkeypatch.setenv("PYMOE_GROUPED_GEMM", "1")
+    assert (grouped_gemm.load()[0] is None) == (GG is None)
 
 
 def _layer_step(backend, **kw):
@@ -93,27 +84,30 @@ GATED = dict(activation="swiglu", num_shared_experts=2, shared_d_hidden=64)
 
 
 @needs_c
+@pytest.mark.parametrize("grouped", ["0", "1"], ids=["loop", "grouped"])
 @pytest.mark.parametrize("kw", [{}, GATED], ids=["relu", "swiglu+2 shared"])
-def test_c_layer_matches_the_numpy_layer(kw):
+def test_c_layer_matches_the_numpy_layer(kw, grouped, monkeypatch):
+    monkeypatch.setenv("PYMOE_GROUPED_GEMM", grouped)
     y, dx, g = _layer_step("c", **kw)
     y0, dx0, g0 = _layer_step("numpy", **kw)
-    # the same steps; only the BLAS calls (batched here, one by one there) may round apart
-    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-5)
+    # the same steps; only the BLAS calls (batched here, one by one there) may round apart:
+    # float32 sums of 96-128 terms blocked in another order, outputs of size ~10 (1.9e-5 apart
+    # measured under OpenBLAS's Haswell kernel), hence the absolute 1e-4
+    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-4)
     for name in g0:
-        np.testing.assert_allclose(g[name], g0[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(g[name], g0[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 @needs_c
-@needs_gg
-def test_c_layer_bits_do_not_depend_on_thread_counts():
-    c = backends()["c"]
-    assert c.available
-    from pymoe import get_backend
+@pytest.mark.parametrize("grouped", ["0", "1"], ids=["loop", "grouped"])
+def test_c_layer_bits_do_not_depend_on_the_c_thread_count(grouped, monkeypatch):
+    """The C core's contract: its thread count never changes a bit (BLAS's own count is BLAS's)."""
+    monkeypatch.setenv("PYMOE_GROUPED_GEMM", grouped)
     be = get_backend("c")
     runs = []
-    for blas, core in ((1, 1), (2, 2), (3, 1)):
-        with GG.num_threads(blas), be.num_threads(core):
+    for core in (1, 2, 3):
+        with be.num_threads(core):
             runs.append(_layer_step("c", **GATED))
     for y, dx, g in runs[1:]:
         np.testing.assert_array_equal(y, runs[0][0])
