@@ -24,9 +24,12 @@ from .options import (
     RouteOptions,
     expert_bias_arg,
     expert_options,
+    hash_selection,
+    hash_table_arg,
     keywords_doc,
     route_options,
     split_keywords,
+    token_ids_arg,
     token_mask_arg,
 )
 from .replay import forced_selection, record_selection, recording
@@ -74,6 +77,9 @@ class MoELayer:
         capacity_factor: as for pymoe.route.
         expert_bias: `[E]` selection bias, a buffer, not a parameter: assign
             `layer.expert_bias = pymoe.update_expert_bias(layer.expert_bias, load, rate)`.
+        hash_table: `<int>[V, K]` or None: hash routing (DeepSeek-V4's hash layers, HF
+            `tid2eid`), a frozen buffer: forward(x, token_ids=ids) sends token t to the experts
+            hash_table[ids[t]], gated by their normalised, scaled scores (route()'s hash_table).
         backend: who moves the routed data in the indexed formulation: "numpy", "c", or "auto"
             (C when it is built, else NumPy). The dense formulation is NumPy only.
         dtype: float16, float32 or float64 for parameters and expert math; the router always
@@ -104,7 +110,8 @@ class MoELayer:
     @accepts_preset(ROUTE_KEYWORDS + EXPERT_KEYWORDS, skip=("seed",))  # a preset's seed is
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,  # route()'s
                  capacity_factor: float | None = 1.25, *, expert_bias: np.ndarray | None = None,
-                 backend: str = "auto", dtype: np.dtype | type = np.float32, seed: int = 0,
+                 hash_table: np.ndarray | None = None, backend: str = "auto",
+                 dtype: np.dtype | type = np.float32, seed: int = 0,
                  preset: str | Preset | None = None, **keywords: Any) -> None:
         route_kw, expert_kw = split_keywords("MoELayer", keywords, RouteOptions, ExpertOptions)
         self.d_model = _checks.integer("d_model", d_model, low=1)
@@ -113,6 +120,7 @@ class MoELayer:
         self.options = route_options(self.num_experts, k, capacity_factor, **route_kw)
         self.expert_bias = expert_bias_arg(expert_bias, self.num_experts)
         self.expert_options = expert_options(self.options, self.num_experts, **expert_kw)
+        self.hash_table = self._checked_hash_table(hash_table)
         if dtype is None:  # np.dtype(None) is float64: a silent default nobody asked for
             raise TypeError("dtype: expected float16, float32 or float64, got None")
         try:
@@ -285,9 +293,24 @@ class MoELayer:
         return ValueError(f"{inputs}: {what} overflowed to inf/NaN in {self.dtype} although "
                           f"{inputs} and every parameter are finite; scale {inputs} down{wider}")
 
+    def _checked_hash_table(self, hash_table: object) -> np.ndarray | None:
+        """hash_table checked (options.hash_table_arg) against what hash routing cannot join:
+        a selection bias (nothing is ranked), token groups, expert choice."""
+        table = hash_table_arg(hash_table, self.num_experts, self.options.k)
+        if table is None:
+            return None
+        if self.expert_bias is not None:
+            raise ValueError("expert_bias: hash routing chooses the experts by token id and "
+                             "ranks nothing, so a selection bias would be ignored; leave it None")
+        if self.token_groups > 1 or self.options.selection != "tokens":
+            raise ValueError("hash_table: hash routing runs with token_groups = 1 and "
+                             "selection='tokens' only")
+        return table
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
-                train: bool = False, replay: np.ndarray | None = None) -> np.ndarray:
+                train: bool = False, replay: np.ndarray | None = None,
+                token_ids: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
         token_mask: `<bool>` of shape x.shape[:-1], True = a real token, False = padding (HF
@@ -299,7 +322,8 @@ class MoELayer:
         train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
-        with x's shape, in the layer dtype.
+        with x's shape, in the layer dtype. token_ids: `<int>` of shape x.shape[:-1], the
+        tokens' ids, required by (and only by) a hash-routed layer (hash_table).
         """
         x = _checks.float_array("x", x, min_ndim=1)
         if x.shape[-1] != self.d_model:
@@ -310,7 +334,9 @@ class MoELayer:
         p = self._checked_params()
         # C-contiguous in the layer dtype: the same values give the same bits whatever x's layout
         x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
-        replay = forced_selection(self, replay)
+        table = self._checked_hash_table(self.hash_table)  # a buffer callers may replace
+        hashed = hash_selection(table, token_ids_arg(token_ids, x.shape[:-1], table), replay)
+        replay = forced_selection(self, replay) if hashed is None else hashed
         if self.token_groups > 1:
             if replay is not None or recording():
                 raise ValueError("replay: router replay and recording run with token_groups = 1 "

@@ -92,8 +92,9 @@ class RouteOptions:
         "choice", '"choice" (choice-major, token order), "score" (batch-prioritised), "token" '
         '(token-major), "random" (random token order, needs seed) (priority.priority_order).',
         _choice(PRIORITIES), device=True)
-    score: str = keyword('softmax', '"softmax" or "sigmoid" (variants.scores.sigmoid).',
-                         _choice(SCORES))
+    score: str = keyword('softmax', '"softmax", "sigmoid" (variants.scores.sigmoid) or '
+                         '"sqrtsoftplus" (sqrt(softplus(l)), DeepSeek-V4; '
+                         'variants.scores.sqrt_softplus).', _choice(SCORES))
     num_groups: int | None = keyword(
         None, "G expert groups for group-limited top-K (variants.group_limited.limit_to_groups).")
     topk_groups: int | None = keyword(None, "how many groups each token may use (with num_groups).")
@@ -471,6 +472,63 @@ def replay_arg(replay: object, num_tokens: int, k: int, num_experts: int) -> np.
             raise ValueError(f"replay: token {dup[0]} lists an expert twice ({a[dup[0]].tolist()}"
                              f"); a selection names K distinct experts per token")
     return a
+
+
+def hash_table_arg(hash_table: object, num_experts: int, k: int) -> np.ndarray | None:
+    """hash_table: None or DeepSeek-V4's frozen token-id -> experts table (HF `tid2eid`),
+    `<int>[V, K]`: row v lists the K distinct experts in [0, E) every token with id v goes to.
+    Returns a read-only int64 copy."""
+    if hash_table is None:
+        return None
+    a = np.asarray(hash_table)
+    if a.ndim != 2 or a.shape[1] != k:
+        raise ValueError(f"hash_table: expected shape [V, K] = [V, {k}] (K experts per token "
+                         f"id), got {list(a.shape)}")
+    a = _checks.index_array("hash_table", a, shape=(None, k), high=num_experts).copy()
+    if k > 1 and a.size:
+        s = np.sort(a, axis=-1)
+        dup = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=-1))
+        if dup.size:
+            raise ValueError(f"hash_table: token id {dup[0]} lists an expert twice "
+                             f"({a[dup[0]].tolist()}); each row names K distinct experts")
+    a.flags.writeable = False
+    return a
+
+
+def token_ids_arg(token_ids: object, shape: tuple[int, ...],
+                  hash_table: np.ndarray | None) -> np.ndarray | None:
+    """token_ids: the tokens' ids `<int>` of the tokens' shape, each in [0, V) of a checked
+    hash_table `[V, K]` -> `<int64>[T]` flattened; both or neither must be given."""
+    if token_ids is None:
+        if hash_table is not None:
+            raise ValueError("token_ids: hash routing (hash_table given) chooses the experts by "
+                             "token id; pass token_ids, the ids of the tokens routed")
+        return None
+    if hash_table is None:
+        raise ValueError("token_ids: only read by hash routing; pass hash_table, the token-id "
+                         "-> experts table (MoELayer(hash_table=...))")
+    ids = np.asarray(token_ids)
+    if ids.dtype.kind not in "iu" or ids.dtype == np.bool_:
+        raise TypeError(f"token_ids: expected an integer array, got dtype {ids.dtype}")
+    if ids.shape != tuple(shape):
+        raise ValueError(f"token_ids: expected shape {tuple(shape)} (one id per token), got "
+                         f"{ids.shape}")
+    V = hash_table.shape[0]
+    return _checks.index_array("token_ids", ids.reshape(-1), shape=(None,), high=V)
+
+
+def hash_selection(hash_table: np.ndarray | None, token_ids: np.ndarray | None,
+                   replay: object) -> np.ndarray | None:
+    """The `<int64>[T, K]` hash-routed selection hash_table[token_ids] (checked arguments),
+    or None without hash routing; hash routing and replay both force the selection, so
+    together they are refused."""
+    if hash_table is None:
+        return None
+    if replay is not None:
+        raise ValueError("replay: hash routing already fixes the selection (hash_table["
+                         "token_ids]); pass one of replay and token_ids")
+    assert token_ids is not None
+    return np.ascontiguousarray(hash_table[token_ids])  # [T, K]
 
 
 def token_mask_arg(token_mask: object, shape: tuple[int, ...],

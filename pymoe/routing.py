@@ -30,10 +30,13 @@ from .options import (
     describe_options,
     expert_bias_arg,
     generator_arg,
+    hash_selection,
+    hash_table_arg,
     keywords_doc,
     replay_arg,
     route_options,
     split_keywords,
+    token_ids_arg,
     token_mask_arg,
 )
 from .priority import position_in_expert, priority_order
@@ -54,10 +57,11 @@ from .variants.expert_choice import expert_choice_keep, expert_choice_pairs
 from .variants.group_limited import grouped, limit_for
 from .variants.presets import Preset, accepts_preset
 from .variants.scores import (
-    log_sigmoid,
+    dlog_score,
+    elementwise_scores,
+    elementwise_scores_backward,
+    log_scores,
     selection_scores,
-    sigmoid,
-    sigmoid_backward,
     stable_ratios,
     underflowed_rows,
 )
@@ -207,6 +211,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
           expert_bias: np.ndarray | None = None, seed: int | np.random.Generator | None = None,
           backend: str = "numpy", preset: str | Preset | None = None,
           replay: np.ndarray | None = None, token_mask: np.ndarray | None = None,
+          hash_table: np.ndarray | None = None, token_ids: np.ndarray | None = None,
           **keywords: Any) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
@@ -232,6 +237,11 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         token_mask: `<bool>[T]`, True = a real token, False = padding (HF attention_mask), or
             None (every token real). Padding is left out of every statistic and gradient; the
             keyword padding says whether it is routed (docs/variants.md, "Padding").
+        hash_table, token_ids: hash routing (DeepSeek-V4's first layers, HF `tid2eid`): a
+            frozen `<int>[V, K]` token-id -> experts table and the tokens' ids `<int>[T]` in
+            [0, V); token t goes to hash_table[token_ids[t]] (a constant, as replay), its gates
+            the scores of those experts, normalised and scaled as usual. Not with replay or
+            expert_bias (nothing is ranked).
         keywords: the routing keywords of pymoe.options.RouteOptions, checked there:
     """
     (keywords,) = split_keywords("route", keywords, RouteOptions)
@@ -247,6 +257,13 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     mask = token_mask_arg(token_mask, logits.shape[:1])
     warn_k1_normalize(opts)
     forced = check_replay(replay, logits.shape[0], opts, E)
+    table = hash_table_arg(hash_table, E, opts.k)
+    if table is not None and bias is not None:
+        raise ValueError("expert_bias: hash routing chooses the experts by token id and ranks "
+                         "nothing, so a selection bias would be ignored; leave it None")
+    hashed = hash_selection(table, token_ids_arg(token_ids, logits.shape[:1], table), replay)
+    if hashed is not None:
+        forced = check_replay(hashed, logits.shape[0], opts, E)
     return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend),
                            replay=forced, token_mask=mask)
 
@@ -306,7 +323,7 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
                          f"of {opts.sequence_length}")
     # step 2: router scores (and the logsumexp the z-loss needs)
     probs, lse = softmax_lse(logits) if twin is None else twin.softmax_lse(logits)  # [T, E], [T]
-    scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]
+    scores = probs if opts.score == "softmax" else elementwise_scores(logits, opts.score)
     aux_probs = _aux_probs(scores, logits, opts)  # [T, E]
     if expert_bias is not None:  # one rule for every backend: the bias in the score dtype
         with np.errstate(over="ignore"):
@@ -388,7 +405,8 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
                  replay=None if replay is None else replay[real])
     K = sub.expert_index.shape[1]
     pad_logits = logits[pad]  # [T_pad, E]
-    pad_scores = softmax_lse(pad_logits)[0] if opts.score == "softmax" else sigmoid(pad_logits)
+    pad_scores = softmax_lse(pad_logits)[0] if opts.score == "softmax" else \
+        elementwise_scores(pad_logits, opts.score)
     bias = None if expert_bias is None else sub.expert_bias
 
     def full(part: np.ndarray, pad_part: np.ndarray) -> np.ndarray:
@@ -472,8 +490,8 @@ def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, group
 
 
 def _log_scores(logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
-    """log of the scores up to a per-token constant: the logits (softmax) or log-sigmoids."""
-    return logits if opts.score == "softmax" else log_sigmoid(logits)
+    """log of the scores up to a per-token constant (variants.scores.log_scores)."""
+    return log_scores(logits, opts.score)
 
 
 def _gates(scores: np.ndarray, logits: np.ndarray, index: np.ndarray,
@@ -495,7 +513,7 @@ def _aux_probs(scores: np.ndarray, logits: np.ndarray, opts: RouteOptions) -> np
         return scores
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 rows are replaced below
         aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
-    return stable_ratios(aux_probs, scores, log_sigmoid(logits))
+    return stable_ratios(aux_probs, scores, log_scores(logits, opts.score))
 
 
 def _stable_dlogits(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None,
@@ -509,21 +527,22 @@ def _stable_dlogits(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None
     s, logits = routing.probs[rows], routing.router_logits[rows]  # [n, E]
     index, dg = routing.expert_index[rows], dgate[rows]  # [n, K]
     s_sel = np.take_along_axis(s, index, axis=-1)  # [n, K]
-    sigmoid_score = opts.score == "sigmoid"
+    sigmoid_score = opts.score != "softmax"  # any elementwise score: d log s / d l below
     if opts.normalize:
         g = _gates(s, logits, index, opts)  # [n, K]
         d_sel = g * (dg - (dg * g).sum(axis=-1, keepdims=True))
         if sigmoid_score:
-            d_sel = d_sel * (1 - s_sel)
-    else:
-        d_sel = dg * s_sel * (1 - s_sel)  # sigmoid (softmax rows are never bad unnormalised)
+            d_sel = d_sel * dlog_score(np.take_along_axis(logits, index, -1), s_sel, opts.score)
+    else:  # elementwise (softmax rows are never bad unnormalised)
+        d_sel = dg * s_sel * dlog_score(np.take_along_axis(logits, index, -1), s_sel, opts.score)
     out = np.zeros_like(s)  # [n, E]
     np.put_along_axis(out, index, d_sel.astype(s.dtype), axis=-1)
     if daux is not None:
         da = daux[rows]  # [n, E]
         if sigmoid_score:
             q = _aux_probs(s, logits, opts)  # [n, E]
-            out += (1 - s) * q * (da - (da * q).sum(axis=-1, keepdims=True))
+            out += dlog_score(logits, s, opts.score) * q * (da - (da * q).sum(axis=-1,
+                                                                          keepdims=True))
         else:
             out += softmax_backward(da, s)
     return out
@@ -619,7 +638,7 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     bad = np.zeros(T, dtype=bool)  # tokens whose score sums underflowed: see below
     if opts.normalize:  # gates_backward divides by the chosen sum's square
         bad |= underflowed_rows(np.take_along_axis(scores, index, -1), squared=True)
-    if opts.score == "sigmoid":
+    if opts.score != "softmax":
         bad |= underflowed_rows(scores, squared=True)
     with np.errstate(divide="ignore", invalid="ignore"):  # bad rows are replaced below
         dscores = gates_backward_for(dgate, scores, index, opts)  # [T, E]
@@ -635,7 +654,8 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
         if opts.score == "softmax":
             dlogits = softmax_backward(dscores, scores)  # [T, E]
         else:
-            dlogits = sigmoid_backward(dscores, scores)  # [T, E]
+            dlogits = elementwise_scores_backward(dscores, routing.router_logits, scores,
+                                                  opts.score)  # [T, E]
     if bad.any():
         dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
     if z_loss_coef:

@@ -148,6 +148,13 @@ _PRESETS = {p.name: p for p in [
     Preset("ernie4.5", f"{HF}/ernie4_5_moe/modeling_ernie4_5_moe.py: Ernie4_5_MoeTopKRouter",
            normalize=True, priority="token", capacity_factor=None, load_balancing="k_scaled",
            num_shared_experts=1, activation="swiglu"),
+    # DeepSeek-V4's full router: sqrt(softplus) scores, top-K of s + b without groups,
+    # renormalised, times 1.5; its hash layers are the same layer with hash_table= (tid2eid)
+    # and forward(x, token_ids=...); experts and the shared MLP clamped SwiGLU (limit 10).
+    Preset("deepseek-v4", f"{HF}/deepseek_v4/modeling_deepseek_v4.py: DeepseekV4TopKRouter, "
+           "DeepseekV4HashRouter, DeepseekV4SparseMoeBlock", score="sqrtsoftplus",
+           normalize=True, scaling_factor=1.5, priority="token", capacity_factor=None,
+           num_shared_experts=1, activation="swiglu_clamped"),
 ]}
 
 
