@@ -1,6 +1,7 @@
 """MoELayer: router + routing + experts + combine, with a hand-written backward pass."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,7 +320,9 @@ class MoELayer:
         "absent" or "counted" it gets no slot and y = 0 there (shared experts and the output
         bias too), with "routed" it is routed and y is what the experts give
         (docs/variants.md, "Padding").
-        train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
+        train=True applies router jitter when jitter_eps > 0, and SparseMixer's sampling
+        (selection="sparsemixer": Gumbel picks and the Heun factor, drawn from the noise
+        generator seeded by seed). replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
         with x's shape, in the layer dtype. token_ids: `<int>` of shape x.shape[:-1], the
@@ -440,7 +443,10 @@ class MoELayer:
             logits = logits + eps * std  # [T, E] H: the noisy logits that are ranked
         bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
                                                                      self.num_experts)
-        r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
+        opts = self.options
+        if train and opts.selection == "sparsemixer":  # PhiMoE training: Gumbel picks, Heun-3
+            opts = dataclasses.replace(opts, sparsemixer_sampling=True)
+        r = route_unchecked(logits, opts, expert_bias=bias, rng=self._noise_rng,
                             backend=self.backend, replay=replay,
                             token_mask=token_mask)  # steps 2-10, 12
         return x_router, noise, r, noisy

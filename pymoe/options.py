@@ -28,7 +28,7 @@ from .variants.scores import SCORES
 from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
-SELECTIONS = ("tokens", "experts", "sinkhorn")
+SELECTIONS = ("tokens", "experts", "sinkhorn", "sparsemixer")
 ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 FORMULATIONS = ("indexed", "dense")
 SHARED_COMBINES = ("sum", "mean")
@@ -111,7 +111,9 @@ class RouteOptions:
     selection: str = keyword(
         "tokens", '"tokens" (top-K per token), "experts" (expert choice: each expert takes its '
         'top-C tokens, K = E pairs; variants.expert_choice), "sinkhorn" (top-K of the Sinkhorn-'
-        'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds).', _choice(SELECTIONS))
+        'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds), "sparsemixer" (PhiMoE: K '
+        'sequential picks among the experts within a relative threshold of the best, gate the '
+        "pick's masked softmax; variants.sparsemixer).", _choice(SELECTIONS))
     capacity_rule: str = keyword("k_ceil", "the capacity formula (capacity.expert_capacity).")
     capacity: int | None = keyword(None, "a fixed C instead of any formula.")
     load_balancing: str = keyword("switch", "which load-balancing loss (losses.balance_loss).",
@@ -124,6 +126,14 @@ class RouteOptions:
     second_expert_threshold: float = keyword(0.2, "its threshold.", _positive())
     sinkhorn_iterations: int = keyword(SINKHORN_ITERATIONS, "Sinkhorn rounds (>= 1).",
                                        _integer(1))
+    sparsemixer_eps: float = keyword(
+        0.01, "SparseMixer's eps (HF PhiMoE router_jitter_noise, >= 0): pick j's candidates lie "
+        "within (m - l) / max(|l|, m) <= 2 eps of the best remaining logit m; with "
+        'selection="sparsemixer" only.', _checks.nonnegative_finite)
+    sparsemixer_sampling: bool = keyword(
+        False, "SparseMixer in training: Gumbel-max picks and the Heun third-order gate factor "
+        "(variants.sparsemixer; needs seed). MoELayer turns it on in forward(x, train=True) "
+        'itself. With selection="sparsemixer" only.', _checks.boolean)
     router_dtype: str | None = keyword(
         None, 'the dtype of the router logits: "bfloat16" or "float16" round them to that format '
         '(precision.round_to, what a 16-bit router computes) and the scores are computed in '
@@ -142,7 +152,8 @@ class RouteOptions:
     @property
     def random(self) -> bool:
         """Whether routing draws random numbers (and so needs a seed or a generator)."""
-        return self.priority == "random" or self.second_expert_policy == "random"
+        return (self.priority == "random" or self.second_expert_policy == "random"
+                or self.sparsemixer_sampling)
 
 
 @dataclass(frozen=True)
@@ -320,6 +331,7 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
             raise ValueError(f"num_groups: group-limited top-K needs selection='tokens', got {sel!r}")
         if opts["second_expert_policy"] != "all":
             raise ValueError(f"second_expert_policy: needs selection='tokens', got {sel!r}")
+    _sparsemixer_options(opts, g)
     if opts["selection"] == "experts" and opts["padding"] != "absent":
         raise ValueError(f"padding: expert choice (selection='experts') takes padding as absent "
                          f"only, got padding={opts['padding']!r}")
@@ -332,6 +344,22 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
                              "(each expert's top-C tokens); leave priority and drop_policy at "
                              "their defaults")
     return RouteOptions(k=k, **opts)
+
+
+def _sparsemixer_options(opts: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """SparseMixer's keywords need selection="sparsemixer", and it computes its own gates: a
+    softmax score, no renormalisation over K (each pick has its own softmax)."""
+    if opts["selection"] != "sparsemixer":
+        for kw in ("sparsemixer_eps", "sparsemixer_sampling"):
+            if given[kw] != defaults(RouteOptions)[kw]:
+                raise ValueError(f"{kw}: only read with selection='sparsemixer', got selection="
+                                 f"{opts['selection']!r}")
+        return
+    for kw, unset in (("score", "softmax"), ("normalize", False),
+                      ("renormalize_after_drop", False)):
+        if opts[kw] != unset:
+            raise ValueError(f"{kw}: selection='sparsemixer' gates each pick by its own masked "
+                             f"softmax; leave {kw} at {unset!r}, got {opts[kw]!r}")
 
 
 def _group_options(E: int, k: int, num_groups: object, topk_groups: object,
@@ -375,6 +403,9 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
         raise ValueError(f"router_noise: 'noisy_topk' needs k < E (its load estimate "
                          f"compares with the (k+1)-th logit), got k = {route.k}, "
                          f"E = {num_experts}")
+    if route.sparsemixer_sampling:
+        raise ValueError("sparsemixer_sampling: MoELayer samples SparseMixer's picks in "
+                         "forward(x, train=True) and takes the best ones otherwise; leave it False")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -433,6 +464,9 @@ def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_st
     if route.selection == "experts":
         raise ValueError(f"{who}: token groups and expert parallelism do not support expert "
                          "choice (selection='experts'); use 'tokens' or 'sinkhorn'")
+    if route.selection == "sparsemixer":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support "
+                         "SparseMixer (selection='sparsemixer'); use 'tokens' or 'sinkhorn'")
     if load_stats == "global" and (route.score != "softmax" or route.load_balancing != "switch"):
         raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
                          f"score={route.score!r}, load_balancing={route.load_balancing!r}")

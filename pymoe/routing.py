@@ -66,6 +66,7 @@ from .variants.scores import (
     underflowed_rows,
 )
 from .variants.sinkhorn import sinkhorn
+from .variants.sparsemixer import sparsemixer, sparsemixer_backward, sparsemixer_gates
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
            "route_unchecked", "K1_NORMALIZE_WARNING"]
@@ -325,6 +326,9 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     probs, lse = softmax_lse(logits) if twin is None else twin.softmax_lse(logits)  # [T, E], [T]
     scores = probs if opts.score == "softmax" else elementwise_scores(logits, opts.score)
     aux_probs = _aux_probs(scores, logits, opts)  # [T, E]
+    if expert_bias is not None and opts.selection == "sparsemixer":
+        raise ValueError("expert_bias: selection='sparsemixer' picks by its own rule and ranks "
+                         "no biased scores, so a selection bias would be ignored; leave it None")
     if expert_bias is not None:  # one rule for every backend: the bias in the score dtype
         with np.errstate(over="ignore"):
             expert_bias = np.asarray(expert_bias).astype(logits.dtype, copy=False)  # [E]
@@ -333,8 +337,14 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
                              "it is added in (docs/variants.md); keep |expert_bias| within it")
     # step 3: choose K experts per token
     sums = None
+    mixer_gate = None  # [T, K] SparseMixer's own gates (variants.sparsemixer), steps 3-4 in one
     if replay is not None:  # router replay: the recorded selection, a constant
         expert_index = replay  # [T, K]
+        if opts.selection == "sparsemixer":
+            mixer_gate = sparsemixer_gates(logits, replay, opts.sparsemixer_eps)
+    elif opts.selection == "sparsemixer":
+        expert_index, mixer_gate = sparsemixer(logits, opts.k, opts.sparsemixer_eps,
+                                               rng if opts.sparsemixer_sampling else None)
     elif twin is not None and opts.selection == "tokens" and not grouped(opts):
         ranked = logits if expert_bias is None else scores
         expert_index, load, prob_sum = twin.top_k(ranked, opts.k, bias=expert_bias,
@@ -343,7 +353,7 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     else:
         expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]
     # step 4: gates
-    gate = _gates(scores, logits, expert_index, opts)  # [T, K]
+    gate = _gates(scores, logits, expert_index, opts) if mixer_gate is None else mixer_gate
     # step 6: the order in which tokens claim slots (and which pairs compete at all)
     token_order = priority_order(scores, opts.priority, rng)  # [T]
     candidates = None
@@ -578,6 +588,8 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         return expert_choice_pairs(logits)  # [T, E]
     if opts.selection == "sinkhorn":
         return top_k(sinkhorn(logits, opts.sinkhorn_iterations), opts.k)
+    if opts.selection == "sparsemixer":  # the eval picks (padding rows: no draws)
+        return sparsemixer(logits, opts.k, opts.sparsemixer_eps)[0]
     if expert_bias is None and not grouped(opts):
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
     ranked = limit_for(selection_scores(scores, expert_bias), opts)  # [T, E]
@@ -640,8 +652,10 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
         bad |= underflowed_rows(np.take_along_axis(scores, index, -1), squared=True)
     if opts.score != "softmax":
         bad |= underflowed_rows(scores, squared=True)
+    mixer = opts.selection == "sparsemixer"  # its gate term goes to the logits directly
     with np.errstate(divide="ignore", invalid="ignore"):  # bad rows are replaced below
-        dscores = gates_backward_for(dgate, scores, index, opts)  # [T, E]
+        dscores = np.zeros_like(scores) if mixer else gates_backward_for(dgate, scores, index,
+                                                                         opts)  # [T, E]
         daux = None
         if aux_loss_coef and opts.selection != "experts":
             aux_probs = _aux_probs(scores, routing.router_logits, opts)
@@ -658,6 +672,9 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
                                                   opts.score)  # [T, E]
     if bad.any():
         dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
+    if mixer:
+        dlogits += sparsemixer_backward(dgate, routing.router_logits, index,
+                                        opts.sparsemixer_eps).astype(dlogits.dtype)
     if z_loss_coef:
         probs = softmax(routing.router_logits) if opts.score != "softmax" else scores  # [T, E]
         if mask is None:

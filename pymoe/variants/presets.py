@@ -155,6 +155,13 @@ _PRESETS = {p.name: p for p in [
            "DeepseekV4HashRouter, DeepseekV4SparseMoeBlock", score="sqrtsoftplus",
            normalize=True, scaling_factor=1.5, priority="token", capacity_factor=None,
            num_shared_experts=1, activation="swiglu_clamped"),
+    # PhiMoE's SparseMixer: two sequential picks within 2 * router_jitter_noise (relative) of
+    # the best, each gated by its own masked softmax; sampled with the Heun-3 factor in training
+    # (MoELayer.forward(x, train=True)); HF's generic (mixtral) aux loss.
+    Preset("phimoe", f"{HF}/phimoe/modeling_phimoe.py: sparsemixer, PhimoeTopKRouter, "
+           "PhimoeMultiplier", k=2, selection="sparsemixer", sparsemixer_eps=0.01,
+           priority="token", capacity_factor=None, load_balancing="k_scaled",
+           activation="swiglu"),
 ]}
 
 

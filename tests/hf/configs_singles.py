@@ -10,6 +10,9 @@ EXTRA: dict[str, dict] = {
     # both layers ordinary ("moe": sqrt-softplus top-K of s + b); the hash layers are checked in
     # tests/hf/test_singles.py with mlp_layer_types=["hash_moe", "moe"]
     "deepseek_v4": dict(mlp_layer_types=["moe", "moe"]),
+    # a wide relative threshold (2 * 0.25 of the best logit), so that most picks have several
+    # candidates and the gates (and the router gradient) are not all 1 (0); no input jitter
+    "phimoe": dict(router_jitter_noise=0.25, input_jitter_noise=0.0),
 }
 
 

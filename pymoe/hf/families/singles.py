@@ -7,6 +7,8 @@ hash ("hash_moe") layer the K experts gate.tid2eid[input_ids] (pymoe: hash_table
 token_ids=...)); either way gate = s renormalised over the K chosen (+1e-20, never read
 norm_topk_prob) times routed_scaling_factor. Experts and the one shared MLP (width
 intermediate_size; n_shared_experts is never read) are clamped SwiGLUs, limit swiglu_limit.
+
+PhiMoE (phimoe): selection="sparsemixer" (pymoe.variants.sparsemixer), eps router_jitter_noise.
 """
 from __future__ import annotations
 
@@ -37,9 +39,23 @@ def _deepseek_v4(cfg: Config, layer, shapes) -> Spec:
                                                                  buffer=True),))
 
 
+def _phimoe(cfg: Config, layer, shapes) -> Spec:
+    """PhiMoE: nn.Linear router `router.weight` (no bias), fused SwiGLU experts; K = 2 whatever
+    num_experts_per_tok says (sparsemixer never reads its top_k)."""
+    spec = standard(cfg, shapes, preset="phimoe", router="router.weight",
+                    sparsemixer_eps=float(cfg.get("router_jitter_noise")))
+    D, H, E, _ = spec.sizes
+    return Spec((D, H, E, 2), spec.keywords, spec.tensors)
+
+
 FAMILIES = (
     Family("deepseek_v4", ("DeepseekV4SparseMoeBlock",), "deepseek-v4", "swiglu_clamped",
            _deepseek_v4, note="hash layers (mlp_layer_types 'hash_moe'): hash_table = "
            "gate.tid2eid, forward(x, token_ids=input_ids); the other layers: top-K of "
            "sqrt(softplus) + bias", router_dtype="model"),
+    Family("phimoe", ("PhimoeSparseMoeBlock",), "phimoe", "swiglu", _phimoe,
+           note="eval: SparseMixer's argmax picks; training (forward(x, train=True)): Gumbel "
+           "picks and the Heun-3 estimator (HF's own draws: tests/hf/test_singles.py); K = 2 "
+           "always (num_experts_per_tok never read); input jitter not reproduced",
+           router_dtype="model"),
 )
