@@ -7,7 +7,7 @@ router_jitter_noise); the gate is that pick's softmax over its candidates at the
 p_j[e_j]. At eval the pick is the best candidate (argmax). In training (sampling=True) it is a
 Gumbel-max draw among the candidates, argmax(l_e - log X_e) with X_e ~ Exp(1), and the gate is
 multiplied by the Heun third-order factor: 1 when the pick is the candidates' best or a uniform
-draw exceeds 0.75, else 0.3333 (HF's constants). The backward is the same either way (HF's
+draw exceeds 0.75, else 0.3333 (HF's constants; HEUN_THIRD). The backward is the same either way (HF's
 PhimoeMultiplier): d l_e = sum_j dg_j p_j[e_j] (delta(e, e_j) - p_j[e]); the factor and the
 draws pass no gradient, so in training it is the estimator, not the forward's derivative.
 
@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-HEUN_THIRD = 0.3333  # HF: torch.add(0.3333, mask, alpha=0.6667), so 1 -> 1.0, 0 -> 0.3333
+# HF: torch.add(0.3333, mask, alpha=0.6667), so 1 -> 1.0, 0 -> 0.3333, computed in float32 (a
+# bool tensor plus a Python float takes torch's default dtype) and then cast to the model dtype:
+# float32's 0.3333 = 0.33329999446868896 in a float64 model too
+HEUN_THIRD = float(np.float32(0.3333))
 HEUN_KEEP = 0.75  # a non-best pick keeps factor 1 when its uniform draw exceeds this
 
 
