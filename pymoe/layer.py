@@ -39,6 +39,7 @@ from .routing import Routing, check_replay, route_backward, route_unchecked
 from .topk import warn_k1_normalize
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
+from .variants.product_keys import product_key_logits, product_key_logits_backward
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
 
 PARAM_NAMES = ("w_router", "b_router", *EXPERT_PARAMS)  # always present
@@ -94,7 +95,8 @@ class MoELayer:
             also an attribute of the layer (layer.aux_loss_coef, layer.priority, ...).
 
     Attributes:
-        params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, W]`, b1 `[E, W]`,
+        params, grads: dicts keyed w_router `[D, E]`, b_router `[E]` (`[D, 2 sqrt(E)]`,
+            `[2 sqrt(E)]` with product_keys), w1 `[E, D, W]`, b1 `[E, W]`,
             w2 `[E, H, D]`, b2 `[E, D]`, where W = 2H for a gated form (w1's columns: the gate
             ones, then the up ones; HF's gate_up_proj transposed) and H otherwise; with noisy
             top-K also w_noise `[D, E]`; with S shared experts shared_w1 `[S, D, Ws]`, shared_b1
@@ -150,12 +152,13 @@ class MoELayer:
 
         D, H, E = self.d_model, self.d_hidden, self.num_experts
         W = hidden_width(self.activation, H)
+        R = self._router_width()
         rng = np.random.default_rng(seed)
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
         # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
         self.params: dict[str, np.ndarray] = {
-            "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, E)),
-            "b_router": np.zeros(E),
+            "w_router": rng.normal(0.0, np.sqrt(0.1 / D), (D, R)),
+            "b_router": np.zeros(R),
             "w1": rng.normal(0.0, np.sqrt(1.0 / D), (E, D, W)),
             "b1": np.zeros((E, W)),
             "w2": rng.normal(0.0, np.sqrt(1.0 / H), (E, H, D)),
@@ -166,7 +169,7 @@ class MoELayer:
         S = self.num_shared_experts
         if S:
             Hs = self.shared_d_hidden or H
-            Ws = hidden_width(self.activation, Hs)
+            Ws = hidden_width(self.shared_form, Hs)
             self.params.update({
                 "shared_w1": rng.normal(0.0, np.sqrt(1.0 / D), (S, D, Ws)),
                 "shared_b1": np.zeros((S, Ws)),
@@ -201,7 +204,7 @@ class MoELayer:
         """The shared experts' form: the routed one, with shared_swiglu_limit when given."""
         o = self.expert_options
         limit = o.swiglu_limit if o.shared_swiglu_limit is None else o.shared_swiglu_limit
-        return form_spec(o.activation, swiglu_limit=limit, swiglu_alpha=o.swiglu_alpha,
+        return form_spec(o.shared_activation or o.activation, swiglu_limit=limit, swiglu_alpha=o.swiglu_alpha,
                          swiglu_softcap=o.swiglu_softcap)
 
     def __getattr__(self, name: str) -> Any:
@@ -258,14 +261,14 @@ class MoELayer:
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's documented shape (the variants add w_noise and the shared experts)."""
         D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
-        W = hidden_width(self.activation, H)
-        shapes = {"w_router": (D, E), "b_router": (E,), "w1": (E, D, W), "b1": (E, W),
+        W, R = hidden_width(self.activation, H), self._router_width()
+        shapes = {"w_router": (D, R), "b_router": (R,), "w1": (E, D, W), "b1": (E, W),
                   "w2": (E, H, D), "b2": (E, D)}
         if self.router_noise == "noisy_topk":
             shapes["w_noise"] = (D, E)
         if S:
             Hs = self.shared_d_hidden or H
-            Ws = hidden_width(self.activation, Hs)
+            Ws = hidden_width(self.shared_form, Hs)
             shapes.update(shared_w1=(S, D, Ws), shared_b1=(S, Ws), shared_w2=(S, Hs, D),
                           shared_b2=(S, D))
             if self.shared_expert_gate:
@@ -275,6 +278,12 @@ class MoELayer:
         if self.post_norm:
             shapes["post_norm_weight"] = (D,)
         return shapes
+
+    def _router_width(self) -> int:
+        """R, the router's outputs: E, or 2 sqrt(E) key logits with product_keys."""
+        if self.product_keys is None:
+            return self.num_experts
+        return 2 * int(round(self.num_experts ** 0.5))
 
     def _param_names(self) -> tuple[str, ...]:
         return tuple(self._param_shapes())
@@ -429,7 +438,9 @@ class MoELayer:
             noise = jitter(x_router, self.jitter_eps, self._noise_rng)  # [T, D]
             x_router = x_router * noise
         logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
-                               p["b_router"].astype(rdt, copy=False))  # [T, E]      step 1
+                               p["b_router"].astype(rdt, copy=False))  # [T, R]      step 1
+        if self.product_keys is not None:  # [T, 2n] key logits -> [T, E] pair sums
+            logits = product_key_logits(logits, self.product_keys)
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
@@ -590,6 +601,8 @@ class MoELayer:
             grads["w_noise"] = c.x_router.T @ dz  # [D, E]
             dx_router = dz @ p["w_noise"].astype(rdt, copy=False).T  # [T, D]
             dlogits = dH + dclean
+        if self.product_keys is not None:  # [T, E] -> [T, 2n]
+            dlogits = product_key_logits_backward(dlogits, self.product_keys)
         dxr, dw_router, db_router = router_logits_backward(
             dlogits, c.x_router, p["w_router"].astype(rdt, copy=False))
         dx_router = dxr if dx_router is None else dx_router + dxr

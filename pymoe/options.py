@@ -25,6 +25,7 @@ from .router import ROUTER_DTYPES
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
 from .variants.scores import SCORES
+from .variants.product_keys import PRODUCT_KEY_LAYOUTS as PRODUCT_KEYS
 from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
@@ -200,6 +201,17 @@ class ExpertOptions:
     shared_swiglu_limit: float | None = keyword(
         None, "the shared experts' swiglu_limit (step3p7 has its own); None: swiglu_limit.",
         _positive_or_zero)
+    shared_activation: str | None = keyword(
+        None, "the shared experts' form (one of EXPERT_FORMS) when it differs from the routed "
+        "experts' (doge: single-neuron silu experts beside a SwiGLU MLP); None: activation.",
+        lambda n, v: None if v is None else _checks.choice(n, v, tuple(EXPERT_FORMS)))
+    product_keys: str | None = keyword(
+        None, "product-key routing (Doge, Lample et al. 2019): the router computes 2n = 2 sqrt(E) "
+        "key logits per token (w_router [D, 2n], b_router [2n]) and expert i n + j gets the logit "
+        "a_i + b_j (variants.product_keys); 'per_token': a, b = the token's first and last n; "
+        "'doge': HF DogeCDMoE's view(2, T, n) of the [T, 2n] logits, which mixes tokens (not "
+        "causal, kept by HF for checkpoint parity). E must be a square. None: a [D, E] router.",
+        lambda n, v: None if v is None else _checks.choice(n, v, PRODUCT_KEYS))
     shared_combine: str = keyword(
         "sum", '"sum": y = routed + shared; "mean": y = (routed + shared) / 2 (cohere2_moe\'s '
         '"average" strategy).', _choice(SHARED_COMBINES))
@@ -406,6 +418,14 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
     if route.sparsemixer_sampling:
         raise ValueError("sparsemixer_sampling: MoELayer samples SparseMixer's picks in "
                          "forward(x, train=True) and takes the best ones otherwise; leave it False")
+    if o["product_keys"] is not None:
+        n = int(round(num_experts ** 0.5))
+        if n * n != num_experts:
+            raise ValueError(f"product_keys: needs a square number of experts (E = n^2, n keys "
+                             f"per half), got E = {num_experts}")
+        if o["router_noise"] == "noisy_topk" or o["token_groups"] > 1:
+            raise ValueError("product_keys: not supported with router_noise='noisy_topk' or "
+                             "token_groups > 1 (both take a [D, E] router)")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -424,6 +444,7 @@ def check_group_extras(who: str, o: Any) -> None:
     ExpertOptions fields as a dict, or an object with them as attributes."""
     get = o.get if isinstance(o, dict) else lambda n: getattr(o, n)
     for extra, unset in (("gate_input", False), ("output_bias", False), ("post_norm", False),
+                         ("product_keys", None),
                          ("shared_combine", "sum"), ("shared_sum_fp32", False)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
@@ -447,11 +468,17 @@ def _form_options(o: dict[str, Any]) -> None:
                              "only for 'swiglu_clamp_after')")
     S = o["num_shared_experts"]
     for kw, unset in (("shared_d_hidden", None), ("shared_swiglu_limit", None),
+                      ("shared_activation", None),
                       ("shared_combine", "sum"), ("shared_sum_fp32", False)):
         if o[kw] != unset and S == 0:
             raise ValueError(f"{kw}: needs num_shared_experts >= 1")
-    if o["shared_swiglu_limit"] is not None and "swiglu_limit" not in form.keywords:
-        raise ValueError(f"shared_swiglu_limit: the form activation={form.name!r} has no limit")
+    shared = EXPERT_FORMS[o["shared_activation"] or o["activation"]]
+    if o["shared_swiglu_limit"] is not None and "swiglu_limit" not in shared.keywords:
+        raise ValueError(f"shared_swiglu_limit: the shared form {shared.name!r} has no limit")
+    if shared.keywords and shared is not form:
+        raise ValueError(f"shared_activation: {shared.name!r} takes arguments "
+                         f"({', '.join(shared.keywords)}) the routed form does not share; pick "
+                         "a shared form without arguments")
 
 
 def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_stats: str) -> None:

@@ -162,6 +162,13 @@ _PRESETS = {p.name: p for p in [
            "PhimoeMultiplier", k=2, selection="sparsemixer", sparsemixer_eps=0.01,
            priority="token", capacity_factor=None, load_balancing="k_scaled",
            activation="swiglu"),
+    # Doge's DogeCDMoE: product keys (2 sqrt(E) key logits, HF's token-mixing view), softmax
+    # over the top K of the pair sums, single-neuron silu experts (H = 1) and a dense SwiGLU
+    # MLP always added; its own aux loss is the Switch loss on the pair sums.
+    Preset("doge", f"{HF}/doge/modeling_doge.py: DogeCDMoE, load_balancing_loss_func",
+           product_keys="doge", normalize=True, priority="token", capacity_factor=None,
+           load_balancing="switch", activation="silu", num_shared_experts=1,
+           shared_activation="swiglu"),
 ]}
 
 

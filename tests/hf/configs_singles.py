@@ -13,6 +13,8 @@ EXTRA: dict[str, dict] = {
     # a wide relative threshold (2 * 0.25 of the best logit), so that most picks have several
     # candidates and the gates (and the router gradient) are not all 1 (0); no input jitter
     "phimoe": dict(router_jitter_noise=0.25, input_jitter_noise=0.0),
+    # 16 experts: 4 keys per half; K = 2
+    "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=2),
 }
 
 
@@ -32,3 +34,19 @@ def _deepseek_v4_inputs(block, T: int, rng: np.random.Generator) -> tuple[dict, 
 
 
 INPUTS: dict[str, Any] = {"deepseek_v4": _deepseek_v4_inputs}
+
+
+def _doge_reference(block, xt) -> tuple[Any, Any]:
+    """DogeCDMoE itself; its chosen experts are the indices it looks up in down_embed (read with
+    a forward hook: its router is router_gate, whose output is the key logits, not experts)."""
+    seen = []
+    handle = block.down_embed.register_forward_hook(
+        lambda _m, inp, _out: seen.append(inp[0].detach().numpy()))
+    try:
+        y, _ = block(xt)
+    finally:
+        handle.remove()
+    return y, seen[0]
+
+
+REFERENCE: dict[str, Any] = {"doge": _doge_reference}

@@ -9,10 +9,12 @@ norm_topk_prob) times routed_scaling_factor. Experts and the one shared MLP (wid
 intermediate_size; n_shared_experts is never read) are clamped SwiGLUs, limit swiglu_limit.
 
 PhiMoE (phimoe): selection="sparsemixer" (pymoe.variants.sparsemixer), eps router_jitter_noise.
+
+Doge (doge): product_keys="doge" (pymoe.variants.product_keys), single-neuron experts.
 """
 from __future__ import annotations
 
-from ..layouts import same
+from ..layouts import embed_rows, linear, mlp_gate_up, mlp_linear, same
 from ._base import Config, Family, Spec, standard
 
 # DeepSeek-V4's scoring_func (HF ACT2FN name) -> pymoe's score
@@ -48,6 +50,30 @@ def _phimoe(cfg: Config, layer, shapes) -> Spec:
     return Spec((D, H, E, 2), spec.keywords, spec.tensors)
 
 
+def _doge(cfg: Config, layer, shapes) -> Spec:
+    """DogeCDMoE: router_gate [2n, D] (n = floor(sqrt(E))), single-neuron experts down_embed /
+    up_embed [E, D] (h = act(x . d_e), H = 1), the dense MLP gate/up/down_proj always added."""
+    if not cfg.get("is_moe"):
+        raise ValueError("config: doge with is_moe=False has no MoE block (DogeMLP)")
+    if cfg.get("hidden_act") not in ("silu", "swish"):
+        raise ValueError(f"config: doge hidden_act={cfg.get('hidden_act')!r}: pymoe's doge "
+                         "experts are silu (and the MLP SwiGLU)")
+    E, D = shapes["down_embed.weight"]
+    n = shapes["router_gate.weight"][0] // 2
+    if n * n != E:
+        raise ValueError(f"config: doge num_experts={E} is not a square: HF's floor(sqrt(E)) = "
+                         f"{n} keys per half reach only {n * n} experts")
+    Hs = shapes["gate_proj.weight"][0]
+    tensors = (linear("w_router", "router_gate.weight"),
+               embed_rows("w1", "down_embed.weight", into=True),
+               embed_rows("w2", "up_embed.weight", into=False),
+               mlp_gate_up("shared_w1", "gate_proj.weight", "up_proj.weight"),
+               mlp_linear("shared_w2", "down_proj.weight"))
+    kw = {"preset": "doge", "capacity_factor": None, "aux_loss_coef": 0.0, "z_loss_coef": 0.0,
+          "shared_d_hidden": Hs}
+    return Spec((D, 1, E, int(cfg.get("num_experts_per_tok"))), kw, tensors)
+
+
 FAMILIES = (
     Family("deepseek_v4", ("DeepseekV4SparseMoeBlock",), "deepseek-v4", "swiglu_clamped",
            _deepseek_v4, note="hash layers (mlp_layer_types 'hash_moe'): hash_table = "
@@ -58,4 +84,8 @@ FAMILIES = (
            "picks and the Heun-3 estimator (HF's own draws: tests/hf/test_singles.py); K = 2 "
            "always (num_experts_per_tok never read); input jitter not reproduced",
            router_dtype="model"),
+    Family("doge", ("DogeCDMoE",), "doge", "silu", _doge,
+           note="product keys with HF's view(2, T, n), which mixes tokens (not causal); "
+           "single-neuron silu experts (H = 1) + the dense SwiGLU MLP; returns (y, router "
+           "logits), y compared", router_dtype="model"),
 )
