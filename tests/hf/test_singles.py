@@ -79,3 +79,20 @@ def test_phimoe_training_sparsemixer_matches_hf(dtype):
     (mult * torch.from_numpy(dgate)).sum().backward()
     ours = pymoe.route_backward(r, dgate)
     np.testing.assert_allclose(ours, lt.grad.numpy(), rtol=tol, atol=tol)
+
+
+def test_doge_aux_loss_is_the_switch_loss_on_the_pair_sums():
+    """Doge's own load_balancing_loss_func for one layer (f = counts / (T K), P = the softmax
+    over all E pair sums, E sum f P) equals the doge preset's aux loss (load_balancing="switch")
+    on the same router_gate logits, read through HF's view(2, T, n)."""
+    import torch
+    from transformers.models.doge import modeling_doge as doge
+
+    import pymoe
+    from pymoe.variants.product_keys import product_key_logits
+    T, n, K = 64, 4, 2
+    keys = np.random.default_rng(0).standard_normal((T, 2 * n)) * 2  # router_gate(x) [T, 2n]
+    theirs = doge.load_balancing_loss_func((torch.from_numpy(keys).view(2, T, n),),
+                                           num_experts=n * n, num_keys=n, top_k=K)
+    r = pymoe.route(product_key_logits(keys, "doge"), K, preset="doge")
+    assert r.aux_loss == pytest.approx(float(theirs), rel=1e-12)  # the same sums, reordered
