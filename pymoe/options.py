@@ -24,8 +24,8 @@ from .losses import LOAD_BALANCING
 from .router import ROUTER_DTYPES
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
-from .variants.scores import SCORES
 from .variants.product_keys import PRODUCT_KEY_LAYOUTS as PRODUCT_KEYS
+from .variants.scores import SCORES
 from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
