@@ -3,8 +3,8 @@
  * float, PYMOE_F32. Each form is a pair of one-pass loops over one expert's rows:
  *   pymoe_<form>(out = h [rows, H], a [rows, W], args..., rows, H)
  *   pymoe_<form>_backward(out = da [rows, W], dh [rows, H], a [rows, W], args..., rows, H)
- * with W = 2H for the gated forms (a = [gate | up], the gate columns first) and W = H for gelu
- * and relu2. Every expression is the NumPy twin's, operation by operation, in REAL, and the build
+ * with W = 2H for the gated forms (a = [gate | up], the gate columns first) and W = H for gelu,
+ * relu2 and silu. Every expression is the NumPy twin's, operation by operation, in REAL, and the build
  * has -ffp-contract=off, so the bits are the same; exp is det_exp below, not libm's (whose
  * results differ from NumPy's SIMD exp), written from IEEE-exact operations. */
 
@@ -157,6 +157,10 @@ FORM_PAIR(gelu, 0, NO_ARGS,
 FORM_PAIR(relu2, 0, NO_ARGS,
     { REAL r = (g > 0 || g != g) ? g : 0; r = r + 0; h = r * r; },
     { REAL r = (g > 0 || g != g) ? g : 0; r = r + 0; dg = dh * (r + r); })
+
+FORM_PAIR(silu, 0, NO_ARGS,
+    { REAL s; REAL ds; silu_parts(g, &s, &ds); h = s; },
+    { REAL s; REAL ds; silu_parts(g, &s, &ds); dg = dh * ds; })
 
 FORM_PAIR(swiglu, 1, NO_ARGS,
     { REAL silu; REAL dsilu; silu_parts(g, &silu, &dsilu); h = silu * u; },

@@ -145,6 +145,7 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
 #define PYMOE_FORMS(REAL, SFX) \
     PYMOE_FORM0(REAL, SFX, gelu) \
     PYMOE_FORM0(REAL, SFX, relu2) \
+    PYMOE_FORM0(REAL, SFX, silu) \
     PYMOE_FORM0(REAL, SFX, swiglu) \
     PYMOE_FORM0(REAL, SFX, geglu) \
     PYMOE_FORM2(REAL, SFX, swiglu_oai, limit, alpha) \

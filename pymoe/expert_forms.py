@@ -142,6 +142,16 @@ def relu2_backward(dh: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
     out[...] = dh * (r + r)
 
 
+def silu(a: np.ndarray, out: np.ndarray) -> None:
+    """h = silu(a) = a / (1 + e^-a), non-gated (Doge's single-neuron experts, H = 1)."""
+    out[...] = _silu_parts(_work(a))[0]
+
+
+def silu_backward(dh: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    a, dh = _work(a), _work(dh)
+    out[...] = dh * _silu_parts(a)[1]
+
+
 def swiglu(a: np.ndarray, out: np.ndarray) -> None:
     """h = silu(g) * u."""
     g, u = _halves(_work(a))
@@ -282,6 +292,9 @@ EXPERT_FORMS: dict[str, ExpertForm] = {f.name: f for f in (
                "GPT-2-style two-layer experts (nllb_moe, ...)"),
     ExpertForm("relu2", False, relu2, relu2_backward, (), (), "h = relu(a)^2",
                "nemotron_h (models/nemotron_h)"),
+    ExpertForm("silu", False, silu, silu_backward, (), (), "h = silu(a)",
+               "doge's single-neuron retrieval experts (H = 1: act(x . d_e) u_e; models/doge "
+               "DogeCDMoE)"),
     ExpertForm("swiglu", True, swiglu, swiglu_backward, (), (), "h = silu(g) * u",
                "59 families: mixtral, qwen2_moe/qwen3_moe/..., deepseek_v2/v3, olmoe, dbrx, "
                "llama4, ... (act_fn(gate) * up with hidden_act='silu')"),

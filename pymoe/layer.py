@@ -1,6 +1,7 @@
 """MoELayer: router + routing + experts + combine, with a hand-written backward pass."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,12 @@ from .options import (
     RouteOptions,
     expert_bias_arg,
     expert_options,
+    hash_selection,
+    hash_table_arg,
     keywords_doc,
     route_options,
     split_keywords,
+    token_ids_arg,
     token_mask_arg,
 )
 from .replay import forced_selection, record_selection, recording
@@ -46,6 +50,7 @@ from .variants.latent import NormCache as LatentNormCache
 from .variants.latent import centred_norm, centred_norm_backward, scaled_norm, scaled_norm_backward
 from .variants.noisy import noisy_load_loss, noisy_load_loss_backward, softplus, softplus_backward
 from .variants.presets import Preset, accepts_preset
+from .variants.product_keys import product_key_logits, product_key_logits_backward
 from .variants.router_mlp import RouterMLPCache, router_mlp_backward, router_mlp_forward
 from .variants.scores import sigmoid
 from .variants.shared import SharedCache, shared_experts_backward, shared_experts_forward
@@ -105,6 +110,9 @@ class MoELayer:
         capacity_factor: as for pymoe.route.
         expert_bias: `[E]` selection bias, a buffer, not a parameter: assign
             `layer.expert_bias = pymoe.update_expert_bias(layer.expert_bias, load, rate)`.
+        hash_table: `<int>[V, K]` or None: hash routing (DeepSeek-V4's hash layers, HF
+            `tid2eid`), a frozen buffer: forward(x, token_ids=ids) sends token t to the experts
+            hash_table[ids[t]], gated by their normalised, scaled scores (route()'s hash_table).
         backend: who moves the routed data in the indexed formulation: "numpy", "c", or "auto"
             (C when it is built, else NumPy). The dense formulation is NumPy only.
         dtype: float16, float32 or float64 for parameters and expert math; the router always
@@ -118,7 +126,8 @@ class MoELayer:
             also an attribute of the layer (layer.aux_loss_coef, layer.priority, ...).
 
     Attributes:
-        params, grads: dicts keyed w_router `[D, E]`, b_router `[E]`, w1 `[E, D, W]`, b1 `[E, W]`,
+        params, grads: dicts keyed w_router `[D, E]`, b_router `[E]` (`[D, 2 sqrt(E)]`,
+            `[2 sqrt(E)]` with product_keys), w1 `[E, D, W]`, b1 `[E, W]`,
             w2 `[E, H, D]`, b2 `[E, D]`, where W = 2H for a gated form (w1's columns: the gate
             ones, then the up ones; HF's gate_up_proj transposed) and H otherwise; with noisy
             top-K also w_noise `[D, E]`; with S shared experts shared_w1 `[S, D, Ws]`, shared_b1
@@ -145,7 +154,8 @@ class MoELayer:
     @accepts_preset(ROUTE_KEYWORDS + EXPERT_KEYWORDS, skip=("seed",))  # a preset's seed is
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int,  # route()'s
                  capacity_factor: float | None = 1.25, *, expert_bias: np.ndarray | None = None,
-                 backend: str = "auto", dtype: np.dtype | type = np.float32, seed: int = 0,
+                 hash_table: np.ndarray | None = None, backend: str = "auto",
+                 dtype: np.dtype | type = np.float32, seed: int = 0,
                  preset: str | Preset | None = None, **keywords: Any) -> None:
         route_kw, expert_kw = split_keywords("MoELayer", keywords, RouteOptions, ExpertOptions)
         self.d_model = _checks.integer("d_model", d_model, low=1)
@@ -154,6 +164,7 @@ class MoELayer:
         self.options = route_options(self.num_experts, k, capacity_factor, **route_kw)
         self.expert_bias = expert_bias_arg(expert_bias, self.num_experts)
         self.expert_options = expert_options(self.options, self.num_experts, **expert_kw)
+        self.hash_table = self._checked_hash_table(hash_table)
         if dtype is None:  # np.dtype(None) is float64: a silent default nobody asked for
             raise TypeError("dtype: expected float16, float32 or float64, got None")
         try:
@@ -187,7 +198,7 @@ class MoELayer:
         rng = np.random.default_rng(seed)
         # Router: small init (std sqrt(0.1 / D), Switch Transformer sec. 2.4) so that early
         # routing is close to uniform; experts: fan-in scaled normal; all biases zero.
-        Er_ = E + (self.num_shared_experts if self.shared_router_scored else 0)  # router columns
+        Er_ = self._router_width() + (self.num_shared_experts if self.shared_router_scored else 0)
         Dr = D if self.router_mlp is None else self.router_mlp  # what w_router reads
         self.params: dict[str, np.ndarray] = {
             "w_router": rng.normal(0.0, np.sqrt(0.1 / Dr), (Dr, Er_)),
@@ -202,7 +213,7 @@ class MoELayer:
         S = self.num_shared_experts
         if S:
             Hs = self.shared_d_hidden or H
-            Ws = hidden_width(self.activation, Hs)
+            Ws = hidden_width(self.shared_form, Hs)
             self.params.update({
                 "shared_w1": rng.normal(0.0, np.sqrt(1.0 / D), (S, D, Ws)),
                 "shared_b1": np.zeros((S, Ws)),
@@ -302,7 +313,7 @@ class MoELayer:
         """The shared experts' form: the routed one, with shared_swiglu_limit when given."""
         o = self.expert_options
         limit = o.swiglu_limit if o.shared_swiglu_limit is None else o.shared_swiglu_limit
-        return form_spec(o.activation, swiglu_limit=limit, swiglu_alpha=o.swiglu_alpha,
+        return form_spec(o.shared_activation or o.activation, swiglu_limit=limit, swiglu_alpha=o.swiglu_alpha,
                          swiglu_softcap=o.swiglu_softcap)
 
     def __getattr__(self, name: str) -> Any:
@@ -361,7 +372,7 @@ class MoELayer:
         D, H, E, S = self.d_model, self.d_hidden, self.num_experts, self.num_shared_experts
         Er, De = self.real_experts, self.expert_width
         W = hidden_width(self.activation, H)
-        R = E + (S if self.shared_router_scored else 0)  # the router's columns
+        R = self._router_width() + (S if self.shared_router_scored else 0)  # router columns
         Dr = D if self.router_mlp is None else self.router_mlp
         shapes = {"w_router": (Dr, R), "b_router": (R,), "w1": (Er, De, W), "b1": (Er, W),
                   "w2": (Er, H, De), "b2": (Er, De)}
@@ -369,7 +380,7 @@ class MoELayer:
             shapes["w_noise"] = (D, E)
         if S:
             Hs = self.shared_d_hidden or H
-            Ws = hidden_width(self.activation, Hs)
+            Ws = hidden_width(self.shared_form, Hs)
             shapes.update(shared_w1=(S, D, Ws), shared_b1=(S, Ws), shared_w2=(S, Hs, D),
                           shared_b2=(S, D))
             if self.shared_expert_gate:
@@ -401,6 +412,12 @@ class MoELayer:
             shapes["gate_scale"] = (E,)
         return shapes
 
+    def _router_width(self) -> int:
+        """R, the router's outputs: E, or 2 sqrt(E) key logits with product_keys."""
+        if self.product_keys is None:
+            return self.num_experts
+        return 2 * int(round(self.num_experts ** 0.5))
+
     def _param_names(self) -> tuple[str, ...]:
         return tuple(self._param_shapes())
 
@@ -419,11 +436,26 @@ class MoELayer:
         return ValueError(f"{inputs}: {what} overflowed to inf/NaN in {self.dtype} although "
                           f"{inputs} and every parameter are finite; scale {inputs} down{wider}")
 
+    def _checked_hash_table(self, hash_table: object) -> np.ndarray | None:
+        """hash_table checked (options.hash_table_arg) against what hash routing cannot join:
+        a selection bias (nothing is ranked), token groups, expert choice."""
+        table = hash_table_arg(hash_table, self.num_experts, self.options.k)
+        if table is None:
+            return None
+        if self.expert_bias is not None:
+            raise ValueError("expert_bias: hash routing chooses the experts by token id and "
+                             "ranks nothing, so a selection bias would be ignored; leave it None")
+        if self.token_groups > 1 or self.options.selection != "tokens":
+            raise ValueError("hash_table: hash routing runs with token_groups = 1 and "
+                             "selection='tokens' only")
+        return table
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
                 train: bool = False, replay: np.ndarray | None = None,
                 token_types: np.ndarray | None = None,
-                router_state: np.ndarray | None = None) -> np.ndarray:
+                router_state: np.ndarray | None = None,
+                token_ids: np.ndarray | None = None) -> np.ndarray:
         """y = MoE(x) for x `[T, D]` or `[..., D]` (flattened to tokens and restored).
 
         token_mask: `<bool>` of shape x.shape[:-1], True = a real token, False = padding (HF
@@ -434,12 +466,15 @@ class MoELayer:
         (docs/variants.md, "Padding").
         router_state: `[T, R]` the previous layer's layer.router_state (router_mlp with
         router_state_input), or None: none added (Zaya's first layer).
-        train=True applies router jitter when jitter_eps > 0. replay: `<int>[T, K]` a selection
+        train=True applies router jitter when jitter_eps > 0, and SparseMixer's sampling
+        (selection="sparsemixer": Gumbel picks and the Heun factor, drawn from the noise
+        generator seeded by seed). replay: `<int>[T, K]` a selection
         to force (route()'s replay; T the flattened tokens), or None: then a pymoe.replay.Recorder
         replaying supplies one, and one recording stores this forward's expert_index. Returns y
-        with x's shape, in the layer dtype. token_types: `<int>` of shape x.shape[:-1], values
-        in [0, modality_sets), the expert set each token routes among (modality_sets > 1;
-        None: every token of type 0).
+        with x's shape, in the layer dtype. token_ids: `<int>` of shape x.shape[:-1], the
+        tokens' ids, required by (and only by) a hash-routed layer (hash_table).
+        token_types: `<int>` of shape x.shape[:-1], values in [0, modality_sets), the expert
+        set each token routes among (modality_sets > 1; None: every token of type 0).
         """
         x = _checks.float_array("x", x, min_ndim=1)
         if x.shape[-1] != self.d_model:
@@ -450,7 +485,9 @@ class MoELayer:
         p = self._checked_params()
         # C-contiguous in the layer dtype: the same values give the same bits whatever x's layout
         x2 = np.ascontiguousarray(x.reshape(-1, self.d_model), dtype=self.dtype)  # [T, D]
-        replay = forced_selection(self, replay)
+        table = self._checked_hash_table(self.hash_table)  # a buffer callers may replace
+        hashed = hash_selection(table, token_ids_arg(token_ids, x.shape[:-1], table), replay)
+        replay = forced_selection(self, replay) if hashed is None else hashed
         if self.token_groups > 1:
             if replay is not None or recording():
                 raise ValueError("replay: router replay and recording run with token_groups = 1 "
@@ -648,6 +685,8 @@ class MoELayer:
         else:
             logits = router_logits(x_router, p["w_router"].astype(rdt, copy=False),
                                    p["b_router"].astype(rdt, copy=False))  # [T, E]  step 1
+        if self.product_keys is not None:  # [T, 2n] key logits -> [T, E] pair sums
+            logits = product_key_logits(logits, self.product_keys)
         if not np.isfinite(logits).all():  # [T, E]: cheap, and NaN logits would route silently
             raise self.nonfinite_error("the router logits x @ w_router + b_router",
                                   ("w_router", "b_router"), "x")
@@ -672,7 +711,10 @@ class MoELayer:
             logits = logits + eps * std  # [T, E] H: the noisy logits that are ranked
         bias = None if self.expert_bias is None else expert_bias_arg(self.expert_bias,
                                                                      self.num_experts)
-        r = route_unchecked(logits, self.options, expert_bias=bias, rng=self._noise_rng,
+        opts = self.options
+        if train and opts.selection == "sparsemixer":  # PhiMoE training: Gumbel picks, Heun-3
+            opts = dataclasses.replace(opts, sparsemixer_sampling=True)
+        r = route_unchecked(logits, opts, expert_bias=bias, rng=self._noise_rng,
                             backend=self.backend, replay=replay,
                             token_mask=token_mask)  # steps 2-10, 12
         return x_router, noise, r, noisy, shared_logits, rmlp
@@ -856,6 +898,8 @@ class MoELayer:
             dlogits = dH + dclean
         if self.logit_multiplier is not None:
             dlogits = dlogits * rdt.type(self.logit_multiplier)
+        if self.product_keys is not None:  # [T, E] -> [T, 2n]
+            dlogits = product_key_logits_backward(dlogits, self.product_keys)
         if c.router_mlp is not None:
             if d_router_state is not None:
                 d_router_state = _checks.float_array("d_router_state", d_router_state,

@@ -8,7 +8,7 @@ import numpy as np
 from . import _checks
 from .capacity import expert_load
 from .router import logsumexp, softmax_backward
-from .variants.scores import sigmoid_backward
+from .variants.scores import elementwise_scores_backward
 
 
 def load_balancing_loss(probs: np.ndarray, expert_index: np.ndarray) -> float:
@@ -301,4 +301,5 @@ class GlobalLoadBalance:
         dscores = aux_loss_scores_backward(dprobs, scores, opts.score)  # [T_all, E]
         if opts.score == "softmax":
             return softmax_backward(dscores, scores)
-        return sigmoid_backward(dscores, scores)
+        return elementwise_scores_backward(dscores, np.asarray(routing.router_logits), scores,
+                                           opts.score)

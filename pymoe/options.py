@@ -24,11 +24,12 @@ from .losses import LOAD_BALANCING
 from .router import ROUTER_DTYPES
 from .slots import DROP_POLICIES
 from .topk import SECOND_EXPERT_POLICIES
+from .variants.product_keys import PRODUCT_KEY_LAYOUTS as PRODUCT_KEYS
 from .variants.scores import SCORES
 from .variants.sinkhorn import SINKHORN_ITERATIONS
 
 PRIORITIES = ("choice", "score", "token", "random")
-SELECTIONS = ("tokens", "experts", "sinkhorn", "relu")
+SELECTIONS = ("tokens", "experts", "sinkhorn", "relu", "sparsemixer")
 ROUTER_NOISE = ("none", "jitter", "noisy_topk")
 FORMULATIONS = ("indexed", "dense")
 SHARED_COMBINES = ("sum", "mean")
@@ -101,8 +102,9 @@ class RouteOptions:
         "choice", '"choice" (choice-major, token order), "score" (batch-prioritised), "token" '
         '(token-major), "random" (random token order, needs seed) (priority.priority_order).',
         _choice(PRIORITIES), device=True)
-    score: str = keyword('softmax', '"softmax" or "sigmoid" (variants.scores.sigmoid).',
-                         _choice(SCORES))
+    score: str = keyword('softmax', '"softmax", "sigmoid" (variants.scores.sigmoid) or '
+                         '"sqrtsoftplus" (sqrt(softplus(l)), DeepSeek-V4; '
+                         'variants.scores.sqrt_softplus).', _choice(SCORES))
     num_groups: int | None = keyword(
         None, "G expert groups for group-limited top-K (variants.group_limited.limit_to_groups).")
     topk_groups: int | None = keyword(None, "how many groups each token may use (with num_groups).")
@@ -122,7 +124,9 @@ class RouteOptions:
         'balanced scores, variants.sinkhorn; sinkhorn_iterations rounds), "relu" (ReMoE: gates '
         "relu(logits), each token takes its experts with a positive logit, K = E pairs listed "
         "and the positive ones in Routing.selected; k is the target K; aux_loss is the L1 "
-        "regulariser, whose coefficient variants.relu_routing.update_l1_coef adapts).",
+        "regulariser, whose coefficient variants.relu_routing.update_l1_coef adapts), "
+        '"sparsemixer" (PhiMoE: K sequential picks among the experts within a relative '
+        "threshold of the best, gate the pick's masked softmax; variants.sparsemixer).",
         _choice(SELECTIONS))
     capacity_rule: str = keyword("k_ceil", "the capacity formula (capacity.expert_capacity).")
     capacity: int | None = keyword(None, "a fixed C instead of any formula.")
@@ -136,6 +140,14 @@ class RouteOptions:
     second_expert_threshold: float = keyword(0.2, "its threshold.", _positive())
     sinkhorn_iterations: int = keyword(SINKHORN_ITERATIONS, "Sinkhorn rounds (>= 1).",
                                        _integer(1))
+    sparsemixer_eps: float = keyword(
+        0.01, "SparseMixer's eps (HF PhiMoE router_jitter_noise, >= 0): pick j's candidates lie "
+        "within (m - l) / max(|l|, m) <= 2 eps of the best remaining logit m; with "
+        'selection="sparsemixer" only.', _checks.nonnegative_finite)
+    sparsemixer_sampling: bool = keyword(
+        False, "SparseMixer in training: Gumbel-max picks and the Heun third-order gate factor "
+        "(variants.sparsemixer; needs seed). MoELayer turns it on in forward(x, train=True) "
+        'itself. With selection="sparsemixer" only.', _checks.boolean)
     router_dtype: str | None = keyword(
         None, 'the dtype of the router logits: "bfloat16" or "float16" round them to that format '
         '(precision.round_to, what a 16-bit router computes) and the scores are computed in '
@@ -178,7 +190,8 @@ class RouteOptions:
     @property
     def random(self) -> bool:
         """Whether routing draws random numbers (and so needs a seed or a generator)."""
-        return self.priority == "random" or self.second_expert_policy == "random"
+        return (self.priority == "random" or self.second_expert_policy == "random"
+                or self.sparsemixer_sampling)
 
 
 @dataclass(frozen=True)
@@ -225,6 +238,17 @@ class ExpertOptions:
     shared_swiglu_limit: float | None = keyword(
         None, "the shared experts' swiglu_limit (step3p7 has its own); None: swiglu_limit.",
         _positive_or_zero)
+    shared_activation: str | None = keyword(
+        None, "the shared experts' form (one of EXPERT_FORMS) when it differs from the routed "
+        "experts' (doge: single-neuron silu experts beside a SwiGLU MLP); None: activation.",
+        lambda n, v: None if v is None else _checks.choice(n, v, tuple(EXPERT_FORMS)))
+    product_keys: str | None = keyword(
+        None, "product-key routing (Doge, Lample et al. 2019): the router computes 2n = 2 sqrt(E) "
+        "key logits per token (w_router [D, 2n], b_router [2n]) and expert i n + j gets the logit "
+        "a_i + b_j (variants.product_keys); 'per_token': a, b = the token's first and last n; "
+        "'doge': HF DogeCDMoE's view(2, T, n) of the [T, 2n] logits, which mixes tokens (not "
+        "causal, kept by HF for checkpoint parity). E must be a square. None: a [D, E] router.",
+        lambda n, v: None if v is None else _checks.choice(n, v, PRODUCT_KEYS))
     shared_combine: str = keyword(
         "sum", '"sum": y = routed + shared; "mean": y = (routed + shared) / 2 (cohere2_moe\'s '
         '"average" strategy).', _choice(SHARED_COMBINES))
@@ -443,6 +467,7 @@ def route_options(num_experts: int, k: object, capacity_factor: object = 1.25,
         if opts["second_expert_policy"] != "all":
             raise ValueError(f"second_expert_policy: needs selection='tokens', got {sel!r}")
     _switch_options(opts, g["group_fill"])
+    _sparsemixer_options(opts, g)
     if opts["selection"] == "experts" and opts["padding"] != "absent":
         raise ValueError(f"padding: expert choice (selection='experts') takes padding as absent "
                          f"only, got padding={opts['padding']!r}")
@@ -503,6 +528,22 @@ def _top_p_options(o: dict[str, Any]) -> None:
     if o["load_balancing"] not in ("switch", "first_choice"):
         raise ValueError(f"load_balancing: top_p takes 'switch' (f over the selected pairs) or "
                          f"'first_choice', got {o['load_balancing']!r}")
+
+
+def _sparsemixer_options(opts: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """SparseMixer's keywords need selection="sparsemixer", and it computes its own gates: a
+    softmax score, no renormalisation over K (each pick has its own softmax)."""
+    if opts["selection"] != "sparsemixer":
+        for kw in ("sparsemixer_eps", "sparsemixer_sampling"):
+            if given[kw] != defaults(RouteOptions)[kw]:
+                raise ValueError(f"{kw}: only read with selection='sparsemixer', got selection="
+                                 f"{opts['selection']!r}")
+        return
+    for kw, unset in (("score", "softmax"), ("normalize", False),
+                      ("renormalize_after_drop", False)):
+        if opts[kw] != unset:
+            raise ValueError(f"{kw}: selection='sparsemixer' gates each pick by its own masked "
+                             f"softmax; leave {kw} at {unset!r}, got {opts[kw]!r}")
 
 
 def _group_options(E: int, k: int, num_groups: object, topk_groups: object,
@@ -577,6 +618,21 @@ def expert_options(route: RouteOptions, num_experts: int, **keywords: Any) -> Ex
                              "noisy top-K")
     if o["dynamic_loss_coef"] and route.top_p is None:
         raise ValueError("dynamic_loss_coef: top-p routing's dynamic loss needs top_p")
+    if route.sparsemixer_sampling:
+        raise ValueError("sparsemixer_sampling: MoELayer samples SparseMixer's picks in "
+                         "forward(x, train=True) and takes the best ones otherwise; leave it False")
+    if o["product_keys"] is not None:
+        n = int(round(num_experts ** 0.5))
+        if n * n != num_experts:
+            raise ValueError(f"product_keys: needs a square number of experts (E = n^2, n keys "
+                             f"per half), got E = {num_experts}")
+        if o["router_noise"] == "noisy_topk" or o["token_groups"] > 1:
+            raise ValueError("product_keys: not supported with router_noise='noisy_topk' or "
+                             "token_groups > 1 (both take a [D, E] router)")
+        for kw, unset in (("shared_router_scored", False), ("router_mlp", None)):
+            if o[kw] != unset:
+                raise ValueError(f"product_keys: not with {kw} (Doge's router is one linear map "
+                                 "to the 2 sqrt(E) keys)")
     if o["shared_expert_gate"] and o["num_shared_experts"] == 0:
         raise ValueError("shared_expert_gate: needs num_shared_experts >= 1")
     _form_options(o)
@@ -631,7 +687,7 @@ def check_group_extras(who: str, o: Any) -> None:
                          ("identity_experts", 0), ("null_experts", 0),
                          ("shared_router_scored", False), ("logit_multiplier", None),
                          ("latent_dim", None), ("expert_post_norm", False),
-                         ("router_mlp", None)):
+                         ("router_mlp", None), ("product_keys", None)):
         if get(extra) != unset:
             raise ValueError(f"{extra}: not supported with token groups or expert parallelism "
                              f"({who}: they add the shared experts' output to the routed one and "
@@ -654,11 +710,17 @@ def _form_options(o: dict[str, Any]) -> None:
                              "only for 'swiglu_clamp_after')")
     S = o["num_shared_experts"]
     for kw, unset in (("shared_d_hidden", None), ("shared_swiglu_limit", None),
+                      ("shared_activation", None),
                       ("shared_combine", "sum"), ("shared_sum_fp32", False)):
         if o[kw] != unset and S == 0:
             raise ValueError(f"{kw}: needs num_shared_experts >= 1")
-    if o["shared_swiglu_limit"] is not None and "swiglu_limit" not in form.keywords:
-        raise ValueError(f"shared_swiglu_limit: the form activation={form.name!r} has no limit")
+    shared = EXPERT_FORMS[o["shared_activation"] or o["activation"]]
+    if o["shared_swiglu_limit"] is not None and "swiglu_limit" not in shared.keywords:
+        raise ValueError(f"shared_swiglu_limit: the shared form {shared.name!r} has no limit")
+    if shared.keywords and shared is not form:
+        raise ValueError(f"shared_activation: {shared.name!r} takes arguments "
+                         f"({', '.join(shared.keywords)}) the routed form does not share; pick "
+                         "a shared form without arguments")
 
 
 def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_stats: str) -> None:
@@ -675,6 +737,9 @@ def check_token_groups(who: str, route: RouteOptions, router_noise: str, load_st
     if route.selection == "experts":
         raise ValueError(f"{who}: token groups and expert parallelism do not support expert "
                          "choice (selection='experts'); use 'tokens' or 'sinkhorn'")
+    if route.selection == "sparsemixer":
+        raise ValueError(f"{who}: token groups and expert parallelism do not support "
+                         "SparseMixer (selection='sparsemixer'); use 'tokens' or 'sinkhorn'")
     if load_stats == "global" and (route.score != "softmax" or route.load_balancing != "switch"):
         raise ValueError("load_stats: 'global' statistics use the softmax Switch loss; got "
                          f"score={route.score!r}, load_balancing={route.load_balancing!r}")
@@ -714,6 +779,63 @@ def replay_arg(replay: object, num_tokens: int, k: int, num_experts: int) -> np.
             raise ValueError(f"replay: token {dup[0]} lists an expert twice ({a[dup[0]].tolist()}"
                              f"); a selection names K distinct experts per token")
     return a
+
+
+def hash_table_arg(hash_table: object, num_experts: int, k: int) -> np.ndarray | None:
+    """hash_table: None or DeepSeek-V4's frozen token-id -> experts table (HF `tid2eid`),
+    `<int>[V, K]`: row v lists the K distinct experts in [0, E) every token with id v goes to.
+    Returns a read-only int64 copy."""
+    if hash_table is None:
+        return None
+    a = np.asarray(hash_table)
+    if a.ndim != 2 or a.shape[1] != k:
+        raise ValueError(f"hash_table: expected shape [V, K] = [V, {k}] (K experts per token "
+                         f"id), got {list(a.shape)}")
+    a = _checks.index_array("hash_table", a, shape=(None, k), high=num_experts).copy()
+    if k > 1 and a.size:
+        s = np.sort(a, axis=-1)
+        dup = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=-1))
+        if dup.size:
+            raise ValueError(f"hash_table: token id {dup[0]} lists an expert twice "
+                             f"({a[dup[0]].tolist()}); each row names K distinct experts")
+    a.flags.writeable = False
+    return a
+
+
+def token_ids_arg(token_ids: object, shape: tuple[int, ...],
+                  hash_table: np.ndarray | None) -> np.ndarray | None:
+    """token_ids: the tokens' ids `<int>` of the tokens' shape, each in [0, V) of a checked
+    hash_table `[V, K]` -> `<int64>[T]` flattened; both or neither must be given."""
+    if token_ids is None:
+        if hash_table is not None:
+            raise ValueError("token_ids: hash routing (hash_table given) chooses the experts by "
+                             "token id; pass token_ids, the ids of the tokens routed")
+        return None
+    if hash_table is None:
+        raise ValueError("token_ids: only read by hash routing; pass hash_table, the token-id "
+                         "-> experts table (MoELayer(hash_table=...))")
+    ids = np.asarray(token_ids)
+    if ids.dtype.kind not in "iu" or ids.dtype == np.bool_:
+        raise TypeError(f"token_ids: expected an integer array, got dtype {ids.dtype}")
+    if ids.shape != tuple(shape):
+        raise ValueError(f"token_ids: expected shape {tuple(shape)} (one id per token), got "
+                         f"{ids.shape}")
+    V = hash_table.shape[0]
+    return _checks.index_array("token_ids", ids.reshape(-1), shape=(None,), high=V)
+
+
+def hash_selection(hash_table: np.ndarray | None, token_ids: np.ndarray | None,
+                   replay: object) -> np.ndarray | None:
+    """The `<int64>[T, K]` hash-routed selection hash_table[token_ids] (checked arguments),
+    or None without hash routing; hash routing and replay both force the selection, so
+    together they are refused."""
+    if hash_table is None:
+        return None
+    if replay is not None:
+        raise ValueError("replay: hash routing already fixes the selection (hash_table["
+                         "token_ids]); pass one of replay and token_ids")
+    assert token_ids is not None
+    return np.ascontiguousarray(hash_table[token_ids])  # [T, K]
 
 
 def token_mask_arg(token_mask: object, shape: tuple[int, ...],

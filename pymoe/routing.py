@@ -30,10 +30,13 @@ from .options import (
     describe_options,
     expert_bias_arg,
     generator_arg,
+    hash_selection,
+    hash_table_arg,
     keywords_doc,
     replay_arg,
     route_options,
     split_keywords,
+    token_ids_arg,
     token_mask_arg,
 )
 from .priority import position_in_expert, priority_order
@@ -61,14 +64,16 @@ from .variants.relu_routing import (
     relu_scores,
 )
 from .variants.scores import (
-    log_sigmoid,
+    dlog_score,
+    elementwise_scores,
+    elementwise_scores_backward,
+    log_scores,
     selection_scores,
-    sigmoid,
-    sigmoid_backward,
     stable_ratios,
     underflowed_rows,
 )
 from .variants.sinkhorn import sinkhorn
+from .variants.sparsemixer import sparsemixer, sparsemixer_backward, sparsemixer_gates
 from .variants.top_p import ragged_balance_loss, ragged_balance_loss_backward, top_p_keep
 
 __all__ = ["PRIORITIES", "ROUTE_BACKENDS", "Routing", "route", "route_backward",
@@ -233,6 +238,7 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
           expert_bias: np.ndarray | None = None, seed: int | np.random.Generator | None = None,
           backend: str = "numpy", preset: str | Preset | None = None,
           replay: np.ndarray | None = None, token_mask: np.ndarray | None = None,
+          hash_table: np.ndarray | None = None, token_ids: np.ndarray | None = None,
           **keywords: Any) -> Routing:
     """Route T tokens to E experts: scores, top-K, gates, priority, slots, capacity, drop, losses.
 
@@ -258,6 +264,11 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
         token_mask: `<bool>[T]`, True = a real token, False = padding (HF attention_mask), or
             None (every token real). Padding is left out of every statistic and gradient; the
             keyword padding says whether it is routed (docs/variants.md, "Padding").
+        hash_table, token_ids: hash routing (DeepSeek-V4's first layers, HF `tid2eid`): a
+            frozen `<int>[V, K]` token-id -> experts table and the tokens' ids `<int>[T]` in
+            [0, V); token t goes to hash_table[token_ids[t]] (a constant, as replay), its gates
+            the scores of those experts, normalised and scaled as usual. Not with replay or
+            expert_bias (nothing is ranked).
         keywords: the routing keywords of pymoe.options.RouteOptions, checked there:
     """
     (keywords,) = split_keywords("route", keywords, RouteOptions)
@@ -273,6 +284,13 @@ def route(router_logits: np.ndarray, k: int, capacity_factor: float | None = 1.2
     mask = token_mask_arg(token_mask, logits.shape[:1])
     warn_k1_normalize(opts)
     forced = check_replay(replay, logits.shape[0], opts, E)
+    table = hash_table_arg(hash_table, E, opts.k)
+    if table is not None and bias is not None:
+        raise ValueError("expert_bias: hash routing chooses the experts by token id and ranks "
+                         "nothing, so a selection bias would be ignored; leave it None")
+    hashed = hash_selection(table, token_ids_arg(token_ids, logits.shape[:1], table), replay)
+    if hashed is not None:
+        forced = check_replay(hashed, logits.shape[0], opts, E)
     return route_unchecked(logits, opts, expert_bias=bias, rng=rng, backend=get_backend(backend),
                            replay=forced, token_mask=mask)
 
@@ -335,10 +353,13 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
                          f"of {opts.sequence_length}")
     # step 2: router scores (and the logsumexp the z-loss needs)
     probs, lse = softmax_lse(logits) if twin is None else twin.softmax_lse(logits)  # [T, E], [T]
-    scores = probs if opts.score == "softmax" else sigmoid(logits)  # [T, E]
+    scores = probs if opts.score == "softmax" else elementwise_scores(logits, opts.score)  # [T, E]
     if opts.selection == "relu":  # ReMoE: the gates are relu(logits)
         scores = relu_scores(logits)  # [T, E]
     aux_probs = _aux_probs(scores, logits, opts)  # [T, E]
+    if expert_bias is not None and opts.selection == "sparsemixer":
+        raise ValueError("expert_bias: selection='sparsemixer' picks by its own rule and ranks "
+                         "no biased scores, so a selection bias would be ignored; leave it None")
     if expert_bias is not None:  # one rule for every backend: the bias in the score dtype
         with np.errstate(over="ignore"):
             expert_bias = np.asarray(expert_bias).astype(logits.dtype, copy=False)  # [E]
@@ -347,8 +368,14 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
                              "it is added in (docs/variants.md); keep |expert_bias| within it")
     # step 3: choose K experts per token
     sums = None
+    mixer_gate = None  # [T, K] SparseMixer's own gates (variants.sparsemixer), steps 3-4 in one
     if replay is not None:  # router replay: the recorded selection, a constant
         expert_index = replay  # [T, K]
+        if opts.selection == "sparsemixer":
+            mixer_gate = sparsemixer_gates(logits, replay, opts.sparsemixer_eps)
+    elif opts.selection == "sparsemixer":
+        expert_index, mixer_gate = sparsemixer(logits, opts.k, opts.sparsemixer_eps,
+                                               rng if opts.sparsemixer_sampling else None)
     elif twin is not None and opts.selection == "tokens" and not grouped(opts) and \
             np.isfinite(logits).all():  # (a -inf logit: an expert the token may not use)
         ranked = logits if expert_bias is None or opts.expert_bias_on == "logits" else scores
@@ -358,7 +385,7 @@ def _route(router_logits: np.ndarray, opts: RouteOptions, expert_bias: np.ndarra
     else:
         expert_index = _select(logits, scores, opts, expert_bias)  # [T, K]
     # step 4: gates
-    gate = _gates(scores, logits, expert_index, opts)  # [T, K]
+    gate = _gates(scores, logits, expert_index, opts) if mixer_gate is None else mixer_gate
     # step 6: the order in which tokens claim slots (and which pairs compete at all)
     token_order = priority_order(scores, opts.priority, rng)  # [T]
     candidates = None
@@ -429,7 +456,8 @@ def _route_real_rows(router_logits: np.ndarray, opts: RouteOptions,
                  replay=None if replay is None else replay[real])
     K = sub.expert_index.shape[1]
     pad_logits = logits[pad]  # [T_pad, E]
-    pad_scores = softmax_lse(pad_logits)[0] if opts.score == "softmax" else sigmoid(pad_logits)
+    pad_scores = softmax_lse(pad_logits)[0] if opts.score == "softmax" else \
+        elementwise_scores(pad_logits, opts.score)
     if opts.selection == "relu":
         pad_scores = relu_scores(pad_logits)  # [T_pad, E]
     bias = None if expert_bias is None else sub.expert_bias
@@ -540,8 +568,8 @@ def skip_route_draws(opts: RouteOptions, T: int, rng: np.random.Generator, group
 
 
 def _log_scores(logits: np.ndarray, opts: RouteOptions) -> np.ndarray:
-    """log of the scores up to a per-token constant: the logits (softmax) or log-sigmoids."""
-    return logits if opts.score == "softmax" else log_sigmoid(logits)
+    """log of the scores up to a per-token constant (variants.scores.log_scores)."""
+    return log_scores(logits, opts.score)
 
 
 def _gates(scores: np.ndarray, logits: np.ndarray, index: np.ndarray,
@@ -563,7 +591,7 @@ def _aux_probs(scores: np.ndarray, logits: np.ndarray, opts: RouteOptions) -> np
         return scores
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 rows are replaced below
         aux_probs = aux_loss_scores(scores, opts.score)  # [T, E]
-    return stable_ratios(aux_probs, scores, log_sigmoid(logits))
+    return stable_ratios(aux_probs, scores, log_scores(logits, opts.score))
 
 
 def _stable_dlogits(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None,
@@ -577,24 +605,25 @@ def _stable_dlogits(routing: Routing, dgate: np.ndarray, daux: np.ndarray | None
     s, logits = routing.probs[rows], routing.router_logits[rows]  # [n, E]
     index, dg = routing.expert_index[rows], dgate[rows]  # [n, K]
     s_sel = np.take_along_axis(s, index, axis=-1)  # [n, K]
-    sigmoid_score = opts.score == "sigmoid"
-    if opts.normalize and not plain_normalize(opts):  # (only sigmoid rows reach here)
+    sigmoid_score = opts.score != "softmax"  # any elementwise score: d log s / d l below
+    if opts.normalize and not plain_normalize(opts):  # (only elementwise-score rows reach here)
         d_sel = np.take_along_axis(gates_backward_for(dg, s, index, opts), index, -1) \
-            * s_sel * (1 - s_sel)
+            * s_sel * dlog_score(np.take_along_axis(logits, index, -1), s_sel, opts.score)
     elif opts.normalize:
         g = _gates(s, logits, index, opts)  # [n, K]
         d_sel = g * (dg - (dg * g).sum(axis=-1, keepdims=True))
         if sigmoid_score:
-            d_sel = d_sel * (1 - s_sel)
-    else:
-        d_sel = dg * s_sel * (1 - s_sel)  # sigmoid (softmax rows are never bad unnormalised)
+            d_sel = d_sel * dlog_score(np.take_along_axis(logits, index, -1), s_sel, opts.score)
+    else:  # elementwise (softmax rows are never bad unnormalised)
+        d_sel = dg * s_sel * dlog_score(np.take_along_axis(logits, index, -1), s_sel, opts.score)
     out = np.zeros_like(s)  # [n, E]
     np.put_along_axis(out, index, d_sel.astype(s.dtype), axis=-1)
     if daux is not None:
         da = daux[rows]  # [n, E]
         if sigmoid_score:
             q = _aux_probs(s, logits, opts)  # [n, E]
-            out += (1 - s) * q * (da - (da * q).sum(axis=-1, keepdims=True))
+            out += dlog_score(logits, s, opts.score) * q * (da - (da * q).sum(axis=-1,
+                                                                          keepdims=True))
         else:
             out += softmax_backward(da, s)
     return out
@@ -632,6 +661,8 @@ def _select(logits: np.ndarray, scores: np.ndarray, opts: RouteOptions,
         return top_k(sinkhorn(logits, opts.sinkhorn_iterations), opts.k)
     if opts.selection == "relu":  # every expert listed; relu_keep marks the positive ones
         return top_k(logits, logits.shape[1])  # [T, E]
+    if opts.selection == "sparsemixer":  # the eval picks (padding rows: no draws)
+        return sparsemixer(logits, opts.k, opts.sparsemixer_eps)[0]
     if expert_bias is None and not grouped(opts):
         return top_k(logits, opts.k)  # ranks logits: the same order as the scores, but exact
     biased = logits if opts.expert_bias_on == "logits" else scores  # kolibri1: l + b
@@ -700,10 +731,12 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
     bad = np.zeros(T, dtype=bool)  # tokens whose score sums underflowed: see below
     if opts.normalize and plain_normalize(opts):  # gates_backward divides by the sum squared
         bad |= underflowed_rows(np.take_along_axis(scores, index, -1), squared=True)
-    if opts.score == "sigmoid":
+    if opts.score != "softmax":
         bad |= underflowed_rows(scores, squared=True)
+    mixer = opts.selection == "sparsemixer"  # its gate term goes to the logits directly
     with np.errstate(divide="ignore", invalid="ignore"):  # bad rows are replaced below
-        dscores = gates_backward_for(dgate, scores, index, opts)  # [T, E]
+        dscores = np.zeros_like(scores) if mixer else gates_backward_for(dgate, scores, index,
+                                                                         opts)  # [T, E]
         daux = None
         if aux_loss_coef and opts.selection != "experts":
             aux_probs = _aux_probs(scores, routing.router_logits, opts)
@@ -722,9 +755,13 @@ def route_backward(routing: Routing, dgate: np.ndarray, aux_loss_coef: float = 0
         elif opts.score == "softmax":
             dlogits = softmax_backward(dscores, scores)  # [T, E]
         else:
-            dlogits = sigmoid_backward(dscores, scores)  # [T, E]
+            dlogits = elementwise_scores_backward(dscores, routing.router_logits, scores,
+                                                  opts.score)  # [T, E]
     if bad.any():
         dlogits[bad] = _stable_dlogits(routing, dgate, daux, bad)
+    if mixer:
+        dlogits += sparsemixer_backward(dgate, routing.router_logits, index,
+                                        opts.sparsemixer_eps).astype(dlogits.dtype)
     if z_loss_coef:
         probs = (scores if opts.score == "softmax" and opts.selection != "relu"
                  else softmax(routing.router_logits))  # [T, E]

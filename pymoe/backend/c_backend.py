@@ -36,7 +36,7 @@ FLOAT_OPS = {  # op -> (its float entry point, its double one), as csrc/pymoe.h 
     "bias_relu": ("pymoe_bias_relu_f32", "pymoe_bias_relu_f64"),
     "relu_backward": ("pymoe_relu_backward_f32", "pymoe_relu_backward_f64"),
     **{f"{form}{part}": (f"pymoe_{form}{part}_f32", f"pymoe_{form}{part}_f64")
-       for form in ("gelu", "relu2", "swiglu", "geglu", "swiglu_oai", "swiglu_clamped",
+       for form in ("gelu", "relu2", "silu", "swiglu", "geglu", "swiglu_oai", "swiglu_clamped",
                     "swiglu_clamp_after", "swiglu_softcap") for part in ("", "_backward")},
 }
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",

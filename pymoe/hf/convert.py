@@ -58,6 +58,9 @@ def build(family: Family, config: Mapping[str, Any], state: Mapping[str, np.ndar
         if t.param == "expert_bias":
             out.expert_bias = value.astype(np.float64)
             continue
+        if t.param == "hash_table":  # deepseek_v4's tid2eid: a frozen int buffer
+            out.hash_table = out._checked_hash_table(value)
+            continue
         want = out.params[t.param].shape
         if value.shape != want:
             raise ValueError(f"block: {family.name} tensor(s) {list(t.keys)} give "
@@ -93,6 +96,11 @@ def _to_hf(layer: MoELayer, values: Mapping[str, np.ndarray], grads: bool) -> di
                 raise ValueError(f"layer: {origin.family} has a selection bias "
                                  f"({t.keys[0]}), but layer.expert_bias is None")
             value = np.asarray(layer.expert_bias, dtype=layer.dtype)
+        elif t.param == "hash_table":
+            if layer.hash_table is None:
+                raise ValueError(f"layer: {origin.family} has a hash table ({t.keys[0]}), but "
+                                 "layer.hash_table is None")
+            value = np.asarray(layer.hash_table, dtype=np.int64)
         else:
             value = values[t.param]
         for key, a in zip(t.keys, t.to_hf(value)):

@@ -116,3 +116,11 @@ def dbrx_flat(param: str, keys: tuple[str, ...], num_experts: int, transpose: bo
         return Tensor(param, keys, to_pymoe, to_hf)
     return Tensor(param, keys, lambda a: a.reshape(E, a.shape[0] // E, -1).copy(),
                   lambda p: (p.reshape(-1, p.shape[2]).copy(),))
+
+
+def embed_rows(param: str, key: str, into: bool) -> Tensor:
+    """Doge's single-neuron experts: an nn.Embedding `[E, D]` of one D-vector per expert <->
+    into=True: w1 `[E, D, 1]` (down_embed: x . d_e); into=False: w2 `[E, 1, D]` (up_embed)."""
+    if into:
+        return Tensor(param, (key,), lambda a: a[:, :, None].copy(), lambda p: (p[:, :, 0].copy(),))
+    return Tensor(param, (key,), lambda a: a[:, None, :].copy(), lambda p: (p[:, 0, :].copy(),))

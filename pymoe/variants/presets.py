@@ -155,6 +155,27 @@ _PRESETS = {p.name: p for p in [
     Preset("inkling", f"{HF}/inkling/modeling_inkling.py: InklingTopkRouter, InklingMoE",
            score="sigmoid", priority="token", capacity_factor=None, scaling_factor=8.0,
            num_shared_experts=2, shared_router_scored=True, activation="swiglu"),
+    # DeepSeek-V4's full router: sqrt(softplus) scores, top-K of s + b without groups,
+    # renormalised, times 1.5; its hash layers are the same layer with hash_table= (tid2eid)
+    # and forward(x, token_ids=...); experts and the shared MLP clamped SwiGLU (limit 10).
+    Preset("deepseek-v4", f"{HF}/deepseek_v4/modeling_deepseek_v4.py: DeepseekV4TopKRouter, "
+           "DeepseekV4HashRouter, DeepseekV4SparseMoeBlock", score="sqrtsoftplus",
+           normalize=True, scaling_factor=1.5, priority="token", capacity_factor=None,
+           num_shared_experts=1, activation="swiglu_clamped"),
+    # PhiMoE's SparseMixer: two sequential picks within 2 * router_jitter_noise (relative) of
+    # the best, each gated by its own masked softmax; sampled with the Heun-3 factor in training
+    # (MoELayer.forward(x, train=True)); HF's generic (mixtral) aux loss.
+    Preset("phimoe", f"{HF}/phimoe/modeling_phimoe.py: sparsemixer, PhimoeTopKRouter, "
+           "PhimoeMultiplier", k=2, selection="sparsemixer", sparsemixer_eps=0.01,
+           priority="token", capacity_factor=None, load_balancing="k_scaled",
+           activation="swiglu"),
+    # Doge's DogeCDMoE: product keys (2 sqrt(E) key logits, HF's token-mixing view), softmax
+    # over the top K of the pair sums, single-neuron silu experts (H = 1) and a dense SwiGLU
+    # MLP always added; its own aux loss is the Switch loss on the pair sums.
+    Preset("doge", f"{HF}/doge/modeling_doge.py: DogeCDMoE, load_balancing_loss_func",
+           product_keys="doge", normalize=True, priority="token", capacity_factor=None,
+           load_balancing="switch", activation="silu", num_shared_experts=1,
+           shared_activation="swiglu"),
 ]}
 
 

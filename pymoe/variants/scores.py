@@ -14,7 +14,9 @@ from .. import _checks
 # a pymoe.Routing (not imported: pymoe.routing imports this module)
 RoutingResult = Any
 
-SCORES = ("softmax", "sigmoid")
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
+# the elementwise scores: each expert scored on its own (no competition for a unit budget)
+ELEMENTWISE = ("sigmoid", "sqrtsoftplus")
 
 
 def sigmoid(router_logits: np.ndarray) -> np.ndarray:
@@ -57,6 +59,63 @@ def underflowed_rows(scores: np.ndarray, squared: bool = False) -> np.ndarray:
     square is not, as the backward of a ratio divides by it)."""
     tiny = np.finfo(scores.dtype).tiny
     return ~(scores.sum(axis=-1) >= (np.sqrt(tiny) if squared else tiny))
+
+
+def sqrt_softplus(router_logits: np.ndarray) -> np.ndarray:
+    """Step 2, score="sqrtsoftplus" (DeepSeek-V4's default `scoring_func`, HF ACT2FN
+    "sqrtsoftplus").
+
+    Args:
+        router_logits: `[T, E]`.
+    Returns:
+        scores `[T, E]` = sqrt(log(1 + exp(logits))), each > 0 on its own like sigmoid, but
+        unbounded above (about sqrt(l) for large l) and about exp(l / 2) for very negative l.
+    """
+    sp = np.maximum(router_logits, 0) + np.log1p(np.exp(-np.abs(router_logits)))  # [T, E]
+    return np.sqrt(sp)
+
+
+def log_sqrt_softplus(router_logits: np.ndarray) -> np.ndarray:
+    """log sqrt_softplus(logits) `[..., n]` = log(softplus(l)) / 2, finite for every finite l
+    (softplus(l) = exp(l) (1 - exp(l) / 2 + ...) below -40, so its log is l to double precision)."""
+    low = router_logits < -40
+    safe = np.where(low, 0.0, router_logits)
+    sp = np.maximum(safe, 0) + np.log1p(np.exp(-np.abs(safe)))
+    return 0.5 * np.where(low, router_logits, np.log(sp))
+
+
+def elementwise_scores(router_logits: np.ndarray, score: str) -> np.ndarray:
+    """Step 2 for an elementwise score (ELEMENTWISE): `[T, E]` sigmoid or sqrt_softplus."""
+    return sigmoid(router_logits) if score == "sigmoid" else sqrt_softplus(router_logits)
+
+
+def log_scores(router_logits: np.ndarray, score: str) -> np.ndarray:
+    """log of the scores `[..., n]` up to a per-token constant: the logits themselves for
+    softmax, log_sigmoid or log_sqrt_softplus for the elementwise scores."""
+    if score == "softmax":
+        return router_logits
+    return log_sigmoid(router_logits) if score == "sigmoid" else log_sqrt_softplus(router_logits)
+
+
+def dlog_score(router_logits: np.ndarray, scores: np.ndarray, score: str) -> np.ndarray:
+    """d log s / d l `[..., n]` of an elementwise score, written without dividing by s (so it
+    holds where s underflowed): 1 - s for sigmoid; sigmoid(l) / (2 softplus(l)) for
+    sqrt_softplus, taken from the logarithms (1/2 in the limit l -> -inf)."""
+    if score == "sigmoid":
+        return 1 - scores
+    return 0.5 * np.exp(log_sigmoid(router_logits) - 2 * log_sqrt_softplus(router_logits))
+
+
+def elementwise_scores_backward(dscores: np.ndarray, router_logits: np.ndarray,
+                                scores: np.ndarray, score: str) -> np.ndarray:
+    """Backward of elementwise_scores: d router_logits `[T, E]`; sigmoid: dscores s (1 - s);
+    sqrt_softplus: s = sqrt(sp), ds/dl = sigmoid(l) / (2 s)."""
+    if score == "sigmoid":
+        return sigmoid_backward(dscores, scores)
+    with np.errstate(divide="ignore", invalid="ignore"):  # s = 0 only below l ~ -1490 (f64)
+        d = dscores * sigmoid(router_logits) / (2 * scores)
+    return np.where(scores > 0, d, dscores * 0.5 * np.exp(log_sigmoid(router_logits)
+                                                           - log_sqrt_softplus(router_logits)))
 
 
 def sigmoid_backward(dscores: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -54,6 +54,9 @@ REFERENCE: dict[str, Any] = _merged("REFERENCE")
 # family -> (block, x) -> the block's MoE output, where calling the block is not that (a decoder
 # layer holding the MoE branch)
 BRANCHES: dict[str, Any] = _merged("BRANCHES")
+# family -> fn(block, T, rng) -> (the block's extra forward keywords, MoELayer.forward's): inputs
+# besides x (DeepSeek-V4's hash layers: input_ids / token_ids); it may fill integer buffers
+INPUTS: dict[str, Any] = _merged("INPUTS")
 TOL = {np.float64: (1e-10, 1e-8), np.float32: (2e-5, 2e-5)}  # (forward, gradients), relative
 # family -> {dtype name: (forward, gradients)}: a family's own stated tolerance (its reason is
 # written where it is set, in tests/hf/configs_<group>.py TOL)
@@ -172,9 +175,11 @@ def compare(family: str, dtype=np.float64, T: int = 64, seed: int = 0, **overrid
     x = rng.standard_normal((T, D)).astype(dtype)
     dy = rng.standard_normal((T, D)).astype(dtype)
     xt = torch.from_numpy(x.copy())[None].requires_grad_(True)
+    hf_kw, my_kw = INPUTS[family](block, T, np.random.default_rng([seed, 7])) \
+        if family in INPUTS else ({}, {})
     out: list[Any] = []
     def run():
-        o = BRANCHES[family](block, xt) if family in BRANCHES else block(xt)
+        o = BRANCHES[family](block, xt) if family in BRANCHES else block(xt, **hf_kw)
         out.append(o[0] if isinstance(o, tuple) else o)
     if family in REFERENCE:
         y_ref, chosen = REFERENCE[family](block, xt)
@@ -184,7 +189,7 @@ def compare(family: str, dtype=np.float64, T: int = 64, seed: int = 0, **overrid
     y_hf = out[0]
     (y_hf * torch.from_numpy(dy)[None]).sum().backward()
     layer = pymoe.hf.from_transformers(block, cfg)
-    y = layer.forward(x)
+    y = layer.forward(x, **my_kw)
     dx = layer.backward(dy)
     grads_hf = {k: p.grad.detach().numpy() for k, p in block.named_parameters()
                 if p.grad is not None}

@@ -76,6 +76,8 @@ def _oracle_h(name: str, a: np.ndarray, args: tuple) -> np.ndarray:
                 v = gelu(g)
             elif name == "relu2":
                 v = max(g, 0.0) ** 2
+            elif name == "silu":
+                v = g * sig(g)
             elif name == "swiglu":
                 v = g * sig(g) * u
             elif name == "geglu":

@@ -13,7 +13,8 @@ from helpers import FD_RTOL, check_layer_gradients, randomize
 NAMES = ["switch", "gshard", "flaxformer", "deepspeed-top1", "deepspeed-top2", "deepspeed-topk",
          "tutel", "megablocks", "megatron", "mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3",
          "gpt-oss", "olmoe", "nllb-moe", "qwen3-next", "glm4-moe", "llama4", "deepseek-v2",
-         "ernie4.5", "gemma4", "inkling"]
+         "ernie4.5", "gemma4", "inkling", "deepseek-v4", "phimoe", "doge"]
+
 
 
 def test_names():
