@@ -100,6 +100,8 @@ def eplb_section(comm, quick: bool, out: str, say) -> dict:
     y1, dx1 = rep.forward(x), rep.backward(dy)
     after = rep.gather_stats()["rows"][0].sum(axis=0)  # [P]
     same = comm.allreduce(int(np.array_equal(y0, y1) and np.array_equal(dx0, dx1)))  # ranks
+    gap = comm.allreduce(max(float(np.abs(y1 - y0).max()), float(np.abs(dx1 - dx0).max())),
+                         op=ep_mod.mpi().MAX)  # 0 where every matmul saw the same bits
     dw = max(comm.allgather(max(float(np.abs(rep.grads[n] - _plain_grad(plain, rep, n, comm)).max())
                                 for n in ("w1", "b1", "w2", "b2"))))
     say(f"\nEPLB (--eplb): P={P} ranks, E={E} experts, K={K}, T_local={T_local}, dropless, "
@@ -118,7 +120,7 @@ def eplb_section(comm, quick: bool, out: str, say) -> dict:
            "phy2log": phy2log[0].tolist(), "logcnt": logcnt[0].tolist(),
            "rows_before": before.tolist(), "rows_after": after.tolist(),
            "eplb_estimate": predicted.tolist(), "max_over_mean": ratio,
-           "ranks_bit_identical": same, "max_expert_grad_diff": dw, "pictures": {}}
+           "ranks_bit_identical": same, "max_y_dx_diff": gap, "max_expert_grad_diff": dw, "pictures": {}}
     if rank == 0:
         path = f"{out}/06_eplb_load_per_rank.png"
         res["pictures"][path] = viz.rank_load_bars(

@@ -46,8 +46,10 @@ def check(case: dict, ranks: list[dict]) -> dict[str, float]:
             np.testing.assert_allclose(res[k], want, rtol=rtol, atol=rtol)
             diffs[k] = max(diffs[k], float(np.abs(res[k] - want).max()))
         replicated = [n for n in ref["grads"] if n not in ("w1", "b1", "w2", "b2")]
-        for n in replicated:  # the router's and shared experts': untouched, the same bits
-            np.testing.assert_array_equal(res[f"grad_{n}"], ref["grads"][n])
+        for n in replicated:  # the router's and shared experts': not summed over replicas, but
+            # their dgate reads the expert outputs, which another row count may round apart
+            # (OpenBLAS's Haswell kernel does; SkylakeX gives the same bits)
+            np.testing.assert_allclose(res[f"grad_{n}"], ref["grads"][n], rtol=rtol, atol=rtol)
         for n in ("w1", "b1", "w2", "b2"):
             want = ref["grads"][n][place[r * Nl:(r + 1) * Nl]]
             np.testing.assert_allclose(res[f"grad_{n}"], want, rtol=rtol, atol=rtol)
@@ -158,7 +160,10 @@ def test_example_06_eplb(mpiexec, tmp_path):  # noqa: F811
     before, after = np.array(res["rows_before"]), np.array(res["rows_after"])
     assert before.sum() == after.sum() == sum(res["expert_rows"])
     assert after.max() < before.max() and res["max_over_mean"][1] < res["max_over_mean"][0]
-    assert res["ranks_bit_identical"] == 4
+    # the same bits where every expert matmul's blocking is the same (SkylakeX: 4 of 4 ranks);
+    # a replica's matmul sees fewer rows, which another BLAS kernel may round apart (Haswell)
+    assert (res["max_y_dx_diff"] == 0) == (res["ranks_bit_identical"] == 4)
+    assert res["max_y_dx_diff"] <= 1e-4  # float32 outputs of order 1, sums of D + H terms
     # the split rule cuts an expert's rows within one row of EPLB's even split: < 1 row per slot
     np.testing.assert_allclose(after, res["eplb_estimate"], atol=res["N"] // res["P"])
     from pymoe.viz import have_matplotlib
