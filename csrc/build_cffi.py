@@ -60,7 +60,7 @@ def build_flags() -> tuple[list[str], list[str], str]:
     if os.environ.get("PYMOE_SANITIZE") == "1":
         # Python's CFLAGS contain -fwrapv, which hides signed overflow from UBSan: undo it.
         san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-        cflags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv"] + san
+        cflags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv", "-DPYMOE_SANITIZE"] + san
         lflags += san
         mode = "ASan+UBSan -O1"
     else:

@@ -93,24 +93,21 @@ static int form_sizes(int64_t rows, int64_t H, int gated, int64_t *nh, int64_t *
     return PYMOE_OK;
 }
 
-/* Rows split over the core's threads once a call has FORM_PAR_MIN elements of h (below that the
- * parallel region costs more than it saves); each element is computed alone, so the bits do not
- * depend on the thread count. The inner loop vectorises (the build's -fno-trapping-math lets GCC
- * turn the selects of det_exp into blends; the values are IEEE's either way). */
-#define FORM_PAR_MIN 262144
-#define FORM_ROWS_PARALLEL(nh) \
-    _Pragma("omp parallel for schedule(static) if ((nh) >= FORM_PAR_MIN) num_threads(pymoe_get_max_threads())")
-
+/* One thread, like the relu epilogues (expert_ops.h): a call is one expert's block, run between
+ * two BLAS calls, and OpenMP workers left spinning after a parallel region here took the cores from
+ * the BLAS threads of the next matmul (Mixtral-like forward: 180 -> 130 ms with torch's libgomp,
+ * which spins). The inner loop vectorises instead: the build's -fno-trapping-math lets GCC turn the
+ * selects of det_exp into blends, and PYMOE_SIMD_CLONES gives it AVX2 and AVX-512 (1.9 -> 0.8 ms
+ * for a [1024, 2048] SwiGLU); the values are IEEE's either way. */
 /* One forward and one backward per form: BODY_F sets h from g, u (u is 0 for the plain forms),
  * BODY_B sets dg and du from dh, g, u; ARGS are the form's float arguments (after a). The bodies
  * declare one variable per statement: a macro argument cannot hold a bare comma. */
 #define FORM_PAIR(NAME, GATED, ARGS, BODY_F, BODY_B) \
-int FN(pymoe_##NAME)(REAL *out, const REAL *a ARGS, int64_t rows, int64_t H) { \
+PYMOE_SIMD_CLONES int FN(pymoe_##NAME)(REAL *out, const REAL *a ARGS, int64_t rows, int64_t H) { \
     int64_t nh, na; \
     if (form_sizes(rows, H, GATED, &nh, &na)) return PYMOE_ERR_SIZE; \
     REQUIRE(out, nh); REQUIRE(a, na); \
     const int64_t W = GATED ? 2 * H : H; \
-    FORM_ROWS_PARALLEL(nh) \
     for (int64_t i = 0; i < rows; i++) \
         for (int64_t j = 0; j < H; j++) { \
             const REAL g = a[i * W + j]; \
@@ -122,13 +119,12 @@ int FN(pymoe_##NAME)(REAL *out, const REAL *a ARGS, int64_t rows, int64_t H) { \
         } \
     return PYMOE_OK; \
 } \
-int FN(pymoe_##NAME##_backward)(REAL *out, const REAL *dh_, const REAL *a ARGS, int64_t rows, \
+PYMOE_SIMD_CLONES int FN(pymoe_##NAME##_backward)(REAL *out, const REAL *dh_, const REAL *a ARGS, int64_t rows, \
                                 int64_t H) { \
     int64_t nh, na; \
     if (form_sizes(rows, H, GATED, &nh, &na)) return PYMOE_ERR_SIZE; \
     REQUIRE(out, na); REQUIRE(dh_, nh); REQUIRE(a, na); \
     const int64_t W = GATED ? 2 * H : H; \
-    FORM_ROWS_PARALLEL(nh) \
     for (int64_t i = 0; i < rows; i++) \
         for (int64_t j = 0; j < H; j++) { \
             const REAL g = a[i * W + j]; \

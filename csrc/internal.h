@@ -14,6 +14,17 @@
 #include <omp.h>
 #endif
 
+/* The elementwise epilogues get wider vectors on CPUs that have them, chosen when the library loads
+ * (GCC's target_clones, an ifunc): an element goes through the same IEEE operations at any width
+ * (-ffp-contract=off keeps FMA out), so every clone gives the same bits. Left out under the
+ * sanitizers (ifunc resolvers run before ASan is set up) and off x86-64 Linux with GCC. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) \
+    && !defined(PYMOE_SANITIZE)
+#define PYMOE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PYMOE_SIMD_CLONES
+#endif
+
 /* *out = a * b for sizes a, b >= 0; returns 0 when the product would overflow int64. */
 static inline int size_mul(int64_t a, int64_t b, int64_t *out) {
     if (a < 0 || b < 0) return 0;

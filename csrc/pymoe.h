@@ -184,6 +184,10 @@ int pymoe_openmp_enabled(void);
 int pymoe_get_max_threads(void);
 int pymoe_thread_limit(void);
 int pymoe_set_num_threads(int n);
+/* pymoe_one_thread_here(1) ... pymoe_one_thread_here(0) brackets code whose C calls, made from the
+ * calling OS thread only, run on one thread whatever the count (MoELayer's steps between its BLAS
+ * calls); the brackets nest. Other threads' calls keep the count. */
+int pymoe_one_thread_here(int enter);
 /* cdef-end */
 
 #ifdef __cplusplus

@@ -8,6 +8,9 @@
 #ifdef _OPENMP
 static int chosen_threads = 0;  /* 0: the OpenMP default (OMP_NUM_THREADS or the core count) */
 static int default_threads = 0; /* omp_get_max_threads() of the first thread that asked */
+/* This OS thread's depth of pymoe_one_thread_here brackets: a thread's own, so that one Python
+ * thread's layer does not change another's count. */
+static __thread int one_thread_depth = 0;
 #endif
 
 int pymoe_openmp_enabled(void) {
@@ -21,6 +24,7 @@ int pymoe_openmp_enabled(void) {
 int pymoe_get_max_threads(void) {
 #ifdef _OPENMP
     int n;
+    if (one_thread_depth > 0) return 1;
 #pragma omp atomic read
     n = chosen_threads;
     if (n > 0) return n;
@@ -52,6 +56,16 @@ int pymoe_set_num_threads(int n) {
     chosen_threads = n;
 #else
     (void)n;
+#endif
+    return PYMOE_OK;
+}
+
+int pymoe_one_thread_here(int enter) {
+#ifdef _OPENMP
+    if (enter) one_thread_depth++;
+    else if (one_thread_depth > 0) one_thread_depth--;
+#else
+    (void)enter;
 #endif
     return PYMOE_OK;
 }

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -100,6 +102,21 @@ class _GroupsForwardCache:
     x_shape: tuple[int, ...]
     x_dtype: np.dtype
     groups: token_groups.GroupsCache
+
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _between_blas_calls(method: _Method) -> _Method:
+    """Run a MoELayer method inside its backend's between_blas_calls block: the layer's C steps
+    (dispatch, epilogues, combine, ...) on one thread, the cores left to the BLAS threads of the
+    matmuls around them."""
+    @functools.wraps(method)
+    def run(self: MoELayer, *args: Any, **kwargs: Any) -> Any:
+        with self.backend.between_blas_calls():
+            return method(self, *args, **kwargs)
+    return run  # type: ignore[return-value]
 
 
 class MoELayer:
@@ -451,6 +468,7 @@ class MoELayer:
         return table
 
     # ---------------------------------------------------------------- forward
+    @_between_blas_calls
     def forward(self, x: np.ndarray, token_mask: np.ndarray | None = None, *,
                 train: bool = False, replay: np.ndarray | None = None,
                 token_types: np.ndarray | None = None,
@@ -768,6 +786,7 @@ class MoELayer:
                 + self.dynamic_loss_coef * self.dynamic_loss)
 
     # --------------------------------------------------------------- backward
+    @_between_blas_calls
     def backward(self, dy: np.ndarray, *, router_dlogits: np.ndarray | None = None,
                  d_router_state: np.ndarray | None = None) -> np.ndarray:
         """Differentiate sum(y * dy) + loss_terms().

@@ -9,12 +9,15 @@ the gate gradient to round-off (its dot products sum in a different order than N
 Loading sets OMP_WAIT_POLICY=PASSIVE unless it is already set: by default OpenMP threads spin after
 each parallel region and take the cores from the BLAS threads of the expert matmuls that follow
 (measured on a 2-core machine: a 1024x512x2048 float32 matmul fell from 173 to 106 GFLOP/s).
+That cannot reach a runtime loaded before pymoe's (torch's wheel bundles libgomp.so.1: imported
+first, it is the C core's runtime too, and it spins), so MoELayer also runs its C steps on one
+thread between its BLAS calls (between_blas_calls).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -349,3 +352,17 @@ class CBackend:
     def num_threads(self, n: int) -> contextlib.AbstractContextManager[None]:
         """Run a block with n threads, then restore the previous count."""
         return temporarily(self.get_num_threads, self.set_num_threads, n)
+
+    @contextlib.contextmanager
+    def between_blas_calls(self) -> Iterator[None]:
+        """Run the block's C calls from this OS thread on one thread (other threads keep the
+        count; blocks nest). MoELayer's forward and backward run in one: their C steps sit
+        between BLAS calls, and OpenMP workers left spinning after a parallel region take the
+        cores from the next matmul's BLAS threads. torch's libgomp spins (pymoe's
+        OMP_WAIT_POLICY=PASSIVE cannot reach a runtime loaded before it): the Mixtral-like
+        forward took 151 ms with the C core's threads and 123 ms without."""
+        self.lib.pymoe_one_thread_here(1)
+        try:
+            yield
+        finally:
+            self.lib.pymoe_one_thread_here(0)

@@ -2,6 +2,8 @@
 formulation (indexed.py), behind the same interface and argument checks as the C backend."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import _checks
@@ -61,6 +63,9 @@ class NumpyBackend:
         index, pairs, E, C = _checks.ordered_slot_args(expert_index, order, num_experts, capacity)
         score = _checks.float_array("score", score, shape=index.shape)
         return keep_by_score(index, pairs, score, E, C)
+
+    def between_blas_calls(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # NumPy's own loops run on one thread anyway
 
     def dispatch(self, x: np.ndarray, slot_owner: np.ndarray, k: int,
                  weight: np.ndarray | None = None) -> np.ndarray:

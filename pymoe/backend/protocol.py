@@ -5,6 +5,7 @@ c_backend, cuda_backend) all import it, and none of them imports another.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +65,10 @@ class Backend(Protocol):
     def gate_grad(self, dy: np.ndarray, expert_out: np.ndarray, expert_index: np.ndarray,
                   position: np.ndarray) -> np.ndarray:
         """-> dgate `[T, K]` (indexed.gate_grad_indexed)."""
+
+    def between_blas_calls(self) -> AbstractContextManager[None]:
+        """A block whose C calls from this thread run on one thread (the C backend's; a no-op
+        elsewhere): MoELayer's forward and backward, whose steps sit between BLAS calls."""
 
 
 @dataclass(frozen=True)

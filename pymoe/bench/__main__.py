@@ -5,9 +5,13 @@ contenders interleaved; GB/s counts the bytes each operation must read plus writ
 divides by the bandwidth of an np.copyto of an expert buffer, interleaved with that operation's
 contenders (so a noisy neighbour moves the baseline and the rows together).
 
-torch is imported before pymoe loads its C core: pymoe sets OMP_WAIT_POLICY=PASSIVE (when unset)
-for its own OpenMP runtime, and torch's bundled runtime would otherwise start with it too (measured
-17-22% slower for the torch layer); each runtime keeps the policy it would have on its own.
+torch is imported before pymoe loads its C core. torch's wheel bundles libgomp.so.1, which then
+is the one OpenMP runtime of the process (the C core binds to it) and keeps torch's default policy:
+its workers spin after a parallel region. pymoe's OMP_WAIT_POLICY=PASSIVE (set when unset, before
+the C core loads) would reach it otherwise, and HF's blocks ran slower with it (Mixtral-like
+fwd+bwd 459 -> 508 ms, eager). pymoe's layers run their C steps on one thread between their BLAS
+calls (CBackend.between_blas_calls), so the spinning does not cost them; route() and the
+dispatch/combine rows run on the C core's threads.
 `--backend cuda` benchmarks the CUDA kernels instead (on a machine with a GPU).
 """
 from __future__ import annotations
@@ -97,8 +101,17 @@ def meta_info(torch_info: str, wait_policy: str | None) -> dict:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                        f"{platform.python_version()}, numpy {np.__version__}",
             "c": info["c"].detail, "torch": torch_info,
-            "omp_wait_policy": {"torch": wait_policy or "unset (runtime default)",
-                                "C core": os.environ.get("OMP_WAIT_POLICY", "unset")}}
+            "openmp": {"runtimes": openmp_runtimes(),
+                       "OMP_WAIT_POLICY when torch loaded it": wait_policy or "unset (spins)"}}
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtimes mapped into this process (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            return sorted({ln.split()[-1] for ln in f if "libgomp" in ln or "libomp" in ln})
+    except OSError:
+        return []
 
 
 def write_outputs(args, meta: dict, rows: list[Row], summary: list[str]) -> None:
@@ -138,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     _, torch_info = torch_peer.available()  # imports torch first: see the module docstring
     meta = meta_info(torch_info, wait_policy)
     print("pymoe benchmark:", meta["machine"])
-    print("C core:", meta["c"], "| torch:", meta["torch"], "| OMP_WAIT_POLICY:",
-          meta["omp_wait_policy"])
+    print("C core:", meta["c"], "| torch:", meta["torch"], "| OpenMP:", meta["openmp"])
     rows: list[Row] = []
     for E in args.E:
         for K in args.K:

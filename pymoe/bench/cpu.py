@@ -121,7 +121,7 @@ def bench_routing(T: int, E: int, K: int, *, capacity_factor: float = 1.25, repe
     rows = []
     for name, (t, runs) in times.items():
         note = "" if runs > 1 else "one timed call (slow)"
-        if before and not name.startswith(("C dispatch", "numpy top-k")):
+        if before and not name.startswith(("C dispatch", "numpy top-k", "np.argsort")):
             note = f"{before / t:.1f}x the route before C top-k {note}".strip()
         rows.append(Row(sec, "route", name, t * 1e3, note=note))
     rows += [Row(sec, "route", name, None, note=why) for name, why in skipped.items()]

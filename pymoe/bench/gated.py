@@ -4,14 +4,15 @@ Two shapes: Mixtral-like (T, D, H, E, K) = (4096, 512, 1024, 8, 2) and DeepSeek-
 128, 64, 6) with 2 shared experts. HF's block (MixtralSparseMoeBlock, DeepseekV2Moe) is built with
 random weights and loaded into pymoe with pymoe.hf.from_transformers, so both compute the same
 function on the same weights (dropless, HF's routing). Contenders, interleaved in one rotation:
-pymoe's layer on the C backend and on NumPy, HF's block under every experts_implementation that
-runs on CPU (eager, batched_mm, grouped_mm; the fastest is named in the row), a batched torch
-autograd layer, and one large sgemm whose rate gives each row its ideal (the expert FLOPs at that
-rate). Forward rows run under torch.no_grad / forward only; fwd+bwd rows include the backward of
-sum(y * dy) to dx and every weight.
+pymoe's layer on the C backend (also with the opt-in grouped GEMM) and on NumPy, HF's block
+under every experts_implementation that runs on CPU (eager, batched_mm, grouped_mm; the fastest
+is named in the row), a batched torch autograd layer, and one large sgemm whose rate gives each
+row its ideal (the expert FLOPs at that rate). Forward rows run under torch.no_grad / forward
+only; fwd+bwd rows include the backward of sum(y * dy) to dx and every weight.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from .report import Row
 from .timing import time_round_robin
 
 SHAPES = {"Mixtral-like": (4096, 512, 1024, 8, 2, 0), "DeepSeek-like": (4096, 512, 128, 64, 6, 2)}
+GROUPED = "pymoe, opt-in grouped GEMM"  # the C layer with PYMOE_GROUPED_GEMM=1 (not the default)
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")  # those of transformers' ExpertsInterface
 # that run on CPU (deepgemm and sonicmoe are CUDA kernels)
 
@@ -50,9 +52,11 @@ def hf_block(T: int, D: int, H: int, E: int, K: int, S: int, seed: int = 0) -> A
     cfg._experts_implementation = "eager"
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in block.named_parameters():
-            std = 1.0 if name.endswith("gate.weight") else p.shape[-1] ** -0.5
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+        for p in block.parameters():
+            # std D^-1/2 for the router too: its logits are then O(1), as a trained router's
+            # are. At std 1 they were ~22 wide, and 5% of the router's gradient underflowed to
+            # subnormals, which made its [T, E] matmuls 17x slower in NumPy (microcode assists).
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
     block.config = cfg
     return block
 
@@ -175,6 +179,9 @@ def bench_gated(name: str, *, repeats: int = 5, torch: bool = True, numpy: bool 
     layers = {"pymoe C": on_backend(loaded, "c")}
     if numpy:
         layers["pymoe numpy"] = on_backend(loaded, "numpy")
+    from ..backend.grouped_gemm import load as load_grouped
+    if load_grouped(enable=True)[0] is not None:  # NumPy's OpenBLAS has cblas_sgemm_batch
+        layers[GROUPED] = on_backend(loaded, "c")
     ref = layers["pymoe C"]
     ref.forward(x)
     rows = int(ref.routing.kept.sum())
@@ -192,6 +199,8 @@ def bench_gated(name: str, *, repeats: int = 5, torch: bool = True, numpy: bool 
         fns: dict[str, Callable[[], object]] = {}
         for lname, m in layers.items():
             fns[lname] = _pymoe_call(m, x, dy, op == "fwd+bwd")
+            if lname == GROUPED:
+                fns[lname] = _grouped_gemm_on(fns[lname])
         for impl, (f, fb) in hf.items():
             fns[f"HF {impl}"] = f if op == "fwd" else fb
         if torch:
@@ -218,6 +227,22 @@ def bench_gated(name: str, *, repeats: int = 5, torch: bool = True, numpy: bool 
                            note=note + ("" if runs > 1 else ", one timed call (slow)")))
         out += [Row(sec, op, impl, None, note=why) for impl, why in skipped.items()]
     return out
+
+
+def _grouped_gemm_on(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with PYMOE_GROUPED_GEMM=1 while it runs: the switch the C backend's experts read on
+    every call (pymoe.backend.grouped_gemm.load)."""
+    def run() -> object:
+        before = os.environ.get("PYMOE_GROUPED_GEMM")
+        os.environ["PYMOE_GROUPED_GEMM"] = "1"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["PYMOE_GROUPED_GEMM"]
+            else:
+                os.environ["PYMOE_GROUPED_GEMM"] = before
+    return run
 
 
 def _pymoe_call(layer, x: np.ndarray, dy: np.ndarray, backward: bool) -> Callable[[], object]:

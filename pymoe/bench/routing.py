@@ -1,4 +1,5 @@
-"""route() itself: the NumPy reference, the route before top-K moved to C, and the C route."""
+"""route() itself: the NumPy reference, the route before top-K moved to C, and the C route, with
+a stable argsort of the same logits as the yardstick (route() does that ranking and more)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from ..options import route_options
 from ..routing import route_unchecked
 
 BEFORE = "numpy top-k + C slots (route before C top-k)"
+ARGSORT = "np.argsort, stable (yardstick)"  # ranks [T, E] and nothing else
 
 
 class _NumpyTopKCSlots:
@@ -37,7 +39,8 @@ def routing_contenders(logits: np.ndarray, k: int, capacity_factor: float
                 return route_unchecked(logits, opts, backend=backend)
         return run
 
-    fns = {"numpy (reference)": call(NumpyBackend())}
+    fns = {"numpy (reference)": call(NumpyBackend()),
+           ARGSORT: lambda: np.argsort(logits, axis=-1, kind="stable")}
     skipped: dict[str, str] = {}
     info = backends()["c"]
     if not info.available:

@@ -99,6 +99,9 @@ def gated_lines(rows: list[Row]) -> list[str]:
                 line += f"; {tb / c:.2f}x speed-up over the batched torch autograd layer"
                 if E >= 64:
                     line += f" (target >= 2x: {_verdict(tb / c >= 2)})"
+            gg = _ms(rows, sec, op, "pymoe, opt-in grouped")
+            if gg:
+                line += f"; with the opt-in grouped GEMM {gg:.1f} ms ({gg / ideal:.2f}x the ideal)"
             out.append(line)
     sweep = sorted((r.T, r.ms) for r in rows if r.section.startswith("gated layer fwd+bwd vs T")
                    and r.ms and r.T)
@@ -141,6 +144,9 @@ def summary_lines(rows: list[Row]) -> list[str]:
             line += f", {before / c:.1f}x speed-up over the route before C top-k ({before:.1f} ms)"
         if numpy:
             line += f", {numpy / c:.1f}x speed-up over the NumPy reference"
+        sort = _ms(rows, sec, "route", "np.argsort")
+        if sort:
+            line += f", {c / sort:.3f}x the time of a stable argsort of the logits ({sort:.1f} ms)"
         dc = _ms(rows, sec, "route", "C dispatch + combine")
         if dc:
             line += f"; {c / dc:.2f}x the time of C dispatch + combine of the same problem"

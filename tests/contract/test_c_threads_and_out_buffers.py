@@ -63,3 +63,50 @@ def test_set_num_threads_is_process_wide(c_backend):
     t.start()
     t.join()
     assert seen == [n, default]
+
+
+def test_between_blas_calls_is_one_thread_for_this_thread_only(c_backend):
+    if not c_backend.openmp:
+        pytest.skip("built without OpenMP: always one thread")
+    n = 3 if c_backend.get_num_threads() != 3 else 2
+    seen = []
+
+    def other() -> None:
+        seen.append(c_backend.get_num_threads())
+
+    with c_backend.num_threads(n):
+        with c_backend.between_blas_calls():
+            with c_backend.between_blas_calls():  # nested
+                seen.append(c_backend.get_num_threads())
+            seen.append(c_backend.get_num_threads())
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+        seen.append(c_backend.get_num_threads())
+        with pytest.raises(KeyError), c_backend.between_blas_calls():
+            raise KeyError("left by an exception")
+        seen.append(c_backend.get_num_threads())
+    assert seen == [1, 1, n, n, n]
+
+
+def test_the_layer_runs_its_c_steps_on_one_thread(c_backend, monkeypatch):
+    """MoELayer's forward and backward call the C core between BLAS calls, on one thread: OpenMP
+    workers left spinning would take the cores from the next matmul (pymoe.backend.c_backend)."""
+    if not c_backend.openmp:
+        pytest.skip("built without OpenMP: always one thread")
+    from pymoe import MoELayer
+
+    layer = MoELayer(16, 32, 4, k=2, activation="swiglu", backend="c", seed=0)
+    counts: list[int] = []
+    for name in ("combine", "form_forward", "form_backward", "gate_grad"):
+        real = getattr(layer.backend, name)
+
+        def spy(*args, _real=real, **kwargs):
+            counts.append(layer.backend.get_num_threads())
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(layer.backend, name, spy)
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    with c_backend.num_threads(2):
+        layer.backward(layer.forward(x))
+        assert c_backend.get_num_threads() == 2
+    assert len(counts) >= 4 and set(counts) == {1}

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from pymoe import backends  # noqa: E402
+from pymoe.backend import grouped_gemm  # noqa: E402
 from pymoe.bench import gated  # noqa: E402
 from pymoe.bench.__main__ import main  # noqa: E402
 from pymoe.hf import from_transformers  # noqa: E402
@@ -47,6 +48,8 @@ def test_quick_gated_rows_and_summary(tmp_path):
         impls = {r["impl"] for r in rows if r["op"] == op and r["ms"]}
         assert {"pymoe C", "pymoe numpy", "HF block (fastest)", "torch batched autograd",
                 "sgemm (the rate)"} <= impls
+        if grouped_gemm.load(enable=True)[0] is not None:  # the opt-in grouped GEMM's row
+            assert gated.GROUPED in impls
         hf = [r for r in rows if r["op"] == op and r["impl"].startswith("HF ")]
         assert len(hf) == len(gated.HF_IMPLEMENTATIONS)  # each CPU implementation has its row
     sweep = [r for r in data["rows"] if r["section"].startswith("gated layer fwd+bwd vs T")]
