@@ -63,3 +63,16 @@ def test_quick_gated_rows_and_summary(tmp_path):
 def test_batched_mm_is_left_out_with_the_reason_where_its_gathered_weights_are_huge():
     T, D, H, E, K, _ = gated.SHAPES["Mixtral-like"]
     assert gated.batched_mm_bytes(T, D, H, K) > gated.BATCHED_MM_MAX_BYTES  # 2 x 8192 x 6 MB
+
+
+@pytest.mark.skipif(not backends()["c"].available, reason="C core not built")
+def test_profile_splits_the_step_into_its_parts(capsys):
+    from pymoe.bench import profile
+
+    line, parts = profile.profile("DeepSeek-like", repeats=1, small=True)
+    assert line.startswith("DeepSeek-like fwd+bwd") and "expert matmuls" in line
+    assert parts["matmuls"] > 0 and parts["c_core"] > 0 and parts["ideal"] > 0
+    assert parts["matmuls"] + parts["c_core"] + parts["rest"] == pytest.approx(parts["total"])
+    with pytest.raises(SystemExit):
+        profile.main(["Foo"])
+    assert "expected one of Mixtral-like, DeepSeek-like, got 'Foo'" in capsys.readouterr().err
