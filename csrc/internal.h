@@ -18,7 +18,11 @@
  * (GCC's target_clones, an ifunc): an element goes through the same IEEE operations at any width
  * (-ffp-contract=off keeps FMA out), so every clone gives the same bits. Left out under the
  * sanitizers (ifunc resolvers run before ASan is set up) and off x86-64 Linux with GCC. */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) \
+#if defined(PYMOE_SIMD_ONLY) /* -DPYMOE_SIMD_ONLY=avx2: that clone alone (how each is tested) */
+#define PYMOE_STR_(x) #x
+#define PYMOE_STR(x) PYMOE_STR_(x)
+#define PYMOE_SIMD_CLONES __attribute__((target(PYMOE_STR(PYMOE_SIMD_ONLY))))
+#elif defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) \
     && !defined(PYMOE_SANITIZE)
 #define PYMOE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

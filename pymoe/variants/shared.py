@@ -56,7 +56,9 @@ def shared_experts_forward(x: np.ndarray, params: dict[str, np.ndarray],
     if weights is not None:
         y = np.einsum("ts,std->td", weights, out)  # [T, D]
         return y, SharedCache(cache, y, None, out, weights)
-    total = out.sum(axis=0)  # [T, D]
+    # one shared expert (DeepSeek's, Qwen's): its output itself; a sum over the length-1 axis
+    # took 6.6 ms of a 123 ms DeepSeek-like forward (and turns -0.0 into +0.0, nothing else)
+    total = out[0] if S == 1 else out.sum(axis=0)  # [T, D]
     gate = sigmoid(x @ params["w_shared_gate"]) if gated else None  # [T]
     y = total if gate is None else gate[:, None] * total
     return y, SharedCache(cache, total, gate)
@@ -88,6 +90,6 @@ def shared_experts_backward(dy: np.ndarray, x: np.ndarray, params: dict[str, np.
             d_out = np.ascontiguousarray(d_out)
     d_in, eg = experts_backward(d_out, params["shared_w1"], params["shared_w2"], cache.experts,
                                 backend=backend)
-    dx += d_in.sum(axis=0)
+    dx += d_in[0] if S == 1 else d_in.sum(axis=0)  # the same bits: 0 + d, as the sum starts
     grads.update({f"shared_{n}": g for n, g in eg.items()})
     return dx, grads
