@@ -119,6 +119,26 @@ PYMOE_SIMD_CLONES int FN(pymoe_##NAME)(REAL *out, const REAL *a ARGS, int64_t ro
         } \
     return PYMOE_OK; \
 } \
+/* a += bias, then the forward, in one pass (the first layer's epilogue: a keeps a + bias, which \
+ * the backward reads): the two NumPy steps' bits. */ \
+PYMOE_SIMD_CLONES int FN(pymoe_##NAME##_bias)(REAL *out, REAL *a, const REAL *bias ARGS, \
+                                              int64_t rows, int64_t H) { \
+    int64_t nh, na; \
+    if (form_sizes(rows, H, GATED, &nh, &na)) return PYMOE_ERR_SIZE; \
+    const int64_t W = GATED ? 2 * H : H; \
+    REQUIRE(out, nh); REQUIRE(a, na); REQUIRE(bias, rows > 0 ? W : 0); \
+    for (int64_t i = 0; i < rows; i++) \
+        for (int64_t j = 0; j < H; j++) { \
+            const REAL g = a[i * W + j] + bias[j]; \
+            const REAL u = GATED ? a[i * W + H + j] + bias[H + j] : 0; \
+            REAL h; \
+            a[i * W + j] = g; \
+            if (GATED) a[i * W + H + j] = u; \
+            BODY_F \
+            out[i * H + j] = h; \
+        } \
+    return PYMOE_OK; \
+} \
 PYMOE_SIMD_CLONES int FN(pymoe_##NAME##_backward)(REAL *out, const REAL *dh_, const REAL *a ARGS, int64_t rows, \
                                 int64_t H) { \
     int64_t nh, na; \

@@ -128,18 +128,24 @@ int pymoe_keep_by_score(uint8_t *keep, const int64_t *expert_index, const int64_
  *
  * The expert forms (pymoe.expert_forms, the same bits), one pass each over one expert's rows:
  * pymoe_F: out = h [rows, H] from a [rows, W]; pymoe_F_backward: out = da [rows, W] from
- * dh [rows, H] and the forward's a [rows, W]. W = 2H for the gated forms (a = [gate | up]), H
+ * dh [rows, H] and the forward's a [rows, W]; pymoe_F_bias: a += bias [W] in place, then pymoe_F,
+ * in one pass. W = 2H for the gated forms (a = [gate | up]), H
  * for gelu and relu2. The float arguments (limit, alpha, caps) are the form's, in REAL. */
 #define PYMOE_FORM0(REAL, SFX, NAME) \
     int pymoe_##NAME##SFX(REAL *out, const REAL *a, int64_t rows, int64_t H); \
+    int pymoe_##NAME##_bias##SFX(REAL *out, REAL *a, const REAL *bias, int64_t rows, int64_t H); \
     int pymoe_##NAME##_backward##SFX(REAL *out, const REAL *dh, const REAL *a, \
                                      int64_t rows, int64_t H);
 #define PYMOE_FORM1(REAL, SFX, NAME, P1) \
     int pymoe_##NAME##SFX(REAL *out, const REAL *a, REAL P1, int64_t rows, int64_t H); \
+    int pymoe_##NAME##_bias##SFX(REAL *out, REAL *a, const REAL *bias, REAL P1, int64_t rows, \
+                                 int64_t H); \
     int pymoe_##NAME##_backward##SFX(REAL *out, const REAL *dh, const REAL *a, REAL P1, \
                                      int64_t rows, int64_t H);
 #define PYMOE_FORM2(REAL, SFX, NAME, P1, P2) \
     int pymoe_##NAME##SFX(REAL *out, const REAL *a, REAL P1, REAL P2, int64_t rows, int64_t H); \
+    int pymoe_##NAME##_bias##SFX(REAL *out, REAL *a, const REAL *bias, REAL P1, REAL P2, \
+                                 int64_t rows, int64_t H); \
     int pymoe_##NAME##_backward##SFX(REAL *out, const REAL *dh, const REAL *a, REAL P1, REAL P2, \
                                      int64_t rows, int64_t H);
 #define PYMOE_FORMS(REAL, SFX) \

@@ -262,6 +262,12 @@ def epilogue_args(name: str, a: object, other_name: str, other: object, other_sh
     return a, b
 
 
+def no_overlap(name: str, a: np.ndarray, other_name: str, other: np.ndarray) -> None:
+    """A ValueError when output `a` shares memory with input `other`."""
+    if np.may_share_memory(a, other):
+        raise ValueError(f"{name}: shares memory with {other_name}; pass separate arrays")
+
+
 def form_args(form: object, a: object, out: object, dh: object | None, args: tuple,
               dtypes: tuple = FLOAT_DTYPES, who: str = "NumPy"
               ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None, tuple[float, ...]]:

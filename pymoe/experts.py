@@ -64,7 +64,10 @@ class _NumpyEpilogues:
     relu_backward = staticmethod(relu_backward)
 
     @staticmethod
-    def form_forward(form: str, a: np.ndarray, out: np.ndarray, *args: float) -> None:
+    def form_forward(form: str, a: np.ndarray, out: np.ndarray, *args: float,
+                     bias: np.ndarray | None = None) -> None:
+        if bias is not None:
+            a += bias
         FormSpec(form, args).forward(a, out)
 
     @staticmethod
@@ -145,8 +148,8 @@ def experts_forward(expert_in: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: n
             ops.bias_relu(hidden[e, :n], b1[e])  # [n, H]
         else:
             np.matmul(expert_in[e, :n], w1[e], out=pre[e, :n])  # [n, W]
-            pre[e, :n] += b1[e]
-            ops.form_forward(spec.name, pre[e, :n], hidden[e, :n], *spec.args)  # [n, H]
+            # pre += b1, then the form: one pass in C
+            ops.form_forward(spec.name, pre[e, :n], hidden[e, :n], *spec.args, bias=b1[e])
         np.matmul(hidden[e, :n], w2[e], out=out[e, :n])  # [n, D]
         out[e, :n] += b2[e]
     return out, ExpertsCache(expert_in, pre, hidden, filled, spec)

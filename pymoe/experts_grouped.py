@@ -33,8 +33,8 @@ def grouped_forward(gg: Any, ops: Any, expert_in: np.ndarray, w1: np.ndarray, b1
         if pre is None:
             ops.bias_relu(hidden[e, :n], b1[e])  # [n, H]
         else:
-            pre[e, :n] += b1[e]
-            ops.form_forward(spec.name, pre[e, :n], hidden[e, :n], *spec.args)  # [n, H]
+            ops.form_forward(spec.name, pre[e, :n], hidden[e, :n], *spec.args,
+                             bias=b1[e])  # pre += b1, then h [n, H]
     gg.matmul([(hidden[e, :ns[e]], w2[e], out[e, :ns[e]]) for e in live])  # [n, D]
     for e in live:
         out[e, :ns[e]] += b2[e]

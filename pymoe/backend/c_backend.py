@@ -40,7 +40,7 @@ FLOAT_OPS = {  # op -> (its float entry point, its double one), as csrc/pymoe.h 
     "relu_backward": ("pymoe_relu_backward_f32", "pymoe_relu_backward_f64"),
     **{f"{form}{part}": (f"pymoe_{form}{part}_f32", f"pymoe_{form}{part}_f64")
        for form in ("gelu", "relu2", "silu", "swiglu", "geglu", "swiglu_oai", "swiglu_clamped",
-                    "swiglu_clamp_after", "swiglu_softcap") for part in ("", "_backward")},
+                    "swiglu_clamp_after", "swiglu_softcap") for part in ("", "_bias", "_backward")},
 }
 _CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]",
            np.dtype(np.int64): "int64_t[]"}
@@ -287,12 +287,23 @@ class CBackend:
         fn = self._fn("relu_backward", grad)
         self._check("relu_backward", fn(self._ptr(grad), self._ptr(hidden), *grad.shape))
 
-    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float) -> None:
+    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float,
+                     bias: np.ndarray | None = None) -> None:
         """out = h `[n, H]` of expert form `form` from a `[n, W]` in one pass
-        (csrc/expert_forms.h): expert_forms.<form> bit for bit."""
+        (csrc/expert_forms.h): expert_forms.<form> bit for bit. bias `[W]`: a += bias first,
+        in place, in the same pass."""
+        b = None
+        if bias is not None:
+            a, b = _checks.epilogue_args("a", a, "bias", bias, "bias", C_DTYPES, "C")
         form, a, out, _, args = _checks.form_args(form, a, out, None, args, C_DTYPES, "C")
-        fn = self._fn(form, a)
-        self._check(form, fn(self._ptr(out), self._ptr(a), *args, out.shape[0], out.shape[1]))
+        if b is None:
+            fn = self._fn(form, a)
+            self._check(form, fn(self._ptr(out), self._ptr(a), *args, *out.shape))
+            return
+        _checks.no_overlap("out", out, "bias", b)
+        fn = self._fn(form + "_bias", a)
+        self._check(form + "_bias", fn(self._ptr(out), self._ptr(a), self._ptr(b), *args,
+                                       *out.shape))
 
     def form_backward(self, form: str, dh: np.ndarray, a: np.ndarray, out: np.ndarray,
                       *args: float) -> None:

@@ -92,9 +92,17 @@ class NumpyBackend:
         dy = _checks.float_arg("dy", dy, (position.shape[0], expert_out.shape[2]))
         return gate_grad_indexed(dy, expert_out, expert_index, position)
 
-    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float) -> None:
-        """out = h `[n, H]` of expert form `form` from a `[n, W]` (expert_forms.<form>)."""
+    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float,
+                     bias: np.ndarray | None = None) -> None:
+        """out = h `[n, H]` of expert form `form` from a `[n, W]` (expert_forms.<form>); bias
+        `[W]`: a += bias first, in place."""
+        b = None
+        if bias is not None:
+            a, b = _checks.epilogue_args("a", a, "bias", bias, "bias")
         form, a, out, _, args = _checks.form_args(form, a, out, None, args)
+        if b is not None:
+            _checks.no_overlap("out", out, "bias", b)
+            a += b
         fwd = EXPERT_FORMS[form].forward
         assert fwd is not None
         fwd(a, out, *args)

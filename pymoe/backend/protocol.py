@@ -47,8 +47,10 @@ class Backend(Protocol):
     def relu_backward(self, grad: np.ndarray, hidden: np.ndarray) -> None:
         """grad *= hidden > 0 in place, both `[n, H]` (experts.relu_backward)."""
 
-    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float) -> None:
-        """out = h `[n, H]` of an expert form from a `[n, W]` (expert_forms.<form>)."""
+    def form_forward(self, form: str, a: np.ndarray, out: np.ndarray, *args: float,
+                     bias: np.ndarray | None = None) -> None:
+        """out = h `[n, H]` of an expert form from a `[n, W]` (expert_forms.<form>); bias `[W]`:
+        a += bias first, in place (the first layer's bias, in the same pass)."""
 
     def form_backward(self, form: str, dh: np.ndarray, a: np.ndarray, out: np.ndarray,
                       *args: float) -> None:

@@ -59,6 +59,42 @@ def test_c_form_epilogues_are_the_numpy_bits(c_backend, case):
     assert same_bits(got, want), form
 
 
+@given(cases())
+def test_c_bias_form_is_the_bias_add_then_the_form(c_backend, case):
+    """form_forward(..., bias=b): a += b and the form in one pass, the two NumPy steps' bits."""
+    form, args, a, _ = case
+    rows, W = a.shape
+    H = W // 2 if EXPERT_FORMS[form].gated else W
+    b = np.random.default_rng(rows * 31 + W).normal(size=W).astype(a.dtype)
+    b[: min(W, 3)] = np.array([-0.0, np.inf, np.nan], a.dtype)[: min(W, 3)]
+    with np.errstate(all="ignore"):
+        a_ref, a_np, a_c = a.copy(), a.copy(), a.copy()
+        want = np.empty((rows, H), a.dtype)
+        a_ref += b
+        REF.form_forward(form, a_ref, want, *args)
+        got_np, got_c = np.full_like(want, 7), np.full_like(want, 7)
+        REF.form_forward(form, a_np, got_np, *args, bias=b)
+        c_backend.form_forward(form, a_c, got_c, *args, bias=b)
+    for got, a_after in ((got_np, a_np), (got_c, a_c)):
+        assert same_bits(got, want) and same_bits(a_after, a_ref), form
+
+
+@pytest.mark.parametrize("who", ["numpy", "c"])
+def test_bias_form_arguments_are_named(c_backend, who):
+    be = REF if who == "numpy" else c_backend
+    a, out = np.zeros((3, 8)), np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"bias: expected shape \[8\], got \(4,\)"):
+        be.form_forward("swiglu", a, out, bias=np.zeros(4))
+    with pytest.raises(ValueError, match="a: expected a C-contiguous, writeable array"):
+        be.form_forward("swiglu", np.zeros((8, 3)).T, out, bias=np.zeros(8))
+    with pytest.raises(TypeError, match="a: expected a numpy array"):
+        be.form_forward("swiglu", a.tolist(), out, bias=np.zeros(8))
+    buf = np.zeros(20)
+    with pytest.raises(ValueError, match="out: shares memory with bias"):
+        be.form_forward("swiglu", a, buf[:12].reshape(3, 4), bias=buf[4:12])
+    assert not a.any()  # nothing was written before the checks failed
+
+
 def _c_constants(suffix: str) -> dict[str, list[float]]:
     src = open(os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "expert_forms.h")).read()
     part = src.split("#ifdef PYMOE_F32", 1)[1].split("#else", 1)
