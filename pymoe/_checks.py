@@ -257,8 +257,7 @@ def epilogue_args(name: str, a: object, other_name: str, other: object, other_sh
     shape = (cols,) if other_shape == "bias" else (rows, cols)
     b = float_arg(other_name, other, shape, dtypes, who)
     b = np.ascontiguousarray(b, dtype=a.dtype)
-    if np.may_share_memory(a, b):
-        raise ValueError(f"{name}: shares memory with {other_name}; pass separate arrays")
+    no_overlap(name, a, other_name, b)
     return a, b
 
 
@@ -299,8 +298,8 @@ def form_args(form: object, a: object, out: object, dh: object | None, args: tup
         raise ValueError("out: expected a C-contiguous, writeable array in native byte order "
                          "(it is written in place)")
     for other, v in (("a", arr), ("dh", g)):
-        if v is not None and np.may_share_memory(out, v):
-            raise ValueError(f"out: shares memory with {other}; pass separate arrays")
+        if v is not None:
+            no_overlap("out", out, other, v)
     n = sum(2 if isinstance(d, tuple) else 1 for d in f.defaults)
     if len(args) != n:
         raise TypeError(f"args: the form {name!r} takes {n} float argument(s) "

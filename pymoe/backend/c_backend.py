@@ -292,17 +292,16 @@ class CBackend:
         """out = h `[n, H]` of expert form `form` from a `[n, W]` in one pass
         (csrc/expert_forms.h): expert_forms.<form> bit for bit. bias `[W]`: a += bias first,
         in place, in the same pass."""
-        b = None
         if bias is not None:
-            a, b = _checks.epilogue_args("a", a, "bias", bias, "bias", C_DTYPES, "C")
+            a, bias = _checks.epilogue_args("a", a, "bias", bias, "bias", C_DTYPES, "C")
         form, a, out, _, args = _checks.form_args(form, a, out, None, args, C_DTYPES, "C")
-        if b is None:
+        if bias is None:
             fn = self._fn(form, a)
             self._check(form, fn(self._ptr(out), self._ptr(a), *args, *out.shape))
             return
-        _checks.no_overlap("out", out, "bias", b)
+        _checks.no_overlap("out", out, "bias", bias)
         fn = self._fn(form + "_bias", a)
-        self._check(form + "_bias", fn(self._ptr(out), self._ptr(a), self._ptr(b), *args,
+        self._check(form + "_bias", fn(self._ptr(out), self._ptr(a), self._ptr(bias), *args,
                                        *out.shape))
 
     def form_backward(self, form: str, dh: np.ndarray, a: np.ndarray, out: np.ndarray,

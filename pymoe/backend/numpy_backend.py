@@ -96,13 +96,12 @@ class NumpyBackend:
                      bias: np.ndarray | None = None) -> None:
         """out = h `[n, H]` of expert form `form` from a `[n, W]` (expert_forms.<form>); bias
         `[W]`: a += bias first, in place."""
-        b = None
-        if bias is not None:
-            a, b = _checks.epilogue_args("a", a, "bias", bias, "bias")
+        if bias is not None:  # checked in full before a is changed
+            a, bias = _checks.epilogue_args("a", a, "bias", bias, "bias")
         form, a, out, _, args = _checks.form_args(form, a, out, None, args)
-        if b is not None:
-            _checks.no_overlap("out", out, "bias", b)
-            a += b
+        if bias is not None:
+            _checks.no_overlap("out", out, "bias", bias)
+            a += bias
         fwd = EXPERT_FORMS[form].forward
         assert fwd is not None
         fwd(a, out, *args)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import pymoe
-from helpers import check_layer_gradients, randomize
+from helpers import c_layer_agrees_with_numpy, check_layer_gradients, randomize
 
 
 def test_by_hand():
@@ -51,16 +51,7 @@ def test_c_backend_matches_numpy():
     product (summed in another order: helpers' DOWNSTREAM_RTOL for what follows it)."""
     if pymoe.get_backend("auto").name != "c":
         pytest.skip("the C core is not built")
-    rng = np.random.default_rng(0)
-    x, dy = rng.standard_normal((9, 5)), rng.standard_normal((9, 5))
-    out = []
-    for backend in ("numpy", "c"):
-        layer = _inkling_layer(backend=backend)
-        out.append((layer.forward(x), layer.backward(dy), dict(layer.grads)))
-    np.testing.assert_array_equal(out[0][0], out[1][0])
-    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-12, atol=1e-12)
-    for name, g in out[0][2].items():
-        np.testing.assert_allclose(g, out[1][2][name], rtol=1e-12, atol=1e-12, err_msg=name)
+    c_layer_agrees_with_numpy(lambda backend: _inkling_layer(backend=backend))
 
 
 def test_refusals_name_the_keyword():

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 import pymoe
-from helpers import FD_RTOL, check_layer_gradients, numerical_grad, randomize, rel_error
+from helpers import (
+    FD_RTOL,
+    check_layer_gradients,
+    numerical_grad,
+    padding_takes_nothing_on_both_backends,
+    randomize,
+    rel_error,
+)
 from pymoe.variants.relu_routing import (
     L1_COEF_INIT,
     L1_COEF_MULTIPLIER,
@@ -112,19 +119,7 @@ def test_layer_gradients(formulation, cf):
 
 
 def test_padding_and_c_backend():
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(10, 4))
-    mask = np.array([True] * 7 + [False] * 3)
-    ys = []
-    for backend in ("numpy", "c"):
-        layer = pymoe.MoELayer(4, 5, 4, 2, 1.0, selection="relu", backend=backend,
-                               dtype=np.float64)
-        randomize(layer, seed=3)
-        ys.append(layer(x, token_mask=mask))
-        assert not layer.routing.selected[~mask].any()
-        assert layer.routing.expert_load.sum() == layer.routing.selected[mask].sum()
-    # dispatch/combine bitwise, the expert matmuls to float64 round-off
-    np.testing.assert_allclose(ys[1], ys[0], rtol=1e-12, atol=1e-12)
+    padding_takes_nothing_on_both_backends(2, selection="relu")
 
 
 @pytest.mark.parametrize("kw, name", [
